@@ -1,0 +1,7 @@
+"""The DeepSeekMoE layer.
+
+Shape legend for tensors in this package (suffixes on names in hot code):
+    B batch, S sequence length, T tokens (B * S), D model dim (``dim``), F expert hidden dim
+    (``moe_inter_dim``), E routed experts, G expert groups ("devices"), K activated experts per token,
+    A token-expert assignments kept after dropping (<= T * K).
+"""
