@@ -1,0 +1,372 @@
+"""TrainConfig: everything a training run needs, as frozen, validated, nested dataclasses.
+
+A run's ``config.json`` is ``TrainConfig.to_dict()`` plus the resolved model and corpus; ``from_dict`` reads it
+back. ``apply_overrides`` implements ``--set a.b.c=VALUE``. Every default is defined once, here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from deepseek_moe.config import ModelConfig, MoEConfig
+from deepseek_moe.train.errors import TrainError
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(_is_int(value) and value > 0, f"{name} ({value!r}) must be a positive integer")
+
+
+def _non_negative_int(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(_is_int(value) and value >= 0, f"{name} ({value!r}) must be an integer >= 0")
+
+
+def _fraction(obj: Any, name: str, *, closed: bool = True) -> None:
+    value = getattr(obj, name)
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = ok and (0.0 <= value <= 1.0 if closed else 0.0 < value < 1.0)
+    _require(ok, f"{name} ({value!r}) must be in {'[0, 1]' if closed else '(0, 1)'}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """A preset from ``deepseek_moe.presets`` and ModelConfig fields to change (``moe`` as a nested dict).
+
+    ``vocab_size`` always comes from the trained tokenizer; ``max_seq_len`` is raised to ``data.seq_len``.
+    """
+
+    preset: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.preset, str) and bool(self.preset), f"model.preset ({self.preset!r}) must be "
+                 "a preset name")
+        _require(isinstance(self.overrides, dict), f"model.overrides ({self.overrides!r}) must be a table")
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        moe_fields = {f.name for f in dataclasses.fields(MoEConfig)}
+        for key, value in self.overrides.items():
+            _require(key in model_fields, f"unknown config field 'model.{key}' (ModelConfig has: "
+                     f"{', '.join(sorted(model_fields))})")
+            if key == "moe":
+                _require(isinstance(value, dict), f"model.moe ({value!r}) must be a table of MoEConfig fields")
+                for sub in value:
+                    _require(sub in moe_fields, f"unknown config field 'model.moe.{sub}' (MoEConfig has: "
+                             f"{', '.join(sorted(moe_fields))})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the text comes from and how it is cut. No ``paths``: the embedded CPython stdlib corpus."""
+
+    paths: tuple[str, ...] = ()
+    text_field: str = "text"  # the field read from .jsonl records
+    seq_len: int = 256
+    vocab_size: int = 4096  # byte-level BPE trained on the training split
+    val_fraction: float = 0.05  # of documents, chosen by hashing their names
+    cache_dir: str | None = None  # tokenizer and token arrays; None: ~/.cache/deepseek_moe
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.paths, tuple) and all(isinstance(p, str) and p for p in self.paths),
+                 f"data.paths ({self.paths!r}) must be a list of non-empty path strings")
+        _positive_int(self, "seq_len", "vocab_size")
+        _require(self.vocab_size >= 256 + 1, f"vocab_size ({self.vocab_size}) must be > 256 (byte-level BPE "
+                 "starts from 256 byte tokens)")
+        _require(self.vocab_size < 2**32, f"vocab_size ({self.vocab_size}) must be < 2**32")
+        _fraction(self, "val_fraction", closed=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW. Norm weights, biases and other 1-D parameters get no weight decay."""
+
+    lr: float = 3e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.lr, int | float) and self.lr > 0, f"lr ({self.lr!r}) must be > 0")
+        _require(isinstance(self.betas, tuple) and len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                 f"betas ({self.betas!r}) must be two numbers in [0, 1)")
+        _require(self.eps > 0, f"eps ({self.eps!r}) must be > 0")
+        _require(self.weight_decay >= 0, f"weight_decay ({self.weight_decay!r}) must be >= 0")
+        _require(self.grad_clip >= 0, f"grad_clip ({self.grad_clip!r}) must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleConfig:
+    """Steps and batches; the learning rate warms up linearly, then follows a cosine to min_lr_ratio * lr."""
+
+    steps: int = 900  # optimizer steps
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    warmup_fraction: float = 0.05
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "steps", "batch_size", "grad_accum_steps")
+        _fraction(self, "warmup_fraction")
+        _fraction(self, "min_lr_ratio")
+
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.warmup_fraction * self.steps)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoutingConfig:
+    """The three routing stages: uniform warm-up, learned routing, optional fine-tuning with frozen experts.
+
+    Stage 1 is the first ``uniform_steps`` steps (None: ``uniform_fraction`` of all steps); stage 3 the last
+    ``finetune_steps``, during which the routed experts listed in ``frozen_experts`` (in every MoE layer)
+    receive no update.
+    """
+
+    uniform_steps: int | None = None
+    uniform_fraction: float = 0.05
+    finetune_steps: int = 0
+    frozen_experts: tuple[int, ...] = ()
+    orthogonal_init: bool = False  # orthogonal initialisation of the routed experts' weights
+
+    def __post_init__(self) -> None:
+        if self.uniform_steps is not None:
+            _non_negative_int(self, "uniform_steps")
+        _fraction(self, "uniform_fraction")
+        _non_negative_int(self, "finetune_steps")
+        _require(isinstance(self.frozen_experts, tuple) and all(_is_int(e) and e >= 0 for e in self.frozen_experts),
+                 f"frozen_experts ({self.frozen_experts!r}) must be a list of expert indices >= 0")
+        _require(isinstance(self.orthogonal_init, bool), f"orthogonal_init ({self.orthogonal_init!r}) must be "
+                 "true or false")
+
+    def stage_steps(self, steps: int) -> tuple[int, int]:
+        """(first step of stage 2, first step of stage 3)."""
+        uniform = self.uniform_steps if self.uniform_steps is not None else round(self.uniform_fraction * steps)
+        return uniform, steps - self.finetune_steps
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    every: int = 0  # steps between resumable checkpoints; 0: only at the end
+    keep_last: int = 2
+
+    def __post_init__(self) -> None:
+        _non_negative_int(self, "every")
+        _positive_int(self, "keep_last")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    every: int = 100  # steps between validation passes (and the last step)
+    batches: int = 8  # validation micro-batches per pass
+    log_every: int = 10  # steps between metrics.jsonl records
+    sample_prompt: str = "def "
+    sample_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int = 40
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "every", "batches", "log_every")
+        _non_negative_int(self, "sample_tokens", "top_k")
+        _require(self.temperature >= 0, f"temperature ({self.temperature!r}) must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU
+    out: str | None = None  # run directory; None: runs/<YYYYmmdd-HHMMSS>
+    threads: int = 0  # torch intra-op threads; 0: torch's default
+
+    def __post_init__(self) -> None:
+        _non_negative_int(self, "seed", "threads")
+        _require(self.dtype in ("auto", "fp32", "bf16"), f"dtype ({self.dtype!r}) must be one of 'auto', "
+                 "'fp32', 'bf16'")
+        _require(isinstance(self.device, str) and bool(self.device), f"device ({self.device!r}) must be a string")
+        uniform_end, finetune_start = self.routing.stage_steps(self.schedule.steps)
+        _require(uniform_end <= finetune_start,
+                 f"routing stages overlap: uniform warm-up ends at step {uniform_end} but fine-tuning starts at "
+                 f"step {finetune_start} of schedule.steps ({self.schedule.steps})")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _build(cls, data, "")
+
+
+# ---- dict <-> dataclass ---------------------------------------------------------------------------------------
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown config field '{prefix}{unknown[0]}' (known in "
+                         f"'{prefix.rstrip('.') or '<root>'}': {', '.join(sorted(names))})")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if cls is TrainConfig and name == "model" and isinstance(value, dict):
+                value = _model_spec_dict(value)
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(hint, value)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any) -> Any:
+    """JSON/TOML give lists where the config holds tuples, and ints where it holds floats."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        for arg in args:
+            if arg is not type(None) and value is not None:
+                return _coerce(arg, value)
+        return value
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    if hint is float and _is_int(value):
+        return float(value)
+    return value
+
+
+def _model_spec_dict(value: dict[str, Any]) -> dict[str, Any]:
+    """Accept both ``{preset, overrides}`` and the resolved form a run writes (``preset`` + ModelConfig fields)."""
+    if set(value) <= {"preset", "overrides"}:
+        return value
+    value = dict(value)
+    spec = {"preset": value.pop("preset", ModelSpec().preset), "overrides": value.pop("overrides", {})}
+    spec["overrides"] = {**value, **spec["overrides"]}
+    return spec
+
+
+# ---- files and --set -------------------------------------------------------------------------------------------
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML (``.toml``) or JSON file, nested like TrainConfig."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"config file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise TrainError(f"config file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'JSON'}: {e}") from e
+    if not isinstance(data, dict):
+        raise TrainError(f"config file {str(path)!r} must hold a table at the top level")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """A JSON or TOML literal (``3e-4``, ``true``, ``[1, 2]``, ``"x"``), else the text itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=VALUE`` assignments to a config dict; unknown fields raise ValueError naming them.
+
+    ``model.X`` other than ``model.preset`` sets ModelConfig field X (``model.moe.Y`` a MoEConfig field).
+    """
+    data = json.loads(json.dumps(data))  # deep copy
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {item!r} must look like a.b.c=VALUE")
+        parts = key.split(".")
+        if parts[0] == "model" and len(parts) > 1 and parts[1] not in ("preset", "overrides"):
+            parts = ["model", "overrides", *parts[1:]]
+        _check_path(parts, key)
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: '{part}' is not a section")
+        node[parts[-1]] = parse_value(raw.strip())
+    return data
+
+
+def _check_path(parts: list[str], key: str) -> None:
+    cls: Any = TrainConfig
+    for i, part in enumerate(parts):
+        if cls is None:
+            raise ValueError(f"unknown config field '{key}': '{'.'.join(parts[:i])}' is not a section")
+        if cls is dict:  # model.overrides.*: checked by ModelSpec
+            if part == "moe" and i == len(parts) - 2:
+                return
+            if i != len(parts) - 1 and part != "moe":
+                raise ValueError(f"unknown config field '{key}'")
+            return
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in names:
+            raise ValueError(f"unknown config field '{key}' ('{part}' is not one of "
+                             f"{', '.join(sorted(names))})")
+        hint = typing.get_type_hints(cls)[part]
+        cls = hint if dataclasses.is_dataclass(hint) else (dict if cls is ModelSpec and part == "overrides"
+                                                           else None)
+    if dataclasses.is_dataclass(cls):
+        raise ValueError(f"config field '{key}' is a section; set one of its fields, e.g. '{key}.<field>'")
+
+
+def resolve_config(*, config_file: str | Path | None = None, assignments: list[str] = (),  # type: ignore[assignment]
+                   base: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults < ``base`` (a resumed run's config) < config file < ``--set`` assignments."""
+    data: dict[str, Any] = dict(base or {})
+    if config_file is not None:
+        data = _merge(data, load_config_file(config_file))
+    data = apply_overrides(data, list(assignments))
+    return TrainConfig.from_dict(data)
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+__all__ = ["TrainConfig", "ModelSpec", "DataConfig", "OptimConfig", "ScheduleConfig", "RoutingConfig",
+           "CheckpointConfig", "EvalConfig", "apply_overrides", "load_config_file", "parse_value",
+           "resolve_config"]

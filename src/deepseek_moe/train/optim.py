@@ -1,0 +1,26 @@
+"""AdamW with two parameter groups: matrices decay, while norms, biases and other 1-D parameters do not."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deepseek_moe.train.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    # foreach: one fused update over all tensors; noticeably faster than the per-tensor loop on CPU.
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                             foreach=True)
+
+
+__all__ = ["build_optimizer", "param_groups"]
