@@ -1,0 +1,94 @@
+"""Token dispatch: route token rows to their experts and combine the results.
+
+A dispatcher takes the tokens, the gate's :class:`Routing` and the experts, and returns the gate-weighted sum of
+routed expert outputs per token. :class:`LocalDispatcher` runs every expert in this process; the expert-parallel
+dispatcher in ``deepseek_moe.parallel`` implements the same call with an all-to-all, so expert parallelism
+swaps this object instead of forking the layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from deepseek_moe.moe.dropping import capacity_keep_mask, device_budget
+from deepseek_moe.moe.experts import RoutedExperts
+from deepseek_moe.moe.router import Routing
+
+
+@dataclass
+class DropPlan:
+    """What token dropping needs: the budget's capacity factor, the number of devices (expert groups) and
+    which tokens belong to protected sequences (T,)."""
+
+    capacity_factor: float
+    n_devices: int
+    protected_T: torch.Tensor
+
+
+@dataclass
+class Dispatched:
+    y_TD: torch.Tensor
+    dropped: torch.Tensor  # 0-dim int64: assignments dropped against the budget
+
+
+class Dispatcher(Protocol):
+    def __call__(self, x_TD: torch.Tensor, routing: Routing, experts: RoutedExperts,
+                 drop: DropPlan | None) -> Dispatched: ...
+
+
+def flat_assignments(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(expert_A, gate_A, token_A) for the T*K assignments, in token-major order."""
+    T, K = routing.indices_TK.shape
+    token_A = torch.arange(T * K, device=routing.indices_TK.device) // K
+    return routing.indices_TK.reshape(-1), routing.weights_TK.reshape(-1), token_A
+
+
+def drop_over_budget(routing: Routing, drop: DropPlan, n_experts: int) -> torch.Tensor:
+    """Bool keep-mask over the T*K assignments (token-major) for a single-process batch."""
+    T, K = routing.indices_TK.shape
+    expert_A = routing.indices_TK.reshape(-1)
+    budget = device_budget(drop.capacity_factor, K, T, drop.n_devices)
+    return capacity_keep_mask(routing.affinity_TK.reshape(-1), expert_A // (n_experts // drop.n_devices),
+                              drop.protected_T.repeat_interleave(K), budget, drop.n_devices)
+
+
+def combine(y_AD: torch.Tensor, token_A: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Sum expert outputs back into their tokens' rows.
+
+    On CPU index_add_ is serial and exact run to run. On CUDA it accumulates with atomics in no fixed order, so
+    rows are written to distinct slots and summed instead, which is deterministic.
+    """
+    if y_AD.device.type == "cpu":
+        return torch.zeros(n_tokens, y_AD.shape[1], dtype=y_AD.dtype, device=y_AD.device).index_add(0, token_A, y_AD)
+    slot_A = torch.arange(token_A.numel(), device=token_A.device)
+    counts_T = torch.bincount(token_A, minlength=n_tokens)
+    width = int(counts_T.max().item()) if token_A.numel() else 1
+    starts_T = torch.cumsum(counts_T, 0) - counts_T
+    slot_A = token_A * width + (slot_A - starts_T[token_A])
+    out = torch.zeros(n_tokens * width, y_AD.shape[1], dtype=y_AD.dtype, device=y_AD.device)
+    return out.index_copy(0, slot_A, y_AD).view(n_tokens, width, -1).sum(dim=1)
+
+
+class LocalDispatcher:
+    """All experts in this process: sort assignments by expert, one grouped matmul, weighted sum back.
+
+    No Python loop over tokens or experts. The gate weights multiply the (A, F) activation inside the experts,
+    before the down projection, which is cheaper than weighting the (A, D) output.
+    """
+
+    def __call__(self, x_TD: torch.Tensor, routing: Routing, experts: RoutedExperts,
+                 drop: DropPlan | None) -> Dispatched:
+        expert_A, gate_A, token_A = flat_assignments(routing)
+        dropped = torch.zeros((), dtype=torch.int64, device=x_TD.device)
+        if drop is not None:
+            keep_A = drop_over_budget(routing, drop, experts.n_experts)
+            dropped = (~keep_A).sum()
+            expert_A, gate_A, token_A = expert_A[keep_A], gate_A[keep_A], token_A[keep_A]
+        order_A = torch.argsort(expert_A, stable=True)
+        token_A = token_A[order_A]  # grouped by expert, ascending token index inside each expert
+        counts_E = torch.bincount(expert_A, minlength=experts.n_experts)
+        y_AD = experts(x_TD.index_select(0, token_A), counts_E, gate_A[order_A].to(x_TD.dtype))
+        return Dispatched(combine(y_AD, token_A, x_TD.shape[0]), dropped)

@@ -1,0 +1,100 @@
+"""The fast layer against the slow per-token reference: outputs and gradients, over random configs."""
+
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from deepseek_moe import MoE, MoEConfig
+from deepseek_moe.moe.dropping import choose_protected_sequences
+from deepseek_moe.moe.reference import reference_forward, top_k_margin
+
+
+@st.composite
+def layer_cases(draw):
+    n_groups = draw(st.sampled_from([1, 2, 4]))
+    per_group = draw(st.integers(1, 4))
+    n_limited = draw(st.integers(1, n_groups))
+    k = draw(st.integers(1, min(n_limited * per_group, 4)))
+    score_func = draw(st.sampled_from(["softmax", "sigmoid"]))
+    group_score_func = draw(st.sampled_from(["max", "top2_sum"])) if per_group >= 2 else "max"
+    capacity = draw(st.one_of(st.none(), st.floats(0.25, 2.0)))
+    cfg = MoEConfig(
+        dim=8, moe_inter_dim=draw(st.integers(2, 6)), n_routed_experts=n_groups * per_group,
+        n_activated_experts=k, n_shared_experts=draw(st.integers(0, 2)), n_expert_groups=n_groups,
+        n_limited_groups=n_limited, group_score_func=group_score_func, score_func=score_func,
+        route_scale=draw(st.sampled_from([1.0, 2.5])), norm_topk_prob=draw(st.booleans()),
+        use_routing_bias=draw(st.booleans()), capacity_factor=capacity,
+        protected_fraction=draw(st.sampled_from([0.0, 0.5])), seed=draw(st.integers(0, 2**16)),
+    )
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 6)))
+    if draw(st.booleans()) and shape[0] == 1:
+        shape = shape[1:]  # a single (S, D) sequence
+    return cfg, shape, draw(st.integers(0, 2**31 - 1))
+
+
+def _build(cfg, shape, seed):
+    torch.manual_seed(seed)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        moe.gate.weight.normal_(std=1.0)  # spread affinities so that choices are clear-cut
+        if moe.gate.e_score_correction_bias is not None:
+            moe.gate.e_score_correction_bias.normal_(std=0.1)
+        for p in moe.experts.parameters():
+            p.normal_(std=0.3)
+    x = torch.randn(*shape, cfg.dim)
+    return moe, x
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layer_cases())
+def test_fast_path_matches_reference(case):
+    cfg, shape, seed = case
+    moe, x = _build(cfg, shape, seed)
+    assume(top_k_margin(moe, x) > 1e-4)
+    dropping = cfg.capacity_factor is not None
+    moe.train(dropping)
+
+    gen_state = moe.generator(x.device).get_state()
+    x_fast = x.clone().requires_grad_(True)
+    y_fast = moe(x_fast)
+    protected = None
+    if dropping:
+        n_seq = x.shape[0] if x.dim() == 3 else 1
+        gen = moe.generator(x.device)
+        gen.set_state(gen_state)
+        protected = choose_protected_sequences(n_seq, cfg.protected_fraction, gen).nonzero().flatten().tolist()
+
+    x_ref = x.clone().requires_grad_(True)
+    y_ref = reference_forward(moe, x_ref, protected_sequences=protected, drop=dropping)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-6)
+
+    upstream = torch.randn_like(y_fast)
+    params = [p for p in moe.parameters()]
+    grads_fast = torch.autograd.grad((y_fast * upstream).sum(), [x_fast, *params], allow_unused=True)
+    grads_ref = torch.autograd.grad((y_ref * upstream).sum(), [x_ref, *params], allow_unused=True)
+    for g_fast, g_ref in zip(grads_fast, grads_ref, strict=True):
+        if g_ref is None:
+            assert g_fast is None or torch.count_nonzero(g_fast) == 0
+            continue
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_expert_loop_matches_grouped_mm():
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=16, moe_inter_dim=8, n_routed_experts=8, n_activated_experts=3, n_shared_experts=1)
+    moe = MoE(cfg)
+    x = torch.randn(2, 9, 16)
+    y_grouped = moe(x)
+    moe.experts.use_grouped_mm = False
+    torch.testing.assert_close(moe(x), y_grouped, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_close_to_fp32():
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=32, moe_inter_dim=16, n_routed_experts=8, n_activated_experts=2, n_shared_experts=1)
+    moe = MoE(cfg)
+    x = torch.randn(2, 5, 32)
+    y32 = moe(x)
+    y16 = moe.to(torch.bfloat16)(x.bfloat16())
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32, rtol=0.05, atol=0.02)
