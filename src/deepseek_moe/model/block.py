@@ -1,0 +1,49 @@
+"""A transformer block: pre-norm attention and pre-norm FFN, each with a residual connection.
+
+Blocks before ``n_dense_layers`` use a dense SwiGLU FFN of width ``inter_dim`` (DeepSeekMoE §4.1: the first
+layers route poorly, so they stay dense); the rest use the MoE layer, which returns only its own output, so
+the residual is added here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deepseek_moe.config import ModelConfig
+from deepseek_moe.infer.kv_cache import LayerCache
+from deepseek_moe.model.mha import MHA
+from deepseek_moe.model.mla import MLA
+from deepseek_moe.model.norm import RMSNorm
+from deepseek_moe.moe.experts import FeedForward
+from deepseek_moe.moe.layer import MoE
+
+
+def build_attention(cfg: ModelConfig) -> MLA | MHA:
+    return MLA(cfg) if cfg.attention == "mla" else MHA(cfg)
+
+
+def build_ffn(cfg: ModelConfig, layer_id: int) -> FeedForward | MoE:
+    if layer_id < cfg.n_dense_layers:
+        return FeedForward(cfg.dim, cfg.inter_dim)
+    return MoE(cfg.moe, layer_id=layer_id)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = build_attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = build_ffn(cfg, layer_id)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, MoE)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        """x (B, T, dim) -> (B, T, dim)."""
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        return x + self.ffn(self.ffn_norm(x))

@@ -1,0 +1,118 @@
+"""The DeepSeekMoE causal language model: embedding, blocks, final norm, output head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepseek_moe.config import ModelConfig
+from deepseek_moe.infer.kv_cache import KVCache
+from deepseek_moe.model.block import Block
+from deepseek_moe.model.norm import RMSNorm
+from deepseek_moe.model.rope import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from deepseek_moe.infer.generate import GenerateOutput
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CausalLMOutput:
+    """logits (B, T, vocab) float32; losses are 0-dim (None without labels); cache is the one passed in."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    ce_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    cache: KVCache | None = None
+
+
+def attention_mask_4d(key_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, 1, T, S) bool from the key mask (B, S) of all slots, the last T of which are the new tokens.
+
+    A query sees earlier real tokens and always itself, so a padding query has one finite score instead of a
+    fully masked row, whose softmax would be NaN and would leak into later layers through 0 * NaN.
+    """
+    S = key_mask.shape[1]
+    causal = torch.ones(T, S, dtype=torch.bool, device=key_mask.device).tril(S - T)
+    slots = torch.arange(S, device=key_mask.device)
+    itself = slots[None, :] == slots[S - T:, None]  # (T, S)
+    return (causal[None] & (key_mask[:, None, :] | itself[None]))[:, None]
+
+
+class DeepSeekMoEForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tokenizer: Any = None  # set by the train and io helpers; generation with text needs one
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(cfg)
+        self.reset_parameters()
+        if cfg.tie_word_embeddings:
+            self.head.weight = self.embed.weight
+
+    def reset_parameters(self) -> None:
+        """normal(0, init_std) for every Linear and Embedding, ones for norms. The MoE layer's stacked expert
+        weights and gate are initialised by the MoE layer itself (from its own config's init_std)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(self, input_ids: torch.Tensor, *, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> CausalLMOutput:
+        """input_ids (B, T); labels (B, T) unshifted (the model shifts; -100 is ignored); attention_mask (B, T)
+        1 for real tokens, 0 for (left) padding; cache, if given, is extended in place with these tokens."""
+        B, T = input_ids.shape
+        new_mask = (torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None
+                    else attention_mask.to(torch.bool))
+        key_mask = new_mask if cache is None else cache.extend_mask(new_mask)  # (B, S)
+        S = key_mask.shape[1]
+        # Each row's positions count only its real tokens, so a left-padded prompt starts at position 0.
+        positions = (key_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, S - T:]  # (B, T)
+        n_positions = int(positions.max()) + 1 if T > 0 else 0
+        if n_positions > self.config.max_seq_len:
+            raise ValueError(f"sequence of {n_positions} positions exceeds max_seq_len "
+                             f"({self.config.max_seq_len}) of this model")
+        mask = None if bool(key_mask.all()) else attention_mask_4d(key_mask, T)
+        cos, sin = self.rope(positions)
+
+        h = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, None if cache is None else cache.layers[i])
+        logits = self.head(self.norm(h)).float()
+
+        out = CausalLMOutput(logits=logits, cache=cache)
+        if labels is not None:
+            out.ce_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                          labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+            out.aux_loss = self.aux_loss()
+            out.loss = out.ce_loss + out.aux_loss
+        return out
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the MoE layers' balance losses from the last forward (0 for a dense model)."""
+        total = torch.zeros((), device=self.embed.weight.device)
+        for layer in self.layers:
+            if layer.is_moe:
+                total = total + layer.ffn.aux_loss
+        return total
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.layers))
+
+    def generate(self, input_ids: torch.Tensor | list[list[int]], **kwargs: Any) -> GenerateOutput:
+        """See ``deepseek_moe.infer.generate.generate``."""
+        from deepseek_moe.infer.generate import generate  # noqa: PLC0415  (infer imports the model)
+
+        return generate(self, input_ids, **kwargs)

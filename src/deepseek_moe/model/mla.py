@@ -1,0 +1,114 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1).
+
+Keys and values are compressed jointly into a latent c_kv (kv_lora_rank) per token; a separate shared key k_pe
+(qk_rope_head_dim) carries RoPE, because RoPE'd keys cannot be reconstructed from a position-free latent.
+Only c_kv and k_pe are cached: (kv_lora_rank + qk_rope_head_dim) elements per token per layer.
+
+Three ways to compute the same attention:
+
+* no cache (training, scoring): expand keys and values from the latent and use fused SDPA with a causal mask;
+* cache, ``attn_impl="naive"``: append to the latent cache, re-expand every cached slot each step;
+* cache, ``attn_impl="absorb"``: fold wkv_b's key half into the query and its value half into the output, so
+  attention runs directly against the cached latent and nothing is expanded (DeepSeek-V3 inference code).
+
+Shapes: B batch, T new tokens, S cached + new slots, H heads, C kv_lora_rank, R qk_rope_head_dim,
+N qk_nope_head_dim, V v_head_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepseek_moe.config import ModelConfig
+from deepseek_moe.infer.kv_cache import LayerCache
+from deepseek_moe.model.norm import RMSNorm
+from deepseek_moe.model.rope import apply_rotary, softmax_scale
+
+# The latent norms use eps 1e-6 whatever the model's norm_eps: DeepSeek's and transformers' code hard-code it.
+LATENT_NORM_EPS = 1e-6
+
+
+def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
+    """(T, S) bool: the T new tokens are the last T of S slots; each sees itself and everything before."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention. Parameter names follow DeepSeek-V3's inference code (io/ maps them)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.qk_nope_head_dim = cfg.qk_nope_head_dim
+        self.qk_rope_head_dim = cfg.qk_rope_head_dim
+        self.qk_head_dim = cfg.qk_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        self.attn_impl = cfg.attn_impl
+        self.rope_interleave = cfg.rope_interleave
+        self.softmax_scale = softmax_scale(cfg)
+
+        if self.q_lora_rank == 0:
+            self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.qk_head_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
+        self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        """x (B, T, dim); cos/sin (B, T, R/2); mask (B, 1, T, S) bool (True: may attend) or None for plain
+        causal attention without a cache. Returns (B, T, dim)."""
+        B, T, _ = x.shape
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, T, self.n_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rotary(q_pe, cos, sin, self.rope_interleave)  # (B, T, H, R)
+
+        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv = self.kv_norm(kv)  # (B, T, C)
+        k_pe = apply_rotary(k_pe[:, :, None, :], cos, sin, self.rope_interleave)[:, :, 0]  # (B, T, R)
+
+        if cache is not None:
+            kv, k_pe = cache.append(kv, k_pe)  # (B, S, C), (B, S, R)
+            if self.attn_impl == "absorb":
+                return self._absorbed(q_nope, q_pe, kv, k_pe, mask)
+        return self._naive(q_nope, q_pe, kv, k_pe, mask)
+
+    def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, H, _ = q_nope.shape
+        S = kv.shape[1]
+        kv = self.wkv_b(kv).view(B, S, H, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, S, H, self.qk_rope_head_dim)), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        if mask is None and S != T:
+            mask = causal_mask(T, S, kv.device)
+        # SDPA wants (B, H, T, head_dim).
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale)
+        return self.wo(out.transpose(1, 2).reshape(B, T, H * self.v_head_dim))
+
+    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, H, _ = q_nope.shape
+        wkv_b = self.wkv_b.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = wkv_b[:, : self.qk_nope_head_dim], wkv_b[:, self.qk_nope_head_dim :]  # (H, N, C), (H, V, C)
+        q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # query in latent space
+        scores = (torch.einsum("bthc,bsc->bhts", q_latent, kv)
+                  + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)) * self.softmax_scale
+        if mask is None:
+            mask = causal_mask(T, kv.shape[1], kv.device)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).type_as(kv)
+        out_latent = torch.einsum("bhts,bsc->bthc", probs, kv)
+        out = torch.einsum("bthc,hvc->bthv", out_latent, w_uv)
+        return self.wo(out.reshape(B, T, H * self.v_head_dim))
