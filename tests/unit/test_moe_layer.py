@@ -1,0 +1,248 @@
+"""The MoE layer's contract, routing invariants, dropping, uniform warm-up, bias update and statistics."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deepseek_moe import (
+    MoE,
+    MoEConfig,
+    collect_aux_loss,
+    load_routing_state,
+    plot_routing_heatmap,
+    routing_counts,
+    routing_state,
+    set_uniform_routing,
+    update_routing_bias,
+)
+from deepseek_moe.moe.dropping import capacity_keep_mask, device_budget
+
+SMALL = dict(dim=16, moe_inter_dim=8, n_routed_experts=8, n_activated_experts=2)
+
+
+def test_shapes_and_2d_input_is_one_sequence():
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(**SMALL, n_shared_experts=1)).eval()
+    x = torch.randn(5, 16)
+    y = moe(x)
+    assert y.shape == x.shape
+    torch.testing.assert_close(moe(x.unsqueeze(0)).squeeze(0), y)
+
+
+@pytest.mark.parametrize("shape", [(16,), (1, 2, 3, 16), (2, 3, 15)])
+def test_bad_input_shape_is_named(shape):
+    moe = MoE(MoEConfig(**SMALL))
+    with pytest.raises(ValueError, match=r"MoE input must have shape \(B, S, 16\)"):
+        moe(torch.randn(*shape))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(n_activated_experts=9), r"n_activated_experts \(9\) must be <= n_routed_experts \(8\)"),
+        (dict(n_expert_groups=3), r"n_expert_groups \(3\) must divide n_routed_experts \(8\)"),
+        (dict(n_expert_groups=2, n_limited_groups=3), r"n_limited_groups \(3\) must be <= n_expert_groups \(2\)"),
+        (dict(capacity_factor=0.0), r"capacity_factor \(0.0\) must be a positive number"),
+        (dict(capacity_factor=-1.0), r"capacity_factor"),
+        (dict(score_func="relu"), r"score_func \('relu'\) must be one of 'softmax', 'sigmoid'"),
+        (dict(n_expert_groups=4, n_limited_groups=1, n_activated_experts=3), r"n_limited_groups \* experts per"),
+        (dict(dim=0), r"dim \(0\) must be a positive integer"),
+        (dict(protected_fraction=1.5), r"protected_fraction"),
+    ],
+)
+def test_impossible_configs_are_refused(changes, message):
+    with pytest.raises(ValueError, match=message):
+        MoEConfig(**{**SMALL, **changes})
+
+
+def _count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize(("m", "k_s"), [(1, 0), (2, 1), (4, 1), (4, 2)])
+def test_fine_grained_segmentation_preserves_parameters_and_flops(m, k_s):
+    dim, inter, n, k = 32, 64, 8, 2
+    cfg = MoEConfig.from_conventional(dim=dim, inter_dim=inter, n_experts=n, top_k=k, segmentation=m, n_shared=k_s)
+    assert cfg.n_routed_experts + cfg.n_shared_experts == m * n
+    moe = MoE(cfg)
+    expert_params = _count(moe.experts) + (_count(moe.shared_experts) if moe.shared_experts else 0)
+    assert expert_params == n * 3 * dim * inter  # the conventional MoE's N experts
+    activated_width = (cfg.n_activated_experts + cfg.n_shared_experts) * cfg.moe_inter_dim
+    assert activated_width == k * inter  # same FLOPs per token as its top-K
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([(4, 1, "max"), (4, 2, "max"), (8, 3, "top2_sum"), (2, 1, "top2_sum")]))
+def test_group_limit_is_never_violated(seed, groups):
+    n_groups, limit, group_score = groups
+    torch.manual_seed(seed)
+    cfg = MoEConfig(dim=16, moe_inter_dim=8, n_routed_experts=16, n_activated_experts=min(4, limit * 16 // n_groups),
+                    n_expert_groups=n_groups, n_limited_groups=limit, group_score_func=group_score,
+                    score_func="sigmoid" if group_score == "top2_sum" else "softmax",
+                    use_routing_bias=group_score == "top2_sum")
+    moe = MoE(cfg)
+    x = torch.randn(3, 20, 16)
+    for uniform in (False, True):
+        moe.uniform_routing = uniform
+        routing = moe.gate.uniform(60, moe.generator(x.device), x.device) if uniform else moe.gate(x.view(-1, 16))
+        groups_used = (routing.indices_TK // (16 // n_groups)).tolist()
+        assert max(len(set(row)) for row in groups_used) <= limit
+        assert all(len(set(row)) == cfg.n_activated_experts for row in routing.indices_TK.tolist())
+
+
+def _dropping_moe(**changes):
+    cfg = MoEConfig(**{**SMALL, "n_expert_groups": 4, "n_limited_groups": 4, "capacity_factor": 0.5, **changes})
+    torch.manual_seed(1)
+    return MoE(cfg)
+
+
+def test_capacity_is_honoured_and_dropped_tokens_keep_shared_experts():
+    moe = _dropping_moe(protected_fraction=0.0, n_shared_experts=1).train()
+    B, S = 4, 16
+    x = torch.randn(B, S, 16)
+    y = moe(x)
+    budget = device_budget(0.5, 2, B * S, 4)
+    assert budget == 16
+    dropped = int(moe.last_stats.dropped)
+    assert dropped >= B * S * 2 - 4 * budget  # at most `budget` kept per device
+    # A token whose every assignment is dropped still gets the shared experts' output.
+    routing = moe.gate(x.view(-1, 16))
+    from deepseek_moe.moe.dispatch import DropPlan, drop_over_budget
+
+    keep = drop_over_budget(routing, DropPlan(0.5, 4, torch.zeros(B * S, dtype=torch.bool)), 8).view(B * S, 2)
+    kept_per_device = torch.bincount((routing.indices_TK.view(-1) // 2)[keep.view(-1)], minlength=4)
+    assert kept_per_device.max() <= budget
+    fully_dropped = (~keep).all(dim=1).nonzero().flatten()
+    assert len(fully_dropped) > 0
+    t = int(fully_dropped[0])
+    torch.testing.assert_close(y.view(-1, 16)[t], moe.shared_experts(x.view(-1, 16)[t]))
+
+
+def test_protected_sequences_are_never_dropped():
+    moe = _dropping_moe(protected_fraction=0.5, capacity_factor=0.25).train()
+    x = torch.randn(4, 12, 16)
+    state = moe.generator(x.device).get_state()
+    y_train = moe(x)
+    assert int(moe.last_stats.dropped) > 0
+    moe.generator(x.device).set_state(state)
+    from deepseek_moe.moe.dropping import choose_protected_sequences
+
+    protected = choose_protected_sequences(4, 0.5, moe.generator(x.device))
+    assert int(protected.sum()) == 2  # ceil(50% of 4)
+    y_eval = moe.eval()(x)  # no dropping at inference
+    torch.testing.assert_close(y_train[protected], y_eval[protected])
+    assert not torch.allclose(y_train[~protected], y_eval[~protected])
+
+
+def test_keep_mask_by_hand():
+    # Device 0 gets assignments with affinities .9 .1 .5 (the .1 one protected), budget 2: keep .1 and .9.
+    affinity = torch.tensor([0.9, 0.1, 0.5, 0.7])
+    device = torch.tensor([0, 0, 0, 1])
+    protected = torch.tensor([False, True, False, False])
+    assert capacity_keep_mask(affinity, device, protected, budget=2, n_devices=2).tolist() == [True, True, False, True]
+    assert capacity_keep_mask(affinity, device, protected, budget=0, n_devices=2).tolist() == [False, True, False, False]
+
+
+def test_no_dropping_at_inference_unless_asked():
+    x = torch.randn(4, 12, 16)
+    moe = _dropping_moe(protected_fraction=0.0).eval()
+    moe(x)
+    assert int(moe.last_stats.dropped) == 0
+    moe = _dropping_moe(protected_fraction=0.0, drop_at_inference=True).eval()
+    moe(x)
+    assert int(moe.last_stats.dropped) > 0
+
+
+def test_uniform_routing_warm_up():
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(**SMALL, uniform_routing=True, seed=7)).train()
+    x = torch.randn(4, 64, 16, requires_grad=True)
+    y = moe(x)
+    assert float(moe.aux_loss) == 0.0
+    y.sum().backward()
+    assert moe.gate.weight.grad is None  # no router gradient
+    counts = moe.last_stats.tokens_per_expert.float()
+    assert counts.sum() == 4 * 64 * 2
+    assert counts.std() / counts.mean() < 0.25  # uniform: 64 expected per expert
+    # Gates are 1/K: the output is the mean of the chosen experts' outputs.
+    again = MoE(MoEConfig(**SMALL, uniform_routing=True, seed=7))
+    again.load_state_dict(moe.state_dict())
+    torch.testing.assert_close(again(x), y)  # the same seed draws the same experts
+    routing = MoE(MoEConfig(**SMALL)).gate.uniform(10, torch.Generator().manual_seed(0), x.device)
+    assert torch.all(routing.weights_TK == 0.5)
+
+
+def test_aux_loss_only_in_training_and_collected():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(MoE(MoEConfig(**SMALL)), MoE(MoEConfig(**SMALL, seq_loss_alpha=0.01)))
+    x = torch.randn(2, 6, 16)
+    model.train()(x)
+    total = collect_aux_loss(model)
+    assert total.requires_grad and float(total.detach()) > 0
+    torch.testing.assert_close(total, model[0].aux_loss + model[1].aux_loss)
+    model.eval()(x)
+    assert float(collect_aux_loss(model)) == 0.0
+
+
+def test_routing_bias_moves_toward_balance_and_only_chooses():
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(**SMALL, score_func="sigmoid", use_routing_bias=True, norm_topk_prob=True,
+                        expert_loss_alpha=0.0, bias_update_speed=0.01)).train()
+    x = torch.randn(2, 32, 16)
+    moe(x)
+    moe(x)  # two micro-batches before one optimizer step
+    counts = moe.bias_counts.clone()
+    assert counts.sum() == 2 * 2 * 64
+    update_routing_bias(moe)
+    expected = 0.01 * torch.sign(counts.mean() - counts)
+    torch.testing.assert_close(moe.gate.e_score_correction_bias, expected)
+    assert moe.bias_counts.sum() == 0
+    # The bias changes which experts are chosen, never the gate values of a chosen expert.
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias.copy_(torch.tensor([5.0, 5.0] + [0.0] * 6))
+    routing = moe.gate(x.view(-1, 16))
+    assert set(routing.indices_TK.flatten().tolist()) == {0, 1}
+    s = torch.sigmoid(x.view(-1, 16) @ moe.gate.weight.t())[:, :2]
+    torch.testing.assert_close(routing.weights_TK.sort(dim=1).values, (s / s.sum(1, keepdim=True)).sort(dim=1).values)
+
+
+def test_routing_state_round_trip_reproduces_uniform_draws():
+    moe = MoE(MoEConfig(**SMALL, uniform_routing=True)).train()
+    x = torch.randn(2, 8, 16)
+    moe(x)
+    state = routing_state(moe)
+    y1 = moe(x)
+    load_routing_state(moe, state)
+    torch.testing.assert_close(moe(x), y1)
+    set_uniform_routing(moe, False)
+    assert not moe.uniform_routing
+
+
+def test_stats_and_heatmap(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(MoE(MoEConfig(**SMALL)), MoE(MoEConfig(**SMALL)))
+    model(torch.randn(2, 10, 16))
+    stats = model[0].last_stats
+    counts = stats.tokens_per_expert.float()
+    assert stats.imbalance_max_mean == pytest.approx(float(counts.max() / counts.mean()))
+    assert stats.imbalance_cv == pytest.approx(float(counts.std(unbiased=False) / counts.mean()))
+    assert not math.isnan(stats.dropped_fraction)
+    path = plot_routing_heatmap(routing_counts(model), tmp_path / "heat.png")
+    assert path.stat().st_size > 1000
+    with pytest.raises(ValueError, match="2-D"):
+        plot_routing_heatmap(torch.ones(3), tmp_path / "bad.png")
+
+
+def test_deterministic_for_a_seed():
+    def run():
+        torch.manual_seed(3)
+        moe = MoE(MoEConfig(**SMALL, capacity_factor=0.5, n_expert_groups=2)).train()
+        x = torch.randn(3, 9, 16, requires_grad=True)
+        y = moe(x)
+        (y.square().sum() + moe.aux_loss).backward()
+        return y.detach(), x.grad
+    a, b = run(), run()
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
