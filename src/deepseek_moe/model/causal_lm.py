@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -116,3 +117,17 @@ class DeepSeekMoEForCausalLM(nn.Module):
         from deepseek_moe.infer.generate import generate  # noqa: PLC0415  (infer imports the model)
 
         return generate(self, input_ids, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None,
+                        device: str | torch.device = "cpu") -> DeepSeekMoEForCausalLM:
+        """Load a Hugging Face DeepSeek-V2/V3 checkpoint; see ``deepseek_moe.io.load_pretrained``."""
+        from deepseek_moe.io.safetensors_io import load_pretrained  # noqa: PLC0415  (io imports the model)
+
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | os.PathLike[str], *, max_shard_size: int | str = "5GB") -> None:
+        """Write a checkpoint transformers loads; see ``deepseek_moe.io.save_pretrained``."""
+        from deepseek_moe.io.safetensors_io import save_pretrained  # noqa: PLC0415
+
+        save_pretrained(self, path, max_shard_size=max_shard_size)
