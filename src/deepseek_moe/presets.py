@@ -34,13 +34,14 @@ def tiny() -> ModelConfig:
 
 def deepseek_moe_2b() -> ModelConfig:
     """DeepSeekMoE 2B (paper §4.1, Appendix A): 9 MoE layers, 1 shared + 63 routed experts, 1 + 7 active, each
-    a quarter of a standard FFN; 8K BPE vocabulary."""
+    a quarter of a standard FFN (SwiGLU width 8/3 * dim rounded up to a multiple of 128: 3456); 8K BPE vocabulary.
+    Attention and FFN widths are the paper's; it gives no exact figures beyond 2.0B total, 0.3B activated."""
     dim = 1280
     return ModelConfig(
-        vocab_size=8192, dim=dim, inter_dim=3584, n_layers=9, n_dense_layers=0, n_heads=10,
+        vocab_size=8192, dim=dim, inter_dim=3456, n_layers=9, n_dense_layers=0, n_heads=10,
         attention="mha", kv_lora_rank=0, qk_nope_head_dim=0, qk_rope_head_dim=128, v_head_dim=128,
         rope_interleave=False, max_seq_len=2048, original_seq_len=2048,
-        moe=MoEConfig(dim=dim, moe_inter_dim=896, n_routed_experts=63, n_activated_experts=7, n_shared_experts=1),
+        moe=MoEConfig(dim=dim, moe_inter_dim=864, n_routed_experts=63, n_activated_experts=7, n_shared_experts=1),
     )
 
 

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from test_model_configs import small_config
 
 from deepseek_moe.infer.kv_cache import KVCache
 from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
-
-from test_model_configs import small_config
 
 
 def _incremental_logits(model: DeepSeekMoEForCausalLM, ids: torch.Tensor, prefill: int,

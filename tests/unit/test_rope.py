@@ -11,7 +11,13 @@ from transformers.models.deepseek_v2.modeling_deepseek_v2 import yarn_apply_msca
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3
 
 from deepseek_moe.config import ModelConfig, MoEConfig
-from deepseek_moe.model.rope import RotaryEmbedding, apply_rotary, attention_factor, inverse_frequencies, softmax_scale
+from deepseek_moe.model.rope import (
+    RotaryEmbedding,
+    apply_rotary,
+    attention_factor,
+    inverse_frequencies,
+    softmax_scale,
+)
 
 R = 16
 
