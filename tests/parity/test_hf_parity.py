@@ -34,6 +34,9 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "v3_yarn": ("deepseek_v3", dict(q_lora_rank=None, n_group=4, topk_group=2, rope_parameters=YARN)),
     "v3_tied": ("deepseek_v3", dict(q_lora_rank=24, n_group=4, topk_group=2, tie_word_embeddings=True)),
     "v2_tied": ("deepseek_v2", dict(q_lora_rank=None, n_shared_experts=1, tie_word_embeddings=True)),
+    "v3_yarn_mscale_differs": ("deepseek_v3", dict(q_lora_rank=24, n_group=2, topk_group=1, rope_parameters={
+        **YARN, "mscale": 1.0, "mscale_all_dim": 0.707})),
+    "v2_no_shared_experts": ("deepseek_v2", dict(q_lora_rank=None, n_shared_experts=0)),
     "v3_sharded": ("deepseek_v3", dict(q_lora_rank=24, n_group=4, topk_group=2)),
     "v3_mtp_layer": ("deepseek_v3", dict(q_lora_rank=24, n_group=4, topk_group=2)),
 }
@@ -101,6 +104,30 @@ def test_logits_match_transformers_both_ways(case: str, tmp_path: Path) -> None:
 
     again = _logits(load_pretrained(dst), ids)
     assert torch.equal(again, got), f"{case}: our own save/load round trip changed the logits"
+
+
+@pytest.mark.parametrize("case", ["v2_group_limited", "v3_yarn"])
+@pytest.mark.parametrize("attn_impl", ["naive", "absorb"])
+def test_cached_decode_matches_transformers(case: str, attn_impl: str, tmp_path: Path) -> None:
+    """Prefill half the sequence, then one token at a time through our latent cache: transformers' logits."""
+    from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+
+    model_type, overrides = CASES[case]
+    hf_model, _ = make_hf_model(model_type, **overrides)
+    hf_model.save_pretrained(tmp_path)
+    loaded = load_pretrained(tmp_path)
+    ours = DeepSeekMoEForCausalLM(loaded.config.replace(attn_impl=attn_impl)).eval()
+    ours.load_state_dict(loaded.state_dict())
+    ids = input_ids()
+    expected = _logits(hf_model, ids)
+    cache = ours.new_cache()
+    half = ids.shape[1] // 2
+    with torch.no_grad():
+        steps = [ours(ids[:, :half], cache=cache).logits]
+        steps += [ours(ids[:, t:t + 1], cache=cache).logits for t in range(half, ids.shape[1])]
+    diff = (torch.cat(steps, dim=1) - expected).abs().max().item()
+    MAX_DIFFS[f"{case} cached decode ({attn_impl})"] = diff
+    assert diff <= TOL
 
 
 def test_fused_expert_checkpoint_loads(tmp_path: Path) -> None:

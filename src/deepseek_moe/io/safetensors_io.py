@@ -229,12 +229,18 @@ def _hf_entries(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key.replace("{e}", str(e)), tensor[e]
         else:
             yield key, tensor
-    if cfg.moe.score_func == "sigmoid" and not cfg.moe.use_routing_bias:
-        # deepseek_v3 always has the correction bias; ours is off, which is a zero bias.
-        for i in range(cfg.n_dense_layers, cfg.n_layers):
-            ref = next(iter(model.parameters()))
+    ref = next(iter(model.parameters()))
+    for i in range(cfg.n_dense_layers, cfg.n_layers):
+        if cfg.moe.score_func == "sigmoid" and not cfg.moe.use_routing_bias:
+            # deepseek_v3 always has the correction bias; ours is off, which is a zero bias.
             yield (f"model.layers.{i}.mlp.gate.e_score_correction_bias",
                    torch.zeros(cfg.moe.n_routed_experts, dtype=torch.float32, device=ref.device))
+        if cfg.moe.n_shared_experts == 0:
+            # transformers always builds shared experts; with none they are zero-width, and it expects the keys.
+            prefix = f"model.layers.{i}.mlp.shared_experts."
+            yield prefix + "gate_proj.weight", ref.new_zeros(0, cfg.dim)
+            yield prefix + "up_proj.weight", ref.new_zeros(0, cfg.dim)
+            yield prefix + "down_proj.weight", ref.new_zeros(cfg.dim, 0)
 
 
 def save_pretrained(model: DeepSeekMoEForCausalLM, path: str | os.PathLike[str], *,
