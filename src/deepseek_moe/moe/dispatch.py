@@ -8,8 +8,9 @@ swaps this object instead of forking the layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -26,6 +27,7 @@ class DropPlan:
     capacity_factor: float
     n_devices: int
     protected_T: torch.Tensor
+    n_tokens: int | None = None  # tokens the budget is computed over (the global batch); None: this call's T
 
 
 @dataclass
@@ -34,9 +36,25 @@ class Dispatched:
     dropped: torch.Tensor  # 0-dim int64: assignments dropped against the budget
 
 
+class BatchSpan(NamedTuple):
+    """Where this call's sequences sit in the batch that dropping and batch-scope losses are computed over."""
+
+    first_sequence: int
+    n_sequences: int
+    n_tokens: int
+
+
 class Dispatcher(Protocol):
+    """Runs the routed experts. ``batch_span`` and ``batch_sum`` tell the layer which batch its batch-wide
+    decisions cover: this call's locally, the concatenation of the ranks' batches under expert parallelism."""
+
     def __call__(self, x_TD: torch.Tensor, routing: Routing, experts: RoutedExperts,
                  drop: DropPlan | None) -> Dispatched: ...
+
+    def batch_span(self, n_sequences: int, n_tokens: int) -> BatchSpan: ...
+
+    # Sums a count tensor (no gradient) over the ranks whose batches form one batch; identity locally.
+    batch_sum: Callable[[torch.Tensor], torch.Tensor] | None
 
 
 def flat_assignments(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -50,7 +68,7 @@ def drop_over_budget(routing: Routing, drop: DropPlan, n_experts: int) -> torch.
     """Bool keep-mask over the T*K assignments (token-major) for a single-process batch."""
     T, K = routing.indices_TK.shape
     expert_A = routing.indices_TK.reshape(-1)
-    budget = device_budget(drop.capacity_factor, K, T, drop.n_devices)
+    budget = device_budget(drop.capacity_factor, K, T if drop.n_tokens is None else drop.n_tokens, drop.n_devices)
     return capacity_keep_mask(routing.affinity_TK.reshape(-1), expert_A // (n_experts // drop.n_devices),
                               drop.protected_T.repeat_interleave(K), budget, drop.n_devices)
 
@@ -78,6 +96,11 @@ class LocalDispatcher:
     No Python loop over tokens or experts. The gate weights multiply the (A, F) activation inside the experts,
     before the down projection, which is cheaper than weighting the (A, D) output.
     """
+
+    batch_sum = None
+
+    def batch_span(self, n_sequences: int, n_tokens: int) -> BatchSpan:
+        return BatchSpan(0, n_sequences, n_tokens)
 
     def __call__(self, x_TD: torch.Tensor, routing: Routing, experts: RoutedExperts,
                  drop: DropPlan | None) -> Dispatched:

@@ -72,8 +72,14 @@ class MoE(nn.Module):
 
         drop = None
         if cfg.capacity_factor is not None and (self.training or cfg.drop_at_inference):
-            protected_B = choose_protected_sequences(B, cfg.protected_fraction, self.generator(x.device))
-            drop = DropPlan(cfg.capacity_factor, cfg.n_expert_groups, protected_B.repeat_interleave(S))
+            # The protected draw is over the whole batch (all ranks' sequences under expert parallelism, each
+            # rank drawing the same mask from the same seed), so it is the choice one process would make.
+            span = self.dispatcher.batch_span(B, B * S)
+            protected_B = choose_protected_sequences(span.n_sequences, cfg.protected_fraction,
+                                                     self.generator(x.device))
+            protected_B = protected_B[span.first_sequence:span.first_sequence + B]
+            drop = DropPlan(cfg.capacity_factor, cfg.n_expert_groups, protected_B.repeat_interleave(S),
+                            n_tokens=span.n_tokens)
         dispatched = self.dispatcher(x_TD, routing, self.experts, drop)
         y_TD = dispatched.y_TD
         if self.shared_experts is not None:
@@ -95,14 +101,18 @@ class MoE(nn.Module):
         per_sequence = (routing.scores_TE.view(B, S, -1), routing.indices_TK.view(B, S, -1))
         scores_BSE, indices_BSK = (per_sequence if cfg.balance_loss_scope == "sequence"
                                    else (routing.scores_TE.unsqueeze(0), routing.indices_TK.unsqueeze(0)))
+        # Batch scope under expert parallelism: selection counts are the whole (all ranks') batch's.
+        group_sum = self.dispatcher.batch_sum if cfg.balance_loss_scope == "batch" else None
         if cfg.expert_loss_alpha > 0:
-            loss = loss + balance.expert_balance_loss(scores_BSE, indices_BSK, cfg.expert_loss_alpha)
+            loss = loss + balance.expert_balance_loss(scores_BSE, indices_BSK, cfg.expert_loss_alpha,
+                                                      group_sum=group_sum)
         if cfg.device_loss_alpha > 0:
             loss = loss + balance.device_balance_loss(scores_BSE, indices_BSK, cfg.n_expert_groups,
-                                                      cfg.device_loss_alpha)
+                                                      cfg.device_loss_alpha, group_sum=group_sum)
         if cfg.comm_loss_alpha > 0:
             loss = loss + balance.communication_balance_loss(scores_BSE, indices_BSK, cfg.n_expert_groups,
-                                                             cfg.n_limited_groups, cfg.comm_loss_alpha)
+                                                             cfg.n_limited_groups, cfg.comm_loss_alpha,
+                                                             group_sum=group_sum)
         if cfg.seq_loss_alpha > 0:  # V3's complementary loss is sequence-wise whatever the scope of the others
             loss = loss + balance.sequence_balance_loss(*per_sequence, cfg.seq_loss_alpha)
         return loss
