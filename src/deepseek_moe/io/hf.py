@@ -159,7 +159,8 @@ def _rope_fields(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
     original = int(params.get("original_max_position_embeddings") or max_pos)
     factor = params.get("factor")
     factor = float(factor) if factor is not None else max_pos / original
-    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    mscale: Any = params.get("mscale")
+    mscale_all_dim: Any = params.get("mscale_all_dim")
     if params.get("truncate", True) is not True:
         raise ValueError(f"{source}: {key}.truncate False is not supported (YaRN here floors/ceils the "
                          "correction range, as DeepSeek does)")
@@ -236,7 +237,7 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json") -> Mod
         else:
             reject("topk_method", topk_method, "contradicts model_type 'deepseek_v2'; expected 'greedy' or "
                    "'group_limited_greedy'")
-        routing = {"score_func": "softmax", "group_score_func": "max", "norm_topk_prob": False,
+        routing: dict[str, Any] = {"score_func": "softmax", "group_score_func": "max", "norm_topk_prob": False,
                    "use_routing_bias": False}
         rope_interleave = True
     else:

@@ -29,6 +29,7 @@ from deepseek_moe.io.hf import (
 )
 
 if TYPE_CHECKING:
+    from deepseek_moe.config import ModelConfig
     from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
 
 SINGLE_FILE = "model.safetensors"
@@ -207,9 +208,9 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
 
 
-def _hf_entries(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_entries(model: DeepSeekMoEForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face key, tensor view) in model order; stacked experts split per expert, as the hub has them."""
-    cfg = model.config  # type: ignore[attr-defined]
+    cfg: ModelConfig = model.config
     seen: set[int] = set()
     for name, tensor in model.state_dict(keep_vars=True).items():
         if cfg.tie_word_embeddings and name == "head.weight":
@@ -250,7 +251,7 @@ def save_pretrained(model: DeepSeekMoEForCausalLM, path: str | os.PathLike[str],
     The result loads with transformers' ``AutoModelForCausalLM.from_pretrained``. A config transformers'
     DeepSeek models cannot express raises ValueError before anything is written.
     """
-    cfg = model.config
+    cfg: ModelConfig = model.config
     first = next(iter(model.parameters()))
     dtype_name = {v: k for k, v in _DTYPES.items()}.get(first.dtype)
     hf_cfg = config_to_hf(cfg, dtype=dtype_name)
