@@ -19,7 +19,7 @@ import math
 import re
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from deepseek_moe.config import ModelConfig, MoEConfig
 
@@ -205,7 +205,7 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json") -> Mod
         value = hf.get(key, defaults.get(key))
         return defaults.get(key) if value is None and key in ("scoring_func", "norm_topk_prob") else value
 
-    def reject(key: str, value: Any, rule: str) -> None:
+    def reject(key: str, value: Any, rule: str) -> NoReturn:
         raise ValueError(f"{source}: {key} ({value!r}) {rule}")
 
     if hf.get("hidden_act", "silu") != "silu":
@@ -237,8 +237,8 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json") -> Mod
         else:
             reject("topk_method", topk_method, "contradicts model_type 'deepseek_v2'; expected 'greedy' or "
                    "'group_limited_greedy'")
-        routing: dict[str, Any] = {"score_func": "softmax", "group_score_func": "max", "norm_topk_prob": False,
-                   "use_routing_bias": False}
+        routing: dict[str, Any] = {"score_func": "softmax", "group_score_func": "max",
+                                   "norm_topk_prob": False, "use_routing_bias": False}
         rope_interleave = True
     else:
         if scoring != "sigmoid":
