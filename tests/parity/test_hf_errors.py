@@ -151,3 +151,29 @@ def test_inexpressible_config_refused_on_save(cfg: ModelConfig, pattern: str, tm
     with pytest.raises(ValueError, match="cannot express"):
         save_pretrained(DeepSeekMoEForCausalLM(cfg), tmp_path / "out")
     assert not (tmp_path / "out").exists(), "nothing is written when the config is refused"
+
+
+def test_expert_index_out_of_range_is_named(tmp_path: Path) -> None:
+    path = _checkpoint(tmp_path)
+    key = "model.layers.1.mlp.experts.8.gate_proj.weight"
+    _edit_tensors(path, lambda t: t.__setitem__(key, torch.zeros(16, 32)))
+    with pytest.raises(CheckpointError, match=re.escape(repr(key)) + ".*expert 8 out of range for 8"):
+        load_pretrained(path)
+
+
+def test_index_pointing_at_wrong_shard_is_named(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    save_pretrained(DeepSeekMoEForCausalLM(config_from_hf(V3)), tmp_path, max_shard_size="8KB")
+    index_file = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    current = index["weight_map"]["model.norm.weight"]
+    first = next(p.name for p in sorted(tmp_path.glob("model-*.safetensors")) if p.name != current)
+    index["weight_map"]["model.norm.weight"] = first
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="maps 'model.norm.weight' to " + re.escape(first)):
+        load_pretrained(tmp_path)
+
+
+def test_config_rule_violation_names_the_file() -> None:
+    with pytest.raises(ValueError, match=r"^ckpt/config.json: .*experts per group"):
+        config_from_hf({**V3, "n_group": 8}, source="ckpt/config.json")

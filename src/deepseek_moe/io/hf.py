@@ -252,24 +252,27 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json") -> Mod
 
     dim = int(hf["hidden_size"])
     init_std = float(get("initializer_range"))
-    moe = MoEConfig(dim=dim, moe_inter_dim=int(hf["moe_intermediate_size"]), n_routed_experts=n_experts,
-                    n_activated_experts=int(hf["num_experts_per_tok"]),
-                    n_shared_experts=int(get("n_shared_experts") or 0),
-                    n_expert_groups=n_group, n_limited_groups=n_limited,
-                    route_scale=float(get("routed_scaling_factor")), init_std=init_std, **routing)
     max_pos = int(get("max_position_embeddings"))
     rope = _rope_fields({**hf, "max_position_embeddings": max_pos}, source)
     rope.setdefault("original_seq_len", max_pos)
-    return ModelConfig(
-        vocab_size=int(hf["vocab_size"]), dim=dim, inter_dim=int(hf["intermediate_size"]),
-        n_layers=int(hf["num_hidden_layers"]), n_dense_layers=int(get("first_k_dense_replace") or 0),
-        n_heads=n_heads, moe=moe, max_seq_len=max_pos, attention="mla",
-        q_lora_rank=int(get("q_lora_rank") or 0), kv_lora_rank=int(hf["kv_lora_rank"]),
-        qk_nope_head_dim=int(hf["qk_nope_head_dim"]), qk_rope_head_dim=int(hf["qk_rope_head_dim"]),
-        v_head_dim=int(hf["v_head_dim"]), rope_interleave=rope_interleave,
-        norm_eps=float(get("rms_norm_eps")), tie_word_embeddings=bool(get("tie_word_embeddings")),
-        init_std=init_std, bos_token_id=_token_id(get("bos_token_id"), "bos_token_id", source),
-        eos_token_id=_token_id(get("eos_token_id"), "eos_token_id", source), **rope)
+    try:
+        moe = MoEConfig(dim=dim, moe_inter_dim=int(hf["moe_intermediate_size"]), n_routed_experts=n_experts,
+                        n_activated_experts=int(hf["num_experts_per_tok"]),
+                        n_shared_experts=int(get("n_shared_experts") or 0),
+                        n_expert_groups=n_group, n_limited_groups=n_limited,
+                        route_scale=float(get("routed_scaling_factor")), init_std=init_std, **routing)
+        return ModelConfig(
+            vocab_size=int(hf["vocab_size"]), dim=dim, inter_dim=int(hf["intermediate_size"]),
+            n_layers=int(hf["num_hidden_layers"]), n_dense_layers=int(get("first_k_dense_replace") or 0),
+            n_heads=n_heads, moe=moe, max_seq_len=max_pos, attention="mla",
+            q_lora_rank=int(get("q_lora_rank") or 0), kv_lora_rank=int(hf["kv_lora_rank"]),
+            qk_nope_head_dim=int(hf["qk_nope_head_dim"]), qk_rope_head_dim=int(hf["qk_rope_head_dim"]),
+            v_head_dim=int(hf["v_head_dim"]), rope_interleave=rope_interleave,
+            norm_eps=float(get("rms_norm_eps")), tie_word_embeddings=bool(get("tie_word_embeddings")),
+            init_std=init_std, bos_token_id=_token_id(get("bos_token_id"), "bos_token_id", source),
+            eos_token_id=_token_id(get("eos_token_id"), "eos_token_id", source), **rope)
+    except ValueError as err:  # the dataclasses' rules (ours), said about this file (HF key names differ)
+        raise ValueError(f"{source}: {err}") from err
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -136,28 +136,21 @@ def _load_weights(model: torch.nn.Module, weight_map: dict[str, Path], *, n_laye
     for key, file in weight_map.items():
         by_file[file].append(key)
     for file, keys in by_file.items():
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with safe_open(file, framework="pt", device="cpu") as f, torch.no_grad():
+            present = set(f.keys())
             for key in keys:
                 layer = hf_layer_index(key)
                 if (layer is not None and layer >= n_layers) or _IGNORED.match(key):
                     continue  # V3 multi-token-prediction layers; recomputed RoPE tables
                 if tied and key == "lm_head.weight":
                     continue  # transformers ties it to the embedding as well
-                for name, e, tensor in _targets(key, file, f, state):
+                if key not in present:
+                    raise CheckpointError(f"{file.parent / INDEX_FILE}: maps {key!r} to {file.name}, which does "
+                                          "not contain it")
+                for name, e, tensor in _targets(key, file, f):
                     if tensor.numel() == 0 and name not in state:
                         continue  # transformers' zero-width shared experts when n_shared_experts == 0
-                    if name not in state:
-                        raise CheckpointError(f"{file}: unexpected key {key!r} (no {name!r} in this model; "
-                                              "is the config right?)")
-                    dest = state[name] if e is None else state[name][e]
-                    if e is not None and not 0 <= e < state[name].shape[0]:
-                        raise CheckpointError(f"{file}: {key!r}: expert {e} out of range for "
-                                              f"{state[name].shape[0]} routed experts")
-                    if tuple(tensor.shape) != tuple(dest.shape):
-                        raise CheckpointError(f"{file}: {key!r} has shape {tuple(tensor.shape)}, expected "
-                                              f"{tuple(dest.shape)} (model {name!r})")
-                    with torch.no_grad():
-                        dest.copy_(tensor)
+                    _copy_in(state, name, e, tensor, key, file)
                     loaded.add((name, e))
     missing = required - loaded
     if missing:
@@ -167,14 +160,29 @@ def _load_weights(model: torch.nn.Module, weight_map: dict[str, Path], *, n_laye
         raise CheckpointError(f"checkpoint ({', '.join(where)}) is missing key(s) {shown}")
 
 
+def _copy_in(state: dict[str, torch.Tensor], name: str, e: int | None, tensor: torch.Tensor, key: str,
+             file: Path) -> None:
+    if name not in state:
+        raise CheckpointError(f"{file}: unexpected key {key!r} (no {name!r} in this model; is the config right?)")
+    dest = state[name]
+    if e is not None:
+        if not 0 <= e < dest.shape[0]:
+            raise CheckpointError(f"{file}: {key!r}: expert {e} out of range for {dest.shape[0]} routed experts "
+                                  "(n_routed_experts in config.json)")
+        dest = dest[e]
+    if tuple(tensor.shape) != tuple(dest.shape):
+        raise CheckpointError(f"{file}: {key!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)} "
+                              f"(model {name!r})")
+    dest.copy_(tensor)
+
+
 def _hf_name(name: str, e: int | None) -> str:
     mapped = ours_to_hf(name)
     assert mapped is not None
     return mapped[0].replace("{e}", str(e)) if e is not None else mapped[0]
 
 
-def _targets(key: str, file: Path, f: Any, state: dict[str, torch.Tensor]
-             ) -> Iterator[tuple[str, int | None, torch.Tensor]]:
+def _targets(key: str, file: Path, f: Any) -> Iterator[tuple[str, int | None, torch.Tensor]]:
     """(our name, expert index, tensor) for one checkpoint key; a fused expert tensor yields per-expert slices."""
     mapped = hf_to_ours(key)
     if mapped is not None:
