@@ -1,0 +1,293 @@
+"""``run(cfg)``: train a DeepSeekMoE language model end to end and leave a run directory behind.
+
+Order of one optimizer step: routing stage → micro-batches (forward, backward) → clip → optimizer step →
+restore frozen experts → routing-bias update (counts of all micro-batches) → lr step. Validation and
+checkpoints happen between steps, at the same steps in a resumed run as in an uninterrupted one, which is
+what makes resume exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from deepseek_moe.config import ModelConfig
+from deepseek_moe.moe.hooks import set_uniform_routing, update_routing_bias
+from deepseek_moe.train import checkpoint as ckpt
+from deepseek_moe.train.config import TrainConfig
+from deepseek_moe.train.corpus import load_corpus
+from deepseek_moe.train.data import PackedSequences, cached_tokens, tokenizer_sha256, unigram_entropy
+from deepseek_moe.train.errors import TrainError
+from deepseek_moe.train.optim import build_optimizer
+from deepseek_moe.train.report import plot_heatmap, plot_loss
+from deepseek_moe.train.routing import (ExpertFreezer, dropped_fraction, layer_counts, layer_names, load_summary,
+                                        orthogonal_init_experts)
+from deepseek_moe.train.rundir import MetricsLog, default_run_dir, prepare_run_dir, write_json
+from deepseek_moe.train.schedule import lr_factor, routing_stage
+from deepseek_moe.train.tokenizer import EOS, default_cache_dir, get_tokenizer
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    val_loss: float
+    unigram_entropy: float
+    tokens_per_s: float
+    wall_s: float
+    sample: str
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise TrainError(f"device ({name!r}) is not a torch device: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"device ({name!r}) asks for CUDA, which this machine does not have")
+    return device
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where asked (or "auto" on CUDA); None runs in fp32."""
+    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def build_model_config(cfg: TrainConfig, vocab_size: int, eos_id: int) -> ModelConfig:
+    from deepseek_moe.presets import get_preset
+
+    try:
+        base = get_preset(cfg.model.preset)
+    except (KeyError, ValueError) as e:
+        raise TrainError(f"model.preset ({cfg.model.preset!r}) is not a preset: {e}") from e
+    data = base.to_dict()
+    for key, value in cfg.model.overrides.items():
+        data[key] = {**data["moe"], **value} if key == "moe" else value
+    data["vocab_size"] = vocab_size  # always the tokenizer's
+    data["max_seq_len"] = max(data["max_seq_len"], cfg.data.seq_len)
+    data["eos_token_id"] = eos_id
+    data["moe"]["seed"] = cfg.seed
+    try:
+        return ModelConfig.from_dict(data)
+    except ValueError as e:
+        raise TrainError(f"model config (preset {cfg.model.preset!r} with model.overrides): {e}") from e
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress: bool = True) -> RunResult:
+    """Train per ``cfg`` into ``cfg.out``; with ``resume``, continue the run there from its latest checkpoint."""
+    from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+
+    t_start = time.perf_counter()
+    log = _printer(progress)
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir()
+    prepare_run_dir(run_dir, resume=resume, force=force)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    amp = autocast_dtype(cfg.dtype, device)
+    seed_everything(cfg.seed)
+
+    # Data: corpus → tokenizer (cached) → token arrays (cached, memory-mapped).
+    cache_dir = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
+    corpus = load_corpus(cfg.data.paths, text_field=cfg.data.text_field, val_fraction=cfg.data.val_fraction)
+    tok = get_tokenizer(corpus, cfg.data.vocab_size, cache_dir)
+    tok_hash = tokenizer_sha256(tok)
+    key = f"{corpus.sha256[:16]}-{tok_hash[:16]}"
+    train_tokens = cached_tokens(corpus.train, tok, cache_dir, f"{key}-train")
+    val_tokens = cached_tokens(corpus.val, tok, cache_dir, f"{key}-val")
+    train_seqs = PackedSequences(train_tokens, cfg.data.seq_len, cfg.seed)
+    val_seqs = PackedSequences(val_tokens, cfg.data.seq_len, cfg.seed)
+    val_batches = val_seqs.fixed_batches(cfg.schedule.batch_size, cfg.eval.batches)
+    vocab = tok.get_vocab_size()
+    h_unigram = unigram_entropy(val_tokens, vocab)
+
+    # Model and optimizer.
+    model_cfg = build_model_config(cfg, vocab, tok.token_to_id(EOS))
+    torch.manual_seed(cfg.seed)
+    model = DeepSeekMoEForCausalLM(model_cfg)
+    if cfg.routing.orthogonal_init:
+        orthogonal_init_experts(model)
+    model.tokenizer = tok
+    model.to(device).train()
+    optimizer = build_optimizer(model, cfg.optim)
+    s = cfg.schedule
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(
+        i, steps=s.steps, warmup_steps=s.warmup_steps, min_lr_ratio=s.min_lr_ratio))
+
+    n_params = sum(p.numel() for p in model.parameters())
+    resolved = {**cfg.to_dict(), "out": str(run_dir), "resolved_model": model_cfg.to_dict(),
+                "corpus": {**corpus.describe(), "train_tokens": len(train_tokens), "val_tokens": len(val_tokens)},
+                "tokenizer": {"vocab_size": vocab, "sha256": tok_hash}}
+    state_dir = run_dir / "state"
+    start = 0
+    latest = ckpt.step_dirs(state_dir)[-1] if resume and ckpt.step_dirs(state_dir) else None
+    if latest is not None:
+        info = ckpt.load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler)
+        train_seqs.load_state_dict(info["data"])
+        start = int(info["step"])
+        log(f"resuming {run_dir} from {latest.name}")
+    elif resume:
+        log(f"{run_dir} has no checkpoint yet: starting it from step 0")
+    write_json(run_dir / "config.json", resolved)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", keep_through_step=start if resume else None)
+    log(f"model {cfg.model.preset}: {n_params / 1e6:.2f}M parameters, vocab {vocab}; data {corpus.source}: "
+        f"{len(train_tokens):,} train / {len(val_tokens):,} val tokens; device {device}, "
+        f"{'bf16 autocast' if amp else 'fp32'}; run dir {run_dir}")
+
+    freezer: ExpertFreezer | None = None
+    tokens_per_step = s.batch_size * s.grad_accum_steps * cfg.data.seq_len
+    window_tokens, window_t = 0, time.perf_counter()
+    train_t0, train_tokens_done = time.perf_counter(), 0
+    val_loss = float("nan")
+    bar = tqdm(total=s.steps, initial=start, disable=not progress, dynamic_ncols=True, file=sys.stderr,
+               desc="train")
+    for step in range(start, s.steps):
+        stage = routing_stage(cfg, step)
+        set_uniform_routing(model, stage == 1)
+        if stage == 3 and cfg.routing.frozen_experts and freezer is None:
+            freezer = ExpertFreezer(model, cfg.routing.frozen_experts)
+
+        ce_sum, aux_sum = 0.0, 0.0
+        counts = None
+        for _ in range(s.grad_accum_steps):
+            batch = train_seqs.next_batch(s.batch_size).to(device)
+            with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+                out = model(batch, labels=batch)
+            (out.loss / s.grad_accum_steps).backward()
+            ce_sum += float(out.ce_loss)
+            aux_sum += float(out.aux_loss)
+            c = layer_counts(model)
+            counts = c if counts is None else counts + c
+        if not math.isfinite(ce_sum):
+            raise TrainError(f"the loss became {ce_sum} at step {step + 1}; lower optim.lr "
+                             f"({cfg.optim.lr}) or check the data")
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        if freezer is not None:
+            freezer.restore()
+        update_routing_bias(model)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        window_tokens += tokens_per_step
+        train_tokens_done += tokens_per_step
+        ce = ce_sum / s.grad_accum_steps
+        loads = load_summary(counts) if counts is not None else {"imbalance": float("nan"), "cv": float("nan")}
+        dropped = dropped_fraction(model)
+        bar.update(1)
+        if done % cfg.eval.log_every == 0 or done == s.steps:
+            now = time.perf_counter()
+            tps = window_tokens / max(now - window_t, 1e-9)
+            window_tokens, window_t = 0, now
+            metrics.write({"kind": "train", "step": done, "loss": ce + aux_sum / s.grad_accum_steps,
+                           "ce_loss": ce, "aux_loss": aux_sum / s.grad_accum_steps, "lr": lr,
+                           "tokens_per_s": tps, "imbalance": loads["imbalance"], "cv": loads["cv"],
+                           "dropped": dropped, "stage": stage, "epoch": train_seqs.epochs_done})
+            bar.set_postfix(loss=f"{ce:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}", imb=f"{loads['imbalance']:.2f}",
+                            drop=f"{dropped:.1%}", stage=stage, refresh=False)
+        if done % cfg.eval.every == 0 or done == s.steps:
+            val_loss, val_counts = evaluate(model, val_batches, device, amp)
+            metrics.write({"kind": "val", "step": done, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+            if val_counts is not None:
+                write_json(run_dir / "routing.json", {"step": done, "layers": layer_names(model),
+                                                      "counts": val_counts.tolist(), "source": "validation"})
+            log(f"step {done}: validation loss {val_loss:.3f}, perplexity {math.exp(val_loss):.1f} "
+                f"(unigram entropy {h_unigram:.3f})")
+        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == s.steps:
+            ckpt.save_checkpoint(state_dir, done, model=model, optimizer=optimizer, scheduler=scheduler,
+                                 trainer={"data": train_seqs.state_dict()}, keep_last=cfg.checkpoint.keep_last)
+    bar.close()
+    train_s = time.perf_counter() - train_t0
+    if start == s.steps:  # resumed a finished run: nothing trained, measure where it stands
+        val_loss, _ = evaluate(model, val_batches, device, amp)
+    if freezer is not None:
+        freezer.remove()
+
+    return _finish(cfg, model, run_dir, metrics, tok, start=start, val_loss=val_loss, h_unigram=h_unigram,
+                   tokens_per_s=train_tokens_done / max(train_s, 1e-9), t_start=t_start, log=log)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device,
+             amp: torch.dtype | None) -> tuple[float, torch.Tensor | None]:
+    """Mean validation cross-entropy (nats/token) and the (L, E) expert counts over the same tokens."""
+    model.eval()
+    total, n = 0.0, 0
+    counts = None
+    for batch in batches:
+        batch = batch.to(device)
+        with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+            out = model(batch, labels=batch)
+        k = batch.numel() - batch.shape[0]  # predictions per batch: the model shifts labels by one
+        total += float(out.ce_loss) * k
+        n += k
+        c = layer_counts(model)
+        counts = c if counts is None or c is None else counts + c
+    model.train()
+    return total / n, counts
+
+
+def _finish(cfg: TrainConfig, model: Any, run_dir: Path, metrics: MetricsLog, tok: Any, *, start: int,
+            val_loss: float, h_unigram: float, tokens_per_s: float, t_start: float, log: Any) -> RunResult:
+    from deepseek_moe.infer.generate import generate
+    from deepseek_moe.io import save_pretrained
+
+    model.eval()
+    save_pretrained(model, run_dir / "model")
+    sample = ""
+    if cfg.eval.sample_tokens > 0:
+        prompt = tok.encode(cfg.eval.sample_prompt, add_special_tokens=False).ids or [tok.token_to_id(EOS)]
+        out = generate(model, [prompt], max_new_tokens=cfg.eval.sample_tokens, temperature=cfg.eval.temperature,
+                       top_k=cfg.eval.top_k or None, stop_tokens=[tok.token_to_id(EOS)], seed=cfg.seed)
+        sample = tok.decode(out.sequences[0])
+        (run_dir / "sample.txt").write_text(sample + "\n")
+    wall_s = time.perf_counter() - t_start
+    summary = {"kind": "summary", "steps": cfg.schedule.steps, "resumed_from": start, "val_loss": val_loss,
+               "val_ppl": math.exp(val_loss), "unigram_entropy": h_unigram,
+               "below_unigram": h_unigram - val_loss, "tokens_per_s": tokens_per_s, "wall_s": wall_s}
+    metrics.write(summary)
+    records = [json.loads(line) for line in metrics.path.read_text().splitlines() if line.strip()]
+    plot_loss(records, run_dir / "loss.png", unigram_entropy=h_unigram)
+    routing_path = run_dir / "routing.json"
+    if routing_path.is_file():
+        plot_heatmap(json.loads(routing_path.read_text()), run_dir / "routing_heatmap.png")
+    log(f"validation loss {val_loss:.3f} nats/token (perplexity {math.exp(val_loss):.1f}); unigram entropy of "
+        f"the validation split {h_unigram:.3f} nats/token: {h_unigram - val_loss:.3f} below it")
+    log(f"{tokens_per_s:,.0f} tokens/s, {wall_s:.0f} s in all; wrote {run_dir}")
+    if sample:
+        log(f"--- sample ---\n{sample}\n--------------")
+    return RunResult(run_dir, cfg.schedule.steps, val_loss, h_unigram, tokens_per_s, wall_s, sample)
+
+
+def _printer(enabled: bool) -> Any:
+    def log(message: str) -> None:
+        if enabled:
+            tqdm.write(message, file=sys.stdout)
+    return log
+
+
+__all__ = ["RunResult", "autocast_dtype", "build_model_config", "evaluate", "resolve_device", "run"]

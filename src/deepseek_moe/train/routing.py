@@ -1,0 +1,87 @@
+"""Training-side routing glue: orthogonal expert init, freezing chosen experts (stage 3), load statistics."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deepseek_moe.moe.hooks import moe_layers
+from deepseek_moe.train.errors import TrainError
+
+
+@torch.no_grad()
+def orthogonal_init_experts(model: nn.Module) -> None:
+    """Orthogonal rows across all routed experts of a layer, so experts start in different subspaces.
+
+    w1, w3 (E, F, D) are viewed as one (E*F, D) matrix, w2 (E, D, F) as (D, E*F); each entry's scale then
+    matches a unit-gain orthogonal matrix of that shape.
+    """
+    for _, moe in moe_layers(model):
+        ex = moe.experts
+        for w in (ex.w1, ex.w3):
+            flat = torch.empty(w.shape[0] * w.shape[1], w.shape[2])
+            nn.init.orthogonal_(flat)
+            w.copy_(flat.view_as(w))
+        E, D, F = ex.w2.shape
+        flat = torch.empty(D, E * F)
+        nn.init.orthogonal_(flat)
+        ex.w2.copy_(flat.view(D, E, F).permute(1, 0, 2))
+
+
+class ExpertFreezer:
+    """Keeps the listed routed experts of every MoE layer fixed (routing stage 3).
+
+    A gradient hook zeroes their slices of the stacked weights (so they do not count toward the clipped norm),
+    and ``restore()`` after each optimizer step undoes what AdamW's momentum and weight decay would still do.
+    """
+
+    def __init__(self, model: nn.Module, experts: tuple[int, ...]) -> None:
+        self.slices: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.handles = []
+        index = torch.tensor(sorted(set(experts)), dtype=torch.long)
+        for name, moe in moe_layers(model):
+            E = moe.experts.n_experts
+            if len(index) and int(index.max()) >= E:
+                raise TrainError(f"routing.frozen_experts ({list(experts)}) names expert {int(index.max())}, but "
+                                 f"MoE layer {name} has {E} routed experts (0..{E - 1})")
+            for w in (moe.experts.w1, moe.experts.w2, moe.experts.w3):
+                self.slices.append((w, w.detach()[index].clone()))
+                self.handles.append(w.register_hook(lambda g, index=index: g.index_fill(0, index, 0.0)))
+        self.index = index
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for w, saved in self.slices:
+            w[self.index] = saved
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    return [name for name, _ in moe_layers(model)]
+
+
+def layer_counts(model: nn.Module) -> torch.Tensor | None:
+    """(L, E) tokens per expert from every MoE layer's last forward, or None before any."""
+    rows = [moe.last_stats.tokens_per_expert.float().cpu() for _, moe in moe_layers(model)
+            if moe.last_stats is not None]
+    return torch.stack(rows) if rows else None
+
+
+def load_summary(counts_LE: torch.Tensor) -> dict[str, float]:
+    """Mean over layers of max/mean load and of the coefficient of variation."""
+    mean = counts_LE.mean(dim=1).clamp_min(1e-9)
+    return {"imbalance": float((counts_LE.max(dim=1).values / mean).mean()),
+            "cv": float((counts_LE.std(dim=1, unbiased=False) / mean).mean())}
+
+
+def dropped_fraction(model: nn.Module) -> float:
+    stats = [moe.last_stats for _, moe in moe_layers(model) if moe.last_stats is not None]
+    total = sum(s.n_assignments for s in stats)
+    return sum(float(s.dropped) for s in stats) / total if total else 0.0
+
+
+__all__ = ["ExpertFreezer", "dropped_fraction", "layer_counts", "layer_names", "load_summary",
+           "orthogonal_init_experts"]

@@ -1,0 +1,102 @@
+"""The run directory: creating it (never over an existing run without ``force``), config.json, metrics.jsonl.
+
+    RUN_DIR/config.json      the resolved TrainConfig, the model config and the corpus (hashes included)
+    RUN_DIR/metrics.jsonl    one JSON record per line: kind "train", "val" or "summary"
+    RUN_DIR/routing.json     per-layer expert counts from the latest validation pass
+    RUN_DIR/state/step-N/    resumable state (see checkpoint.py)
+    RUN_DIR/model/           Hugging Face checkpoint with tokenizer.json
+    RUN_DIR/loss.png, routing_heatmap.png, sample.txt
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from deepseek_moe.train.errors import TrainError
+
+# Keys config.json holds beyond TrainConfig's own fields: recorded, never read back as settings.
+RUN_ONLY_KEYS = ("resolved_model", "corpus", "tokenizer")
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def prepare_run_dir(path: Path, *, resume: bool, force: bool) -> None:
+    if resume:
+        if not (path / "config.json").is_file():
+            raise TrainError(f"cannot resume {str(path)!r}: it is not a run directory (no config.json)")
+        return
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if not force:
+            raise TrainError(f"run directory {str(path)!r} already exists; pass --force to overwrite it or "
+                             f"--resume {path} to continue it")
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """A run's config.json without the run-only keys, ready for ``TrainConfig.from_dict``."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise TrainError(f"{str(run_dir)!r} is not a run directory (no config.json)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TrainError(f"{path} is corrupt: {e}") from e
+    return {k: v for k, v in data.items() if k not in RUN_ONLY_KEYS}
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+class MetricsLog:
+    """Appends records to metrics.jsonl; on resume, drops records past the checkpoint's step first."""
+
+    def __init__(self, path: Path, *, keep_through_step: int | None = None) -> None:
+        self.path = path
+        if keep_through_step is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and _record_step(line) <= keep_through_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif keep_through_step is None:
+            path.write_text("")
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _record_step(line: str) -> float:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return float("inf")  # a line cut by the kill: drop it
+    return float("inf") if record.get("kind") == "summary" else record.get("step", float("inf"))
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise TrainError(f"{str(run_dir)!r} has no metrics.jsonl: is it a training run directory?")
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+__all__ = ["MetricsLog", "RUN_ONLY_KEYS", "default_run_dir", "prepare_run_dir", "read_metrics", "read_run_config",
+           "write_json"]
