@@ -299,7 +299,7 @@ def parse_value(text: str) -> Any:
     except json.JSONDecodeError:
         pass
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        return tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         return text
 
@@ -324,7 +324,7 @@ def apply_overrides(data: dict[str, Any], assignments: list[str]) -> dict[str, A
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"--set {key}: '{part}' is not a section")
-        node[parts[-1]] = parse_value(raw.strip())
+        node[parts[-1]] = parse_value(raw)
     return data
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from deepseek_moe.config import ModelConfig
@@ -175,8 +176,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress
             with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
                 out = model(batch, labels=batch)
             (out.loss / s.grad_accum_steps).backward()
-            ce_sum += float(out.ce_loss)
-            aux_sum += float(out.aux_loss)
+            ce_sum += float(out.ce_loss.detach())
+            aux_sum += float(out.aux_loss.detach())
             c = layer_counts(model)
             counts = c if counts is None else counts + c
         if not math.isfinite(ce_sum):
@@ -254,10 +255,9 @@ def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.
 def _finish(cfg: TrainConfig, model: Any, run_dir: Path, metrics: MetricsLog, tok: Any, *, start: int,
             val_loss: float, h_unigram: float, tokens_per_s: float, t_start: float, log: Any) -> RunResult:
     from deepseek_moe.infer.generate import generate
-    from deepseek_moe.io import save_pretrained
 
     model.eval()
-    save_pretrained(model, run_dir / "model")
+    save_model(model, run_dir / "model", log)
     sample = ""
     if cfg.eval.sample_tokens > 0:
         prompt = tok.encode(cfg.eval.sample_prompt, add_special_tokens=False).ids or [tok.token_to_id(EOS)]
@@ -281,6 +281,33 @@ def _finish(cfg: TrainConfig, model: Any, run_dir: Path, metrics: MetricsLog, to
     if sample:
         log(f"--- sample ---\n{sample}\n--------------")
     return RunResult(run_dir, cfg.schedule.steps, val_loss, h_unigram, tokens_per_s, wall_s, sample)
+
+
+def hf_incompatibility(cfg: ModelConfig) -> str | None:
+    """Why transformers' DeepSeek classes cannot hold this model, or None when they can."""
+    from deepseek_moe.io import config_to_hf
+
+    try:
+        config_to_hf(cfg)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def save_model(model: Any, path: Path, log: Any) -> None:
+    """The Hugging Face checkpoint; for a config transformers cannot express, our own names and config.json."""
+    from deepseek_moe.io import save_pretrained
+
+    reason = hf_incompatibility(model.config)
+    if reason is None:
+        save_pretrained(model, path)
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "deepseek_moe"})
+    write_json(path / "config.json", {"format": "deepseek_moe", **model.config.to_dict()})
+    model.tokenizer.save(str(path / "tokenizer.json"))
+    log(f"note: {reason}; wrote {path} with this package's parameter names instead of the Hugging Face ones")
 
 
 def _printer(enabled: bool) -> Any:

@@ -1,0 +1,119 @@
+"""End-to-end runs of a very small model on a small synthetic corpus (seconds each)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from deepseek_moe.train.config import resolve_config
+from deepseek_moe.train.errors import TrainError
+from deepseek_moe.train.loop import run
+
+SMALL = [
+    "model.dim=32", "model.inter_dim=64", "model.n_layers=2", "model.n_dense_layers=1", "model.n_heads=2",
+    "model.kv_lora_rank=16", "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8",
+    "model.moe.dim=32", "model.moe.moe_inter_dim=16", "model.moe.n_routed_experts=8",
+    "model.moe.n_activated_experts=2", "data.seq_len=32", "data.vocab_size=300", "schedule.batch_size=4",
+    "eval.batches=2", "eval.every=4", "eval.log_every=1", "eval.sample_tokens=8", "threads=1",
+]
+
+
+def write_corpus(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(40):
+        body = "".join(f"def f{i}_{j}(x, y):\n    return x * {j} + y - {i}\n\n" for j in range(12))
+        (root / f"m{i:02d}.py").write_text(body)
+    return root
+
+
+def small_config(tmp_path: Path, *extra: str, out: str = "run"):
+    data = write_corpus(tmp_path / "corpus")
+    return resolve_config(assignments=[*SMALL, f"data.paths={json.dumps([str(data)])}",
+                                       f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}",
+                                       f"out={json.dumps(str(tmp_path / out))}", *extra])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = small_config(tmp, "schedule.steps=8", "routing.uniform_steps=2", "checkpoint.every=4")
+    return cfg, run(cfg, progress=False)
+
+
+def test_run_writes_the_whole_run_directory(finished_run):
+    cfg, result = finished_run
+    d = result.run_dir
+    for name in ("config.json", "metrics.jsonl", "loss.png", "routing_heatmap.png", "sample.txt", "routing.json",
+                 "model/config.json", "model/tokenizer.json", "state/step-4/trainer.json", "state/step-8/rng.pt"):
+        assert (d / name).is_file(), name
+    assert list((d / "model").glob("*.safetensors"))
+    config = json.loads((d / "config.json").read_text())
+    assert config["corpus"]["sha256"] and config["tokenizer"]["sha256"]
+    assert config["resolved_model"]["vocab_size"] == config["tokenizer"]["vocab_size"] <= 300
+    records = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert [r["stage"] for r in train] == [1, 1] + [2] * 6
+    assert train[0]["imbalance"] >= 1.0 and "dropped" in train[0]
+    assert [r["step"] for r in records if r["kind"] == "val"] == [4, 8]
+    assert records[-1]["kind"] == "summary" and records[-1]["val_loss"] == result.val_loss
+    assert result.val_loss < records[0]["ce_loss"]
+
+
+def test_existing_run_dir_needs_force(finished_run, tmp_path):
+    cfg, _ = finished_run
+    with pytest.raises(TrainError, match="--force"):
+        run(cfg, progress=False)
+
+
+KILLER = textwrap.dedent("""
+    import json, os, signal, sys
+    from deepseek_moe.train import data
+    from deepseek_moe.train.config import resolve_config
+    from deepseek_moe.train.loop import run
+
+    original, calls = data.PackedSequences.next_batch, [0]
+
+    def next_batch(self, n):
+        calls[0] += 1
+        if calls[0] == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)  # mid-step, between checkpoints
+        return original(self, n)
+
+    data.PackedSequences.next_batch = next_batch
+    run(resolve_config(assignments=json.loads(sys.argv[1])), progress=False)
+""")
+
+
+def _comparable(records):
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "wall_s", "resumed_from")} for r in records]
+
+
+def test_sigkilled_run_resumes_to_the_same_loss(tmp_path):
+    extra = ["schedule.steps=10", "schedule.grad_accum_steps=2", "routing.uniform_steps=2", "checkpoint.every=3",
+             "model.moe.use_routing_bias=true", "model.moe.score_func=sigmoid", "model.moe.capacity_factor=1.0"]
+    ref = run(small_config(tmp_path, *extra, out="ref"), progress=False)
+
+    cfg = small_config(tmp_path, *extra, out="killed")
+    assignments = [*SMALL, *extra, f"data.paths={json.dumps(list(cfg.data.paths))}",
+                   f"data.cache_dir={json.dumps(cfg.data.cache_dir)}", f"out={json.dumps(cfg.out)}"]
+    # Micro-batch 15 is the first of step 8: steps 1-7 are done, the last checkpoint is step 6.
+    proc = subprocess.run([sys.executable, "-c", KILLER, json.dumps(assignments), "15"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    run_dir = Path(cfg.out)
+    assert [p.name for p in sorted((run_dir / "state").iterdir()) if p.name.startswith("step-")] == ["step-3",
+                                                                                                  "step-6"]
+    assert not (run_dir / "model").exists()
+
+    resumed = run(cfg, resume=True, progress=False)
+    assert resumed.val_loss == ref.val_loss
+    read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert _comparable(read(run_dir)) == _comparable(read(ref.run_dir))
+    a = load_file(str(run_dir / "state/step-10/model.safetensors"))
+    b = load_file(str(ref.run_dir / "state/step-10/model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
