@@ -1,0 +1,120 @@
+"""``deepseek-moe train`` and ``routes``: bad input gives ``error: ...`` and exit 2, never a traceback."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deepseek_moe.cli.main import build_parser, main
+
+SMALL = [
+    "model.dim=32", "model.inter_dim=64", "model.n_layers=2", "model.n_dense_layers=1", "model.n_heads=2",
+    "model.kv_lora_rank=16", "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8",
+    "model.moe.dim=32", "model.moe.moe_inter_dim=16", "model.moe.n_routed_experts=8",
+    "model.moe.n_activated_experts=2", "data.vocab_size=300", "eval.batches=2", "eval.every=2",
+    "eval.sample_tokens=4", "threads=1",
+]
+
+
+def small_args(tmp: Path, *extra: str) -> list[str]:
+    corpus = tmp / "corpus"
+    if not corpus.exists():
+        corpus.mkdir(parents=True)
+        for i in range(30):
+            (corpus / f"m{i}.py").write_text(f"x_{i} = [{i}, {i + 1}]\nprint(x_{i})\n" * 40)
+    args = ["train", "--quiet", "--data", str(corpus), "--steps", "4", "--batch-size", "2", "--seq-len", "16",
+            "--set", f"data.cache_dir={tmp / 'cache'}", "--set", "checkpoint.every=2"]
+    for item in SMALL:
+        args += ["--set", item]
+    return args + list(extra)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    out = tmp / "run"
+    assert main(small_args(tmp, "--out", str(out))) == 0
+    return out
+
+
+def expect_error(capsys, argv, *fragments):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_subcommands_are_registered():
+    parser = build_parser()
+    args = parser.parse_args(["routes", "somewhere"])
+    assert args.command == "routes" and callable(args.func)
+    assert parser.parse_args(["train"]).command == "train"
+
+
+def test_cli_run_uses_flags(run_dir):
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["schedule"]["steps"] == 4 and config["data"]["seq_len"] == 16
+    assert config["resolved_model"]["n_layers"] == 2 and (run_dir / "model" / "tokenizer.json").is_file()
+
+
+def test_bad_inputs(capsys, tmp_path):
+    expect_error(capsys, ["train", "--data", str(tmp_path / "nope.txt")], "nope.txt", "does not exist")
+    binary = tmp_path / "x.bin"
+    binary.write_bytes(b"\x00\x01binary\x00")
+    expect_error(capsys, ["train", "--data", str(binary)], "x.bin", "binary")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    expect_error(capsys, ["train", "--data", str(empty)], "no text")
+    expect_error(capsys, ["train", "--set", "optim.lrr=0.1"], "optim.lrr")
+    expect_error(capsys, ["train", "--set", "model.moe.n_expertz=3"], "model.moe.n_expertz")
+    expect_error(capsys, ["train", "--steps", "0"], "steps (0)")
+    expect_error(capsys, ["train", "--config", str(tmp_path / "missing.toml")], "missing.toml")
+    expect_error(capsys, ["train", "--preset", "huge-imaginary", "--data", str(binary)], "x.bin")
+    expect_error(capsys, ["train", "--resume", str(tmp_path)], "not a run directory")
+    expect_error(capsys, ["routes", str(tmp_path)], "routing.json")
+
+
+def test_bad_model_override_and_preset(capsys, tmp_path):
+    base = small_args(tmp_path, "--out", str(tmp_path / "r"))
+    expect_error(capsys, [*base, "--set", "model.n_dense_layers=5"], "n_dense_layers (5)")
+    expect_error(capsys, [*base, "--preset", "nonexistent"], "nonexistent")
+
+
+def test_existing_run_needs_force(capsys, run_dir, tmp_path):
+    expect_error(capsys, small_args(tmp_path, "--out", str(run_dir)), "--force", str(run_dir))
+
+
+def test_resume_checks_the_checkpoint(capsys, run_dir, tmp_path):
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(run_dir), str(copy)], check=True)
+    expect_error(capsys, ["train", "--quiet", "--resume", str(copy), "--set", "model.n_layers=3"],
+                 "does not match")
+    (copy / "state" / "step-4" / "model.safetensors").write_bytes(b"not a safetensors file")
+    expect_error(capsys, ["train", "--quiet", "--resume", str(copy), "--steps", "6"], "model.safetensors",
+                 "corrupt")
+
+
+def test_resume_extends_a_finished_run(run_dir, tmp_path):
+    copy = tmp_path / "more"
+    subprocess.run(["cp", "-r", str(run_dir), str(copy)], check=True)
+    assert main(["train", "--quiet", "--resume", str(copy), "--steps", "6"]) == 0
+    records = [json.loads(x) for x in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "val"] == [2, 4, 6]
+    assert (copy / "state" / "step-6").is_dir()
+
+
+def test_routes(capsys, run_dir, tmp_path):
+    heatmap = tmp_path / "h.png"
+    assert main(["routes", str(run_dir), "--out", str(heatmap)]) == 0
+    out = capsys.readouterr().out
+    assert "layers.1.ffn" in out and "max/mean" in out and heatmap.is_file()
+
+
+def test_module_entry_point_exits_2_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "deepseek_moe.train", "--set", "schedule.nope=1"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "schedule.nope" in proc.stderr and "Traceback" not in proc.stderr
