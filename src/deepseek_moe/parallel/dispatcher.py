@@ -1,0 +1,182 @@
+"""The all-to-all token dispatcher: the expert-parallel twin of ``moe.dispatch.LocalDispatcher``.
+
+Per call: (1) each token is sent at most once to each rank that holds any of its chosen experts, as one row of
+x with the gates (and, for dropping, affinities and a protected flag) of its experts there; (2) the row counts
+go first (all_to_all_single of split sizes), then the rows (autograd all_to_all_single); (3) the receiver drops
+over-budget assignments per device (expert group) against the global budget, runs its experts as one grouped
+matmul and sums each row's gated outputs into one row; (4) the rows go back the same way and are summed into
+their tokens. Shared experts stay local (the layer runs them).
+
+Legend as in ``deepseek_moe.moe``, plus: W ranks in the group, P (token, rank) rows sent, R rows received,
+k slots per row (the most experts one token can have on one rank: min(K, E/W)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as fc
+
+from deepseek_moe.moe.dispatch import BatchSpan, Dispatched, DropPlan, combine
+from deepseek_moe.moe.dropping import capacity_keep_mask, device_budget
+from deepseek_moe.moe.experts import RoutedExperts
+from deepseek_moe.moe.router import Routing
+
+
+@dataclass
+class CommStats:
+    """Traffic of the calls since the last reset, from this rank's point of view. Bytes exclude self-sends.
+
+    dispatch_bytes: rows (x, gates, metadata) this rank sent to other ranks; combine_bytes: result rows it sent
+    back to other ranks. rows_sent: (token, rank) rows including those to itself. max_ranks_per_token: the most
+    ranks one token of this rank reached (device-limited routing bounds it by M).
+    """
+
+    calls: int = 0
+    tokens: int = 0
+    rows_sent: int = 0
+    rows_sent_remote: int = 0
+    rows_received: int = 0
+    dispatch_bytes: int = 0
+    combine_bytes: int = 0
+    dropped: int = 0
+    max_ranks_per_token: int = 0
+    ranks_per_token_hist: list[int] = field(default_factory=list)  # [n tokens reaching 0, 1, ..., W ranks]
+
+    @property
+    def bytes_per_token(self) -> float:
+        return (self.dispatch_bytes + self.combine_bytes) / max(self.tokens, 1)
+
+
+class AllToAllDispatcher:
+    """Dispatch over an expert-parallel process group; installed by :func:`parallelize_experts`.
+
+    ``n_expert_groups`` is the layer's G: the dropping budget is per expert group, as in one process, so results
+    do not depend on how many ranks the groups are spread over.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, n_expert_groups: int) -> None:
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.n_expert_groups = n_expert_groups
+        # Where small control tensors live: NCCL moves only CUDA tensors, gloo CPU ones.
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
+                       else torch.device("cpu"))
+        self.stats = CommStats(ranks_per_token_hist=[0] * (self.size + 1))
+
+    def reset_stats(self) -> None:
+        self.stats = CommStats(ranks_per_token_hist=[0] * (self.size + 1))
+
+    # ---- the batch the layer's batch-wide decisions cover: every rank's, concatenated in rank order ----
+    def batch_span(self, n_sequences: int, n_tokens: int) -> BatchSpan:
+        local = torch.tensor([n_sequences, n_tokens], dtype=torch.int64, device=self.device)
+        gathered = [torch.empty_like(local) for _ in range(self.size)]
+        dist.all_gather(gathered, local, group=self.group)
+        sizes = torch.stack(gathered).cpu()
+        return BatchSpan(int(sizes[:self.rank, 0].sum()), int(sizes[:, 0].sum()), int(sizes[:, 1].sum()))
+
+    def batch_sum(self, counts: torch.Tensor) -> torch.Tensor:
+        total = counts.detach().clone()
+        dist.all_reduce(total, group=self.group)
+        return total
+
+    # ---- dispatch ----
+    def __call__(self, x_TD: torch.Tensor, routing: Routing, experts: RoutedExperts,
+                 drop: DropPlan | None) -> Dispatched:
+        W, me = self.size, self.rank
+        T, K = routing.indices_TK.shape
+        D = x_TD.shape[1]
+        E_local = experts.n_experts
+        if experts.offset != me * E_local:
+            raise RuntimeError(f"rank {me} holds experts from {experts.offset}, expected {me * E_local}: "
+                               "install the experts with parallelize_experts over this same group")
+        k = min(K, E_local)
+        dev = x_TD.device
+
+        # Slots of each token sorted by destination rank (k order kept inside a rank), then packed per
+        # (token, rank) into k slots: local expert id (-1 empty), gate, affinity.
+        expert_TK = routing.indices_TK
+        rank_TK = expert_TK // E_local
+        order_TK = (rank_TK * K + torch.arange(K, device=dev)).argsort(dim=1)
+        rank_s = rank_TK.gather(1, order_TK)
+        local_s = expert_TK.gather(1, order_TK) - rank_s * E_local
+        pos_TK = torch.arange(K, device=dev).expand(T, K)
+        new_run = torch.ones_like(rank_s, dtype=torch.bool)
+        new_run[:, 1:] = rank_s[:, 1:] != rank_s[:, :-1]
+        slot_s = pos_TK - torch.where(new_run, pos_TK, 0).cummax(dim=1).values
+        token_s = torch.arange(T, device=dev).unsqueeze(1).expand(T, K)
+        where = (token_s.reshape(-1), rank_s.reshape(-1), slot_s.reshape(-1))
+        ids_TWk = torch.full((T, W, k), -1, dtype=torch.int64, device=dev).index_put(where, local_s.reshape(-1))
+        gate_s = routing.weights_TK.gather(1, order_TK).to(x_TD.dtype)
+        gates_TWk = x_TD.new_zeros(T, W, k).index_put(where, gate_s.reshape(-1))
+
+        reach_TW = ids_TWk[:, :, 0] >= 0
+        dest_P, token_P = reach_TW.t().nonzero(as_tuple=True)  # rows grouped by destination, tokens ascending
+        send_W = torch.bincount(dest_P, minlength=W)
+
+        meta = [ids_TWk[token_P, dest_P].to(torch.float32)]  # ids < 2**24: exact in fp32
+        if drop is not None:
+            aff_s = routing.affinity_TK.gather(1, order_TK).float()
+            aff_TWk = torch.zeros(T, W, k, device=dev).index_put(where, aff_s.reshape(-1))
+            meta += [aff_TWk[token_P, dest_P], drop.protected_T[token_P].to(torch.float32).unsqueeze(1)]
+        meta_P = torch.cat(meta, dim=1)
+        payload_P = torch.cat([x_TD[token_P], gates_TWk[token_P, dest_P]], dim=1)  # (P, D + k)
+        if torch.is_grad_enabled() and not payload_P.requires_grad:
+            # Every rank must run the backward all-to-all, including one whose inputs need no gradient.
+            payload_P.requires_grad_()
+
+        recv_W = torch.empty_like(send_W)
+        dist.all_to_all_single(recv_W, send_W, group=self.group)
+        send, recv = send_W.tolist(), recv_W.tolist()
+        payload_R = fc.all_to_all_single_autograd(payload_P, recv, send, self.group)
+        meta_R = torch.empty(sum(recv), meta_P.shape[1], dtype=meta_P.dtype, device=dev)
+        dist.all_to_all_single(meta_R, meta_P, recv, send, group=self.group)
+
+        # Receiver: one assignment per filled slot, in (source rank, token, k) order: the single-process
+        # token-major order restricted to the experts here, so dropping breaks ties the same way.
+        R = meta_R.shape[0]
+        ids_Rk = meta_R[:, :k].to(torch.int64)
+        valid_Rk = ids_Rk >= 0
+        row_A = torch.arange(R, device=dev).unsqueeze(1).expand(R, k)[valid_Rk]
+        expert_A = ids_Rk[valid_Rk]
+        gate_A = payload_R[:, D:][valid_Rk]
+        dropped = torch.zeros((), dtype=torch.int64, device=dev)
+        if drop is not None:
+            n_tokens = drop.n_tokens if drop.n_tokens is not None else self.batch_span(1, T).n_tokens
+            budget = device_budget(drop.capacity_factor, K, n_tokens, drop.n_devices)
+            per_device = experts.n_experts * W // drop.n_devices
+            keep_A = capacity_keep_mask(meta_R[:, k:2 * k][valid_Rk], expert_A // per_device,
+                                        meta_R[:, 2 * k].bool()[row_A], budget, E_local // per_device)
+            dropped = (~keep_A).sum()
+            row_A, expert_A, gate_A = row_A[keep_A], expert_A[keep_A], gate_A[keep_A]
+        order_A = torch.argsort(expert_A, stable=True)
+        row_A = row_A[order_A]
+        counts_E = torch.bincount(expert_A, minlength=E_local)
+        y_AD = experts(payload_R[:, :D].index_select(0, row_A), counts_E, gate_A[order_A])
+        y_RD = combine(y_AD, row_A, R)
+
+        y_PD = fc.all_to_all_single_autograd(y_RD, send, recv, self.group)
+        y_TD = combine(y_PD, token_P, T)
+
+        self._record(T, reach_TW, send, recv, payload_P, meta_P, D, x_TD.element_size(), dropped)
+        return Dispatched(y_TD, dropped)
+
+    def _record(self, T: int, reach_TW: torch.Tensor, send: list[int], recv: list[int], payload_P: torch.Tensor,
+                meta_P: torch.Tensor, D: int, itemsize: int, dropped: torch.Tensor) -> None:
+        s, me = self.stats, self.rank
+        row_bytes = payload_P.shape[1] * payload_P.element_size() + meta_P.shape[1] * meta_P.element_size()
+        s.calls += 1
+        s.tokens += T
+        s.rows_sent += sum(send)
+        s.rows_sent_remote += sum(send) - send[me]
+        s.rows_received += sum(recv)
+        s.dispatch_bytes += (sum(send) - send[me]) * row_bytes
+        s.combine_bytes += (sum(recv) - recv[me]) * D * itemsize
+        s.dropped += int(dropped)
+        hist = torch.bincount(reach_TW.sum(dim=1), minlength=self.size + 1).tolist()
+        s.ranks_per_token_hist = [a + b for a, b in zip(s.ranks_per_token_hist, hist, strict=True)]
+        reached = [n for n, c in enumerate(hist) if c > 0]
+        s.max_ranks_per_token = max(s.max_ranks_per_token, max(reached) if reached else 0)

@@ -1,0 +1,228 @@
+"""What each rank runs in the distributed tests, and the single-process references they are compared with.
+
+The same builders make the weights and data on every rank and in the reference, so a difference can only come
+from the parallel path. A rank sees sequences [rank*B/W, (rank+1)*B/W) of the global batch; the reference is
+the plain layer (or model) over the whole batch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import traceback
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from deepseek_moe.config import ModelConfig, MoEConfig
+from deepseek_moe.moe.hooks import update_routing_bias
+from deepseek_moe.moe.layer import MoE
+
+B, S = 8, 5  # global batch of the layer cases
+
+
+# ---------------------------------------------------------------- layer cases
+def layer_cases(world: int) -> dict[str, MoEConfig]:
+    base = dict(dim=16, moe_inter_dim=8, n_routed_experts=8, n_shared_experts=1, expert_loss_alpha=0.01,
+                device_loss_alpha=0.02, comm_loss_alpha=0.03)
+    G = world
+    cases = {
+        "free": MoEConfig(**base, n_activated_experts=3, n_expert_groups=G, n_limited_groups=G),
+        "limit1_batch": MoEConfig(**base, n_activated_experts=2, n_expert_groups=G, n_limited_groups=1,
+                                  balance_loss_scope="batch"),
+        "drop_limited": MoEConfig(**base, n_activated_experts=2, n_expert_groups=G, n_limited_groups=max(1, G // 2),
+                                  capacity_factor=0.5, protected_fraction=0.25),
+        "drop_free_batch": MoEConfig(**base, n_activated_experts=3, n_expert_groups=G, n_limited_groups=G,
+                                     capacity_factor=0.75, balance_loss_scope="batch", seq_loss_alpha=0.01),
+        # two groups per rank, V3 routing: sigmoid, group top-2 sum, bias, normalised gates; dropping per group
+        "v3_two_groups_per_rank": MoEConfig(
+            **{**base, "n_routed_experts": 16}, n_activated_experts=4, n_expert_groups=2 * G,
+            n_limited_groups=G if G > 1 else 1, score_func="sigmoid", group_score_func="top2_sum",
+            norm_topk_prob=True, route_scale=2.0, use_routing_bias=True, capacity_factor=0.6,
+            protected_fraction=0.2, balance_loss_scope="batch", seq_loss_alpha=0.01),
+    }
+    if world >= 4:
+        cases["limit2"] = MoEConfig(**base, n_activated_experts=3, n_expert_groups=G, n_limited_groups=2)
+    return cases
+
+
+def build_layer(cfg: MoEConfig) -> MoE:
+    torch.manual_seed(0)
+    moe = MoE(cfg, layer_id=3)
+    if moe.gate.e_score_correction_bias is not None:
+        moe.gate.e_score_correction_bias.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(7))
+    return moe.train()
+
+
+def layer_data(cfg: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(B, S, cfg.dim, generator=g), torch.randn(B, S, cfg.dim, generator=g)
+
+
+def layer_step(moe: MoE, x: torch.Tensor, w: torch.Tensor, aux_weight: float) -> dict[str, Any]:
+    """Two forwards (the second sees the generator state the first left) and one backward."""
+    x = x.clone().requires_grad_()
+    y1 = moe(x)
+    aux1 = moe.aux_loss
+    dropped = int(moe.last_stats.dropped)
+    y2 = moe(x * 0.5)
+    dropped += int(moe.last_stats.dropped)
+    aux = aux1 + moe.aux_loss
+    ((y1 * w).sum() + (y2 * w).sum() + aux * aux_weight).backward()
+    return {"y": torch.cat([y1, y2]).detach(), "aux": aux.detach(), "x_grad": x.grad,
+            "grads": {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None},
+            "dropped": dropped}
+
+
+def layer_reference(cfg: MoEConfig) -> dict[str, Any]:
+    moe = build_layer(cfg)
+    x, w = layer_data(cfg)
+    out = layer_step(moe, x, w, 1.0)
+    update_routing_bias(moe)
+    out["bias"] = None if moe.gate.e_score_correction_bias is None else moe.gate.e_score_correction_bias.clone()
+    return out
+
+
+def layer_cases_worker(rank: int, world: int) -> dict[str, Any]:
+    from deepseek_moe.parallel import all_reduce_sum, expert_parameters, init_parallel, parallelize_experts
+
+    ctx = init_parallel(timeout_s=30)  # joins once; a second call reuses the group
+    results = {}
+    for name, cfg in layer_cases(world).items():
+        moe = parallelize_experts(build_layer(cfg), ctx.ep_group)
+        x, w = layer_data(cfg)
+        b0, b1 = rank * B // world, (rank + 1) * B // world
+        # The global loss is the sum of the ranks' output terms plus the mean of their balance losses.
+        out = layer_step(moe, x[b0:b1], w[b0:b1], 1.0 / world)
+        sharded = {n for n, _ in expert_parameters(moe)}
+        for n, g in out["grads"].items():
+            if n not in sharded:
+                dist.all_reduce(g)
+        update_routing_bias(moe, all_reduce=all_reduce_sum(ctx.ep_group))
+        out["bias"] = None if moe.gate.e_score_correction_bias is None else moe.gate.e_score_correction_bias.clone()
+        out["sharded"] = sorted(sharded)
+        out["stats"] = moe.dispatcher.stats
+        out["cfg"] = cfg
+        results[name] = out
+    return results
+
+
+# ---------------------------------------------------------------- full model
+MB, MS = 4, 8  # global batch of the model case
+
+
+def model_config(world: int) -> ModelConfig:
+    return ModelConfig(vocab_size=64, dim=32, inter_dim=48, n_layers=3, n_dense_layers=1, n_heads=2,
+                       q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                       max_seq_len=16, original_seq_len=16,
+                       moe=MoEConfig(dim=32, moe_inter_dim=16, n_routed_experts=8, n_activated_experts=2,
+                                     n_shared_experts=1, n_expert_groups=world, n_limited_groups=1,
+                                     expert_loss_alpha=0.01, device_loss_alpha=0.01, capacity_factor=0.75,
+                                     protected_fraction=0.25))
+
+
+def build_model(cfg: ModelConfig) -> torch.nn.Module:
+    from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+
+    torch.manual_seed(0)
+    return DeepSeekMoEForCausalLM(cfg).train()
+
+
+def model_data(cfg: ModelConfig) -> torch.Tensor:
+    return torch.randint(0, cfg.vocab_size, (MB, MS), generator=torch.Generator().manual_seed(2))
+
+
+def model_reference(world: int) -> dict[str, Any]:
+    cfg = model_config(world)
+    model = build_model(cfg)
+    ids = model_data(cfg)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    model.eval()
+    return {"loss": out.loss.detach(), "logits": out.logits.detach(), "grads": grads,
+            "state": {k: v.clone() for k, v in model.state_dict().items()},
+            "eval_logits": model(ids).logits.detach()}
+
+
+def model_worker(rank: int, world: int) -> dict[str, Any]:
+    from deepseek_moe.io import save_pretrained
+    from deepseek_moe.parallel import (
+        data_parallel,
+        expert_parameters,
+        full_state_dict,
+        gathered_model,
+        init_parallel,
+        load_full_state_dict,
+        unwrap,
+    )
+
+    ctx = init_parallel(timeout_s=30)
+    cfg = model_config(world)
+    ddp = data_parallel(build_model(cfg), ctx)
+    model = unwrap(ddp)
+    ids = model_data(cfg)
+    b0, b1 = rank * MB // world, (rank + 1) * MB // world
+    out = ddp(ids[b0:b1], labels=ids[b0:b1])
+    out.loss.backward()
+    sharded = {n for n, _ in expert_parameters(model)}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss)
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    state = full_state_dict(ddp)
+    model.eval()
+    eval_logits = ddp(ids[b0:b1]).logits.detach()
+    plain = gathered_model(ddp)  # a collective: every rank takes part
+    result: dict[str, Any] = {"loss": loss / world, "logits": out.logits.detach(), "grads": grads,
+                              "sharded": sorted(sharded), "eval_logits": eval_logits}
+    if rank == 0:
+        result["state"] = state
+        result["plain_eval_logits"] = plain.eval()(ids).logits.detach()
+        export = os.environ.get("DSMOE_EXPORT")
+        if export:
+            save_pretrained(plain, export)
+    # Scatter on load: a fresh split model takes the full state of the reference after its step.
+    fresh = data_parallel(build_model(cfg), ctx)
+    load_full_state_dict(fresh, state)
+    result["reloaded_eval_logits"] = fresh.eval()(ids[b0:b1]).logits.detach()
+    return result
+
+
+def all_worker(rank: int, world: int) -> dict[str, Any]:
+    """Everything on one spawn per world size (process start-up dominates on 2 cores)."""
+    return {"layer": layer_cases_worker(rank, world), "model": model_worker(rank, world)}
+
+
+# ---------------------------------------------------------------- failures
+def dead_rank_worker(rank: int, world: int) -> dict[str, Any]:
+    """The last rank dies after joining; the others must fail on their own, with an error, not hang."""
+    from deepseek_moe.parallel import init_parallel, parallelize_experts
+
+    ctx = init_parallel(timeout_s=20)
+    cfg = layer_cases(world)["free"]
+    moe = parallelize_experts(build_layer(cfg), ctx.ep_group)
+    if rank == world - 1:
+        os._exit(3)
+    x, _ = layer_data(cfg)
+    for _ in range(100):
+        moe(x)
+    return {}
+
+
+def main(worker: str) -> None:
+    torch.set_num_threads(1)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    try:
+        result = globals()[worker](rank, world)
+        torch.save(result, os.environ.get("DSMOE_RESULT", f"{tempfile.gettempdir()}/rank{rank}.pt"))
+    except BaseException as e:  # noqa: BLE001  (report, then fail this rank)
+        print(f"rank {rank} of {world} failed in {worker}: {type(e).__name__}: {e}", file=sys.stderr)
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
