@@ -117,7 +117,7 @@ class OptimConfig:
 class ScheduleConfig:
     """Steps and batches; the learning rate warms up linearly, then follows a cosine to min_lr_ratio * lr."""
 
-    steps: int = 900  # optimizer steps
+    steps: int = 240  # optimizer steps (the default run: about 1M tokens, minutes on 2 CPU cores)
     batch_size: int = 16  # sequences per micro-batch
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     warmup_fraction: float = 0.05
@@ -176,8 +176,8 @@ class CheckpointConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
-    every: int = 100  # steps between validation passes (and the last step)
-    batches: int = 8  # validation micro-batches per pass
+    every: int = 60  # steps between validation passes (and the last step)
+    batches: int = 4  # validation micro-batches per pass
     log_every: int = 10  # steps between metrics.jsonl records
     sample_prompt: str = "def "
     sample_tokens: int = 200
@@ -243,7 +243,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(hint):
             if cls is TrainConfig and name == "model" and isinstance(value, dict):
                 value = _model_spec_dict(value)
-            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+            kwargs[name] = _build(typing.cast(type, hint), value, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(hint, value)
     return cls(**kwargs)

@@ -78,7 +78,7 @@ class PackedSequences:
 
     def next_batch(self, batch_size: int) -> torch.Tensor:
         """(B, seq_len) int64; wraps into the next epoch (and its order) when this one runs out."""
-        index = []
+        index: list[int] = []
         while len(index) < batch_size:
             if self.position == self.n_sequences:
                 self.epoch, self.position = self.epoch + 1, 0

@@ -32,8 +32,14 @@ from deepseek_moe.train.data import PackedSequences, cached_tokens, tokenizer_sh
 from deepseek_moe.train.errors import TrainError
 from deepseek_moe.train.optim import build_optimizer
 from deepseek_moe.train.report import plot_heatmap, plot_loss
-from deepseek_moe.train.routing import (ExpertFreezer, dropped_fraction, layer_counts, layer_names, load_summary,
-                                        orthogonal_init_experts)
+from deepseek_moe.train.routing import (
+    ExpertFreezer,
+    dropped_fraction,
+    layer_counts,
+    layer_names,
+    load_summary,
+    orthogonal_init_experts,
+)
 from deepseek_moe.train.rundir import MetricsLog, default_run_dir, prepare_run_dir, write_json
 from deepseek_moe.train.schedule import lr_factor, routing_stage
 from deepseek_moe.train.tokenizer import EOS, default_cache_dir, get_tokenizer
@@ -69,7 +75,7 @@ def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def build_model_config(cfg: TrainConfig, vocab_size: int, eos_id: int) -> ModelConfig:
+def build_model_config(cfg: TrainConfig, vocab_size: int, eos_id: int | None) -> ModelConfig:
     from deepseek_moe.presets import get_preset
 
     try:
@@ -179,7 +185,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress
             ce_sum += float(out.ce_loss.detach())
             aux_sum += float(out.aux_loss.detach())
             c = layer_counts(model)
-            counts = c if counts is None else counts + c
+            counts = c if counts is None or c is None else counts + c
         if not math.isfinite(ce_sum):
             raise TrainError(f"the loss became {ce_sum} at step {step + 1}; lower optim.lr "
                              f"({cfg.optim.lr}) or check the data")
