@@ -117,3 +117,18 @@ def test_sigkilled_run_resumes_to_the_same_loss(tmp_path):
     a = load_file(str(run_dir / "state/step-10/model.safetensors"))
     b = load_file(str(ref.run_dir / "state/step-10/model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_stage_three_keeps_frozen_experts_fixed(tmp_path):
+    cfg = small_config(tmp_path, "schedule.steps=6", "routing.uniform_steps=1", "routing.finetune_steps=2",
+                       "routing.frozen_experts=[0, 5]", "routing.orthogonal_init=true", "checkpoint.every=2")
+    result = run(cfg, progress=False)
+    before = load_file(str(result.run_dir / "state/step-4/model.safetensors"))
+    after = load_file(str(result.run_dir / "state/step-6/model.safetensors"))
+    for w in ("w1", "w2", "w3"):
+        key = f"layers.1.ffn.experts.{w}"
+        assert (before[key][[0, 5]] == after[key][[0, 5]]).all()
+        assert not (before[key][[1, 2]] == after[key][[1, 2]]).all()
+    stages = [json.loads(x)["stage"] for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["kind"] == "train"]
+    assert stages == [1, 2, 2, 2, 3, 3]
