@@ -92,10 +92,12 @@ class PackedSequences:
         rows = [np.asarray(self.tokens[i * self.seq_len:(i + 1) * self.seq_len], dtype=np.int64) for i in index]
         return torch.from_numpy(np.stack(rows))
 
-    def fixed_batches(self, batch_size: int, n_batches: int) -> list[torch.Tensor]:
-        """The first sequences in file order, for validation: the same every time."""
-        n = min(self.n_sequences, batch_size * n_batches)
-        return [self._gather(list(range(i, min(i + batch_size, n)))) for i in range(0, n, batch_size)]
+    def fixed_batches(self, batch_size: int, n_batches: int | None = None) -> list[torch.Tensor]:
+        """For validation, the same every time: ``n_batches`` batches of sequences spread evenly over the data
+        (so every part of it is represented), or all sequences when None."""
+        n = self.n_sequences if n_batches is None else min(self.n_sequences, batch_size * n_batches)
+        index = np.unique(np.linspace(0, self.n_sequences - 1, n).round().astype(np.int64)).tolist()
+        return [self._gather(index[i:i + batch_size]) for i in range(0, len(index), batch_size)]
 
     @property
     def epochs_done(self) -> float:

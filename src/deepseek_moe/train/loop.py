@@ -229,8 +229,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress
                                  trainer={"data": train_seqs.state_dict()}, keep_last=cfg.checkpoint.keep_last)
     bar.close()
     train_s = time.perf_counter() - train_t0
-    if start == s.steps:  # resumed a finished run: nothing trained, measure where it stands
-        val_loss, _ = evaluate(model, val_batches, device, amp)
+    # The final number, on the whole validation split (the passes above use eval.batches of it).
+    val_loss, _ = evaluate(model, val_seqs.fixed_batches(s.batch_size), device, amp)
     if freezer is not None:
         freezer.remove()
 
@@ -272,7 +272,7 @@ def _finish(cfg: TrainConfig, model: Any, run_dir: Path, metrics: MetricsLog, to
         sample = tok.decode(out.sequences[0])
         (run_dir / "sample.txt").write_text(sample + "\n")
     wall_s = time.perf_counter() - t_start
-    summary = {"kind": "summary", "steps": cfg.schedule.steps, "resumed_from": start, "val_loss": val_loss,
+    summary = {"kind": "summary", "step": cfg.schedule.steps, "resumed_from": start, "val_loss": val_loss,
                "val_ppl": math.exp(val_loss), "unigram_entropy": h_unigram,
                "below_unigram": h_unigram - val_loss, "tokens_per_s": tokens_per_s, "wall_s": wall_s}
     metrics.write(summary)
@@ -281,8 +281,8 @@ def _finish(cfg: TrainConfig, model: Any, run_dir: Path, metrics: MetricsLog, to
     routing_path = run_dir / "routing.json"
     if routing_path.is_file():
         plot_heatmap(json.loads(routing_path.read_text()), run_dir / "routing_heatmap.png")
-    log(f"validation loss {val_loss:.3f} nats/token (perplexity {math.exp(val_loss):.1f}); unigram entropy of "
-        f"the validation split {h_unigram:.3f} nats/token: {h_unigram - val_loss:.3f} below it")
+    log(f"validation loss (whole split) {val_loss:.3f} nats/token, perplexity {math.exp(val_loss):.1f}; "
+        f"unigram entropy of the validation split {h_unigram:.3f} nats/token: {h_unigram - val_loss:.3f} below it")
     log(f"{tokens_per_s:,.0f} tokens/s, {wall_s:.0f} s in all; wrote {run_dir}")
     if sample:
         log(f"--- sample ---\n{sample}\n--------------")
