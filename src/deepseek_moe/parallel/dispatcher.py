@@ -39,6 +39,7 @@ class CommStats:
     rows_sent: int = 0
     rows_sent_remote: int = 0
     rows_received: int = 0
+    assignments_remote: int = 0  # (token, expert) pairs on other ranks: the rows a per-expert dispatch would send
     dispatch_bytes: int = 0
     combine_bytes: int = 0
     dropped: int = 0
@@ -161,6 +162,7 @@ class AllToAllDispatcher:
         y_PD = fc.all_to_all_single_autograd(y_RD, send, recv, self.group)
         y_TD = combine(y_PD, token_P, T)
 
+        self.stats.assignments_remote += int((rank_TK != me).sum())
         self._record(T, reach_TW, send, recv, payload_P, meta_P, D, x_TD.element_size(), dropped)
         return Dispatched(y_TD, dropped)
 
