@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from typing import Any
 
 import torch
 
@@ -42,7 +43,7 @@ def mid_size() -> ModelConfig:
     )
 
 
-def cache_sizes() -> list[dict[str, object]]:
+def cache_sizes() -> list[dict[str, Any]]:
     v2 = deepseek_v2()
     variants = {
         "MLA (latent + RoPE key)": v2,
@@ -59,7 +60,7 @@ def cache_sizes() -> list[dict[str, object]]:
 
 
 def decode_speed(name: str, cfg: ModelConfig, *, batch: int, prompt_len: int, new_tokens: int,
-                 repeats: int) -> list[dict[str, object]]:
+                 repeats: int) -> list[dict[str, Any]]:
     variants = {
         "MLA absorb (latent cache)": cfg.replace(attn_impl="absorb"),
         "MLA naive (latent cache, re-expand)": cfg.replace(attn_impl="naive"),

@@ -15,13 +15,16 @@ from collections.abc import Callable
 
 from deepseek_moe.config import ModelConfig, MoEConfig
 
-# YaRN settings shared by the DeepSeek-V2 family (4K pre-training context extended 40x, to 128K used).
-_V2_YARN = dict(rope_factor=40.0, original_seq_len=4096, beta_fast=32.0, beta_slow=1.0, max_seq_len=163840)
+
+def _with_v2_yarn(cfg: ModelConfig, *, mscale: float) -> ModelConfig:
+    """YaRN as the DeepSeek-V2 family ships it: the 4K pre-training context extended 40x (128K used)."""
+    return cfg.replace(rope_factor=40.0, original_seq_len=4096, beta_fast=32.0, beta_slow=1.0, max_seq_len=163840,
+                       mscale=mscale, mscale_all_dim=mscale)
 
 
 def tiny() -> ModelConfig:
-    """A CPU demo (8.2M parameters, 3.6M activated) with every DeepSeek-V2 feature on: MLA, a first dense layer, fine-grained
-    routed experts in groups with device-limited routing, and a shared expert."""
+    """A CPU demo (8.2M parameters, 3.6M activated) with every DeepSeek-V2 feature on: MLA, a first dense
+    layer, fine-grained routed experts in groups with device-limited routing, and a shared expert."""
     dim = 256
     return ModelConfig(
         vocab_size=4096, dim=dim, inter_dim=768, n_layers=4, n_dense_layers=1, n_heads=4,
@@ -59,41 +62,41 @@ def deepseek_moe_16b() -> ModelConfig:
 def deepseek_v2_lite() -> ModelConfig:
     """DeepSeek-V2-Lite: 15.7B total, 2.4B activated; MLA without query compression, no device limit."""
     dim = 2048
-    return ModelConfig(
+    return _with_v2_yarn(ModelConfig(
         vocab_size=102400, dim=dim, inter_dim=10944, n_layers=27, n_dense_layers=1, n_heads=16,
         q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        mscale=0.707, mscale_all_dim=0.707, bos_token_id=100000, eos_token_id=100001, **_V2_YARN,
+        bos_token_id=100000, eos_token_id=100001,
         moe=MoEConfig(dim=dim, moe_inter_dim=1408, n_routed_experts=64, n_activated_experts=6, n_shared_experts=2),
-    )
+    ), mscale=0.707)
 
 
 def deepseek_v2() -> ModelConfig:
     """DeepSeek-V2: 236B total, 21B activated; experts on 8 devices, at most 3 per token (§2.2.2), the three
     balance losses of §2.2.3 (α1 0.003, α2 0.05, α3 0.02) and device-level token dropping at capacity 1.0."""
     dim = 5120
-    return ModelConfig(
+    return _with_v2_yarn(ModelConfig(
         vocab_size=102400, dim=dim, inter_dim=12288, n_layers=60, n_dense_layers=1, n_heads=128,
         q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        mscale=0.707, mscale_all_dim=0.707, bos_token_id=100000, eos_token_id=100001, **_V2_YARN,
+        bos_token_id=100000, eos_token_id=100001,
         moe=MoEConfig(dim=dim, moe_inter_dim=1536, n_routed_experts=160, n_activated_experts=6, n_shared_experts=2,
                       n_expert_groups=8, n_limited_groups=3, route_scale=16.0,
                       expert_loss_alpha=0.003, device_loss_alpha=0.05, comm_loss_alpha=0.02, capacity_factor=1.0),
-    )
+    ), mscale=0.707)
 
 
 def deepseek_v3() -> ModelConfig:
     """DeepSeek-V3 (without the multi-token-prediction module): 671B total, 37B activated; sigmoid affinities,
     groups ranked by their top-2 sum, auxiliary-loss-free balancing with a tiny sequence-wise loss (α 1e-4)."""
     dim = 7168
-    return ModelConfig(
+    return _with_v2_yarn(ModelConfig(
         vocab_size=129280, dim=dim, inter_dim=18432, n_layers=61, n_dense_layers=3, n_heads=128,
         q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        mscale=1.0, mscale_all_dim=1.0, bos_token_id=0, eos_token_id=1, **_V2_YARN,
+        bos_token_id=0, eos_token_id=1,
         moe=MoEConfig(dim=dim, moe_inter_dim=2048, n_routed_experts=256, n_activated_experts=8, n_shared_experts=1,
                       n_expert_groups=8, n_limited_groups=4, group_score_func="top2_sum", score_func="sigmoid",
                       norm_topk_prob=True, route_scale=2.5, use_routing_bias=True, bias_update_speed=0.001,
                       seq_loss_alpha=1e-4, expert_loss_alpha=0.0),
-    )
+    ), mscale=1.0)
 
 
 PRESETS: dict[str, Callable[[], ModelConfig]] = {

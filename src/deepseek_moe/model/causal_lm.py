@@ -15,6 +15,7 @@ from deepseek_moe.infer.kv_cache import KVCache
 from deepseek_moe.model.block import Block
 from deepseek_moe.model.norm import RMSNorm
 from deepseek_moe.model.rope import RotaryEmbedding
+from deepseek_moe.moe.layer import MoE
 
 if TYPE_CHECKING:
     from deepseek_moe.infer.generate import GenerateOutput
@@ -104,10 +105,12 @@ class DeepSeekMoEForCausalLM(nn.Module):
     def aux_loss(self) -> torch.Tensor:
         """Sum of the MoE layers' balance losses from the last forward (0 for a dense model)."""
         total = torch.zeros((), device=self.embed.weight.device)
-        for layer in self.layers:
-            if layer.is_moe:
-                total = total + layer.ffn.aux_loss
+        for moe in self.moe_layers():
+            total = total + moe.aux_loss
         return total
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers))

@@ -33,11 +33,10 @@ def count_parameters(cfg: ModelConfig, *, embedding_activated: bool = False) -> 
     model = _meta_model(cfg)
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
-    for layer in model.layers:
-        if layer.is_moe:
-            routed = sum(p.numel() for p in layer.ffn.experts.parameters())
-            per_expert = routed // cfg.moe.n_routed_experts
-            inactive += routed - per_expert * cfg.moe.n_activated_experts
+    for moe in model.moe_layers():
+        routed = sum(p.numel() for p in moe.experts.parameters())
+        per_expert = routed // cfg.moe.n_routed_experts
+        inactive += routed - per_expert * cfg.moe.n_activated_experts
     if not embedding_activated and not cfg.tie_word_embeddings:
         inactive += model.embed.weight.numel()
     return total, total - inactive

@@ -63,9 +63,8 @@ def inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
         return inv_freq
     # Dimensions that rotate fast (many turns over the original context) keep their frequency; slow ones are
     # interpolated by rope_factor; a linear ramp blends the range between.
-    low = math.floor(_correction_dim(cfg.beta_fast, dim, base, cfg.original_seq_len))
-    high = math.ceil(_correction_dim(cfg.beta_slow, dim, base, cfg.original_seq_len))
-    low, high = max(low, 0), min(high, dim - 1)
+    low = float(max(math.floor(_correction_dim(cfg.beta_fast, dim, base, cfg.original_seq_len)), 0))
+    high = float(min(math.ceil(_correction_dim(cfg.beta_slow, dim, base, cfg.original_seq_len)), dim - 1))
     if low == high:
         high += 0.001  # avoid dividing by zero
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
