@@ -1,0 +1,130 @@
+"""How close is the MoE layer to a dense FFN of the same activated width?
+
+(a) our layer, (b) a dense SwiGLU FFN of width (K + K_s) * F (the limit: same FLOPs, no routing), (c) the naive
+loop found in tutorials (for each expert: mask, run, add). Interleaved in one process, median of repeats.
+Also (a) with 16 and 160 routed experts at the same activated width.
+
+    python benchmarks/moe_layer.py [--reps 20] [--threads 2] [--tokens 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepseek_moe import MoE, MoEConfig
+from deepseek_moe.moe.experts import FeedForward
+
+
+class NaiveMoE(nn.Module):
+    """The tutorial loop over experts, sharing ``moe``'s weights: mask the tokens of each expert, run, add."""
+
+    def __init__(self, moe: MoE) -> None:
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        moe = self.moe
+        x_TD = x.reshape(-1, x.shape[-1])
+        routing = moe.gate(x_TD)
+        y = torch.zeros_like(x_TD)
+        for e in range(moe.cfg.n_routed_experts):
+            token, slot = (routing.indices_TK == e).nonzero(as_tuple=True)
+            if token.numel() == 0:
+                continue
+            w1, w2, w3 = moe.experts.w1[e], moe.experts.w2[e], moe.experts.w3[e]
+            h = F.silu(x_TD[token] @ w1.t()) * (x_TD[token] @ w3.t())
+            y = y.index_add(0, token, (h @ w2.t()) * routing.weights_TK[token, slot, None])
+        if moe.shared_experts is not None:
+            y = y + moe.shared_experts(x_TD)
+        return y.view(x.shape)
+
+
+def make_layer(n_experts: int, k: int, args: argparse.Namespace) -> MoE:
+    cfg = MoEConfig(dim=args.dim, moe_inter_dim=args.inter, n_routed_experts=n_experts, n_activated_experts=k,
+                    n_shared_experts=2, expert_loss_alpha=0.0)
+    return MoE(cfg).train()
+
+
+def timer(fn: Callable[[], None]) -> Callable[[], float]:
+    def run() -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--inter", type=int, default=256)
+    parser.add_argument("--skip-naive", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    x = torch.randn(4, args.tokens // 4, args.dim)
+    upstream = torch.randn_like(x)  # a fixed, dense upstream gradient (grouped_mm rejects stride-0 ones)
+    layers: dict[str, nn.Module] = {
+        "moe_64": make_layer(64, 6, args),
+        "dense": FeedForward(args.dim, (6 + 2) * args.inter),
+        "moe_16": make_layer(16, 6, args),
+        "moe_160": make_layer(160, 6, args),
+    }
+    if not args.skip_naive:
+        layers["naive_64"] = NaiveMoE(layers["moe_64"])  # type: ignore[arg-type]
+
+    def fwd(module: nn.Module) -> Callable[[], None]:
+        def go() -> None:
+            with torch.no_grad():
+                module(x)
+        return go
+
+    def fwd_bwd(module: nn.Module) -> Callable[[], None]:
+        def go() -> None:
+            xg = x.detach().requires_grad_(True)
+            module(xg).backward(upstream)
+            module.zero_grad(set_to_none=True)
+        return go
+
+    cases = {(name, mode): timer(make(mod)) for name, mod in layers.items()
+             for mode, make in (("fwd", fwd), ("fwd+bwd", fwd_bwd))}
+    for run in cases.values():  # warm-up
+        run()
+    samples: dict[tuple[str, str], list[float]] = {key: [] for key in cases}
+    for _ in range(args.reps):  # interleaved: machine noise hits every case alike
+        for key, run in cases.items():
+            samples[key].append(run())
+
+    med = {key: statistics.median(v) for key, v in samples.items()}
+    print(f"tokens {args.tokens}, dim {args.dim}, expert width {args.inter}, top-6 + 2 shared, "
+          f"{args.threads} threads, fp32, {args.reps} reps (median, [min, max] ms)")
+    print(f"{'layer':<10} {'mode':<8} {'median ms':>10} {'range ms':>18} {'vs dense':>9}")
+    for (name, mode), times in samples.items():
+        ratio = med[(name, mode)] / med[("dense", mode)]
+        print(f"{name:<10} {mode:<8} {1e3 * med[(name, mode)]:>10.1f} "
+              f"{f'[{1e3 * min(times):.1f}, {1e3 * max(times):.1f}]':>18} {ratio:>8.2f}x")
+    result = {
+        "benchmark": "moe_layer", "tokens": args.tokens, "threads": args.threads, "reps": args.reps,
+        "median_ms": {f"{n}/{m}": round(1e3 * t, 2) for (n, m), t in med.items()},
+        "ratio_vs_dense_fwd": round(med[("moe_64", "fwd")] / med[("dense", "fwd")], 3),
+        "ratio_vs_dense_fwd_bwd": round(med[("moe_64", "fwd+bwd")] / med[("dense", "fwd+bwd")], 3),
+        "ratio_160_vs_64_fwd_bwd": round(med[("moe_160", "fwd+bwd")] / med[("moe_64", "fwd+bwd")], 3),
+    }
+    if not args.skip_naive:
+        result["ratio_naive_vs_dense_fwd_bwd"] = round(med[("naive_64", "fwd+bwd")] / med[("dense", "fwd+bwd")], 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
