@@ -94,3 +94,13 @@ def test_bad_configs_name_the_field() -> None:
         small_config(qk_rope_head_dim=3)
     with pytest.raises(ValueError, match="moe.dim"):
         small_config(dim=48)
+
+
+def test_meta_built_model_materialises() -> None:
+    """Rotary frequencies survive building on meta and ``to_empty`` (big checkpoints load that way)."""
+    cfg = small_config()
+    with torch.device("meta"):
+        model = DeepSeekMoEForCausalLM(cfg)
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(DeepSeekMoEForCausalLM(cfg).state_dict())
+    assert torch.isfinite(model(torch.zeros(1, 4, dtype=torch.long)).logits).all()

@@ -48,6 +48,12 @@ def attention_mask_4d(key_mask: torch.Tensor, T: int) -> torch.Tensor:
 
 
 class DeepSeekMoEForCausalLM(nn.Module):
+    """Embedding -> n_layers Blocks (the first n_dense_layers dense, the rest MoE) -> RMSNorm -> head.
+
+    Inference state is not kept here: pass a ``KVCache`` (``new_cache()``) to ``forward`` to decode step by
+    step. ``config`` is the ModelConfig; ``tokenizer`` is optional and set by whoever trains or loads the model.
+    """
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg

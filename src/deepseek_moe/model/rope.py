@@ -57,7 +57,8 @@ def _correction_dim(n_rotations: float, dim: int, base: float, max_seq_len: int)
 def inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
     """Per-pair inverse frequencies, shape (qk_rope_head_dim // 2,), float32."""
     dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
-    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    # Always on the CPU, even under a meta device context: the values are needed to materialise the model.
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
     inv_freq = 1.0 / pos_freqs
     if cfg.rope_factor <= 1.0:
         return inv_freq
@@ -67,7 +68,7 @@ def inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
     high = float(min(math.ceil(_correction_dim(cfg.beta_slow, dim, base, cfg.original_seq_len)), dim - 1))
     if low == high:
         high += 0.001  # avoid dividing by zero
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolation_weight = 1 - ramp
     return inv_freq / cfg.rope_factor * ramp + inv_freq * extrapolation_weight
 
@@ -75,19 +76,19 @@ def inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Maps positions (B, T) to (cos, sin), each (B, T, qk_rope_head_dim // 2), float32, attention-factor scaled.
 
-    Holds only the small inverse-frequency vector (not persistent: it is recomputed from the config), so
-    positions past ``max_seq_len`` cost nothing to support and no table is sized for a maximum length.
+    Holds no parameters or buffers: the few inverse frequencies are a function of the config, kept on the CPU
+    and copied to the positions' device per call, so a model built on the meta device and materialised with
+    ``to_empty`` needs no re-initialisation here, and nothing is sized for a maximum length.
     """
-
-    inv_freq: torch.Tensor
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.register_buffer("inv_freq", inverse_frequencies(cfg), persistent=False)
+        self.inv_freq = inverse_frequencies(cfg)
         self.attention_factor = attention_factor(cfg)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq.float()  # (B, T, R/2)
+        inv_freq = self.inv_freq.to(positions.device, non_blocking=True)
+        freqs = positions[..., None].float() * inv_freq  # (B, T, R/2)
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 
 
