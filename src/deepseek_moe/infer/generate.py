@@ -83,25 +83,27 @@ def generate(model: DeepSeekMoEForCausalLM, input_ids: torch.Tensor | Sequence[S
     new_tokens: list[list[int]] = [[] for _ in prompts]
     done = [limit == 0 for limit in limits]
 
-    cache = model.new_cache()
-    start = time.perf_counter()
-    logits = model(ids, attention_mask=mask, cache=cache).logits[:, -1]
-    prefill_s, decode_start = time.perf_counter() - start, time.perf_counter()
-    while not all(done):
-        next_ids = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        for i, token in enumerate(next_ids.tolist()):
-            if done[i]:
-                continue
-            new_tokens[i].append(token)
-            if stream is not None:
-                stream(i, token)
-            done[i] = token in stops or len(new_tokens[i]) >= limits[i]
-        if all(done):
-            break
-        # Finished rows keep stepping (batched shapes) but their tokens are discarded.
-        step_mask = torch.tensor([0 if d else 1 for d in done], dtype=torch.long, device=device)[:, None]
-        logits = model(next_ids[:, None], attention_mask=step_mask, cache=cache).logits[:, -1]
-    decode_s = time.perf_counter() - decode_start
-    model.train(was_training)
+    try:
+        cache = model.new_cache()
+        start = time.perf_counter()
+        logits = model(ids, attention_mask=mask, cache=cache).logits[:, -1]
+        prefill_s, decode_start = time.perf_counter() - start, time.perf_counter()
+        while not all(done):
+            next_ids = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            for i, token in enumerate(next_ids.tolist()):
+                if done[i]:
+                    continue
+                new_tokens[i].append(token)
+                if stream is not None:
+                    stream(i, token)
+                done[i] = token in stops or len(new_tokens[i]) >= limits[i]
+            if all(done):
+                break
+            # Finished rows keep stepping (batched shapes) but their tokens are discarded.
+            step_mask = torch.tensor([0 if d else 1 for d in done], dtype=torch.long, device=device)[:, None]
+            logits = model(next_ids[:, None], attention_mask=step_mask, cache=cache).logits[:, -1]
+        decode_s = time.perf_counter() - decode_start
+    finally:
+        model.train(was_training)
     return GenerateOutput(new_tokens=new_tokens, sequences=[p + n for p, n in zip(prompts, new_tokens, strict=True)],
                           prefill_s=prefill_s, decode_s=decode_s)
