@@ -97,7 +97,7 @@ class LocalDispatcher:
     before the down projection, which is cheaper than weighting the (A, D) output.
     """
 
-    batch_sum = None
+    batch_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def batch_span(self, n_sequences: int, n_tokens: int) -> BatchSpan:
         return BatchSpan(0, n_sequences, n_tokens)

@@ -43,6 +43,7 @@ class MoE(nn.Module):
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_stats: MoEStats | None = None
         # Selection counts since the last routing-bias update (all micro-batches of one optimizer step).
+        self.bias_counts: torch.Tensor
         self.register_buffer("bias_counts", torch.zeros(cfg.n_routed_experts), persistent=False)
         self._generator: torch.Generator | None = None
 
@@ -66,7 +67,12 @@ class MoE(nn.Module):
         x_TD = x_BSD.reshape(B * S, D)
 
         if self.uniform_routing:
-            routing = self.gate.uniform(B * S, self.generator(x.device), x.device)
+            # Drawn over the whole batch and sliced, as for the protected sequences: under expert parallelism
+            # the ranks' tokens get the draws one process would give them, not all the same ones.
+            span = self.dispatcher.batch_span(B, B * S)
+            routing = self.gate.uniform(span.n_tokens, self.generator(x.device), x.device)
+            first = span.first_sequence * S
+            routing = Routing(routing.indices_TK[first:first + B * S], routing.weights_TK[first:first + B * S], None)
         else:
             routing = self.gate(x_TD)
 

@@ -46,10 +46,11 @@ def reference_forward(moe: MoE, x: torch.Tensor, *, protected_sequences: list[in
             choice = [float(scores[i].detach()) + (float(bias[i]) if bias is not None else 0.0) for i in range(E)]
             allowed = list(range(E))
             if M < G:
-                def group_score(g: int) -> float:
-                    members = sorted((choice[i] for i in range(g * per_group, (g + 1) * per_group)), reverse=True)
-                    return members[0] if cfg.group_score_func == "max" else members[0] + members[1]
-                kept = sorted(range(G), key=lambda g: -group_score(g))[:M]
+                group_scores = []
+                for g in range(G):
+                    members = sorted(choice[g * per_group:(g + 1) * per_group], reverse=True)
+                    group_scores.append(members[0] if cfg.group_score_func == "max" else members[0] + members[1])
+                kept = sorted(range(G), key=lambda g: -group_scores[g])[:M]
                 allowed = [i for i in range(E) if i // per_group in kept]
             chosen = sorted(allowed, key=lambda i: -choice[i])[:K]
             gates = [scores[i] for i in chosen]
