@@ -37,7 +37,7 @@ def reference_forward(moe: MoE, x: torch.Tensor, *, protected_sequences: list[in
     bias = moe.gate.e_score_correction_bias
 
     # 1. Route every token: a list of assignments (sequence, position, expert, gate, affinity).
-    assignments = []
+    assignments: list[tuple[int, int, int, torch.Tensor, float]] = []
     for b in range(B):
         for s in range(S):
             u = x_BSD[b, s].double()
@@ -47,18 +47,18 @@ def reference_forward(moe: MoE, x: torch.Tensor, *, protected_sequences: list[in
             allowed = list(range(E))
             if M < G:
                 group_scores = []
-                for g in range(G):
-                    members = sorted(choice[g * per_group:(g + 1) * per_group], reverse=True)
+                for group in range(G):
+                    members = sorted(choice[group * per_group:(group + 1) * per_group], reverse=True)
                     group_scores.append(members[0] if cfg.group_score_func == "max" else members[0] + members[1])
-                kept = sorted(range(G), key=lambda g: -group_scores[g])[:M]
+                kept = sorted(range(G), key=lambda group: -group_scores[group])[:M]
                 allowed = [i for i in range(E) if i // per_group in kept]
             chosen = sorted(allowed, key=lambda i: -choice[i])[:K]
             gates = [scores[i] for i in chosen]
             if cfg.norm_topk_prob:
                 total = sum(gates)
                 gates = [g / (total + 1e-20) for g in gates]
-            for i, g in zip(chosen, gates, strict=True):
-                assignments.append((b, s, i, g * cfg.route_scale, float(scores[i].detach())))
+            for i, gate in zip(chosen, gates, strict=True):
+                assignments.append((b, s, i, gate * cfg.route_scale, float(scores[i].detach())))
 
     # 2. Token dropping: each device keeps its protected assignments, then the highest-affinity ones, up to
     #    ceil(capacity * K * T / D) in all.
@@ -75,8 +75,8 @@ def reference_forward(moe: MoE, x: torch.Tensor, *, protected_sequences: list[in
     # 3. Each token's output: its shared experts (K_s of them, each of width F) plus its gated routed experts.
     contributions: dict[tuple[int, int], list[torch.Tensor]] = {(b, s): [] for b in range(B) for s in range(S)}
     ex = moe.experts
-    for b, s, i, g, _ in assignments:
-        contributions[(b, s)].append(g * _swiglu(x_BSD[b, s], ex.w1[i], ex.w2[i], ex.w3[i]))
+    for b, s, i, gate, _ in assignments:
+        contributions[(b, s)].append(gate * _swiglu(x_BSD[b, s], ex.w1[i], ex.w2[i], ex.w3[i]))
     if moe.shared_experts is not None:
         sh, width = moe.shared_experts, cfg.moe_inter_dim
         for b in range(B):
