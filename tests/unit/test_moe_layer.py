@@ -246,3 +246,34 @@ def test_deterministic_for_a_seed():
         return y.detach(), x.grad
     a, b = run(), run()
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_deterministic_combine_equals_index_add():
+    # The CUDA combine (one slot per row, then a sum) run on CPU against the CPU one (index_add).
+    from deepseek_moe.moe.dispatch import combine
+
+    torch.manual_seed(0)
+    token_A = torch.randint(0, 7, (40,))
+    token_A[:3] = 6  # uneven rows per token, some tokens with none
+    y_AD = torch.randn(40, 5, requires_grad=True)
+    fast = combine(y_AD, token_A, 9, deterministic=False)
+    slots = combine(y_AD, token_A, 9, deterministic=True)
+    torch.testing.assert_close(slots, fast)
+    (g_fast,) = torch.autograd.grad(fast.sum(), y_AD)
+    (g_slots,) = torch.autograd.grad(slots.sum(), y_AD)
+    torch.testing.assert_close(g_slots, g_fast)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_layer_matches_cpu():
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=64, moe_inter_dim=32, n_routed_experts=16, n_activated_experts=4, n_shared_experts=1,
+                    n_expert_groups=4, n_limited_groups=2, capacity_factor=1.0)
+    moe = MoE(cfg).train()
+    x = torch.randn(2, 33, 64)
+    y_cpu = moe(x)
+    moe_gpu = MoE(cfg).cuda().train()
+    moe_gpu.load_state_dict(moe.state_dict())
+    torch.testing.assert_close(moe_gpu(x.cuda()).cpu(), y_cpu, rtol=1e-4, atol=1e-5)
+    y1, y2 = moe_gpu(x.cuda()), moe_gpu(x.cuda())
+    assert torch.equal(y1, y2)

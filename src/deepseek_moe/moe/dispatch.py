@@ -73,21 +73,26 @@ def drop_over_budget(routing: Routing, drop: DropPlan, n_experts: int) -> torch.
                               drop.protected_T.repeat_interleave(K), budget, drop.n_devices)
 
 
-def combine(y_AD: torch.Tensor, token_A: torch.Tensor, n_tokens: int) -> torch.Tensor:
+def combine(y_AD: torch.Tensor, token_A: torch.Tensor, n_tokens: int, *,
+            deterministic: bool | None = None) -> torch.Tensor:
     """Sum expert outputs back into their tokens' rows.
 
     On CPU index_add_ is serial and exact run to run. On CUDA it accumulates with atomics in no fixed order, so
-    rows are written to distinct slots and summed instead, which is deterministic.
+    there (``deterministic`` defaults to True off the CPU) each row goes to its own slot and the slots are summed.
     """
-    if y_AD.device.type == "cpu":
+    if deterministic is None:
+        deterministic = y_AD.device.type != "cpu"
+    if not deterministic:
         return torch.zeros(n_tokens, y_AD.shape[1], dtype=y_AD.dtype, device=y_AD.device).index_add(0, token_A, y_AD)
-    slot_A = torch.arange(token_A.numel(), device=token_A.device)
     counts_T = torch.bincount(token_A, minlength=n_tokens)
-    width = int(counts_T.max().item()) if token_A.numel() else 1
+    width = int(counts_T.max()) if token_A.numel() else 1
+    # token_A is grouped by expert, not by token: a row's slot is its rank among its token's rows.
+    by_token = torch.argsort(token_A, stable=True)
     starts_T = torch.cumsum(counts_T, 0) - counts_T
-    slot_A = token_A * width + (slot_A - starts_T[token_A])
+    rank_A = torch.empty_like(token_A)
+    rank_A[by_token] = torch.arange(token_A.numel(), device=token_A.device) - starts_T[token_A[by_token]]
     out = torch.zeros(n_tokens * width, y_AD.shape[1], dtype=y_AD.dtype, device=y_AD.device)
-    return out.index_copy(0, slot_A, y_AD).view(n_tokens, width, -1).sum(dim=1)
+    return out.index_copy(0, token_A * width + rank_A, y_AD).view(n_tokens, width, -1).sum(dim=1)
 
 
 class LocalDispatcher:
