@@ -16,8 +16,16 @@ from deepseek_moe.train.errors import TrainError
 COMMANDS = (
     "deepseek_moe.cli.train_cmd",
     "deepseek_moe.cli.routes_cmd",
+    "deepseek_moe.cli.generate_cmd",
+    "deepseek_moe.cli.info_cmd",
 )
-USER_ERRORS: tuple[type[BaseException], ...] = (TrainError, CheckpointError)
+
+
+class UsageError(Exception):
+    """Arguments a command cannot work with (a prompt longer than the model's context, an unknown device)."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (TrainError, CheckpointError, UsageError)
 
 
 def build_parser() -> argparse.ArgumentParser:
