@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train on N processes (re-launches through torch.distributed.run): routed experts split "
+                   "over them, the rest data-parallel; gloo on CPU, NCCL on GPU (one per process)")
     p.set_defaults(func=run)
 
 
@@ -69,5 +72,44 @@ def run(args: argparse.Namespace) -> int:
     from deepseek_moe.train.loop import run as train
 
     cfg = build_config(args)
+    if args.nproc is not None and args.nproc != 1:
+        return launch(args, cfg)
     train(cfg, resume=bool(args.resume), force=args.force, progress=not args.quiet)
+    return 0
+
+
+def launch(args: argparse.Namespace, cfg) -> int:  # cfg: TrainConfig
+    """Re-run this command on ``args.nproc`` processes through torch.distributed.run (torchrun), after checking
+    that the model's expert groups and the batch fit that many processes."""
+    from deepseek_moe.parallel import check_training_layout, env_world_size
+    from deepseek_moe.train.loop import build_model_config
+
+    if args.nproc < 1:
+        raise TrainError(f"--nproc ({args.nproc}) must be a positive number of processes")
+    if env_world_size() > 1:
+        raise TrainError("--nproc inside torchrun: drop --nproc (torchrun already started the processes)")
+    try:
+        moe = build_model_config(cfg, cfg.data.vocab_size, 0).moe
+        check_training_layout(moe, cfg.schedule.batch_size, args.nproc)
+    except ValueError as e:
+        raise TrainError(f"cannot train on {args.nproc} processes: {e}") from e
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    argv = []
+    for flag in (*SHORTCUTS, "config", "resume"):
+        value = getattr(args, flag)
+        if value is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
+    for item in args.assignments:
+        argv += ["--set", item]
+    for path in args.data or []:
+        argv += ["--data", path]
+    argv += [f"--{flag}" for flag in ("force", "quiet") if getattr(args, flag)]
+    try:
+        torchrun(["--standalone", "--nproc-per-node", str(args.nproc), "-m", "deepseek_moe.train", *argv])
+    except ChildFailedError as e:
+        raise TrainError(f"training on {args.nproc} processes failed (rank messages above): "
+                         f"{', '.join(f'rank {r}: exit {f.exitcode}' for r, f in sorted(e.failures.items()))}") from e
     return 0

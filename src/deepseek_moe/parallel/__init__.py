@@ -4,6 +4,7 @@
     ctx = init_parallel()              join torchrun's group, build the (dp, ep) DeviceMesh
     model = data_parallel(model, ctx)  experts split over ctx.ep_group, the rest DDP
     parallelize_experts(model, group)  the expert split alone (tests, custom loops)
+    DistributedTraining.start(...)     all a training loop needs (None outside torchrun)
 """
 
 from deepseek_moe.parallel.checkpoint import (
@@ -33,15 +34,18 @@ from deepseek_moe.parallel.runtime import (
     init_parallel,
     shutdown,
 )
+from deepseek_moe.parallel.training import DistributedTraining, check_training_layout
 
 __all__ = [
     "AllToAllDispatcher",
     "CommStats",
+    "DistributedTraining",
     "ExpertShard",
     "ParallelContext",
     "all_reduce_sum",
     "check_expert_parallel",
     "check_model",
+    "check_training_layout",
     "clip_grad_norm_",
     "comm_stats",
     "data_parallel",

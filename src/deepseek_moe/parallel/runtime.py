@@ -9,6 +9,7 @@ gloo on CPU, NCCL on CUDA.
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -89,9 +90,12 @@ def data_parallel(model: nn.Module, ctx: ParallelContext, *, find_unused_paramet
     parallelize_experts(model, ctx.ep_group)
     ignored = [name for name, _ in expert_parameters(model)]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    # Buffers are equal at the start (same seed or checkpoint) and must not be overwritten from rank 0 later.
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                      inspect.signature(nn.parallel.DistributedDataParallel).parameters else {"broadcast_buffers": False})
     ddp = nn.parallel.DistributedDataParallel(
-        model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, broadcast_buffers=False,
-        find_unused_parameters=find_unused_parameters)
+        model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters, **no_buffer_sync)
     scale_expert_grads(model, ctx.world_size, ctx.expert_dp_group)
     return ddp
 

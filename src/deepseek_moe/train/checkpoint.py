@@ -65,18 +65,26 @@ def model_fingerprint(model: nn.Module) -> dict[str, list[int]]:
 
 
 def save_checkpoint(state_dir: Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, trainer: dict[str, Any], keep_last: int) -> Path:
+                    scheduler: Any, trainer: dict[str, Any], keep_last: int, shards: Any = None) -> Path:
+    """``shards`` (a parallel.DistributedTraining, N processes): every rank calls this; the experts are gathered
+    into the unsplit model's state and rank 0 writes it, so the checkpoint loads on any process count."""
     final = state_dir / f"{_PREFIX}{step}"
+    if shards is not None:
+        model_state, optimizer_state = shards.full_states(model, optimizer)
+        if not shards.is_main:
+            return final
+    else:
+        model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
     tmp = state_dir / f".tmp-{_PREFIX}{step}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     # Tied weights appear twice in state_dict; safetensors refuses shared storage, so clone each tensor.
-    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model_state.items()}
     save_file(tensors, str(tmp / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     torch.save({"global": rng_state(), "routing": routing_state(model)}, tmp / "rng.pt")
-    info = {"step": step, "fingerprint": model_fingerprint(model), **trainer}
+    info = {"step": step, "fingerprint": {k: list(v.shape) for k, v in model_state.items()}, **trainer}
     (tmp / "trainer.json").write_text(json.dumps(info, indent=1))
     for p in tmp.iterdir():
         _fsync(p)
@@ -91,13 +99,15 @@ def save_checkpoint(state_dir: Path, step: int, *, model: nn.Module, optimizer: 
 
 
 def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any) -> dict[str, Any]:
-    """Restore everything in place; returns trainer.json. Raises TrainError naming the file on any mismatch."""
+                    scheduler: Any, shards: Any = None) -> dict[str, Any]:
+    """Restore everything in place; returns trainer.json. Raises TrainError naming the file on any mismatch.
+
+    ``shards`` (N processes): each rank takes its slice of the experts from the unsplit checkpoint."""
     try:
         info = json.loads((path / "trainer.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise TrainError(f"checkpoint {path / 'trainer.json'} is unreadable or corrupt: {e}") from e
-    want = model_fingerprint(model)
+    want = shards.full_shapes(model) if shards is not None else model_fingerprint(model)
     have = info.get("fingerprint", {})
     if have != want:
         diff = sorted(set(have) ^ set(want)) or sorted(k for k in want if have.get(k) != want[k])
@@ -107,7 +117,11 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
         tensors = load_file(str(path / "model.safetensors"))
     except (OSError, SafetensorError) as e:
         raise TrainError(f"checkpoint {path / 'model.safetensors'} is unreadable or corrupt: {e}") from e
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if shards is not None:  # the fingerprint matched: same keys and unsplit shapes
+        shards.load_model_state(model, tensors)
+        missing, unexpected = [], []
+    else:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise TrainError(f"checkpoint {path / 'model.safetensors'} does not match the model: missing "
                          f"{missing[:3]}, unexpected {unexpected[:3]}")
@@ -117,7 +131,10 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
         except Exception as e:  # torch raises many types for a truncated or foreign file
             raise TrainError(f"checkpoint {path / name} is unreadable or corrupt: {e}") from e
         if name == "optimizer.pt":
-            optimizer.load_state_dict(blob["optimizer"])
+            if shards is not None:
+                shards.load_optimizer_state(model, optimizer, blob["optimizer"])
+            else:
+                optimizer.load_state_dict(blob["optimizer"])
             scheduler.load_state_dict(blob["scheduler"])
         else:
             load_rng_state(blob["global"])

@@ -106,12 +106,19 @@ def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress
     from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
 
     t_start = time.perf_counter()
-    log = _printer(progress)
-    run_dir = Path(cfg.out) if cfg.out else default_run_dir()
-    prepare_run_dir(run_dir, resume=resume, force=force)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    # Started by torchrun: check the expert layout, then join the process group (None on one process).
+    dt = start_distributed(cfg, device)
+    main = dt is None or dt.is_main
+    device = dt.device if dt is not None else device
+    log = _printer(progress and main)
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir()
+    if dt is not None and not main:
+        dt.barrier()  # rank 0 prepares the run directory and fills the data caches first
+    if main:
+        prepare_run_dir(run_dir, resume=resume, force=force)
     amp = autocast_dtype(cfg.dtype, device)
     seed_everything(cfg.seed)
 
@@ -128,6 +135,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress
     val_batches = val_seqs.fixed_batches(cfg.schedule.batch_size, cfg.eval.batches)
     vocab = tok.get_vocab_size()
     h_unigram = unigram_entropy(val_tokens, vocab)
+    if dt is not None and main:
+        dt.barrier()
 
     # Model and optimizer.
     model_cfg = build_model_config(cfg, vocab, tok.token_to_id(EOS))
@@ -137,12 +146,14 @@ def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress
         orthogonal_init_experts(model)
     model.tokenizer = tok
     model.to(device).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    # N processes: routed experts split over the ranks (model keeps its slice), the rest DDP (train_model).
+    train_model = dt.wrap(model) if dt is not None else model
     optimizer = build_optimizer(model, cfg.optim)
     s = cfg.schedule
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(
         i, steps=s.steps, warmup_steps=s.warmup_steps, min_lr_ratio=s.min_lr_ratio))
 
-    n_params = sum(p.numel() for p in model.parameters())
     resolved = {**cfg.to_dict(), "out": str(run_dir), "resolved_model": model_cfg.to_dict(),
                 "corpus": {**corpus.describe(), "train_tokens": len(train_tokens), "val_tokens": len(val_tokens)},
                 "tokenizer": {"vocab_size": vocab, "sha256": tok_hash}}
@@ -150,14 +161,16 @@ def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress
     start = 0
     latest = ckpt.step_dirs(state_dir)[-1] if resume and ckpt.step_dirs(state_dir) else None
     if latest is not None:
-        info = ckpt.load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler)
+        info = ckpt.load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler, shards=dt)
         train_seqs.load_state_dict(info["data"])
         start = int(info["step"])
         log(f"resuming {run_dir} from {latest.name}")
     elif resume:
         log(f"{run_dir} has no checkpoint yet: starting it from step 0")
-    write_json(run_dir / "config.json", resolved)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", keep_through_step=start if resume else None)
+    if main:
+        write_json(run_dir / "config.json", resolved)
+    metrics = (MetricsLog(run_dir / "metrics.jsonl", keep_through_step=start if resume else None) if main
+               else _Discard())
     log(f"model {cfg.model.preset}: {n_params / 1e6:.2f}M parameters, vocab {vocab}; data {corpus.source}: "
         f"{len(train_tokens):,} train / {len(val_tokens):,} val tokens; device {device}, "
         f"{'bf16 autocast' if amp else 'fp32'}; run dir {run_dir}")
@@ -167,7 +180,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress
     window_tokens, window_t = 0, time.perf_counter()
     train_t0, train_tokens_done = time.perf_counter(), 0
     val_loss = float("nan")
-    bar = tqdm(total=s.steps, initial=start, disable=not progress, dynamic_ncols=True, file=sys.stderr,
+    bar = tqdm(total=s.steps, initial=start, disable=not (progress and main), dynamic_ncols=True, file=sys.stderr,
                desc="train")
     for step in range(start, s.steps):
         stage = routing_stage(cfg, step)
@@ -179,22 +192,29 @@ def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress
         counts = None
         for _ in range(s.grad_accum_steps):
             batch = train_seqs.next_batch(s.batch_size).to(device)
+            if dt is not None:  # every rank draws the global batch and keeps its slice
+                batch = dt.local(batch)
             with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-                out = model(batch, labels=batch)
+                out = train_model(batch, labels=batch)
             (out.loss / s.grad_accum_steps).backward()
             ce_sum += float(out.ce_loss.detach())
             aux_sum += float(out.aux_loss.detach())
             c = layer_counts(model)
             counts = c if counts is None or c is None else counts + c
+        if dt is not None:  # the global batch's numbers, and the same decision on every rank
+            ce_sum, aux_sum = dt.mean(ce_sum, aux_sum)
+            counts = dt.sum(counts) if counts is not None else None
         if not math.isfinite(ce_sum):
             raise TrainError(f"the loss became {ce_sum} at step {step + 1}; lower optim.lr "
                              f"({cfg.optim.lr}) or check the data")
-        if cfg.optim.grad_clip > 0:
+        if cfg.optim.grad_clip > 0 and dt is not None:
+            dt.clip_grad_norm_(model, cfg.optim.grad_clip)  # the norm includes every rank's expert slices
+        elif cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         if freezer is not None:
             freezer.restore()
-        update_routing_bias(model)
+        update_routing_bias(model, all_reduce=dt.all_reduce if dt is not None else None)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -217,45 +237,91 @@ def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress
             bar.set_postfix(loss=f"{ce:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}", imb=f"{loads['imbalance']:.2f}",
                             drop=f"{dropped:.1%}", stage=stage, refresh=False)
         if done % cfg.eval.every == 0 or done == s.steps:
-            val_loss, val_counts = evaluate(model, val_batches, device, amp)
+            val_loss, val_counts = evaluate(model, val_batches, device, amp, dt=dt)
             metrics.write({"kind": "val", "step": done, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
-            if val_counts is not None:
+            if val_counts is not None and main:
                 write_json(run_dir / "routing.json", {"step": done, "layers": layer_names(model),
                                                       "counts": val_counts.tolist(), "source": "validation"})
             log(f"step {done}: validation loss {val_loss:.3f}, perplexity {math.exp(val_loss):.1f} "
                 f"(unigram entropy {h_unigram:.3f})")
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == s.steps:
             ckpt.save_checkpoint(state_dir, done, model=model, optimizer=optimizer, scheduler=scheduler,
-                                 trainer={"data": train_seqs.state_dict()}, keep_last=cfg.checkpoint.keep_last)
+                                 trainer={"data": train_seqs.state_dict()}, keep_last=cfg.checkpoint.keep_last,
+                                 shards=dt)
     bar.close()
     train_s = time.perf_counter() - train_t0
     # The final number, on the whole validation split (the passes above use eval.batches of it).
-    val_loss, _ = evaluate(model, val_seqs.fixed_batches(s.batch_size), device, amp)
+    val_loss, _ = evaluate(model, val_seqs.fixed_batches(s.batch_size), device, amp, dt=dt)
     if freezer is not None:
         freezer.remove()
 
-    return _finish(cfg, model, run_dir, metrics, tok, start=start, val_loss=val_loss, h_unigram=h_unigram,
-                   tokens_per_s=train_tokens_done / max(train_s, 1e-9), t_start=t_start, log=log)
+    tokens_per_s = train_tokens_done / max(train_s, 1e-9)
+    if dt is not None:  # rank 0 exports and samples from the gathered, single-process model
+        model = dt.gathered(model)
+        if not main:
+            dt.barrier()
+            dt.close()
+            return RunResult(run_dir, s.steps, val_loss, h_unigram, tokens_per_s, time.perf_counter() - t_start, "")
+    result = _finish(cfg, model, run_dir, metrics, tok, start=start, val_loss=val_loss, h_unigram=h_unigram,
+                     tokens_per_s=tokens_per_s, t_start=t_start, log=log)
+    if dt is not None:
+        dt.barrier()
+        dt.close()
+    return result
+
+
+def start_distributed(cfg: TrainConfig, device: torch.device) -> Any:
+    """A DistributedTraining under torchrun (WORLD_SIZE > 1), else None. A model or batch that does not fit the
+    process count fails here, before any process-group work."""
+    from deepseek_moe.parallel import DistributedTraining, env_world_size
+
+    if env_world_size() == 1:
+        return None
+    try:
+        moe = build_model_config(cfg, cfg.data.vocab_size, 0).moe  # the layout does not depend on the vocabulary
+        return DistributedTraining.start(moe, cfg.schedule.batch_size, device)
+    except ValueError as e:
+        raise TrainError(f"cannot train on {env_world_size()} processes: {e}") from e
+
+
+class _Discard:
+    """Metrics sink of the ranks other than 0 (rank 0 writes the run directory)."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device,
-             amp: torch.dtype | None) -> tuple[float, torch.Tensor | None]:
-    """Mean validation cross-entropy (nats/token) and the (L, E) expert counts over the same tokens."""
+             amp: torch.dtype | None, *, dt: Any = None) -> tuple[float, torch.Tensor | None]:
+    """Mean validation cross-entropy (nats/token) and the (L, E) expert counts over the same tokens.
+
+    ``dt`` (N processes): every rank must call this; each evaluates its slice of a batch (a batch the ranks
+    cannot share equally is evaluated whole by each) and the sums are taken over ranks."""
     model.eval()
-    total, n = 0.0, 0
-    counts = None
+    # [total, n, counts] of the batches shared over ranks, then of those every rank evaluates whole
+    sums: list[list[Any]] = [[0.0, 0.0, None], [0.0, 0.0, None]]
     for batch in batches:
         batch = batch.to(device)
+        part = sums[0] if dt is not None and dt.is_split(batch) else sums[1]
+        if dt is not None:
+            batch = dt.local(batch)
         with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
             out = model(batch, labels=batch)
         k = batch.numel() - batch.shape[0]  # predictions per batch: the model shifts labels by one
-        total += float(out.ce_loss) * k
-        n += k
+        part[0] += float(out.ce_loss) * k
+        part[1] += k
         c = layer_counts(model)
-        counts = c if counts is None or c is None else counts + c
+        part[2] = c if part[2] is None or c is None else part[2] + c
     model.train()
-    return total / n, counts
+    if dt is not None:
+        sliced = dt.sum(torch.tensor(sums[0][:2], dtype=torch.float64)).tolist()
+        sums[0][:2] = sliced
+        if sums[0][2] is not None:
+            sums[0][2] = dt.sum(sums[0][2])
+    total, n = sums[0][0] + sums[1][0], sums[0][1] + sums[1][1]
+    counts = [c for _, _, c in sums if c is not None]
+    return total / n, (counts[0] + counts[1] if len(counts) == 2 else counts[0] if counts else None)
 
 
 def _finish(cfg: TrainConfig, model: Any, run_dir: Path, metrics: MetricsLog, tok: Any, *, start: int,

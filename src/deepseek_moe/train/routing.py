@@ -36,23 +36,26 @@ class ExpertFreezer:
     """
 
     def __init__(self, model: nn.Module, experts: tuple[int, ...]) -> None:
-        self.slices: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.slices: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.handles = []
         index = torch.tensor(sorted(set(experts)), dtype=torch.long)
         for name, moe in moe_layers(model):
-            E = moe.experts.n_experts
+            E = moe.cfg.n_routed_experts
             if len(index) and int(index.max()) >= E:
                 raise TrainError(f"routing.frozen_experts ({list(experts)}) names expert {int(index.max())}, but "
                                  f"MoE layer {name} has {E} routed experts (0..{E - 1})")
-            for w in (moe.experts.w1, moe.experts.w2, moe.experts.w3):
-                self.slices.append((w, w.detach()[index].clone()))
-                self.handles.append(w.register_hook(lambda g, index=index: g.index_fill(0, index, 0.0)))
+            # Under expert parallelism this rank holds experts [offset, offset + n): freeze those it holds.
+            ex = moe.experts
+            held = index[(index >= ex.offset) & (index < ex.offset + ex.n_experts)] - ex.offset
+            for w in (ex.w1, ex.w2, ex.w3):
+                self.slices.append((w, held, w.detach()[held].clone()))
+                self.handles.append(w.register_hook(lambda g, held=held: g.index_fill(0, held, 0.0)))
         self.index = index
 
     @torch.no_grad()
     def restore(self) -> None:
-        for w, saved in self.slices:
-            w[self.index] = saved
+        for w, held, saved in self.slices:
+            w[held] = saved
 
     def remove(self) -> None:
         for h in self.handles:

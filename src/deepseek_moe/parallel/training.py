@@ -1,0 +1,145 @@
+"""What a training loop needs to run on the N processes torchrun started, in one object.
+
+The N-process run reproduces the 1-process run: every rank draws the same global batch of ``batch_size``
+sequences (same seed, same order) and keeps its 1/N slice; the MoE layers concatenate the slices for their
+batch-wide decisions; replicated gradients are averaged (DDP) and expert gradients scaled to match. So
+``schedule.batch_size`` stays the global batch and must be a multiple of N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from deepseek_moe.config import MoEConfig
+from deepseek_moe.parallel.checkpoint import (
+    full_optimizer_state,
+    full_state_dict,
+    gathered_model,
+    load_full_optimizer_state,
+    load_full_state_dict,
+)
+from deepseek_moe.parallel.experts import all_reduce_sum, clip_grad_norm_, expert_parameters, unwrap
+from deepseek_moe.parallel.plan import check_expert_parallel
+from deepseek_moe.parallel.runtime import (
+    ParallelContext,
+    data_parallel,
+    env_world_size,
+    init_parallel,
+    shutdown,
+)
+
+
+def check_training_layout(moe: MoEConfig, batch_size: int, world: int) -> None:
+    """ValueError (naming the field) when ``world`` processes cannot train this model; no process group."""
+    check_expert_parallel(moe, world, where="model.moe")
+    if batch_size % world != 0:
+        raise ValueError(f"schedule.batch_size ({batch_size}) must be a multiple of the number of processes "
+                         f"({world}): it is the global batch, and each process takes an equal slice of it")
+
+
+class DistributedTraining:
+    """Expert parallelism over all ranks, the rest data-parallel. Build with :meth:`start`."""
+
+    def __init__(self, ctx: ParallelContext) -> None:
+        self.ctx = ctx
+        self.world, self.rank = ctx.world_size, ctx.rank
+        self.ddp: nn.Module | None = None
+
+    @classmethod
+    def start(cls, moe: MoEConfig, batch_size: int, device: torch.device, *,
+              timeout_s: float = 300.0) -> DistributedTraining | None:
+        """None outside torchrun (one process); otherwise check the layout, then join the process group
+        (gloo on CPU; NCCL on CUDA, one GPU per rank: cuda:LOCAL_RANK)."""
+        world = env_world_size()
+        if world == 1:
+            return None
+        check_training_layout(moe, batch_size, world)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return cls(init_parallel(timeout_s=timeout_s, device=device))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (fills caches), the others after it (read them)."""
+        if not self.is_main:
+            dist.barrier()
+        try:
+            yield
+        finally:
+            if self.is_main:
+                dist.barrier()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Split ``model``'s experts over the ranks (in place) and return the DDP module to call for training.
+        Build the optimizer from ``model`` afterwards: the expert parameters are new."""
+        self.ddp = data_parallel(model, self.ctx)
+        return self.ddp
+
+    def local(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a global batch (rows); a batch the ranks cannot share equally is kept whole,
+        so every rank computes it (evaluation's last, shorter batch)."""
+        if batch.shape[0] % self.world != 0:
+            return batch
+        n = batch.shape[0] // self.world
+        return batch[self.rank * n:(self.rank + 1) * n]
+
+    def is_split(self, batch: torch.Tensor) -> bool:
+        return batch.shape[0] % self.world == 0
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        out = t.detach().to(self.device, torch.float64 if t.is_floating_point() else t.dtype).clone()
+        dist.all_reduce(out)
+        return out.to(t.device, t.dtype)
+
+    def mean(self, *values: float) -> list[float]:
+        return (self.sum(torch.tensor(values, dtype=torch.float64)) / self.world).tolist()
+
+    @property
+    def all_reduce(self) -> Callable[[torch.Tensor], None]:
+        """In-place sum over every rank, for ``update_routing_bias(model, all_reduce=...)``."""
+        return all_reduce_sum(None)
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm_(model, max_norm, self.ctx.ep_group)
+
+    # ---- checkpoints: the files hold the unsplit model, whatever the process count ----
+    def full_states(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], Any]:
+        """(model state_dict, optimizer state_dict) of the unsplit model; a collective."""
+        return full_state_dict(model), full_optimizer_state(model, optimizer)
+
+    def full_shapes(self, model: nn.Module) -> dict[str, list[int]]:
+        """The unsplit model's state_dict shapes, computed locally (the checkpoint fingerprint)."""
+        sharded = {name for name, _ in expert_parameters(model)}
+        return {k: [v.shape[0] * self.ctx.ep_size, *v.shape[1:]] if k in sharded else list(v.shape)
+                for k, v in unwrap(model).state_dict().items()}
+
+    def load_model_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        load_full_state_dict(model, state)
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: Any) -> None:
+        load_full_optimizer_state(model, optimizer, state)
+
+    def gathered(self, model: nn.Module) -> nn.Module:
+        """The unsplit model with local dispatch (a collective), for export and sampling on rank 0."""
+        return gathered_model(model)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        shutdown()

@@ -1,0 +1,110 @@
+"""`deepseek-moe train --nproc 2` (torchrun, gloo) reproduces the one-process run step for step, and its
+checkpoints resume on another process count. Bad layouts fail before any process is started."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deepseek_moe.train.config import resolve_config
+from deepseek_moe.train.loop import run
+
+pytestmark = pytest.mark.slow
+
+SMALL = [
+    "model.dim=32", "model.inter_dim=64", "model.n_layers=2", "model.n_dense_layers=1", "model.n_heads=2",
+    "model.kv_lora_rank=16", "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8",
+    "model.moe.dim=32", "model.moe.moe_inter_dim=16", "model.moe.n_routed_experts=8",
+    "model.moe.n_activated_experts=2", "model.moe.n_expert_groups=2", "model.moe.n_limited_groups=1",
+    "model.moe.capacity_factor=1.0", "data.seq_len=32", "data.vocab_size=300", "schedule.batch_size=4",
+    "schedule.steps=6", "routing.uniform_steps=2", "checkpoint.every=3", "eval.batches=2", "eval.every=3",
+    "eval.log_every=1", "eval.sample_tokens=4", "threads=1",
+]
+
+
+def write_corpus(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(40):
+        (root / f"m{i:02d}.py").write_text("".join(f"def f{i}_{j}(x, y):\n    return x * {j} + y - {i}\n\n"
+                                                   for j in range(12)))
+    return root
+
+
+def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "deepseek_moe.cli.main", "train", "--quiet", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r.get("loss", r.get("val_loss")) for r in records if r["kind"] in ("train", "val", "summary")]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    la, lb = losses(a), losses(b)
+    assert len(la) == len(lb)
+    assert la == pytest.approx(lb, abs=2e-5), f"{a.name} {la}\n{b.name} {lb}"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], Path]:
+    tmp = tmp_path_factory.mktemp("ep_train")
+    corpus = write_corpus(tmp / "corpus")
+    sets = [*SMALL, f"data.cache_dir={json.dumps(str(tmp / 'cache'))}"]
+    one = tmp / "one"
+    run(resolve_config(assignments=[*sets, f"data.paths={json.dumps([str(corpus)])}", f"out={json.dumps(str(one))}"]),
+        progress=False)
+    args = [a for s in sets for a in ("--set", s)] + ["--data", str(corpus)]
+    return tmp, args, one
+
+
+def test_two_processes_reproduce_one(setup: tuple[Path, list[str], Path]) -> None:
+    tmp, args, one = setup
+    two = tmp / "two"
+    done = cli(*args, "--out", str(two), "--nproc", "2")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert_same_run(one, two)
+    for name in ("model/config.json", "model/tokenizer.json", "routing.json", "sample.txt", "state/step-3/rng.pt"):
+        assert (two / name).is_file(), name
+
+    # Saved on 2 processes, resumed on 1: the same steps as the uninterrupted run.
+    resumed = tmp / "two_then_one"
+    shutil.copytree(two, resumed)
+    shutil.rmtree(resumed / "state" / "step-6")
+    done = cli("--resume", str(resumed))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert_same_run(one, resumed)
+
+
+def test_one_process_checkpoint_resumes_on_two(setup: tuple[Path, list[str], Path]) -> None:
+    tmp, _, one = setup
+    resumed = tmp / "one_then_two"
+    shutil.copytree(one, resumed)
+    shutil.rmtree(resumed / "state" / "step-6")
+    done = cli("--resume", str(resumed), "--nproc", "2")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert_same_run(one, resumed)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--nproc", "3"], r"n_expert_groups \(2\) must be a multiple of the expert-parallel size \(3 processes\)"),
+    (["--nproc", "2", "--set", "model.moe.n_expert_groups=4", "--set", "model.moe.n_limited_groups=3"],
+     r"n_limited_groups \(3\) must be <= the number of expert-parallel devices \(2\)"),
+    (["--nproc", "2", "--batch-size", "3"], r"schedule.batch_size \(3\) must be a multiple of the number of processes"),
+])
+def test_bad_layouts_fail_before_launching(setup: tuple[Path, list[str], Path], extra: list[str], message: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from deepseek_moe.cli.main import main
+
+    tmp, args, _ = setup
+    assert main(["train", "--quiet", *args, "--out", str(tmp / "bad"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot train on"), err
+    assert re.search(message, err), err
+    assert not (tmp / "bad").exists()
