@@ -14,6 +14,8 @@ Counting convention (checked against the published figures in tests/unit/test_pr
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from deepseek_moe.config import ModelConfig
@@ -28,6 +30,8 @@ def _meta_model(cfg: ModelConfig) -> DeepSeekMoEForCausalLM:
         return DeepSeekMoEForCausalLM(cfg)
 
 
+# Configs are frozen and hashable; caching saves rebuilding a 671B meta model for every figure of one report.
+@functools.lru_cache(maxsize=64)
 def count_parameters(cfg: ModelConfig, *, embedding_activated: bool = False) -> tuple[int, int]:
     """(total, activated per token) parameter counts of the model ``cfg`` describes."""
     model = _meta_model(cfg)
