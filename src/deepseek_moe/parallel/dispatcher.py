@@ -13,6 +13,7 @@ k slots per row (the most experts one token can have on one rank: min(K, E/W)).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +68,7 @@ class AllToAllDispatcher:
         self.device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
                        else torch.device("cpu"))
         self.stats = CommStats(ranks_per_token_hist=[0] * (self.size + 1))
+        self.batch_sum: Callable[[torch.Tensor], torch.Tensor] | None = self._sum_over_group
 
     def reset_stats(self) -> None:
         self.stats = CommStats(ranks_per_token_hist=[0] * (self.size + 1))
@@ -79,7 +81,7 @@ class AllToAllDispatcher:
         sizes = torch.stack(gathered).cpu()
         return BatchSpan(int(sizes[:self.rank, 0].sum()), int(sizes[:, 0].sum()), int(sizes[:, 1].sum()))
 
-    def batch_sum(self, counts: torch.Tensor) -> torch.Tensor:
+    def _sum_over_group(self, counts: torch.Tensor) -> torch.Tensor:
         total = counts.detach().clone()
         dist.all_reduce(total, group=self.group)
         return total

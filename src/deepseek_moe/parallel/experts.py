@@ -67,8 +67,11 @@ def expert_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
 
 def comm_stats(model: nn.Module) -> list[CommStats]:
     """The dispatch traffic of each MoE layer since its last reset."""
-    return [moe.dispatcher.stats for _, moe in moe_layers(unwrap(model))
-            if isinstance(moe.dispatcher, AllToAllDispatcher)]
+    stats = []
+    for _, moe in moe_layers(unwrap(model)):
+        if isinstance(moe.dispatcher, AllToAllDispatcher):
+            stats.append(moe.dispatcher.stats)
+    return stats
 
 
 def reset_comm_stats(model: nn.Module) -> None:
@@ -100,23 +103,21 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, ep_group: dist.ProcessGro
     """torch.nn.utils.clip_grad_norm_ over the whole model although experts are sharded: the squared norms of
     the expert slices are summed over the expert-parallel group, so every rank clips by the same factor."""
     sharded = {id(p) for _, p in expert_parameters(model)}
-    params = [p for p in unwrap(model).parameters() if p.grad is not None]
-    if not params:
-        return torch.zeros(())
-    dev = params[0].grad.device
+    grads = [(id(p) in sharded, p.grad.detach()) for p in unwrap(model).parameters() if p.grad is not None]
+    dev = grads[0][1].device if grads else torch.device("cpu")
     replicated_sq = torch.zeros((), device=dev, dtype=torch.float32)
     sharded_sq = torch.zeros((), device=dev, dtype=torch.float32)
-    for p in params:
-        sq = p.grad.detach().float().pow(2).sum()
-        if id(p) in sharded:
+    for is_sharded, g in grads:
+        sq = g.float().pow(2).sum().to(dev)
+        if is_sharded:
             sharded_sq += sq
         else:
             replicated_sq += sq
-    dist.all_reduce(sharded_sq, group=ep_group)
+    dist.all_reduce(sharded_sq, group=ep_group)  # every rank takes part, even one without gradients
     total = (replicated_sq + sharded_sq).sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for p in params:
-        p.grad.detach().mul_(coef.to(p.grad.device))
+    for _, g in grads:
+        g.mul_(coef.to(g.device))
     return total
 
 

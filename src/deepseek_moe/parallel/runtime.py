@@ -12,6 +12,7 @@ import datetime
 import inspect
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -91,7 +92,7 @@ def data_parallel(model: nn.Module, ctx: ParallelContext, *, find_unused_paramet
     ignored = [name for name, _ in expert_parameters(model)]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     # Buffers are equal at the start (same seed or checkpoint) and must not be overwritten from rank 0 later.
-    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+    no_buffer_sync: dict[str, Any] = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                       inspect.signature(nn.parallel.DistributedDataParallel).parameters else {"broadcast_buffers": False})
     ddp = nn.parallel.DistributedDataParallel(
         model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -262,7 +262,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress
             dt.barrier()
             dt.close()
             return RunResult(run_dir, s.steps, val_loss, h_unigram, tokens_per_s, time.perf_counter() - t_start, "")
-    result = _finish(cfg, model, run_dir, metrics, tok, start=start, val_loss=val_loss, h_unigram=h_unigram,
+    result = _finish(cfg, model, run_dir, cast(MetricsLog, metrics), tok, start=start, val_loss=val_loss, h_unigram=h_unigram,
                      tokens_per_s=tokens_per_s, t_start=t_start, log=log)
     if dt is not None:
         dt.barrier()
