@@ -110,6 +110,8 @@ def launch(args: argparse.Namespace, cfg) -> int:  # cfg: TrainConfig
     try:
         torchrun(["--standalone", "--nproc-per-node", str(args.nproc), "-m", "deepseek_moe.train", *argv])
     except ChildFailedError as e:
-        raise TrainError(f"training on {args.nproc} processes failed (rank messages above): "
-                         f"{', '.join(f'rank {r}: exit {f.exitcode}' for r, f in sorted(e.failures.items()))}") from e
+        what = ", ".join(f"rank {r} " + (f"killed by signal {-f.exitcode}" if f.exitcode < 0 else f"exit {f.exitcode}")
+                         for r, f in sorted(e.failures.items()))
+        raise TrainError(f"training on {args.nproc} processes failed ({what}); when one rank fails torchrun stops "
+                         "the others: the first traceback above is the cause") from e
     return 0
