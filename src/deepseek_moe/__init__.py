@@ -1,6 +1,10 @@
-"""deepseek_moe: DeepSeekMoE in PyTorch."""
+"""deepseek_moe: DeepSeekMoE in PyTorch — the layer, the language model, training and expert parallelism."""
 
 from deepseek_moe.config import ModelConfig, MoEConfig
+from deepseek_moe.infer.generate import GenerateOutput, generate
+from deepseek_moe.infer.kv_cache import KVCache
+from deepseek_moe.model.causal_lm import CausalLMOutput, DeepSeekMoEForCausalLM
+from deepseek_moe.model.counting import count_parameters, flops_per_token, kv_cache_bytes_per_token
 from deepseek_moe.moe.hooks import (
     collect_aux_loss,
     load_routing_state,
@@ -10,14 +14,25 @@ from deepseek_moe.moe.hooks import (
 )
 from deepseek_moe.moe.layer import MoE
 from deepseek_moe.moe.stats import MoEStats
+from deepseek_moe.presets import PRESETS, get_preset
 from deepseek_moe.viz import plot_routing_heatmap, routing_counts
 
 __all__ = [
+    "PRESETS",
+    "CausalLMOutput",
+    "DeepSeekMoEForCausalLM",
+    "GenerateOutput",
+    "KVCache",
     "MoE",
     "MoEConfig",
     "MoEStats",
     "ModelConfig",
     "collect_aux_loss",
+    "count_parameters",
+    "flops_per_token",
+    "generate",
+    "get_preset",
+    "kv_cache_bytes_per_token",
     "load_routing_state",
     "plot_routing_heatmap",
     "routing_counts",

@@ -278,3 +278,14 @@ def test_cuda_layer_matches_cpu():
     torch.testing.assert_close(moe_gpu(x.cuda()).cpu(), y_cpu, rtol=1e-4, atol=1e-5)
     y1, y2 = moe_gpu(x.cuda()), moe_gpu(x.cuda())
     assert torch.equal(y1, y2)
+
+
+def test_reset_parameters_after_meta_build():
+    cfg = MoEConfig(**SMALL, use_routing_bias=True, score_func="sigmoid")
+    with torch.device("meta"):
+        moe = MoE(cfg)
+    moe = moe.to_empty(device="cpu")
+    moe.reset_parameters()
+    assert moe.experts.w1.std().item() == pytest.approx(0.02, rel=0.2)
+    assert torch.count_nonzero(moe.gate.e_score_correction_bias) == 0 and torch.count_nonzero(moe.bias_counts) == 0
+    assert torch.isfinite(moe(torch.randn(3, 16))).all()

@@ -76,6 +76,8 @@ class DeepSeekMoEForCausalLM(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, MoE):
+                module.reset_parameters()  # its gate and stacked experts (its FFN Linears are handled above)
 
     def forward(self, input_ids: torch.Tensor, *, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> CausalLMOutput:

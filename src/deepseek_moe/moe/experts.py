@@ -41,9 +41,13 @@ class RoutedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
-        for w in (self.w1, self.w2, self.w3):
-            nn.init.normal_(w, std=init_std)
+        self.init_std = init_std
+        self.reset_parameters()
         self.use_grouped_mm = _grouped_mm_available()
+
+    def reset_parameters(self) -> None:
+        for w in (self.w1, self.w2, self.w3):
+            nn.init.normal_(w, std=self.init_std)
 
     def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Tensor | None = None) -> torch.Tensor:
         """Run each expert on its contiguous slice of rows.

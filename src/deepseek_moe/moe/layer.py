@@ -47,6 +47,14 @@ class MoE(nn.Module):
         self.register_buffer("bias_counts", torch.zeros(cfg.n_routed_experts), persistent=False)
         self._generator: torch.Generator | None = None
 
+    def reset_parameters(self) -> None:
+        """Re-initialise in place (after ``to_empty`` from the meta device, say); the FFNs' Linears are
+        initialised by whoever owns the init scheme (the model's reset_parameters, or nn.Linear's own)."""
+        self.gate.reset_parameters()
+        self.experts.reset_parameters()
+        self.bias_counts.zero_()
+        self._generator = None
+
     @property
     def seed(self) -> int:
         return self.cfg.seed + _LAYER_SEED_STRIDE * self.layer_id

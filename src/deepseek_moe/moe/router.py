@@ -62,12 +62,17 @@ class Router(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
-        nn.init.normal_(self.weight, std=cfg.init_std)
         self.e_score_correction_bias: torch.Tensor | None
         if cfg.use_routing_bias:
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.cfg.init_std)
+        if self.e_score_correction_bias is not None:
+            nn.init.zeros_(self.e_score_correction_bias)
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         cfg = self.cfg
