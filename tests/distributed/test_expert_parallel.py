@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from harness import RanksFailed, run_ranks
-from workers import B, layer_cases, layer_reference, model_reference
+from workers import B, hybrid_config, layer_cases, layer_reference, model_reference
 
 WORLDS = [2, 4]
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -22,7 +22,7 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     export = tmp_path_factory.mktemp(f"export{request.param}")
     ranks = run_ranks(request.param, "all_worker", extra_env={"DSMOE_EXPORT": str(export)})
     return {"world": request.param, "layer": [r["layer"] for r in ranks], "model": [r["model"] for r in ranks],
-            "export": export}
+            "export": export, "hybrid": [r.get("hybrid") for r in ranks]}
 
 
 @pytest.fixture
@@ -133,6 +133,25 @@ def test_checkpoint_saved_on_n_loads_anywhere(model_runs: tuple[int, Any, Any]) 
     loaded = load_pretrained(export).eval()
     ids = model_data(model_config(world))
     torch.testing.assert_close(loaded(ids).logits, ref["eval_logits"], **TOL)
+
+
+def test_experts_split_over_2_and_replicated_over_2(runs: dict[str, Any]) -> None:
+    """4 ranks as a (dp=2, ep=2) mesh: each expert slice lives on two ranks, and its gradient (summed over its
+    replicas, scaled like DDP's mean) is the single process's."""
+    if runs["world"] != 4:
+        pytest.skip("needs 4 ranks")
+    ranks = runs["hybrid"]
+    ref = model_reference(4, hybrid_config())
+    torch.testing.assert_close(ranks[0]["loss"], ref["loss"], **TOL)
+    assert [r["ep_rank"] for r in ranks] == [0, 1, 0, 1]
+    for name, g in ref["grads"].items():
+        if name in ranks[0]["sharded"]:
+            got = torch.cat([ranks[0]["grads"][name], ranks[1]["grads"][name]])
+            torch.testing.assert_close(torch.cat([ranks[2]["grads"][name], ranks[3]["grads"][name]]), got,
+                                       rtol=0, atol=0)
+        else:
+            got = ranks[0]["grads"][name]
+        torch.testing.assert_close(got, g, **TOL, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
 def test_a_dead_rank_fails_the_others_instead_of_hanging() -> None:

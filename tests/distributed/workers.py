@@ -134,8 +134,15 @@ def model_data(cfg: ModelConfig) -> torch.Tensor:
     return torch.randint(0, cfg.vocab_size, (MB, MS), generator=torch.Generator().manual_seed(2))
 
 
-def model_reference(world: int) -> dict[str, Any]:
-    cfg = model_config(world)
+def hybrid_config() -> ModelConfig:
+    """For 4 ranks as 2 expert-parallel groups of 2: no dropping, sequence-scope losses (the batch-wide
+    decisions of a layer cover its expert-parallel group, not every rank)."""
+    cfg = model_config(2)
+    return cfg.replace(moe=cfg.moe.replace(capacity_factor=None))
+
+
+def model_reference(world: int, cfg: ModelConfig | None = None) -> dict[str, Any]:
+    cfg = cfg or model_config(world)
     model = build_model(cfg)
     ids = model_data(cfg)
     out = model(ids, labels=ids)
@@ -192,9 +199,31 @@ def model_worker(rank: int, world: int) -> dict[str, Any]:
     return result
 
 
+def hybrid_worker(rank: int, world: int) -> dict[str, Any]:
+    """Experts split over 2 ranks and replicated over world / 2 (a (dp, ep) mesh); everything else DDP."""
+    from deepseek_moe.parallel import data_parallel, expert_parameters, init_parallel, unwrap
+
+    ctx = init_parallel(ep_size=2, timeout_s=30)
+    cfg = hybrid_config()
+    ddp = data_parallel(build_model(cfg), ctx)
+    ids = model_data(cfg)
+    b0, b1 = rank * MB // world, (rank + 1) * MB // world
+    out = ddp(ids[b0:b1], labels=ids[b0:b1])
+    out.loss.backward()
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss)
+    model = unwrap(ddp)
+    return {"loss": loss / world, "grads": {n: p.grad.clone() for n, p in model.named_parameters()
+                                            if p.grad is not None},
+            "sharded": sorted(n for n, _ in expert_parameters(model)), "ep_rank": ctx.ep_rank}
+
+
 def all_worker(rank: int, world: int) -> dict[str, Any]:
     """Everything on one spawn per world size (process start-up dominates on 2 cores)."""
-    return {"layer": layer_cases_worker(rank, world), "model": model_worker(rank, world)}
+    out = {"layer": layer_cases_worker(rank, world), "model": model_worker(rank, world)}
+    if world == 4:
+        out["hybrid"] = hybrid_worker(rank, world)
+    return out
 
 
 # ---------------------------------------------------------------- failures
