@@ -166,7 +166,7 @@ class RoutingConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
-    every: int = 0  # steps between resumable checkpoints; 0: only at the end
+    every: int = 100  # steps between resumable checkpoints (and the last step); 0: only at the end
     keep_last: int = 2
 
     def __post_init__(self) -> None:

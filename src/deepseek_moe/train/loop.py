@@ -182,72 +182,79 @@ def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress
     val_loss = float("nan")
     bar = tqdm(total=s.steps, initial=start, disable=not (progress and main), dynamic_ncols=True, file=sys.stderr,
                desc="train")
-    for step in range(start, s.steps):
-        stage = routing_stage(cfg, step)
-        set_uniform_routing(model, stage == 1)
-        if stage == 3 and cfg.routing.frozen_experts and freezer is None:
-            freezer = ExpertFreezer(model, cfg.routing.frozen_experts)
+    try:
+        for step in range(start, s.steps):
+            stage = routing_stage(cfg, step)
+            set_uniform_routing(model, stage == 1)
+            if stage == 3 and cfg.routing.frozen_experts and freezer is None:
+                freezer = ExpertFreezer(model, cfg.routing.frozen_experts)
 
-        ce_sum, aux_sum = 0.0, 0.0
-        counts = None
-        for _ in range(s.grad_accum_steps):
-            batch = train_seqs.next_batch(s.batch_size).to(device)
-            if dt is not None:  # every rank draws the global batch and keeps its slice
-                batch = dt.local(batch)
-            with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-                out = train_model(batch, labels=batch)
-            (out.loss / s.grad_accum_steps).backward()
-            ce_sum += float(out.ce_loss.detach())
-            aux_sum += float(out.aux_loss.detach())
-            c = layer_counts(model)
-            counts = c if counts is None or c is None else counts + c
-        if dt is not None:  # the global batch's numbers, and the same decision on every rank
-            ce_sum, aux_sum = dt.mean(ce_sum, aux_sum)
-            counts = dt.sum(counts) if counts is not None else None
-        if not math.isfinite(ce_sum):
-            raise TrainError(f"the loss became {ce_sum} at step {step + 1}; lower optim.lr "
-                             f"({cfg.optim.lr}) or check the data")
-        if cfg.optim.grad_clip > 0 and dt is not None:
-            dt.clip_grad_norm_(model, cfg.optim.grad_clip)  # the norm includes every rank's expert slices
-        elif cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        if freezer is not None:
-            freezer.restore()
-        update_routing_bias(model, all_reduce=dt.all_reduce if dt is not None else None)
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            ce_sum, aux_sum = 0.0, 0.0
+            counts = None
+            for _ in range(s.grad_accum_steps):
+                batch = train_seqs.next_batch(s.batch_size).to(device)
+                if dt is not None:  # every rank draws the global batch and keeps its slice
+                    batch = dt.local(batch)
+                with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+                    out = train_model(batch, labels=batch)
+                (out.loss / s.grad_accum_steps).backward()
+                ce_sum += float(out.ce_loss.detach())
+                aux_sum += float(out.aux_loss.detach())
+                c = layer_counts(model)
+                counts = c if counts is None or c is None else counts + c
+            if dt is not None:  # the global batch's numbers, and the same decision on every rank
+                ce_sum, aux_sum = dt.mean(ce_sum, aux_sum)
+                counts = dt.sum(counts) if counts is not None else None
+            if not math.isfinite(ce_sum):
+                raise TrainError(f"the loss became {ce_sum} at step {step + 1}; lower optim.lr "
+                                 f"({cfg.optim.lr}) or check the data")
+            if cfg.optim.grad_clip > 0 and dt is not None:
+                dt.clip_grad_norm_(model, cfg.optim.grad_clip)  # the norm includes every rank's expert slices
+            elif cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            if freezer is not None:
+                freezer.restore()
+            update_routing_bias(model, all_reduce=dt.all_reduce if dt is not None else None)
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        done = step + 1
-        window_tokens += tokens_per_step
-        train_tokens_done += tokens_per_step
-        ce = ce_sum / s.grad_accum_steps
-        loads = load_summary(counts) if counts is not None else {"imbalance": float("nan"), "cv": float("nan")}
-        dropped = dropped_fraction(model)
-        bar.update(1)
-        if done % cfg.eval.log_every == 0 or done == s.steps:
-            now = time.perf_counter()
-            tps = window_tokens / max(now - window_t, 1e-9)
-            window_tokens, window_t = 0, now
-            metrics.write({"kind": "train", "step": done, "loss": ce + aux_sum / s.grad_accum_steps,
-                           "ce_loss": ce, "aux_loss": aux_sum / s.grad_accum_steps, "lr": lr,
-                           "tokens_per_s": tps, "imbalance": loads["imbalance"], "cv": loads["cv"],
-                           "dropped": dropped, "stage": stage, "epoch": train_seqs.epochs_done})
-            bar.set_postfix(loss=f"{ce:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}", imb=f"{loads['imbalance']:.2f}",
-                            drop=f"{dropped:.1%}", stage=stage, refresh=False)
-        if done % cfg.eval.every == 0 or done == s.steps:
-            val_loss, val_counts = evaluate(model, val_batches, device, amp, dt=dt)
-            metrics.write({"kind": "val", "step": done, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
-            if val_counts is not None and main:
-                write_json(run_dir / "routing.json", {"step": done, "layers": layer_names(model),
-                                                      "counts": val_counts.tolist(), "source": "validation"})
-            log(f"step {done}: validation loss {val_loss:.3f}, perplexity {math.exp(val_loss):.1f} "
-                f"(unigram entropy {h_unigram:.3f})")
-        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == s.steps:
-            ckpt.save_checkpoint(state_dir, done, model=model, optimizer=optimizer, scheduler=scheduler,
-                                 trainer={"data": train_seqs.state_dict()}, keep_last=cfg.checkpoint.keep_last,
-                                 shards=dt)
+            done = step + 1
+            window_tokens += tokens_per_step
+            train_tokens_done += tokens_per_step
+            ce = ce_sum / s.grad_accum_steps
+            loads = load_summary(counts) if counts is not None else {"imbalance": float("nan"), "cv": float("nan")}
+            dropped = dropped_fraction(model)
+            bar.update(1)
+            if done % cfg.eval.log_every == 0 or done == s.steps:
+                now = time.perf_counter()
+                tps = window_tokens / max(now - window_t, 1e-9)
+                window_tokens, window_t = 0, now
+                metrics.write({"kind": "train", "step": done, "loss": ce + aux_sum / s.grad_accum_steps,
+                               "ce_loss": ce, "aux_loss": aux_sum / s.grad_accum_steps, "lr": lr,
+                               "tokens_per_s": tps, "imbalance": loads["imbalance"], "cv": loads["cv"],
+                               "dropped": dropped, "stage": stage, "epoch": train_seqs.epochs_done})
+                bar.set_postfix(loss=f"{ce:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}", imb=f"{loads['imbalance']:.2f}",
+                                drop=f"{dropped:.1%}", stage=stage, refresh=False)
+            if done % cfg.eval.every == 0 or done == s.steps:
+                val_loss, val_counts = evaluate(model, val_batches, device, amp, dt=dt)
+                metrics.write({"kind": "val", "step": done, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+                if val_counts is not None and main:
+                    write_json(run_dir / "routing.json", {"step": done, "layers": layer_names(model),
+                                                          "counts": val_counts.tolist(), "source": "validation"})
+                log(f"step {done}: validation loss {val_loss:.3f}, perplexity {math.exp(val_loss):.1f} "
+                    f"(unigram entropy {h_unigram:.3f})")
+            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == s.steps:
+                ckpt.save_checkpoint(state_dir, done, model=model, optimizer=optimizer, scheduler=scheduler,
+                                     trainer={"data": train_seqs.state_dict()}, keep_last=cfg.checkpoint.keep_last,
+                                     shards=dt)
+    except KeyboardInterrupt:
+        bar.close()
+        saved = ckpt.step_dirs(state_dir)
+        log(f"interrupted; {'the latest checkpoint is ' + saved[-1].name if saved else 'no checkpoint yet'}: "
+            f"continue with  deepseek-moe train --resume {run_dir}")
+        raise
     bar.close()
     train_s = time.perf_counter() - train_t0
     # The final number, on the whole validation split (the passes above use eval.batches of it).
