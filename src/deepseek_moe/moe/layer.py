@@ -73,11 +73,14 @@ class MoE(nn.Module):
         x_BSD = x if x.dim() == 3 else x.unsqueeze(0)
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
+        dropping = cfg.capacity_factor is not None and (self.training or cfg.drop_at_inference)
+        # Where this batch sits in the batch that batch-wide draws cover (a collective under expert parallelism,
+        # so asked once, and only when a draw needs it).
+        span = self.dispatcher.batch_span(B, B * S) if self.uniform_routing or dropping else None
 
-        if self.uniform_routing:
+        if span is not None and self.uniform_routing:
             # Drawn over the whole batch and sliced, as for the protected sequences: under expert parallelism
             # the ranks' tokens get the draws one process would give them, not all the same ones.
-            span = self.dispatcher.batch_span(B, B * S)
             routing = self.gate.uniform(span.n_tokens, self.generator(x.device), x.device)
             first = span.first_sequence * S
             routing = Routing(routing.indices_TK[first:first + B * S], routing.weights_TK[first:first + B * S], None)
@@ -85,10 +88,10 @@ class MoE(nn.Module):
             routing = self.gate(x_TD)
 
         drop = None
-        if cfg.capacity_factor is not None and (self.training or cfg.drop_at_inference):
+        if span is not None and dropping:
+            assert cfg.capacity_factor is not None  # implied by dropping; narrows the type
             # The protected draw is over the whole batch (all ranks' sequences under expert parallelism, each
             # rank drawing the same mask from the same seed), so it is the choice one process would make.
-            span = self.dispatcher.batch_span(B, B * S)
             protected_B = choose_protected_sequences(span.n_sequences, cfg.protected_fraction,
                                                      self.generator(x.device))
             protected_B = protected_B[span.first_sequence:span.first_sequence + B]
