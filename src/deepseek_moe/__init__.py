@@ -2,9 +2,11 @@
 
 from deepseek_moe.config import ModelConfig, MoEConfig
 from deepseek_moe.infer.generate import GenerateOutput, generate
-from deepseek_moe.infer.kv_cache import KVCache
+from deepseek_moe.io import load_pretrained as from_pretrained
+from deepseek_moe.io import save_pretrained
 from deepseek_moe.model.causal_lm import CausalLMOutput, DeepSeekMoEForCausalLM
 from deepseek_moe.model.counting import count_parameters, flops_per_token, kv_cache_bytes_per_token
+from deepseek_moe.model.kv_cache import KVCache
 from deepseek_moe.moe.hooks import (
     collect_aux_loss,
     load_routing_state,
@@ -30,6 +32,7 @@ __all__ = [
     "collect_aux_loss",
     "count_parameters",
     "flops_per_token",
+    "from_pretrained",
     "generate",
     "get_preset",
     "kv_cache_bytes_per_token",
@@ -37,6 +40,7 @@ __all__ = [
     "plot_routing_heatmap",
     "routing_counts",
     "routing_state",
+    "save_pretrained",
     "set_uniform_routing",
     "update_routing_bias",
 ]

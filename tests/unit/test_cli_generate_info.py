@@ -11,6 +11,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from deepseek_moe import from_pretrained, generate, save_pretrained
 from deepseek_moe.cli.generate_cmd import TextStream
 from deepseek_moe.cli.main import main
 from deepseek_moe.config import ModelConfig, MoEConfig
@@ -48,7 +49,7 @@ def checkpoint(tmp_path_factory) -> Path:
     tok = tiny_tokenizer()
     model = tiny_model(tok.get_vocab_size())
     model.tokenizer = tok
-    model.save_pretrained(path)
+    save_pretrained(model, path)
     return path
 
 
@@ -138,11 +139,11 @@ def test_generate_streams_text(capsys, checkpoint: Path) -> None:
 
 def test_generate_accepts_run_dir_and_stops_at_eos(capsys, checkpoint: Path) -> None:
     # Declare the first token greedy decoding picks as config.json's eos: generation must stop right there.
-    model = DeepSeekMoEForCausalLM.from_pretrained(checkpoint)
+    model = from_pretrained(checkpoint)
     prompt_ids = tiny_tokenizer().encode("hello").ids
-    first = model.generate([prompt_ids], max_new_tokens=1).new_tokens[0][0]
+    first = generate(model, [prompt_ids], max_new_tokens=1).new_tokens[0][0]
     run_dir = checkpoint.parent.parent / "run_eos"
-    model.save_pretrained(run_dir / "model")
+    save_pretrained(model, run_dir / "model")
     config_file = run_dir / "model" / "config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "eos_token_id": first}))
     assert main(["generate", str(run_dir), "--prompt", "hello", "--temperature", "0", "--max-new-tokens", "9"]) == 0
@@ -183,7 +184,7 @@ def _bytes_to_unicode() -> list[str]:
 def test_generate_errors(capsys, checkpoint: Path, tmp_path: Path) -> None:
     expect_error(capsys, ["generate", str(tmp_path / "missing"), "--prompt", "hi"], "no such checkpoint directory")
     no_tok = tmp_path / "no_tokenizer"
-    tiny_model(320).save_pretrained(no_tok)
+    save_pretrained(tiny_model(320), no_tok)
     expect_error(capsys, ["generate", str(no_tok), "--prompt", "hi"], "tokenizer.json")
     expect_error(capsys, ["generate", str(checkpoint), "--prompt", "hello " * 80], "context of 64 tokens")
     expect_error(capsys, ["generate", str(checkpoint), "--prompt", "hi", "--top-p", "0"], "--top-p")

@@ -29,7 +29,7 @@ def test_batched_equals_one_prompt_at_a_time(model: DeepSeekMoEForCausalLM, attn
 
 def test_greedy_equals_argmax_of_full_forward(model: DeepSeekMoEForCausalLM) -> None:
     prompt = [3, 14, 15, 9]
-    new = model.generate([prompt], max_new_tokens=4).new_tokens[0]
+    new = generate(model, [prompt], max_new_tokens=4).new_tokens[0]
     seq = list(prompt)
     for _ in range(4):
         seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))

@@ -3,8 +3,9 @@
 import torch
 from test_model_configs import small_config
 
-from deepseek_moe.infer.kv_cache import KVCache, LayerCache
+from deepseek_moe.infer.generate import generate
 from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+from deepseek_moe.model.kv_cache import KVCache, LayerCache
 
 
 def test_layer_cache_grows_past_its_capacity_without_losing_slots() -> None:
@@ -36,5 +37,5 @@ def test_bfloat16_generation_runs_and_matches_float32_mostly() -> None:
     logits = low(ids).logits
     assert logits.dtype == torch.float32  # logits are returned in float32 for the loss
     torch.testing.assert_close(logits, reference, atol=0.05, rtol=0.05)
-    out = low.generate(ids.tolist(), max_new_tokens=3)
+    out = generate(low, ids.tolist(), max_new_tokens=3)
     assert all(len(t) == 3 for t in out.new_tokens)

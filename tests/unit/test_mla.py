@@ -4,8 +4,8 @@ import pytest
 import torch
 from test_model_configs import small_config
 
-from deepseek_moe.infer.kv_cache import KVCache
 from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+from deepseek_moe.model.kv_cache import KVCache
 
 
 def _incremental_logits(model: DeepSeekMoEForCausalLM, ids: torch.Tensor, prefill: int,

@@ -120,14 +120,14 @@ def check_sampling(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from deepseek_moe.infer.generate import generate
-    from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+    from deepseek_moe.io import load_pretrained
 
     path = checkpoint_dir(args.checkpoint)
     device = resolve_device(args.device)
     check_sampling(args)
     tokenizer = load_tokenizer(path)  # before the weights: a missing tokenizer should not cost a long load
     try:
-        model = DeepSeekMoEForCausalLM.from_pretrained(path, device=device)
+        model = load_pretrained(path, device=device)
     except CheckpointError:
         raise
     except ValueError as e:  # config.json translation and the config dataclasses' rules

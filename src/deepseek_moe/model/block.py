@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from deepseek_moe.config import ModelConfig
-from deepseek_moe.infer.kv_cache import LayerCache
+from deepseek_moe.model.kv_cache import LayerCache
 from deepseek_moe.model.mha import MHA
 from deepseek_moe.model.mla import MLA
 from deepseek_moe.model.norm import RMSNorm

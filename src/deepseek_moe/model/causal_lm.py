@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from deepseek_moe.config import ModelConfig
-from deepseek_moe.infer.kv_cache import KVCache
 from deepseek_moe.model.block import Block
+from deepseek_moe.model.kv_cache import KVCache
 from deepseek_moe.model.norm import RMSNorm
 from deepseek_moe.model.rope import RotaryEmbedding
 from deepseek_moe.moe.layer import MoE
-
-if TYPE_CHECKING:
-    from deepseek_moe.infer.generate import GenerateOutput
 
 IGNORE_INDEX = -100
 
@@ -51,7 +47,9 @@ class DeepSeekMoEForCausalLM(nn.Module):
     """Embedding -> n_layers Blocks (the first n_dense_layers dense, the rest MoE) -> RMSNorm -> head.
 
     Inference state is not kept here: pass a ``KVCache`` (``new_cache()``) to ``forward`` to decode step by
-    step. ``config`` is the ModelConfig; ``tokenizer`` is optional and set by whoever trains or loads the model.
+    step. Loading, saving and generation are functions of the packages above the model
+    (``deepseek_moe.from_pretrained``, ``deepseek_moe.save_pretrained``, ``deepseek_moe.generate``), so the
+    model imports neither ``io`` nor ``infer``. ``config`` is the ModelConfig; ``tokenizer`` is optional and set by whoever trains or loads the model.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -122,23 +120,3 @@ class DeepSeekMoEForCausalLM(nn.Module):
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers))
-
-    def generate(self, input_ids: torch.Tensor | list[list[int]], **kwargs: Any) -> GenerateOutput:
-        """See ``deepseek_moe.infer.generate.generate``."""
-        from deepseek_moe.infer.generate import generate  # noqa: PLC0415  (infer imports the model)
-
-        return generate(self, input_ids, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None,
-                        device: str | torch.device = "cpu") -> DeepSeekMoEForCausalLM:
-        """Load a Hugging Face DeepSeek-V2/V3 checkpoint; see ``deepseek_moe.io.load_pretrained``."""
-        from deepseek_moe.io.safetensors_io import load_pretrained  # noqa: PLC0415  (io imports the model)
-
-        return load_pretrained(path, dtype=dtype, device=device)
-
-    def save_pretrained(self, path: str | os.PathLike[str], *, max_shard_size: int | str = "5GB") -> None:
-        """Write a checkpoint transformers loads; see ``deepseek_moe.io.save_pretrained``."""
-        from deepseek_moe.io.safetensors_io import save_pretrained  # noqa: PLC0415
-
-        save_pretrained(self, path, max_shard_size=max_shard_size)

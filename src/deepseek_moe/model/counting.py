@@ -19,9 +19,9 @@ import functools
 import torch
 
 from deepseek_moe.config import ModelConfig
-from deepseek_moe.infer.kv_cache import LayerCache
 from deepseek_moe.model.block import build_attention
 from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+from deepseek_moe.model.kv_cache import LayerCache
 from deepseek_moe.model.rope import RotaryEmbedding
 
 
