@@ -18,6 +18,7 @@ COMMANDS = (
     "deepseek_moe.cli.routes_cmd",
     "deepseek_moe.cli.generate_cmd",
     "deepseek_moe.cli.info_cmd",
+    "deepseek_moe.cli.quantize_cmd",
 )
 
 

@@ -77,15 +77,21 @@ def _resolve_dtype(dtype: torch.dtype | str | None, hf_cfg: dict[str, Any]) -> t
 
 
 def load_pretrained(path: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None,
-                    device: str | torch.device = "cpu") -> DeepSeekMoEForCausalLM:
+                    device: str | torch.device = "cpu", quantize: Any = None) -> DeepSeekMoEForCausalLM:
     """Build a DeepSeekMoEForCausalLM from a Hugging Face DeepSeek-V2/V3 checkpoint directory.
 
     ``dtype`` None: the config's ``dtype`` (``torch_dtype``), else float32. Layers >= num_hidden_layers (V3's
     multi-token-prediction modules) are skipped; ``lm_head.weight`` may be absent only with tied embeddings.
+    ``quantize`` ("int8", "int4" or a ``deepseek_moe.quant.QuantConfig``) quantises while streaming; a
+    checkpoint written quantised loads quantised without it (``deepseek_moe.quant``; ``dtype`` is then the
+    dtype of the unquantised parts and of the activations).
     """
     from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+    from deepseek_moe.quant.load import is_quantized_checkpoint, load_quantized
 
     path = Path(path)
+    if quantize is not None or is_quantized_checkpoint(path):
+        return load_quantized(path, dtype=dtype, quantize=quantize, device=device)
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise CheckpointError(f"{path}: no {CONFIG_FILE}")
@@ -259,6 +265,11 @@ def save_pretrained(model: DeepSeekMoEForCausalLM, path: str | os.PathLike[str],
     The result loads with transformers' ``AutoModelForCausalLM.from_pretrained``. A config transformers'
     DeepSeek models cannot express raises ValueError before anything is written.
     """
+    from deepseek_moe.quant import quant_config_of, save_quantized
+
+    if quant_config_of(model) is not None:
+        save_quantized(model, path)  # our weight-only format (deepseek_moe.quant.format)
+        return
     cfg: ModelConfig = model.config
     first = next(iter(model.parameters()))
     dtype_name = {v: k for k, v in _DTYPES.items()}.get(first.dtype)

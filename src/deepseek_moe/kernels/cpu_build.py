@@ -1,0 +1,83 @@
+"""Compile ``qgemm.cpp`` at run time with the system C++ compiler and load it with ctypes; cached.
+
+Why ctypes rather than ``torch.utils.cpp_extension``: the kernel takes plain pointers, so it needs neither
+pybind11 nor torch's headers, and builds in about a second instead of a minute (this matters on 2 cores and in
+CI). The library is cached under ``$DEEPSEEK_MOE_CACHE`` (default ``~/.cache/deepseek_moe/kernels``), keyed by
+the source, the flags and the CPU's flags, so a new machine or a changed kernel rebuilds. Any failure (no
+compiler, a sandbox without a writable cache) returns None and callers use the pure-PyTorch twin;
+``DEEPSEEK_MOE_KERNELS=0`` forces the twin.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("qgemm.cpp")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DEEPSEEK_MOE_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "deepseek_moe" / "kernels"
+
+
+def _build(compiler: str, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent processes (pytest workers) never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True,
+                       timeout=300)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def load_library() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None (with one warning saying why) when it cannot be had."""
+    if os.environ.get("DEEPSEEK_MOE_KERNELS", "1") == "0":
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        warnings.warn("no C++ compiler found: quantised matmuls use the slower pure-PyTorch path", stacklevel=2)
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()
+                         + compiler.encode()).hexdigest()[:16]
+    lib_path = cache_dir() / f"qgemm-{key}.so"
+    try:
+        if not lib_path.is_file():
+            _build(compiler, lib_path)
+        lib = ctypes.CDLL(str(lib_path))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        warnings.warn(f"building the quantised-matmul kernel failed, using the pure-PyTorch path: {detail[-500:]}",
+                      stacklevel=2)
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.dsm_qgemm_int8.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, ctypes.c_int]
+    lib.dsm_qgemm_int8.restype = None
+    lib.dsm_qgemm_int4.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, ptr, i64, ctypes.c_int]
+    lib.dsm_qgemm_int4.restype = None
+    lib.dsm_has_avx512.restype = ctypes.c_int
+    return lib

@@ -1,0 +1,191 @@
+"""Quantised twins of nn.Linear and RoutedExperts: same forward signatures, int8 / int4 codes as buffers.
+
+Both hold codes in the layout the CPU kernel reads (int4: ``pack.repack_int4_for_kernel``) and scales in the
+dtype the format fixes (int8: float32 per row; int4: float16 per group). ``model.to(torch.bfloat16)`` changes
+what these modules compute in, never their codes or scales (see ``_apply``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepseek_moe.kernels.quant_matmul import dequantize, quant_matmul
+from deepseek_moe.moe.experts import RoutedExperts
+from deepseek_moe.quant import pack
+
+
+def effective_bits(bits: int, in_features: int, group_size: int) -> int:
+    """int4 needs the input width to be a multiple of the group; otherwise int8 per channel (the fallback)."""
+    return 4 if bits == 4 and in_features % group_size == 0 else 8
+
+
+def empty_codes(rows: tuple[int, ...], in_features: int, bits: int, group_size: int,
+                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised (codes, scale) for ``rows`` (e.g. (N,) or (E, N)) rows of ``in_features`` inputs."""
+    if bits == 8:
+        return (torch.empty(*rows, in_features, dtype=torch.int8, device=device),
+                torch.empty(*rows, dtype=pack.INT8_SCALE_DTYPE, device=device))
+    return (torch.empty(*rows, in_features // 2, dtype=torch.uint8, device=device),
+            torch.empty(*rows, in_features // group_size, dtype=pack.INT4_SCALE_DTYPE, device=device))
+
+
+def quantize_rows(w_NK: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float rows -> (codes in the kernel layout, scale)."""
+    if bits == 8:
+        return pack.quantize_int8(w_NK)
+    packed, scale = pack.quantize_int4(w_NK, group_size)
+    return pack.repack_int4_for_kernel(packed, group_size), scale
+
+
+class _KeepsScales(nn.Module):
+    """``.to(dtype)`` / ``.half()`` must not cast scales: they are part of the format. The module records the
+    floating dtype it was asked for as ``dtype`` (what a dequantised matrix is returned in)."""
+
+    dtype: torch.dtype
+
+    def _scale_names(self) -> list[str]:
+        return [n for n in self._buffers if n.endswith("_scale")]
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        scales = {n: t for n in self._scale_names() if (t := self._buffers[n]) is not None}
+        device = next(iter(scales.values())).device
+        # Two probes tell a cast (both come out in one dtype) from a move or to_empty (dtypes kept).
+        p16 = fn(torch.empty(0, dtype=torch.float16, device=device))
+        p32 = fn(torch.empty(0, dtype=torch.float32, device=device))
+        cast = p16.dtype == p32.dtype
+        super()._apply(fn, recurse)
+        for n, s in scales.items():
+            self._buffers[n] = s.to(p32.device) if cast else fn(s)
+        if cast:
+            self.dtype = p32.dtype
+        return self
+
+
+class QuantLinear(_KeepsScales):
+    """y = x W^T (+ b) with W stored as int8 per output row or int4 per input group.
+
+    Buffers: ``qweight`` codes (int8 (N, K) or uint8 (N, K/2)), ``weight_scale``; ``bias`` (N,) optional,
+    unquantised. ``weight`` is the dequantised (N, K) matrix, built on each access (MLA's absorbed attention
+    reads wkv_b that way when it is quantised).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits = effective_bits(bits, in_features, group_size)
+        self.group_size = group_size
+        self.dtype = dtype
+        codes, scale = empty_codes((out_features,), in_features, self.bits, group_size, device)
+        self.qweight: torch.Tensor
+        self.weight_scale: torch.Tensor
+        self.register_buffer("qweight", codes)
+        self.register_buffer("weight_scale", scale)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, bits: int, group_size: int) -> QuantLinear:
+        w = linear.weight.detach()
+        q = cls(linear.in_features, linear.out_features, bits=bits, group_size=group_size,
+                bias=linear.bias is not None, dtype=w.dtype, device=w.device)
+        q.load_float_rows(w)
+        if linear.bias is not None and q.bias is not None:
+            q.bias.data.copy_(linear.bias.detach())
+        return q
+
+    def load_float_rows(self, w_NK: torch.Tensor, first_row: int = 0) -> None:
+        """Quantise float rows into rows [first_row, first_row + n) (callers stream big matrices in chunks)."""
+        codes, scale = quantize_rows(w_NK, self.bits, self.group_size)
+        self.qweight[first_row:first_row + codes.shape[0]] = codes
+        self.weight_scale[first_row:first_row + codes.shape[0]] = scale
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return dequantize(self.qweight, self.weight_scale, self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = quant_matmul(x, self.qweight, self.weight_scale)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        how = "int8 per channel" if self.bits == 8 else f"int4 groups of {self.group_size}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {how}"
+
+
+class QuantRoutedExperts(_KeepsScales):
+    """E SwiGLU experts with quantised w1 (E, F, D), w2 (E, D, F), w3 (E, F, D), the buffers named as
+    RoutedExperts' parameters (``w1`` codes, ``w1_scale`` ...), and its forward signature.
+
+    Only experts that received rows run. Each runs as ``quant_matmul`` on its contiguous slice of rows: the
+    streaming kernel for the few rows of decode, dequantised tiles + GEMM for the many rows of prefill.
+    w1/w3 (input D) and w2 (input F) fall back to int8 independently when their input is not a multiple of
+    the group.
+    """
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, *, bits: int, group_size: int, offset: int = 0,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.n_experts, self.offset = n_experts, offset
+        self.dim, self.inter_dim, self.group_size = dim, inter_dim, group_size
+        self.dtype = dtype
+        self.bits_w13 = effective_bits(bits, dim, group_size)
+        self.bits_w2 = effective_bits(bits, inter_dim, group_size)
+        for name, (rows, width, b) in {"w1": (inter_dim, dim, self.bits_w13), "w2": (dim, inter_dim, self.bits_w2),
+                                       "w3": (inter_dim, dim, self.bits_w13)}.items():
+            codes, scale = empty_codes((n_experts, rows), width, b, group_size, device)
+            self.register_buffer(name, codes)
+            self.register_buffer(f"{name}_scale", scale)
+        self.w1: torch.Tensor
+        self.w2: torch.Tensor
+        self.w3: torch.Tensor
+        self.w1_scale: torch.Tensor
+        self.w2_scale: torch.Tensor
+        self.w3_scale: torch.Tensor
+
+    def bits_of(self, name: str) -> int:
+        return self.bits_w2 if name == "w2" else self.bits_w13
+
+    @classmethod
+    def from_experts(cls, experts: RoutedExperts, *, bits: int, group_size: int) -> QuantRoutedExperts:
+        w1 = experts.w1.detach()
+        E, F_, D = w1.shape
+        q = cls(E, D, F_, bits=bits, group_size=group_size, offset=experts.offset,
+                dtype=w1.dtype, device=w1.device)
+        for name in ("w1", "w2", "w3"):
+            w = getattr(experts, name).detach()
+            for e in range(E):
+                q.load_float_expert(name, e, w[e])
+        return q
+
+    def load_float_expert(self, name: str, e: int, w: torch.Tensor, first_row: int = 0) -> None:
+        codes, scale = quantize_rows(w, self.bits_of(name), self.group_size)
+        getattr(self, name)[e, first_row:first_row + codes.shape[0]] = codes
+        getattr(self, f"{name}_scale")[e, first_row:first_row + codes.shape[0]] = scale
+
+    def reset_parameters(self) -> None:
+        """Nothing to draw: quantised weights only ever come from a trained model or a checkpoint."""
+
+    def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Tensor | None = None) -> torch.Tensor:
+        """x_AD rows sorted by expert, ``counts_E[e]`` of them for expert e; gates_A scales the (A, F) activation."""
+        y_AD = x_AD.new_empty(x_AD.shape[0], self.dim)
+        start = 0
+        for e, n in enumerate(counts_E.tolist()):
+            if n == 0:
+                continue
+            rows = slice(start, start + n)
+            x_nD = x_AD[rows]
+            h_nF = F.silu(quant_matmul(x_nD, self.w1[e], self.w1_scale[e]))
+            h_nF = h_nF * quant_matmul(x_nD, self.w3[e], self.w3_scale[e])
+            if gates_A is not None:
+                h_nF = h_nF * gates_A[rows].unsqueeze(1)
+            y_AD[rows] = quant_matmul(h_nF, self.w2[e], self.w2_scale[e])
+            start += n
+        return y_AD
+
+    def extra_repr(self) -> str:
+        return (f"n_experts={self.n_experts}, dim={self.dim}, inter_dim={self.inter_dim}, "
+                f"bits w1/w3={self.bits_w13}, w2={self.bits_w2}, group_size={self.group_size}")

@@ -1,0 +1,65 @@
+"""The compiled quantised matmul against its readable twin (dequantise, then matmul), on random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepseek_moe.kernels import quant_matmul as qm
+from deepseek_moe.kernels.cpu_build import load_library
+from deepseek_moe.quant import pack
+
+needs_kernel = pytest.mark.skipif(load_library() is None, reason="no C++ compiler: the kernel cannot be built")
+
+
+def _weights(bits: int, N: int, K: int, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.randn(N, K)
+    if bits == 8:
+        return pack.quantize_int8(w)
+    packed, s = pack.quantize_int4(w, group)
+    return pack.repack_int4_for_kernel(packed, group), s
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 16])
+@pytest.mark.parametrize(("N", "K", "group"), [(96, 256, 32), (70, 96, 32), (33, 384, 128), (16, 64, 64)])
+def test_kernel_matches_reference(bits: int, M: int, N: int, K: int, group: int) -> None:
+    torch.manual_seed(M * 1000 + N)
+    q, s = _weights(bits, N, K, group)
+    x = torch.randn(M, K)
+    want = qm.quant_matmul_reference(x, q, s)
+    got = qm.quant_matmul(x, q, s)
+    assert M <= qm.KERNEL_MAX_ROWS  # so the kernel, not the tiled path, ran
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_kernel_handles_widths_not_multiple_of_the_vector(bits: int = 8) -> None:
+    torch.manual_seed(0)
+    q, s = _weights(8, 7, 45)  # 45 = one 32-wide step + a 13-column tail
+    x = torch.randn(2, 45)
+    torch.testing.assert_close(qm.quant_matmul(x, q, s), qm.quant_matmul_reference(x, q, s), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_tiled_path_matches_reference_across_tiles(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(qm, "TILE_ROWS", 16)
+    torch.manual_seed(1)
+    q, s = _weights(bits, 40, 64)
+    x = torch.randn(3, 20, 64)
+    torch.testing.assert_close(qm.quant_matmul_tiled(x, q, s), qm.quant_matmul_reference(x, q, s))
+
+
+def test_bf16_activations_come_back_bf16() -> None:
+    q, s = _weights(8, 8, 64)
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    y = qm.quant_matmul(x, q, s)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), qm.quant_matmul_reference(x.float(), q, s), rtol=1e-2, atol=1e-2)
+
+
+def test_width_mismatch_is_a_clear_error() -> None:
+    q, s = _weights(8, 8, 64)
+    with pytest.raises(ValueError, match="input width 32 does not match"):
+        qm.quant_matmul(torch.randn(1, 32), q, s)
