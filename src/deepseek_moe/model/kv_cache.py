@@ -72,3 +72,170 @@ class KVCache:
         if self.mask is None or self.mask.numel() == 0:
             return 0.0
         return self.nbytes() / self.mask.numel()
+
+
+# --- Paged storage for serving -------------------------------------------------------------------------------
+#
+# A server holds many sequences of different lengths that join and leave the running batch at every step. The
+# dense cache above would have to re-pad and copy every row whenever the batch changes. Here each layer keeps one
+# pool of fixed-size blocks (block_size slots each) shared by all sequences; a sequence owns a list of block ids
+# (its ``BlockTable``). Joining or leaving the batch moves no cached data: blocks are handed out and returned.
+#
+# A step builds a ``PagedKVCache``, a KVCache over the rows of that step: ``append`` writes each row's new tokens
+# into its blocks (one index_copy_ per tensor) and returns (B, S, ...) views gathered from the pool by one
+# index_select, left-padded to the longest row, with the key mask hiding the padding. That gather is the only
+# per-step copy: the attention in plain PyTorch reads every cached slot anyway, so it costs one more pass over the
+# same bytes, never a re-layout of the stored cache. Block 0 is never handed out: padding slots read its zeros
+# (zeros, not garbage: a masked slot's value is multiplied by a zero probability, and 0 * NaN would be NaN).
+
+
+class BlockTable:
+    """The blocks one sequence owns, in order, and how many of their slots hold cached tokens."""
+
+    def __init__(self) -> None:
+        self.blocks: list[int] = []
+        self.length = 0
+
+
+class BlockPool:
+    """``n_blocks`` blocks of ``block_size`` slots per layer; the tensors are allocated at the first append, when
+    their trailing shapes and dtype are known, and left uninitialised (the OS maps pages as blocks are first
+    written; a slot is always written before it is read) except the zeroed padding block."""
+
+    def __init__(self, n_layers: int, n_blocks: int, block_size: int) -> None:
+        if n_blocks < 2:
+            raise ValueError(f"n_blocks ({n_blocks}) must be >= 2 (block 0 is reserved for padding)")
+        if block_size < 1:
+            raise ValueError(f"block_size ({block_size}) must be >= 1")
+        self.n_layers, self.n_blocks, self.block_size = n_layers, n_blocks, block_size
+        self.storage: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]  # per layer: (n_slots, ...)
+        self._free = list(range(n_blocks - 1, 0, -1))  # a stack; block 0 stays out
+
+    @property
+    def capacity_blocks(self) -> int:
+        """Blocks sequences can own (all but the padding block)."""
+        return self.n_blocks - 1
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.block_size)
+
+    def reserve(self, table: BlockTable, n_tokens: int) -> bool:
+        """Give ``table`` enough blocks to hold ``n_tokens`` in all; False (nothing taken) if too few are free."""
+        need = self.blocks_for(n_tokens) - len(table.blocks)
+        if need > len(self._free):
+            return False
+        for _ in range(max(need, 0)):
+            table.blocks.append(self._free.pop())
+        return True
+
+    def release(self, table: BlockTable) -> None:
+        self._free.extend(reversed(table.blocks))
+        table.blocks, table.length = [], 0
+
+    def nbytes(self) -> int:
+        """Bytes of the allocated pool tensors (their full capacity, reserved or not)."""
+        return sum(t.numel() * t.element_size() for layer in self.storage for t in layer)
+
+    def batch(self, tables: list[BlockTable], n_new: list[int]) -> PagedKVCache:
+        """The cache of one step whose row i appends ``n_new[i]`` tokens to the sequence of ``tables[i]``.
+
+        The model's input is (B, T = max n_new), each row's new tokens right-aligned (``new_token_mask``); the
+        slots are (B, S = max cached + T): each row's cached tokens, then its new ones in the last T columns.
+        """
+        return PagedKVCache(self, tables, n_new)
+
+
+class PagedLayerCache(LayerCache):
+    """One layer's view of a step: writes go into the pool, ``append`` returns gathered (B, S, ...) views."""
+
+    def __init__(self, pool: BlockPool, layer: int, step: PagedKVCache) -> None:
+        super().__init__()
+        self.pool, self.layer, self.step = pool, layer, step
+
+    def append(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        step = self.step
+        storage = self.pool.storage[self.layer]
+        if not storage:
+            n_slots = self.pool.n_blocks * self.pool.block_size
+            for x in new:
+                buf = x.new_empty(n_slots, *x.shape[2:])  # pages are touched only as blocks are written
+                buf[: self.pool.block_size].zero_()  # the padding block
+                storage.append(buf)
+        out = []
+        for buf, x in zip(storage, new, strict=True):
+            if x.shape[:2] != step.new_token_mask.shape:
+                raise ValueError(f"paged cache: new tokens of shape {tuple(x.shape[:2])}, the step was planned "
+                                 f"for {tuple(step.new_token_mask.shape)}")
+            buf.index_copy_(0, step.write_slots, x[step.new_token_mask].to(buf.dtype))
+            out.append(buf[step.read_slots])  # (B, S, ...)
+        self.length = step.read_slots.shape[1]
+        return tuple(out)
+
+    def numel(self) -> int:
+        return sum(t[0].numel() for t in self.pool.storage[self.layer]) * self.step.n_cached_tokens
+
+    def nbytes(self) -> int:
+        return sum(t[0].numel() * t.element_size() for t in self.pool.storage[self.layer]) * self.step.n_cached_tokens
+
+
+class PagedKVCache(KVCache):
+    """A KVCache over one step's rows, backed by a BlockPool. Use it for one forward, then call ``commit()`` to
+    record the new tokens as cached in each row's BlockTable (so a failed forward leaves the tables as they were:
+    the slots it wrote are past each table's length and are simply written again)."""
+
+    def __init__(self, pool: BlockPool, tables: list[BlockTable], n_new: list[int]) -> None:
+        if len(tables) != len(n_new) or not tables:
+            raise ValueError(f"paged cache: {len(tables)} tables for {len(n_new)} rows (need >= 1, equal)")
+        super().__init__(0)
+        self.pool, self.tables, self.n_new = pool, tables, n_new
+        bs = pool.block_size
+        for i, (table, n) in enumerate(zip(tables, n_new, strict=True)):
+            if n < 1 or table.length + n > len(table.blocks) * bs:
+                raise ValueError(f"paged cache: row {i} appends {n} tokens to {table.length} cached, but owns "
+                                 f"{len(table.blocks)} blocks of {bs} slots (reserve them first)")
+        B, T = len(tables), max(n_new)
+        cached = torch.tensor([t.length for t in tables])  # (B,)
+        new = torch.tensor(n_new)  # (B,)
+        S = int(cached.max()) + T
+        col = torch.arange(S)[None, :]  # (1, S)
+        pad = S - T - cached[:, None]  # left padding before the cached tokens
+        is_cached = (col >= pad) & (col < S - T)
+        is_new = col >= S - new[:, None]
+        # The logical index (position in its own sequence) of each slot, -1 for padding.
+        logical = torch.where(is_cached, col - pad, torch.where(is_new, cached[:, None] + col - (S - new[:, None]),
+                                                               torch.full_like(col, -1)))
+        width = max(len(t.blocks) for t in tables)
+        block_ids = torch.zeros(B, width, dtype=torch.long)
+        for i, table in enumerate(tables):
+            block_ids[i, : len(table.blocks)] = torch.tensor(table.blocks, dtype=torch.long)
+        safe = logical.clamp(min=0)
+        slots = block_ids.gather(1, safe // bs) * bs + safe % bs
+        real = logical >= 0
+        self.mask: torch.Tensor = real
+        self.new_token_mask = is_new[:, S - T:]  # (B, T)
+        self.read_slots = torch.where(real, slots, torch.zeros_like(slots))  # (B, S); padding reads block 0
+        self.write_slots = slots[:, S - T:][self.new_token_mask]  # (N new tokens,), row-major like x[mask]
+        self.n_cached_tokens = int(real.sum())
+        self.layers = [PagedLayerCache(pool, i, self) for i in range(pool.n_layers)]
+        self._device: torch.device | None = None
+
+    def extend_mask(self, new_mask: torch.Tensor) -> torch.Tensor:
+        """The key mask of all slots (B, S); ``new_mask`` must be this step's ``new_token_mask``."""
+        if new_mask.shape != self.new_token_mask.shape or not bool(
+                (new_mask.to(torch.bool) == self.new_token_mask.to(new_mask.device)).all()):
+            raise ValueError("paged cache: the attention mask of the new tokens is not the one the step planned "
+                             "(pass attention_mask=cache.new_token_mask)")
+        device = new_mask.device
+        if self._device != device:  # index tensors live beside the model
+            self.mask, self.new_token_mask = self.mask.to(device), self.new_token_mask.to(device)
+            self.read_slots, self.write_slots = self.read_slots.to(device), self.write_slots.to(device)
+            self._device = device
+        return self.mask
+
+    def commit(self) -> None:
+        for table, n in zip(self.tables, self.n_new, strict=True):
+            table.length += n
