@@ -1,0 +1,390 @@
+"""Continuous batching: which sequences run at each step, and what the paged latent cache holds for them.
+
+Pure Python + torch, no HTTP: ``submit`` a ``Request``, then call ``step()`` (tests do) or ``start()`` a thread
+that steps while there is work. Each step
+
+1. retires cancelled requests (a client that went away) and frees their blocks;
+2. admits waiting requests in arrival order while the batch has a free row and the block pool can hold the
+   request's whole prompt plus ``max_tokens`` (reserved up front, so a running sequence never runs out of cache
+   and nothing is ever preempted; a request that does not fit waits, and beyond ``max_queue`` waiting requests
+   ``submit`` refuses);
+3. runs one decode forward for every sequence past its prompt (one new token each, a (B, 1) batch), then one
+   forward per sequence still in its prompt, with a chunk of it sized to what is left of ``max_batch_tokens``
+   (chunked prefill: a long prompt cannot stall the decoders for more than one step's budget);
+4. samples each row with its own parameters and generator, emits the tokens, and retires finished sequences.
+
+Prefill runs one sequence per forward so that no padding token ever passes through the FFN/MoE layers (the served
+expert-load statistics count real tokens only) and decode rows are never padded to a prefill's width.
+
+An exception in a batched forward is retried row by row, so only the request that raises fails. Greedy results
+do not depend on the batch: each row's attention sees only its own slots and routing is per token. The logits
+agree with a request run alone within float rounding (about 1e-6 in float32: matrix products of a different
+batch shape sum in a different order), so the greedy tokens are equal unless two candidates tie that closely.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from deepseek_moe.infer.sampling import sample
+from deepseek_moe.model.kv_cache import BlockPool, BlockTable
+from deepseek_moe.serve.metrics import ServeMetrics
+
+if TYPE_CHECKING:
+    from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    """max_batch_size: sequences per step; max_batch_tokens: tokens per step, prefill included (>= batch size,
+    so a prefilling sequence always gets a share); kv_cache_bytes: the block pool's size; block_size: slots per
+    block; max_queue: waiting requests beyond which ``submit`` refuses."""
+
+    max_batch_size: int = 32
+    max_batch_tokens: int = 512
+    kv_cache_bytes: int = 1 << 30
+    block_size: int = 16
+    max_queue: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_batch_tokens", "kv_cache_bytes", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue ({self.max_queue}) must be >= 0")
+        if self.max_batch_tokens < self.max_batch_size:
+            raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_batch_size "
+                             f"({self.max_batch_size}): every running sequence needs a token per step")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """temperature 0 is greedy; top_k None and top_p 1.0 disable them; generation stops after ``max_tokens``, at
+    a token in ``stop_token_ids`` (unless ``ignore_eos``) or at the model's context length."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token: int
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    """reason: "stop" (a stop token), "length" (max_tokens or the context), "cancelled", "error", "shutdown"."""
+
+    reason: str
+    error: str | None = None
+
+
+Event = TokenEvent | FinishEvent
+
+
+class QueueFullError(RuntimeError):
+    """``submit`` refused: ``max_queue`` requests are already waiting."""
+
+
+class SchedulerStoppedError(RuntimeError):
+    """``submit`` refused: the scheduler is shutting down."""
+
+
+@dataclass(eq=False)
+class Request:
+    """A prompt and how to continue it. ``sink`` receives the request's events, from the scheduler's thread:
+    a TokenEvent per token, then exactly one FinishEvent."""
+
+    prompt: Sequence[int]
+    params: SamplingParams
+    sink: Callable[[Event], None]
+    id: int = field(default_factory=itertools.count().__next__)
+    arrival: float = field(default_factory=time.perf_counter)
+    # Filled in by the scheduler.
+    output: list[int] = field(default_factory=list)
+    table: BlockTable = field(default_factory=BlockTable)
+    n_prefilled: int = 0
+    generator: torch.Generator | None = None
+    last_token_time: float = 0.0
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.n_prefilled < len(self.prompt)
+
+
+class Scheduler:
+    def __init__(self, model: DeepSeekMoEForCausalLM, config: SchedulerConfig | None = None, *,
+                 metrics: ServeMetrics | None = None) -> None:
+        from deepseek_moe.model.counting import kv_cache_bytes_per_token
+
+        self.model = model.eval()
+        self.config = config = config or SchedulerConfig()
+        self.device = model.embed.weight.device
+        self.max_seq_len = model.config.max_seq_len
+        dtype = model.embed.weight.dtype
+        self.bytes_per_token = kv_cache_bytes_per_token(model.config, dtype)
+        n_blocks = config.kv_cache_bytes // (self.bytes_per_token * config.block_size)
+        if n_blocks < 2:
+            raise ValueError(f"kv_cache_bytes ({config.kv_cache_bytes}) holds {n_blocks} blocks of "
+                             f"{config.block_size} tokens at {self.bytes_per_token} bytes per token; need >= 2")
+        self.pool = BlockPool(len(model.layers), n_blocks, config.block_size)
+        self.metrics = metrics or ServeMetrics([m.layer_id for m in model.moe_layers()],
+                                               model.config.moe.n_routed_experts)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._cancelled: set[int] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._thread_exit = False
+        self._shutdown_lock = threading.Lock()
+        self.step_count = 0
+
+    # --- the thread-safe surface ------------------------------------------------------------------------------
+
+    def max_tokens_capacity(self) -> int:
+        """The most tokens (prompt + output) one request can ever hold in this pool."""
+        return min(self.max_seq_len, self.pool.capacity_blocks * self.pool.block_size)
+
+    def submit(self, request: Request) -> Request:
+        if not request.prompt:
+            raise ValueError("prompt is empty: it needs at least one token")
+        total = len(request.prompt) + request.params.max_tokens
+        if total > self.max_tokens_capacity():
+            raise ValueError(f"prompt ({len(request.prompt)} tokens) + max_tokens ({request.params.max_tokens}) "
+                             f"exceeds what one request can hold ({self.max_tokens_capacity()} tokens)")
+        with self._lock:
+            if self._stopping:
+                raise SchedulerStoppedError("the server is shutting down")
+            if len(self.waiting) >= self.config.max_queue:
+                raise QueueFullError(f"{len(self.waiting)} requests are waiting (max_queue "
+                                     f"{self.config.max_queue})")
+            self.waiting.append(request)
+            self.metrics.requests_received.inc()
+            self._wake.notify()
+        return request
+
+    def cancel(self, request_id: int) -> None:
+        """Retire the request at the next step (its client went away, or a stop string was seen)."""
+        with self._lock:
+            self._cancelled.add(request_id)
+            self._wake.notify()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="deepseek-moe-scheduler", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Refuse new requests, let those admitted or waiting finish for up to ``timeout`` seconds, then end the
+        rest with a "shutdown" FinishEvent and stop the thread."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        with self._shutdown_lock:  # a second caller waits for the first, then finds nothing left
+            self._drain(timeout)
+
+    def _drain(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        if self._thread is not None:
+            while self._thread.is_alive() and self.has_work() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with self._lock:
+                self._thread_exit = True
+                self._wake.notify()
+            self._thread.join()
+        with self._lock:
+            leftovers = list(self.waiting) + self.running
+            self.waiting.clear()
+            self.running = []
+        for req in leftovers:
+            self._finish(req, FinishEvent("shutdown", "the server shut down before this request finished"))
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._thread_exit and not (self.waiting or self.running or self._cancelled):
+                    self._wake.wait()
+                if self._thread_exit:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # a bug in the scheduler itself: fail what is in flight, keep serving
+                for req in list(self.running) + list(self.waiting):
+                    self._drop(req)
+                    self._finish(req, FinishEvent("error", f"internal error: {type(e).__name__}: {e}"))
+
+    # --- one step ----------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Retire cancelled requests, admit waiting ones, run one decode forward and the prefill chunks."""
+        self._retire_cancelled()
+        self._admit()
+        self.step_count += 1
+        budget = self.config.max_batch_tokens
+        decoding = [r for r in self.running if not r.in_prefill]
+        if decoding:
+            self._decode(decoding)
+            budget -= len(decoding)
+        for req in [r for r in self.running if r.in_prefill]:
+            if budget <= 0:
+                break
+            chunk = min(len(req.prompt) - req.n_prefilled, budget)
+            budget -= chunk
+            self._prefill(req, chunk)
+        self._update_gauges()
+
+    def _retire_cancelled(self) -> None:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            gone = [r for r in itertools.chain(self.waiting, self.running) if r.id in cancelled]
+        for req in gone:
+            self._drop(req)
+            self._finish(req, FinishEvent("cancelled"))
+
+    def _admit(self) -> None:
+        with self._lock:
+            while self.waiting and len(self.running) < self.config.max_batch_size:
+                req = self.waiting[0]
+                if not self.pool.reserve(req.table, len(req.prompt) + req.params.max_tokens):
+                    break  # first come, first served: later requests do not overtake one that waits for room
+                self.waiting.popleft()
+                if req.params.seed is not None:
+                    req.generator = torch.Generator(device=self.device)
+                    req.generator.manual_seed(req.params.seed)
+                self.running.append(req)
+
+    def _drop(self, req: Request) -> None:
+        """Take ``req`` out of the queue or the batch and return its blocks."""
+        with self._lock:
+            if req in self.waiting:
+                self.waiting.remove(req)
+        if req in self.running:
+            self.running.remove(req)
+        self.pool.release(req.table)
+
+    def _forward(self, reqs: list[Request], ids: list[list[int]]) -> torch.Tensor:
+        """One forward of ``reqs`` appending ``ids`` (one list per row); returns each row's last logits (B, V)."""
+        n_new = [len(x) for x in ids]
+        cache = self.pool.batch([r.table for r in reqs], n_new)
+        T = max(n_new)
+        input_ids = torch.zeros(len(reqs), T, dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, T - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask = cache.new_token_mask.to(self.device)
+        logits = self.model(input_ids.to(self.device), attention_mask=mask, cache=cache).logits[:, -1]
+        cache.commit()
+        self._count_routing()
+        return logits
+
+    def _decode(self, reqs: list[Request]) -> None:
+        ids = [[r.output[-1]] for r in reqs]
+        try:
+            logits = self._forward(reqs, ids)
+        except Exception:
+            # Find who raised: row by row, so the others still get their token this step.
+            for req, x in zip(reqs, ids, strict=True):
+                try:
+                    row = self._forward([req], [x])
+                except Exception as e:
+                    self._fail(req, e)
+                else:
+                    self._emit(req, row[0])
+            return
+        for i, req in enumerate(reqs):
+            self._emit(req, logits[i])
+
+    def _prefill(self, req: Request, chunk: int) -> None:
+        start = req.n_prefilled
+        try:
+            logits = self._forward([req], [list(req.prompt[start:start + chunk])])
+        except Exception as e:
+            self._fail(req, e)
+            return
+        req.n_prefilled += chunk
+        self.metrics.prompt_tokens.inc(chunk)
+        if not req.in_prefill:
+            self._emit(req, logits[0])
+
+    def _emit(self, req: Request, logits_V: torch.Tensor) -> None:
+        """Choose ``req``'s next token, hand it to the sink, and retire the request if it is done."""
+        p = req.params
+        try:
+            top_k = p.top_k if p.top_k is not None and p.top_k < logits_V.shape[-1] else None
+            token = int(sample(logits_V[None], temperature=p.temperature, top_k=top_k,
+                               top_p=p.top_p if p.top_p < 1.0 else None, generator=req.generator)[0])
+            req.output.append(token)
+            now = time.perf_counter()
+            if len(req.output) == 1:
+                self.metrics.time_to_first_token.observe(now - req.arrival)
+            else:
+                self.metrics.time_per_output_token.observe(now - req.last_token_time)
+            req.last_token_time = now
+            self.metrics.generation_tokens.inc()
+            req.sink(TokenEvent(token))
+        except Exception as e:
+            self._fail(req, e)
+            return
+        if token in p.stop_token_ids and not p.ignore_eos:
+            reason: str | None = "stop"
+        elif len(req.output) >= p.max_tokens or len(req.prompt) + len(req.output) >= self.max_seq_len:
+            reason = "length"
+        else:
+            reason = None
+        if reason is not None:
+            self._drop(req)
+            self._finish(req, FinishEvent(reason))
+
+    def _fail(self, req: Request, error: BaseException) -> None:
+        self._drop(req)
+        self._finish(req, FinishEvent("error", f"{type(error).__name__}: {error}"))
+
+    def _finish(self, req: Request, event: FinishEvent) -> None:
+        self.metrics.requests_finished.labels(reason=event.reason).inc()
+        try:
+            req.sink(event)
+        except Exception:  # a sink that fails on its last event has nobody left to tell
+            pass
+
+    def _count_routing(self) -> None:
+        for moe in self.model.moe_layers():
+            if moe.last_stats is not None:
+                self.metrics.add_expert_load(moe.layer_id, moe.last_stats.tokens_per_expert)
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        m.queue_depth.set(len(self.waiting))
+        m.running.set(len(self.running))
+        used = self.pool.capacity_blocks - self.pool.free_blocks
+        m.kv_blocks_used.set(used)
+        m.kv_blocks_total.set(self.pool.capacity_blocks)
+        m.kv_tokens.set(sum(r.table.length for r in self.running))
+
+
+def describe(scheduler: Scheduler) -> dict[str, Any]:
+    """The numbers a server prints at start-up."""
+    pool = scheduler.pool
+    return {"blocks": pool.capacity_blocks, "block_size": pool.block_size,
+            "bytes_per_token": scheduler.bytes_per_token,
+            "tokens": pool.capacity_blocks * pool.block_size}
