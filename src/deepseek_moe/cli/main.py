@@ -19,6 +19,7 @@ COMMANDS = (
     "deepseek_moe.cli.generate_cmd",
     "deepseek_moe.cli.info_cmd",
     "deepseek_moe.cli.quantize_cmd",
+    "deepseek_moe.cli.serve_cmd",
 )
 
 

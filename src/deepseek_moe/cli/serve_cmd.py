@@ -1,0 +1,84 @@
+"""``deepseek-moe serve CKPT|RUN_DIR``: an OpenAI-compatible HTTP server (completions, chat, streaming) with
+continuous batching over the paged latent KV cache. Needs the ``serve`` extra: ``pip install -e ".[serve]"``."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+
+from deepseek_moe.cli.main import UsageError
+
+LOOPBACK = ("localhost",)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from deepseek_moe.serve.scheduler import SchedulerConfig
+
+    d = SchedulerConfig()
+    p = sub.add_parser("serve", help="serve a checkpoint with the OpenAI HTTP API", description=__doc__)
+    p.add_argument("checkpoint", metavar="CKPT|RUN_DIR",
+                   help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json) or a train "
+                   "run directory (its model/ is used)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--served-model-name", metavar="NAME",
+                   help="the model name clients send (default: the checkpoint or run directory's name)")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, metavar="N",
+                   help=f"sequences decoded together per step (default {d.max_batch_size}; 1 turns batching off)")
+    p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens, metavar="N",
+                   help=f"tokens per step, prefill chunks included (default {d.max_batch_tokens})")
+    p.add_argument("--kv-cache-memory", default=str(d.kv_cache_bytes), metavar="BYTES",
+                   help="KV-cache budget: bytes or like 512MiB, 2GB (default 1GiB)")
+    p.add_argument("--block-size", type=int, default=d.block_size, metavar="N",
+                   help=f"tokens per KV-cache block (default {d.block_size})")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, metavar="N",
+                   help=f"waiting requests beyond which new ones get 503 + Retry-After (default {d.max_queue})")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="weights' dtype (default: the checkpoint's)")
+    p.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                   help="on Ctrl-C/SIGTERM, seconds requests in flight may take to finish (default 30)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from deepseek_moe.io.safetensors_io import parse_size
+    from deepseek_moe.serve.scheduler import SchedulerConfig
+
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"serve needs the serve extra ({e.name} is missing): pip install 'deepseek_moe[serve]'") from e
+    try:
+        kv_bytes = parse_size(args.kv_cache_memory if not args.kv_cache_memory.isdigit()
+                              else int(args.kv_cache_memory))
+        config = SchedulerConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
+                                 kv_cache_bytes=kv_bytes, block_size=args.block_size, max_queue=args.max_queue)
+    except ValueError as e:
+        raise UsageError(str(e).replace("max_shard_size", "--kv-cache-memory")) from e
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"--port ({args.port}) must be in [0, 65535]")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads ({args.threads}) must be >= 1")
+    if not _is_loopback(args.host):
+        print(f"warning: listening on {args.host}, reachable from other machines; the server has no "
+              "authentication", file=sys.stderr)
+
+    from deepseek_moe.serve.server import serve
+
+    serve(args.checkpoint, host=args.host, port=args.port, served_model_name=args.served_model_name,
+          config=config, device=args.device, dtype=args.dtype, threads=args.threads,
+          shutdown_timeout=args.shutdown_timeout)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host in LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

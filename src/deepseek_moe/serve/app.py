@@ -1,0 +1,343 @@
+"""The HTTP layer: OpenAI wire format in, scheduler calls out. It holds no batching logic.
+
+Each generation request is validated (``protocol``), tokenized (``text``), submitted to the scheduler, and then
+fed by the scheduler's events through an asyncio queue: collected into one JSON response, or sent as server-sent
+events, one chunk per token, ending with ``data: [DONE]``. A watcher on the connection cancels the request when
+the client goes away, so its batch row and cache blocks are freed at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from deepseek_moe.serve.protocol import ApiError, GenerationRequest, bad, parse_chat, parse_completion
+from deepseek_moe.serve.scheduler import (
+    Event,
+    QueueFullError,
+    Request,
+    SamplingParams,
+    Scheduler,
+    SchedulerStoppedError,
+    TokenEvent,
+)
+from deepseek_moe.serve.text import ChatTemplate, TextAssembler
+
+MAX_BODY_BYTES = 4 << 20
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class ServedModel:
+    """What the app serves: the scheduler over a loaded model, its tokenizer and chat template."""
+
+    name: str
+    scheduler: Scheduler
+    tokenizer: Any
+    chat_template: ChatTemplate
+    stop_token_ids: frozenset[int]
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.scheduler.max_tokens_capacity()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.scheduler.model.config.vocab_size
+
+
+class AppState:
+    """Filled in once loading finishes; until then the endpoints answer 503 and /health says "loading"."""
+
+    def __init__(self) -> None:
+        self.served: ServedModel | None = None
+        self.load_error: str | None = None
+
+    def get(self) -> ServedModel:
+        if self.served is None:
+            raise ApiError(503, "the model is still loading" if self.load_error is None else
+                           f"the model failed to load: {self.load_error}", headers={"Retry-After": "5"})
+        return self.served
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def read_json(request: HttpRequest, limit: int) -> Any:
+    """The body as JSON: at most ``limit`` bytes, UTF-8, parseable. An oversized body is read to its end (and
+    discarded) before answering, so the client sees the 413 rather than a reset while still sending."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > 16 * limit:
+            break
+    if size > limit:
+        raise ApiError(413, f"the request body is {size}{'+' if size > 16 * limit else ''} bytes; the limit is "
+                       f"{limit}", code="request_too_large")
+    raw = b"".join(chunks)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the request body is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})",
+                       code="invalid_utf8") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
+                       code="invalid_json") from None
+
+
+def _check_model(served: ServedModel, req: GenerationRequest) -> None:
+    if req.model is not None and req.model != served.name:
+        raise ApiError(404, f"The model `{req.model}` does not exist. This server serves `{served.name}`.",
+                       param="model", code="model_not_found")
+
+
+def _prompt_ids(served: ServedModel, req: GenerationRequest) -> tuple[list[int], str]:
+    """Token ids of the prompt and the name of the field they came from."""
+    if req.messages is not None:
+        field_name = "messages"
+        try:
+            text = served.chat_template.render(req.messages)
+        except Exception as e:  # the template's raise_exception, or a template that cannot handle the input
+            raise bad("messages", f"the chat template refused them: {e}") from None
+        ids = served.tokenizer.encode(text, add_special_tokens=False).ids
+    elif req.prompt_text is not None:
+        field_name = "prompt"
+        ids = served.tokenizer.encode(req.prompt_text).ids
+    else:
+        field_name = "prompt"
+        ids = list(req.prompt_ids or [])
+        bad_ids = [t for t in ids if not 0 <= t < served.vocab_size]
+        if bad_ids:
+            raise bad("prompt", f"token id {bad_ids[0]} is outside the vocabulary [0, {served.vocab_size})")
+    if not ids:
+        raise bad(field_name, "encodes to no tokens")
+    if len(ids) >= served.max_seq_len:
+        raise bad(field_name, f"is {len(ids)} tokens; this model's context is {served.max_seq_len} tokens, which must "
+                  "also hold at least one generated token", code="context_length_exceeded")
+    return ids, field_name
+
+
+def _sampling(served: ServedModel, req: GenerationRequest, n_prompt: int, chat: bool) -> SamplingParams:
+    room = served.max_seq_len - n_prompt
+    if req.max_tokens is None:
+        max_tokens = room if chat else min(DEFAULT_COMPLETION_TOKENS, room)
+    elif req.max_tokens > room:
+        name = "max_tokens"
+        raise bad(name, f"{req.max_tokens} tokens do not fit: the prompt is {n_prompt} tokens and the context "
+                  f"{served.max_seq_len}, leaving {room}", code="context_length_exceeded")
+    else:
+        max_tokens = req.max_tokens
+    return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                          seed=req.seed, stop_token_ids=served.stop_token_ids, ignore_eos=req.ignore_eos)
+
+
+class Generation:
+    """One request in flight: its scheduler Request, the queue its events arrive on, and its text so far."""
+
+    def __init__(self, served: ServedModel, req: GenerationRequest, ids: list[int], params: SamplingParams,
+                 chat: bool) -> None:
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.served, self.req, self.chat = served, req, chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.text = TextAssembler(served.tokenizer, req.stop, served.stop_token_ids)
+        self.n_prompt, self.n_completion = len(ids), 0
+        self.finished = False
+
+        def sink(event: Event) -> None:
+            loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+        self.request = Request(ids, params, sink)
+
+    def submit(self) -> None:
+        try:
+            self.served.scheduler.submit(self.request)
+        except QueueFullError as e:
+            raise ApiError(503, f"the server is busy: {e}; retry later", code="queue_full",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except SchedulerStoppedError as e:
+            raise ApiError(503, str(e), code="shutting_down") from None
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.served.scheduler.cancel(self.request.id)
+
+    async def deltas(self) -> AsyncIterator[tuple[str, str | None]]:
+        """(text delta, finish reason or None) per token, then a last one with the reason; raises ApiError
+        when the request failed."""
+        while True:
+            event = await self.queue.get()
+            if isinstance(event, TokenEvent):
+                if self.text.stopped:
+                    continue  # tokens computed before the scheduler saw our cancel
+                self.n_completion += 1
+                delta = self.text.add(event.token)
+                if self.text.stopped:  # a stop string: retire it in the scheduler, finish here
+                    self.cancel()
+                    yield delta + self.text.finish(), "stop"
+                    return
+                yield delta, None
+                continue
+            self.finished = True
+            if event.reason in ("stop", "length"):
+                yield self.text.finish(), event.reason
+                return
+            if event.reason == "shutdown":
+                raise ApiError(503, "the server shut down before this request finished", code="shutting_down")
+            if event.reason == "cancelled":
+                raise ApiError(499, "the request was cancelled", code="cancelled")
+            raise ApiError(500, f"generation failed: {event.error}", code="generation_error")
+
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.n_prompt, "completion_tokens": self.n_completion,
+                "total_tokens": self.n_prompt + self.n_completion}
+
+    def choice(self, text: str, finish: str | None, *, stream: bool) -> dict[str, Any]:
+        if not self.chat:
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        if stream:
+            return {"index": 0, "delta": {"content": text} if text or finish is None else {}, "logprobs": None,
+                    "finish_reason": finish}
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish}
+
+    def envelope(self, choices: list[dict[str, Any]], *, stream: bool) -> dict[str, Any]:
+        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if stream and self.chat else "")
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.served.name,
+                "choices": choices}
+
+
+async def _watch_disconnect(request: HttpRequest, gen: Generation) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            gen.cancel()
+            return
+
+
+async def _collect(request: HttpRequest, gen: Generation) -> Response:
+    watcher = asyncio.create_task(_watch_disconnect(request, gen))
+    try:
+        text: list[str] = []
+        finish: str | None = None
+        async for delta, reason in gen.deltas():
+            text.append(delta)
+            finish = reason
+        body = gen.envelope([gen.choice("".join(text), finish, stream=False)], stream=False)
+        body["usage"] = gen.usage()
+        return JSONResponse(body)
+    finally:
+        watcher.cancel()
+        gen.cancel()
+
+
+def _sse(data: dict[str, Any] | str) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+
+
+async def _stream(request: HttpRequest, gen: Generation) -> AsyncIterator[bytes]:
+    watcher = asyncio.create_task(_watch_disconnect(request, gen))
+    try:
+        if gen.chat:  # the first chat chunk carries the role
+            first = gen.envelope([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                   "finish_reason": None}], stream=True)
+            yield _sse(first)
+        try:
+            async for delta, finish in gen.deltas():
+                chunk = gen.envelope([gen.choice(delta, finish, stream=True)], stream=True)
+                if finish is not None:
+                    chunk["usage"] = gen.usage()
+                yield _sse(chunk)
+        except ApiError as e:
+            yield _sse(e.body())
+        else:
+            if gen.req.include_usage:
+                tail = gen.envelope([], stream=True)
+                tail["usage"] = gen.usage()
+                yield _sse(tail)
+        yield _sse("[DONE]")
+    finally:
+        watcher.cancel()
+        gen.cancel()
+
+
+def build_app(state: AppState, *, lifespan: Any = None, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+    """The Starlette app over ``state`` (whose ``served`` may be filled in later, by a loader)."""
+
+    def endpoint(parse: Callable[[Any], GenerationRequest], chat: bool) -> Callable[[HttpRequest], Any]:
+        async def handle(request: HttpRequest) -> Response:
+            try:
+                served = state.get()
+                req = parse(await read_json(request, max_body_bytes))
+                _check_model(served, req)
+                ids, _ = _prompt_ids(served, req)
+                gen = Generation(served, req, ids, _sampling(served, req, len(ids), chat), chat)
+                gen.submit()
+                if req.stream:
+                    return StreamingResponse(_stream(request, gen), media_type="text/event-stream",
+                                             headers={"Cache-Control": "no-cache"})
+                return await _collect(request, gen)
+            except ApiError as e:
+                if state.served is not None and e.status in (400, 404, 413, 503):
+                    state.served.scheduler.metrics.requests_rejected.labels(status=str(e.status)).inc()
+                return error_response(e)
+        return handle
+
+    async def models(request: HttpRequest) -> Response:
+        try:
+            served = state.get()
+        except ApiError as e:
+            return error_response(e)
+        return JSONResponse({"object": "list", "data": [
+            {"id": served.name, "object": "model", "created": served.created, "owned_by": "deepseek_moe",
+             "max_model_len": served.max_seq_len}]})
+
+    async def health(request: HttpRequest) -> Response:
+        served = state.served
+        if served is not None and served.scheduler.is_running:
+            return JSONResponse({"status": "ok", "model": served.name})
+        status = "failed" if state.load_error else ("stopped" if served is not None else "loading")
+        return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
+
+    async def metrics(request: HttpRequest) -> Response:
+        if state.served is None:
+            return PlainTextResponse("", status_code=503)
+        return PlainTextResponse(state.served.scheduler.metrics.render(),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def http_error(request: HttpRequest, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"))
+
+    async def server_error(request: HttpRequest, exc: Exception) -> Response:
+        return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}"))
+
+    routes = [
+        Route("/v1/completions", endpoint(parse_completion, chat=False), methods=["POST"]),
+        Route("/v1/chat/completions", endpoint(parse_chat, chat=True), methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan,
+                     exception_handlers={HTTPException: http_error, Exception: server_error})

@@ -1,0 +1,119 @@
+"""``serve(path)``: load a checkpoint and serve it over HTTP until interrupted (``deepseek-moe serve`` calls it).
+
+The server listens at once and loads in a background thread, so ``GET /health`` answers 503 ("loading") until
+the model is loaded and the scheduler runs, then 200. On SIGINT/SIGTERM uvicorn stops accepting connections and
+requests in flight may finish for up to ``shutdown_timeout`` seconds; then the scheduler ends whatever is left
+with a "shutdown" error (a 503, or a final error event and ``[DONE]`` on a stream), and the process exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from deepseek_moe.serve.scheduler import Scheduler, SchedulerConfig, describe
+
+log = logging.getLogger("uvicorn.error")  # shown in the same stream and format as uvicorn's own lines
+
+
+def checkpoint_dir(target: str | os.PathLike[str]) -> Path:
+    """The directory holding config.json: ``target`` itself, or ``target/model`` for a train run directory."""
+    from deepseek_moe.io import CheckpointError
+
+    path = Path(target)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if (path / "model" / "config.json").is_file():
+        return path / "model"
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json (nor model/config.json, as a train run directory has)")
+    return path
+
+
+def default_model_name(target: str | os.PathLike[str]) -> str:
+    """The checkpoint directory's name, or the run directory's for a train run (not its ``model/``)."""
+    return Path(target).resolve().name
+
+
+def load_served_model(path: str | os.PathLike[str], *, name: str | None = None,
+                      config: SchedulerConfig | None = None, device: str = "cpu",
+                      dtype: str | None = None) -> Any:  # -> ServedModel
+    """Load ``path`` (a checkpoint or train run directory) with ``deepseek_moe.from_pretrained`` and start its
+    scheduler. ``name`` defaults to the checkpoint directory's name (the run directory's for a run)."""
+    from deepseek_moe.io import CheckpointError, load_pretrained
+    from deepseek_moe.serve.app import ServedModel
+    from deepseek_moe.serve.text import ChatTemplate, stop_token_ids
+
+    target = Path(path)
+    ckpt = checkpoint_dir(target)
+    model = load_pretrained(ckpt, device=device, dtype=dtype)
+    if model.tokenizer is None:
+        raise CheckpointError(f"{ckpt}: no tokenizer.json; the server needs the checkpoint's tokenizer")
+    scheduler = Scheduler(model, config)
+    served = ServedModel(name=name or default_model_name(target),
+                         scheduler=scheduler, tokenizer=model.tokenizer,
+                         chat_template=ChatTemplate.for_checkpoint(ckpt),
+                         stop_token_ids=stop_token_ids(model.config.eos_token_id, model.tokenizer,
+                                                       model.config.vocab_size))
+    scheduler.start()
+    return served
+
+
+def serve(path: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8000,
+          served_model_name: str | None = None, config: SchedulerConfig | None = None, device: str = "cpu",
+          dtype: str | None = None, threads: int | None = None, shutdown_timeout: float = 30.0,
+          log_level: str = "info") -> None:
+    """Serve the checkpoint at ``path`` with the OpenAI HTTP API on ``host:port`` until SIGINT/SIGTERM."""
+    import torch
+    import uvicorn
+
+    from deepseek_moe.serve.app import AppState, build_app
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    checkpoint_dir(path)  # a wrong path fails now, not in the loader thread
+    state = AppState()
+
+    def load() -> None:
+        try:
+            state.served = load_served_model(path, name=served_model_name, config=config, device=device,
+                                             dtype=dtype)
+            info = describe(state.served.scheduler)
+            log.info("serving %s: KV cache of %d blocks x %d tokens (%d bytes/token, %d tokens)",
+                     state.served.name, info["blocks"], info["block_size"], info["bytes_per_token"],
+                     info["tokens"])
+        except Exception as e:
+            state.load_error = f"{type(e).__name__}: {e}"
+            log.error("loading %s failed: %s", path, state.load_error)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        if state.served is not None:
+            # uvicorn has waited for the requests in flight; whatever is left now is ended cleanly.
+            state.served.scheduler.shutdown(timeout=0.0)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # load only once the port is ours: a taken port fails fast, with nothing to stop
+                threading.Thread(target=load, name="deepseek-moe-loader", daemon=True).start()
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            # The scheduler drains (finishing what it can within shutdown_timeout, then ending the rest with a
+            # "shutdown" event, which each handler turns into a clean 503 or final error event) while uvicorn
+            # waits for those handlers; uvicorn's own timeout is only a backstop.
+            if state.served is not None:
+                threading.Thread(target=state.served.scheduler.shutdown, kwargs={"timeout": shutdown_timeout},
+                                 name="deepseek-moe-drain", daemon=True).start()
+            await super().shutdown(sockets)
+
+    app = build_app(state, lifespan=lifespan)
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                                   timeout_graceful_shutdown=round(shutdown_timeout) + 5))
+    server.run()
