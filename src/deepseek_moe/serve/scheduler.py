@@ -36,6 +36,7 @@ import torch
 
 from deepseek_moe.infer.sampling import sample
 from deepseek_moe.model.kv_cache import BlockPool, BlockTable
+from deepseek_moe.moe.layer import MoE
 from deepseek_moe.serve.metrics import ServeMetrics
 
 if TYPE_CHECKING:
@@ -141,8 +142,9 @@ class Scheduler:
             raise ValueError(f"kv_cache_bytes ({config.kv_cache_bytes}) holds {n_blocks} blocks of "
                              f"{config.block_size} tokens at {self.bytes_per_token} bytes per token; need >= 2")
         self.pool = BlockPool(len(model.layers), n_blocks, config.block_size)
-        self.metrics = metrics or ServeMetrics([m.layer_id for m in model.moe_layers()],
-                                               model.config.moe.n_routed_experts)
+        # Found by type, not through a model method, so any model holding our MoE layers is served.
+        self.moe = [m for m in model.modules() if isinstance(m, MoE)]
+        self.metrics = metrics or ServeMetrics([m.layer_id for m in self.moe], model.config.moe.n_routed_experts)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._cancelled: set[int] = set()
@@ -368,7 +370,7 @@ class Scheduler:
             pass
 
     def _count_routing(self) -> None:
-        for moe in self.model.moe_layers():
+        for moe in self.moe:
             if moe.last_stats is not None:
                 self.metrics.add_expert_load(moe.layer_id, moe.last_stats.tokens_per_expert)
 
