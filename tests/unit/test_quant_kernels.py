@@ -63,3 +63,30 @@ def test_width_mismatch_is_a_clear_error() -> None:
     q, s = _weights(8, 8, 64)
     with pytest.raises(ValueError, match="input width 32 does not match"):
         qm.quant_matmul(torch.randn(1, 32), q, s)
+
+
+def _stacked(bits: int, E: int, N: int, K: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [_weights(bits, N, K, group) for _ in range(E)]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+@needs_kernel
+@pytest.mark.parametrize(("bits13", "bits2"), [(8, 8), (4, 4), (4, 8)])
+@pytest.mark.parametrize("with_gates", [True, False])
+def test_fused_experts_match_reference(bits13: int, bits2: int, with_gates: bool) -> None:
+    torch.manual_seed(bits13 + bits2)
+    E, D, F_, group = 6, 64, 96, 32
+    w = {"w1": _stacked(bits13, E, F_, D, group), "w3": _stacked(bits13, E, F_, D, group),
+         "w2": _stacked(bits2, E, D, F_, group)}
+    counts = torch.tensor([2, 0, 5, 1, 0, 3])  # experts 1 and 4 receive nothing
+    x = torch.randn(int(counts.sum()), D)
+    gates = torch.rand(x.shape[0]) if with_gates else None
+    got = qm.quant_experts(x, counts, gates, w, group)
+    assert got is not None
+    torch.testing.assert_close(got, qm.experts_reference(x, counts, gates, w), rtol=1e-4, atol=1e-3)
+
+
+def test_fused_experts_decline_prefill_sized_groups() -> None:
+    w = {"w1": _stacked(8, 2, 8, 32, 32), "w3": _stacked(8, 2, 8, 32, 32), "w2": _stacked(8, 2, 32, 8, 32)}
+    counts = torch.tensor([qm.KERNEL_MAX_ROWS + 1, 0])
+    assert qm.quant_experts(torch.randn(int(counts.sum()), 32), counts, None, w, 32) is None

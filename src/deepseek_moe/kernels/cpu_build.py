@@ -79,5 +79,8 @@ def load_library() -> ctypes.CDLL | None:
     lib.dsm_qgemm_int8.restype = None
     lib.dsm_qgemm_int4.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, ptr, i64, ctypes.c_int]
     lib.dsm_qgemm_int4.restype = None
+    lib.dsm_experts.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, ptr, ptr,
+                                ctypes.c_int, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.dsm_experts.restype = None
     lib.dsm_has_avx512.restype = ctypes.c_int
     return lib

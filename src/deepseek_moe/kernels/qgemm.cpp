@@ -8,6 +8,7 @@
 // The readable reference is deepseek_moe/kernels/quant_matmul.py (dequantise, then matmul); tests compare them.
 // Built at run time by kernels/cpu_build.py with -march=native; without AVX-512 the plain loops are compiled.
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <omp.h>
@@ -18,7 +19,8 @@
 
 namespace {
 
-constexpr int MB = 4;  // rows of x per pass over a weight row
+constexpr int NB = 4;  // rows of W per micro-tile (x is loaded once for all of them)
+constexpr int MB = 4;  // rows of x per micro-tile (each widened weight vector is used MB times)
 
 inline float half_to_float(uint16_t h) {
 #if defined(__F16C__)
@@ -34,86 +36,125 @@ inline float half_to_float(uint16_t h) {
 #endif
 }
 
-// One output row n of int8 weights against mb (<= MB) rows of x.
-template <int NB>
-inline void row_int8(const float* x, int64_t ldx, int64_t K, const int8_t* w, float scale, float* out, int64_t ldo) {
-    float acc_s[MB] = {0.f, 0.f, 0.f, 0.f};
+// Arguments shared by the micro-tiles: x (M, K) rows ldx apart, y (M, N) rows ldy apart.
+struct Problem {
+    const float* x; int64_t ldx; int64_t M; int64_t K;
+    const void* w; const void* scale; int64_t gs; int64_t N;
+    float* y; int64_t ldy;
+};
+
+// y[m0:m0+nm, n0:n0+nn] for int8 W (N, K), per-row fp32 scales. Accumulators: nn x nm vectors of 16 lanes.
+template <int nn, int nm>
+void tile_int8(const Problem& p, int64_t n0, int64_t m0) {
+    const int8_t* w = static_cast<const int8_t*>(p.w) + n0 * p.K;
+    const float* scale = static_cast<const float*>(p.scale) + n0;
+    const float* x = p.x + m0 * p.ldx;
+    float sums[nn][nm] = {};
     int64_t k = 0;
 #ifdef DSM_AVX512
-    __m512 acc[NB][2];
-    for (int m = 0; m < NB; ++m) { acc[m][0] = _mm512_setzero_ps(); acc[m][1] = _mm512_setzero_ps(); }
-    for (; k + 32 <= K; k += 32) {
-        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k))));
-        __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k + 16))));
-        for (int m = 0; m < NB; ++m) {
-            acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * ldx + k), acc[m][0]);
-            acc[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * ldx + k + 16), acc[m][1]);
+    __m512 acc[nn][nm];
+    for (int i = 0; i < nn; ++i) for (int j = 0; j < nm; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (; k + 16 <= p.K; k += 16) {
+        __m512 xv[nm];
+        for (int j = 0; j < nm; ++j) xv[j] = _mm512_loadu_ps(x + j * p.ldx + k);
+        for (int i = 0; i < nn; ++i) {
+            __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + i * p.K + k))));
+            for (int j = 0; j < nm; ++j) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
         }
     }
-    for (int m = 0; m < NB; ++m) acc_s[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+    for (int i = 0; i < nn; ++i) for (int j = 0; j < nm; ++j) sums[i][j] = _mm512_reduce_add_ps(acc[i][j]);
 #endif
-    for (; k < K; ++k)
-        for (int m = 0; m < NB; ++m) acc_s[m] += float(w[k]) * x[m * ldx + k];
-    for (int m = 0; m < NB; ++m) out[m * ldo] = acc_s[m] * scale;
+    for (; k < p.K; ++k)
+        for (int i = 0; i < nn; ++i)
+            for (int j = 0; j < nm; ++j) sums[i][j] += float(w[i * p.K + k]) * x[j * p.ldx + k];
+    for (int i = 0; i < nn; ++i)
+        for (int j = 0; j < nm; ++j) p.y[(m0 + j) * p.ldy + n0 + i] = sums[i][j] * scale[i];
 }
 
-// One output row of int4 weights, kernel layout: in each group of gs columns, byte j holds column j (low
-// nibble) and column j + gs/2 (high nibble), each + 8. Scales fp16, one per group.
-template <int NB>
-inline void row_int4(const float* x, int64_t ldx, int64_t K, const uint8_t* w, const uint16_t* scale, int64_t gs,
-                     float* out, int64_t ldo) {
-    float acc_s[MB] = {0.f, 0.f, 0.f, 0.f};
-    const int64_t half = gs / 2;
-    const int64_t G = K / gs;
+// The same for int4 W in the kernel layout (in each group of gs columns, byte j = column j in the low nibble,
+// column j + gs/2 in the high one, each + 8) with fp16 group scales (N, K/gs). The scale is folded into the
+// widened weights, so the accumulators need no per-group pass.
+template <int nn, int nm>
+void tile_int4(const Problem& p, int64_t n0, int64_t m0) {
+    const int64_t half = p.gs / 2, G = p.K / p.gs, row_bytes = p.K / 2;
+    const uint8_t* w = static_cast<const uint8_t*>(p.w) + n0 * row_bytes;
+    const uint16_t* scale = static_cast<const uint16_t*>(p.scale) + n0 * G;
+    const float* x = p.x + m0 * p.ldx;
+    float sums[nn][nm] = {};
 #ifdef DSM_AVX512
-    if (half % 16 == 0) {
-        __m512 acc[NB];
-        for (int m = 0; m < NB; ++m) acc[m] = _mm512_setzero_ps();
-        const __m128i low = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
-        for (int64_t g = 0; g < G; ++g) {
-            const uint8_t* wg = w + g * half;
-            const float* xg = x + g * gs;
-            __m512 part[NB];
-            for (int m = 0; m < NB; ++m) part[m] = _mm512_setzero_ps();
-            for (int64_t j = 0; j < half; j += 16) {
-                __m128i b = _mm_loadu_si128((const __m128i*)(wg + j));
+    __m512 acc[nn][nm];
+    for (int i = 0; i < nn; ++i) for (int j = 0; j < nm; ++j) acc[i][j] = _mm512_setzero_ps();
+    const __m128i low = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
+    for (int64_t g = 0; g < G; ++g) {
+        __m512 s[nn];
+        for (int i = 0; i < nn; ++i) s[i] = _mm512_set1_ps(half_to_float(scale[i * G + g]));
+        for (int64_t jj = 0; jj < half; jj += 16) {
+            const int64_t k_lo = g * p.gs + jj, k_hi = k_lo + half;
+            __m512 xl[nm], xh[nm];
+            for (int j = 0; j < nm; ++j) {
+                xl[j] = _mm512_loadu_ps(x + j * p.ldx + k_lo);
+                xh[j] = _mm512_loadu_ps(x + j * p.ldx + k_hi);
+            }
+            for (int i = 0; i < nn; ++i) {
+                __m128i b = _mm_loadu_si128((const __m128i*)(w + i * row_bytes + g * half + jj));
                 __m128i lo = _mm_sub_epi8(_mm_and_si128(b, low), eight);
                 __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), low), eight);
-                __m512 wl = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo));
-                __m512 wh = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi));
-                for (int m = 0; m < NB; ++m) {
-                    part[m] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(xg + m * ldx + j), part[m]);
-                    part[m] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xg + m * ldx + half + j), part[m]);
+                __m512 wl = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), s[i]);
+                __m512 wh = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), s[i]);
+                for (int j = 0; j < nm; ++j) {
+                    acc[i][j] = _mm512_fmadd_ps(wl, xl[j], acc[i][j]);
+                    acc[i][j] = _mm512_fmadd_ps(wh, xh[j], acc[i][j]);
                 }
             }
-            __m512 s = _mm512_set1_ps(half_to_float(scale[g]));
-            for (int m = 0; m < NB; ++m) acc[m] = _mm512_fmadd_ps(part[m], s, acc[m]);
         }
-        for (int m = 0; m < NB; ++m) out[m * ldo] = _mm512_reduce_add_ps(acc[m]);
-        return;
     }
+    for (int i = 0; i < nn; ++i) for (int j = 0; j < nm; ++j) sums[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+#else
+    for (int i = 0; i < nn; ++i)
+        for (int64_t g = 0; g < G; ++g) {
+            const float s = half_to_float(scale[i * G + g]);
+            for (int64_t jj = 0; jj < half; ++jj) {
+                const uint8_t b = w[i * row_bytes + g * half + jj];
+                const float wl = float(int(b & 0x0f) - 8) * s, wh = float(int(b >> 4) - 8) * s;
+                for (int j = 0; j < nm; ++j)
+                    sums[i][j] += wl * x[j * p.ldx + g * p.gs + jj] + wh * x[j * p.ldx + g * p.gs + half + jj];
+            }
+        }
 #endif
-    for (int64_t g = 0; g < G; ++g) {
-        float part[MB] = {0.f, 0.f, 0.f, 0.f};
-        for (int64_t j = 0; j < half; ++j) {
-            uint8_t b = w[g * half + j];
-            float wl = float(int(b & 0x0f) - 8), wh = float(int(b >> 4) - 8);
-            for (int m = 0; m < NB; ++m)
-                part[m] += wl * x[m * ldx + g * gs + j] + wh * x[m * ldx + g * gs + half + j];
-        }
-        float s = half_to_float(scale[g]);
-        for (int m = 0; m < NB; ++m) acc_s[m] += part[m] * s;
-    }
-    for (int m = 0; m < NB; ++m) out[m * ldo] = acc_s[m];
+    for (int i = 0; i < nn; ++i)
+        for (int j = 0; j < nm; ++j) p.y[(m0 + j) * p.ldy + n0 + i] = sums[i][j];
 }
 
-template <typename RowFn>
-void over_rows(int64_t M, int64_t N, int n_threads, RowFn fn) {
-    // Rows of W split over threads; every thread walks all of x's rows in blocks of MB so each weight row is
-    // read from memory once per MB rows of x.
+using TileFn = void (*)(const Problem&, int64_t, int64_t);
+
+template <int nn, int nm> struct Int8Tile { static constexpr TileFn fn = &tile_int8<nn, nm>; };
+template <int nn, int nm> struct Int4Tile { static constexpr TileFn fn = &tile_int4<nn, nm>; };
+
+template <template <int, int> class T>
+TileFn pick(int nn, int nm) {
+    // nn, nm in 1..4
+    static const TileFn table[NB][MB] = {
+        {T<1, 1>::fn, T<1, 2>::fn, T<1, 3>::fn, T<1, 4>::fn},
+        {T<2, 1>::fn, T<2, 2>::fn, T<2, 3>::fn, T<2, 4>::fn},
+        {T<3, 1>::fn, T<3, 2>::fn, T<3, 3>::fn, T<3, 4>::fn},
+        {T<4, 1>::fn, T<4, 2>::fn, T<4, 3>::fn, T<4, 4>::fn},
+    };
+    return table[nn - 1][nm - 1];
+}
+
+template <template <int, int> class T>
+void run(const Problem& p, int n_threads) {
+    // Blocks of NB rows of W over threads; each block walks x in blocks of MB rows (x stays in L1/L2, W is
+    // streamed from memory exactly once).
+    const int64_t n_blocks = (p.N + NB - 1) / NB;
 #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-        for (int64_t m0 = 0; m0 < M; m0 += MB) fn(n, m0, M - m0 < MB ? M - m0 : MB);
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        const int64_t n0 = b * NB;
+        const int nn = int(p.N - n0 < NB ? p.N - n0 : NB);
+        for (int64_t m0 = 0; m0 < p.M; m0 += MB) {
+            const int nm = int(p.M - m0 < MB ? p.M - m0 : MB);
+            pick<T>(nn, nm)(p, n0, m0);
+        }
     }
 }
 
@@ -132,35 +173,65 @@ int dsm_has_avx512() {
 // x (M, K) fp32 rows ldx apart; w (N, K) int8; scale (N,) fp32; y (M, N) fp32 rows ldy apart.
 void dsm_qgemm_int8(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* w, const float* scale,
                     int64_t N, float* y, int64_t ldy, int n_threads) {
-    over_rows(M, N, n_threads, [&](int64_t n, int64_t m0, int64_t mb) {
-        const float* xm = x + m0 * ldx;
-        float* o = y + m0 * ldy + n;
-        const int8_t* wn = w + n * K;
-        switch (mb) {
-            case 1: row_int8<1>(xm, ldx, K, wn, scale[n], o, ldy); break;
-            case 2: row_int8<2>(xm, ldx, K, wn, scale[n], o, ldy); break;
-            case 3: row_int8<3>(xm, ldx, K, wn, scale[n], o, ldy); break;
-            default: row_int8<4>(xm, ldx, K, wn, scale[n], o, ldy); break;
-        }
-    });
+    run<Int8Tile>(Problem{x, ldx, M, K, w, scale, 0, N, y, ldy}, n_threads);
 }
 
-// w (N, K/2) uint8 in the kernel layout; scale (N, K/gs) fp16 bits.
+// w (N, K/2) uint8 in the kernel layout; scale (N, K/gs) fp16 bits; gs a multiple of 32.
 void dsm_qgemm_int4(const float* x, int64_t ldx, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scale,
                     int64_t gs, int64_t N, float* y, int64_t ldy, int n_threads) {
-    const int64_t G = K / gs;
-    over_rows(M, N, n_threads, [&](int64_t n, int64_t m0, int64_t mb) {
-        const float* xm = x + m0 * ldx;
-        float* o = y + m0 * ldy + n;
-        const uint8_t* wn = w + n * (K / 2);
-        const uint16_t* sn = scale + n * G;
-        switch (mb) {
-            case 1: row_int4<1>(xm, ldx, K, wn, sn, gs, o, ldy); break;
-            case 2: row_int4<2>(xm, ldx, K, wn, sn, gs, o, ldy); break;
-            case 3: row_int4<3>(xm, ldx, K, wn, sn, gs, o, ldy); break;
-            default: row_int4<4>(xm, ldx, K, wn, sn, gs, o, ldy); break;
+    run<Int4Tile>(Problem{x, ldx, M, K, w, scale, gs, N, y, ldy}, n_threads);
+}
+
+// The routed experts of one MoE layer on rows sorted by expert (decode, small groups): for each active
+// expert e (rows start[a] .. start[a] + len[a]): h = silu(x W1_e^T) * (x W3_e^T) * gate; y = h W2_e^T.
+// One call instead of ~7 tensor operations per expert; one parallel region with two barriers.
+// Weights: w13 and w2 stacked (E, rows, ...) with their per-expert strides in bytes (codes) and elements (scales);
+// bits13 / bits2 are 8 or 4 (int4: kernel layout, fp16 scales). h1, h3: (A, F) scratch.
+void dsm_experts(const float* x, int64_t A, int64_t D, int64_t F, int64_t n_active, const int64_t* expert,
+                 const int64_t* start, const int64_t* len, const void* w1, const void* w3, const void* s1,
+                 const void* s3, int bits13, const void* w2, const void* s2, int bits2, int64_t gs,
+                 const float* gate, float* h1, float* h3, float* y, int n_threads) {
+    auto code_bytes = [](int bits, int64_t rows, int64_t cols) { return rows * (bits == 8 ? cols : cols / 2); };
+    auto scale_bytes = [gs](int bits, int64_t rows, int64_t cols) {
+        return bits == 8 ? rows * 4 : rows * (cols / gs) * 2;
+    };
+    const int64_t w13_stride = code_bytes(bits13, F, D), s13_stride = scale_bytes(bits13, F, D);
+    const int64_t w2_stride = code_bytes(bits2, D, F), s2_stride = scale_bytes(bits2, D, F);
+    const int64_t up_blocks = (F + NB - 1) / NB, down_blocks = (D + NB - 1) / NB;
+    auto tile = [](const Problem& p, int bits, int64_t n0) {
+        const int nn = int(p.N - n0 < NB ? p.N - n0 : NB);
+        for (int64_t m0 = 0; m0 < p.M; m0 += MB) {
+            const int nm = int(p.M - m0 < MB ? p.M - m0 : MB);
+            (bits == 8 ? pick<Int8Tile>(nn, nm) : pick<Int4Tile>(nn, nm))(p, n0, m0);
         }
-    });
+    };
+#pragma omp parallel num_threads(n_threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < n_active * up_blocks * 2; ++b) {
+            const int64_t a = b / (up_blocks * 2), rest = b % (up_blocks * 2);
+            const bool is3 = rest >= up_blocks;
+            const int64_t n0 = (rest % up_blocks) * NB, e = expert[a];
+            const char* w = static_cast<const char*>(is3 ? w3 : w1) + e * w13_stride;
+            const char* sc = static_cast<const char*>(is3 ? s3 : s1) + e * s13_stride;
+            tile(Problem{x + start[a] * D, D, len[a], D, w, sc, gs, F, (is3 ? h3 : h1) + start[a] * F, F}, bits13, n0);
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < A; ++r) {
+            const float g = gate ? gate[r] : 1.0f;
+            for (int64_t f = 0; f < F; ++f) {
+                const float u = h1[r * F + f];
+                h1[r * F + f] = u / (1.0f + std::exp(-u)) * h3[r * F + f] * g;
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < n_active * down_blocks; ++b) {
+            const int64_t a = b / down_blocks, n0 = (b % down_blocks) * NB, e = expert[a];
+            const char* w = static_cast<const char*>(w2) + e * w2_stride;
+            const char* sc = static_cast<const char*>(s2) + e * s2_stride;
+            tile(Problem{h1 + start[a] * F, F, len[a], F, w, sc, gs, D, y + start[a] * D, D}, bits2, n0);
+        }
+    }
 }
 
 }  // extern "C"

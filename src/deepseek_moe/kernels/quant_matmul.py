@@ -14,7 +14,11 @@ packed in the *kernel* layout, uint8 (N, K/2), with float16 group scales (N, K/g
 
 from __future__ import annotations
 
+import itertools
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 
 from deepseek_moe.kernels.cpu_build import load_library
 
@@ -62,27 +66,80 @@ def quant_matmul_tiled(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) ->
     return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)
 
 
-def quant_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, out: torch.Tensor | None = None
-                 ) -> torch.Tensor:
-    """x (..., K) @ dequant(q)^T -> (..., N) in x's dtype. ``out`` (M, N) float32, optional, for the kernel."""
+def quant_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ dequant(q)^T -> (..., N) in x's dtype."""
     _check(x, q, scale)
-    M = x.numel() // x.shape[-1]
-    lib = load_library() if x.device.type == "cpu" and not x.requires_grad else None
+    K = x.shape[-1]
+    M = x.numel() // K if K else 0
+    lib = _kernel_for(x)
     if lib is None or M > KERNEL_MAX_ROWS or M == 0:
         return quant_matmul_tiled(x, q, scale)
-    K, N = x.shape[-1], q.shape[0]
-    x32 = x.reshape(M, K).float().contiguous()
-    y = out if out is not None else torch.empty(M, N, dtype=torch.float32)
-    q, scale = q.contiguous(), scale.contiguous()
-    threads = torch.get_num_threads()
+    N = q.shape[0]
+    x32 = x.reshape(M, K).float().contiguous()  # both no-ops for a contiguous fp32 x
+    y = torch.empty(M, N, dtype=torch.float32)
     if q.dtype == torch.int8:
-        lib.dsm_qgemm_int8(x32.data_ptr(), K, M, K, q.data_ptr(), scale.data_ptr(), N, y.data_ptr(), N, threads)
+        lib.dsm_qgemm_int8(x32.data_ptr(), K, M, K, q.data_ptr(), scale.data_ptr(), N, y.data_ptr(), N,
+                           torch.get_num_threads())
     else:
-        group_size = 2 * q.shape[1] // scale.shape[1]
-        lib.dsm_qgemm_int4(x32.data_ptr(), K, M, K, q.data_ptr(), scale.data_ptr(), group_size, N, y.data_ptr(),
-                           N, threads)
-    return y.to(x.dtype).view(*x.shape[:-1], N)
+        lib.dsm_qgemm_int4(x32.data_ptr(), K, M, K, q.data_ptr(), scale.data_ptr(), 2 * q.shape[1] // scale.shape[1],
+                           N, y.data_ptr(), N, torch.get_num_threads())
+    return y.view(*x.shape[:-1], N).to(x.dtype)
+
+
+def _kernel_for(x: torch.Tensor) -> Any:
+    """The compiled library when it can serve x (CPU, no autograd), else None."""
+    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    return load_library()
 
 
 def kernel_available() -> bool:
     return load_library() is not None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The routed experts of one layer in one call
+
+
+def experts_reference(x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Tensor | None,
+                      w: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Readable twin of :func:`quant_experts`: per expert, SwiGLU on its rows with dequantised weights.
+    ``w`` maps "w1"/"w2"/"w3" to stacked (codes (E, ...), scales (E, ...))."""
+    y = x_AD.new_zeros(x_AD.shape[0], w["w2"][0].shape[1])
+    start = 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n:
+            x = x_AD[start:start + n].float()
+            h = F.silu(x @ dequantize(w["w1"][0][e], w["w1"][1][e]).t()) * (x @ dequantize(w["w3"][0][e], w["w3"][1][e]).t())
+            if gates_A is not None:
+                h = h * gates_A[start:start + n, None].float()
+            y[start:start + n] = (h @ dequantize(w["w2"][0][e], w["w2"][1][e]).t()).to(y.dtype)
+        start += n
+    return y
+
+
+def quant_experts(x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Tensor | None,
+                  w: dict[str, tuple[torch.Tensor, torch.Tensor]], group_size: int) -> torch.Tensor | None:
+    """The fused C++ path of :func:`experts_reference`, or None when it does not apply (no kernel, autograd,
+    or an expert with more than KERNEL_MAX_ROWS rows: prefill, where per-expert GEMMs win)."""
+    lib = _kernel_for(x_AD)
+    counts = counts_E.tolist()
+    if lib is None or max(counts, default=0) > KERNEL_MAX_ROWS:
+        return None
+    active = [(e, n) for e, n in enumerate(counts) if n]
+    starts = list(itertools.accumulate(counts, initial=0))
+    meta = torch.tensor([[e for e, _ in active], [starts[e] for e, _ in active], [n for _, n in active]],
+                        dtype=torch.int64)
+    A, D = x_AD.shape
+    (w1, s1), (w3, s3), (w2, s2) = w["w1"], w["w3"], w["w2"]
+    F_ = w1.shape[1]
+    x32 = x_AD.float().contiguous()
+    h1, h3 = torch.empty(A, F_), torch.empty(A, F_)
+    y = torch.empty(A, D)
+    g = None if gates_A is None else gates_A.float().contiguous()
+    lib.dsm_experts(x32.data_ptr(), A, D, F_, len(active), meta[0].data_ptr(), meta[1].data_ptr(),
+                    meta[2].data_ptr(), w1.data_ptr(), w3.data_ptr(), s1.data_ptr(), s3.data_ptr(),
+                    8 if w1.dtype == torch.int8 else 4, w2.data_ptr(), s2.data_ptr(),
+                    8 if w2.dtype == torch.int8 else 4, group_size, None if g is None else g.data_ptr(),
+                    h1.data_ptr(), h3.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    return y.to(x_AD.dtype)

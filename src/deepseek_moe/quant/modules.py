@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepseek_moe.kernels.quant_matmul import dequantize, quant_matmul
+from deepseek_moe.kernels.quant_matmul import dequantize, quant_experts, quant_matmul
 from deepseek_moe.moe.experts import RoutedExperts
 from deepseek_moe.quant import pack
 
@@ -171,6 +171,10 @@ class QuantRoutedExperts(_KeepsScales):
 
     def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Tensor | None = None) -> torch.Tensor:
         """x_AD rows sorted by expert, ``counts_E[e]`` of them for expert e; gates_A scales the (A, F) activation."""
+        weights = {n: (getattr(self, n), getattr(self, f"{n}_scale")) for n in ("w1", "w2", "w3")}
+        fused = quant_experts(x_AD, counts_E, gates_A, weights, self.group_size)
+        if fused is not None:
+            return fused
         y_AD = x_AD.new_empty(x_AD.shape[0], self.dim)
         start = 0
         for e, n in enumerate(counts_E.tolist()):
@@ -183,7 +187,7 @@ class QuantRoutedExperts(_KeepsScales):
             if gates_A is not None:
                 h_nF = h_nF * gates_A[rows].unsqueeze(1)
             y_AD[rows] = quant_matmul(h_nF, self.w2[e], self.w2_scale[e])
-            start += n
+            start += n  # experts with no rows are skipped above: only the selected experts run
         return y_AD
 
     def extra_repr(self) -> str:
