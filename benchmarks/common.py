@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
 
 from deepseek_moe.config import ModelConfig, MoEConfig
 from deepseek_moe.presets import deepseek_v2_lite
@@ -36,3 +37,120 @@ def uptime() -> str:
         return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
     except OSError:
         return " ".join(map(str, os.getloadavg()))
+
+
+def write_random_checkpoint(cfg: ModelConfig, path: str | os.PathLike[str], *, bits: int | None,
+                            dtype: str = "bfloat16", seed: int = 0) -> int:
+    """Write a checkpoint of ``cfg`` with random weights straight to disk, tensor by tensor (never the whole
+    model in memory): quantised (bits 8 / 4, the default scope of deepseek_moe.quant) with random codes and
+    scales giving weights of std ~0.02, or full precision (bits None) in ``dtype``. Returns the file's bytes."""
+    import json
+    import math
+    from pathlib import Path
+
+    import torch
+
+    from deepseek_moe.io.hf import config_to_hf
+    from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+    from deepseek_moe.quant import QuantConfig, prepare_model
+    from deepseek_moe.quant.format import hf_key_of
+    from deepseek_moe.quant.stfile import Entry, row_chunks, write_safetensors
+
+    torch_dtype = getattr(torch, dtype)
+    with torch.device("meta"):
+        model = DeepSeekMoEForCausalLM(cfg)
+    qcfg = QuantConfig(bits=bits) if bits else None  # type: ignore[arg-type]
+    if qcfg is not None:
+        prepare_model(model, qcfg, dtype=torch_dtype)
+    gen = torch.Generator().manual_seed(seed)
+
+    def produce(name: str, dt: torch.dtype, shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
+        rows_total = shape[0] if shape else 1
+        row = math.prod(shape[1:]) if len(shape) > 1 else 1
+        for rows in row_chunks(rows_total, row):
+            n = (rows.stop - rows.start) * row
+            if dt == torch.int8:
+                yield torch.randint(-127, 128, (n,), dtype=torch.int8, generator=gen)
+            elif dt == torch.uint8:
+                yield torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
+            elif name.endswith("_scale"):  # codes have std ~73 (int8) / ~4.6 (int4, over 1..15 - 8)
+                yield torch.full((n,), 0.02 / (73.0 if dt == torch.float32 else 4.6), dtype=dt)
+            elif "norm" in name:
+                yield torch.ones(n, dtype=dt)
+            else:
+                yield (torch.randn(n, generator=gen) * 0.02).to(dt)
+
+    entries = []
+    for name, t in model.state_dict().items():
+        mapped = hf_key_of(name)
+        if mapped is None or (cfg.tie_word_embeddings and name == "head.weight"):
+            continue
+        key, stacked = mapped
+        dt = t.dtype if (t.dtype in (torch.int8, torch.uint8) or name.endswith("_scale")
+                         or ".ffn.gate." in name) else torch_dtype
+        parts = [(key.replace("{e}", str(e)), tuple(t.shape[1:])) for e in range(t.shape[0])] if stacked \
+            else [(key, tuple(t.shape))]
+        for k, shape in parts:
+            entries.append(Entry(k, dt, shape, lambda k=k, dt=dt, shape=shape: produce(k, dt, shape)))
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    write_safetensors(path / "model.safetensors", entries)
+    hf = config_to_hf(cfg, dtype=dtype)
+    if qcfg is not None:
+        hf["quantization_config"] = qcfg.to_hf()
+    (path / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    return (path / "model.safetensors").stat().st_size
+
+
+def read_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """This machine's memory read bandwidth: the best of ``repeats`` fp32 sums over ``n_bytes``."""
+    import time
+
+    import torch
+
+    x = torch.ones(n_bytes // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return n_bytes / best / 1e9
+
+
+def vm_hwm_bytes() -> int:
+    """Peak resident set (VmHWM, file pages included) of this process."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def weights_read_per_token(model: object, batch: int = 1) -> int:
+    """Bytes of weights one decode step reads: every matrix, the routed experts the batch selects (expected
+    distinct experts for uniform routing, K/E of them at batch 1), one embedding row per token."""
+    from torch import nn
+
+    from deepseek_moe.moe.experts import RoutedExperts
+    from deepseek_moe.quant import QuantLinear, QuantRoutedExperts
+
+    assert isinstance(model, nn.Module)
+    cfg = model.config  # type: ignore[attr-defined]
+    E, K = cfg.moe.n_routed_experts, cfg.moe.n_activated_experts
+    selected = E * (1 - (1 - K / E) ** batch)
+    total = 0.0
+    counted: set[int] = set()
+    for mod in model.modules():
+        tensors = [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]
+        if isinstance(mod, QuantRoutedExperts | RoutedExperts):
+            total += sum(t.numel() * t.element_size() for t in tensors) * selected / E
+        elif isinstance(mod, QuantLinear | nn.Linear):  # (a tied head reads the whole embedding matrix)
+            total += sum(t.numel() * t.element_size() for t in tensors if id(t) not in counted)
+        else:
+            continue
+        counted.update(id(t) for t in tensors)
+    embed = model.embed.weight  # type: ignore[attr-defined]
+    if id(embed) not in counted:
+        counted.add(id(embed))
+        total += embed[0].numel() * embed.element_size() * batch
+    total += sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in counted)  # norms, routers
+    return int(total)

@@ -1,0 +1,119 @@
+"""What int8 / int4 weights cost in quality (issue 9 item 5).
+
+1. On a trained run (default: the default training run's checkpoint): validation loss over the whole validation
+   split and mean per-token KL(p_full || p_quantised), for int8 and int4 quantised while streaming from the
+   checkpoint (``from_pretrained(..., quantize=...)``), against the unquantised model.
+2. On a random DeepSeek-V2-Lite-shaped MoE layer (64 experts of 1408 + 2 shared, dim 2048): the relative output
+   error ||y_q - y|| / ||y|| on random unit-RMS inputs, and the same for one expert-shaped matrix.
+
+    python benchmarks/quant_quality.py /work/coord/baseline-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import uptime, v2_lite  # noqa: E402
+
+import deepseek_moe as dm  # noqa: E402
+from deepseek_moe.moe.layer import MoE  # noqa: E402
+from deepseek_moe.quant import QuantConfig, QuantLinear, QuantRoutedExperts  # noqa: E402
+
+
+def validation_batches(run_dir: Path, tokenizer: object) -> list[torch.Tensor]:
+    """The run's whole validation split as the training loop cuts it (same corpus split, sequence length)."""
+    from deepseek_moe.train.corpus import load_corpus
+    from deepseek_moe.train.data import PackedSequences, tokenize
+
+    cfg = json.loads((run_dir / "config.json").read_text())
+    data = cfg["data"]
+    corpus = load_corpus(tuple(data["paths"]), text_field=data["text_field"], val_fraction=data["val_fraction"])
+    tokens = tokenize(corpus.val, tokenizer)  # type: ignore[arg-type]
+    seqs = PackedSequences(np.asarray(tokens), data["seq_len"], cfg.get("seed", 0))
+    return seqs.fixed_batches(cfg["schedule"]["batch_size"])
+
+
+@torch.inference_mode()
+def score(models: dict[str, torch.nn.Module], batches: list[torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Mean next-token loss per model and mean KL to the "full" model, over every predicted token."""
+    ce = dict.fromkeys(models, 0.0)
+    kl = dict.fromkeys(models, 0.0)
+    n = 0
+    for batch in batches:
+        logp = {}
+        for name, model in models.items():
+            logits = model(batch).logits[:, :-1].float()
+            logp[name] = F.log_softmax(logits, dim=-1)
+            ce[name] += F.nll_loss(logp[name].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                   reduction="sum").item()
+        for name in models:
+            kl[name] += F.kl_div(logp[name], logp["full"], log_target=True, reduction="sum").item()
+        n += batch[:, 1:].numel()
+    return {name: {"val_loss": ce[name] / n, "kl": kl[name] / n} for name in models}
+
+
+@torch.inference_mode()
+def layer_error(bits: int, n_tokens: int = 256) -> dict[str, float]:
+    torch.manual_seed(0)
+    cfg = v2_lite().moe
+    moe = MoE(cfg).eval()
+    x = torch.randn(n_tokens, cfg.dim)  # unit RMS, as after the pre-FFN RMSNorm
+    y = moe(x)
+    w = moe.experts.w1[0].clone()
+    qcfg = QuantConfig(bits=bits)  # type: ignore[arg-type]
+    moe.experts = QuantRoutedExperts.from_experts(moe.experts, bits=bits, group_size=qcfg.group_size)  # type: ignore[assignment]
+    assert moe.shared_experts is not None
+    for name in ("w1", "w2", "w3"):
+        setattr(moe.shared_experts, name, QuantLinear.from_linear(getattr(moe.shared_experts, name), bits=bits,
+                                                                  group_size=qcfg.group_size))
+    y_q = moe(x)
+    lin = QuantLinear.from_linear(torch.nn.Linear(w.shape[1], w.shape[0], bias=False), bits=bits,
+                                  group_size=qcfg.group_size)
+    ref = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    ref.weight.copy_(w)
+    lin = QuantLinear.from_linear(ref, bits=bits, group_size=qcfg.group_size)
+    return {"moe_layer_rel_err": ((y_q - y).norm() / y.norm()).item(),
+            "expert_matrix_rel_err": ((lin(x) - ref(x)).norm() / ref(x).norm()).item()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", nargs="?", default="/work/coord/baseline-run", help="train run directory")
+    ap.add_argument("--skip-layer", action="store_true", help="only the trained-model part")
+    args = ap.parse_args()
+    run = Path(args.run)
+    print(uptime())
+    full = dm.from_pretrained(run / "model")
+    models = {"full": full,
+              "int8": dm.from_pretrained(run / "model", quantize="int8"),
+              "int4": dm.from_pretrained(run / "model", quantize="int4")}
+    batches = validation_batches(run, full.tokenizer)
+    res = score(models, batches)
+    n_tokens = sum(b[:, 1:].numel() for b in batches)
+    print(f"{run}: {len(batches)} validation batches, {n_tokens} predicted tokens")
+    print(f"{'model':6s} {'val loss':>9s} {'change':>8s} {'mean KL':>9s}")
+    base = res["full"]["val_loss"]
+    for name, r in res.items():
+        print(f"{name:6s} {r['val_loss']:9.4f} {100 * (r['val_loss'] / base - 1):+7.2f}% {r['kl']:9.5f}")
+    out: dict[str, object] = {"benchmark": "quant_quality", "run": str(run), "tokens": n_tokens, "trained": res}
+    if not args.skip_layer:
+        print("random V2-Lite-shaped MoE layer (64 x 1408 experts + 2 shared, dim 2048), 256 tokens:")
+        for bits in (8, 4):
+            err = layer_error(bits)
+            print(f"int{bits}: layer output rel. error {err['moe_layer_rel_err']:.4f}, one expert matrix "
+                  f"{err['expert_matrix_rel_err']:.4f}")
+            out[f"layer_int{bits}"] = err
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
