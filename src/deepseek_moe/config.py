@@ -40,9 +40,9 @@ def _one_of(obj: Any, name: str, allowed: tuple[str, ...]) -> None:
 class MoEConfig:
     """One DeepSeekMoE layer.
 
-    Routed experts are placed contiguously in ``n_expert_groups`` groups; a group is a "device" for
-    device-limited routing, the device and communication balance losses and token dropping. With expert
-    parallelism each rank holds whole groups.
+    Routed experts are placed contiguously in ``n_expert_groups`` (G) groups; a group is what DeepSeek-V2 calls a
+    "device" (its D and M are our G and M) for group-limited routing, the device and communication balance
+    losses and token dropping. With expert parallelism each rank holds whole groups.
     """
 
     dim: int
@@ -51,9 +51,11 @@ class MoEConfig:
     n_activated_experts: int
     n_shared_experts: int = 0
 
-    # Device-limited routing: a token may use experts of at most ``n_limited_groups`` (M) groups.
+    # Group-limited routing: a token may use experts of at most ``n_limited_groups`` (M) groups. None (the
+    # default) means no limit and resolves to M = n_expert_groups; to_dict() writes None back for M == G, so
+    # that "no limit" survives a later change of G.
     n_expert_groups: int = 1
-    n_limited_groups: int = 1
+    n_limited_groups: int = None  # type: ignore[assignment]  # always an int once constructed
     # How a group is ranked: its highest affinity (DeepSeek-V2) or the sum of its two highest
     # bias-corrected scores (DeepSeek-V3).
     group_score_func: Literal["max", "top2_sum"] = "max"
@@ -84,6 +86,8 @@ class MoEConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        if self.n_limited_groups is None:
+            object.__setattr__(self, "n_limited_groups", self.n_expert_groups)
         _positive(self, "dim", "moe_inter_dim", "n_routed_experts", "n_activated_experts",
                   "n_expert_groups", "n_limited_groups")
         _non_negative(self, "n_shared_experts", "route_scale", "bias_update_speed", "expert_loss_alpha",
@@ -124,12 +128,14 @@ class MoEConfig:
 
     @classmethod
     def from_conventional(cls, *, dim: int, inter_dim: int, n_experts: int, top_k: int, segmentation: int,
-                          n_shared: int = 0, **overrides: Any) -> MoEConfig:
+                          n_shared: int = 0, n_expert_groups: int = 1, n_limited_groups: int | None = None,
+                          **overrides: Any) -> MoEConfig:
         """DeepSeekMoE from a conventional top-K MoE with the same total and activated parameters.
 
         Each of the ``n_experts`` experts of hidden width ``inter_dim`` is split into ``segmentation`` (m)
         experts of width ``inter_dim / m``; ``m * top_k`` are activated, of which ``n_shared`` (K_s) are
-        isolated as shared experts. So mN - K_s routed experts, mK - K_s of them activated per token.
+        isolated as shared experts. So mN - K_s routed experts, mK - K_s of them activated per token, in
+        ``n_expert_groups`` groups of which a token may use ``n_limited_groups`` (None: all, no group limit).
         """
         _require(segmentation > 0 and inter_dim % segmentation == 0,
                  f"segmentation ({segmentation}) must be a positive divisor of inter_dim ({inter_dim})")
@@ -137,11 +143,21 @@ class MoEConfig:
                  f"n_shared ({n_shared}) must be < segmentation * top_k ({segmentation * top_k})")
         return cls(dim=dim, moe_inter_dim=inter_dim // segmentation,
                    n_routed_experts=segmentation * n_experts - n_shared,
-                   n_activated_experts=segmentation * top_k - n_shared,
-                   n_shared_experts=n_shared, **overrides)
+                   n_activated_experts=segmentation * top_k - n_shared, n_shared_experts=n_shared,
+                   n_expert_groups=n_expert_groups,
+                   n_limited_groups=n_expert_groups if n_limited_groups is None else n_limited_groups,
+                   **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields, with ``n_limited_groups`` None when there is no group limit (M == G)."""
+        data = dataclasses.asdict(self)
+        if self.n_limited_groups == self.n_expert_groups:
+            data["n_limited_groups"] = None
+        return data
 
     def replace(self, **changes: Any) -> MoEConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``; a config without a group limit keeps none when only G changes."""
+        return moe_config_from_dict({**self.to_dict(), **changes})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,7 +234,7 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "moe": self.moe.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:

@@ -44,7 +44,8 @@ def deepseek_moe_2b() -> ModelConfig:
         vocab_size=8192, dim=dim, inter_dim=3456, n_layers=9, n_dense_layers=0, n_heads=10,
         attention="mha", kv_lora_rank=0, qk_nope_head_dim=0, qk_rope_head_dim=128, v_head_dim=128,
         rope_interleave=False, max_seq_len=2048, original_seq_len=2048,
-        moe=MoEConfig(dim=dim, moe_inter_dim=864, n_routed_experts=63, n_activated_experts=7, n_shared_experts=1),
+        moe=MoEConfig(dim=dim, moe_inter_dim=864, n_routed_experts=63, n_activated_experts=7, n_shared_experts=1,
+                      n_expert_groups=1, n_limited_groups=1),
     )
 
 
@@ -55,7 +56,8 @@ def deepseek_moe_16b() -> ModelConfig:
         vocab_size=102400, dim=dim, inter_dim=10944, n_layers=28, n_dense_layers=1, n_heads=16,
         attention="mha", kv_lora_rank=0, qk_nope_head_dim=0, qk_rope_head_dim=128, v_head_dim=128,
         rope_interleave=False, max_seq_len=4096, bos_token_id=100000, eos_token_id=100001,
-        moe=MoEConfig(dim=dim, moe_inter_dim=1408, n_routed_experts=64, n_activated_experts=6, n_shared_experts=2),
+        moe=MoEConfig(dim=dim, moe_inter_dim=1408, n_routed_experts=64, n_activated_experts=6, n_shared_experts=2,
+                      n_expert_groups=1, n_limited_groups=1),
     )
 
 
@@ -66,7 +68,8 @@ def deepseek_v2_lite() -> ModelConfig:
         vocab_size=102400, dim=dim, inter_dim=10944, n_layers=27, n_dense_layers=1, n_heads=16,
         q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
         bos_token_id=100000, eos_token_id=100001,
-        moe=MoEConfig(dim=dim, moe_inter_dim=1408, n_routed_experts=64, n_activated_experts=6, n_shared_experts=2),
+        moe=MoEConfig(dim=dim, moe_inter_dim=1408, n_routed_experts=64, n_activated_experts=6, n_shared_experts=2,
+                      n_expert_groups=1, n_limited_groups=1),
     ), mscale=0.707)
 
 

@@ -76,3 +76,17 @@ def test_v3_routing_shapes() -> None:
     moe = get_preset("deepseek-v3").moe
     assert (moe.n_routed_experts, moe.n_activated_experts, moe.n_expert_groups, moe.n_limited_groups) == (256, 8, 8, 4)
     assert moe.use_routing_bias and moe.norm_topk_prob and moe.group_score_func == "top2_sum"
+
+
+def test_presets_state_their_group_limit() -> None:
+    import inspect
+
+
+    limits = {name: (get_preset(name).moe.n_expert_groups, get_preset(name).moe.n_limited_groups) for name in PRESETS}
+    assert limits == {"tiny": (4, 2), "deepseek-moe-2b": (1, 1), "deepseek-moe-16b": (1, 1),
+                      "deepseek-v2-lite": (1, 1), "deepseek-v2": (8, 3), "deepseek-v3": (8, 4)}
+    for name, build in PRESETS.items():  # written in the preset, not left to a default
+        assert "n_limited_groups=" in inspect.getsource(build), name
+    for name in PRESETS:  # the resolved dict round-trips
+        cfg = get_preset(name)
+        assert type(cfg).from_dict(cfg.to_dict()) == cfg
