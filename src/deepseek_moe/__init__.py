@@ -7,13 +7,13 @@ from deepseek_moe.io import save_pretrained
 from deepseek_moe.model.causal_lm import CausalLMOutput, DeepSeekMoEForCausalLM
 from deepseek_moe.model.counting import count_parameters, flops_per_token, kv_cache_bytes_per_token
 from deepseek_moe.model.kv_cache import KVCache
-from deepseek_moe.moe.hooks import (
+from deepseek_moe.moe.all_layers import (
     collect_aux_loss,
     load_routing_state,
     routing_state,
     set_uniform_routing,
-    update_routing_bias,
 )
+from deepseek_moe.moe.bias import update_routing_bias
 from deepseek_moe.moe.layer import MoE
 from deepseek_moe.moe.stats import MoEStats
 from deepseek_moe.presets import PRESETS, get_preset

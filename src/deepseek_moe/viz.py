@@ -10,7 +10,7 @@ from torch import nn
 
 def routing_counts(model: nn.Module) -> torch.Tensor:
     """(L, E) tokens per expert of each MoE layer's last forward."""
-    from deepseek_moe.moe.hooks import moe_layers
+    from deepseek_moe.moe.all_layers import moe_layers
 
     rows = [moe.last_stats.tokens_per_expert.float().cpu() for _, moe in moe_layers(model)
             if moe.last_stats is not None]

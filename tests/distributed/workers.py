@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from deepseek_moe.config import ModelConfig, MoEConfig
-from deepseek_moe.moe.hooks import update_routing_bias
+from deepseek_moe.moe.bias import update_routing_bias
 from deepseek_moe.moe.layer import MoE
 
 B, S = 8, 5  # global batch of the layer cases

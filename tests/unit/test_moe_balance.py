@@ -18,12 +18,12 @@ def test_expert_level_by_hand():
 
 def test_device_level_by_hand():
     # f' = [mean(2, 1), mean(1, 0)] = [1.5, 0.5]; P' = [0.65, 0.35]; sum = 0.975 + 0.175 = 1.15
-    assert balance.device_balance_loss(SCORES, INDICES, n_devices=2, alpha=0.05).item() == pytest.approx(0.05 * 1.15)
+    assert balance.device_balance_loss(SCORES, INDICES, n_groups=2, alpha=0.05).item() == pytest.approx(0.05 * 1.15)
 
 
 def test_communication_by_hand():
     # token 0 reaches devices {0, 1}, token 1 only {0}; f'' = D/(M T) * [2, 1] = 0.5 * [2, 1]; P'' = [0.65, 0.35]
-    loss = balance.communication_balance_loss(SCORES, INDICES, n_devices=2, n_limited=2, alpha=0.02)
+    loss = balance.communication_balance_loss(SCORES, INDICES, n_groups=2, n_limited=2, alpha=0.02)
     assert loss.item() == pytest.approx(0.02 * (1.0 * 0.65 + 0.5 * 0.35))
 
 
@@ -59,3 +59,16 @@ def test_loss_gradient_flows_through_affinities_only():
     balance.expert_balance_loss(scores, INDICES, alpha=1.0).backward()
     # dL/ds_{i,t} = f_i / T
     torch.testing.assert_close(scores.grad[0, 0], torch.tensor([2.0, 1.0, 1.0, 0.0]) / 2)
+
+
+@pytest.mark.parametrize(("n_groups", "n_limited", "expected"), [
+    # G=4 groups of one expert, M=2: reached [2, 1, 1, 0]; f'' = G/(M T) * reached = [2, 1, 1, 0];
+    # P'' = P = [0.35, 0.30, 0.20, 0.15]: sum 0.7 + 0.3 + 0.2 = 1.2 (swapping G and M would give 0.3).
+    (4, 2, 1.2),
+    # G=2 groups {0, 1} {2, 3}, M=1: reached [2, 1]; f'' = 2/(1*2) * [2, 1] = [2, 1]; P'' = [0.65, 0.35]:
+    # 1.3 + 0.35 = 1.65 (swapped: 0.4125).
+    (2, 1, 1.65),
+])
+def test_communication_by_hand_with_d_unequal_m(n_groups, n_limited, expected):
+    loss = balance.communication_balance_loss(SCORES, INDICES, n_groups=n_groups, n_limited=n_limited, alpha=0.02)
+    assert loss.item() == pytest.approx(0.02 * expected)

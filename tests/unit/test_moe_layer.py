@@ -1,5 +1,6 @@
 """The MoE layer's contract, routing invariants, dropping, uniform warm-up, bias update and statistics."""
 
+import dataclasses
 import math
 
 import pytest
@@ -18,7 +19,7 @@ from deepseek_moe import (
     set_uniform_routing,
     update_routing_bias,
 )
-from deepseek_moe.moe.dropping import capacity_keep_mask, device_budget
+from deepseek_moe.moe.dropping import ProtectedDraw, capacity_keep_mask, group_budget
 
 SMALL = dict(dim=16, moe_inter_dim=8, n_routed_experts=8, n_activated_experts=2)
 
@@ -104,17 +105,17 @@ def test_capacity_is_honoured_and_dropped_tokens_keep_shared_experts():
     B, S = 4, 16
     x = torch.randn(B, S, 16)
     y = moe(x)
-    budget = device_budget(0.5, 2, B * S, 4)
+    budget = group_budget(0.5, 2, B * S, 4)
     assert budget == 16
     dropped = int(moe.last_stats.dropped)
-    assert dropped >= B * S * 2 - 4 * budget  # at most `budget` kept per device
+    assert dropped >= B * S * 2 - 4 * budget  # at most `budget` kept per group
     # A token whose every assignment is dropped still gets the shared experts' output.
     routing = moe.gate(x.view(-1, 16))
     from deepseek_moe.moe.dispatch import DropPlan, drop_over_budget
 
     keep = drop_over_budget(routing, DropPlan(0.5, 4, torch.zeros(B * S, dtype=torch.bool)), 8).view(B * S, 2)
-    kept_per_device = torch.bincount((routing.indices_TK.view(-1) // 2)[keep.view(-1)], minlength=4)
-    assert kept_per_device.max() <= budget
+    kept_per_group = torch.bincount((routing.indices_TK.view(-1) // 2)[keep.view(-1)], minlength=4)
+    assert kept_per_group.max() <= budget
     fully_dropped = (~keep).all(dim=1).nonzero().flatten()
     assert len(fully_dropped) > 0
     t = int(fully_dropped[0])
@@ -124,26 +125,23 @@ def test_capacity_is_honoured_and_dropped_tokens_keep_shared_experts():
 def test_protected_sequences_are_never_dropped():
     moe = _dropping_moe(protected_fraction=0.5, capacity_factor=0.25).train()
     x = torch.randn(4, 12, 16)
-    state = moe.generator(x.device).get_state()
-    y_train = moe(x)
+    draw = ProtectedDraw(1)
+    protected = draw.sequences(4, 0.5)
+    assert 0 < int(protected.sum()) < 4  # the test needs both kinds
+    y_train = moe(x, protected=draw)
     assert int(moe.last_stats.dropped) > 0
-    moe.generator(x.device).set_state(state)
-    from deepseek_moe.moe.dropping import choose_protected_sequences
-
-    protected = choose_protected_sequences(4, 0.5, moe.generator(x.device))
-    assert int(protected.sum()) == 2  # ceil(50% of 4)
     y_eval = moe.eval()(x)  # no dropping at inference
     torch.testing.assert_close(y_train[protected], y_eval[protected])
     assert not torch.allclose(y_train[~protected], y_eval[~protected])
 
 
 def test_keep_mask_by_hand():
-    # Device 0 gets assignments with affinities .9 .1 .5 (the .1 one protected), budget 2: keep .1 and .9.
+    # Group 0 gets assignments with affinities .9 .1 .5 (the .1 one protected), budget 2: keep .1 and .9.
     affinity = torch.tensor([0.9, 0.1, 0.5, 0.7])
-    device = torch.tensor([0, 0, 0, 1])
+    group = torch.tensor([0, 0, 0, 1])
     protected = torch.tensor([False, True, False, False])
-    assert capacity_keep_mask(affinity, device, protected, budget=2, n_devices=2).tolist() == [True, True, False, True]
-    assert capacity_keep_mask(affinity, device, protected, budget=0, n_devices=2).tolist() == [False, True, False, False]
+    assert capacity_keep_mask(affinity, group, protected, budget=2, n_groups=2).tolist() == [True, True, False, True]
+    assert capacity_keep_mask(affinity, group, protected, budget=0, n_groups=2).tolist() == [False, True, False, False]
 
 
 def test_no_dropping_at_inference_unless_asked():
@@ -173,6 +171,58 @@ def test_uniform_routing_warm_up():
     torch.testing.assert_close(again(x), y)  # the same seed draws the same experts
     routing = MoE(MoEConfig(**SMALL)).gate.uniform(10, torch.Generator().manual_seed(0), x.device)
     assert torch.all(routing.weights_TK == 0.5)
+
+
+def test_uniform_warm_up_leaves_the_routing_bias_and_its_counts_alone():
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(**SMALL, score_func="sigmoid", use_routing_bias=True, norm_topk_prob=True,
+                        uniform_routing=True, bias_update_speed=0.01)).train()
+    x = torch.randn(2, 32, 16)
+    for _ in range(3):  # three warm-up steps of two micro-batches
+        moe(x)
+        moe(x)
+        update_routing_bias(moe)
+    assert torch.count_nonzero(moe.gate.e_score_correction_bias) == 0
+    assert torch.count_nonzero(moe.bias_counts) == 0
+    set_uniform_routing(moe, False)  # stage 2: the router's own choices count and move the bias
+    moe(x)
+    assert moe.bias_counts.sum() == 2 * 32 * 2
+    update_routing_bias(moe)
+    assert torch.count_nonzero(moe.gate.e_score_correction_bias) > 0
+
+
+def test_router_runs_in_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(**SMALL, n_shared_experts=1)).train()
+    x = torch.randn(2, 32, 16)
+    reference = moe.gate(x.view(-1, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routing = moe.gate(x.view(-1, 16))
+        y = moe(x)  # the whole layer runs under autocast too
+    assert routing.scores_TE.dtype == torch.float32 and routing.weights_TK.dtype == torch.float32
+    torch.testing.assert_close(routing.scores_TE, reference.scores_TE, rtol=1e-6, atol=1e-7)
+    assert torch.equal(routing.indices_TK, reference.indices_TK)
+    assert torch.isfinite(y).all()
+
+
+def test_no_group_limit_unless_asked():
+    cfg = MoEConfig(**SMALL, n_expert_groups=4)
+    assert cfg.n_limited_groups == 4 and not cfg.group_limited  # M = G by default
+    torch.manual_seed(0)
+    routing = MoE(cfg).gate(torch.randn(200, 16))
+    assert max(len(set((row // 2).tolist())) for row in routing.indices_TK) == 2  # K=2 experts in 2 groups
+    # "No limit" survives a change of G (replace, or a dict round trip as train overrides make); a limit stays.
+    assert cfg.replace(n_expert_groups=2).n_limited_groups == 2
+    assert MoEConfig(**{**cfg.to_dict(), "n_expert_groups": 8}).n_limited_groups == 8
+    limited = MoEConfig(**SMALL, n_expert_groups=4, n_limited_groups=1)
+    assert limited.replace(n_expert_groups=2).n_limited_groups == 1
+    assert MoEConfig(**limited.to_dict()) == limited and MoEConfig(**cfg.to_dict()) == cfg
+    # A config.json written before this default changed (M stated, even as 1) loads as written.
+    old = {**dataclasses.asdict(limited), "n_expert_groups": 1, "n_limited_groups": 1}
+    assert MoEConfig(**old).n_limited_groups == 1
+    conventional = MoEConfig.from_conventional(dim=16, inter_dim=32, n_experts=8, top_k=2, segmentation=2,
+                                               n_expert_groups=4)
+    assert conventional.n_limited_groups == 4
 
 
 def test_aux_loss_only_in_training_and_collected():

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from deepseek_moe import MoE, MoEConfig
-from deepseek_moe.moe.dropping import choose_protected_sequences
+from deepseek_moe.moe.dropping import ProtectedDraw
 from deepseek_moe.moe.reference import reference_forward, top_k_margin
 
 
@@ -27,9 +27,11 @@ def layer_cases(draw):
         protected_fraction=draw(st.sampled_from([0.0, 0.5])), seed=draw(st.integers(0, 2**16)),
     )
     shape = (draw(st.integers(1, 3)), draw(st.integers(1, 6)))
+    # Left padding of each sequence (0: none); a sequence may be all padding.
+    padding = [draw(st.integers(0, shape[1])) for _ in range(shape[0])] if draw(st.booleans()) else None
     if draw(st.booleans()) and shape[0] == 1:
         shape = shape[1:]  # a single (S, D) sequence
-    return cfg, shape, draw(st.integers(0, 2**31 - 1))
+    return cfg, shape, padding, draw(st.integers(0, 2**31 - 1))
 
 
 def _build(cfg, shape, seed):
@@ -48,24 +50,25 @@ def _build(cfg, shape, seed):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layer_cases())
 def test_fast_path_matches_reference(case):
-    cfg, shape, seed = case
+    cfg, shape, padding, seed = case
     moe, x = _build(cfg, shape, seed)
     assume(top_k_margin(moe, x) > 1e-4)
     dropping = cfg.capacity_factor is not None
     moe.train(dropping)
+    token_mask = None
+    if padding is not None:
+        S = shape[-1]
+        token_mask = torch.tensor([[s >= pad for s in range(S)] for pad in padding]).view(shape)
+        assume(bool(token_mask.any()))  # all padding has no graph to compare gradients in
 
-    gen_state = moe.generator(x.device).get_state()
+    draw = ProtectedDraw(seed)
     x_fast = x.clone().requires_grad_(True)
-    y_fast = moe(x_fast)
-    protected = None
-    if dropping:
-        n_seq = x.shape[0] if x.dim() == 3 else 1
-        gen = moe.generator(x.device)
-        gen.set_state(gen_state)
-        protected = choose_protected_sequences(n_seq, cfg.protected_fraction, gen).nonzero().flatten().tolist()
+    y_fast = moe(x_fast, token_mask=token_mask, protected=draw)
+    n_seq = x.shape[0] if x.dim() == 3 else 1
+    protected = draw.sequences(n_seq, cfg.protected_fraction).nonzero().flatten().tolist()
 
     x_ref = x.clone().requires_grad_(True)
-    y_ref = reference_forward(moe, x_ref, protected_sequences=protected, drop=dropping)
+    y_ref = reference_forward(moe, x_ref, token_mask=token_mask, protected_sequences=protected, drop=dropping)
     torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-6)
 
     # O(0.1) upstream gradients: fp32 sums of O(1) terms would otherwise round past the absolute 1e-6.

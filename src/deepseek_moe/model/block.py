@@ -15,6 +15,7 @@ from deepseek_moe.model.kv_cache import LayerCache
 from deepseek_moe.model.mha import MHA
 from deepseek_moe.model.mla import MLA
 from deepseek_moe.model.norm import RMSNorm
+from deepseek_moe.moe.dropping import ProtectedDraw
 from deepseek_moe.moe.experts import FeedForward
 from deepseek_moe.moe.layer import MoE
 
@@ -43,7 +44,13 @@ class Block(nn.Module):
         return isinstance(self.ffn, MoE)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: LayerCache | None = None) -> torch.Tensor:
-        """x (B, T, dim) -> (B, T, dim)."""
+                cache: LayerCache | None = None, *, token_mask: torch.Tensor | None = None,
+                protected: ProtectedDraw | None = None) -> torch.Tensor:
+        """x (B, T, dim) -> (B, T, dim). ``mask`` is attention's; ``token_mask`` (B, T) marks the real tokens (so
+        padding never reaches the router) and ``protected`` is the forward's protected-sequence draw, both for an
+        MoE FFN only."""
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
-        return x + self.ffn(self.ffn_norm(x))
+        h = self.ffn_norm(x)
+        if isinstance(self.ffn, MoE):
+            return x + self.ffn(h, token_mask=token_mask, protected=protected)
+        return x + self.ffn(h)

@@ -14,7 +14,9 @@ from deepseek_moe.model.block import Block
 from deepseek_moe.model.kv_cache import KVCache
 from deepseek_moe.model.norm import RMSNorm
 from deepseek_moe.model.rope import RotaryEmbedding
-from deepseek_moe.moe.layer import MoE
+from deepseek_moe.moe.all_layers import collect_aux_loss, moe_layers
+from deepseek_moe.moe.dropping import ProtectedSequences
+from deepseek_moe.moe.layer import MoE, layer_seed
 
 IGNORE_INDEX = -100
 
@@ -61,6 +63,8 @@ class DeepSeekMoEForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg)
+        # One protected-sequence draw per forward, shared by every MoE layer (a stream no layer's generator uses).
+        self.protected_sequences = ProtectedSequences(layer_seed(cfg.moe.seed, cfg.n_layers))
         self.reset_parameters()
         if cfg.tie_word_embeddings:
             self.head.weight = self.embed.weight
@@ -76,11 +80,18 @@ class DeepSeekMoEForCausalLM(nn.Module):
                 nn.init.ones_(module.weight)
             elif isinstance(module, MoE):
                 module.reset_parameters()  # its gate and stacked experts (its FFN Linears are handled above)
+            elif isinstance(module, ProtectedSequences):
+                module.reset()
 
     def forward(self, input_ids: torch.Tensor, *, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> CausalLMOutput:
         """input_ids (B, T); labels (B, T) unshifted (the model shifts; -100 is ignored); attention_mask (B, T)
-        1 for real tokens, 0 for (left) padding; cache, if given, is extended in place with these tokens."""
+        1 for real tokens, 0 for (left) padding; cache, if given, is extended in place with these tokens.
+
+        Padding never reaches the routers: the MoE layers get the mask of the new tokens (padding is routed
+        nowhere and counted in no loss, budget or statistic). When the MoE layers drop tokens, one
+        protected-sequence draw is made here and shared by all of them, so a protected sequence is drop-free in
+        every layer (DeepSeek-V2 §2.2.4)."""
         B, T = input_ids.shape
         new_mask = (torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None
                     else attention_mask.to(torch.bool))
@@ -93,30 +104,24 @@ class DeepSeekMoEForCausalLM(nn.Module):
             raise ValueError(f"sequence of {n_positions} positions exceeds max_seq_len "
                              f"({self.config.max_seq_len}) of this model")
         mask = None if bool(key_mask.all()) else attention_mask_4d(key_mask, T)
+        token_mask = None if bool(new_mask.all()) else new_mask
         cos, sin = self.rope(positions)
+        moes = moe_layers(self)
+        protected = self.protected_sequences.draw() if any(moe.drops_tokens for _, moe in moes) else None
 
         h = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, None if cache is None else cache.layers[i])
+            h = layer(h, cos, sin, mask, None if cache is None else cache.layers[i], token_mask=token_mask,
+                      protected=protected)
         logits = self.head(self.norm(h)).float()
 
         out = CausalLMOutput(logits=logits, cache=cache)
         if labels is not None:
             out.ce_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                           labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
-            out.aux_loss = self.aux_loss()
+            out.aux_loss = collect_aux_loss(self).to(logits.device)
             out.loss = out.ce_loss + out.aux_loss
         return out
-
-    def aux_loss(self) -> torch.Tensor:
-        """Sum of the MoE layers' balance losses from the last forward (0 for a dense model)."""
-        total = torch.zeros((), device=self.embed.weight.device)
-        for moe in self.moe_layers():
-            total = total + moe.aux_loss
-        return total
-
-    def moe_layers(self) -> list[MoE]:
-        return [m for m in self.modules() if isinstance(m, MoE)]
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers))

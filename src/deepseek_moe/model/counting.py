@@ -23,6 +23,7 @@ from deepseek_moe.model.block import build_attention
 from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
 from deepseek_moe.model.kv_cache import LayerCache
 from deepseek_moe.model.rope import RotaryEmbedding
+from deepseek_moe.moe.all_layers import moe_layers
 
 
 def _meta_model(cfg: ModelConfig) -> DeepSeekMoEForCausalLM:
@@ -37,7 +38,7 @@ def count_parameters(cfg: ModelConfig, *, embedding_activated: bool = False) -> 
     model = _meta_model(cfg)
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
-    for moe in model.moe_layers():
+    for _, moe in moe_layers(model):
         routed = sum(p.numel() for p in moe.experts.parameters())
         per_expert = routed // cfg.moe.n_routed_experts
         inactive += routed - per_expert * cfg.moe.n_activated_experts

@@ -2,12 +2,16 @@
 
 All take the affinities ``scores_BSE`` (B sequences of S tokens, E routed experts) and the chosen experts
 ``indices_BSK``. Each loss is computed per sequence and averaged over the batch (DeepSeek-V2's form); to
-compute it over the whole batch instead, pass tensors reshaped to (1, B*S, ...). Devices are expert groups:
-device d holds experts [d*E/D, (d+1)*E/D).
+compute it over the whole batch instead, pass tensors reshaped to (1, B*S, ...). DeepSeek-V2's D devices are our
+G expert groups: group g holds experts [g*E/G, (g+1)*E/G), and its M is our ``n_limited``.
+
+``token_mask_BS`` (optional, True for real tokens): padding counts nowhere: T in each equation is the sequence's
+number of real tokens, padding neither selects experts nor adds affinity, and a sequence of padding only is left
+out of the batch mean.
 
 ``group_sum`` (batch scope under expert/data parallelism): sums the selection counts and the token count over
-the ranks whose batches make up the batch, so f is the global batch's while P stays this rank's share; the
-mean of the ranks' losses is then the loss of the concatenated batch, gradients included.
+the ranks whose batches make up the batch, so f is the global batch's, and P is this rank's share of the global
+mean; the mean of the ranks' losses is then the loss of the concatenated batch, gradients included.
 """
 
 from __future__ import annotations
@@ -19,74 +23,106 @@ import torch
 GroupSum = Callable[[torch.Tensor], torch.Tensor] | None
 
 
-def _fractions(counts_BX: torch.Tensor, n_tokens: int, group_sum: GroupSum) -> torch.Tensor:
-    """counts / tokens, both summed over the group first when ``group_sum`` is given."""
+def _frequencies(counts_BX: torch.Tensor, scores_BSE: torch.Tensor, token_mask_BS: torch.Tensor | None,
+                 group_sum: GroupSum) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(counts / T, P_BE, real_B): selection frequencies per sequence, mean affinities P_i = (1/T) Σ_t s_{i,t}
+    over real tokens, and which sequences hold any real token. Under ``group_sum``, T and the counts are the
+    whole batch's, and P is this rank's score sum over the whole batch's T times the number of ranks, so the
+    ranks' mean loss is exact even when they hold different numbers of real tokens."""
+    B, S, _ = scores_BSE.shape
+    scores_BSE = scores_BSE.float()
+    if token_mask_BS is None:
+        n_B = torch.full((B,), float(S), device=scores_BSE.device)
+        score_sum_BE = scores_BSE.sum(dim=1)
+    else:
+        n_B = token_mask_BS.sum(dim=1).float()
+        score_sum_BE = (scores_BSE * token_mask_BS.unsqueeze(-1)).sum(dim=1)
+    real_B = n_B > 0
     if group_sum is None:
-        return counts_BX / n_tokens
-    total = group_sum(torch.cat([counts_BX.reshape(-1), counts_BX.new_tensor([n_tokens])]))
-    return total[:-1].view_as(counts_BX) / total[-1]
+        n_B = n_B.clamp_min(1.0)
+        return counts_BX / n_B[:, None], score_sum_BE / n_B[:, None], real_B
+    total = group_sum(torch.cat([counts_BX.reshape(-1), n_B, n_B.new_ones(1)]))
+    n_parts, total_n_B = total[-1], total[counts_BX.numel():-1].clamp_min(1.0)
+    counts = total[:counts_BX.numel()].view_as(counts_BX)
+    return counts / total_n_B[:, None], score_sum_BE * (n_parts / total_n_B[:, None]), real_B
 
 
-def selection_counts(indices_BSK: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """(B, E): how many tokens of each sequence selected each expert."""
+def _batch_mean(loss_B: torch.Tensor, real_B: torch.Tensor) -> torch.Tensor:
+    """Mean over the sequences that hold real tokens (all of them without a token mask)."""
+    return (loss_B * real_B).sum() / real_B.sum().clamp_min(1)
+
+
+def selection_counts(indices_BSK: torch.Tensor, n_experts: int,
+                     token_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, E): how many (real) tokens of each sequence selected each expert."""
     B = indices_BSK.shape[0]
     flat_BX = indices_BSK.reshape(B, -1)
     ones = torch.ones_like(flat_BX, dtype=torch.float32)
+    if token_mask_BS is not None:
+        ones = (ones.view(indices_BSK.shape) * token_mask_BS.unsqueeze(-1)).view(B, -1)
     return torch.zeros(B, n_experts, device=indices_BSK.device).scatter_add_(1, flat_BX, ones)
 
 
 def expert_balance_loss(scores_BSE: torch.Tensor, indices_BSK: torch.Tensor, alpha: float, *,
-                        group_sum: GroupSum = None) -> torch.Tensor:
+                        token_mask_BS: torch.Tensor | None = None, group_sum: GroupSum = None) -> torch.Tensor:
     """Expert-level balance loss, DeepSeek-V2 eqs. (12)–(14).
 
     L_ExpBal = α1 Σ_i f_i P_i,  f_i = N_r/(K_r T) Σ_t 1(token t selects expert i),  P_i = (1/T) Σ_t s_{i,t}.
     """
-    _, S, E = scores_BSE.shape
-    K = indices_BSK.shape[-1]
-    f_BE = _fractions(selection_counts(indices_BSK, E), S, group_sum) * (E / K)
-    P_BE = scores_BSE.float().mean(dim=1)
-    return alpha * (f_BE * P_BE).sum(dim=1).mean()
+    E, K = scores_BSE.shape[-1], indices_BSK.shape[-1]
+    freq_BE, P_BE, real_B = _frequencies(selection_counts(indices_BSK, E, token_mask_BS), scores_BSE,
+                                         token_mask_BS, group_sum)
+    return alpha * _batch_mean((freq_BE * (E / K) * P_BE).sum(dim=1), real_B)
 
 
-def device_balance_loss(scores_BSE: torch.Tensor, indices_BSK: torch.Tensor, n_devices: int,
-                        alpha: float, *, group_sum: GroupSum = None) -> torch.Tensor:
-    """Device-level balance loss, DeepSeek-V2 eqs. (15)–(17).
+def device_balance_loss(scores_BSE: torch.Tensor, indices_BSK: torch.Tensor, n_groups: int, alpha: float, *,
+                        token_mask_BS: torch.Tensor | None = None, group_sum: GroupSum = None) -> torch.Tensor:
+    """Device-level balance loss, DeepSeek-V2 eqs. (15)–(17) (a device is an expert group).
 
     L_DevBal = α2 Σ_d f'_d P'_d,  f'_d = (1/|E_d|) Σ_{j∈E_d} f_j,  P'_d = Σ_{j∈E_d} P_j.
     """
-    B, S, E = scores_BSE.shape
+    B, _, E = scores_BSE.shape
     K = indices_BSK.shape[-1]
-    f_BDe = (_fractions(selection_counts(indices_BSK, E), S, group_sum) * (E / K)).view(B, n_devices, E // n_devices)
-    P_BDe = scores_BSE.float().mean(dim=1).view(B, n_devices, E // n_devices)
-    return alpha * (f_BDe.mean(dim=2) * P_BDe.sum(dim=2)).sum(dim=1).mean()
+    freq_BE, P_BE, real_B = _frequencies(selection_counts(indices_BSK, E, token_mask_BS), scores_BSE,
+                                         token_mask_BS, group_sum)
+    f_BGe = (freq_BE * (E / K)).view(B, n_groups, E // n_groups)
+    P_BGe = P_BE.view(B, n_groups, E // n_groups)
+    return alpha * _batch_mean((f_BGe.mean(dim=2) * P_BGe.sum(dim=2)).sum(dim=1), real_B)
 
 
-def devices_reached(indices_BSK: torch.Tensor, n_experts: int, n_devices: int) -> torch.Tensor:
-    """(B, S, D) bool: whether a token is sent to device d (at least one of its experts lives there)."""
+def groups_reached(indices_BSK: torch.Tensor, n_experts: int, n_groups: int) -> torch.Tensor:
+    """(B, S, G) bool: whether a token is sent to group g (at least one of its experts lives there)."""
     B, S, _ = indices_BSK.shape
-    device_BSK = indices_BSK // (n_experts // n_devices)
-    reached = torch.zeros(B, S, n_devices, dtype=torch.bool, device=indices_BSK.device)
-    return reached.scatter_(2, device_BSK, True)
+    group_BSK = indices_BSK // (n_experts // n_groups)
+    reached = torch.zeros(B, S, n_groups, dtype=torch.bool, device=indices_BSK.device)
+    return reached.scatter_(2, group_BSK, True)
 
 
-def communication_balance_loss(scores_BSE: torch.Tensor, indices_BSK: torch.Tensor, n_devices: int,
-                               n_limited: int, alpha: float, *, group_sum: GroupSum = None) -> torch.Tensor:
-    """Communication balance loss, DeepSeek-V2 eqs. (18)–(20).
+def communication_balance_loss(scores_BSE: torch.Tensor, indices_BSK: torch.Tensor, n_groups: int,
+                               n_limited: int, alpha: float, *, token_mask_BS: torch.Tensor | None = None,
+                               group_sum: GroupSum = None) -> torch.Tensor:
+    """Communication balance loss, DeepSeek-V2 eqs. (18)–(20), with D = G devices (groups), M = ``n_limited``.
 
     L_CommBal = α3 Σ_d f''_d P''_d,  f''_d = D/(M T) Σ_t 1(token t is sent to device d),  P''_d = Σ_{j∈E_d} P_j.
     """
-    B, S, E = scores_BSE.shape
-    reached_BD = devices_reached(indices_BSK, E, n_devices).float().sum(dim=1)
-    f_BD = _fractions(reached_BD, S, group_sum) * (n_devices / n_limited)
-    P_BD = scores_BSE.float().mean(dim=1).view(B, n_devices, E // n_devices).sum(dim=2)
-    return alpha * (f_BD * P_BD).sum(dim=1).mean()
+    B, _, E = scores_BSE.shape
+    reached_BSG = groups_reached(indices_BSK, E, n_groups).float()
+    if token_mask_BS is not None:
+        reached_BSG = reached_BSG * token_mask_BS.unsqueeze(-1)
+    freq_BG, P_BE, real_B = _frequencies(reached_BSG.sum(dim=1), scores_BSE, token_mask_BS, group_sum)
+    f_BG = freq_BG * (n_groups / n_limited)
+    P_BG = P_BE.view(B, n_groups, E // n_groups).sum(dim=2)
+    return alpha * _batch_mean((f_BG * P_BG).sum(dim=1), real_B)
 
 
-def sequence_balance_loss(scores_BSE: torch.Tensor, indices_BSK: torch.Tensor, alpha: float) -> torch.Tensor:
+def sequence_balance_loss(scores_BSE: torch.Tensor, indices_BSK: torch.Tensor, alpha: float, *,
+                          token_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
     """DeepSeek-V3's complementary sequence-wise balance loss, eqs. (17)–(20).
 
     L_Bal = α Σ_i f_i P_i,  f_i = N_r/(K_r T) Σ_t 1(s_{i,t} in the top-K),  P_i = (1/T) Σ_t s'_{i,t},
     s'_{i,t} = s_{i,t} / Σ_j s_{j,t} (affinities normalised per token; with softmax scores s' = s).
     """
-    normalised_BSE = scores_BSE.float() / scores_BSE.float().sum(dim=-1, keepdim=True)
-    return expert_balance_loss(normalised_BSE, indices_BSK, alpha)
+    scores_BSE = scores_BSE.float()
+    # clamp: a padding row holds zeros (and is masked out); a real token's sum is positive and unchanged.
+    normalised_BSE = scores_BSE / scores_BSE.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return expert_balance_loss(normalised_BSE, indices_BSK, alpha, token_mask_BS=token_mask_BS)

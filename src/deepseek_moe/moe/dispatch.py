@@ -14,18 +14,18 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from deepseek_moe.moe.dropping import capacity_keep_mask, device_budget
+from deepseek_moe.moe.dropping import capacity_keep_mask, group_budget
 from deepseek_moe.moe.experts import RoutedExperts
 from deepseek_moe.moe.router import Routing
 
 
 @dataclass
 class DropPlan:
-    """What token dropping needs: the budget's capacity factor, the number of devices (expert groups) and
-    which tokens belong to protected sequences (T,)."""
+    """What token dropping needs: the budget's capacity factor, the number of expert groups and which tokens
+    belong to protected sequences (T,)."""
 
     capacity_factor: float
-    n_devices: int
+    n_groups: int
     protected_T: torch.Tensor
     n_tokens: int | None = None  # tokens the budget is computed over (the global batch); None: this call's T
 
@@ -37,10 +37,12 @@ class Dispatched:
 
 
 class BatchSpan(NamedTuple):
-    """Where this call's sequences sit in the batch that dropping and batch-scope losses are computed over."""
+    """Where this call's sequences and (real, unpadded) tokens sit in the batch that the batch-wide decisions
+    (dropping, the warm-up draw, batch-scope losses) are computed over."""
 
     first_sequence: int
     n_sequences: int
+    first_token: int
     n_tokens: int
 
 
@@ -68,9 +70,9 @@ def drop_over_budget(routing: Routing, drop: DropPlan, n_experts: int) -> torch.
     """Bool keep-mask over the T*K assignments (token-major) for a single-process batch."""
     T, K = routing.indices_TK.shape
     expert_A = routing.indices_TK.reshape(-1)
-    budget = device_budget(drop.capacity_factor, K, T if drop.n_tokens is None else drop.n_tokens, drop.n_devices)
-    return capacity_keep_mask(routing.affinity_TK.reshape(-1), expert_A // (n_experts // drop.n_devices),
-                              drop.protected_T.repeat_interleave(K), budget, drop.n_devices)
+    budget = group_budget(drop.capacity_factor, K, T if drop.n_tokens is None else drop.n_tokens, drop.n_groups)
+    return capacity_keep_mask(routing.affinity_TK.reshape(-1), expert_A // (n_experts // drop.n_groups),
+                              drop.protected_T.repeat_interleave(K), budget, drop.n_groups)
 
 
 def combine(y_AD: torch.Tensor, token_A: torch.Tensor, n_tokens: int, *,
@@ -105,7 +107,7 @@ class LocalDispatcher:
     batch_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def batch_span(self, n_sequences: int, n_tokens: int) -> BatchSpan:
-        return BatchSpan(0, n_sequences, n_tokens)
+        return BatchSpan(0, n_sequences, 0, n_tokens)
 
     def __call__(self, x_TD: torch.Tensor, routing: Routing, experts: RoutedExperts,
                  drop: DropPlan | None) -> Dispatched:

@@ -13,7 +13,7 @@ from torch import nn
 from deepseek_moe.config import MoEConfig
 from deepseek_moe.moe import balance
 from deepseek_moe.moe.dispatch import Dispatcher, DropPlan, LocalDispatcher
-from deepseek_moe.moe.dropping import choose_protected_sequences
+from deepseek_moe.moe.dropping import ProtectedDraw
 from deepseek_moe.moe.experts import FeedForward, RoutedExperts
 from deepseek_moe.moe.router import Router, Routing
 from deepseek_moe.moe.stats import MoEStats
@@ -21,13 +21,22 @@ from deepseek_moe.moe.stats import MoEStats
 _LAYER_SEED_STRIDE = 1_000_003  # decorrelates the random draws of layers that share a config
 
 
+def layer_seed(seed: int, layer_id: int) -> int:
+    """The seed of layer ``layer_id``'s generator (a model's own draws use an id no layer has)."""
+    return seed + _LAYER_SEED_STRIDE * layer_id
+
+
 class MoE(nn.Module):
     """A DeepSeekMoE layer that knows only its config.
 
-    ``forward(x)`` takes (B, S, dim) or (S, dim) (one sequence) and returns a tensor of the same shape. After each
-    forward, ``aux_loss`` holds the balance losses (0-dim, in the graph; zero when none is on or not training)
-    and ``last_stats`` a :class:`MoEStats`. ``uniform_routing`` switches the uniform warm-up at run time.
-    ``dispatcher`` is swappable (expert parallelism replaces it with an all-to-all one).
+    ``forward(x, token_mask=None, protected=None)`` takes x (B, S, dim) or (S, dim) (one sequence) and returns a
+    tensor of the same shape. ``token_mask`` (B, S) or (S,), True for real tokens: padding is routed nowhere
+    (its output is zero) and counted nowhere (balance losses, drop budget, bias counts, statistics).
+    ``protected``: the forward's :class:`ProtectedDraw`, shared by all MoE layers of a model; without it the
+    layer draws its own. After each forward, ``aux_loss`` holds the balance losses (0-dim, in the graph; zero
+    when none is on or not training) and ``last_stats`` a :class:`MoEStats`. ``uniform_routing`` switches the
+    uniform warm-up at run time. ``dispatcher`` is swappable (expert parallelism replaces it with an all-to-all
+    one).
     """
 
     def __init__(self, cfg: MoEConfig, *, layer_id: int = 0) -> None:
@@ -57,79 +66,108 @@ class MoE(nn.Module):
 
     @property
     def seed(self) -> int:
-        return self.cfg.seed + _LAYER_SEED_STRIDE * self.layer_id
+        return layer_seed(self.cfg.seed, self.layer_id)
+
+    @property
+    def drops_tokens(self) -> bool:
+        """Whether a forward now drops over-budget assignments (training, or ``drop_at_inference``)."""
+        return self.cfg.capacity_factor is not None and (self.training or self.cfg.drop_at_inference)
 
     def generator(self, device: torch.device) -> torch.Generator:
-        """The seeded generator of uniform routing and of the protected-sequence draw."""
+        """The seeded generator of uniform routing and of the layer's own protected-sequence draws."""
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
             self._generator.manual_seed(self.seed)
         return self._generator
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, token_mask: torch.Tensor | None = None,
+                protected: ProtectedDraw | None = None) -> torch.Tensor:
         cfg = self.cfg
         if x.dim() not in (2, 3) or x.shape[-1] != cfg.dim:
             raise ValueError(f"MoE input must have shape (B, S, {cfg.dim}) or (S, {cfg.dim}), got {tuple(x.shape)}")
         x_BSD = x if x.dim() == 3 else x.unsqueeze(0)
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        dropping = cfg.capacity_factor is not None and (self.training or cfg.drop_at_inference)
+        real_T = self._real_tokens(token_mask, B, S)
+        x_rD = x_TD if real_T is None else x_TD[real_T]  # r: the real tokens, in batch order
+        n_real = x_rD.shape[0]
+        dropping = self.drops_tokens
         # Where this batch sits in the batch that batch-wide draws cover (a collective under expert parallelism,
         # so asked once, and only when a draw needs it).
-        span = self.dispatcher.batch_span(B, B * S) if self.uniform_routing or dropping else None
+        span = self.dispatcher.batch_span(B, n_real) if self.uniform_routing or dropping else None
 
         if span is not None and self.uniform_routing:
             # Drawn over the whole batch and sliced, as for the protected sequences: under expert parallelism
             # the ranks' tokens get the draws one process would give them, not all the same ones.
             routing = self.gate.uniform(span.n_tokens, self.generator(x.device), x.device)
-            first = span.first_sequence * S
-            routing = Routing(routing.indices_TK[first:first + B * S], routing.weights_TK[first:first + B * S], None)
+            mine = slice(span.first_token, span.first_token + n_real)
+            routing = Routing(routing.indices_TK[mine], routing.weights_TK[mine], None)
         else:
-            routing = self.gate(x_TD)
+            routing = self.gate(x_rD)
 
         drop = None
         if span is not None and dropping:
             assert cfg.capacity_factor is not None  # implied by dropping; narrows the type
-            # The protected draw is over the whole batch (all ranks' sequences under expert parallelism, each
-            # rank drawing the same mask from the same seed), so it is the choice one process would make.
-            protected_B = choose_protected_sequences(span.n_sequences, cfg.protected_fraction,
-                                                     self.generator(x.device))
-            protected_B = protected_B[span.first_sequence:span.first_sequence + B]
-            drop = DropPlan(cfg.capacity_factor, cfg.n_expert_groups, protected_B.repeat_interleave(S),
-                            n_tokens=span.n_tokens)
-        dispatched = self.dispatcher(x_TD, routing, self.experts, drop)
-        y_TD = dispatched.y_TD
+            # Protected sequences are drawn over the whole batch (all ranks' sequences under expert parallelism)
+            # from the model's draw for this forward, so every layer and rank agrees with one process.
+            draw = protected if protected is not None else ProtectedDraw.next(self.generator(x.device))
+            protected_B = draw.sequences(span.n_sequences, cfg.protected_fraction).to(x.device)
+            protected_T = protected_B[span.first_sequence:span.first_sequence + B].repeat_interleave(S)
+            drop = DropPlan(cfg.capacity_factor, cfg.n_expert_groups,
+                            protected_T if real_T is None else protected_T[real_T], n_tokens=span.n_tokens)
+        dispatched = self.dispatcher(x_rD, routing, self.experts, drop)
+        y_rD = dispatched.y_TD
         if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+            y_rD = y_rD + self.shared_experts(x_rD)
+        y_TD = y_rD if real_T is None else x_TD.new_zeros(B * S, D).index_copy(0, real_T.nonzero().flatten(), y_rD)
 
         tokens_per_expert = torch.bincount(routing.indices_TK.reshape(-1), minlength=cfg.n_routed_experts)
-        if self.training and cfg.use_routing_bias:
+        if self.training and cfg.use_routing_bias and not self.uniform_routing:  # warm-up routes are not the router's
             self.bias_counts += tokens_per_expert
-        self.aux_loss = self.balance_loss(routing, B, S) if self.training else x.new_zeros((), dtype=torch.float32)
+        self.aux_loss = (self.balance_loss(routing, B, S, real_T) if self.training
+                         else x.new_zeros((), dtype=torch.float32))
         self.last_stats = MoEStats(tokens_per_expert.detach(), dispatched.dropped, routing.indices_TK.numel())
         return y_TD.view(x.shape)
 
-    def balance_loss(self, routing: Routing, B: int, S: int) -> torch.Tensor:
-        """Sum of the enabled balance losses for this forward (zero under uniform routing)."""
+    def _real_tokens(self, token_mask: torch.Tensor | None, B: int, S: int) -> torch.Tensor | None:
+        """(B*S,) bool of the real tokens, or None when every token is real (the fast path)."""
+        if token_mask is None:
+            return None
+        if token_mask.numel() != B * S or token_mask.shape[-1] != S:
+            raise ValueError(f"token_mask must have shape ({B}, {S}) like the input's tokens, "
+                             f"got {tuple(token_mask.shape)}")
+        real_T = token_mask.reshape(B * S).to(torch.bool)
+        return None if bool(real_T.all()) else real_T
+
+    def balance_loss(self, routing: Routing, B: int, S: int, real_T: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum of the enabled balance losses for this forward (zero under uniform routing). ``routing`` covers
+        the real tokens only; ``real_T`` (B*S,) says where they sit (None: all B*S are real)."""
         cfg = self.cfg
         loss = torch.zeros((), device=routing.indices_TK.device)
         if routing.scores_TE is None:
             return loss
-        per_sequence = (routing.scores_TE.view(B, S, -1), routing.indices_TK.view(B, S, -1))
-        scores_BSE, indices_BSK = (per_sequence if cfg.balance_loss_scope == "sequence"
-                                   else (routing.scores_TE.unsqueeze(0), routing.indices_TK.unsqueeze(0)))
+        scores_TE, indices_TK, mask_BS = routing.scores_TE, routing.indices_TK, None
+        if real_T is not None:  # back to the (B, S) layout, padding rows masked out of every loss
+            where = real_T.nonzero().flatten()
+            scores_TE = scores_TE.new_zeros(B * S, scores_TE.shape[1]).index_copy(0, where, scores_TE)
+            indices_TK = indices_TK.new_zeros(B * S, indices_TK.shape[1]).index_copy(0, where, indices_TK)
+            mask_BS = real_T.view(B, S)
+        per_sequence = (scores_TE.view(B, S, -1), indices_TK.view(B, S, -1), mask_BS)
+        whole_batch = (scores_TE.unsqueeze(0), indices_TK.unsqueeze(0), None if mask_BS is None else mask_BS.view(1, -1))
+        scores_BSE, indices_BSK, token_mask_BS = per_sequence if cfg.balance_loss_scope == "sequence" else whole_batch
         # Batch scope under expert parallelism: selection counts are the whole (all ranks') batch's.
         group_sum = self.dispatcher.batch_sum if cfg.balance_loss_scope == "batch" else None
+        G, M = cfg.n_expert_groups, cfg.n_limited_groups
         if cfg.expert_loss_alpha > 0:
             loss = loss + balance.expert_balance_loss(scores_BSE, indices_BSK, cfg.expert_loss_alpha,
-                                                      group_sum=group_sum)
+                                                      token_mask_BS=token_mask_BS, group_sum=group_sum)
         if cfg.device_loss_alpha > 0:
-            loss = loss + balance.device_balance_loss(scores_BSE, indices_BSK, cfg.n_expert_groups,
-                                                      cfg.device_loss_alpha, group_sum=group_sum)
+            loss = loss + balance.device_balance_loss(scores_BSE, indices_BSK, G, cfg.device_loss_alpha,
+                                                      token_mask_BS=token_mask_BS, group_sum=group_sum)
         if cfg.comm_loss_alpha > 0:
-            loss = loss + balance.communication_balance_loss(scores_BSE, indices_BSK, cfg.n_expert_groups,
-                                                             cfg.n_limited_groups, cfg.comm_loss_alpha,
-                                                             group_sum=group_sum)
+            loss = loss + balance.communication_balance_loss(scores_BSE, indices_BSK, G, M, cfg.comm_loss_alpha,
+                                                             token_mask_BS=token_mask_BS, group_sum=group_sum)
         if cfg.seq_loss_alpha > 0:  # V3's complementary loss is sequence-wise whatever the scope of the others
-            loss = loss + balance.sequence_balance_loss(*per_sequence, cfg.seq_loss_alpha)
+            loss = loss + balance.sequence_balance_loss(*per_sequence[:2], cfg.seq_loss_alpha,
+                                                        token_mask_BS=mask_BS)
         return loss

@@ -20,17 +20,19 @@ def _swiglu(u: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tenso
     return w2 @ (F.silu(w1 @ u) * (w3 @ u))
 
 
-def reference_forward(moe: MoE, x: torch.Tensor, *, protected_sequences: list[int] | None = None,
-                      drop: bool = False) -> torch.Tensor:
+def reference_forward(moe: MoE, x: torch.Tensor, *, token_mask: torch.Tensor | None = None,
+                      protected_sequences: list[int] | None = None, drop: bool = False) -> torch.Tensor:
     """The layer's output for ``x`` ((B, S, D) or (S, D)), computed token by token in float64 (cast back to
     ``x.dtype`` at the end), so that it is the more exact side of any comparison.
 
-    ``drop`` applies token dropping (the fast layer drops when training or ``drop_at_inference``), with
-    the sequences listed in ``protected_sequences`` never dropped.
+    ``token_mask`` (shaped like x's tokens, True for real tokens): padding is skipped entirely (output zero,
+    not in the budget). ``drop`` applies token dropping (the fast layer drops when training or
+    ``drop_at_inference``), with the sequences listed in ``protected_sequences`` never dropped.
     """
     cfg = moe.cfg
     x_BSD = x if x.dim() == 3 else x.unsqueeze(0)
     B, S, _ = x_BSD.shape
+    real = [[True] * S for _ in range(B)] if token_mask is None else token_mask.reshape(B, S).tolist()
     E, K, G, M = cfg.n_routed_experts, cfg.n_activated_experts, cfg.n_expert_groups, cfg.n_limited_groups
     per_group = E // G
     W = moe.gate.weight.double()
@@ -39,7 +41,7 @@ def reference_forward(moe: MoE, x: torch.Tensor, *, protected_sequences: list[in
     # 1. Route every token: a list of assignments (sequence, position, expert, gate, affinity).
     assignments: list[tuple[int, int, int, torch.Tensor, float]] = []
     for b in range(B):
-        for s in range(S):
+        for s in [s for s in range(S) if real[b][s]]:
             u = x_BSD[b, s].double()
             logits = torch.stack([u @ W[i] for i in range(E)])
             scores = torch.softmax(logits, dim=0) if cfg.score_func == "softmax" else torch.sigmoid(logits)
@@ -60,15 +62,15 @@ def reference_forward(moe: MoE, x: torch.Tensor, *, protected_sequences: list[in
             for i, gate in zip(chosen, gates, strict=True):
                 assignments.append((b, s, i, gate * cfg.route_scale, float(scores[i].detach())))
 
-    # 2. Token dropping: each device keeps its protected assignments, then the highest-affinity ones, up to
-    #    ceil(capacity * K * T / D) in all.
+    # 2. Token dropping: each group keeps its protected assignments, then the highest-affinity ones, up to
+    #    ceil(capacity * K * T / G) in all, T counting real tokens only.
     if drop and cfg.capacity_factor is not None:
-        budget = math.ceil(cfg.capacity_factor * K * B * S / G)
+        budget = math.ceil(cfg.capacity_factor * K * sum(map(sum, real)) / G)
         protected = set(protected_sequences or [])
         kept_assignments = []
-        for d in range(G):
-            on_device = [a for a in assignments if a[2] // per_group == d]
-            ranked = sorted(on_device, key=lambda a: (a[0] not in protected, -a[4]))
+        for g in range(G):
+            in_group = [a for a in assignments if a[2] // per_group == g]
+            ranked = sorted(in_group, key=lambda a: (a[0] not in protected, -a[4]))
             kept_assignments += [a for rank, a in enumerate(ranked) if rank < budget or a[0] in protected]
         assignments = kept_assignments
 
@@ -80,7 +82,7 @@ def reference_forward(moe: MoE, x: torch.Tensor, *, protected_sequences: list[in
     if moe.shared_experts is not None:
         sh, width = moe.shared_experts, cfg.moe_inter_dim
         for b in range(B):
-            for s in range(S):
+            for s in [s for s in range(S) if real[b][s]]:
                 for k in range(cfg.n_shared_experts):
                     rows = slice(k * width, (k + 1) * width)
                     contributions[(b, s)].append(_swiglu(x_BSD[b, s], sh.w1.weight[rows], sh.w2.weight[:, rows],

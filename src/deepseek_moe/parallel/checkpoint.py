@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from deepseek_moe.moe.all_layers import moe_layers
 from deepseek_moe.moe.dispatch import LocalDispatcher
 from deepseek_moe.moe.experts import RoutedExperts
-from deepseek_moe.moe.hooks import moe_layers
 from deepseek_moe.parallel.dispatcher import AllToAllDispatcher
 from deepseek_moe.parallel.experts import expert_parameters, unwrap
 

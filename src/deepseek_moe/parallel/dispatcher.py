@@ -3,7 +3,7 @@
 Per call: (1) each token is sent at most once to each rank that holds any of its chosen experts, as one row of
 x with the gates (and, for dropping, affinities and a protected flag) of its experts there; (2) the row counts
 go first (all_to_all_single of split sizes), then the rows (autograd all_to_all_single); (3) the receiver drops
-over-budget assignments per device (expert group) against the global budget, runs its experts as one grouped
+over-budget assignments per expert group against the global budget, runs its experts as one grouped
 matmul and sums each row's gated outputs into one row; (4) the rows go back the same way and are summed into
 their tokens. Shared experts stay local (the layer runs them).
 
@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
 from deepseek_moe.moe.dispatch import BatchSpan, Dispatched, DropPlan, combine
-from deepseek_moe.moe.dropping import capacity_keep_mask, device_budget
+from deepseek_moe.moe.dropping import capacity_keep_mask, group_budget
 from deepseek_moe.moe.experts import RoutedExperts
 from deepseek_moe.moe.router import Routing
 
@@ -65,8 +65,8 @@ class AllToAllDispatcher:
         self.rank = dist.get_rank(group)
         self.n_expert_groups = n_expert_groups
         # Where small control tensors live: NCCL moves only CUDA tensors, gloo CPU ones.
-        self.device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
-                       else torch.device("cpu"))
+        self.control_device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
+                               else torch.device("cpu"))
         self.stats = CommStats(ranks_per_token_hist=[0] * (self.size + 1))
         self.batch_sum: Callable[[torch.Tensor], torch.Tensor] | None = self._sum_over_group
 
@@ -75,11 +75,12 @@ class AllToAllDispatcher:
 
     # ---- the batch the layer's batch-wide decisions cover: every rank's, concatenated in rank order ----
     def batch_span(self, n_sequences: int, n_tokens: int) -> BatchSpan:
-        local = torch.tensor([n_sequences, n_tokens], dtype=torch.int64, device=self.device)
+        local = torch.tensor([n_sequences, n_tokens], dtype=torch.int64, device=self.control_device)
         gathered = [torch.empty_like(local) for _ in range(self.size)]
         dist.all_gather(gathered, local, group=self.group)
         sizes = torch.stack(gathered).cpu()
-        return BatchSpan(int(sizes[:self.rank, 0].sum()), int(sizes[:, 0].sum()), int(sizes[:, 1].sum()))
+        before, total = sizes[:self.rank].sum(dim=0), sizes.sum(dim=0)
+        return BatchSpan(int(before[0]), int(total[0]), int(before[1]), int(total[1]))
 
     def _sum_over_group(self, counts: torch.Tensor) -> torch.Tensor:
         total = counts.detach().clone()
@@ -97,22 +98,22 @@ class AllToAllDispatcher:
             raise RuntimeError(f"rank {me} holds experts from {experts.offset}, expected {me * E_local}: "
                                "install the experts with parallelize_experts over this same group")
         k = min(K, E_local)
-        dev = x_TD.device
+        device = x_TD.device
 
         # Slots of each token sorted by destination rank (k order kept inside a rank), then packed per
         # (token, rank) into k slots: local expert id (-1 empty), gate, affinity.
         expert_TK = routing.indices_TK
         rank_TK = expert_TK // E_local
-        order_TK = (rank_TK * K + torch.arange(K, device=dev)).argsort(dim=1)
+        order_TK = (rank_TK * K + torch.arange(K, device=device)).argsort(dim=1)
         rank_s = rank_TK.gather(1, order_TK)
         local_s = expert_TK.gather(1, order_TK) - rank_s * E_local
-        pos_TK = torch.arange(K, device=dev).expand(T, K)
+        pos_TK = torch.arange(K, device=device).expand(T, K)
         new_run = torch.ones_like(rank_s, dtype=torch.bool)
         new_run[:, 1:] = rank_s[:, 1:] != rank_s[:, :-1]
         slot_s = pos_TK - torch.where(new_run, pos_TK, 0).cummax(dim=1).values
-        token_s = torch.arange(T, device=dev).unsqueeze(1).expand(T, K)
+        token_s = torch.arange(T, device=device).unsqueeze(1).expand(T, K)
         where = (token_s.reshape(-1), rank_s.reshape(-1), slot_s.reshape(-1))
-        ids_TWk = torch.full((T, W, k), -1, dtype=torch.int64, device=dev).index_put(where, local_s.reshape(-1))
+        ids_TWk = torch.full((T, W, k), -1, dtype=torch.int64, device=device).index_put(where, local_s.reshape(-1))
         gate_s = routing.weights_TK.gather(1, order_TK).to(x_TD.dtype)
         gates_TWk = x_TD.new_zeros(T, W, k).index_put(where, gate_s.reshape(-1))
 
@@ -123,7 +124,7 @@ class AllToAllDispatcher:
         meta = [ids_TWk[token_P, dest_P].to(torch.float32)]  # ids < 2**24: exact in fp32
         if drop is not None:
             aff_s = routing.affinity_TK.gather(1, order_TK).float()
-            aff_TWk = torch.zeros(T, W, k, device=dev).index_put(where, aff_s.reshape(-1))
+            aff_TWk = torch.zeros(T, W, k, device=device).index_put(where, aff_s.reshape(-1))
             meta += [aff_TWk[token_P, dest_P], drop.protected_T[token_P].to(torch.float32).unsqueeze(1)]
         meta_P = torch.cat(meta, dim=1)
         payload_P = torch.cat([x_TD[token_P], gates_TWk[token_P, dest_P]], dim=1)  # (P, D + k)
@@ -135,7 +136,7 @@ class AllToAllDispatcher:
         dist.all_to_all_single(recv_W, send_W, group=self.group)
         send, recv = send_W.tolist(), recv_W.tolist()
         payload_R = fc.all_to_all_single_autograd(payload_P, recv, send, self.group)
-        meta_R = torch.empty(sum(recv), meta_P.shape[1], dtype=meta_P.dtype, device=dev)
+        meta_R = torch.empty(sum(recv), meta_P.shape[1], dtype=meta_P.dtype, device=device)
         dist.all_to_all_single(meta_R, meta_P, recv, send, group=self.group)
 
         # Receiver: one assignment per filled slot, in (source rank, token, k) order: the single-process
@@ -143,16 +144,16 @@ class AllToAllDispatcher:
         R = meta_R.shape[0]
         ids_Rk = meta_R[:, :k].to(torch.int64)
         valid_Rk = ids_Rk >= 0
-        row_A = torch.arange(R, device=dev).unsqueeze(1).expand(R, k)[valid_Rk]
+        row_A = torch.arange(R, device=device).unsqueeze(1).expand(R, k)[valid_Rk]
         expert_A = ids_Rk[valid_Rk]
         gate_A = payload_R[:, D:][valid_Rk]
-        dropped = torch.zeros((), dtype=torch.int64, device=dev)
+        dropped = torch.zeros((), dtype=torch.int64, device=device)
         if drop is not None:
             n_tokens = drop.n_tokens if drop.n_tokens is not None else self.batch_span(1, T).n_tokens
-            budget = device_budget(drop.capacity_factor, K, n_tokens, drop.n_devices)
-            per_device = experts.n_experts * W // drop.n_devices
-            keep_A = capacity_keep_mask(meta_R[:, k:2 * k][valid_Rk], expert_A // per_device,
-                                        meta_R[:, 2 * k].bool()[row_A], budget, E_local // per_device)
+            budget = group_budget(drop.capacity_factor, K, n_tokens, drop.n_groups)
+            per_group = experts.n_experts * W // drop.n_groups
+            keep_A = capacity_keep_mask(meta_R[:, k:2 * k][valid_Rk], expert_A // per_group,
+                                        meta_R[:, 2 * k].bool()[row_A], budget, E_local // per_group)
             dropped = (~keep_A).sum()
             row_A, expert_A, gate_A = row_A[keep_A], expert_A[keep_A], gate_A[keep_A]
         order_A = torch.argsort(expert_A, stable=True)

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from deepseek_moe.moe.all_layers import moe_layers
 from deepseek_moe.moe.experts import RoutedExperts
-from deepseek_moe.moe.hooks import moe_layers
 from deepseek_moe.parallel.dispatcher import AllToAllDispatcher, CommStats
 from deepseek_moe.parallel.plan import check_expert_parallel, expert_shard
 

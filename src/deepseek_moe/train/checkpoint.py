@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deepseek_moe.moe.hooks import load_routing_state, routing_state
+from deepseek_moe.moe.all_layers import load_routing_state, routing_state
 from deepseek_moe.train.errors import TrainError
 
 _PREFIX = "step-"

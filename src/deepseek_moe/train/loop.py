@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from deepseek_moe.config import ModelConfig
-from deepseek_moe.moe.hooks import set_uniform_routing, update_routing_bias
+from deepseek_moe.moe.all_layers import set_uniform_routing
+from deepseek_moe.moe.bias import update_routing_bias
 from deepseek_moe.train import checkpoint as ckpt
 from deepseek_moe.train.config import TrainConfig
 from deepseek_moe.train.corpus import load_corpus
