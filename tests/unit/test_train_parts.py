@@ -5,7 +5,7 @@ import torch
 
 from deepseek_moe.config import ModelConfig, MoEConfig
 from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
-from deepseek_moe.moe.hooks import moe_layers
+from deepseek_moe.moe.all_layers import moe_layers
 from deepseek_moe.train.checkpoint import step_dirs
 from deepseek_moe.train.config import OptimConfig, resolve_config
 from deepseek_moe.train.errors import TrainError
@@ -74,13 +74,33 @@ def test_frozen_experts_do_not_move_under_adamw():
         ExpertFreezer(model, (9,))
 
 
-def test_orthogonal_init_makes_expert_rows_orthonormal():
+def _gram(w_XY: torch.Tensor) -> torch.Tensor:
+    return w_XY @ w_XY.T
+
+
+@pytest.mark.parametrize(("n_experts", "inter_dim"), [(4, 16), (4, 8)])  # E*F = 64 > D = 32; E*F = 32 <= D
+def test_orthogonal_init_gives_each_expert_orthonormal_rows_and_disjoint_subspaces_when_they_fit(n_experts, inter_dim):
+    from deepseek_moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=32, moe_inter_dim=inter_dim, n_routed_experts=n_experts, n_activated_experts=2))
+    orthogonal_init_experts(moe)
+    ex = moe.experts
+    E, F, D = ex.w1.shape
+    for e in range(E):  # every expert on its own: w1, w3 rows and w2 columns orthonormal
+        for w_FD in (ex.w1[e], ex.w3[e], ex.w2[e].T):
+            torch.testing.assert_close(_gram(w_FD.detach()), torch.eye(F), atol=1e-5, rtol=0)
+    for w in (ex.w1, ex.w3, ex.w2.transpose(1, 2)):
+        cross = w.detach().reshape(E * F, D) @ w.detach().reshape(E * F, D).T - torch.eye(E * F)
+        if E * F <= D:  # the experts' rows fit together: all E*F mutually orthonormal
+            assert cross.abs().max() < 1e-5
+        else:  # they cannot: experts overlap (only each one's own block is orthonormal)
+            assert cross.abs().max() > 0.1
+    # The model-level entry point reaches every MoE layer.
     model = small_model()
     orthogonal_init_experts(model)
-    experts = next(moe for _, moe in moe_layers(model)).experts
-    E, F, D = experts.w1.shape
-    w = experts.w1.detach().reshape(E * F, D)  # 64 rows of 32: columns are orthonormal
-    assert torch.allclose(w.T @ w, torch.eye(D), atol=1e-5)
+    w1 = next(moe for _, moe in moe_layers(model)).experts.w1.detach()
+    torch.testing.assert_close(_gram(w1[0]), torch.eye(w1.shape[1]), atol=1e-5, rtol=0)
 
 
 def test_load_summary():

@@ -5,27 +5,39 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deepseek_moe.moe.hooks import moe_layers
+from deepseek_moe.moe.all_layers import moe_layers
 from deepseek_moe.train.errors import TrainError
+
+
+def orthogonal_blocks(n_blocks: int, rows: int, cols: int) -> torch.Tensor:
+    """(n_blocks, rows, cols): each block semi-orthogonal (orthonormal rows when rows <= cols, else orthonormal
+    columns), and, when all n_blocks * rows rows fit (n_blocks * rows <= cols), every row of every block
+    orthogonal to every other: the blocks span mutually orthogonal subspaces. Drawn from the global RNG."""
+    if n_blocks * rows <= cols:
+        joint = torch.empty(n_blocks * rows, cols)
+        nn.init.orthogonal_(joint)
+        return joint.view(n_blocks, rows, cols)
+    blocks = torch.empty(n_blocks, rows, cols)
+    for block in blocks:
+        nn.init.orthogonal_(block)
+    return blocks
 
 
 @torch.no_grad()
 def orthogonal_init_experts(model: nn.Module) -> None:
-    """Orthogonal rows across all routed experts of a layer, so experts start in different subspaces.
+    """Orthogonal routed experts, so that they start in different subspaces.
 
-    w1, w3 (E, F, D) are viewed as one (E*F, D) matrix, w2 (E, D, F) as (D, E*F); each entry's scale then
-    matches a unit-gain orthogonal matrix of that shape.
+    Each expert's input projections w1, w3 (F, D) get orthonormal rows (for F <= D), and its output projection
+    w2 (D, F) orthonormal columns; where the experts' rows fit together (E * F <= D) the E experts' rows (w2:
+    columns) are moreover mutually orthogonal, so the experts read (and write) disjoint subspaces of the model
+    dimension. Unit gain, as ``nn.init.orthogonal_``.
     """
     for _, moe in moe_layers(model):
         ex = moe.experts
+        E, F, D = ex.w1.shape
         for w in (ex.w1, ex.w3):
-            flat = torch.empty(w.shape[0] * w.shape[1], w.shape[2])
-            nn.init.orthogonal_(flat)
-            w.copy_(flat.view_as(w))
-        E, D, F = ex.w2.shape
-        flat = torch.empty(D, E * F)
-        nn.init.orthogonal_(flat)
-        ex.w2.copy_(flat.view(D, E, F).permute(1, 0, 2))
+            w.copy_(orthogonal_blocks(E, F, D))
+        ex.w2.copy_(orthogonal_blocks(E, F, D).transpose(1, 2))
 
 
 class ExpertFreezer:
@@ -87,4 +99,4 @@ def dropped_fraction(model: nn.Module) -> float:
 
 
 __all__ = ["ExpertFreezer", "dropped_fraction", "layer_counts", "layer_names", "load_summary",
-           "orthogonal_init_experts"]
+           "orthogonal_blocks", "orthogonal_init_experts"]
