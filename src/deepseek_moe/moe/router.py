@@ -1,4 +1,5 @@
-"""The gate: token-to-expert affinities, device(group)-limited top-K selection, and gate values.
+"""The gate: token-to-expert affinities, group-limited top-K selection (DeepSeek-V2's device-limited routing,
+an expert group being a device), and gate values.
 
 DeepSeekMoE / DeepSeek-V2: s_{i,t} = Softmax_i(u_t^T e_i); keep the M groups with the highest affinity, take the
 top-K experts inside them; gates g = s for the chosen experts (times ``route_scale``).
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_moe.config import MoEConfig
+from deepseek_moe.moe.uniform import uniform_choice
 
 
 @dataclass
@@ -56,7 +58,10 @@ def limit_to_groups(choice_TE: torch.Tensor, n_groups: int, n_limited: int, grou
 
 class Router(nn.Module):
     """Parameters: ``weight`` (E, D), the expert centroids e_i; buffer ``e_score_correction_bias`` (E,) when
-    ``use_routing_bias`` (moved by :func:`deepseek_moe.moe.bias.update_routing_bias`, never by gradients)."""
+    ``use_routing_bias`` (moved by :func:`deepseek_moe.moe.bias.update_routing_bias`, never by gradients).
+
+    The affinities are computed in fp32 whatever the activation dtype, autocast included: under bf16 the logits
+    would flip top-K choices between near-equal experts."""
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
@@ -76,8 +81,9 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         cfg = self.cfg
-        # Routing in fp32 whatever the activation dtype: bf16 logits flip top-K choices.
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        # autocast off: F.linear is on its cast list, so it would run in bf16 despite the .float() calls.
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
         scores_TE = logits_TE.softmax(dim=-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()
         choice_TE = scores_TE.detach()
         if self.e_score_correction_bias is not None:
@@ -89,11 +95,12 @@ class Router(nn.Module):
         return Routing(indices_TK, weights_TK * cfg.route_scale, scores_TE)
 
     def uniform(self, n_tokens: int, generator: torch.Generator, device: torch.device) -> Routing:
-        """Uniform-routing warm-up: K distinct experts per token, uniformly at random (inside M random groups
-        when routing is device-limited, so the traffic bound holds from the first step); gates 1/K."""
+        """Uniform-routing warm-up: K distinct experts per token, uniformly over the K-subsets the router may
+        choose (those inside at most M groups when routing is group-limited, so the traffic bound holds from the
+        first step; see :mod:`deepseek_moe.moe.uniform`); gates 1/K."""
         cfg = self.cfg
-        noise_TE = torch.rand(n_tokens, cfg.n_routed_experts, generator=generator, device=device)
-        indices_TK = self._select(noise_TE)
+        indices_TK = uniform_choice(n_tokens, cfg.n_routed_experts, cfg.n_activated_experts, cfg.n_expert_groups,
+                                    cfg.n_limited_groups, generator, device)
         weights_TK = torch.full(indices_TK.shape, 1.0 / cfg.n_activated_experts, device=device)
         return Routing(indices_TK, weights_TK, None)
 
