@@ -22,6 +22,7 @@ from torch import nn
 
 from deepseek_moe.io.hf import config_from_hf, hf_fused_to_ours, hf_layer_index, hf_to_ours
 from deepseek_moe.io.safetensors_io import CheckpointError
+from deepseek_moe.moe.all_layers import moe_layers
 from deepseek_moe.quant import pack
 from deepseek_moe.quant.apply import prepare_model
 from deepseek_moe.quant.config import QUANT_METHOD, QuantConfig, parse_quantize, part_of
@@ -280,7 +281,7 @@ def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | str | N
             param.data = param.data.to(torch_dtype)
     prepare_model(model, qcfg, dtype=torch_dtype)
     model.to_empty(device="cpu")
-    for moe in model.moe_layers():
+    for _, moe in moe_layers(model):
         moe.bias_counts.zero_()
     if cfg.tie_word_embeddings:
         model.head.weight = model.embed.weight
