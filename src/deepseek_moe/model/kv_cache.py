@@ -171,7 +171,8 @@ class PagedLayerCache(LayerCache):
                 raise ValueError(f"paged cache: new tokens of shape {tuple(x.shape[:2])}, the step was planned "
                                  f"for {tuple(step.new_token_mask.shape)}")
             buf.index_copy_(0, step.write_slots, x[step.new_token_mask].to(buf.dtype))
-            out.append(buf[step.read_slots])  # (B, S, ...)
+            # index_select on the flat slot list is several times faster than advanced indexing on CPU.
+            out.append(buf.index_select(0, step.read_slots_flat).view(*step.read_slots.shape, *buf.shape[1:]))
         self.length = step.read_slots.shape[1]
         return tuple(out)
 
@@ -218,6 +219,7 @@ class PagedKVCache(KVCache):
         self.mask: torch.Tensor = real
         self.new_token_mask = is_new[:, S - T:]  # (B, T)
         self.read_slots = torch.where(real, slots, torch.zeros_like(slots))  # (B, S); padding reads block 0
+        self.read_slots_flat = self.read_slots.reshape(-1)
         self.write_slots = slots[:, S - T:][self.new_token_mask]  # (N new tokens,), row-major like x[mask]
         self.n_cached_tokens = int(real.sum())
         self.layers = [PagedLayerCache(pool, i, self) for i in range(pool.n_layers)]
@@ -233,6 +235,7 @@ class PagedKVCache(KVCache):
         if self._device != device:  # index tensors live beside the model
             self.mask, self.new_token_mask = self.mask.to(device), self.new_token_mask.to(device)
             self.read_slots, self.write_slots = self.read_slots.to(device), self.write_slots.to(device)
+            self.read_slots_flat = self.read_slots.reshape(-1)
             self._device = device
         return self.mask
 

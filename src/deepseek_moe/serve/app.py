@@ -208,6 +208,16 @@ class Generation:
                 raise ApiError(499, "the request was cancelled", code="cancelled")
             raise ApiError(500, f"generation failed: {event.error}", code="generation_error")
 
+    def timing_headers(self) -> dict[str, str]:
+        """Server-side latencies of a non-streamed response, which its client cannot see: time to first token
+        and time per output token after it (seconds)."""
+        r = self.request
+        if not r.output:
+            return {}
+        tpot = (r.last_token_time - r.first_token_time) / (len(r.output) - 1) if len(r.output) > 1 else 0.0
+        return {"X-Time-To-First-Token": f"{r.first_token_time - r.arrival:.6f}",
+                "X-Time-Per-Output-Token": f"{tpot:.6f}"}
+
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.n_prompt, "completion_tokens": self.n_completion,
                 "total_tokens": self.n_prompt + self.n_completion}
@@ -245,7 +255,7 @@ async def _collect(request: HttpRequest, gen: Generation) -> Response:
             finish = reason
         body = gen.envelope([gen.choice("".join(text), finish, stream=False)], stream=False)
         body["usage"] = gen.usage()
-        return JSONResponse(body)
+        return JSONResponse(body, headers=gen.timing_headers())
     finally:
         watcher.cancel()
         gen.cancel()

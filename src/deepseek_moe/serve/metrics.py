@@ -104,6 +104,11 @@ class ServeMetrics:
                                          "Requests refused before queueing, by HTTP status.")
         self.prompt_tokens = Counter(f"{p}_prompt_tokens_total", "Prompt tokens prefilled.")
         self.generation_tokens = Counter(f"{p}_generation_tokens_total", "Tokens generated.")
+        self.steps = Counter(f"{p}_scheduler_steps_total", "Scheduler steps run.")
+        self.forward_seconds = Counter(f"{p}_forward_seconds_total",
+                                       "Wall time inside model forwards (the rest of the time is HTTP, JSON, "
+                                       "tokenizing, sampling and waiting).")
+        self.forward_tokens = Counter(f"{p}_forward_tokens_total", "Tokens through model forwards.")
         self.queue_depth = Gauge(f"{p}_queue_depth", "Requests waiting for a batch row or cache blocks.")
         self.running = Gauge(f"{p}_running_batch_size", "Sequences in the running batch.")
         self.kv_blocks_used = Gauge(f"{p}_kv_cache_blocks_used", "Cache blocks reserved by running sequences.")
@@ -135,7 +140,7 @@ class ServeMetrics:
     def render(self) -> str:
         lines: list[str] = []
         for metric in (self.requests_received, self.requests_finished, self.requests_rejected, self.prompt_tokens,
-                       self.generation_tokens, self.queue_depth, self.running, self.kv_blocks_used,
+                       self.generation_tokens, self.steps, self.forward_seconds, self.forward_tokens, self.queue_depth, self.running, self.kv_blocks_used,
                        self.kv_blocks_total, self.kv_tokens, self.time_to_first_token, self.time_per_output_token):
             lines += [f"# HELP {metric.name} {metric.help}", f"# TYPE {metric.name} {metric.kind}"]
             lines += metric.samples()

@@ -119,6 +119,7 @@ class Request:
     table: BlockTable = field(default_factory=BlockTable)
     n_prefilled: int = 0
     generator: torch.Generator | None = None
+    first_token_time: float = 0.0
     last_token_time: float = 0.0
 
     @property
@@ -244,6 +245,7 @@ class Scheduler:
         self._retire_cancelled()
         self._admit()
         self.step_count += 1
+        self.metrics.steps.inc()
         budget = self.config.max_batch_tokens
         decoding = [r for r in self.running if not r.in_prefill]
         if decoding:
@@ -295,9 +297,12 @@ class Scheduler:
         for i, x in enumerate(ids):
             input_ids[i, T - len(x):] = torch.tensor(x, dtype=torch.long)
         mask = cache.new_token_mask.to(self.device)
+        start = time.perf_counter()
         logits = self.model(input_ids.to(self.device), attention_mask=mask, cache=cache).logits[:, -1]
         cache.commit()
         self._count_routing()
+        self.metrics.forward_seconds.inc(time.perf_counter() - start)
+        self.metrics.forward_tokens.inc(sum(n_new))
         return logits
 
     def _decode(self, reqs: list[Request]) -> None:
@@ -339,6 +344,7 @@ class Scheduler:
             req.output.append(token)
             now = time.perf_counter()
             if len(req.output) == 1:
+                req.first_token_time = now
                 self.metrics.time_to_first_token.observe(now - req.arrival)
             else:
                 self.metrics.time_per_output_token.observe(now - req.last_token_time)

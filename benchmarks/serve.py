@@ -1,0 +1,245 @@
+"""Does continuous batching pay off behind HTTP, and where does the time go?
+
+Starts two ``deepseek-moe serve`` processes on the same checkpoint (default: the ``tiny`` preset, random weights,
+with a byte-level BPE tokenizer trained here in a second), one batching (``--max-batch-size 64``) and one not
+(``--max-batch-size 1``), and drives them from a separate client process with N concurrent clients (1, 4, 16,
+64). Every request is a fixed prompt of mixed length (``--prompt-lens``) asking for exactly ``--max-tokens``
+tokens (EOS ignored, greedy). Cells are interleaved: for each N and each of non-streaming / streaming, the
+batching server, then the non-batching one, so drift in machine load hits both alike.
+
+Per cell: output tokens/s over the cell's wall time; time to first token and time per output token (p50, p99)
+— measured by the client on a stream, and taken from the server's ``X-Time-To-First-Token`` /
+``X-Time-Per-Output-Token`` response headers for non-streamed requests (their client sees only the whole
+response); and the share of the wall time the scheduler spent inside model forwards (from /metrics): the rest
+is HTTP, JSON, tokenizing and sampling, which do not batch.
+
+Prints a table and one JSON line. ``python benchmarks/serve.py --help`` for the knobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+CLIENTS = (1, 4, 16, 64)
+
+
+def build_checkpoint(path: Path, preset: str) -> None:
+    import torch
+
+    from deepseek_moe import DeepSeekMoEForCausalLM, get_preset, save_pretrained
+    from deepseek_moe.train.tokenizer import train_tokenizer
+
+    cfg = get_preset(preset)
+    texts = [p.read_text(errors="replace") for p in sorted(Path(json.__file__).parent.glob("*.py"))]
+    tokenizer = train_tokenizer(texts, min(cfg.vocab_size, 2048))
+    torch.manual_seed(0)
+    model = DeepSeekMoEForCausalLM(cfg)
+    model.tokenizer = tokenizer
+    save_pretrained(model, path)
+
+
+def start_server(ckpt: Path, port: int, batch: int, threads: int) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "deepseek_moe.cli.main", "serve", str(ckpt), "--port", str(port),
+           "--served-model-name", "bench", "--max-batch-size", str(batch), "--max-batch-tokens", "512",
+           "--max-queue", "1024", "--threads", str(threads)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[str]) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server for {url} exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"server {url} not healthy after 120 s")
+
+
+def forward_seconds(url: str) -> float:
+    import httpx
+
+    text = httpx.get(f"{url}/metrics").text
+    m = re.search(r"^deepseek_moe_forward_seconds_total (\S+)$", text, re.MULTILINE)
+    return float(m.group(1)) if m else 0.0
+
+
+# --- the client process ------------------------------------------------------------------------------------
+
+
+async def one_request(client: Any, url: str, prompt: list[int], max_tokens: int, stream: bool) -> dict[str, Any]:
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": stream}
+    start = time.perf_counter()
+    if not stream:
+        r = await client.post(f"{url}/v1/completions", json=body)
+        r.raise_for_status()
+        return {"tokens": r.json()["usage"]["completion_tokens"], "ttft": float(r.headers["x-time-to-first-token"]),
+                "tpot": float(r.headers["x-time-per-output-token"])}
+    times, tokens = [], 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["finish_reason"] is None:
+                times.append(time.perf_counter())
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    return {"tokens": tokens, "ttft": times[0] - start, "tpot": statistics.mean(gaps) if gaps else 0.0}
+
+
+async def drive(url: str, n_clients: int, n_requests: int, prompts: list[list[int]], max_tokens: int,
+                stream: bool) -> dict[str, Any]:
+    import httpx
+
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n_requests):
+        queue.put_nowait(i)
+    results: list[dict[str, Any]] = []
+    limits = httpx.Limits(max_connections=n_clients, max_keepalive_connections=n_clients)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def worker() -> None:
+            while not queue.empty():
+                i = queue.get_nowait()
+                results.append(await one_request(client, url, prompts[i % len(prompts)], max_tokens, stream))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(n_clients)))
+        wall = time.perf_counter() - start
+    return {"wall_s": wall, "results": results}
+
+
+def client_main(args: argparse.Namespace) -> None:
+    spec = json.loads(args.client)
+    out = asyncio.run(drive(spec["url"], spec["clients"], spec["requests"], spec["prompts"], spec["max_tokens"],
+                            spec["stream"]))
+    print(json.dumps(out))
+
+
+# --- the driver --------------------------------------------------------------------------------------------
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+def run_cell(url: str, n_clients: int, stream: bool, prompts: list[list[int]], args: argparse.Namespace
+             ) -> dict[str, Any]:
+    n_requests = max(n_clients, args.min_requests)
+    spec = {"url": url, "clients": n_clients, "requests": n_requests, "prompts": prompts,
+            "max_tokens": args.max_tokens, "stream": stream}
+    busy_before = forward_seconds(url)
+    proc = subprocess.run([sys.executable, __file__, "--client", json.dumps(spec)], capture_output=True, text=True,
+                          check=True)
+    busy = forward_seconds(url) - busy_before
+    out = json.loads(proc.stdout)
+    results, wall = out["results"], out["wall_s"]
+    tokens = sum(r["tokens"] for r in results)
+    assert tokens == n_requests * args.max_tokens, f"got {tokens} tokens"
+    ttft, tpot = [r["ttft"] for r in results], [r["tpot"] for r in results]
+    return {"clients": n_clients, "stream": stream, "requests": n_requests, "output_tokens": tokens,
+            "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
+            "ttft_p50_s": round(pct(ttft, 0.5), 4), "ttft_p99_s": round(pct(ttft, 0.99), 4),
+            "tpot_p50_s": round(pct(tpot, 0.5), 4), "tpot_p99_s": round(pct(tpot, 0.99), 4),
+            "forward_share": round(busy / wall, 3)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, help="serve this checkpoint instead of a random --preset")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--clients", type=int, nargs="+", default=list(CLIENTS))
+    p.add_argument("--max-tokens", type=int, default=32, help="output tokens per request (EOS ignored)")
+    p.add_argument("--prompt-lens", type=int, nargs="+", default=[8, 32, 96, 200])
+    p.add_argument("--min-requests", type=int, default=8, help="requests per cell: max(clients, this)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per server (default 1: the client "
+                   "process needs the other core)")
+    p.add_argument("--port", type=int, default=18431)
+    p.add_argument("--client", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.client:
+        client_main(args)
+        return
+
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = args.checkpoint
+        if ckpt is None:
+            ckpt = Path(tmp) / f"{args.preset}-random"
+            build_checkpoint(ckpt, args.preset)
+        from deepseek_moe import from_pretrained
+
+        vocab = from_pretrained(ckpt).config.vocab_size
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(1, min(vocab, 2048), (n,), generator=g).tolist() for n in args.prompt_lens]
+        servers = {"on": (args.port, 64), "off": (args.port + 1, 1)}
+        procs = {k: start_server(ckpt, port, batch, args.threads) for k, (port, batch) in servers.items()}
+        try:
+            urls = {k: f"http://127.0.0.1:{port}" for k, (port, _) in servers.items()}
+            for k in procs:
+                wait_healthy(urls[k], procs[k])
+            for k in urls:  # warm-up: first-call costs stay out of the cells
+                run_cell(urls[k], 2, False, prompts, argparse.Namespace(**{**vars(args), "min_requests": 2}))
+            rows = []
+            for n in args.clients:
+                for stream in (False, True):
+                    for k in ("on", "off"):
+                        row = {"batching": k, **run_cell(urls[k], n, stream, prompts, args)}
+                        rows.append(row)
+                        print(f"  {k:>3} clients={n:<3} stream={stream!s:<5} {row['tokens_per_s']:>8.1f} tok/s",
+                              file=sys.stderr, flush=True)
+        finally:
+            for proc in procs.values():
+                proc.terminate()
+                proc.wait(timeout=60)
+
+    print(f"\n{ckpt.name}: prompts of {args.prompt_lens} tokens, {args.max_tokens} output tokens each (EOS "
+          f"ignored), greedy; batching on = --max-batch-size 64, off = 1; {args.threads} torch thread(s)/server")
+    head = (f"{'clients':>7} {'stream':>6} {'batch':>5} {'tok/s':>8} {'ratio':>6} {'TTFT p50':>9} {'p99':>7} "
+            f"{'TPOT p50':>9} {'p99':>7} {'fwd%':>5}")
+    print(head)
+    ratios = {}
+    for row in rows:
+        twin = next(r for r in rows if r["clients"] == row["clients"] and r["stream"] == row["stream"]
+                    and r["batching"] == "off")
+        ratio = row["tokens_per_s"] / twin["tokens_per_s"]
+        if row["batching"] == "on":
+            ratios[f"{row['clients']}{'_stream' if row['stream'] else ''}"] = round(ratio, 2)
+        print(f"{row['clients']:>7} {'yes' if row['stream'] else 'no':>6} {row['batching']:>5} "
+              f"{row['tokens_per_s']:>8.1f} {ratio if row['batching'] == 'on' else 1.0:>6.2f} "
+              f"{row['ttft_p50_s']:>9.3f} {row['ttft_p99_s']:>7.3f} {row['tpot_p50_s']:>9.4f} "
+              f"{row['tpot_p99_s']:>7.4f} {100 * row['forward_share']:>5.0f}")
+    floor = next((r for r in rows if r["clients"] == 16 and not r["stream"] and r["batching"] == "on"), None)
+    verdict = None
+    if floor is not None:
+        verdict = {"ratio_16": ratios.get("16"), "ttft_p99_16_s": floor["ttft_p99_s"],
+                   "pass": bool(ratios.get("16", 0) >= 4 and floor["ttft_p99_s"] < 2.0)}
+        print(f"\nfloor (16 clients, non-streaming): {ratios.get('16')}x batching off (need >= 4), "
+              f"p99 TTFT {floor['ttft_p99_s']:.3f} s (need < 2): {'PASS' if verdict['pass'] else 'FAIL'}")
+    print(json.dumps({"benchmark": "serve", "rows": rows, "ratios_on_over_off": ratios, "floor": verdict,
+                      "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                                 if k != "client"}}))
+
+
+if __name__ == "__main__":
+    main()
