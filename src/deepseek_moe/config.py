@@ -182,6 +182,9 @@ class ModelConfig:
     # How MLA runs over a cache: "absorb" keeps only the latent and the RoPE key and folds the up-projections
     # into the query and output; "naive" re-expands keys and values from the cached latent.
     attn_impl: Literal["naive", "absorb"] = "absorb"
+    # Biases on the projections that read the residual stream or write it: MLA's wq_a, wkv_a and wo (never wq,
+    # wq_b or wkv_b, as transformers' DeepSeek-V2/V3 have them), MHA's wq, wk, wv and wo (LLaMA's).
+    attention_bias: bool = False
     q_lora_rank: int = 0  # 0: queries are projected directly, without a low-rank bottleneck
     kv_lora_rank: int = 512
     qk_nope_head_dim: int = 128
@@ -211,6 +214,7 @@ class ModelConfig:
                       "init_std", "mscale", "mscale_all_dim")
         _one_of(self, "attention", ("mla", "mha"))
         _one_of(self, "attn_impl", ("naive", "absorb"))
+        _require(isinstance(self.attention_bias, bool), f"attention_bias ({self.attention_bias!r}) must be a bool")
         _require(isinstance(self.moe, MoEConfig), f"moe ({type(self.moe).__name__}) must be a MoEConfig")
         _require(self.moe.dim == self.dim, f"moe.dim ({self.moe.dim}) must equal dim ({self.dim})")
         _require(self.n_dense_layers <= self.n_layers,

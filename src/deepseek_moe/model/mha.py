@@ -18,7 +18,8 @@ from deepseek_moe.model.rope import apply_rotary, softmax_scale
 
 
 class MHA(nn.Module):
-    """Multi-head attention with wq, wk, wv, wo (no biases)."""
+    """Multi-head attention with wq, wk, wv, wo (biased when ``attention_bias``, as LLaMA's q/k/v/o_proj).
+    io/ maps them to DeepSeekMoE 16B's ``self_attn.{q,k,v,o}_proj``."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -29,10 +30,10 @@ class MHA(nn.Module):
         self.v_head_dim = cfg.v_head_dim
         self.rope_interleave = cfg.rope_interleave
         self.softmax_scale = softmax_scale(cfg)
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.qk_head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_heads * cfg.qk_head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_heads * cfg.v_head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.qk_head_dim, bias=cfg.attention_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_heads * cfg.qk_head_dim, bias=cfg.attention_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_heads * cfg.v_head_dim, bias=cfg.attention_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=cfg.attention_bias)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         nope, pe = x.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)

@@ -36,7 +36,10 @@ def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
 
 
 class MLA(nn.Module):
-    """Multi-head Latent Attention. Parameter names follow DeepSeek-V3's inference code (io/ maps them)."""
+    """Multi-head Latent Attention. Parameter names follow DeepSeek-V3's inference code (io/ maps them).
+
+    With ``attention_bias`` wq_a, wkv_a and wo carry biases; wq, wq_b and wkv_b never do, which is also what lets
+    the absorbed path fold wkv_b into the query and output as a plain matrix."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -54,13 +57,13 @@ class MLA(nn.Module):
         if self.q_lora_rank == 0:
             self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.qk_head_dim, bias=False)
         else:
-            self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=cfg.attention_bias)
             self.q_norm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
             self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_head_dim, bias=False)
-        self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=cfg.attention_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: LayerCache | None = None) -> torch.Tensor:
