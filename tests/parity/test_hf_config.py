@@ -8,6 +8,7 @@ import pytest
 
 from deepseek_moe.config import ModelConfig, MoEConfig
 from deepseek_moe.io import config_from_hf, config_to_hf
+from deepseek_moe.io.recipe import with_published_recipe
 
 # DeepSeek-V2-Lite's config.json as published (remote-code era: rope_theta + rope_scaling, extra keys).
 V2_LITE: dict[str, Any] = {
@@ -105,9 +106,10 @@ def _tiny(moe: dict[str, Any], **changes: Any) -> ModelConfig:
 ], ids=["v2_greedy", "v2_group_limited", "v2_all_groups", "v3_split_halves", "v3_yarn_tied"])
 def test_config_round_trip(cfg: ModelConfig) -> None:
     """Exact for configs whose inert fields already hold what a checkpoint implies (V3 ranks groups by top2_sum;
-    without YaRN original_seq_len is max_seq_len); attn_impl and training-only fields are not in config.json."""
+    without YaRN original_seq_len is max_seq_len); attn_impl is not in config.json and the balance fields come
+    back as the published recipe for the routing (io/recipe.py)."""
     hf = config_to_hf(cfg)
-    assert config_from_hf(hf) == cfg
+    assert config_from_hf(hf) == cfg.replace(moe=with_published_recipe(cfg.moe))
     assert config_to_hf(config_from_hf(hf)) == hf
 
 

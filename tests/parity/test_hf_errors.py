@@ -53,7 +53,7 @@ def test_missing_key_is_named(tmp_path: Path) -> None:
 def test_missing_lm_head_without_tying_is_an_error(tmp_path: Path) -> None:
     path = _checkpoint(tmp_path)
     _edit_tensors(path, lambda t: t.pop("lm_head.weight"))
-    with pytest.raises(CheckpointError, match="missing key.*'lm_head.weight'"):
+    with pytest.raises(CheckpointError, match="missing tensor.*'lm_head.weight'"):
         load_pretrained(path)
 
 
@@ -74,16 +74,21 @@ def test_unexpected_key_is_named(tmp_path: Path) -> None:
         load_pretrained(path)
 
 
-def test_fp8_scale_tensor_is_refused(tmp_path: Path) -> None:
+def test_fp8_scale_without_fp8_config_is_refused(tmp_path: Path) -> None:
     path = _checkpoint(tmp_path)
     _edit_tensors(path, lambda t: t.__setitem__("model.layers.0.self_attn.o_proj.weight_scale_inv", torch.ones(1)))
-    with pytest.raises(CheckpointError, match="weight_scale_inv.*FP8"):
+    with pytest.raises(CheckpointError, match="'model.layers.0.self_attn.o_proj.weight_scale_inv'.*FP8.*fp8"):
         load_pretrained(path)
 
 
-def test_fp8_quantization_config_is_refused() -> None:
-    with pytest.raises(ValueError, match="quantization_config.*fp8"):
-        config_from_hf({**V3, "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}})
+@pytest.mark.parametrize(("quant", "pattern"), [
+    ({"quant_method": "gptq"}, "quant_method 'gptq' is not supported"),
+    ({"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]}, "fmt.*'e5m2'"),
+    ({"quant_method": "fp8"}, "weight_block_size"),
+])
+def test_unreadable_quantization_config_is_refused(quant: dict[str, Any], pattern: str) -> None:
+    with pytest.raises(ValueError, match="ckpt/config.json: .*" + pattern):
+        config_from_hf({**V3, "quantization_config": quant}, source="ckpt/config.json")
 
 
 def test_no_weights_file(tmp_path: Path) -> None:
@@ -145,12 +150,20 @@ def _tiny(**changes: Any) -> ModelConfig:
     (_tiny(rope_interleave=False), "rope_interleave=False"),
     (_tiny(moe={"score_func": "sigmoid", "n_expert_groups": 4, "n_limited_groups": 2}), "group_score_func='max'"),
 ])
-def test_inexpressible_config_refused_on_save(cfg: ModelConfig, pattern: str, tmp_path: Path) -> None:
+def test_config_transformers_cannot_express_is_saved_in_our_format(cfg: ModelConfig, pattern: str,
+                                                                      tmp_path: Path) -> None:
+    """config_to_hf refuses it, naming the rule; save_pretrained writes our own format, which loads back exactly."""
     with pytest.raises(ValueError, match="cannot express " + pattern):
         config_to_hf(cfg)
-    with pytest.raises(ValueError, match="cannot express"):
-        save_pretrained(DeepSeekMoEForCausalLM(cfg), tmp_path / "out")
-    assert not (tmp_path / "out").exists(), "nothing is written when the config is refused"
+    torch.manual_seed(0)
+    model = DeepSeekMoEForCausalLM(cfg).eval()
+    assert save_pretrained(model, tmp_path / "out") == "deepseek_moe"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["format"] == "deepseek_moe"
+    loaded = load_pretrained(tmp_path / "out")
+    assert loaded.config == cfg
+    ids = torch.randint(0, cfg.vocab_size, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
 def test_expert_index_out_of_range_is_named(tmp_path: Path) -> None:

@@ -46,7 +46,6 @@ def checkpoint_dir(target: str) -> Path:
 
 def load_config(target: str) -> tuple[Any, str]:  # -> (ModelConfig, description of the source)
     """The ModelConfig ``target`` names: a preset, else a checkpoint directory's config.json."""
-    from deepseek_moe.io import config_from_hf
     from deepseek_moe.presets import PRESETS, get_preset
 
     if not Path(target).exists() and target.strip().lower().replace("_", "-") in PRESETS:
@@ -54,17 +53,14 @@ def load_config(target: str) -> tuple[Any, str]:  # -> (ModelConfig, description
     if not Path(target).exists() and "/" not in target and not target.startswith("."):
         raise CheckpointError(f"{target!r} is neither a preset nor a checkpoint directory; valid presets: "
                               f"{', '.join(PRESETS)}")
-    config_file = checkpoint_dir(target) / "config.json"
+    from deepseek_moe.io import read_config
+
+    path = checkpoint_dir(target)
     try:
-        hf = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{config_file}: not readable JSON ({e})") from e
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{config_file}: expected a JSON object, found {type(hf).__name__}")
-    try:
-        return config_from_hf(hf, source=str(config_file)), str(config_file)
+        _, cfg = read_config(path)  # any layout: V2/V3, DeepSeekMoE 16B, our own format
     except ValueError as e:  # the translation's and the dataclasses' rules: a bad file, not a bug
         raise CheckpointError(str(e)) from e
+    return cfg, str(path / "config.json")
 
 
 def model_info(cfg: Any, context: int | None = None) -> dict[str, Any]:  # cfg: ModelConfig

@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from deepseek_moe.config import ModelConfig, MoEConfig
+from deepseek_moe.io.recipe import with_published_recipe
+from deepseek_moe.model.rope import yarn_mscale
 
 # One row per tensor: our name <-> the Hugging Face checkpoint name. {i}: layer index, {e}: expert index.
 # A ``[{e}]`` suffix on our side is one slice of a stacked (E, ...) expert parameter.
@@ -32,6 +34,8 @@ KEY_TABLE: tuple[tuple[str, str], ...] = (
     ("layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
     ("layers.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
     ("layers.{i}.attn.wq.weight", "model.layers.{i}.self_attn.q_proj.weight"),
+    ("layers.{i}.attn.wk.weight", "model.layers.{i}.self_attn.k_proj.weight"),  # MHA (DeepSeekMoE 16B layout)
+    ("layers.{i}.attn.wv.weight", "model.layers.{i}.self_attn.v_proj.weight"),  # MHA
     ("layers.{i}.attn.wq_a.weight", "model.layers.{i}.self_attn.q_a_proj.weight"),
     ("layers.{i}.attn.q_norm.weight", "model.layers.{i}.self_attn.q_a_layernorm.weight"),
     ("layers.{i}.attn.wq_b.weight", "model.layers.{i}.self_attn.q_b_proj.weight"),
@@ -39,6 +43,13 @@ KEY_TABLE: tuple[tuple[str, str], ...] = (
     ("layers.{i}.attn.kv_norm.weight", "model.layers.{i}.self_attn.kv_a_layernorm.weight"),
     ("layers.{i}.attn.wkv_b.weight", "model.layers.{i}.self_attn.kv_b_proj.weight"),
     ("layers.{i}.attn.wo.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+    # attention_bias: MLA has biases on q_a_proj, kv_a_proj_with_mqa and o_proj; MHA on q/k/v/o_proj.
+    ("layers.{i}.attn.wq.bias", "model.layers.{i}.self_attn.q_proj.bias"),
+    ("layers.{i}.attn.wk.bias", "model.layers.{i}.self_attn.k_proj.bias"),
+    ("layers.{i}.attn.wv.bias", "model.layers.{i}.self_attn.v_proj.bias"),
+    ("layers.{i}.attn.wq_a.bias", "model.layers.{i}.self_attn.q_a_proj.bias"),
+    ("layers.{i}.attn.wkv_a.bias", "model.layers.{i}.self_attn.kv_a_proj_with_mqa.bias"),
+    ("layers.{i}.attn.wo.bias", "model.layers.{i}.self_attn.o_proj.bias"),
     ("layers.{i}.ffn.w1.weight", "model.layers.{i}.mlp.gate_proj.weight"),
     ("layers.{i}.ffn.w2.weight", "model.layers.{i}.mlp.down_proj.weight"),
     ("layers.{i}.ffn.w3.weight", "model.layers.{i}.mlp.up_proj.weight"),
@@ -69,6 +80,8 @@ _HF_TO_OURS = [(_pattern(hf), ours) for ours, hf in KEY_TABLE]
 _OURS_TO_HF = [(_pattern(ours.removesuffix("[{e}]")), ours.endswith("[{e}]"), hf) for ours, hf in KEY_TABLE]
 _FUSED = [(_pattern(hf), ours) for ours, hf in FUSED_EXPERT_KEYS]
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_HF_COMPANION = re.compile(r"(.*\.weight)(_\w+)\Z")
+_OURS_COMPANION = re.compile(r"(.*\.(?:weight|w1|w2|w3))(_\w+)\Z")
 
 
 def hf_layer_index(hf_key: str) -> int | None:
@@ -77,13 +90,23 @@ def hf_layer_index(hf_key: str) -> int | None:
 
 
 def hf_to_ours(hf_key: str) -> tuple[str, int | None] | None:
-    """``(our parameter name, expert index or None)`` for a checkpoint key, or None if it has no counterpart."""
+    """``(our tensor name, expert index or None)`` for a checkpoint key, or None if it has no counterpart.
+
+    A companion of a weight (``<key>.weight_<suffix>``, e.g. a quantised weight's ``weight_scale``) maps to our
+    name of that weight plus ``_<suffix>``: ``...q_proj.weight_scale`` -> ``layers.0.attn.wq.weight_scale``,
+    ``...experts.3.gate_proj.weight_scale`` -> ``layers.1.ffn.experts.w1_scale`` row 3.
+    """
     for pattern, ours in _HF_TO_OURS:
         m = pattern.match(hf_key)
         if m:
             groups = m.groupdict()
             name = ours.removesuffix("[{e}]").replace("{i}", groups.get("i") or "")
             return name, (int(groups["e"]) if "e" in groups else None)
+    companion = _HF_COMPANION.match(hf_key)
+    if companion:
+        base = hf_to_ours(companion.group(1))
+        if base is not None:
+            return base[0] + companion.group(2), base[1]
     return None
 
 
@@ -97,11 +120,16 @@ def hf_fused_to_ours(hf_key: str) -> list[str] | None:
 
 
 def ours_to_hf(name: str) -> tuple[str, bool] | None:
-    """``(Hugging Face key template, stacked)`` for our parameter name; ``{e}`` in the key when stacked."""
+    """``(Hugging Face key template, stacked)`` for our tensor name; ``{e}`` in the key when stacked."""
     for pattern, stacked, hf in _OURS_TO_HF:
         m = pattern.match(name)
         if m:
             return hf.replace("{i}", m.groupdict().get("i") or ""), stacked
+    companion = _OURS_COMPANION.match(name)
+    if companion:
+        base = ours_to_hf(companion.group(1))
+        if base is not None:
+            return base[0] + companion.group(2), base[1]
     return None
 
 
@@ -109,6 +137,7 @@ def ours_to_hf(name: str) -> tuple[str, bool] | None:
 # config.json -> ModelConfig
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+OWN_QUANT_METHODS = ("deepseek_moe",)
 
 # transformers' defaults for the keys that change behaviour, used when config.json leaves them out.
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -126,10 +155,6 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
              "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
              "n_routed_experts", "num_experts_per_tok")
-
-
-def _yarn_mscale(factor: float, mscale: float) -> float:
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def _token_id(value: Any, key: str, source: str) -> int | None:
@@ -173,7 +198,7 @@ def _rope_fields(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
     if not mscale_all_dim:
         mscale, mscale_all_dim = 1.0, 0.0
     if params.get("attention_factor") is not None:
-        expected = _yarn_mscale(factor, float(mscale)) / _yarn_mscale(factor, float(mscale_all_dim))
+        expected = yarn_mscale(factor, float(mscale)) / yarn_mscale(factor, float(mscale_all_dim))
         if not math.isclose(float(params["attention_factor"]), expected, rel_tol=1e-6):
             raise ValueError(f"{source}: {key}.attention_factor ({params['attention_factor']}) is not supported; "
                              f"remove it so it follows from mscale/mscale_all_dim ({expected:.6g})")
@@ -184,18 +209,42 @@ def _rope_fields(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
             "mscale": float(mscale), "mscale_all_dim": float(mscale_all_dim)}
 
 
+# quant_method values this loader reads: FP8 block-scaled (dequantised while streaming) and our own formats
+# (quant/ declares its method name and reads it through the same loader's hooks).
+FP8_METHOD = "fp8"
+
+
+def check_quantization(hf: Mapping[str, Any], source: str) -> None:
+    """Refuse a ``quantization_config`` this package cannot read, naming it."""
+    quant = hf.get("quantization_config")
+    if not quant:
+        return
+    method = quant.get("quant_method") if isinstance(quant, Mapping) else None
+    if method == FP8_METHOD:
+        from deepseek_moe.io.fp8 import fp8_block_size
+
+        fp8_block_size(quant, source)  # validates fmt and weight_block_size
+        return
+    if method in OWN_QUANT_METHODS:
+        return
+    raise ValueError(f"{source}: quantization_config.quant_method {method!r} is not supported; this loader reads "
+                     f"FP8 block-scaled checkpoints ('fp8', as DeepSeek-V3/R1 ship them) and its own "
+                     f"{', '.join(map(repr, OWN_QUANT_METHODS))}")
+
+
 def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json") -> ModelConfig:
-    """Translate a Hugging Face DeepSeek-V2/V3 ``config.json`` dict. Errors name ``source`` and the key."""
+    """Translate a Hugging Face DeepSeek ``config.json`` dict (``deepseek_v2``, ``deepseek_v3``, or DeepSeekMoE
+    16B's ``deepseek``). Errors name ``source`` and the key. The MoE balance fields are the published training
+    recipe that fits the routing (io/recipe.py), so fine-tuning a loaded model trains it as it was trained."""
     model_type = hf.get("model_type")
+    if model_type == "deepseek":
+        from deepseek_moe.io.hf_deepseek import config_from_deepseek
+
+        return config_from_deepseek(hf, source=source)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{source}: model_type {model_type!r} is not supported; expected one of "
-                         f"{', '.join(map(repr, SUPPORTED_MODEL_TYPES))}")
-    if hf.get("quantization_config"):
-        quant = hf["quantization_config"]
-        method = quant.get("quant_method", "?") if isinstance(quant, Mapping) else quant
-        raise ValueError(f"{source}: quantization_config ({method!r}) found: quantised (e.g. FP8 with *_scale_inv "
-                         "tensors) checkpoints are not supported; dequantise to bf16/fp32 first "
-                         "(DeepSeek-V3's inference/fp8_cast_bf16.py does this)")
+                         f"{', '.join(map(repr, ('deepseek', *SUPPORTED_MODEL_TYPES)))}")
+    check_quantization(hf, source)
     missing = [k for k in _REQUIRED if hf.get(k) is None]
     if missing:
         raise ValueError(f"{source}: missing key(s) {', '.join(missing)}")
@@ -210,9 +259,8 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json") -> Mod
 
     if hf.get("hidden_act", "silu") != "silu":
         reject("hidden_act", hf["hidden_act"], "is not supported; DeepSeek uses 'silu'")
-    for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):
-            reject(key, hf[key], "is not supported (no biases in DeepSeek projections)")
+    if hf.get("mlp_bias"):
+        reject("mlp_bias", hf["mlp_bias"], "is not supported (no biases in DeepSeek's FFNs)")
     if hf.get("moe_layer_freq", 1) != 1:
         reject("moe_layer_freq", hf["moe_layer_freq"], "is not supported; every layer after "
                "first_k_dense_replace is MoE")
@@ -262,9 +310,10 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json") -> Mod
                         n_expert_groups=n_group, n_limited_groups=n_limited,
                         route_scale=float(get("routed_scaling_factor")), init_std=init_std, **routing)
         return ModelConfig(
+            attention_bias=bool(hf.get("attention_bias", False)), moe=with_published_recipe(moe),
             vocab_size=int(hf["vocab_size"]), dim=dim, inter_dim=int(hf["intermediate_size"]),
             n_layers=int(hf["num_hidden_layers"]), n_dense_layers=int(get("first_k_dense_replace") or 0),
-            n_heads=n_heads, moe=moe, max_seq_len=max_pos, attention="mla",
+            n_heads=n_heads, max_seq_len=max_pos, attention="mla",
             q_lora_rank=int(get("q_lora_rank") or 0), kv_lora_rank=int(hf["kv_lora_rank"]),
             qk_nope_head_dim=int(hf["qk_nope_head_dim"]), qk_rope_head_dim=int(hf["qk_rope_head_dim"]),
             v_head_dim=int(hf["v_head_dim"]), rope_interleave=rope_interleave,
@@ -330,7 +379,7 @@ def config_to_hf(cfg: ModelConfig, *, dtype: str | None = None) -> dict[str, Any
         "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rope_parameters": rope,
         "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_word_embeddings,
         "initializer_range": cfg.init_std, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-        "attention_bias": False,
+        "attention_bias": cfg.attention_bias,
         "n_routed_experts": moe.n_routed_experts, "n_shared_experts": moe.n_shared_experts,
         "num_experts_per_tok": moe.n_activated_experts, "n_group": moe.n_expert_groups,
         "topk_group": moe.n_limited_groups, "routed_scaling_factor": moe.route_scale,

@@ -1,0 +1,258 @@
+"""``load_pretrained``: any DeepSeek checkpoint directory -> DeepSeekMoEForCausalLM, streamed (io/streaming.py).
+
+Layouts read: Hugging Face DeepSeek-V2/V3 (``deepseek_v2``/``deepseek_v3``, per-expert or transformers-fused
+expert tensors, FP8 block-scaled weights dequantised on the way), DeepSeekMoE 16B's (``deepseek``), and our
+own format (io/native.py). Single file or sharded with ``model.safetensors.index.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from deepseek_moe.io.fp8 import SCALE_SUFFIX, expected_scale_shape, fp8_block_size
+from deepseek_moe.io.hf import (
+    FP8_METHOD,
+    config_from_hf,
+    hf_fused_to_ours,
+    hf_layer_index,
+    hf_to_ours,
+    ours_to_hf,
+)
+from deepseek_moe.io.native import is_native, native_config
+from deepseek_moe.io.safetensors_file import SafetensorsError, SafetensorsFile
+from deepseek_moe.io.streaming import Block, CheckpointError, LoadHooks, _is_stacked, stream_into
+
+if TYPE_CHECKING:
+    from deepseek_moe.config import ModelConfig
+    from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+# Keys that old checkpoints carry and that hold nothing to load (recomputed RoPE tables).
+_IGNORED = re.compile(r".*rotary_emb\.(inv_freq|cos_cached|sin_cached)\Z")
+
+
+def open_checkpoint(path: Path) -> dict[str, SafetensorsFile]:
+    """checkpoint key -> the (parsed, shared) file holding it; the index, when there is one, decides."""
+    index = path / INDEX_FILE
+    try:
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map' object")
+            files: dict[str, SafetensorsFile] = {}
+            for name in sorted(set(weight_map.values())):
+                if not (path / name).is_file():
+                    raise CheckpointError(f"{index}: lists shard {name!r}, which does not exist in {path}")
+                files[name] = SafetensorsFile(path / name)
+            for key, name in weight_map.items():
+                if key not in files[name].tensors:
+                    raise CheckpointError(f"{index}: maps {key!r} to {name}, which does not contain it")
+            return {key: files[name] for key, name in weight_map.items()}
+        single = path / SINGLE_FILE
+        if single.is_file():
+            f = SafetensorsFile(single)
+            return dict.fromkeys(f.keys(), f)
+    except SafetensorsError as e:
+        raise CheckpointError(str(e)) from e
+    others = sorted(p.name for p in path.glob("*.bin")) if path.is_dir() else []
+    hint = f" (found {', '.join(others)}: convert PyTorch .bin checkpoints to safetensors first)" if others else ""
+    raise CheckpointError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found{hint}")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, raw: Mapping[str, Any],
+                  files: Mapping[str, SafetensorsFile]) -> torch.dtype:
+    """The dtype asked for, else config.json's ``dtype``/``torch_dtype``, else the files' own (the floating dtype
+    holding the most bytes; FP8 weights become bfloat16)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype or raw.get("dtype") or raw.get("torch_dtype")
+    if name is not None:
+        if name not in DTYPES:
+            raise ValueError(f"dtype {name!r} is not supported; expected one of {', '.join(DTYPES)}")
+        return DTYPES[name]
+    stored: Counter[torch.dtype] = Counter()
+    for key, f in files.items():
+        info = f.info(key)
+        if info.dtype.is_floating_point:
+            stored[torch.bfloat16 if info.dtype in _FP8 else info.dtype] += info.nbytes
+    return stored.most_common(1)[0][0] if stored else torch.float32
+
+
+def hf_blocks(files: Mapping[str, SafetensorsFile], cfg: ModelConfig,
+              fp8_block: tuple[int, int] | None) -> list[Block]:
+    """Where each of our tensors lies in a Hugging Face layout (V2/V3/16B)."""
+    blocks: list[Block] = []
+    for key, f in files.items():
+        layer = hf_layer_index(key)
+        if (layer is not None and layer >= cfg.n_layers) or _IGNORED.match(key):
+            continue  # V3 multi-token-prediction layers; recomputed RoPE tables
+        if cfg.tie_word_embeddings and key == "lm_head.weight":
+            continue  # transformers ties it to the embedding as well
+        if key.endswith(".weight" + SCALE_SUFFIX):
+            if fp8_block is not None:
+                continue  # read with its weight
+            raise CheckpointError(f"{f.path}: {key!r} is an FP8 block scale, but config.json has no "
+                                  f"quantization_config with quant_method {FP8_METHOD!r}")
+        info = f.info(key)
+        mapped = hf_to_ours(key)
+        if mapped is not None:
+            name, expert = mapped
+            if info.numel == 0 and cfg.moe.n_shared_experts == 0 and ".shared_experts." in name:
+                continue  # transformers' zero-width shared experts when n_shared_experts == 0
+            scale_key = _fp8_scale(files, key, f, fp8_block)
+            blocks.append(Block(name, expert, f, key, 0, info.shape, scale_key,
+                                files[scale_key] if scale_key else None))
+            continue
+        fused = hf_fused_to_ours(key)
+        if fused is None:
+            raise CheckpointError(f"{f.path}: unexpected key {key!r} (not a DeepSeek weight name)")
+        if info.dtype in _FP8:
+            raise CheckpointError(f"{f.path}: {key!r} is a fused expert tensor in {info.dtype}; FP8 is read only "
+                                  "per expert, as DeepSeek ships it")
+        # (E, 2F, D) gate_up_proj is gate over up; (E, D, F) down_proj: one block per expert and part.
+        n_experts, rows, cols = info.shape
+        part_rows = rows // len(fused)
+        for e in range(n_experts):
+            for p, name in enumerate(fused):
+                start = (e * rows + p * part_rows) * cols
+                blocks.append(Block(name, e, f, key, start, (part_rows, cols)))
+    return blocks
+
+
+def _fp8_scale(files: Mapping[str, SafetensorsFile], key: str, f: SafetensorsFile,
+               fp8_block: tuple[int, int] | None) -> str | None:
+    """The checked ``weight_scale_inv`` key of an FP8 weight, or None for a weight stored in a float dtype."""
+    info = f.info(key)
+    if info.dtype not in _FP8:
+        return None
+    if fp8_block is None:
+        raise CheckpointError(f"{f.path}: {key!r} is stored as {info.dtype} but config.json has no "
+                              f"quantization_config with quant_method {FP8_METHOD!r} to say how it is scaled")
+    if info.dtype != torch.float8_e4m3fn:
+        raise CheckpointError(f"{f.path}: {key!r} is {info.dtype}; FP8 weights must be float8_e4m3fn")
+    scale_key = key + SCALE_SUFFIX
+    if scale_key not in files:
+        raise CheckpointError(f"{f.path}: FP8 weight {key!r} has no block scale {scale_key!r} in the checkpoint")
+    if len(info.shape) != 2:
+        raise CheckpointError(f"{f.path}: FP8 weight {key!r} has shape {list(info.shape)}; block scaling needs "
+                              "a matrix")
+    expected = expected_scale_shape(info.shape, fp8_block)
+    scale = files[scale_key].info(scale_key)
+    if scale.shape != expected:
+        raise CheckpointError(f"{files[scale_key].path}: FP8 scale {scale_key!r} has shape {list(scale.shape)}, "
+                              f"expected {list(expected)} for weight {key!r} of shape {list(info.shape)} in "
+                              f"{fp8_block[0]}x{fp8_block[1]} blocks (quantization_config.weight_block_size)")
+    if not scale.dtype.is_floating_point:
+        raise CheckpointError(f"{files[scale_key].path}: FP8 scale {scale_key!r} is {scale.dtype}, not a float")
+    return scale_key
+
+
+def native_blocks(files: Mapping[str, SafetensorsFile], cfg: ModelConfig) -> list[Block]:
+    """Our own format: keys are our names; a stacked expert tensor gives one block per expert row."""
+    blocks: list[Block] = []
+    for key, f in files.items():
+        if cfg.tie_word_embeddings and key == "head.weight":
+            continue
+        info = f.info(key)
+        if _is_stacked(key) and len(info.shape) >= 2:
+            row = info.numel // info.shape[0]
+            blocks.extend(Block(key, e, f, key, e * row, info.shape[1:]) for e in range(info.shape[0]))
+        else:
+            blocks.append(Block(key, None, f, key, 0, info.shape))
+    return blocks
+
+
+def required_tensors(model: torch.nn.Module, cfg: ModelConfig) -> set[tuple[str, int | None]]:
+    """(name, expert row or None) of every parameter and persistent buffer a checkpoint must fill."""
+    required: set[tuple[str, int | None]] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if cfg.tie_word_embeddings and name == "head.weight":
+            continue
+        if _is_stacked(name):
+            required.update((name, e) for e in range(tensor.shape[0]))
+        else:
+            required.add((name, None))
+    return required
+
+
+def _hf_name(name: str, expert: int | None) -> str:
+    mapped = ours_to_hf(name)
+    if mapped is None:
+        return name if expert is None else f"{name}[{expert}]"
+    return mapped[0].replace("{e}", str(expert)) if expert is not None else mapped[0]
+
+
+def read_config(path: Path) -> tuple[dict[str, Any], ModelConfig]:
+    """config.json's dict and the ModelConfig it describes (any layout); errors name the file."""
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: no {CONFIG_FILE}")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_file}: not readable JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object, found {type(raw).__name__}")
+    cfg = native_config(raw, source=str(config_file)) if is_native(raw) else config_from_hf(raw, source=str(config_file))
+    return raw, cfg
+
+
+def load_pretrained(path: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None,
+                    device: str | torch.device = "cpu", hooks: LoadHooks | None = None) -> DeepSeekMoEForCausalLM:
+    """Build a DeepSeekMoEForCausalLM from a checkpoint directory, streaming each tensor into place.
+
+    ``dtype`` None: config.json's ``dtype`` (``torch_dtype``), else the files' own. Floating parameters take it;
+    buffers (V3's correction bias) keep theirs. Layers >= num_hidden_layers (V3's multi-token-prediction modules)
+    are skipped; ``lm_head.weight`` may be absent only with tied embeddings. ``hooks``: see io/streaming.py.
+    """
+    from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+
+    path = Path(path)
+    raw, cfg = read_config(path)
+    files = open_checkpoint(path)
+    hooks = hooks or LoadHooks()
+    try:
+        torch_dtype = resolve_dtype(dtype, raw, files)
+        native = is_native(raw)
+        quant = raw.get("quantization_config") or {}
+        fp8 = fp8_block_size(quant, str(path / CONFIG_FILE)) if quant.get("quant_method") == FP8_METHOD else None
+        blocks = native_blocks(files, cfg) if native else hf_blocks(files, cfg, fp8)
+        with torch.device("meta"):
+            model = DeepSeekMoEForCausalLM(cfg)
+        if hooks.prepare is not None:
+            hooks.prepare(model)
+        required = required_tensors(model, cfg)
+        describe = (lambda n, e: n if e is None else f"{n}[{e}]") if native else _hf_name
+        stream_into(model, blocks, dtype=torch_dtype, device=torch.device(device), hooks=hooks,
+                    required=required, fp8_block=fp8, describe_missing=describe)
+    except SafetensorsError as e:
+        raise CheckpointError(str(e)) from e
+    finally:
+        for f in set(files.values()):
+            f.close()
+    if cfg.tie_word_embeddings:
+        model.head.weight = model.embed.weight
+    tokenizer_file = path / TOKENIZER_FILE
+    if tokenizer_file.is_file():
+        from tokenizers import Tokenizer
+
+        model.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    return model.eval()
+
+
+__all__ = ["CONFIG_FILE", "INDEX_FILE", "SINGLE_FILE", "TOKENIZER_FILE", "load_pretrained", "open_checkpoint",
+           "read_config", "resolve_dtype"]

@@ -1,0 +1,178 @@
+"""``save_pretrained``: any DeepSeekMoEForCausalLM -> a checkpoint directory that ``load_pretrained`` reads.
+
+The format is the most widely readable one that expresses the model exactly:
+
+* MLA models that transformers' DeepSeek-V2/V3 classes hold: their layout (``deepseek_v2``/``deepseek_v3``);
+* MHA models that DeepSeekMoE 16B's published layout holds: it (``model_type: "deepseek"``);
+* anything else (softmax scores with the routing bias, say): our own documented format (io/native.py).
+
+Files are written under temporary names and renamed into place, config.json last, so an interrupted save never
+leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import save_file
+
+from deepseek_moe.io.hf import config_to_hf, hf_model_type, ours_to_hf
+from deepseek_moe.io.hf_deepseek import config_to_deepseek, deepseek_incompatibility
+from deepseek_moe.io.load import CONFIG_FILE, DTYPES, INDEX_FILE, SINGLE_FILE, TOKENIZER_FILE
+from deepseek_moe.io.native import FORMAT, native_config_json
+
+if TYPE_CHECKING:
+    from deepseek_moe.config import ModelConfig
+    from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``5GB`` / ``500MiB`` / an int (transformers' convention: GB = 10^9)."""
+    if isinstance(size, int):
+        return size
+    m = _SIZE.match(size)
+    if not m:
+        raise ValueError(f"max_shard_size ({size!r}) must be bytes or like '5GB', '500MB', '2GiB'")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+
+
+def checkpoint_format(cfg: ModelConfig) -> str:
+    """``deepseek_v2``, ``deepseek_v3``, ``deepseek`` (DeepSeekMoE 16B) or ``deepseek_moe`` (ours) for ``cfg``."""
+    if cfg.attention == "mha":
+        return "deepseek" if deepseek_incompatibility(cfg) is None else FORMAT
+    try:
+        return hf_model_type(cfg)
+    except ValueError:
+        return FORMAT
+
+
+def _hf_entries(model: DeepSeekMoEForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face key, tensor) in model order; stacked experts split per expert, as the hub has them."""
+    cfg: ModelConfig = model.config
+    seen: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if cfg.tie_word_embeddings and name == "head.weight":
+            continue
+        mapped = ours_to_hf(name)
+        if mapped is None:
+            raise ValueError(f"model tensor {name!r} has no Hugging Face name in io/hf.py KEY_TABLE")
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        key, stacked = mapped
+        tensor = tensor.detach()
+        if stacked:
+            offset = getattr(model.get_submodule(name.rpartition(".")[0]), "offset", 0)
+            for e in range(tensor.shape[0]):
+                yield key.replace("{e}", str(offset + e)), tensor[e].clone()  # a slice shares the stacked storage
+        else:
+            yield key, tensor
+    fmt = checkpoint_format(cfg)
+    if fmt not in ("deepseek_v2", "deepseek_v3"):
+        return
+    ref = next(iter(model.parameters()))
+    for i in range(cfg.n_dense_layers, cfg.n_layers):
+        if fmt == "deepseek_v3" and not cfg.moe.use_routing_bias:
+            # deepseek_v3 always has the correction bias; ours is off, which is a zero bias.
+            yield (f"model.layers.{i}.mlp.gate.e_score_correction_bias",
+                   torch.zeros(cfg.moe.n_routed_experts, dtype=torch.float32, device=ref.device))
+        if cfg.moe.n_shared_experts == 0:
+            # transformers always builds shared experts; with none they are zero-width, and it expects the keys.
+            prefix = f"model.layers.{i}.mlp.shared_experts."
+            yield prefix + "gate_proj.weight", ref.new_zeros(0, cfg.dim)
+            yield prefix + "up_proj.weight", ref.new_zeros(0, cfg.dim)
+            yield prefix + "down_proj.weight", ref.new_zeros(cfg.dim, 0)
+
+
+def _native_entries(model: DeepSeekMoEForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
+    cfg: ModelConfig = model.config
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if cfg.tie_word_embeddings and name == "head.weight":
+            continue
+        yield name, tensor.detach()
+
+
+def _dtype_name(model: torch.nn.Module) -> str | None:
+    names = {v: k for k, v in DTYPES.items()}
+    for p in model.parameters():
+        if p.dtype.is_floating_point:
+            return names.get(p.dtype)
+    return None
+
+
+def save_pretrained(model: DeepSeekMoEForCausalLM, path: str | os.PathLike[str], *,
+                    max_shard_size: int | str = "5GB",
+                    quantization_config: Mapping[str, Any] | None = None) -> str:
+    """Write config.json, model.safetensors (or shards + index) and tokenizer.json; returns the format written
+    (see the module docstring). ``quantization_config`` (default: the model's attribute of that name, set by
+    quant/) is written into config.json as is."""
+    cfg: ModelConfig = model.config
+    fmt = checkpoint_format(cfg)
+    dtype = _dtype_name(model)
+    if fmt == "deepseek":
+        config = config_to_deepseek(cfg, dtype=dtype)
+    elif fmt == FORMAT:
+        config = native_config_json(cfg, dtype=dtype)
+    else:
+        config = config_to_hf(cfg, dtype=dtype)
+    quant = quantization_config if quantization_config is not None else getattr(model, "quantization_config", None)
+    if quant:
+        config["quantization_config"] = dict(quant)
+    entries = _native_entries(model) if fmt == FORMAT else _hf_entries(model)
+    write_checkpoint(Path(path), entries, config, parse_size(max_shard_size), getattr(model, "tokenizer", None),
+                     metadata={"format": FORMAT if fmt == FORMAT else "pt"})
+    return fmt
+
+
+def write_checkpoint(path: Path, entries: Iterator[tuple[str, torch.Tensor]], config: Mapping[str, Any],
+                     limit: int, tokenizer: Any, *, metadata: dict[str, str]) -> None:
+    """Shards of at most ``limit`` bytes (one tensor may exceed it), written one at a time."""
+    path.mkdir(parents=True, exist_ok=True)
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = total = 0
+    for key, tensor in entries:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, tensor))
+        size += nbytes
+        total += nbytes
+    names = ([SINGLE_FILE] if len(shards) == 1
+             else [f"model-{n:05d}-of-{len(shards):05d}.safetensors" for n in range(1, len(shards) + 1)])
+    tmp = f".tmp-{os.getpid()}"
+    written: list[tuple[Path, Path]] = []
+    for name, shard in zip(names, shards, strict=True):
+        target = path / name
+        save_file({k: t.contiguous().cpu() for k, t in shard}, str(target) + tmp, metadata=metadata)
+        written.append((Path(str(target) + tmp), target))
+    if len(shards) > 1:
+        weight_map = {k: name for name, shard in zip(names, shards, strict=True) for k, _ in shard}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (path / (INDEX_FILE + tmp)).write_text(json.dumps(index, indent=2) + "\n")
+        written.append((path / (INDEX_FILE + tmp), path / INDEX_FILE))
+    if tokenizer is not None:
+        tokenizer.save(str(path / (TOKENIZER_FILE + tmp)))
+        written.append((path / (TOKENIZER_FILE + tmp), path / TOKENIZER_FILE))
+    (path / (CONFIG_FILE + tmp)).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    written.append((path / (CONFIG_FILE + tmp), path / CONFIG_FILE))
+    # Only now replace: stale shards of an earlier save go first, config.json is renamed last.
+    keep = {target for _, target in written}
+    for stale in [*path.glob("model*.safetensors"), path / INDEX_FILE]:
+        if stale not in keep:
+            stale.unlink(missing_ok=True)
+    for src, target in written:
+        os.replace(src, target)
+
+
+__all__ = ["checkpoint_format", "parse_size", "save_pretrained", "write_checkpoint"]
