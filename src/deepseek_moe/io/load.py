@@ -212,16 +212,23 @@ def read_config(path: Path) -> tuple[dict[str, Any], ModelConfig]:
 
 
 def load_pretrained(path: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None,
-                    device: str | torch.device = "cpu", hooks: LoadHooks | None = None) -> DeepSeekMoEForCausalLM:
+                    device: str | torch.device = "cpu", hooks: LoadHooks | None = None,
+                    quantize: Any = None) -> DeepSeekMoEForCausalLM:
     """Build a DeepSeekMoEForCausalLM from a checkpoint directory, streaming each tensor into place.
 
     ``dtype`` None: config.json's ``dtype`` (``torch_dtype``), else the files' own. Floating parameters take it;
     buffers (V3's correction bias) keep theirs. Layers >= num_hidden_layers (V3's multi-token-prediction modules)
     are skipped; ``lm_head.weight`` may be absent only with tied embeddings. ``hooks``: see io/streaming.py.
+    ``quantize`` ("int8", "int4" or a ``deepseek_moe.quant.QuantConfig``) quantises while streaming; a
+    checkpoint written quantised loads quantised without it (``deepseek_moe.quant``; ``dtype`` is then the
+    dtype of the unquantised parts and of the activations).
     """
     from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+    from deepseek_moe.quant.load import is_quantized_checkpoint, load_quantized
 
     path = Path(path)
+    if quantize is not None or is_quantized_checkpoint(path):
+        return load_quantized(path, dtype=dtype, quantize=quantize, device=device)
     raw, cfg = read_config(path)
     files = open_checkpoint(path)
     hooks = hooks or LoadHooks()

@@ -116,6 +116,11 @@ def save_pretrained(model: DeepSeekMoEForCausalLM, path: str | os.PathLike[str],
     """Write config.json, model.safetensors (or shards + index) and tokenizer.json; returns the format written
     (see the module docstring). ``quantization_config`` (default: the model's attribute of that name, set by
     quant/) is written into config.json as is."""
+    from deepseek_moe.quant import quant_config_of, save_quantized
+
+    if quant_config_of(model) is not None:
+        save_quantized(model, path)  # our weight-only format (deepseek_moe.quant.format)
+        return "deepseek_moe_quantized"
     cfg: ModelConfig = model.config
     fmt = checkpoint_format(cfg)
     dtype = _dtype_name(model)

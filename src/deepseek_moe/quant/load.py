@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from deepseek_moe.io.hf import config_from_hf, hf_fused_to_ours, hf_layer_index, hf_to_ours
-from deepseek_moe.io.safetensors_io import CheckpointError
+from deepseek_moe.io.streaming import CheckpointError
 from deepseek_moe.moe.all_layers import moe_layers
 from deepseek_moe.quant import pack
 from deepseek_moe.quant.apply import prepare_model
