@@ -39,6 +39,9 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "v2_no_shared_experts": ("deepseek_v2", dict(q_lora_rank=None, n_shared_experts=0)),
     "v3_sharded": ("deepseek_v3", dict(q_lora_rank=24, n_group=4, topk_group=2)),
     "v3_mtp_layer": ("deepseek_v3", dict(q_lora_rank=24, n_group=4, topk_group=2)),
+    # biases on q_a_proj, kv_a_proj_with_mqa and o_proj (never q_proj, q_b_proj or kv_b_proj)
+    "v3_attention_bias": ("deepseek_v3", dict(q_lora_rank=24, n_group=4, topk_group=2, attention_bias=True)),
+    "v2_attention_bias_no_qlora": ("deepseek_v2", dict(q_lora_rank=None, attention_bias=True)),
 }
 
 MAX_DIFFS: dict[str, float] = {}  # printed by the last test, for the record

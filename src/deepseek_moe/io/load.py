@@ -20,6 +20,7 @@ import torch
 from deepseek_moe.io.fp8 import SCALE_SUFFIX, expected_scale_shape, fp8_block_size
 from deepseek_moe.io.hf import (
     FP8_METHOD,
+    OWN_QUANT_METHODS,
     config_from_hf,
     hf_fused_to_ours,
     hf_layer_index,
@@ -224,12 +225,12 @@ def load_pretrained(path: str | os.PathLike[str], *, dtype: torch.dtype | str | 
     dtype of the unquantised parts and of the activations).
     """
     from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
-    from deepseek_moe.quant.load import is_quantized_checkpoint, load_quantized
+    from deepseek_moe.quant.load import load_quantized
 
     path = Path(path)
-    if quantize is not None or is_quantized_checkpoint(path):
-        return load_quantized(path, dtype=dtype, quantize=quantize, device=device)
     raw, cfg = read_config(path)
+    if quantize is not None or (raw.get("quantization_config") or {}).get("quant_method") in OWN_QUANT_METHODS:
+        return load_quantized(path, dtype=dtype, quantize=quantize, device=device)
     files = open_checkpoint(path)
     hooks = hooks or LoadHooks()
     try:
