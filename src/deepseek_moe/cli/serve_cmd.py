@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deepseek_moe.io.safetensors_io import parse_size
+    from deepseek_moe.io.save import parse_size
     from deepseek_moe.serve.scheduler import SchedulerConfig
 
     try:

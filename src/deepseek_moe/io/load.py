@@ -29,7 +29,7 @@ from deepseek_moe.io.hf import (
 )
 from deepseek_moe.io.native import is_native, native_config
 from deepseek_moe.io.safetensors_file import SafetensorsError, SafetensorsFile
-from deepseek_moe.io.streaming import Block, CheckpointError, LoadHooks, _is_stacked, stream_into
+from deepseek_moe.io.streaming import Block, CheckpointError, LoadHooks, _is_stacked, skip_init, stream_into
 
 if TYPE_CHECKING:
     from deepseek_moe.config import ModelConfig
@@ -239,7 +239,7 @@ def load_pretrained(path: str | os.PathLike[str], *, dtype: torch.dtype | str | 
         quant = raw.get("quantization_config") or {}
         fp8 = fp8_block_size(quant, str(path / CONFIG_FILE)) if quant.get("quant_method") == FP8_METHOD else None
         blocks = native_blocks(files, cfg) if native else hf_blocks(files, cfg, fp8)
-        with torch.device("meta"):
+        with torch.device("meta"), skip_init():
             model = DeepSeekMoEForCausalLM(cfg)
         if hooks.prepare is not None:
             hooks.prepare(model)

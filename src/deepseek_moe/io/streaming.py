@@ -21,7 +21,8 @@ file's layout: the layouts (io/hf.py, io/native.py) only say which of our tensor
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -126,6 +127,21 @@ class LoadHooks:
 # ----------------------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def skip_init() -> Iterator[None]:
+    """Modules built inside skip ``torch.nn.init``: on the meta device it computes nothing, yet its first call
+    imports torch's meta decompositions, ~70 MB of resident memory that a load never needs."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
+
+
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     prefix, _, leaf = name.rpartition(".")
     return (model.get_submodule(prefix) if prefix else model), leaf
@@ -186,7 +202,7 @@ def restrict_experts(model: nn.Module, rows: Mapping[str, list[int]]) -> dict[st
                 raise ValueError(f"select keeps experts {kept} of {module_name}: a layer's selected experts must "
                                  "be one contiguous range (RoutedExperts holds [offset, offset + n))")
             _, inter_dim, dim = module.w1.shape
-            with torch.device("meta"):
+            with torch.device("meta"), skip_init():
                 new = RoutedExperts(len(kept), dim, inter_dim, init_std=module.init_std, offset=kept[0])
             new.use_grouped_mm = module.use_grouped_mm
             parent, leaf = _owner(model, module_name)
@@ -275,4 +291,4 @@ def _finish(model: nn.Module, device: torch.device, mat: Materializer) -> None:
 
 
 __all__ = ["Block", "CheckpointError", "LoadHooks", "Materializer", "TensorSource", "model_tensors",
-           "restrict_experts", "stream_into"]
+           "restrict_experts", "skip_init", "stream_into"]
