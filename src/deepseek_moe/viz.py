@@ -1,4 +1,4 @@
-"""Plots: the routing heatmap (layers × experts)."""
+"""What routing looks like: tokens per expert of each MoE layer (``routing_counts``) and the heatmap of them."""
 
 from __future__ import annotations
 
@@ -8,20 +8,21 @@ import torch
 from torch import nn
 
 
-def routing_counts(model: nn.Module) -> torch.Tensor:
-    """(L, E) tokens per expert of each MoE layer's last forward."""
+def routing_counts(model: nn.Module) -> torch.Tensor | None:
+    """(L, E) tokens per expert of each MoE layer's last forward (float32, CPU); None before any forward or in a
+    model without MoE layers."""
     from deepseek_moe.moe.all_layers import moe_layers
 
     rows = [moe.last_stats.tokens_per_expert.float().cpu() for _, moe in moe_layers(model)
             if moe.last_stats is not None]
-    if not rows:
-        raise ValueError("no MoE layer has routing statistics yet: run a forward pass first")
-    return torch.stack(rows)
+    return torch.stack(rows) if rows else None
 
 
 def plot_routing_heatmap(counts_LE: torch.Tensor, path: str | Path, *, title: str = "Tokens routed per expert",
                          layer_labels: list[str] | None = None) -> Path:
     """Write a heatmap of the share of each layer's assignments that each expert received."""
+    if counts_LE is None:
+        raise ValueError("no MoE layer has routing statistics yet: run a forward pass first")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -68,20 +68,6 @@ class TextStream:
             self.printed += new
 
 
-def resolve_device(name: str | None) -> Any:  # -> torch.device
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as e:
-        raise UsageError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...): {e}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name!r} asks for CUDA, which this machine does not have")
-    return device
-
-
 def load_tokenizer(path: Path) -> Any:  # -> tokenizers.Tokenizer
     from tokenizers import Tokenizer
 
@@ -119,11 +105,15 @@ def check_sampling(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from deepseek_moe.device import resolve_device
     from deepseek_moe.infer.generate import generate
     from deepseek_moe.io import load_pretrained
 
     path = checkpoint_dir(args.checkpoint)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(f"--device {e}") from e
     check_sampling(args)
     tokenizer = load_tokenizer(path)  # before the weights: a missing tokenizer should not cost a long load
     try:

@@ -1,4 +1,5 @@
-"""What a training loop needs to run on the N processes torchrun started, in one object.
+"""What a training loop needs to run on the N processes torchrun started, in one object: the N-process
+``deepseek_moe.train.strategy.Strategy`` (its one-process twin, ``SingleProcess``, does nothing).
 
 The N-process run reproduces the 1-process run: every rank draws the same global batch of ``batch_size``
 sequences (same seed, same order) and keeps its 1/N slice; the MoE layers concatenate the slices for their
@@ -54,12 +55,12 @@ class DistributedTraining:
 
     @classmethod
     def start(cls, moe: MoEConfig, batch_size: int, device: torch.device, *,
-              timeout_s: float = 300.0) -> DistributedTraining | None:
-        """None outside torchrun (one process); otherwise check the layout, then join the process group
-        (gloo on CPU; NCCL on CUDA, one GPU per rank: cuda:LOCAL_RANK)."""
+              timeout_s: float = 300.0) -> DistributedTraining:
+        """Under torchrun: check the layout, then join the process group (gloo on CPU; NCCL on CUDA, one GPU per
+        rank: cuda:LOCAL_RANK)."""
         world = env_world_size()
         if world == 1:
-            return None
+            raise ValueError("DistributedTraining needs the processes torchrun starts (WORLD_SIZE is 1)")
         check_training_layout(moe, batch_size, world)
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -75,14 +76,13 @@ class DistributedTraining:
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
-        """Rank 0 runs the block first (fills caches), the others after it (read them)."""
+        """Rank 0 runs the block first (fills caches), the others after it (read them). If rank 0 fails in it,
+        the others stay at the barrier until torchrun stops them."""
         if not self.is_main:
             dist.barrier()
-        try:
-            yield
-        finally:
-            if self.is_main:
-                dist.barrier()
+        yield
+        if self.is_main:
+            dist.barrier()
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """Split ``model``'s experts over the ranks (in place) and return the DDP module to call for training.
@@ -138,8 +138,7 @@ class DistributedTraining:
         """The unsplit model with local dispatch (a collective), for export and sampling on rank 0."""
         return gathered_model(model)
 
-    def barrier(self) -> None:
-        dist.barrier()
-
     def close(self) -> None:
+        """Wait for every rank (rank 0 writes the run's outputs meanwhile), then leave the process group."""
+        dist.barrier()
         shutdown()

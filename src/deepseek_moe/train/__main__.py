@@ -2,7 +2,7 @@
 
 import sys
 
-from deepseek_moe.cli.main import main
+from deepseek_moe.train.command import main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(main())

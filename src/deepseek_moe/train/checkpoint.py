@@ -5,6 +5,9 @@ A step directory holds ``model.safetensors`` (parameters and buffers, routing bi
 routing generators) and ``trainer.json`` (step, data position, and a fingerprint of the model shapes), written
 last. It is built in a temporary sibling, fsynced, and renamed into place, so a crash leaves either the whole
 step or nothing.
+
+The strategy (``train.strategy``) gives the state of the unsplit model, so the files do not depend on the
+process count, and takes each process's part on load.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import nn
 
 from deepseek_moe.moe.all_layers import load_routing_state, routing_state
 from deepseek_moe.train.errors import TrainError
+from deepseek_moe.train.strategy import Strategy
 
 _PREFIX = "step-"
 
@@ -60,21 +64,13 @@ def load_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def model_fingerprint(model: nn.Module) -> dict[str, list[int]]:
-    return {k: list(v.shape) for k, v in model.state_dict().items()}
-
-
 def save_checkpoint(state_dir: Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, trainer: dict[str, Any], keep_last: int, shards: Any = None) -> Path:
-    """``shards`` (a parallel.DistributedTraining, N processes): every rank calls this; the experts are gathered
-    into the unsplit model's state and rank 0 writes it, so the checkpoint loads on any process count."""
+                    scheduler: Any, trainer: dict[str, Any], keep_last: int, strategy: Strategy) -> Path:
+    """Every process calls this (gathering the state is a collective); the main one writes."""
     final = state_dir / f"{_PREFIX}{step}"
-    if shards is not None:
-        model_state, optimizer_state = shards.full_states(model, optimizer)
-        if not shards.is_main:
-            return final
-    else:
-        model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+    model_state, optimizer_state = strategy.full_states(model, optimizer)
+    if not strategy.is_main:
+        return final
     tmp = state_dir / f".tmp-{_PREFIX}{step}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -99,15 +95,13 @@ def save_checkpoint(state_dir: Path, step: int, *, model: nn.Module, optimizer: 
 
 
 def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, shards: Any = None) -> dict[str, Any]:
-    """Restore everything in place; returns trainer.json. Raises TrainError naming the file on any mismatch.
-
-    ``shards`` (N processes): each rank takes its slice of the experts from the unsplit checkpoint."""
+                    scheduler: Any, strategy: Strategy) -> dict[str, Any]:
+    """Restore everything in place; returns trainer.json. Raises TrainError naming the file on any mismatch."""
     try:
         info = json.loads((path / "trainer.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise TrainError(f"checkpoint {path / 'trainer.json'} is unreadable or corrupt: {e}") from e
-    want = shards.full_shapes(model) if shards is not None else model_fingerprint(model)
+    want = strategy.full_shapes(model)
     have = info.get("fingerprint", {})
     if have != want:
         diff = sorted(set(have) ^ set(want)) or sorted(k for k in want if have.get(k) != want[k])
@@ -117,24 +111,17 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
         tensors = load_file(str(path / "model.safetensors"))
     except (OSError, SafetensorError) as e:
         raise TrainError(f"checkpoint {path / 'model.safetensors'} is unreadable or corrupt: {e}") from e
-    if shards is not None:  # the fingerprint matched: same keys and unsplit shapes
-        shards.load_model_state(model, tensors)
-        missing, unexpected = [], []
-    else:
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise TrainError(f"checkpoint {path / 'model.safetensors'} does not match the model: missing "
-                         f"{missing[:3]}, unexpected {unexpected[:3]}")
+    try:
+        strategy.load_model_state(model, tensors)
+    except (ValueError, RuntimeError) as e:
+        raise TrainError(f"checkpoint {path / 'model.safetensors'} does not match the model: {e}") from e
     for name in ("optimizer.pt", "rng.pt"):
         try:
             blob = torch.load(path / name, weights_only=False)
         except Exception as e:  # torch raises many types for a truncated or foreign file
             raise TrainError(f"checkpoint {path / name} is unreadable or corrupt: {e}") from e
         if name == "optimizer.pt":
-            if shards is not None:
-                shards.load_optimizer_state(model, optimizer, blob["optimizer"])
-            else:
-                optimizer.load_state_dict(blob["optimizer"])
+            strategy.load_optimizer_state(model, optimizer, blob["optimizer"])
             scheduler.load_state_dict(blob["scheduler"])
         else:
             load_rng_state(blob["global"])

@@ -15,13 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from deepseek_moe.config import ModelConfig, MoEConfig
+from deepseek_moe.config import ModelConfig, MoEConfig, _require  # one validation helper for every config
 from deepseek_moe.train.errors import TrainError
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 def _is_int(value: Any) -> bool:

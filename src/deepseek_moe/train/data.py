@@ -5,7 +5,6 @@ sequences and shuffled by a seeded permutation per epoch. The batch position is 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,12 +115,4 @@ class PackedSequences:
         self._order = self._permutation(self.epoch)
 
 
-def tokens_per_epoch(seqs: PackedSequences) -> int:
-    return seqs.n_sequences * seqs.seq_len
-
-
-def epochs_for(steps: int, tokens_per_step: int, seqs: PackedSequences) -> float:
-    return steps * tokens_per_step / max(1, tokens_per_epoch(seqs))
-
-
-__all__ = ["PackedSequences", "cached_tokens", "tokenize", "tokenizer_sha256", "unigram_entropy", "math"]
+__all__ = ["PackedSequences", "cached_tokens", "tokenize", "tokenizer_sha256", "unigram_entropy"]

@@ -78,13 +78,6 @@ def layer_names(model: nn.Module) -> list[str]:
     return [name for name, _ in moe_layers(model)]
 
 
-def layer_counts(model: nn.Module) -> torch.Tensor | None:
-    """(L, E) tokens per expert from every MoE layer's last forward, or None before any."""
-    rows = [moe.last_stats.tokens_per_expert.float().cpu() for _, moe in moe_layers(model)
-            if moe.last_stats is not None]
-    return torch.stack(rows) if rows else None
-
-
 def load_summary(counts_LE: torch.Tensor) -> dict[str, float]:
     """Mean over layers of max/mean load and of the coefficient of variation."""
     mean = counts_LE.mean(dim=1).clamp_min(1e-9)
@@ -98,5 +91,5 @@ def dropped_fraction(model: nn.Module) -> float:
     return sum(float(s.dropped) for s in stats) / total if total else 0.0
 
 
-__all__ = ["ExpertFreezer", "dropped_fraction", "layer_counts", "layer_names", "load_summary",
-           "orthogonal_blocks", "orthogonal_init_experts"]
+__all__ = ["ExpertFreezer", "dropped_fraction", "layer_names", "load_summary", "orthogonal_blocks",
+           "orthogonal_init_experts"]

@@ -17,11 +17,6 @@ def lr_factor(step: int, *, steps: int, warmup_steps: int, min_lr_ratio: float) 
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    s = cfg.schedule
-    return cfg.optim.lr * lr_factor(step, steps=s.steps, warmup_steps=s.warmup_steps, min_lr_ratio=s.min_lr_ratio)
-
-
 def routing_stage(cfg: TrainConfig, step: int) -> int:
     """1: uniform-routing warm-up, 2: learned routing with balancing, 3: fine-tuning with frozen experts."""
     uniform_end, finetune_start = cfg.routing.stage_steps(cfg.schedule.steps)
@@ -30,4 +25,4 @@ def routing_stage(cfg: TrainConfig, step: int) -> int:
     return 3 if step >= finetune_start else 2
 
 
-__all__ = ["lr_at", "lr_factor", "routing_stage"]
+__all__ = ["lr_factor", "routing_stage"]

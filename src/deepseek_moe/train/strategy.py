@@ -1,0 +1,161 @@
+"""How a run spreads over processes: the few points where N processes differ from one, as one object.
+
+The Trainer calls these at fixed places and never asks how many processes there are. ``SingleProcess`` does
+nothing at each of them; ``deepseek_moe.parallel.DistributedTraining`` (routed experts split over the ranks,
+the rest DDP) is the N-process strategy; another (FSDP, say) is another class with the same methods.
+
+Checkpoints go through the strategy too: ``full_states`` gives the state of the *unsplit* model on the rank
+that writes it, and ``load_*`` take a rank's part of it, so a checkpoint does not depend on the process count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from deepseek_moe.train.config import TrainConfig
+from deepseek_moe.train.errors import TrainError
+
+
+class Strategy(Protocol):
+    @property
+    def is_main(self) -> bool:
+        """The rank that writes the run directory and logs."""
+        ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def main_first(self) -> contextlib.AbstractContextManager[None]:
+        """The main rank runs the block first (creates the run directory, fills caches), the others after it."""
+        ...
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Lay ``model`` out over the processes (in place) and return the module to call in training. Build the
+        optimizer from ``model`` afterwards: its parameters may be new."""
+        ...
+
+    def local(self, batch: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a global batch (every process draws the same global batch)."""
+        ...
+
+    def is_split(self, batch: torch.Tensor) -> bool:
+        """Whether ``local`` splits this batch (else every process computes all of it)."""
+        ...
+
+    def mean(self, *values: float) -> list[float]:
+        """Means over processes of per-process numbers."""
+        ...
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over processes (a new tensor)."""
+        ...
+
+    @property
+    def all_reduce(self) -> Callable[[torch.Tensor], None] | None:
+        """In-place sum over processes for ``update_routing_bias``; None on one process."""
+        ...
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """Clip by the norm of the whole model's gradient, every process's part included."""
+        ...
+
+    def full_states(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], Any]:
+        """(model state_dict, optimizer state_dict) of the unsplit model; a collective."""
+        ...
+
+    def full_shapes(self, model: nn.Module) -> dict[str, list[int]]:
+        """The unsplit model's state_dict shapes (the checkpoint fingerprint), without communication."""
+        ...
+
+    def load_model_state(self, model: nn.Module, state: dict[str, Any]) -> None: ...
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: Any) -> None: ...
+
+    def gathered(self, model: nn.Module) -> nn.Module:
+        """The whole model in one process, for export and sampling on the main rank; a collective."""
+        ...
+
+    def close(self) -> None:
+        """Wait for every process, then leave the process group."""
+        ...
+
+
+class SingleProcess:
+    """One process: every method is the identity or the plain PyTorch call."""
+
+    is_main = True
+
+    def __init__(self, device: torch.device) -> None:
+        self._device = device
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        yield
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def local(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch
+
+    def is_split(self, batch: torch.Tensor) -> bool:
+        return True
+
+    def mean(self, *values: float) -> list[float]:
+        return list(values)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    all_reduce = None
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    def full_states(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], Any]:
+        return model.state_dict(), optimizer.state_dict()
+
+    def full_shapes(self, model: nn.Module) -> dict[str, list[int]]:
+        return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+    def load_model_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: Any) -> None:
+        optimizer.load_state_dict(state)
+
+    def gathered(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def close(self) -> None:
+        pass
+
+
+def start_strategy(cfg: TrainConfig, device: torch.device) -> Strategy:
+    """SingleProcess, or under torchrun (WORLD_SIZE > 1) the expert-parallel strategy. A model or batch that does
+    not fit the process count fails here, before any process-group work."""
+    from deepseek_moe.parallel import DistributedTraining, env_world_size
+    from deepseek_moe.train.build import build_model_config
+
+    world = env_world_size()
+    if world == 1:
+        return SingleProcess(device)
+    try:
+        moe = build_model_config(cfg, cfg.data.vocab_size, 0).moe  # the layout does not depend on the vocabulary
+        return DistributedTraining.start(moe, cfg.schedule.batch_size, device)
+    except ValueError as e:
+        raise TrainError(f"cannot train on {world} processes: {e}") from e
+
+
+__all__ = ["SingleProcess", "Strategy", "start_strategy"]
