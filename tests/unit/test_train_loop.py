@@ -48,7 +48,7 @@ def test_run_writes_the_whole_run_directory(finished_run):
     cfg, result = finished_run
     d = result.run_dir
     for name in ("config.json", "metrics.jsonl", "loss.png", "routing_heatmap.png", "sample.txt", "routing.json",
-                 "model/config.json", "model/tokenizer.json", "state/step-4/trainer.json", "state/step-8/rng.pt"):
+                 "model/config.json", "model/tokenizer.json", "state/step-4/trainer.json", "state/step-8/rng.safetensors"):
         assert (d / name).is_file(), name
     assert list((d / "model").glob("*.safetensors"))
     config = json.loads((d / "config.json").read_text())
@@ -132,3 +132,65 @@ def test_stage_three_keeps_frozen_experts_fixed(tmp_path):
     stages = [json.loads(x)["stage"] for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()
               if json.loads(x)["kind"] == "train"]
     assert stages == [1, 2, 2, 2, 3, 3]
+
+
+class _Payload:
+    """Unpickling this creates the marker file: proof that loading ran code from the run directory."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _plant(path: Path, marker: Path) -> None:
+    import torch
+
+    torch.save(_Payload(marker), path)  # the format torch.load reads
+
+
+def _resume_exit(run_dir: Path, capsys) -> tuple[int, str]:
+    from deepseek_moe.cli.main import main
+
+    code = main(["train", "--quiet", "--resume", str(run_dir)])
+    return code, capsys.readouterr().err
+
+
+def test_resume_unpickles_nothing_from_the_run_directory(finished_run, tmp_path, capsys):
+    """Item 11: a malicious pickle in any state file is refused with an error naming the file, never run."""
+    import shutil
+
+    _, result = finished_run
+    names = sorted(p.name for p in (result.run_dir / "state" / "step-8").iterdir())
+    assert names, "the run wrote no state"
+    for name in [*names, "../../config.json"]:
+        run_dir = tmp_path / f"planted-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(result.run_dir, run_dir)
+        target = (run_dir / "state" / "step-8" / name).resolve()
+        marker = tmp_path / f"ran-{target.name}"
+        _plant(target, marker)
+        code, err = _resume_exit(run_dir, capsys)
+        assert not marker.exists(), f"loading {name} ran planted code"
+        assert code == 2 and target.name in err, (name, err)
+
+
+def test_pickled_checkpoints_of_earlier_versions_are_refused(finished_run, tmp_path, capsys):
+    import shutil
+
+    _, result = finished_run
+    run_dir = tmp_path / "old"
+    shutil.copytree(result.run_dir, run_dir)
+    step = run_dir / "state" / "step-8"
+    info = json.loads((step / "trainer.json").read_text())
+    for p in step.iterdir():
+        if p.name != "model.safetensors":
+            p.unlink()
+    # The layout before format 2: step, data and fingerprint in trainer.json, the rest pickled.
+    (step / "trainer.json").write_text(json.dumps({k: info[k] for k in ("step", "data", "fingerprint")}))
+    marker = tmp_path / "ran"
+    for name in ("optimizer.pt", "rng.pt"):
+        _plant(step / name, marker)
+    code, err = _resume_exit(run_dir, capsys)
+    assert not marker.exists()
+    assert code == 2 and "pickle" in err and "optimizer.pt" in err, err

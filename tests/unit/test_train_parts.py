@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -116,3 +117,34 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
     for name in ("step-2", "step-10", ".tmp-step-12-99"):
         (tmp_path / name / "trainer.json").write_text("{}")
     assert [p.name for p in step_dirs(tmp_path)] == ["step-2", "step-10"]  # step-4 never finished
+
+
+def test_state_codec_round_trips_optimizer_and_generator_state():
+    import random
+
+    import numpy as np
+
+    from deepseek_moe.train.state_codec import decode, encode
+
+    model = small_model()
+    opt = build_optimizer(model, OptimConfig())
+    x = torch.randint(0, 64, (2, 8))
+    model(x, labels=x).loss.backward()
+    opt.step()
+    tree = {"optimizer": opt.state_dict(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(), "mixed": {1: None, "a": (True, 2.5, float("inf")), "$x": [3]}}
+    tensors, skeleton = encode(tree)
+    back = decode(json.loads(json.dumps(skeleton)), tensors)
+    assert back["python"] == tree["python"] and back["mixed"] == tree["mixed"]
+    assert back["numpy"][0] == "MT19937" and np.array_equal(back["numpy"][1], tree["numpy"][1])
+    assert back["numpy"][1].dtype == tree["numpy"][1].dtype and back["numpy"][2:] == tree["numpy"][2:]
+    assert torch.equal(back["torch"], tree["torch"])
+    state, ref = back["optimizer"], opt.state_dict()
+    assert state["param_groups"] == ref["param_groups"] and state["state"].keys() == ref["state"].keys()
+    for i, entry in ref["state"].items():
+        assert all(torch.equal(state["state"][i][k], v) and state["state"][i][k].dtype == v.dtype
+                   for k, v in entry.items())
+    with pytest.raises(ValueError, match="tensor"):
+        decode({"$tensor": "missing"}, {})
+    with pytest.raises(ValueError, match="dtype"):
+        decode({"$ndarray": [1], "dtype": "object"}, {})

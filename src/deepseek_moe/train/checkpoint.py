@@ -1,10 +1,14 @@
 """Resumable training state under ``RUN_DIR/state/step-N/``, written atomically, the last N kept.
 
-A step directory holds ``model.safetensors`` (parameters and buffers, routing biases included),
-``optimizer.pt`` (optimizer and lr-scheduler state), ``rng.pt`` (torch, numpy, python and the MoE layers'
-routing generators) and ``trainer.json`` (step, data position, and a fingerprint of the model shapes), written
-last. It is built in a temporary sibling, fsynced, and renamed into place, so a crash leaves either the whole
-step or nothing.
+    model.safetensors      parameters and buffers (the routing biases included)
+    optimizer.safetensors  the optimizer's tensors (AdamW's moments and step counts)
+    rng.safetensors        torch's (and CUDA's) generator states as uint8 tensors; the MoE layers' routing state
+    trainer.json           written last: format, step, data position, lr scheduler, python and numpy generator
+                           states, the layout of the other files' tensors, and the model's shapes
+
+Nothing is pickled, so resuming a run directory someone else wrote cannot run their code: the tensor files are
+safetensors and the rest is JSON (``state_codec``). A step directory is built in a temporary sibling, fsynced
+and renamed into place, so a crash leaves either the whole step or nothing.
 
 The strategy (``train.strategy``) gives the state of the unsplit model, so the files do not depend on the
 process count, and takes each process's part on load.
@@ -26,10 +30,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deepseek_moe.moe.all_layers import load_routing_state, routing_state
+from deepseek_moe.train import state_codec
 from deepseek_moe.train.errors import TrainError
 from deepseek_moe.train.strategy import Strategy
 
+FORMAT = 2  # 1: optimizer.pt and rng.pt, pickled
 _PREFIX = "step-"
+_LEGACY = ("optimizer.pt", "rng.pt")
 
 
 def step_dirs(state_dir: Path) -> list[Path]:
@@ -50,7 +57,8 @@ def _fsync(path: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -76,11 +84,16 @@ def save_checkpoint(state_dir: Path, step: int, *, model: nn.Module, optimizer: 
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     # Tied weights appear twice in state_dict; safetensors refuses shared storage, so clone each tensor.
-    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model_state.items()}
-    save_file(tensors, str(tmp / "model.safetensors"))
-    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    torch.save({"global": rng_state(), "routing": routing_state(model)}, tmp / "rng.pt")
-    info = {"step": step, "fingerprint": {k: list(v.shape) for k, v in model_state.items()}, **trainer}
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in model_state.items()},
+              str(tmp / "model.safetensors"))
+    optimizer_tensors, optimizer_layout = state_codec.encode(optimizer_state)
+    save_file(optimizer_tensors, str(tmp / "optimizer.safetensors"))
+    # torch's generator states go to the tensor file, numpy's and python's (numbers) into trainer.json
+    rng_tensors, rng_layout = state_codec.encode({"global": rng_state(), "routing": routing_state(model)})
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    info = {"format": FORMAT, "step": step, **trainer, "scheduler": scheduler.state_dict(),
+            "optimizer": optimizer_layout, "rng": rng_layout,
+            "fingerprint": {k: list(v.shape) for k, v in model_state.items()}}
     (tmp / "trainer.json").write_text(json.dumps(info, indent=1))
     for p in tmp.iterdir():
         _fsync(p)
@@ -97,36 +110,52 @@ def save_checkpoint(state_dir: Path, step: int, *, model: nn.Module, optimizer: 
 def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, strategy: Strategy) -> dict[str, Any]:
     """Restore everything in place; returns trainer.json. Raises TrainError naming the file on any mismatch."""
-    try:
-        info = json.loads((path / "trainer.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise TrainError(f"checkpoint {path / 'trainer.json'} is unreadable or corrupt: {e}") from e
-    want = strategy.full_shapes(model)
-    have = info.get("fingerprint", {})
+    info = _read_info(path)
+    want, have = strategy.full_shapes(model), info.get("fingerprint", {})
     if have != want:
         diff = sorted(set(have) ^ set(want)) or sorted(k for k in want if have.get(k) != want[k])
         raise TrainError(f"checkpoint {path} does not match the model built from the run's config "
                          f"(first difference: {diff[0] if diff else '?'}); was config.json edited?")
     try:
-        tensors = load_file(str(path / "model.safetensors"))
-    except (OSError, SafetensorError) as e:
-        raise TrainError(f"checkpoint {path / 'model.safetensors'} is unreadable or corrupt: {e}") from e
-    try:
-        strategy.load_model_state(model, tensors)
+        strategy.load_model_state(model, _tensors(path / "model.safetensors"))
     except (ValueError, RuntimeError) as e:
         raise TrainError(f"checkpoint {path / 'model.safetensors'} does not match the model: {e}") from e
-    for name in ("optimizer.pt", "rng.pt"):
-        try:
-            blob = torch.load(path / name, weights_only=False)
-        except Exception as e:  # torch raises many types for a truncated or foreign file
-            raise TrainError(f"checkpoint {path / name} is unreadable or corrupt: {e}") from e
-        if name == "optimizer.pt":
-            strategy.load_optimizer_state(model, optimizer, blob["optimizer"])
-            scheduler.load_state_dict(blob["scheduler"])
-        else:
-            load_rng_state(blob["global"])
-            load_routing_state(model, blob["routing"])
+    try:
+        optimizer_state = state_codec.decode(info["optimizer"], _tensors(path / "optimizer.safetensors"))
+        strategy.load_optimizer_state(model, optimizer, optimizer_state)
+        scheduler.load_state_dict(info["scheduler"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise TrainError(f"checkpoint {path / 'optimizer.safetensors'} does not match the optimizer: {e}") from e
+    try:
+        rng = state_codec.decode(info["rng"], _tensors(path / "rng.safetensors"))
+        load_rng_state(rng["global"])
+        load_routing_state(model, rng["routing"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise TrainError(f"checkpoint {path / 'rng.safetensors'} does not hold this run's generator states: "
+                         f"{e}") from e
     return info
 
 
-__all__ = ["load_checkpoint", "save_checkpoint", "step_dirs"]
+def _read_info(path: Path) -> dict[str, Any]:
+    legacy = [name for name in _LEGACY if (path / name).exists()]
+    try:
+        info = json.loads((path / "trainer.json").read_text())
+    except (OSError, ValueError) as e:
+        raise TrainError(f"checkpoint {path / 'trainer.json'} is unreadable or corrupt: {e}") from e
+    if legacy or not isinstance(info, dict) or info.get("format") != FORMAT:
+        found = f" ({', '.join(legacy)})" if legacy else ""
+        raise TrainError(
+            f"checkpoint {path} is not in this version's format{found}: deepseek_moe used to pickle optimizer and "
+            "generator state, and loading a pickle can run code planted in the run directory, so it is not read. "
+            "Start the run again, or finish it with the deepseek_moe version that wrote it")
+    return info
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise TrainError(f"checkpoint {path} is unreadable or corrupt: {e}") from e
+
+
+__all__ = ["FORMAT", "load_checkpoint", "save_checkpoint", "step_dirs"]

@@ -49,8 +49,10 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
         raise TrainError(f"{str(run_dir)!r} is not a run directory (no config.json)")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # not JSON, or not even UTF-8 text
         raise TrainError(f"{path} is corrupt: {e}") from e
+    if not isinstance(data, dict):
+        raise TrainError(f"{path} is corrupt: it holds no table of config fields")
     return {k: v for k, v in data.items() if k not in RUN_ONLY_KEYS}
 
 
