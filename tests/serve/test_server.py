@@ -21,7 +21,7 @@ CONTEXT = 256
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     ckpt = build_checkpoint(tmp_path_factory.mktemp("serve") / "tiny-ckpt")
-    with running_server(ckpt, "--max-batch-size", "4", "--max-batch-tokens", "64", "--max-queue", "4",
+    with running_server(ckpt, "--max-batch-size", "4", "--max-batch-tokens", "64", "--max-queue", "8",
                         "--block-size", "8") as (url, _):
         yield url
 
@@ -177,8 +177,8 @@ def test_a_full_queue_answers_503_with_retry_after(server: str) -> None:
         return httpx.post(f"{server}/v1/completions", json={"prompt": "def", "max_tokens": 60, "ignore_eos": True},
                           timeout=60)
 
-    with ThreadPoolExecutor(16) as pool:
-        responses = list(pool.map(run, range(16)))
+    with ThreadPoolExecutor(24) as pool:  # 4 run, at most 8 wait, the rest are refused
+        responses = list(pool.map(run, range(24)))
     busy = [r for r in responses if r.status_code == 503]
     assert busy and all(r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full"
                         for r in busy)
