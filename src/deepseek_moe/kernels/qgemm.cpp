@@ -72,8 +72,9 @@ void tile_int8(const Problem& p, int64_t n0, int64_t m0) {
 }
 
 // The same for int4 W in the kernel layout (in each group of gs columns, byte j = column j in the low nibble,
-// column j + gs/2 in the high one, each + 8) with fp16 group scales (N, K/gs). The scale is folded into the
-// widened weights, so the accumulators need no per-group pass.
+// column j + gs/2 in the high one, each + 8) with fp16 group scales (N, K/gs). Decoding is a table lookup:
+// per row and group a 16-entry table holds (code - 8) * scale, and vpermps indexes it with the nibbles (it
+// reads only the low 4 bits of each lane), so a weight costs no convert, subtract or multiply.
 template <int nn, int nm>
 void tile_int4(const Problem& p, int64_t n0, int64_t m0) {
     const int64_t half = p.gs / 2, G = p.K / p.gs, row_bytes = p.K / 2;
@@ -84,10 +85,10 @@ void tile_int4(const Problem& p, int64_t n0, int64_t m0) {
 #ifdef DSM_AVX512
     __m512 acc[nn][nm];
     for (int i = 0; i < nn; ++i) for (int j = 0; j < nm; ++j) acc[i][j] = _mm512_setzero_ps();
-    const __m128i low = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
+    const __m512 codes = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     for (int64_t g = 0; g < G; ++g) {
-        __m512 s[nn];
-        for (int i = 0; i < nn; ++i) s[i] = _mm512_set1_ps(half_to_float(scale[i * G + g]));
+        __m512 table[nn];
+        for (int i = 0; i < nn; ++i) table[i] = _mm512_mul_ps(codes, _mm512_set1_ps(half_to_float(scale[i * G + g])));
         for (int64_t jj = 0; jj < half; jj += 16) {
             const int64_t k_lo = g * p.gs + jj, k_hi = k_lo + half;
             __m512 xl[nm], xh[nm];
@@ -96,11 +97,9 @@ void tile_int4(const Problem& p, int64_t n0, int64_t m0) {
                 xh[j] = _mm512_loadu_ps(x + j * p.ldx + k_hi);
             }
             for (int i = 0; i < nn; ++i) {
-                __m128i b = _mm_loadu_si128((const __m128i*)(w + i * row_bytes + g * half + jj));
-                __m128i lo = _mm_sub_epi8(_mm_and_si128(b, low), eight);
-                __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), low), eight);
-                __m512 wl = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), s[i]);
-                __m512 wh = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), s[i]);
+                __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + i * row_bytes + g * half + jj)));
+                __m512 wl = _mm512_permutexvar_ps(b, table[i]);
+                __m512 wh = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table[i]);
                 for (int j = 0; j < nm; ++j) {
                     acc[i][j] = _mm512_fmadd_ps(wl, xl[j], acc[i][j]);
                     acc[i][j] = _mm512_fmadd_ps(wh, xh[j], acc[i][j]);
