@@ -22,7 +22,7 @@ def _weights(bits: int, N: int, K: int, group: int = 32) -> tuple[torch.Tensor, 
 
 @needs_kernel
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 16])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 16, 130])  # 130: three chunks of rows
 @pytest.mark.parametrize(("N", "K", "group"), [(96, 256, 32), (70, 96, 32), (33, 384, 128), (16, 64, 64)])
 def test_kernel_matches_reference(bits: int, M: int, N: int, K: int, group: int) -> None:
     torch.manual_seed(M * 1000 + N)
@@ -86,7 +86,12 @@ def test_fused_experts_match_reference(bits13: int, bits2: int, with_gates: bool
     torch.testing.assert_close(got, qm.experts_reference(x, counts, gates, w), rtol=1e-4, atol=1e-3)
 
 
-def test_fused_experts_decline_prefill_sized_groups() -> None:
-    w = {"w1": _stacked(8, 2, 8, 32, 32), "w3": _stacked(8, 2, 8, 32, 32), "w2": _stacked(8, 2, 32, 8, 32)}
-    counts = torch.tensor([qm.KERNEL_MAX_ROWS + 1, 0])
-    assert qm.quant_experts(torch.randn(int(counts.sum()), 32), counts, None, w, 32) is None
+@needs_kernel
+def test_fused_experts_with_groups_larger_than_a_row_chunk() -> None:
+    torch.manual_seed(5)
+    w = {"w1": _stacked(4, 2, 64, 64, 32), "w3": _stacked(4, 2, 64, 64, 32), "w2": _stacked(8, 2, 64, 64, 32)}
+    counts = torch.tensor([70, 3])  # 70 rows: two chunks of the kernel's 64
+    x = torch.randn(73, 64)
+    got = qm.quant_experts(x, counts, None, w, 32)
+    assert got is not None
+    torch.testing.assert_close(got, qm.experts_reference(x, counts, None, w), rtol=1e-4, atol=1e-3)

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #include <omp.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -141,19 +142,26 @@ TileFn pick(int nn, int nm) {
     return table[nn - 1][nm - 1];
 }
 
+constexpr int64_t MCHUNK = 64;  // rows of x kept hot (in L2) while every weight row streams past them
+
+template <template <int, int> class T>
+void tile_rows(const Problem& p, int64_t n0, int64_t m_lo, int64_t m_hi) {
+    const int nn = int(p.N - n0 < NB ? p.N - n0 : NB);
+    for (int64_t m0 = m_lo; m0 < m_hi; m0 += MB) {
+        const int nm = int(m_hi - m0 < MB ? m_hi - m0 : MB);
+        pick<T>(nn, nm)(p, n0, m0);
+    }
+}
+
 template <template <int, int> class T>
 void run(const Problem& p, int n_threads) {
-    // Blocks of NB rows of W over threads; each block walks x in blocks of MB rows (x stays in L1/L2, W is
-    // streamed from memory exactly once).
+    // Blocks of NB rows of W over threads; each block walks a chunk of x in blocks of MB rows. W is streamed
+    // from memory once per MCHUNK rows of x (once, for decode), x stays in cache.
     const int64_t n_blocks = (p.N + NB - 1) / NB;
+    for (int64_t m_lo = 0; m_lo < p.M; m_lo += MCHUNK) {
+        const int64_t m_hi = m_lo + MCHUNK < p.M ? m_lo + MCHUNK : p.M;
 #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t b = 0; b < n_blocks; ++b) {
-        const int64_t n0 = b * NB;
-        const int nn = int(p.N - n0 < NB ? p.N - n0 : NB);
-        for (int64_t m0 = 0; m0 < p.M; m0 += MB) {
-            const int nm = int(p.M - m0 < MB ? p.M - m0 : MB);
-            pick<T>(nn, nm)(p, n0, m0);
-        }
+        for (int64_t b = 0; b < n_blocks; ++b) tile_rows<T>(p, b * NB, m_lo, m_hi);
     }
 }
 
@@ -197,23 +205,27 @@ void dsm_experts(const float* x, int64_t A, int64_t D, int64_t F, int64_t n_acti
     const int64_t w13_stride = code_bytes(bits13, F, D), s13_stride = scale_bytes(bits13, F, D);
     const int64_t w2_stride = code_bytes(bits2, D, F), s2_stride = scale_bytes(bits2, D, F);
     const int64_t up_blocks = (F + NB - 1) / NB, down_blocks = (D + NB - 1) / NB;
-    auto tile = [](const Problem& p, int bits, int64_t n0) {
-        const int nn = int(p.N - n0 < NB ? p.N - n0 : NB);
-        for (int64_t m0 = 0; m0 < p.M; m0 += MB) {
-            const int nm = int(p.M - m0 < MB ? p.M - m0 : MB);
-            (bits == 8 ? pick<Int8Tile>(nn, nm) : pick<Int4Tile>(nn, nm))(p, n0, m0);
-        }
+    // Work items: (active expert, chunk of at most MCHUNK of its rows); each item runs over all weight blocks.
+    std::vector<int64_t> item_a, item_lo;
+    for (int64_t a = 0; a < n_active; ++a)
+        for (int64_t lo = 0; lo < len[a]; lo += MCHUNK) { item_a.push_back(a); item_lo.push_back(lo); }
+    const int64_t n_items = int64_t(item_a.size());
+    auto tile = [](const Problem& p, int bits, int64_t n0, int64_t lo) {
+        const int64_t hi = lo + MCHUNK < p.M ? lo + MCHUNK : p.M;
+        if (bits == 8) tile_rows<Int8Tile>(p, n0, lo, hi); else tile_rows<Int4Tile>(p, n0, lo, hi);
     };
 #pragma omp parallel num_threads(n_threads)
     {
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < n_active * up_blocks * 2; ++b) {
-            const int64_t a = b / (up_blocks * 2), rest = b % (up_blocks * 2);
+        for (int64_t b = 0; b < n_items * up_blocks * 2; ++b) {
+            const int64_t it = b / (up_blocks * 2), rest = b % (up_blocks * 2);
+            const int64_t a = item_a[it];
             const bool is3 = rest >= up_blocks;
             const int64_t n0 = (rest % up_blocks) * NB, e = expert[a];
             const char* w = static_cast<const char*>(is3 ? w3 : w1) + e * w13_stride;
             const char* sc = static_cast<const char*>(is3 ? s3 : s1) + e * s13_stride;
-            tile(Problem{x + start[a] * D, D, len[a], D, w, sc, gs, F, (is3 ? h3 : h1) + start[a] * F, F}, bits13, n0);
+            tile(Problem{x + start[a] * D, D, len[a], D, w, sc, gs, F, (is3 ? h3 : h1) + start[a] * F, F}, bits13,
+                 n0, item_lo[it]);
         }
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < A; ++r) {
@@ -224,11 +236,11 @@ void dsm_experts(const float* x, int64_t A, int64_t D, int64_t F, int64_t n_acti
             }
         }
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < n_active * down_blocks; ++b) {
-            const int64_t a = b / down_blocks, n0 = (b % down_blocks) * NB, e = expert[a];
+        for (int64_t b = 0; b < n_items * down_blocks; ++b) {
+            const int64_t it = b / down_blocks, a = item_a[it], n0 = (b % down_blocks) * NB, e = expert[a];
             const char* w = static_cast<const char*>(w2) + e * w2_stride;
             const char* sc = static_cast<const char*>(s2) + e * s2_stride;
-            tile(Problem{h1 + start[a] * F, F, len[a], F, w, sc, gs, D, y + start[a] * D, D}, bits2, n0);
+            tile(Problem{h1 + start[a] * F, F, len[a], F, w, sc, gs, D, y + start[a] * D, D}, bits2, n0, item_lo[it]);
         }
     }
 }

@@ -5,11 +5,10 @@ packed in the *kernel* layout, uint8 (N, K/2), with float16 group scales (N, K/g
 
 * :func:`quant_matmul_reference` dequantises the whole matrix and calls matmul: obviously right, slow.
 * :func:`quant_matmul` picks, by the number of rows of x:
-  - few rows (decode, small expert groups): the C++ kernel of ``qgemm.cpp``, which streams the codes once and
-    never writes a dequantised matrix (memory-bound work should move as few bytes as possible);
-  - many rows (prefill): dequantise tiles of W to x's dtype and use the ordinary GEMM, which is compute-bound
-    and faster than any hand-written loop here; tiles keep a 102400-row head from being materialised whole.
-  Without the compiled kernel (no compiler, or ``DEEPSEEK_MOE_KERNELS=0``) the tiled path serves every shape.
+  - on the CPU without autograd: the C++ kernel of ``qgemm.cpp``, which streams the codes once per 64 rows of x
+    and never writes a dequantised matrix (decode is memory-bound: move as few bytes as possible);
+  - otherwise (autograd, other devices, no compiler, or ``DEEPSEEK_MOE_KERNELS=0``): dequantise tiles of W to
+    x's dtype and use the ordinary matmul; tiles keep a 102400-row head from being materialised whole.
 """
 
 from __future__ import annotations
@@ -22,8 +21,10 @@ import torch.nn.functional as F
 
 from deepseek_moe.kernels.cpu_build import load_library
 
-# At or below this many rows of x the GEMV-style kernel wins (measured: benchmarks/quant_kernels.py).
-KERNEL_MAX_ROWS = 16
+# Up to this many rows of x the kernel runs; beyond, dequantised tiles + GEMM. Measured at 1408x2048 on this
+# CPU (benchmarks/quant_kernels.py --rows): the kernel still matched the fp32 GEMM at 128 rows and beat
+# dequantise-then-GEMM at every size up to there (torch's dequantisation costs more than the GEMM saves).
+KERNEL_MAX_ROWS = 1 << 20
 # Rows of W dequantised at a time on the tiled path: 4096 x 2048 fp32 is 32 MB.
 TILE_ROWS = 4096
 
@@ -121,7 +122,7 @@ def experts_reference(x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch
 def quant_experts(x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Tensor | None,
                   w: dict[str, tuple[torch.Tensor, torch.Tensor]], group_size: int) -> torch.Tensor | None:
     """The fused C++ path of :func:`experts_reference`, or None when it does not apply (no kernel, autograd,
-    or an expert with more than KERNEL_MAX_ROWS rows: prefill, where per-expert GEMMs win)."""
+    or an expert with more than KERNEL_MAX_ROWS rows)."""
     lib = _kernel_for(x_AD)
     counts = counts_E.tolist()
     if lib is None or max(counts, default=0) > KERNEL_MAX_ROWS:
