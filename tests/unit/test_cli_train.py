@@ -1,5 +1,6 @@
 """``deepseek-moe train`` and ``routes``: bad input gives ``error: ...`` and exit 2, never a traceback."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -94,17 +95,53 @@ def test_resume_checks_the_checkpoint(capsys, run_dir, tmp_path):
     expect_error(capsys, ["train", "--quiet", "--resume", str(copy), "--set", "model.n_layers=3"],
                  "does not match")
     (copy / "state" / "step-4" / "model.safetensors").write_bytes(b"not a safetensors file")
-    expect_error(capsys, ["train", "--quiet", "--resume", str(copy), "--steps", "6"], "model.safetensors",
+    expect_error(capsys, ["train", "--quiet", "--resume", str(copy), "--extend-steps", "2"], "model.safetensors",
                  "corrupt")
 
 
-def test_resume_extends_a_finished_run(run_dir, tmp_path):
+def test_resume_refuses_another_plan(capsys, run_dir, tmp_path):
+    """Item 12: the lr curve and routing stages are functions of the schedule, so resuming keeps it."""
+    from deepseek_moe.train.config import TrainConfig
+    from deepseek_moe.train.errors import TrainError
+    from deepseek_moe.train.loop import run
+    from deepseek_moe.train.rundir import read_run_config
+
+    copy = tmp_path / "other"
+    subprocess.run(["cp", "-r", str(run_dir), str(copy)], check=True)
+    before = (copy / "metrics.jsonl").read_text()
+    expect_error(capsys, ["train", "--quiet", "--resume", str(copy), "--steps", "6"], "schedule.steps = 6",
+                 "planned with 4", "--extend-steps")
+    expect_error(capsys, ["train", "--quiet", "--resume", str(copy), "--set", "routing.uniform_steps=1"],
+                 "routing.uniform_steps = 1")
+    expect_error(capsys, ["train", "--quiet", "--resume", str(copy), "--nproc", "2", "--steps", "8"],
+                 "schedule.steps = 8")
+    expect_error(capsys, [*small_args(tmp_path, "--out", str(tmp_path / "new")), "--extend-steps", "2"],
+                 "--extend-steps", "--resume")
+    cfg = TrainConfig.from_dict(read_run_config(copy))
+    with pytest.raises(TrainError, match="schedule.steps"):
+        run(cfg.replace(schedule=dataclasses.replace(cfg.schedule, steps=6), out=str(copy)), resume=True,
+            progress=False)
+    assert (copy / "metrics.jsonl").read_text() == before and not (copy / "state" / "step-6").exists()
+
+
+def test_extend_steps_continues_at_the_final_lr(run_dir, tmp_path):
     copy = tmp_path / "more"
     subprocess.run(["cp", "-r", str(run_dir), str(copy)], check=True)
-    assert main(["train", "--quiet", "--resume", str(copy), "--steps", "6"]) == 0
-    records = [json.loads(x) for x in (copy / "metrics.jsonl").read_text().splitlines()]
+    read = lambda: [json.loads(x) for x in (copy / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    planned = [r for r in read() if r["kind"] != "summary"]
+    assert main(["train", "--quiet", "--resume", str(copy), "--extend-steps", "2", "--set", "eval.log_every=1"]) == 0
+    records = read()
+    assert [r for r in records if r["kind"] != "summary" and r["step"] <= 4] == planned
     assert [r["step"] for r in records if r["kind"] == "val"] == [2, 4, 6]
-    assert (copy / "state" / "step-6").is_dir()
+    train = {r["step"]: r for r in records if r["kind"] == "train"}
+    config = json.loads((copy / "config.json").read_text())
+    final_lr = config["optim"]["lr"] * config["schedule"]["min_lr_ratio"]
+    assert train[5]["lr"] == pytest.approx(final_lr) and train[6]["lr"] == pytest.approx(final_lr)
+    assert train[5]["stage"] == train[6]["stage"] == train[4]["stage"] == 2
+    assert config["schedule"]["steps"] == 4 and config["schedule"]["extra_steps"] == 2
+    assert records[-1]["kind"] == "summary" and records[-1]["step"] == 6 and (copy / "state" / "step-6").is_dir()
+    assert main(["train", "--quiet", "--resume", str(copy), "--extend-steps", "1"]) == 0  # extensions add up
+    assert json.loads((copy / "config.json").read_text())["schedule"]["extra_steps"] == 3
 
 
 def test_routes(capsys, run_dir, tmp_path):

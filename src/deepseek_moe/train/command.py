@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<YYYYmmdd-HHMMSS>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--extend-steps", type=int, metavar="N",
+                   help="with --resume: train N steps past the run's planned end, at its final learning rate and in "
+                   "its last routing stage (the run's schedule is otherwise fixed)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), help="default: bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--seed", type=int)
@@ -58,6 +61,13 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
             raise TrainError(f"--resume {args.resume} continues in place; drop --out {args.out}")
         base = read_run_config(args.resume)
         assignments.append(f"out={json.dumps(args.resume)}")
+    if args.extend_steps is not None:
+        if base is None:
+            raise TrainError("--extend-steps N continues a run: use it with --resume RUN_DIR (a new run: --steps)")
+        if args.extend_steps < 1:
+            raise TrainError(f"--extend-steps ({args.extend_steps}) must be a positive number of steps")
+        planned = base.get("schedule", {}).get("extra_steps", 0)
+        assignments.append(f"schedule.extra_steps={planned + args.extend_steps}")
     for flag, field in SHORTCUTS.items():
         value = getattr(args, flag)
         if value is not None:
@@ -89,11 +99,14 @@ def launch(args: argparse.Namespace, cfg: TrainConfig) -> int:
     from deepseek_moe.parallel.launch import LaunchFailed
     from deepseek_moe.parallel.launch import launch as launch_processes
     from deepseek_moe.train.build import build_model_config
+    from deepseek_moe.train.rundir import check_same_plan
 
     if args.nproc < 1:
         raise TrainError(f"--nproc ({args.nproc}) must be a positive number of processes")
     if env_world_size() > 1:
         raise TrainError("--nproc inside torchrun: drop --nproc (torchrun already started the processes)")
+    if args.resume:
+        check_same_plan(args.resume, cfg)  # here, rather than in rank 0 of N
     try:
         moe = build_model_config(cfg, cfg.data.vocab_size, 0).moe
         check_training_layout(moe, cfg.schedule.batch_size, args.nproc)
@@ -107,6 +120,8 @@ def launch(args: argparse.Namespace, cfg: TrainConfig) -> int:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
     for item in args.assignments:
         argv += ["--set", item]
+    if args.extend_steps is not None:  # the total: the ranks read config.json while rank 0 rewrites it
+        argv += ["--set", f"schedule.extra_steps={cfg.schedule.extra_steps}"]
     for path in args.data or []:
         argv += ["--data", path]
     argv += [f"--{flag}" for flag in ("force", "quiet") if getattr(args, flag)]

@@ -110,22 +110,30 @@ class OptimConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ScheduleConfig:
-    """Steps and batches; the learning rate warms up linearly, then follows a cosine to min_lr_ratio * lr."""
+    """Steps and batches; the learning rate warms up linearly, then follows a cosine down to min_lr_ratio * lr at
+    the last of ``steps``. ``extra_steps`` (what ``--extend-steps`` adds to a run it resumes) continue past that
+    plan at its final learning rate, in its last routing stage; the plan itself never changes within a run."""
 
     steps: int = 200  # optimizer steps (the default run: 0.8M tokens, about 5 minutes on 2 CPU cores)
     batch_size: int = 16  # sequences per micro-batch
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     warmup_fraction: float = 0.05
     min_lr_ratio: float = 0.1
+    extra_steps: int = 0  # past ``steps``, at min_lr_ratio * lr
 
     def __post_init__(self) -> None:
         _positive_int(self, "steps", "batch_size", "grad_accum_steps")
+        _non_negative_int(self, "extra_steps")
         _fraction(self, "warmup_fraction")
         _fraction(self, "min_lr_ratio")
 
     @property
     def warmup_steps(self) -> int:
         return round(self.warmup_fraction * self.steps)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + self.extra_steps
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -48,7 +48,13 @@ from deepseek_moe.train.routing import (
     load_summary,
     orthogonal_init_experts,
 )
-from deepseek_moe.train.rundir import MetricsLog, default_run_dir, prepare_run_dir, write_json
+from deepseek_moe.train.rundir import (
+    MetricsLog,
+    check_same_plan,
+    default_run_dir,
+    prepare_run_dir,
+    write_json,
+)
 from deepseek_moe.train.schedule import lr_factor, routing_stage
 from deepseek_moe.train.strategy import Strategy, start_strategy
 from deepseek_moe.viz import routing_counts
@@ -112,6 +118,8 @@ class Trainer:
         with self.strategy.main_first():  # rank 0 prepares the run directory and fills the data caches
             if self.strategy.is_main:
                 prepare_run_dir(self.run_dir, resume=self.resume, force=self.force)
+                if self.resume:
+                    check_same_plan(self.run_dir, cfg)
             self.data = load_data(cfg)
         self.val_batches = self.data.val.fixed_batches(cfg.schedule.batch_size, cfg.eval.batches)
 
@@ -126,7 +134,7 @@ class Trainer:
         self.model = model  # what the checkpoint, statistics and hooks see
         self.train_model = self.strategy.wrap(model)  # what the step calls (on N processes: DDP around it)
         self.optimizer = build_optimizer(model, cfg.optim)
-        s = cfg.schedule
+        s = cfg.schedule  # the cosine follows the planned steps; extra steps stay at its end
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda i: lr_factor(
             i, steps=s.steps, warmup_steps=s.warmup_steps, min_lr_ratio=s.min_lr_ratio))
 
@@ -156,7 +164,7 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------------------
     def fit(self) -> RunResult:
         self.setup()
-        cfg, steps = self.cfg, self.cfg.schedule.steps
+        cfg, steps = self.cfg, self.cfg.schedule.total_steps
         tokens_per_step = cfg.schedule.batch_size * cfg.schedule.grad_accum_steps * cfg.data.seq_len
         self.window_tokens, self.window_t = 0, time.perf_counter()
         train_t0, tokens_done = time.perf_counter(), 0
@@ -286,7 +294,7 @@ class Trainer:
         model = self.strategy.gathered(self.model)  # every expert in one process
         sample = self.write_outputs(model, val_loss, tokens_per_s) if self.strategy.is_main else ""
         self.strategy.close()
-        return RunResult(self.run_dir, cfg.schedule.steps, val_loss, h, tokens_per_s,
+        return RunResult(self.run_dir, cfg.schedule.total_steps, val_loss, h, tokens_per_s,
                          time.perf_counter() - self.t_start, sample)
 
     def write_outputs(self, model: Any, val_loss: float, tokens_per_s: float) -> str:
@@ -304,7 +312,7 @@ class Trainer:
             sample = tok.decode(out.sequences[0])
             (self.run_dir / "sample.txt").write_text(sample + "\n")
         wall_s = time.perf_counter() - self.t_start
-        self.metrics.write({"kind": "summary", "step": cfg.schedule.steps, "resumed_from": self.start,
+        self.metrics.write({"kind": "summary", "step": cfg.schedule.total_steps, "resumed_from": self.start,
                             "val_loss": val_loss, "val_ppl": math.exp(val_loss), "unigram_entropy": h,
                             "below_unigram": h - val_loss, "tokens_per_s": tokens_per_s, "wall_s": wall_s})
         metrics_path = self.run_dir / "metrics.jsonl"

@@ -14,9 +14,12 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deepseek_moe.train.errors import TrainError
+
+if TYPE_CHECKING:
+    from deepseek_moe.train.config import TrainConfig
 
 # Keys config.json holds beyond TrainConfig's own fields: recorded, never read back as settings.
 RUN_ONLY_KEYS = ("resolved_model", "corpus", "tokenizer")
@@ -54,6 +57,32 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise TrainError(f"{path} is corrupt: it holds no table of config fields")
     return {k: v for k, v in data.items() if k not in RUN_ONLY_KEYS}
+
+
+def check_same_plan(run_dir: str | Path, cfg: TrainConfig) -> None:
+    """Resuming keeps the run's plan: the learning-rate curve and the routing stages are functions of the
+    ``schedule`` and ``routing`` settings, so those must be the ones the run recorded. Only
+    ``schedule.extra_steps`` may grow (``--extend-steps``)."""
+    from deepseek_moe.train.config import TrainConfig
+
+    try:
+        was = TrainConfig.from_dict(read_run_config(run_dir)).to_dict()
+    except ValueError as e:  # TrainError included
+        raise TrainError(f"cannot resume {str(run_dir)!r}: its config.json is not a valid config: {e}") from e
+    now = cfg.to_dict()
+    for section in ("schedule", "routing"):
+        for key, value in now[section].items():
+            old = was[section][key]
+            if key == "extra_steps":
+                if value < old:
+                    raise TrainError(f"cannot resume {str(run_dir)!r} with schedule.extra_steps ({value}) below "
+                                     f"the run's ({old}): steps already planned stay planned")
+            elif value != old:
+                extend = ("; to train past its end, resume with --extend-steps N (N more steps at the final "
+                          "learning rate, in the last routing stage)" if key == "steps" else "")
+                raise TrainError(f"cannot resume {str(run_dir)!r} with {section}.{key} = {value!r}: the run was "
+                                 f"planned with {old!r}, and its learning-rate curve and routing stages follow "
+                                 f"that plan{extend}; to change the plan, start a new run")
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -100,5 +129,5 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["MetricsLog", "RUN_ONLY_KEYS", "default_run_dir", "prepare_run_dir", "read_metrics", "read_run_config",
-           "write_json"]
+__all__ = ["MetricsLog", "RUN_ONLY_KEYS", "check_same_plan", "default_run_dir", "prepare_run_dir", "read_metrics",
+           "read_run_config", "write_json"]
