@@ -155,3 +155,17 @@ def test_module_entry_point_exits_2_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "deepseek_moe.train", "--set", "schedule.nope=1"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "schedule.nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_val_data_is_the_validation_split(tmp_path):
+    """Item 13: --val-data validates on that text alone, trains on every --data document, and is recorded."""
+    val = tmp_path / "held_out"
+    val.mkdir()
+    (val / "v.py").write_text("def held_out(a, b):\n    return [a, b] * 3\n" * 30)
+    out = tmp_path / "run"
+    assert main([*small_args(tmp_path, "--out", str(out)), "--val-data", str(val), "--steps", "2"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"]["val_paths"] == [str(val)]
+    corpus = config["corpus"]
+    assert corpus["val_source"] == str(val) and corpus["n_val_documents"] == 1
+    assert corpus["n_train_documents"] == 30 and corpus["val_chars"] == len((val / "v.py").read_text())

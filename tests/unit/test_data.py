@@ -139,3 +139,29 @@ def test_packed_sequences_resume_exactly():
 def test_too_little_data_for_one_sequence():
     with pytest.raises(TrainError, match="seq_len"):
         PackedSequences(np.arange(5, dtype=np.uint16), 10, seed=0)
+
+
+def test_val_paths_hold_out_other_text(tmp_path):
+    """Item 13: validation text given apart; every training document then trains, and the hash covers both."""
+    train_dir = tmp_path / "train"
+    train_dir.mkdir()
+    for i in range(12):
+        (train_dir / f"m{i}.py").write_text(f"x = {i}\n" * 5)
+    val = tmp_path / "held_out.txt"
+    val.write_text("def held_out():\n    return 1\n")
+    extra = tmp_path / "more.jsonl"
+    extra.write_text(json.dumps({"text": "y = 2"}) + "\n")
+
+    c = load_corpus((str(train_dir),), text_field="text", val_fraction=0.5, val_paths=(str(val), str(extra)))
+    assert [d.name for d in c.train] == [str(p) for p in sorted(train_dir.iterdir())]  # none split off
+    assert [d.text for d in c.val] == [val.read_text(), "y = 2"]
+    assert c.describe()["val_source"] == f"{val}, {extra}" and c.describe()["n_val_documents"] == 2
+    split = load_corpus((str(train_dir),), text_field="text", val_fraction=0.5)
+    assert "val_source" not in split.describe() and c.sha256 != split.sha256
+    val.write_text("def other():\n    return 2\n")
+    assert load_corpus((str(train_dir),), text_field="text", val_fraction=0.5,
+                       val_paths=(str(val), str(extra))).sha256 != c.sha256
+    with pytest.raises(TrainError, match="both training text"):
+        load_corpus((str(train_dir),), text_field="text", val_fraction=0.1, val_paths=(str(train_dir / "m3.py"),))
+    with pytest.raises(TrainError, match="validation data path"):
+        load_corpus((str(train_dir),), text_field="text", val_fraction=0.1, val_paths=(str(tmp_path / "nope"),))

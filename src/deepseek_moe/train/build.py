@@ -95,7 +95,8 @@ class TrainData:
 def load_data(cfg: TrainConfig) -> TrainData:
     """Corpus → tokenizer (cached) → token arrays (cached, memory-mapped) → packed sequences."""
     cache_dir = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
-    corpus = load_corpus(cfg.data.paths, text_field=cfg.data.text_field, val_fraction=cfg.data.val_fraction)
+    corpus = load_corpus(cfg.data.paths, text_field=cfg.data.text_field, val_fraction=cfg.data.val_fraction,
+                         val_paths=cfg.data.val_paths)
     tok = get_tokenizer(corpus, cfg.data.vocab_size, cache_dir)
     tok_hash = tokenizer_sha256(tok)
     key = f"{corpus.sha256[:16]}-{tok_hash[:16]}"

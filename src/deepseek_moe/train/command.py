@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="set any config field (repeatable); VALUE is a JSON/TOML literal or a string")
     p.add_argument("--data", action="append", metavar="PATH",
                    help="text file, folder or .jsonl (repeatable; default: the embedded stdlib corpus)")
+    p.add_argument("--val-data", action="append", metavar="PATH",
+                   help="validation text apart from the training text, read like --data (repeatable; default: "
+                   "data.val_fraction of the documents, chosen by name)")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch")
     p.add_argument("--seq-len", type=int, help="tokens per sequence")
@@ -74,6 +77,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
             assignments.append(f"{field}={json.dumps(value)}")
     if args.data:
         assignments.append(f"data.paths={json.dumps(args.data)}")
+    if args.val_data:
+        assignments.append(f"data.val_paths={json.dumps(args.val_data)}")
     try:
         return resolve_config(config_file=args.config, assignments=assignments, base=base)
     except TrainError:
@@ -124,6 +129,8 @@ def launch(args: argparse.Namespace, cfg: TrainConfig) -> int:
         argv += ["--set", f"schedule.extra_steps={cfg.schedule.extra_steps}"]
     for path in args.data or []:
         argv += ["--data", path]
+    for path in args.val_data or []:
+        argv += ["--val-data", path]
     argv += [f"--{flag}" for flag in ("force", "quiet") if getattr(args, flag)]
     try:
         launch_processes("deepseek_moe.train", argv, args.nproc)

@@ -70,9 +70,12 @@ class ModelSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """Where the text comes from and how it is cut. No ``paths``: the embedded CPython stdlib corpus."""
+    """Where the text comes from and how it is cut. No ``paths``: the embedded CPython stdlib corpus.
+    ``val_paths``: the validation text (and all of ``paths`` trains); none: ``val_fraction`` of the documents,
+    chosen by name."""
 
     paths: tuple[str, ...] = ()
+    val_paths: tuple[str, ...] = ()  # validation text apart from the training text; none: val_fraction by name
     text_field: str = "text"  # the field read from .jsonl records
     seq_len: int = 256
     vocab_size: int = 4096  # byte-level BPE trained on the training split
@@ -80,8 +83,10 @@ class DataConfig:
     cache_dir: str | None = None  # tokenizer and token arrays; None: ~/.cache/deepseek_moe
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.paths, tuple) and all(isinstance(p, str) and p for p in self.paths),
-                 f"data.paths ({self.paths!r}) must be a list of non-empty path strings")
+        for name in ("paths", "val_paths"):
+            value = getattr(self, name)
+            _require(isinstance(value, tuple) and all(isinstance(p, str) and p for p in value),
+                     f"data.{name} ({value!r}) must be a list of non-empty path strings")
         _positive_int(self, "seq_len", "vocab_size")
         _require(self.vocab_size >= 256 + 1, f"vocab_size ({self.vocab_size}) must be > 256 (byte-level BPE "
                  "starts from 256 byte tokens)")
