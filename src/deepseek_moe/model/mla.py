@@ -95,10 +95,15 @@ class MLA(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1)
         if mask is None and S != T:
             mask = causal_mask(T, S, kv.device)
+        # SDPA's fused CPU kernel wants v's head dim equal to q's; otherwise SDPA takes its math path, which
+        # computes bf16 attention in fp32. Zero columns of v give zero columns of the output, sliced off again.
+        pad = q.shape[-1] - self.v_head_dim if q.device.type == "cpu" else 0
+        if pad > 0:
+            v = F.pad(v, (0, pad))
         # SDPA wants (B, H, T, head_dim).
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale)
-        return self.wo(out.transpose(1, 2).reshape(B, T, H * self.v_head_dim))
+        return self.wo(out[..., :self.v_head_dim].transpose(1, 2).reshape(B, T, H * self.v_head_dim))
 
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
                   mask: torch.Tensor | None) -> torch.Tensor:

@@ -24,6 +24,16 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products on ``x`` run in: autocast's where it is on for x's device (autocast casts the
+    operands of F.linear and matmul, but not of F.grouped_mm, so the routed experts cast for themselves),
+    else x's own."""
+    device_type = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
 def _grouped_mm_available() -> bool:
     return hasattr(F, "grouped_mm")
 
@@ -55,13 +65,17 @@ class RoutedExperts(nn.Module):
         x_AD: rows sorted by expert, ``counts_E[e]`` rows for expert e. gates_A (optional): a per-row weight,
         applied to the (A, F) activation before the down projection, which costs F rather than D per row.
         """
-        if self.use_grouped_mm and self._grouped_mm_fits(x_AD.dtype):
+        dtype = compute_dtype(x_AD)
+        x_AD = x_AD.to(dtype)
+        gates_A = gates_A.to(dtype) if gates_A is not None else None
+        if self.use_grouped_mm and self._grouped_mm_fits(dtype):
+            w1, w2, w3 = (w.to(dtype) for w in (self.w1, self.w2, self.w3))
             offs_E = counts_E.cumsum(0).to(torch.int32)
-            h_AF = F.silu(F.grouped_mm(x_AD, self.w1.transpose(1, 2), offs=offs_E))
-            h_AF = h_AF * F.grouped_mm(x_AD, self.w3.transpose(1, 2), offs=offs_E)
+            h_AF = F.silu(F.grouped_mm(x_AD, w1.transpose(1, 2), offs=offs_E))
+            h_AF = h_AF * F.grouped_mm(x_AD, w3.transpose(1, 2), offs=offs_E)
             if gates_A is not None:
                 h_AF = h_AF * gates_A.unsqueeze(1)
-            return F.grouped_mm(h_AF, self.w2.transpose(1, 2), offs=offs_E)
+            return F.grouped_mm(h_AF, w2.transpose(1, 2), offs=offs_E)
         return self.forward_loop(x_AD, counts_E, gates_A)
 
     def _grouped_mm_fits(self, dtype: torch.dtype) -> bool:
@@ -79,10 +93,13 @@ class RoutedExperts(nn.Module):
         gradient once per expert.
         """
         sizes = counts_E.tolist()
+        dtype = compute_dtype(x_AD)
+        x_AD = x_AD.to(dtype)
+        w1s, w2s, w3s = (w.to(dtype).unbind(0) for w in (self.w1, self.w2, self.w3))
         outs = []
-        for x_eD, w1, w3 in zip(x_AD.split(sizes), self.w1.unbind(0), self.w3.unbind(0), strict=True):
+        for x_eD, w1, w3 in zip(x_AD.split(sizes), w1s, w3s, strict=True):
             outs.append(F.silu(x_eD @ w1.t()) * (x_eD @ w3.t()))
         h_AF = torch.cat(outs)
         if gates_A is not None:
-            h_AF = h_AF * gates_A.unsqueeze(1)
-        return torch.cat([h_eF @ w2.t() for h_eF, w2 in zip(h_AF.split(sizes), self.w2.unbind(0), strict=True)])
+            h_AF = h_AF * gates_A.to(dtype).unsqueeze(1)
+        return torch.cat([h_eF @ w2.t() for h_eF, w2 in zip(h_AF.split(sizes), w2s, strict=True)])

@@ -14,7 +14,7 @@ from deepseek_moe.config import MoEConfig
 from deepseek_moe.moe import balance
 from deepseek_moe.moe.dispatch import Dispatcher, DropPlan, LocalDispatcher
 from deepseek_moe.moe.dropping import ProtectedDraw
-from deepseek_moe.moe.experts import FeedForward, RoutedExperts
+from deepseek_moe.moe.experts import FeedForward, RoutedExperts, compute_dtype
 from deepseek_moe.moe.router import Router, Routing
 from deepseek_moe.moe.stats import MoEStats
 
@@ -115,11 +115,14 @@ class MoE(nn.Module):
             protected_T = protected_B[span.first_sequence:span.first_sequence + B].repeat_interleave(S)
             drop = DropPlan(cfg.capacity_factor, cfg.n_expert_groups,
                             protected_T if real_T is None else protected_T[real_T], n_tokens=span.n_tokens)
+        # The experts' operands in the compute dtype (bf16 under autocast) once, before the gather copies each
+        # row K times and the shared experts read it: the router above has already read x in fp32.
+        x_rD = x_rD.to(compute_dtype(x_rD))
         dispatched = self.dispatcher(x_rD, routing, self.experts, drop)
         y_rD = dispatched.y_TD
         if self.shared_experts is not None:
             y_rD = y_rD + self.shared_experts(x_rD)
-        y_TD = y_rD if real_T is None else x_TD.new_zeros(B * S, D).index_copy(0, real_T.nonzero().flatten(), y_rD)
+        y_TD = y_rD if real_T is None else y_rD.new_zeros(B * S, D).index_copy(0, real_T.nonzero().flatten(), y_rD)
 
         tokens_per_expert = torch.bincount(routing.indices_TK.reshape(-1), minlength=cfg.n_routed_experts)
         if self.training and cfg.use_routing_bias and not self.uniform_routing:  # warm-up routes are not the router's
