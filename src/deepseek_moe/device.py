@@ -1,6 +1,9 @@
-"""``resolve_device``: a device name from a flag or config as a torch.device, checked."""
+"""``resolve_device``: a device name from a flag or config as a torch.device, checked; ``native_bf16``: whether
+its matrix products run bf16 natively (what makes bf16 autocast pay)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -19,4 +22,36 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-__all__ = ["resolve_device"]
+def cpu_bf16_feature() -> str | None:
+    """The CPU feature that gives native bf16 matrix products ("AMX" or "AVX512-BF16"), or None.
+
+    Without one, bf16 GEMMs on CPU are emulated by converting to fp32 and run no faster (often slower) than fp32,
+    so bf16 autocast would only cost accuracy. torch's own probe (cpuinfo) first, /proc/cpuinfo's flags second.
+    """
+    probes = (("AMX", "_is_amx_tile_supported", "amx_bf16"),
+              ("AVX512-BF16", "_is_avx512_bf16_supported", "avx512_bf16"))
+    for name, probe, _ in probes:
+        fn = getattr(torch.cpu, probe, None)
+        if fn is not None and fn():
+            return name
+    flags = _cpuinfo_flags()
+    return next((name for name, _, flag in probes if flag in flags), None)
+
+
+def _cpuinfo_flags() -> set[str]:
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return set()
+
+
+def native_bf16(device: torch.device) -> str | None:
+    """What gives ``device`` native bf16 matrix products ("CUDA", "AMX", "AVX512-BF16"), or None."""
+    if device.type == "cuda":
+        return "CUDA" if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        return cpu_bf16_feature()
+    return None
+
+
+__all__ = ["cpu_bf16_feature", "native_bf16", "resolve_device"]

@@ -24,7 +24,7 @@ SMALL = [
     "model.moe.n_activated_experts=2", "model.moe.n_expert_groups=2", "model.moe.n_limited_groups=1",
     "model.moe.capacity_factor=1.0", "data.seq_len=32", "data.vocab_size=300", "schedule.batch_size=4",
     "schedule.steps=6", "routing.uniform_steps=2", "checkpoint.every=3", "eval.batches=2", "eval.every=3",
-    "eval.log_every=1", "eval.sample_tokens=4", "threads=1",
+    "eval.log_every=1", "eval.sample_tokens=4", "threads=1", "dtype=fp32",
 ]
 
 

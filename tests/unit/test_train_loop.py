@@ -18,7 +18,7 @@ SMALL = [
     "model.kv_lora_rank=16", "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8",
     "model.moe.dim=32", "model.moe.moe_inter_dim=16", "model.moe.n_routed_experts=8",
     "model.moe.n_activated_experts=2", "data.seq_len=32", "data.vocab_size=300", "schedule.batch_size=4",
-    "eval.batches=2", "eval.every=4", "eval.log_every=1", "eval.sample_tokens=8", "threads=1",
+    "eval.batches=2", "eval.every=4", "eval.log_every=1", "eval.sample_tokens=8", "threads=1", "dtype=fp32",
 ]
 
 

@@ -24,11 +24,40 @@ from deepseek_moe.train.errors import TrainError
 from deepseek_moe.train.tokenizer import EOS, default_cache_dir, get_tokenizer
 
 
+@dataclass(frozen=True)
+class Precision:
+    """How a run computes: ``amp`` is the autocast dtype (None: fp32 throughout); ``reason`` says why, for the
+    log and config.json. Master weights and optimizer state are fp32 either way."""
+
+    amp: torch.dtype | None
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return "bf16" if self.amp is not None else "fp32"
+
+    def describe(self) -> dict[str, str]:
+        return {"dtype": self.name, "reason": self.reason}
+
+
+def resolve_precision(dtype: str, device: torch.device) -> Precision:
+    """``dtype`` "bf16"/"fp32" as asked; "auto": bf16 autocast where the device multiplies bf16 natively (CUDA,
+    CPUs with AVX512-BF16 or AMX), fp32 elsewhere (emulated bf16 would be slower and less accurate)."""
+    from deepseek_moe.device import native_bf16
+
+    if dtype == "bf16":
+        return Precision(torch.bfloat16, "bf16 autocast (asked for)")
+    if dtype == "fp32":
+        return Precision(None, "fp32 (asked for)")
+    feature = native_bf16(device)
+    if feature is not None:
+        return Precision(torch.bfloat16, f"bf16 autocast (auto: {device.type} has native bf16, {feature})")
+    return Precision(None, f"fp32 (auto: {device.type} has no native bf16 matrix products)")
+
+
 def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where asked (or "auto" on CUDA); None runs in fp32."""
-    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+    """The autocast dtype of :func:`resolve_precision`; None runs in fp32."""
+    return resolve_precision(dtype, device).amp
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
@@ -107,4 +136,4 @@ def load_data(cfg: TrainConfig) -> TrainData:
                      unigram_entropy(val_tokens, tok.get_vocab_size()))
 
 
-__all__ = ["TrainData", "autocast", "autocast_dtype", "build_model_config", "load_data", "seed_everything"]
+__all__ = ["Precision", "TrainData", "autocast", "autocast_dtype", "resolve_precision", "build_model_config", "load_data", "seed_everything"]

@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --resume: train N steps past the run's planned end, at its final learning rate and in "
                    "its last routing stage (the run's schedule is otherwise fixed)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), help="default: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), help="default auto: bf16 autocast (fp32 master weights) where the device has native bf16 "
+                   "(CUDA; CPUs with AVX512-BF16 or AMX), else fp32")
     p.add_argument("--seed", type=int)
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")

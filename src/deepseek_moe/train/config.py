@@ -209,7 +209,8 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     device: str = "auto"  # "auto": cuda when available, else cpu
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU
+    # "auto": bf16 autocast where the device multiplies bf16 natively (CUDA; CPUs with AVX512-BF16 or AMX), else fp32
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
     out: str | None = None  # run directory; None: runs/<YYYYmmdd-HHMMSS>
     threads: int = 0  # torch intra-op threads; 0: torch's default
 

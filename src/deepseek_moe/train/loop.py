@@ -31,9 +31,9 @@ from deepseek_moe.moe.bias import update_routing_bias
 from deepseek_moe.train import checkpoint as ckpt
 from deepseek_moe.train.build import (
     autocast,
-    autocast_dtype,
     build_model_config,
     load_data,
+    resolve_precision,
     seed_everything,
 )
 from deepseek_moe.train.config import TrainConfig
@@ -113,7 +113,8 @@ class Trainer:
         self.log = _printer(self.progress and self.strategy.is_main)
         self.run_dir = Path(cfg.out) if cfg.out else default_run_dir()
         self.state_dir = self.run_dir / "state"
-        self.amp = autocast_dtype(cfg.dtype, self.device)
+        self.precision = resolve_precision(cfg.dtype, self.device)
+        self.amp = self.precision.amp
         seed_everything(cfg.seed)
         with self.strategy.main_first():  # rank 0 prepares the run directory and fills the data caches
             if self.strategy.is_main:
@@ -141,13 +142,14 @@ class Trainer:
         self.start = self.restore() if self.resume else 0
         if self.strategy.is_main:
             write_json(self.run_dir / "config.json", {**cfg.to_dict(), "out": str(self.run_dir),
-                                                       "resolved_model": model_cfg.to_dict(), **self.data.describe()})
+                                                       "resolved_model": model_cfg.to_dict(), "precision": self.precision.describe(),
+                                                       **self.data.describe()})
         self.metrics: MetricsLog | _Discard = (
             MetricsLog(self.run_dir / "metrics.jsonl", keep_through_step=self.start if self.resume else None)
             if self.strategy.is_main else _Discard())
         self.log(f"model {cfg.model.preset}: {n_params / 1e6:.2f}M parameters, vocab {self.data.vocab_size}; data "
                  f"{self.data.corpus.source}: {self.data.n_train_tokens:,} train / {self.data.n_val_tokens:,} val "
-                 f"tokens; device {self.device}, {'bf16 autocast' if self.amp else 'fp32'}; run dir {self.run_dir}")
+                 f"tokens; device {self.device}, {self.precision.reason}; run dir {self.run_dir}")
 
     def restore(self) -> int:
         """Load the latest checkpoint of the run being resumed; the step to continue from."""

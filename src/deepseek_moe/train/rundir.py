@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from deepseek_moe.train.config import TrainConfig
 
 # Keys config.json holds beyond TrainConfig's own fields: recorded, never read back as settings.
-RUN_ONLY_KEYS = ("resolved_model", "corpus", "tokenizer")
+RUN_ONLY_KEYS = ("resolved_model", "precision", "corpus", "tokenizer")
 
 
 def default_run_dir() -> Path:
