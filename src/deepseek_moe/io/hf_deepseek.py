@@ -90,8 +90,9 @@ def config_from_deepseek(hf: Mapping[str, Any], *, source: str = "config.json") 
             kv_lora_rank=0, qk_nope_head_dim=0, qk_rope_head_dim=head_dim, v_head_dim=head_dim,
             rope_theta=float(get("rope_theta")), rope_interleave=False, original_seq_len=max_pos,
             norm_eps=float(get("rms_norm_eps")), tie_word_embeddings=bool(get("tie_word_embeddings")),
-            init_std=init_std, bos_token_id=_token_id(get("bos_token_id"), "bos_token_id", source),
-            eos_token_id=_token_id(get("eos_token_id"), "eos_token_id", source))
+            init_std=init_std,  # an explicit null token id stays null
+            bos_token_id=_token_id(hf.get("bos_token_id", DEFAULTS["bos_token_id"]), "bos_token_id", source),
+            eos_token_id=_token_id(hf.get("eos_token_id", DEFAULTS["eos_token_id"]), "eos_token_id", source))
     except ValueError as err:
         raise ValueError(f"{source}: {err}") from err
 
