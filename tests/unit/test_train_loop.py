@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from deepseek_moe.train.config import resolve_config
@@ -145,8 +146,6 @@ class _Payload:
 
 
 def _plant(path: Path, marker: Path) -> None:
-    import torch
-
     torch.save(_Payload(marker), path)  # the format torch.load reads
 
 
@@ -194,3 +193,18 @@ def test_pickled_checkpoints_of_earlier_versions_are_refused(finished_run, tmp_p
     code, err = _resume_exit(run_dir, capsys)
     assert not marker.exists()
     assert code == 2 and "pickle" in err and "optimizer.pt" in err, err
+
+
+def test_a_config_transformers_lacks_still_loads_back(tmp_path, capsys):
+    """Softmax scores with the routing bias: model/ is written in our own format, and from_pretrained reads it
+    back with the weights of the final checkpoint."""
+    import deepseek_moe
+
+    cfg = small_config(tmp_path, "schedule.steps=2", "routing.uniform_steps=0", "model.moe.use_routing_bias=true",
+                       "eval.sample_tokens=0")
+    result = run(cfg, progress=True)
+    assert "own format" in capsys.readouterr().out
+    model = deepseek_moe.from_pretrained(result.run_dir / "model")
+    saved = load_file(str(result.run_dir / "state/step-2/model.safetensors"))
+    state = model.state_dict()
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in saved)

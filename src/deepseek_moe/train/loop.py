@@ -38,7 +38,6 @@ from deepseek_moe.train.build import (
 )
 from deepseek_moe.train.config import TrainConfig
 from deepseek_moe.train.errors import TrainError
-from deepseek_moe.train.export import save_model
 from deepseek_moe.train.optim import build_optimizer
 from deepseek_moe.train.report import plot_heatmap, plot_loss
 from deepseek_moe.train.routing import (
@@ -301,10 +300,15 @@ class Trainer:
 
     def write_outputs(self, model: Any, val_loss: float, tokens_per_s: float) -> str:
         from deepseek_moe.infer.generate import generate
+        from deepseek_moe.io import save_pretrained
+        from deepseek_moe.io.native import FORMAT as NATIVE_FORMAT
 
         cfg, tok, h, log = self.cfg, self.data.tokenizer, self.data.unigram_entropy, self.log
         model.eval()
-        save_model(model, self.run_dir / "model", log)
+        model_dir = self.run_dir / "model"
+        if save_pretrained(model, model_dir) == NATIVE_FORMAT:
+            log(f"note: neither transformers' DeepSeek classes nor DeepSeekMoE 16B's layout hold this config; wrote "
+                f"{model_dir} in this package's own format (deepseek_moe.from_pretrained reads it)")
         sample = ""
         if cfg.eval.sample_tokens > 0:
             eos = self.data.eos_id
