@@ -4,7 +4,8 @@
     ctx = init_parallel()              join torchrun's group, build the (dp, ep) DeviceMesh
     model = data_parallel(model, ctx)  experts split over ctx.ep_group, the rest DDP
     parallelize_experts(model, group)  the expert split alone (tests, custom loops)
-    DistributedTraining.start(...)     all a training loop needs (None outside torchrun)
+    DistributedTraining.start(...)     all a training loop needs under torchrun (the Trainer's N-process strategy)
+    launch(module, argv, n)            run ``python -m module`` on n local processes through torchrun
 """
 
 from deepseek_moe.parallel.checkpoint import (
@@ -26,6 +27,7 @@ from deepseek_moe.parallel.experts import (
     scale_expert_grads,
     unwrap,
 )
+from deepseek_moe.parallel.launch import LaunchFailed, launch
 from deepseek_moe.parallel.plan import ExpertShard, check_expert_parallel, expert_shard
 from deepseek_moe.parallel.runtime import (
     ParallelContext,
@@ -41,6 +43,7 @@ __all__ = [
     "CommStats",
     "DistributedTraining",
     "ExpertShard",
+    "LaunchFailed",
     "ParallelContext",
     "all_reduce_sum",
     "check_expert_parallel",
@@ -56,6 +59,7 @@ __all__ = [
     "full_state_dict",
     "gathered_model",
     "init_parallel",
+    "launch",
     "load_full_optimizer_state",
     "load_full_state_dict",
     "parallelize_experts",

@@ -101,9 +101,8 @@ def run_command(args: argparse.Namespace) -> int:
 def launch(args: argparse.Namespace, cfg: TrainConfig) -> int:
     """Re-run this command on ``args.nproc`` processes, after checking that the model's expert groups and the
     batch fit that many processes."""
-    from deepseek_moe.parallel import check_training_layout, env_world_size
-    from deepseek_moe.parallel.launch import LaunchFailed
-    from deepseek_moe.parallel.launch import launch as launch_processes
+    from deepseek_moe.parallel import LaunchFailed, check_training_layout, env_world_size
+    from deepseek_moe.parallel import launch as launch_processes
     from deepseek_moe.train.build import build_model_config
     from deepseek_moe.train.rundir import check_same_plan
 
