@@ -208,3 +208,21 @@ def test_a_config_transformers_lacks_still_loads_back(tmp_path, capsys):
     saved = load_file(str(result.run_dir / "state/step-2/model.safetensors"))
     state = model.state_dict()
     assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in saved)
+
+
+def test_trainer_parts_can_be_driven_one_by_one(tmp_path):
+    """The Trainer's pieces are usable alone: a custom loop can call setup, step, evaluate and save."""
+    from deepseek_moe.train.checkpoint import step_dirs
+    from deepseek_moe.train.loop import Trainer
+    from deepseek_moe.train.strategy import SingleProcess
+
+    trainer = Trainer(small_config(tmp_path, "schedule.steps=4", "routing.uniform_steps=1"), progress=False)
+    trainer.setup()
+    assert isinstance(trainer.strategy, SingleProcess) and trainer.train_model is trainer.model
+    first, second = trainer.step(0), trainer.step(1)
+    assert (first.step, first.stage, second.stage) == (1, 1, 2)
+    assert first.counts is not None and first.counts.shape == (1, 8) and first.lr > second.lr  # cosine, no warm-up
+    loss, counts = trainer.evaluate(trainer.val_batches)
+    assert 0 < loss < first.ce_loss + 1 and counts is not None
+    trainer.save(2)
+    assert [p.name for p in step_dirs(trainer.state_dir)] == ["step-2"]
