@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -57,6 +57,10 @@ from deepseek_moe.train.rundir import (
 from deepseek_moe.train.schedule import lr_factor, routing_stage
 from deepseek_moe.train.strategy import Strategy, start_strategy
 from deepseek_moe.viz import routing_counts
+
+if TYPE_CHECKING:
+    from deepseek_moe.config import ModelConfig
+    from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
 
 
 @dataclass
@@ -97,8 +101,6 @@ class Trainer:
 
     # ---- setup ------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
-
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -124,16 +126,10 @@ class Trainer:
         self.val_batches = self.data.val.fixed_batches(cfg.schedule.batch_size, cfg.eval.batches)
 
         model_cfg = build_model_config(cfg, self.data.vocab_size, self.data.eos_id)
-        torch.manual_seed(cfg.seed)
-        model = DeepSeekMoEForCausalLM(model_cfg)
-        if cfg.routing.orthogonal_init:
-            orthogonal_init_experts(model)
-        model.tokenizer = self.data.tokenizer
-        model.to(self.device).train()
-        n_params = sum(p.numel() for p in model.parameters())
-        self.model = model  # what the checkpoint, statistics and hooks see
-        self.train_model = self.strategy.wrap(model)  # what the step calls (on N processes: DDP around it)
-        self.optimizer = build_optimizer(model, cfg.optim)
+        self.model = self.build_model(model_cfg)  # what the checkpoint, statistics and hooks see
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.train_model = self.strategy.wrap(self.model)  # what the step calls (on N processes: DDP around it)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
         s = cfg.schedule  # the cosine follows the planned steps; extra steps stay at its end
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda i: lr_factor(
             i, steps=s.steps, warmup_steps=s.warmup_steps, min_lr_ratio=s.min_lr_ratio))
@@ -149,6 +145,16 @@ class Trainer:
         self.log(f"model {cfg.model.preset}: {n_params / 1e6:.2f}M parameters, vocab {self.data.vocab_size}; data "
                  f"{self.data.corpus.source}: {self.data.n_train_tokens:,} train / {self.data.n_val_tokens:,} val "
                  f"tokens; device {self.device}, {self.precision.reason}; run dir {self.run_dir}")
+
+    def build_model(self, model_cfg: ModelConfig) -> DeepSeekMoEForCausalLM:
+        from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+
+        torch.manual_seed(self.cfg.seed)
+        model = DeepSeekMoEForCausalLM(model_cfg)
+        if self.cfg.routing.orthogonal_init:
+            orthogonal_init_experts(model)
+        model.tokenizer = self.data.tokenizer
+        return model.to(self.device).train()
 
     def restore(self) -> int:
         """Load the latest checkpoint of the run being resumed; the step to continue from."""
