@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from harness import RanksFailed, run_ranks
-from workers import B, hybrid_config, layer_cases, layer_reference, model_reference
+from workers import B, S, hybrid_config, layer_cases, layer_mask, layer_reference, model_reference
 
 WORLDS = [2, 4]
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -50,7 +50,7 @@ def _assemble(world: int, ranks: list[dict[str, Any]], case: str) -> dict[str, A
 def test_layer_matches_single_process(layer_runs: tuple[int, list[dict[str, Any]]]) -> None:
     world, ranks = layer_runs
     for case, cfg in layer_cases(world).items():
-        ref, got = layer_reference(cfg), _assemble(world, ranks, case)
+        ref, got = layer_reference(cfg, case), _assemble(world, ranks, case)
         assert got["dropped"] == ref["dropped"], case
         if cfg.capacity_factor is not None:
             assert ref["dropped"] > 0, f"{case}: the case should drop something"
@@ -85,9 +85,12 @@ def test_traffic_accounting(layer_runs: tuple[int, list[dict[str, Any]]]) -> Non
     world, ranks = layer_runs
     for case, cfg in layer_cases(world).items():
         stats = [r[case]["stats"] for r in ranks]
-        for s in stats:
+        mask = layer_mask(case)
+        for rank, s in enumerate(stats):
             assert s.rows_sent == sum(n * c for n, c in enumerate(s.ranks_per_token_hist))
-            assert s.calls == 2 and s.tokens == 2 * (B // world) * 5
+            b0, b1 = rank * B // world, (rank + 1) * B // world
+            real_tokens = (b1 - b0) * S if mask is None else int(mask[b0:b1].sum())  # padding is never sent
+            assert s.calls == 2 and s.tokens == 2 * real_tokens
             k = min(cfg.n_activated_experts, cfg.n_routed_experts // world)  # expert slots per row
             # x and gates (fp32), then expert ids, and with dropping affinities and the protected flag
             meta = 4 * (2 * k + 1) if cfg.capacity_factor is not None else 4 * k

@@ -43,6 +43,11 @@ def layer_cases(world: int) -> dict[str, MoEConfig]:
             norm_topk_prob=True, route_scale=2.0, use_routing_bias=True, capacity_factor=0.6,
             protected_fraction=0.2, balance_loss_scope="batch", seq_loss_alpha=0.01),
     }
+    # Left-padded batches: ranks hold different numbers of real tokens (padding in no budget, count or loss).
+    cases["padded_drop_batch"] = MoEConfig(**base, n_activated_experts=2, n_expert_groups=G, n_limited_groups=G,
+                                           capacity_factor=0.5, protected_fraction=0.25, balance_loss_scope="batch")
+    cases["padded_sequence"] = MoEConfig(**base, n_activated_experts=2, n_expert_groups=G,
+                                         n_limited_groups=max(1, G // 2), seq_loss_alpha=0.01)
     if world >= 4:
         cases["limit2"] = MoEConfig(**base, n_activated_experts=3, n_expert_groups=G, n_limited_groups=2)
     return cases
@@ -61,13 +66,23 @@ def layer_data(cfg: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(B, S, cfg.dim, generator=g), torch.randn(B, S, cfg.dim, generator=g)
 
 
-def layer_step(moe: MoE, x: torch.Tensor, w: torch.Tensor, aux_weight: float) -> dict[str, Any]:
+def layer_mask(case: str) -> torch.Tensor | None:
+    """(B, S) real-token mask of the padded cases: left padding of 0..S-1 tokens, unequal across ranks (a fully
+    padded sequence would leave a sequence-scope mean over fewer sequences on one rank than one process has)."""
+    if not case.startswith("padded"):
+        return None
+    padding = [(3 * b) % S for b in range(B)]
+    return torch.tensor([[s >= pad for s in range(S)] for pad in padding])
+
+
+def layer_step(moe: MoE, x: torch.Tensor, w: torch.Tensor, aux_weight: float,
+               mask: torch.Tensor | None = None) -> dict[str, Any]:
     """Two forwards (the second sees the generator state the first left) and one backward."""
     x = x.clone().requires_grad_()
-    y1 = moe(x)
+    y1 = moe(x, token_mask=mask)
     aux1 = moe.aux_loss
     dropped = int(moe.last_stats.dropped)
-    y2 = moe(x * 0.5)
+    y2 = moe(x * 0.5, token_mask=mask)
     dropped += int(moe.last_stats.dropped)
     aux = aux1 + moe.aux_loss
     ((y1 * w).sum() + (y2 * w).sum() + aux * aux_weight).backward()
@@ -76,10 +91,10 @@ def layer_step(moe: MoE, x: torch.Tensor, w: torch.Tensor, aux_weight: float) ->
             "dropped": dropped}
 
 
-def layer_reference(cfg: MoEConfig) -> dict[str, Any]:
+def layer_reference(cfg: MoEConfig, case: str = "") -> dict[str, Any]:
     moe = build_layer(cfg)
     x, w = layer_data(cfg)
-    out = layer_step(moe, x, w, 1.0)
+    out = layer_step(moe, x, w, 1.0, layer_mask(case))
     update_routing_bias(moe)
     out["bias"] = None if moe.gate.e_score_correction_bias is None else moe.gate.e_score_correction_bias.clone()
     return out
@@ -94,8 +109,9 @@ def layer_cases_worker(rank: int, world: int) -> dict[str, Any]:
         moe = parallelize_experts(build_layer(cfg), ctx.ep_group)
         x, w = layer_data(cfg)
         b0, b1 = rank * B // world, (rank + 1) * B // world
+        mask = layer_mask(name)
         # The global loss is the sum of the ranks' output terms plus the mean of their balance losses.
-        out = layer_step(moe, x[b0:b1], w[b0:b1], 1.0 / world)
+        out = layer_step(moe, x[b0:b1], w[b0:b1], 1.0 / world, None if mask is None else mask[b0:b1])
         sharded = {n for n, _ in expert_parameters(moe)}
         for n, g in out["grads"].items():
             if n not in sharded:
