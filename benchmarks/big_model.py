@@ -100,7 +100,7 @@ def headline(args: argparse.Namespace) -> None:
     cfg = MODELS[args.model]()
     directory = Path(args.dir)
     print(uptime())
-    if not (directory / "model.safetensors").is_file():
+    if not (directory / "config.json").is_file():
         t0 = time.perf_counter()
         size = write_random_checkpoint(cfg, directory, bits=args.bits, dtype=args.dtype)
         print(f"wrote {directory} ({size / 1e9:.2f} GB, int{args.bits}) in {time.perf_counter() - t0:.0f} s")
@@ -147,7 +147,7 @@ def compare(args: argparse.Namespace) -> None:
     cfg = mid_size()
     directory = Path(args.dir)
     print(uptime())
-    if not (directory / "model.safetensors").is_file():
+    if not (directory / "config.json").is_file():
         write_random_checkpoint(cfg, directory, bits=None, dtype="bfloat16")
     models: dict[str, tuple[str, torch.nn.Module]] = {
         "ours fp32": ("ours", dm.from_pretrained(directory, dtype="float32")),

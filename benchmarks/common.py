@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
 
 from deepseek_moe.config import ModelConfig, MoEConfig
 from deepseek_moe.presets import deepseek_v2_lite
@@ -40,21 +39,21 @@ def uptime() -> str:
 
 
 def write_random_checkpoint(cfg: ModelConfig, path: str | os.PathLike[str], *, bits: int | None,
-                            dtype: str = "bfloat16", seed: int = 0) -> int:
-    """Write a checkpoint of ``cfg`` with random weights straight to disk, tensor by tensor (never the whole
-    model in memory): quantised (bits 8 / 4, the default scope of deepseek_moe.quant) with random codes and
-    scales giving weights of std ~0.02, or full precision (bits None) in ``dtype``. Returns the file's bytes."""
+                            dtype: str = "bfloat16", seed: int = 0, shard_bytes: int = 2 * 10**9) -> int:
+    """Write a checkpoint of ``cfg`` with random weights straight to disk in shards of ~``shard_bytes`` (never
+    the whole model in memory): quantised (bits 8 / 4, the default scope of deepseek_moe.quant) with random
+    codes and scales giving weights of std ~0.02, or full precision (bits None) in ``dtype``. Returns the
+    bytes written."""
     import json
-    import math
     from pathlib import Path
 
     import torch
+    from safetensors.torch import save_file
 
     from deepseek_moe.io.hf import config_to_hf
     from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
     from deepseek_moe.quant import QuantConfig, prepare_model
     from deepseek_moe.quant.format import hf_key_of
-    from deepseek_moe.quant.stfile import Entry, row_chunks, write_safetensors
 
     torch_dtype = getattr(torch, dtype)
     with torch.device("meta"):
@@ -64,42 +63,57 @@ def write_random_checkpoint(cfg: ModelConfig, path: str | os.PathLike[str], *, b
         prepare_model(model, qcfg, dtype=torch_dtype)
     gen = torch.Generator().manual_seed(seed)
 
-    def produce(name: str, dt: torch.dtype, shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
-        rows_total = shape[0] if shape else 1
-        row = math.prod(shape[1:]) if len(shape) > 1 else 1
-        for rows in row_chunks(rows_total, row):
-            n = (rows.stop - rows.start) * row
-            if dt == torch.int8:
-                yield torch.randint(-127, 128, (n,), dtype=torch.int8, generator=gen)
-            elif dt == torch.uint8:
-                yield torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
-            elif name.endswith("_scale"):  # codes have std ~73 (int8) / ~4.6 (int4, over 1..15 - 8)
-                yield torch.full((n,), 0.02 / (73.0 if dt == torch.float32 else 4.6), dtype=dt)
-            elif "norm" in name:
-                yield torch.ones(n, dtype=dt)
-            else:
-                yield (torch.randn(n, generator=gen) * 0.02).to(dt)
+    def random(name: str, dt: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        if dt == torch.int8:
+            return torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
+        if dt == torch.uint8:
+            return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+        if name.endswith("_scale"):  # codes have std ~73 (int8) / ~4.6 (int4: 0..15 - 8)
+            return torch.full(shape, 0.02 / (73.0 if dt == torch.float32 else 4.6), dtype=dt)
+        if "norm" in name:
+            return torch.ones(shape, dtype=dt)
+        return (torch.randn(shape, generator=gen) * 0.02).to(dt)
 
-    entries = []
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = total = 0
+    names: list[str] = []
+
+    def flush() -> None:
+        name = f"model-{len(names) + 1:05d}.safetensors"
+        save_file(shards[-1], str(path / name), metadata={"format": "pt"})
+        names.append(name)
+
+    weight_map: dict[str, str] = {}
     for name, t in model.state_dict().items():
         mapped = hf_key_of(name)
         if mapped is None or (cfg.tie_word_embeddings and name == "head.weight"):
             continue
         key, stacked = mapped
-        dt = t.dtype if (t.dtype in (torch.int8, torch.uint8) or name.endswith("_scale")
-                         or ".ffn.gate." in name) else torch_dtype
-        parts = [(key.replace("{e}", str(e)), tuple(t.shape[1:])) for e in range(t.shape[0])] if stacked \
-            else [(key, tuple(t.shape))]
+        keep_dtype = t.dtype in (torch.int8, torch.uint8) or name.endswith("_scale") or ".ffn.gate." in name
+        dt = t.dtype if keep_dtype else torch_dtype
+        parts = ([(key.replace("{e}", str(e)), tuple(t.shape[1:])) for e in range(t.shape[0])] if stacked
+                 else [(key, tuple(t.shape))])
         for k, shape in parts:
-            entries.append(Entry(k, dt, shape, lambda k=k, dt=dt, shape=shape: produce(k, dt, shape)))
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    write_safetensors(path / "model.safetensors", entries)
+            tensor = random(k, dt, shape)
+            shards[-1][k] = tensor
+            weight_map[k] = f"model-{len(names) + 1:05d}.safetensors"
+            size += tensor.numel() * tensor.element_size()
+            total += tensor.numel() * tensor.element_size()
+            if size >= shard_bytes:
+                flush()
+                shards.append({})
+                size = 0
+    if shards[-1]:
+        flush()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
     hf = config_to_hf(cfg, dtype=dtype)
     if qcfg is not None:
         hf["quantization_config"] = qcfg.to_hf()
     (path / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-    return (path / "model.safetensors").stat().st_size
+    return total
 
 
 def read_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 5) -> float:

@@ -1,8 +1,9 @@
 """``deepseek-moe quantize MODEL OUT --bits 8|4``: write a weight-only int8 / int4 copy of a checkpoint.
 
-MODEL is a Hugging Face checkpoint directory or a train run directory (its model/ is used). Tensors are read in
-row chunks and written as they are quantised, so a checkpoint larger than memory can be quantised. The result
-loads with ``deepseek_moe.from_pretrained(OUT)`` and runs with ``deepseek-moe generate OUT``.
+MODEL is a Hugging Face checkpoint directory or a train run directory (its model/ is used). It is read tensor by
+tensor and quantised while streaming (in row chunks), so memory peaks near the quantised model, never the
+full-precision one. The result loads with ``deepseek_moe.from_pretrained(OUT)`` and runs with
+``deepseek-moe generate OUT`` (and ``serve``).
 """
 
 from __future__ import annotations

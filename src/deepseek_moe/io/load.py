@@ -225,16 +225,20 @@ def load_pretrained(path: str | os.PathLike[str], *, dtype: torch.dtype | str | 
     dtype of the unquantised parts and of the activations).
     """
     from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
-    from deepseek_moe.quant.load import load_quantized
 
     path = Path(path)
     raw, cfg = read_config(path)
-    if quantize is not None or (raw.get("quantization_config") or {}).get("quant_method") in OWN_QUANT_METHODS:
-        return load_quantized(path, dtype=dtype, quantize=quantize, device=device)
+    quantized = quantize is not None or (raw.get("quantization_config") or {}).get("quant_method") in OWN_QUANT_METHODS
     files = open_checkpoint(path)
     hooks = hooks or LoadHooks()
     try:
         torch_dtype = resolve_dtype(dtype, raw, files)
+        if quantized:  # deepseek_moe.quant supplies the hooks: swap in quantised modules, quantise while reading
+            from deepseek_moe.quant.load import quant_hooks
+
+            if torch.device(device).type != "cpu":
+                raise ValueError(f"quantised models run on the CPU (device {device!r} asked)")
+            hooks, _ = quant_hooks(raw, quantize, torch_dtype, str(path), hooks)
         native = is_native(raw)
         quant = raw.get("quantization_config") or {}
         fp8 = fp8_block_size(quant, str(path / CONFIG_FILE)) if quant.get("quant_method") == FP8_METHOD else None
