@@ -76,14 +76,15 @@ def write_random_checkpoint(cfg: ModelConfig, path: str | os.PathLike[str], *, b
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard: dict[str, torch.Tensor] = {}  # the one shard in memory
     size = total = 0
     names: list[str] = []
 
     def flush() -> None:
         name = f"model-{len(names) + 1:05d}.safetensors"
-        save_file(shards[-1], str(path / name), metadata={"format": "pt"})
+        save_file(shard, str(path / name), metadata={"format": "pt"})
         names.append(name)
+        shard.clear()
 
     weight_map: dict[str, str] = {}
     for name, t in model.state_dict().items():
@@ -97,15 +98,14 @@ def write_random_checkpoint(cfg: ModelConfig, path: str | os.PathLike[str], *, b
                  else [(key, tuple(t.shape))])
         for k, shape in parts:
             tensor = random(k, dt, shape)
-            shards[-1][k] = tensor
+            shard[k] = tensor
             weight_map[k] = f"model-{len(names) + 1:05d}.safetensors"
             size += tensor.numel() * tensor.element_size()
             total += tensor.numel() * tensor.element_size()
             if size >= shard_bytes:
                 flush()
-                shards.append({})
                 size = 0
-    if shards[-1]:
+    if shard:
         flush()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
