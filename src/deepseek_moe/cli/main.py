@@ -20,6 +20,7 @@ COMMANDS = (
     "deepseek_moe.cli.info_cmd",
     "deepseek_moe.cli.quantize_cmd",
     "deepseek_moe.cli.serve_cmd",
+    "deepseek_moe.cli.export_cmd",
 )
 
 

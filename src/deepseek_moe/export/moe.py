@@ -82,7 +82,11 @@ class DenseMoE(nn.Module):
             self.w2 = nn.Parameter(torch.cat(w2).contiguous(), requires_grad=False)
         self.n_hidden = self.w2.shape[0]  # N = (E + S) * F
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, token_mask: torch.Tensor | None = None,
+                protected: object = None) -> torch.Tensor:
+        """x (B, S, dim) or (S, dim). ``token_mask`` (B, S) or (S,), False for padding: as in the layer, such
+        tokens are routed nowhere and get output 0. ``protected`` (the dropping draw) is unused: no dropping
+        at inference, which check_exportable guarantees."""
         D = self.cfg.dim
         x_TD = x.reshape(-1, D)
         routing = self.gate(x_TD)
@@ -95,7 +99,10 @@ class DenseMoE(nn.Module):
         routed_TEF = h_TN[:, : self.n_routed * self.inter_dim].reshape(T, self.n_routed, self.inter_dim)
         routed_TN = (routed_TEF * gates_TE.unsqueeze(-1)).reshape(T, self.n_routed * self.inter_dim)
         h_TN = torch.cat((routed_TN, h_TN[:, self.n_routed * self.inter_dim :]), dim=1)
-        return (h_TN @ self.w2).reshape(x.shape)
+        y = (h_TN @ self.w2).reshape(x.shape)
+        if token_mask is not None:
+            y = y * token_mask.reshape(*x.shape[:-1], 1).to(y.dtype)
+        return y
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
