@@ -40,6 +40,17 @@ def test_dense_form_equals_the_layer(name):
         torch.testing.assert_close(DenseMoE(moe)(x[0]), moe(x[0]), rtol=1e-5, atol=1e-5)  # (S, dim) input
 
 
+def test_padding_tokens_get_zero_as_in_the_layer():
+    moe = make_moe(**CONFIGS["v2-group-limited"])
+    x = torch.randn(2, 6, BASE["dim"])
+    token_mask = torch.ones(2, 6, dtype=torch.bool)
+    token_mask[1, :3] = False
+    with torch.no_grad():
+        expected = moe(x, token_mask=token_mask)
+        torch.testing.assert_close(DenseMoE(moe)(x, token_mask=token_mask), expected, rtol=1e-5, atol=1e-5)
+    assert (expected[1, :3] == 0).all()
+
+
 def test_swap_is_undone_and_restores_the_same_layers():
     model = torch.nn.Sequential(torch.nn.Linear(32, 32), make_moe())
     layer = model[1]

@@ -62,13 +62,13 @@ def test_prefill_and_decode_logits_equal_pytorch(exported):
     model, out = exported
     lm = OnnxLM(out)
     torch.manual_seed(1)
-    ids = torch.randint(0, VOCAB, (2, 9))
-    mask = torch.ones(2, 9, dtype=torch.long)
+    ids = torch.randint(0, VOCAB, (2, 32))
+    mask = torch.ones(2, 32, dtype=torch.long)
     mask[1, :4] = 0  # a left-padded row
     with torch.no_grad():
         cache = model.new_cache()
         expected = model(ids, attention_mask=mask, cache=cache).logits.numpy()
-        # Every routed expert of every MoE layer is exercised by these 18 tokens.
+        # Every routed expert of every MoE layer is exercised by these 60 real tokens.
         assert all((m.last_stats.tokens_per_expert > 0).all() for m in model.modules() if isinstance(m, MoE))
     logits, past = lm.step(ids.numpy(), mask.numpy(), None)
     real = mask.bool().numpy()
@@ -79,7 +79,7 @@ def test_prefill_and_decode_logits_equal_pytorch(exported):
     full_mask = np.concatenate((mask.numpy(), np.ones((2, 1), dtype=np.int64)), axis=1)
     logits, present = lm.step(nxt.numpy(), full_mask, past)
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
-    assert present[0].shape == (2, 10, 64)
+    assert present[0].shape == (2, 33, 64)
 
 
 def test_greedy_decoding_through_ort_equals_pytorch_for_32_steps(exported):

@@ -54,17 +54,18 @@ def cache_names(model: DeepSeekMoEForCausalLM) -> list[str]:
 
 def lm_logits(model: DeepSeekMoEForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               cache: TensorKVCache) -> torch.Tensor:
-    """The model's forward over a cache, without its data-dependent shortcuts (mask None when all ones, the
-    max_seq_len check): the mask is always built, so one graph serves padded and unpadded batches."""
+    """The model's forward over a cache, without its data-dependent shortcuts (masks None when all ones, the
+    max_seq_len check): the masks are always built, so one graph serves padded and unpadded batches."""
     T = input_ids.shape[1]
-    key_mask = cache.extend_mask(attention_mask.to(torch.bool))  # (B, S)
+    new_mask = attention_mask.to(torch.bool)
+    key_mask = cache.extend_mask(new_mask)  # (B, S)
     S = key_mask.shape[1]
     positions = (key_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, S - T:]  # (B, T)
     mask = attention_mask_4d(key_mask, T)
     cos, sin = model.rope(positions)
     h = model.embed(input_ids)
     for i, layer in enumerate(model.layers):
-        h = layer(h, cos, sin, mask, cache.layers[i])
+        h = layer(h, cos, sin, mask, cache.layers[i], token_mask=new_mask)  # padding: MoE output 0, as the model
     return model.head(model.norm(h)).float()
 
 
