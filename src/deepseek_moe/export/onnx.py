@@ -167,6 +167,15 @@ def name_dims(path: Path, dim_names: Mapping[str, Sequence[str | None]]) -> None
     onnx.save(model, str(path))
 
 
+def fold_weight_constants(model: Any) -> None:
+    """Fold computations on weights into initializers, however large (the exporter's own pass stops at 256K
+    elements). Without this an LSTM's gates are re-ordered from PyTorch's layout to ONNX's by Slice/Concat on
+    every call, and the quantiser, which only sees initializers, leaves those weights in float32."""
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.optimize(model, input_size_limit=1 << 31, output_size_limit=1 << 31)
+
+
 def export_graph(module: nn.Module, path: Path, example_inputs: tuple[Any, ...], *, input_names: list[str],
                  output_names: list[str] | None, dynamic_shapes: Any, opset_version: int,
                  external_data: bool) -> None:
@@ -199,6 +208,7 @@ def export_graph(module: nn.Module, path: Path, example_inputs: tuple[Any, ...],
                 raise ExportError(f"torch.onnx.export could not capture {type(module).__name__}: {reason}") from e
         if program is None:  # for mypy: dynamo=True always returns the program
             raise ExportError("torch.onnx.export returned no program")
+        fold_weight_constants(program.model)
         program.save(str(path), external_data=external_data)
     finally:
         registration_log.setLevel(level)
