@@ -201,7 +201,7 @@ def export_graph(module: nn.Module, path: Path, example_inputs: tuple[Any, ...],
             try:
                 program = torch.onnx.export(module, example_inputs, dynamo=True, dynamic_shapes=dynamic_shapes,
                                             input_names=input_names, output_names=output_names,
-                                            opset_version=opset_version, optimize=True, verbose=False)
+                                            opset_version=opset_version, optimize=False, verbose=False)
             except Exception as e:  # the exporter's own errors run to pages; keep its summary, chain the rest
                 summary = str(e).split("## Exception summary")[-1].strip().splitlines()
                 reason = next((line for line in summary if line.strip()), type(e).__name__)
