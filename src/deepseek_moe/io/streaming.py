@@ -32,6 +32,7 @@ from torch import nn
 
 from deepseek_moe.io.fp8 import dequantize_rows
 from deepseek_moe.io.safetensors_file import SafetensorsFile
+from deepseek_moe.moe.router import Router
 
 if TYPE_CHECKING:
     from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
@@ -158,7 +159,11 @@ def _is_stacked(name: str) -> bool:
 
 
 class Materializer:
-    """Creates each meta tensor of the model on the target device the first time it is written."""
+    """Creates each meta tensor of the model on the target device the first time it is written.
+
+    dtype: floating parameters take the load dtype, except the router's, which stays float32 (issue 9: the
+    router is never quantised nor rounded); buffers and non-float tensors keep the dtype the meta model declares
+    (V3's correction bias float32, quantised codes int8)."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
         self.model, self.dtype, self.device = model, dtype, device
@@ -173,6 +178,8 @@ class Materializer:
             return tensor
         is_param = isinstance(tensor, nn.Parameter)
         dtype = self.dtype if is_param and tensor.dtype.is_floating_point else tensor.dtype
+        if is_param and dtype.is_floating_point and isinstance(module, Router):
+            dtype = torch.float32  # routing runs in fp32: centroids rounded to bf16 flip top-K choices
         new = torch.empty(tensor.shape, dtype=dtype, device=self.device)
         if is_param:
             module._parameters[leaf] = nn.Parameter(new, requires_grad=tensor.requires_grad and dtype.is_floating_point)
