@@ -108,3 +108,16 @@ def test_bad_layouts_fail_before_launching(setup: tuple[Path, list[str], Path], 
     assert err.startswith("error: cannot train on"), err
     assert re.search(message, err), err
     assert not (tmp / "bad").exists()
+
+
+def test_extend_steps_on_two_processes_matches_one(setup: tuple[Path, list[str], Path]) -> None:
+    """--extend-steps under --nproc: every rank runs the same total (rank 0 rewrites config.json meanwhile)."""
+    tmp, _, one = setup
+    runs = {n: tmp / f"extend_{n}" for n in (1, 2)}
+    for n, path in runs.items():
+        shutil.copytree(one, path)
+        done = cli("--resume", str(path), "--extend-steps", "2", "--nproc", str(n))
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert json.loads((path / "config.json").read_text())["schedule"]["extra_steps"] == 2
+    assert_same_run(runs[1], runs[2])
+    assert losses(runs[2])[:len(losses(one)) - 1] == losses(one)[:-1]  # the planned steps, summary aside
