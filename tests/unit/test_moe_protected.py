@@ -74,3 +74,27 @@ def test_a_one_sequence_batch_can_be_dropped():
             moe(x)
             dropped.append(int(moe.last_stats.dropped))
     assert sum(d > 0 for d in dropped) >= 20
+
+
+def test_routing_state_restores_the_model_level_draw():
+    from deepseek_moe import load_routing_state, routing_state
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, dim=16, inter_dim=32, n_layers=2, n_dense_layers=1, n_heads=2,
+                      kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_seq_len=16,
+                      moe=_moe_cfg(protected_fraction=0.5))
+    model = DeepSeekMoEForCausalLM(cfg).train()
+    model.layers[1].ffn.dispatcher = recorder = RecordingDispatcher()
+    ids = torch.randint(0, 64, (16, 4))
+    model(ids)
+    state = routing_state(model)
+    assert set(state) == {"layers.1.ffn", "protected_sequences"}
+    assert all(isinstance(v, torch.Tensor | str | bool | None) for e in state.values() for v in e.values())
+    model(ids)
+    model(ids)
+    load_routing_state(model, state)
+    model(ids)
+    model(ids)
+    assert not torch.equal(recorder.protected[1], recorder.protected[2])  # the draws move on
+    assert torch.equal(recorder.protected[1], recorder.protected[3])  # and resume where they were
+    assert torch.equal(recorder.protected[2], recorder.protected[4])
