@@ -10,8 +10,10 @@ batching server, then the non-batching one, so drift in machine load hits both a
 Per cell: output tokens/s over the cell's wall time; time to first token and time per output token (p50, p99)
 — measured by the client on a stream, and taken from the server's ``X-Time-To-First-Token`` /
 ``X-Time-Per-Output-Token`` response headers for non-streamed requests (their client sees only the whole
-response); and the share of the wall time the scheduler spent inside model forwards (from /metrics): the rest
-is HTTP, JSON, tokenizing and sampling, which do not batch.
+response); and the share of the wall time the scheduler spent inside model forwards (fwd%, from /metrics), and
+of that its thread's CPU time (cpu%): fwd% - cpu% is forward time spent waiting for the GIL (held by the HTTP
+thread's per-token JSON and SSE work) or for a core; 100 - fwd% is time outside forwards (HTTP, tokenizing,
+sampling, queueing), which does not batch.
 
 Prints a table and one JSON line. ``python benchmarks/serve.py --help`` for the knobs.
 """
@@ -71,12 +73,15 @@ def wait_healthy(url: str, proc: subprocess.Popen[str]) -> None:
     raise SystemExit(f"server {url} not healthy after 120 s")
 
 
-def forward_seconds(url: str) -> float:
+def forward_seconds(url: str) -> tuple[float, float]:
+    """(wall, scheduler-thread CPU) seconds the server has spent inside model forwards."""
     import httpx
 
     text = httpx.get(f"{url}/metrics").text
-    m = re.search(r"^deepseek_moe_forward_seconds_total (\S+)$", text, re.MULTILINE)
-    return float(m.group(1)) if m else 0.0
+    found = [re.search(rf"^deepseek_moe_forward{kind}_seconds_total (\S+)$", text, re.MULTILINE)
+             for kind in ("", "_cpu")]
+    wall, cpu = (float(m.group(1)) if m else 0.0 for m in found)
+    return wall, cpu
 
 
 # --- the client process ------------------------------------------------------------------------------------
@@ -147,10 +152,10 @@ def run_cell(url: str, n_clients: int, stream: bool, prompts: list[list[int]], a
     n_requests = max(n_clients, args.min_requests)
     spec = {"url": url, "clients": n_clients, "requests": n_requests, "prompts": prompts,
             "max_tokens": args.max_tokens, "stream": stream}
-    busy_before = forward_seconds(url)
+    wall0, cpu0 = forward_seconds(url)
     proc = subprocess.run([sys.executable, __file__, "--client", json.dumps(spec)], capture_output=True, text=True,
                           check=True)
-    busy = forward_seconds(url) - busy_before
+    wall1, cpu1 = forward_seconds(url)
     out = json.loads(proc.stdout)
     results, wall = out["results"], out["wall_s"]
     tokens = sum(r["tokens"] for r in results)
@@ -160,7 +165,7 @@ def run_cell(url: str, n_clients: int, stream: bool, prompts: list[list[int]], a
             "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
             "ttft_p50_s": round(pct(ttft, 0.5), 4), "ttft_p99_s": round(pct(ttft, 0.99), 4),
             "tpot_p50_s": round(pct(tpot, 0.5), 4), "tpot_p99_s": round(pct(tpot, 0.99), 4),
-            "forward_share": round(busy / wall, 3)}
+            "forward_share": round((wall1 - wall0) / wall, 3), "forward_cpu_share": round((cpu1 - cpu0) / wall, 3)}
 
 
 def main() -> None:
@@ -216,7 +221,7 @@ def main() -> None:
     print(f"\n{ckpt.name}: prompts of {args.prompt_lens} tokens, {args.max_tokens} output tokens each (EOS "
           f"ignored), greedy; batching on = --max-batch-size 64, off = 1; {args.threads} torch thread(s)/server")
     head = (f"{'clients':>7} {'stream':>6} {'batch':>5} {'tok/s':>8} {'ratio':>6} {'TTFT p50':>9} {'p99':>7} "
-            f"{'TPOT p50':>9} {'p99':>7} {'fwd%':>5}")
+            f"{'TPOT p50':>9} {'p99':>7} {'fwd%':>5} {'cpu%':>5}")
     print(head)
     ratios = {}
     for row in rows:
@@ -228,7 +233,7 @@ def main() -> None:
         print(f"{row['clients']:>7} {'yes' if row['stream'] else 'no':>6} {row['batching']:>5} "
               f"{row['tokens_per_s']:>8.1f} {ratio if row['batching'] == 'on' else 1.0:>6.2f} "
               f"{row['ttft_p50_s']:>9.3f} {row['ttft_p99_s']:>7.3f} {row['tpot_p50_s']:>9.4f} "
-              f"{row['tpot_p99_s']:>7.4f} {100 * row['forward_share']:>5.0f}")
+              f"{row['tpot_p99_s']:>7.4f} {100 * row['forward_share']:>5.0f} {100 * row['forward_cpu_share']:>5.0f}")
     floor = next((r for r in rows if r["clients"] == 16 and not r["stream"] and r["batching"] == "on"), None)
     verdict = None
     if floor is not None:

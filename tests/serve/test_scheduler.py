@@ -6,7 +6,7 @@ import pytest
 import torch
 from serve_fixtures import tiny_config
 
-from deepseek_moe import DeepSeekMoEForCausalLM, generate, get_preset
+from deepseek_moe import DeepSeekMoEForCausalLM, ModelConfig, MoEConfig, generate, get_preset
 from deepseek_moe.serve.scheduler import (
     Event,
     FinishEvent,
@@ -82,6 +82,28 @@ def test_busy_batch_gives_each_request_its_greedy_tokens_alone(preset: str) -> N
         assert c.tokens == want, f"request {i}"
         assert c.finish == FinishEvent("length")
     assert s.pool.free_blocks == s.pool.capacity_blocks  # every block returned
+
+
+def mid_size() -> ModelConfig:
+    """Four layers, dim 512, q-LoRA, 32 routed experts (top 6) in 4 groups (2 per token), 2 shared."""
+    dim = 512
+    return ModelConfig(
+        vocab_size=8192, dim=dim, inter_dim=1408, n_layers=4, n_dense_layers=1, n_heads=8, q_lora_rank=192,
+        kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, max_seq_len=1024,
+        original_seq_len=1024,
+        moe=MoEConfig(dim=dim, moe_inter_dim=176, n_routed_experts=32, n_activated_experts=6, n_shared_experts=2,
+                      n_expert_groups=4, n_limited_groups=2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mid_size_model_in_a_busy_batch_gives_its_greedy_tokens_alone(dtype: torch.dtype) -> None:
+    model = make_model(mid_size()).to(dtype)
+    ps = prompts(8192, (5, 70, 17))
+    alone = [generate(model, [p], max_new_tokens=6).new_tokens[0] for p in ps]
+    s = Scheduler(model, SchedulerConfig(max_batch_size=4, max_batch_tokens=32, kv_cache_bytes=1 << 24))
+    out = [submit(s, p, max_tokens=6) for p in ps]
+    run_all(s)
+    assert [c.tokens for c in out] == alone
 
 
 def test_logits_of_a_batched_row_match_alone_within_float_rounding() -> None:

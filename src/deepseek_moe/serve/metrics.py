@@ -108,6 +108,10 @@ class ServeMetrics:
         self.forward_seconds = Counter(f"{p}_forward_seconds_total",
                                        "Wall time inside model forwards (the rest of the time is HTTP, JSON, "
                                        "tokenizing, sampling and waiting).")
+        self.forward_cpu_seconds = Counter(f"{p}_forward_cpu_seconds_total",
+                                           "CPU time of the scheduler's thread inside model forwards; wall minus "
+                                           "this is time the forwards waited (for the GIL, held by the HTTP "
+                                           "thread, or for a core).")
         self.forward_tokens = Counter(f"{p}_forward_tokens_total", "Tokens through model forwards.")
         self.queue_depth = Gauge(f"{p}_queue_depth", "Requests waiting for a batch row or cache blocks.")
         self.running = Gauge(f"{p}_running_batch_size", "Sequences in the running batch.")
@@ -140,7 +144,8 @@ class ServeMetrics:
     def render(self) -> str:
         lines: list[str] = []
         for metric in (self.requests_received, self.requests_finished, self.requests_rejected, self.prompt_tokens,
-                       self.generation_tokens, self.steps, self.forward_seconds, self.forward_tokens, self.queue_depth, self.running, self.kv_blocks_used,
+                       self.generation_tokens, self.steps, self.forward_seconds, self.forward_cpu_seconds,
+                       self.forward_tokens, self.queue_depth, self.running, self.kv_blocks_used,
                        self.kv_blocks_total, self.kv_tokens, self.time_to_first_token, self.time_per_output_token):
             lines += [f"# HELP {metric.name} {metric.help}", f"# TYPE {metric.name} {metric.kind}"]
             lines += metric.samples()

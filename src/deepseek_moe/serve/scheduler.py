@@ -297,11 +297,12 @@ class Scheduler:
         for i, x in enumerate(ids):
             input_ids[i, T - len(x):] = torch.tensor(x, dtype=torch.long)
         mask = cache.new_token_mask.to(self.device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         logits = self.model(input_ids.to(self.device), attention_mask=mask, cache=cache).logits[:, -1]
         cache.commit()
         self._count_routing()
         self.metrics.forward_seconds.inc(time.perf_counter() - start)
+        self.metrics.forward_cpu_seconds.inc(time.thread_time() - start_cpu)
         self.metrics.forward_tokens.inc(sum(n_new))
         return logits
 
