@@ -149,7 +149,7 @@ def pct(xs: list[float], q: float) -> float:
 
 def run_cell(url: str, n_clients: int, stream: bool, prompts: list[list[int]], args: argparse.Namespace
              ) -> dict[str, Any]:
-    n_requests = max(n_clients, args.min_requests)
+    n_requests = max(args.waves * n_clients, args.min_requests)
     spec = {"url": url, "clients": n_clients, "requests": n_requests, "prompts": prompts,
             "max_tokens": args.max_tokens, "stream": stream}
     wall0, cpu0 = forward_seconds(url)
@@ -175,7 +175,9 @@ def main() -> None:
     p.add_argument("--clients", type=int, nargs="+", default=list(CLIENTS))
     p.add_argument("--max-tokens", type=int, default=32, help="output tokens per request (EOS ignored)")
     p.add_argument("--prompt-lens", type=int, nargs="+", default=[8, 32, 96, 200])
-    p.add_argument("--min-requests", type=int, default=8, help="requests per cell: max(clients, this)")
+    p.add_argument("--waves", type=int, default=2, help="requests per client per cell (default 2: the second "
+                   "wave arrives while the first decodes, as in steady serving)")
+    p.add_argument("--min-requests", type=int, default=8, help="requests per cell: max(waves * clients, this)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per server (default 1: the client "
                    "process needs the other core)")
     p.add_argument("--port", type=int, default=18431)
@@ -204,7 +206,7 @@ def main() -> None:
             for k in procs:
                 wait_healthy(urls[k], procs[k])
             for k in urls:  # warm-up: first-call costs stay out of the cells
-                run_cell(urls[k], 2, False, prompts, argparse.Namespace(**{**vars(args), "min_requests": 2}))
+                run_cell(urls[k], 2, False, prompts, argparse.Namespace(**{**vars(args), "min_requests": 2, "waves": 1}))
             rows = []
             for n in args.clients:
                 for stream in (False, True):

@@ -9,12 +9,14 @@ that steps while there is work. Each step
    and nothing is ever preempted; a request that does not fit waits, and beyond ``max_queue`` waiting requests
    ``submit`` refuses);
 3. runs one decode forward for every sequence past its prompt (one new token each, a (B, 1) batch), then one
-   forward per sequence still in its prompt, with a chunk of it sized to what is left of ``max_batch_tokens``
-   (chunked prefill: a long prompt cannot stall the decoders for more than one step's budget);
+   forward for the sequences still in their prompts, each with a chunk sized to what is left of
+   ``max_batch_tokens`` (chunked prefill: a long prompt cannot stall the decoders for more than one step's
+   budget), right-aligned in a (B, longest chunk) batch;
 4. samples each row with its own parameters and generator, emits the tokens, and retires finished sequences.
 
-Prefill runs one sequence per forward so that no padding token ever passes through the FFN/MoE layers (the served
-expert-load statistics count real tokens only) and decode rows are never padded to a prefill's width.
+Decode and prefill are separate forwards so that decode rows are never padded to a prefill chunk's width. The
+padding of a prefill batch is routed to no expert (the model passes the attention mask down to the MoE layers as
+a token mask), so the served expert-load statistics count real tokens only.
 
 An exception in a batched forward is retried row by row, so only the request that raises fails. Greedy results
 do not depend on the batch: each row's attention sees only its own slots and routing is per token. The logits
@@ -249,14 +251,25 @@ class Scheduler:
         budget = self.config.max_batch_tokens
         decoding = [r for r in self.running if not r.in_prefill]
         if decoding:
-            self._decode(decoding)
+            for req, logits in zip(decoding, self._rows([[r.output[-1]] for r in decoding], decoding), strict=True):
+                if logits is not None:
+                    self._emit(req, logits)
             budget -= len(decoding)
-        for req in [r for r in self.running if r.in_prefill]:
-            if budget <= 0:
-                break
-            chunk = min(len(req.prompt) - req.n_prefilled, budget)
-            budget -= chunk
-            self._prefill(req, chunk)
+        chunks: list[tuple[Request, int]] = []
+        for req in self.running:
+            if req.in_prefill and budget > 0:
+                chunks.append((req, min(len(req.prompt) - req.n_prefilled, budget)))
+                budget -= chunks[-1][1]
+        if chunks:
+            reqs = [r for r, _ in chunks]
+            ids = [list(r.prompt[r.n_prefilled:r.n_prefilled + n]) for r, n in chunks]
+            for (req, n), logits in zip(chunks, self._rows(ids, reqs), strict=True):
+                if logits is None:
+                    continue
+                req.n_prefilled += n
+                self.metrics.prompt_tokens.inc(n)
+                if not req.in_prefill:
+                    self._emit(req, logits)
         self._update_gauges()
 
     def _retire_cancelled(self) -> None:
@@ -306,34 +319,20 @@ class Scheduler:
         self.metrics.forward_tokens.inc(sum(n_new))
         return logits
 
-    def _decode(self, reqs: list[Request]) -> None:
-        ids = [[r.output[-1]] for r in reqs]
+    def _rows(self, ids: list[list[int]], reqs: list[Request]) -> list[torch.Tensor | None]:
+        """Each row's last logits from one forward. If it raises, the rows run one by one so that only a row that
+        raises on its own fails (its entry None); the others still get their token this step."""
         try:
-            logits = self._forward(reqs, ids)
+            return list(self._forward(reqs, ids))
         except Exception:
-            # Find who raised: row by row, so the others still get their token this step.
+            out: list[torch.Tensor | None] = []
             for req, x in zip(reqs, ids, strict=True):
                 try:
-                    row = self._forward([req], [x])
+                    out.append(self._forward([req], [x])[0])
                 except Exception as e:
                     self._fail(req, e)
-                else:
-                    self._emit(req, row[0])
-            return
-        for i, req in enumerate(reqs):
-            self._emit(req, logits[i])
-
-    def _prefill(self, req: Request, chunk: int) -> None:
-        start = req.n_prefilled
-        try:
-            logits = self._forward([req], [list(req.prompt[start:start + chunk])])
-        except Exception as e:
-            self._fail(req, e)
-            return
-        req.n_prefilled += chunk
-        self.metrics.prompt_tokens.inc(chunk)
-        if not req.in_prefill:
-            self._emit(req, logits[0])
+                    out.append(None)
+            return out
 
     def _emit(self, req: Request, logits_V: torch.Tensor) -> None:
         """Choose ``req``'s next token, hand it to the sink, and retire the request if it is done."""
