@@ -50,10 +50,10 @@ def build_checkpoint(path: Path, preset: str) -> None:
     save_pretrained(model, path)
 
 
-def start_server(ckpt: Path, port: int, batch: int, threads: int) -> subprocess.Popen[str]:
+def start_server(ckpt: Path, port: int, batch: int, threads: int, dtype: str | None) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "deepseek_moe.cli.main", "serve", str(ckpt), "--port", str(port),
            "--served-model-name", "bench", "--max-batch-size", str(batch), "--max-batch-tokens", "512",
-           "--max-queue", "1024", "--threads", str(threads)]
+           "--max-queue", "1024", "--threads", str(threads)] + (["--dtype", dtype] if dtype else [])
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
 
 
@@ -180,6 +180,7 @@ def main() -> None:
     p.add_argument("--min-requests", type=int, default=8, help="requests per cell: max(waves * clients, this)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per server (default 1: the client "
                    "process needs the other core)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="serve in this dtype (default: the checkpoint's)")
     p.add_argument("--port", type=int, default=18431)
     p.add_argument("--client", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -200,7 +201,7 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(1, min(vocab, 2048), (n,), generator=g).tolist() for n in args.prompt_lens]
         servers = {"on": (args.port, 64), "off": (args.port + 1, 1)}
-        procs = {k: start_server(ckpt, port, batch, args.threads) for k, (port, batch) in servers.items()}
+        procs = {k: start_server(ckpt, port, batch, args.threads, args.dtype) for k, (port, batch) in servers.items()}
         try:
             urls = {k: f"http://127.0.0.1:{port}" for k, (port, _) in servers.items()}
             for k in procs:
@@ -221,7 +222,8 @@ def main() -> None:
                 proc.wait(timeout=60)
 
     print(f"\n{ckpt.name}: prompts of {args.prompt_lens} tokens, {args.max_tokens} output tokens each (EOS "
-          f"ignored), greedy; batching on = --max-batch-size 64, off = 1; {args.threads} torch thread(s)/server")
+          f"ignored), greedy; batching on = --max-batch-size 64, off = 1; {args.threads} torch thread(s)/server, "
+          f"{args.dtype or 'checkpoint dtype'}")
     head = (f"{'clients':>7} {'stream':>6} {'batch':>5} {'tok/s':>8} {'ratio':>6} {'TTFT p50':>9} {'p99':>7} "
             f"{'TPOT p50':>9} {'p99':>7} {'fwd%':>5} {'cpu%':>5}")
     print(head)
