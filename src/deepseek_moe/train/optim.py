@@ -19,9 +19,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    # foreach: one fused update over all tensors; noticeably faster than the per-tensor loop on CPU.
+    # fused: one pass over each tensor's parameter, gradient and moments instead of foreach's ~8 (one per
+    # elementwise op); 3.4x faster than foreach on CPU for 32 x 704 x 1024 experts (benchmarks/train_speed.py),
+    # where the optimizer step is a fifth of a bf16 training step. Falls back to foreach where fused is missing.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                             foreach=True)
+                             **({"fused": True} if fused else {"foreach": True}))
 
 
 __all__ = ["build_optimizer", "param_groups"]
