@@ -69,3 +69,29 @@ def test_run_outputs_load_generate_and_info(run: str, tmp_path: Path, capsys: py
     assert info["architecture"]["attention"] == model.config.attention
     assert main(["generate", str(run_dir), "--prompt", "hello", "--max-new-tokens", "4", "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("hello")
+
+
+def test_an_mha_training_run_writes_the_16b_layout_that_loads_back(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """End to end: `train` with LLaMA-style attention writes model/ as DeepSeekMoE 16B's layout (model_type
+    "deepseek"), which from_pretrained, info and generate read; the weights are the final checkpoint's."""
+    from safetensors.torch import load_file
+    from test_train_loop import small_config
+
+    from deepseek_moe.train.loop import run
+
+    cfg = small_config(tmp_path, "schedule.steps=2", "routing.uniform_steps=0", "eval.sample_tokens=0",
+                       'model.attention="mha"', "model.kv_lora_rank=0", "model.qk_nope_head_dim=0",
+                       "model.qk_rope_head_dim=16", "model.v_head_dim=16", "model.rope_interleave=false",
+                       "model.moe.n_expert_groups=1", "model.moe.n_limited_groups=1")  # 16B's format has no groups
+    result = run(cfg, progress=False)
+    model_dir = result.run_dir / "model"
+    assert json.loads((model_dir / "config.json").read_text())["model_type"] == "deepseek"
+    model = from_pretrained(model_dir)
+    saved = load_file(str(result.run_dir / "state/step-2/model.safetensors"))
+    state = model.state_dict()
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k].to(saved[k].dtype)) for k in saved)
+    assert main(["info", str(result.run_dir)]) == 0
+    assert "MHA" in capsys.readouterr().out
+    assert main(["generate", str(result.run_dir), "--prompt", "def f", "--max-new-tokens", "3", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def f")
