@@ -21,6 +21,8 @@ COMMANDS = (
     "deepseek_moe.cli.quantize_cmd",
     "deepseek_moe.cli.serve_cmd",
     "deepseek_moe.cli.export_cmd",
+    "deepseek_moe.cli.ablate_cmd",
+)
 )
 
 

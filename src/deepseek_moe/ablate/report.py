@@ -1,0 +1,189 @@
+"""The ablation's outputs: results.json, results.md and three plots (curves, redundancy, shared expert)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from deepseek_moe.ablate.variants import Counts
+
+if TYPE_CHECKING:
+    from deepseek_moe.ablate.run import AblationConfig
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def result_rows(cfg: AblationConfig, counts: dict[str, Counts],
+                analyses: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per variant: counts, the final validation loss over seeds, speed and the final expert load."""
+    rows = []
+    for v in cfg.variants:
+        runs, c = analyses[v], counts[v]
+        losses = [r["val_loss"] for r in runs]
+        mean, std = mean_std(losses)
+        loads = [r["load_max_over_mean"] for r in runs if "load_max_over_mean" in r]
+        row: dict[str, Any] = {
+            "variant": v, "total_params": c.total_params, "activated_params": c.activated_params,
+            "ffn_total_params": c.ffn_total, "ffn_activated_params": c.ffn_activated,
+            "router_params": c.router_params, "flops_per_token": c.flops_per_token,
+            "val_loss": mean, "val_loss_std": std, "val_loss_seeds": losses, "seeds": list(cfg.seeds),
+            "tokens_per_s": mean_std([r["tokens_per_s"] for r in runs])[0],
+            # Final validation pass: per MoE layer, the busiest expert's tokens over the mean; averaged over
+            # layers, then seeds (1.0 is perfect balance; None for dense models).
+            "load_max_over_mean": mean_std(loads)[0] if loads else None,
+            "load_cv": mean_std([r["load_cv"] for r in runs])[0] if loads else None,
+        }
+        if "redundancy" in runs[0]:
+            row["redundancy"] = [
+                {"ratio": p[0], "masked": p[1], "val_loss": mean_std([r["redundancy"][i][2] for r in runs])[0],
+                 "val_loss_std": mean_std([r["redundancy"][i][2] for r in runs])[1]}
+                for i, p in enumerate(runs[0]["redundancy"])]
+        if "shared_disabled_loss" in runs[0]:
+            before = mean_std([r["analysis_loss"] for r in runs])
+            after = mean_std([r["shared_disabled_loss"] for r in runs])
+            row["shared_expert_test"] = {"val_loss": before[0], "val_loss_std": before[1],
+                                         "shared_disabled_val_loss": after[0],
+                                         "shared_disabled_val_loss_std": after[1]}
+        rows.append(row)
+    return rows
+
+
+def results_markdown(cfg: AblationConfig, rows: list[dict[str, Any]]) -> str:
+    seeds = ", ".join(map(str, cfg.seeds))
+    lines = [
+        f"# DeepSeekMoE ablation: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens "
+        f"({cfg.tokens_per_run:,} tokens per run), seeds {seeds}",
+        "",
+        f"Base: N = {cfg.shape.n_experts} experts of width W = {cfg.shape.expert_dim}, top-2; dim "
+        f"{cfg.shape.dim}, {cfg.shape.n_layers} layers (the first dense, width 2W, in every variant); m = "
+        f"{cfg.shape.segmentation}. Validation loss in nats/token on the whole validation split, mean ± sample "
+        "std over seeds. Parameters counted from the modules (FFN: the MoE layers' experts).",
+        "",
+        "| variant | total params | activated | FFN total | FFN activated | router | MFLOP/token | val loss | "
+        "per seed | tokens/s | max/mean load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        load = "–" if r["load_max_over_mean"] is None else f"{r['load_max_over_mean']:.2f}"
+        lines.append(
+            f"| {r['variant']} | {r['total_params']:,} | {r['activated_params']:,} | {r['ffn_total_params']:,} | "
+            f"{r['ffn_activated_params']:,} | {r['router_params']:,} | {r['flops_per_token'] / 1e6:.2f} | "
+            f"{r['val_loss']:.4f} ± {r['val_loss_std']:.4f} | "
+            f"{', '.join(f'{x:.4f}' for x in r['val_loss_seeds'])} | {r['tokens_per_s']:,.0f} | {load} |")
+    red = [r for r in rows if "redundancy" in r]
+    if red:
+        lines += ["", "## Redundancy (paper §4.5): top routed experts masked per token, the next ones taken", "",
+                  "| variant | ratio masked | experts masked | val loss |", "|---|---:|---:|---:|"]
+        for r in red:
+            for p in r["redundancy"]:
+                lines.append(f"| {r['variant']} | {p['ratio']:.3f} | {p['masked']} | "
+                             f"{p['val_loss']:.4f} ± {p['val_loss_std']:.4f} |")
+    shared = [r for r in rows if "shared_expert_test" in r]
+    for r in shared:
+        t = r["shared_expert_test"]
+        lines += ["", "## Shared expert (paper §4.5): disabled, one more routed expert activated", "",
+                  "| variant | val loss | shared disabled, +1 routed |", "|---|---:|---:|",
+                  f"| {r['variant']} | {t['val_loss']:.4f} ± {t['val_loss_std']:.4f} | "
+                  f"{t['shared_disabled_val_loss']:.4f} ± {t['shared_disabled_val_loss_std']:.4f} |"]
+    lines += ["", "Plots: `val_loss_curves.png`, `redundancy.png`, `shared_expert.png`.", ""]
+    return "\n".join(lines)
+
+
+def plot_curves(cfg: AblationConfig, analyses: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Validation loss against tokens: mean over seeds, band = min..max over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    for v in cfg.variants:
+        curves = [dict((int(s), float(loss)) for s, loss in r["curve"]) for r in analyses[v]]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        if not steps:
+            continue
+        x = [s * tokens_per_step / 1e6 for s in steps]
+        values = [[c[s] for c in curves] for s in steps]
+        mean = [sum(vs) / len(vs) for vs in values]
+        line, = ax.plot(x, mean, label=v, linewidth=1.5)
+        if len(curves) > 1:
+            ax.fill_between(x, [min(vs) for vs in values], [max(vs) for vs in values], color=line.get_color(),
+                            alpha=0.2, linewidth=0)
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"Validation loss, mean over {len(cfg.seeds)} seed(s)" + (" (band: min–max)"
+                                                                          if len(cfg.seeds) > 1 else ""))
+    finals = [min(r["val_loss"] for r in analyses[v]) for v in cfg.variants]
+    ax.set_ylim(min(finals) - 0.3, min(finals) + 1.5)  # the end of training, where the variants separate
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_redundancy(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if "redundancy" not in r:
+            continue
+        pts = r["redundancy"]
+        ax.errorbar([p["ratio"] for p in pts], [p["val_loss"] for p in pts], yerr=[p["val_loss_std"] for p in pts],
+                    marker="o", capsize=3, label=r["variant"])
+    ax.set_xlabel("ratio of each token's top routed experts masked")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("Redundancy: top experts masked, next ones routed to")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_shared(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tests = [r for r in rows if "shared_expert_test" in r]
+    if not tests:
+        return
+    t = tests[0]["shared_expert_test"]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.bar(["trained", "shared off,\n+1 routed"], [t["val_loss"], t["shared_disabled_val_loss"]],
+           yerr=[t["val_loss_std"], t["shared_disabled_val_loss_std"]], capsize=4, color=["C0", "C3"])
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"{tests[0]['variant']}: shared expert test")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(cfg: AblationConfig, out: Path, counts: dict[str, Counts],
+                 analyses: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    from deepseek_moe.train.rundir import write_json
+
+    rows = result_rows(cfg, counts, analyses)
+    write_json(out / "results.json", rows)
+    (out / "results.md").write_text(results_markdown(cfg, rows))
+    plot_curves(cfg, analyses, out / "val_loss_curves.png")
+    plot_redundancy(rows, out / "redundancy.png")
+    plot_shared(rows, out / "shared_expert.png")
+    return rows
+
+
+__all__ = ["mean_std", "plot_curves", "plot_redundancy", "plot_shared", "result_rows", "results_markdown", "write_report"]
