@@ -16,8 +16,11 @@ TINY = ["--dim", "32", "--n-layers", "2", "--n-experts", "4", "--expert-dim", "1
 def ablation(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ablate")
     corpus = write_corpus(tmp / "corpus")
-    args = ["ablate", *TINY, "--variants", "gshard_x1.5,deepseekmoe", "--data", str(corpus), "--out", str(tmp / "out"),
-            "--quiet"]
+    val = tmp / "val"
+    val.mkdir()
+    (val / "v.py").write_text("".join(f"def g{j}(x):\n    return x * {j}\n\n" for j in range(60)))
+    args = ["ablate", *TINY, "--variants", "gshard_x1.5,deepseekmoe", "--data", str(corpus), "--val-data", str(val),
+            "--out", str(tmp / "out"), "--quiet"]
     with pytest.MonkeyPatch.context() as mp:  # the tokenizer and token arrays go to this test's own cache
         mp.setenv("DEEPSEEK_MOE_CACHE", str(tmp / "cache"))
         assert main(args) == 0
@@ -40,6 +43,8 @@ def test_writes_results_plots_and_counts(ablation):
                    .splitlines() if '"summary"' in x][-1]
         assert r["val_loss"] == summary["val_loss"]
         assert r["load_max_over_mean"] >= 1.0
+        config = json.loads((out / "runs" / r["variant"] / "seed0" / "config.json").read_text())
+        assert config["data"]["val_paths"] == [str(out.parent / "val")]  # --val-data reaches training
     # Equal FFN parameters per token for DeepSeekMoE and GShard; x1.5 has 1.5 times.
     assert rows["gshard_x1.5"]["ffn_activated_params"] * 2 == rows["deepseekmoe"]["ffn_activated_params"] * 3
     red = rows["deepseekmoe"]["redundancy"]

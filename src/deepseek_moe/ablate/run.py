@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -67,6 +67,7 @@ class AblationConfig:
     val_paths: tuple[str, ...] = ()
     cache_dir: str | None = None  # tokenizer and token arrays (data.cache_dir); None: ~/.cache/deepseek_moe
     device: str = "auto"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # as training's: "auto" is bf16 autocast where native
     threads: int = 0
 
     def __post_init__(self) -> None:
@@ -98,21 +99,16 @@ class AblationConfig:
     def train_config(self, variant: str, seed: int, out: Path) -> TrainConfig:
         """The TrainConfig of one run: identical for all variants but ``model`` and ``seed``."""
         model_cfg = variant_config(variant, self.shape)
-        data: dict[str, Any] = {"paths": self.data_paths, "seq_len": self.seq_len,
-                                "vocab_size": self.shape.vocab_size, "cache_dir": self.cache_dir}
-        if self.val_paths:
-            if "val_paths" not in {f.name for f in dataclasses.fields(DataConfig)}:
-                raise TrainError("--val-data needs a training loop with data.val_paths; this one has none")
-            data["val_paths"] = self.val_paths
         return TrainConfig(
             model=ModelSpec(preset="tiny", overrides=model_overrides(model_cfg)),
-            data=DataConfig(**data),
+            data=DataConfig(paths=self.data_paths, val_paths=self.val_paths, seq_len=self.seq_len,
+                            vocab_size=self.shape.vocab_size, cache_dir=self.cache_dir),
             optim=OptimConfig(lr=self.lr),
             schedule=ScheduleConfig(steps=self.steps, batch_size=self.batch_size),
             checkpoint=CheckpointConfig(every=max(self.eval_every, self.steps // 4), keep_last=2),
             eval=EvalConfig(every=self.eval_every, batches=self.eval_batches, log_every=self.eval_every,
                             sample_tokens=0),
-            seed=seed, device=self.device, out=str(out), threads=self.threads)
+            seed=seed, device=self.device, dtype=self.dtype, out=str(out), threads=self.threads)
 
 
 def full() -> AblationConfig:
@@ -161,8 +157,9 @@ def train_one(cfg: AblationConfig, out: Path, variant: str, seed: int, *, progre
 
 def analyse_one(cfg: AblationConfig, out: Path, variant: str, seed: int) -> dict[str, Any]:
     """Final expert load and, for the §4.5 variants, the redundancy and shared-expert losses (cached)."""
+    from deepseek_moe.device import resolve_device
     from deepseek_moe.io import load_pretrained
-    from deepseek_moe.train.build import load_data
+    from deepseek_moe.train.build import autocast_dtype, load_data
     from deepseek_moe.train.routing import load_summary
     from deepseek_moe.train.rundir import write_json
 
@@ -188,14 +185,16 @@ def analyse_one(cfg: AblationConfig, out: Path, variant: str, seed: int) -> dict
         train_cfg = cfg.train_config(variant, seed, path)
         data = load_data(train_cfg)
         batches = data.val.fixed_batches(cfg.batch_size, cfg.analysis_batches)
-        model = load_pretrained(path / "model", device="cpu" if cfg.device == "auto" else cfg.device).eval()
-        loss = _eval_loss(model, batches)
+        device = resolve_device(cfg.device)
+        amp = autocast_dtype(cfg.dtype, device)  # the precision training validated in
+        model = load_pretrained(path / "model", device=device).eval()
+        loss = _eval_loss(model, batches, amp)
         result["analysis_loss"] = loss
         if variant in REDUNDANCY_VARIANTS:
-            result["redundancy"] = _redundancy(model, batches, cfg, loss)
+            result["redundancy"] = _redundancy(model, batches, cfg, loss, amp)
         if variant == SHARED_TEST_VARIANT:
             with altered_routing(model, extra=1, drop_shared=True):
-                result["shared_disabled_loss"] = _eval_loss(model, batches)
+                result["shared_disabled_loss"] = _eval_loss(model, batches, amp)
     write_json(cached, result)
     return result
 
@@ -213,7 +212,8 @@ def masked_counts(n_routed: int, n_activated: int, n_experts: int, max_ratio: fl
     return points
 
 
-def _redundancy(model: Any, batches: list[torch.Tensor], cfg: AblationConfig, loss0: float) -> list[list[float]]:
+def _redundancy(model: Any, batches: list[torch.Tensor], cfg: AblationConfig, loss0: float,
+                amp: torch.dtype | None) -> list[list[float]]:
     moe = model.config.moe
     points = []
     for ratio, n in masked_counts(moe.n_routed_experts, moe.n_activated_experts, cfg.shape.n_experts,
@@ -222,18 +222,21 @@ def _redundancy(model: Any, batches: list[torch.Tensor], cfg: AblationConfig, lo
             points.append([ratio, 0, loss0])
             continue
         with altered_routing(model, skip_top=n):
-            points.append([ratio, n, _eval_loss(model, batches)])
+            points.append([ratio, n, _eval_loss(model, batches, amp)])
     return points
 
 
 @torch.no_grad()
-def _eval_loss(model: Any, batches: list[torch.Tensor]) -> float:
+def _eval_loss(model: Any, batches: list[torch.Tensor], amp: torch.dtype | None) -> float:
     """Mean cross-entropy (nats/token) over ``batches``, as the trainer's validation computes it."""
+    from deepseek_moe.train.build import autocast
+
     device = next(model.parameters()).device
     nll, n = 0.0, 0
     for batch in batches:
         batch = batch.to(device)
-        out = model(batch, labels=batch)
+        with autocast(device, amp):
+            out = model(batch, labels=batch)
         k = batch.numel() - batch.shape[0]
         nll += float(out.ce_loss) * k
         n += k

@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expert-dim", type=int, help="W: their hidden width")
     p.add_argument("--segmentation", type=int, help="m of deepseekmoe and fine_grained_only (default 4)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"),
+                   help="as `deepseek-moe train` (default auto: bf16 autocast where the CPU/GPU has native bf16)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run_command)
@@ -50,7 +52,7 @@ def build_config(args: argparse.Namespace) -> AblationConfig:
     shape_changes = {k: getattr(args, k) for k in ("dim", "n_layers", "n_experts", "expert_dim", "segmentation")
                      if getattr(args, k) is not None}
     changes = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "lr", "eval_every", "device",
-                                              "threads") if getattr(args, k) is not None}
+                                              "dtype", "threads") if getattr(args, k) is not None}
     if args.variants:
         changes["variants"] = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     if args.data:
