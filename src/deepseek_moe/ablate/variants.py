@@ -47,7 +47,7 @@ class AblationShape:
     n_layers: int = 4  # the first dense, the rest MoE
     n_heads: int = 4
     n_experts: int = 8  # N
-    expert_dim: int = 128  # W
+    expert_dim: int = 256  # W (2W = 4 dim activated per token)
     segmentation: int = 4  # m of ``deepseekmoe`` and ``fine_grained_only``
     expert_loss_alpha: float = 0.01  # α of the expert-level balance loss, the same for every MoE variant
     vocab_size: int = 4096  # replaced by the tokenizer's when trained

@@ -23,7 +23,6 @@ COMMANDS = (
     "deepseek_moe.cli.export_cmd",
     "deepseek_moe.cli.ablate_cmd",
 )
-)
 
 
 class UsageError(Exception):
