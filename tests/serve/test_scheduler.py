@@ -115,8 +115,8 @@ def test_logits_of_a_batched_row_match_alone_within_float_rounding() -> None:
     s = Scheduler(model, SchedulerConfig(max_batch_size=2, max_batch_tokens=8, block_size=4))
     captured: list[torch.Tensor] = []
     emit = s._emit
-    s._emit = lambda req, logits: (captured.append(logits.clone()) if req.prompt == p_long else None,  # type: ignore[method-assign]
-                                   emit(req, logits))[1]
+    s._emit = lambda req, logits, *rest: (captured.append(logits.clone()) if req.prompt == p_long else None,  # type: ignore[method-assign]
+                                          emit(req, logits, *rest))[1]
     submit(s, p_short, max_tokens=20)
     submit(s, p_long, max_tokens=1)
     run_all(s)

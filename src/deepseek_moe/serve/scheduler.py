@@ -251,9 +251,13 @@ class Scheduler:
         budget = self.config.max_batch_tokens
         decoding = [r for r in self.running if not r.in_prefill]
         if decoding:
-            for req, logits in zip(decoding, self._rows([[r.output[-1]] for r in decoding], decoding), strict=True):
+            rows = self._rows([[r.output[-1]] for r in decoding], decoding)
+            found = [x for x in rows if x is not None]
+            # Greedy rows (the common case) take one argmax over the batch instead of one call per row.
+            argmax = iter(torch.stack(found).argmax(-1).tolist() if found else [])
+            for req, logits in zip(decoding, rows, strict=True):
                 if logits is not None:
-                    self._emit(req, logits)
+                    self._emit(req, logits, next(argmax))
             budget -= len(decoding)
         chunks: list[tuple[Request, int]] = []
         for req in self.running:
@@ -334,13 +338,17 @@ class Scheduler:
                     out.append(None)
             return out
 
-    def _emit(self, req: Request, logits_V: torch.Tensor) -> None:
-        """Choose ``req``'s next token, hand it to the sink, and retire the request if it is done."""
+    def _emit(self, req: Request, logits_V: torch.Tensor, argmax: int | None = None) -> None:
+        """Choose ``req``'s next token (``argmax``, when given, is that of ``logits_V``), hand it to the sink, and
+        retire the request if it is done."""
         p = req.params
         try:
             top_k = p.top_k if p.top_k is not None and p.top_k < logits_V.shape[-1] else None
-            token = int(sample(logits_V[None], temperature=p.temperature, top_k=top_k,
-                               top_p=p.top_p if p.top_p < 1.0 else None, generator=req.generator)[0])
+            if p.temperature == 0.0 and argmax is not None:
+                token = argmax
+            else:
+                token = int(sample(logits_V[None], temperature=p.temperature, top_k=top_k,
+                                   top_p=p.top_p if p.top_p < 1.0 else None, generator=req.generator)[0])
             req.output.append(token)
             now = time.perf_counter()
             if len(req.output) == 1:
