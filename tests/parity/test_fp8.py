@@ -144,3 +144,17 @@ def test_missing_fp8_scale_names_the_tensor(fp8_checkpoint: tuple[Path, list[str
     with pytest.raises(CheckpointError, match="'model.layers.0.self_attn.kv_b_proj.weight' has no block scale "
                        + re.escape(repr(key))):
         load_pretrained(bad)
+
+
+def test_fp8_straight_to_int8(fp8_checkpoint: tuple[Path, list[str]]) -> None:
+    """quantize= on an FP8 checkpoint: each weight is dequantised band by band and quantised to int8 while
+    streaming (quant's transform reads TensorSource rows), never materialised as a bf16/fp32 model."""
+    path, _ = fp8_checkpoint
+    ref = load_pretrained(path, dtype=torch.float32)
+    q = load_pretrained(path, dtype=torch.float32, quantize="int8")
+    assert type(q.layers[0].attn.wkv_a).__name__ == "QuantLinear"
+    ids = input_ids()
+    with torch.no_grad():
+        a, b = ref(ids).logits, q(ids).logits
+    rel = ((a - b).norm() / a.norm()).item()
+    assert rel < 0.05, f"int8 from FP8: relative logit error {rel:.3g}"
