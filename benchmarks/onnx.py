@@ -120,6 +120,9 @@ def session(path: Path, threads: int) -> Any:
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    # ORT's workers spin after each call by default; interleaved with PyTorch they would take the cores from the
+    # PyTorch call that follows and inflate its latency. Off, each runtime gets the machine to itself in its turn.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
