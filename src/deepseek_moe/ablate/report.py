@@ -1,4 +1,5 @@
-"""The ablation's outputs: results.json, results.md and three plots (curves, redundancy, shared expert)."""
+"""The ablation's outputs: results.json, claims.json (the paper's claims, paired by seed), results.md and three plots
+(curves, redundancy, shared expert)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deepseek_moe.ablate.claims import claims_markdown, evaluate_claims
 from deepseek_moe.ablate.variants import Counts
 
 if TYPE_CHECKING:
@@ -55,7 +57,8 @@ def result_rows(cfg: AblationConfig, counts: dict[str, Counts],
     return rows
 
 
-def results_markdown(cfg: AblationConfig, rows: list[dict[str, Any]]) -> str:
+def results_markdown(cfg: AblationConfig, rows: list[dict[str, Any]],
+                     claims: list[dict[str, Any]] | None = None) -> str:
     seeds = ", ".join(map(str, cfg.seeds))
     lines = [
         f"# DeepSeekMoE ablation: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens "
@@ -92,6 +95,8 @@ def results_markdown(cfg: AblationConfig, rows: list[dict[str, Any]]) -> str:
                   "| variant | val loss | shared disabled, +1 routed |", "|---|---:|---:|",
                   f"| {r['variant']} | {t['val_loss']:.4f} ± {t['val_loss_std']:.4f} | "
                   f"{t['shared_disabled_val_loss']:.4f} ± {t['shared_disabled_val_loss_std']:.4f} |"]
+    if claims:
+        lines += ["", *claims_markdown(claims)]
     lines += ["", "Plots: `val_loss_curves.png`, `redundancy.png`, `shared_expert.png`.", ""]
     return "\n".join(lines)
 
@@ -178,8 +183,10 @@ def write_report(cfg: AblationConfig, out: Path, counts: dict[str, Counts],
     from deepseek_moe.train.rundir import write_json
 
     rows = result_rows(cfg, counts, analyses)
+    claims = evaluate_claims(analyses)
     write_json(out / "results.json", rows)
-    (out / "results.md").write_text(results_markdown(cfg, rows))
+    write_json(out / "claims.json", claims)
+    (out / "results.md").write_text(results_markdown(cfg, rows, claims))
     plot_curves(cfg, analyses, out / "val_loss_curves.png")
     plot_redundancy(rows, out / "redundancy.png")
     plot_shared(rows, out / "shared_expert.png")
