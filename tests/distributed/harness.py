@@ -34,8 +34,9 @@ class RanksFailed(RuntimeError):
 
 
 def run_ranks(world: int, worker: str, *, timeout_s: float = 240.0, grace_s: float = 30.0,
-              extra_env: dict[str, str] | None = None) -> list[Any]:
-    """``workers.<worker>`` on ``world`` processes; returns each rank's result (rank order)."""
+              extra_env: dict[str, str] | None = None, module: str = "workers") -> list[Any]:
+    """``<module>.<worker>`` on ``world`` processes (``module`` in tests/distributed, with a ``main(worker)``
+    like workers.py's); returns each rank's result (rank order)."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         procs, errs = [], []
@@ -45,7 +46,8 @@ def run_ranks(world: int, worker: str, *, timeout_s: float = 240.0, grace_s: flo
                    "OMP_NUM_THREADS": "1", "DSMOE_RESULT": f"{tmp}/rank{rank}.pt", **(extra_env or {})}
             err = open(f"{tmp}/rank{rank}.err", "w+")  # noqa: SIM115  (closed below)
             errs.append(err)
-            code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import workers; workers.main({worker!r})"
+            code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import {module}; "
+                    f"{module}.main({worker!r})")
             procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=err, stderr=err))
         start, failed_at = time.monotonic(), None
         while any(p.poll() is None for p in procs):

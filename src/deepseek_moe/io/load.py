@@ -29,7 +29,15 @@ from deepseek_moe.io.hf import (
 )
 from deepseek_moe.io.native import is_native, native_config
 from deepseek_moe.io.safetensors_file import SafetensorsError, SafetensorsFile
-from deepseek_moe.io.streaming import Block, CheckpointError, LoadHooks, _is_stacked, skip_init, stream_into
+from deepseek_moe.io.streaming import (
+    Block,
+    CheckpointError,
+    LoadHooks,
+    Shard,
+    _is_stacked,
+    skip_init,
+    stream_into,
+)
 
 if TYPE_CHECKING:
     from deepseek_moe.config import ModelConfig
@@ -258,13 +266,50 @@ def load_pretrained(path: str | os.PathLike[str], *, dtype: torch.dtype | str | 
             f.close()
     if cfg.tie_word_embeddings:
         model.head.weight = model.embed.weight
+    _attach_tokenizer(model, path)
+    return model.eval()
+
+
+def _attach_tokenizer(model: DeepSeekMoEForCausalLM, path: Path) -> None:
     tokenizer_file = path / TOKENIZER_FILE
     if tokenizer_file.is_file():
         from tokenizers import Tokenizer
 
         model.tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    return model.eval()
 
 
-__all__ = ["CONFIG_FILE", "INDEX_FILE", "SINGLE_FILE", "TOKENIZER_FILE", "load_pretrained", "open_checkpoint",
-           "read_config", "resolve_dtype"]
+def load_into(model: DeepSeekMoEForCausalLM, path: str | os.PathLike[str], *,
+              shards: Mapping[str, Shard] | None = None) -> None:
+    """Fill a model that is already built (on meta, or allocated) from the checkpoint at ``path``, in place.
+
+    Each tensor keeps the dtype and device the model gives it (a tensor still on meta is created on the CPU).
+    ``shards``: for a model laid out over processes, the part of each tensor this process holds (see
+    ``deepseek_moe.parallel.load_pretrained_sharded``, which builds them from DTensors); only those boxes of the
+    files are read. The checkpoint must hold exactly the model's tensors (its config.json describes the same
+    shapes); errors name the file and the key. The runtime buffers (MoE bias counts) are reset to zero.
+    """
+    path = Path(path)
+    raw, cfg = read_config(path)
+    if (raw.get("quantization_config") or {}).get("quant_method") in OWN_QUANT_METHODS:
+        raise CheckpointError(f"{path}: a quantised checkpoint loads only with deepseek_moe.from_pretrained")
+    files = open_checkpoint(path)
+    try:
+        quant = raw.get("quantization_config") or {}
+        fp8 = fp8_block_size(quant, str(path / CONFIG_FILE)) if quant.get("quant_method") == FP8_METHOD else None
+        native = is_native(raw)
+        blocks = native_blocks(files, cfg) if native else hf_blocks(files, cfg, fp8)
+        required = required_tensors(model, model.config)
+        describe = (lambda n, e: n if e is None else f"{n}[{e}]") if native else _hf_name
+        stream_into(model, blocks, dtype=None, device=torch.device("cpu"), hooks=LoadHooks(), required=required,
+                    fp8_block=fp8, describe_missing=describe, shards=shards)
+    except SafetensorsError as e:
+        raise CheckpointError(str(e)) from e
+    finally:
+        for f in set(files.values()):
+            f.close()
+    if model.tokenizer is None:
+        _attach_tokenizer(model, path)
+
+
+__all__ = ["CONFIG_FILE", "INDEX_FILE", "SINGLE_FILE", "TOKENIZER_FILE", "load_into", "load_pretrained",
+           "open_checkpoint", "read_config", "resolve_dtype"]

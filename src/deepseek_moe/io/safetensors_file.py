@@ -125,6 +125,62 @@ class SafetensorsFile:
         return out
 
 
+class SafetensorsWriter:
+    """Writes one safetensors file a tensor at a time: the header (every key's dtype and shape, declared up
+    front) first, then each tensor's bytes as it comes, so a process never holds more than the tensor it is
+    writing. The file reads with ``safetensors`` like one ``save_file`` wrote."""
+
+    def __init__(self, path: str | os.PathLike[str], layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None) -> None:
+        codes = {v: k for k, v in DTYPES.items()}
+        header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+        self._pending: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        begin = 0
+        for key, dtype, shape in layout:
+            if dtype not in codes:
+                raise ValueError(f"{path}: {key!r} has dtype {dtype}, which safetensors does not store")
+            end = begin + math.prod(shape) * dtype.itemsize
+            header[key] = {"dtype": codes[dtype], "shape": list(shape), "data_offsets": [begin, end]}
+            self._pending.append((key, dtype, tuple(shape)))
+            begin = end
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._pending.reverse()
+        self._write(len(raw).to_bytes(8, "little") + raw)
+
+    def _write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        """The next tensor, in the declared order, with its declared dtype and shape."""
+        if not self._pending:
+            raise ValueError(f"{self.path}: {key!r} written after every declared tensor")
+        want_key, dtype, shape = self._pending.pop()
+        if (key, tensor.dtype, tuple(tensor.shape)) != (want_key, dtype, shape):
+            raise ValueError(f"{self.path}: expected {want_key!r} {dtype} {list(shape)} next, got {key!r} "
+                             f"{tensor.dtype} {list(tensor.shape)}")
+        data = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
+        if data.numel():
+            self._write(memoryview(data.numpy()))  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """Check every declared tensor was written, flush to disk and close."""
+        if self._fd < 0:
+            return
+        try:
+            if self._pending:
+                raise ValueError(f"{self.path}: {len(self._pending)} declared tensor(s) never written, first "
+                                 f"{self._pending[-1][0]!r}")
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+
 def _parse_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -160,4 +216,5 @@ def _parse_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return tensors, metadata
 
 
-__all__ = ["CONVERT_CHUNK_BYTES", "DTYPES", "SafetensorsError", "SafetensorsFile", "TensorInfo"]
+__all__ = ["CONVERT_CHUNK_BYTES", "DTYPES", "SafetensorsError", "SafetensorsFile", "SafetensorsWriter",
+           "TensorInfo"]

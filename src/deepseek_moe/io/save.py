@@ -13,9 +13,11 @@ leaves a directory that looks complete.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,50 +58,121 @@ def checkpoint_format(cfg: ModelConfig) -> str:
         return FORMAT
 
 
-def _hf_entries(model: DeepSeekMoEForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face key, tensor) in model order; stacked experts split per expert, as the hub has them."""
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a written checkpoint: ``key`` in the files, filled from our tensor ``name`` (its row
+    ``expert`` when stacked), or a constant the format requires (``value``)."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    name: str | None = None
+    expert: int | None = None
+    value: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``save_pretrained`` writes for a model, decided from its names, shapes and dtypes alone."""
+
+    format: str
+    config: dict[str, Any]
+    entries: list[Entry]
+    metadata: dict[str, str]
+
+
+def checkpoint_plan(model: DeepSeekMoEForCausalLM, *, shapes: Mapping[str, tuple[int, ...]] | None = None,
+                    quantization_config: Mapping[str, Any] | None = None) -> Plan:
+    """The format, config.json and the tensors (in order) that ``save_pretrained`` writes for ``model``; no
+    data is read. ``shapes``: the global shape of each tensor when the model is laid out over processes (a
+    process then holds part of them); otherwise each tensor's own shape, and a RoutedExperts holding a range of
+    experts (``offset``) writes those experts under their global indices."""
+    cfg: ModelConfig = model.config
+    fmt = checkpoint_format(cfg)
+    dtype = _dtype_name(model)
+    if fmt == "deepseek":
+        config = config_to_deepseek(cfg, dtype=dtype)
+    elif fmt == FORMAT:
+        config = native_config_json(cfg, dtype=dtype)
+    else:
+        config = config_to_hf(cfg, dtype=dtype)
+    quant = quantization_config if quantization_config is not None else getattr(model, "quantization_config", None)
+    if quant:
+        config["quantization_config"] = dict(quant)
+    entries = _native_entries(model, shapes) if fmt == FORMAT else _hf_entries(model, shapes)
+    return Plan(fmt, config, entries, {"format": FORMAT if fmt == FORMAT else "pt"})
+
+
+def _named_tensors(model: DeepSeekMoEForCausalLM, shapes: Mapping[str, tuple[int, ...]] | None
+                   ) -> Iterator[tuple[str, torch.Tensor, tuple[int, ...]]]:
+    """(name, tensor, global shape) of every parameter and persistent buffer, a tied one once."""
     cfg: ModelConfig = model.config
     seen: set[int] = set()
     for name, tensor in model.state_dict(keep_vars=True).items():
         if cfg.tie_word_embeddings and name == "head.weight":
             continue
-        mapped = ours_to_hf(name)
-        if mapped is None:
-            raise ValueError(f"model tensor {name!r} has no Hugging Face name in io/hf.py KEY_TABLE")
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
+        yield name, tensor, tuple(shapes[name]) if shapes is not None else tuple(tensor.shape)
+
+
+def _hf_entries(model: DeepSeekMoEForCausalLM, shapes: Mapping[str, tuple[int, ...]] | None) -> list[Entry]:
+    """Hugging Face keys in model order; stacked experts split per expert, as the hub has them."""
+    cfg: ModelConfig = model.config
+    entries: list[Entry] = []
+    for name, tensor, shape in _named_tensors(model, shapes):
+        mapped = ours_to_hf(name)
+        if mapped is None:
+            raise ValueError(f"model tensor {name!r} has no Hugging Face name in io/hf.py KEY_TABLE")
         key, stacked = mapped
-        tensor = tensor.detach()
         if stacked:
-            offset = getattr(model.get_submodule(name.rpartition(".")[0]), "offset", 0)
-            for e in range(tensor.shape[0]):
-                yield key.replace("{e}", str(offset + e)), tensor[e].clone()  # a slice shares the stacked storage
+            first = 0 if shapes is not None else getattr(model.get_submodule(name.rpartition(".")[0]), "offset", 0)
+            entries.extend(Entry(key.replace("{e}", str(e)), tensor.dtype, shape[1:], name, e)
+                           for e in range(first, first + shape[0]))
         else:
-            yield key, tensor
+            entries.append(Entry(key, tensor.dtype, shape, name))
     fmt = checkpoint_format(cfg)
     if fmt not in ("deepseek_v2", "deepseek_v3"):
-        return
-    ref = next(iter(model.parameters()))
+        return entries
+    dtype = next(iter(model.parameters())).dtype
     for i in range(cfg.n_dense_layers, cfg.n_layers):
         if fmt == "deepseek_v3" and not cfg.moe.use_routing_bias:
             # deepseek_v3 always has the correction bias; ours is off, which is a zero bias.
-            yield (f"model.layers.{i}.mlp.gate.e_score_correction_bias",
-                   torch.zeros(cfg.moe.n_routed_experts, dtype=torch.float32, device=ref.device))
+            bias = torch.zeros(cfg.moe.n_routed_experts, dtype=torch.float32)
+            entries.append(Entry(f"model.layers.{i}.mlp.gate.e_score_correction_bias", bias.dtype,
+                                 tuple(bias.shape), value=bias))
         if cfg.moe.n_shared_experts == 0:
             # transformers always builds shared experts; with none they are zero-width, and it expects the keys.
             prefix = f"model.layers.{i}.mlp.shared_experts."
-            yield prefix + "gate_proj.weight", ref.new_zeros(0, cfg.dim)
-            yield prefix + "up_proj.weight", ref.new_zeros(0, cfg.dim)
-            yield prefix + "down_proj.weight", ref.new_zeros(cfg.dim, 0)
+            for leaf, zero_shape in (("gate_proj.weight", (0, cfg.dim)), ("up_proj.weight", (0, cfg.dim)),
+                                     ("down_proj.weight", (cfg.dim, 0))):
+                entries.append(Entry(prefix + leaf, dtype, zero_shape, value=torch.zeros(zero_shape, dtype=dtype)))
+    return entries
 
 
-def _native_entries(model: DeepSeekMoEForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
-    cfg: ModelConfig = model.config
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if cfg.tie_word_embeddings and name == "head.weight":
+def _native_entries(model: DeepSeekMoEForCausalLM, shapes: Mapping[str, tuple[int, ...]] | None) -> list[Entry]:
+    return [Entry(name, tensor.dtype, shape, name) for name, tensor, shape in _named_tensors(model, shapes)]
+
+
+def _entry_tensors(model: DeepSeekMoEForCausalLM, entries: list[Entry]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The data of each entry, for a model this process holds whole."""
+    state = model.state_dict(keep_vars=True)
+    for entry in entries:
+        if entry.value is not None:
+            yield entry.key, entry.value
             continue
-        yield name, tensor.detach()
+        assert entry.name is not None
+        tensor = state[entry.name].detach()
+        if entry.expert is not None:
+            first = getattr(model.get_submodule(entry.name.rpartition(".")[0]), "offset", 0)
+            yield entry.key, tensor[entry.expert - first].clone()  # a slice shares the stacked storage
+        else:
+            yield entry.key, tensor
 
 
 def _dtype_name(model: torch.nn.Module) -> str | None:
@@ -121,22 +194,10 @@ def save_pretrained(model: DeepSeekMoEForCausalLM, path: str | os.PathLike[str],
     if quant_config_of(model) is not None:
         save_quantized(model, path)  # our weight-only format (deepseek_moe.quant.format)
         return "deepseek_moe_quantized"
-    cfg: ModelConfig = model.config
-    fmt = checkpoint_format(cfg)
-    dtype = _dtype_name(model)
-    if fmt == "deepseek":
-        config = config_to_deepseek(cfg, dtype=dtype)
-    elif fmt == FORMAT:
-        config = native_config_json(cfg, dtype=dtype)
-    else:
-        config = config_to_hf(cfg, dtype=dtype)
-    quant = quantization_config if quantization_config is not None else getattr(model, "quantization_config", None)
-    if quant:
-        config["quantization_config"] = dict(quant)
-    entries = _native_entries(model) if fmt == FORMAT else _hf_entries(model)
-    write_checkpoint(Path(path), entries, config, parse_size(max_shard_size), getattr(model, "tokenizer", None),
-                     metadata={"format": FORMAT if fmt == FORMAT else "pt"})
-    return fmt
+    plan = checkpoint_plan(model, quantization_config=quantization_config)
+    write_checkpoint(Path(path), _entry_tensors(model, plan.entries), plan.config, parse_size(max_shard_size),
+                     getattr(model, "tokenizer", None), metadata=plan.metadata)
+    return plan.format
 
 
 def write_checkpoint(path: Path, entries: Iterator[tuple[str, torch.Tensor]], config: Mapping[str, Any],
@@ -180,4 +241,4 @@ def write_checkpoint(path: Path, entries: Iterator[tuple[str, torch.Tensor]], co
         os.replace(src, target)
 
 
-__all__ = ["checkpoint_format", "parse_size", "save_pretrained", "write_checkpoint"]
+__all__ = ["Entry", "Plan", "checkpoint_format", "checkpoint_plan", "parse_size", "save_pretrained", "write_checkpoint"]

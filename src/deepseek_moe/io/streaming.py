@@ -16,10 +16,15 @@ Three hooks, all optional (:class:`LoadHooks`), let other code shape the load wi
 
 Names are ours (``layers.0.attn.wq.weight``, ``layers.1.ffn.experts.w1`` with ``expert`` its row), whatever the
 file's layout: the layouts (io/hf.py, io/native.py) only say which of our tensors a checkpoint key fills.
+
+A process that holds only part of a tensor (a sharded parameter: FSDP, expert parallelism) describes it as a
+:class:`Shard`, the box of the global tensor its local tensor holds; the loader then reads just that box from the
+files (``TensorSource.read_box_into``), and skips the checkpoint tensors that fall outside it.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -61,6 +66,29 @@ class Block:
         return f"{self.file.path}: {self.key!r}"
 
 
+@dataclass(frozen=True)
+class Shard:
+    """The part of one of the model's tensors this process holds: ``local`` is the box of the global tensor (of
+    ``shape``) that starts at ``offset`` (one index per dimension) and has ``local``'s shape. A rank with nothing
+    of the tensor has an empty ``local``."""
+
+    local: torch.Tensor
+    offset: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    @staticmethod
+    def whole(tensor: torch.Tensor) -> Shard:
+        return Shard(tensor, (0,) * tensor.dim(), tuple(tensor.shape))
+
+    def holds_row(self, row: int) -> bool:
+        """Whether row ``row`` (global, along dim 0) is in the box, with at least one element of it."""
+        return self.local.numel() > 0 and self.offset[0] <= row < self.offset[0] + self.local.shape[0]
+
+    @property
+    def is_whole(self) -> bool:
+        return tuple(self.local.shape) == self.shape
+
+
 class TensorSource:
     """One checkpoint tensor as the transform hook sees it: read it whole or by rows, in any dtype.
 
@@ -98,6 +126,33 @@ class TensorSource:
             self._scale = b.scale_file.read(b.scale_key, dtype=torch.float32)
         dequantize_rows(b.file, b.key, self._scale, self._fp8_block, out, start)
 
+    def read_box_into(self, out: torch.Tensor, offset: tuple[int, ...]) -> None:
+        """Fill ``out`` with the box of this tensor that starts at ``offset`` (one index per dimension) and has
+        ``out``'s shape: a shard of it. Rows whole in every other dimension are one read; otherwise each row's
+        part is read, recursively. FP8 weights are dequantised by row bands and the columns then kept (block
+        scales span columns, so the band is read whole: at most one band of ``bo`` rows more than asked)."""
+        if out.numel() == 0:
+            return
+        if not out.is_contiguous():
+            tmp = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+            self.read_box_into(tmp, offset)
+            out.copy_(tmp)
+            return
+        if len(offset) <= 1 or all(o == 0 and n == d for o, n, d in zip(offset[1:], out.shape[1:], self.shape[1:],
+                                                                         strict=True)):
+            self.read_rows_into(out, offset[0] if offset else 0)
+            return
+        if self.quantized:
+            assert self._fp8_block is not None
+            band = self._fp8_block[0]
+            cols = tuple(slice(o, o + n) for o, n in zip(offset[1:], out.shape[1:], strict=True))
+            for lo in range(offset[0], offset[0] + out.shape[0], band):
+                hi = min(lo + band, offset[0] + out.shape[0])
+                out[lo - offset[0]:hi - offset[0]].copy_(self.read_rows(lo, hi, dtype=out.dtype)[(slice(None), *cols)])
+            return
+        b = self.block
+        _read_box(b.file, b.key, b.start, self.shape, offset, out)
+
     def read(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The whole tensor, in ``dtype`` (default: as stored; bfloat16 for FP8)."""
         return self.read_rows(0, self.shape[0] if self.shape else 1, dtype)
@@ -110,6 +165,17 @@ class TensorSource:
         out = torch.empty(shape, dtype=dtype)
         self.read_rows_into(out, start)
         return out
+
+
+def _read_box(file: SafetensorsFile, key: str, start: int, shape: tuple[int, ...], offset: tuple[int, ...],
+              out: torch.Tensor) -> None:
+    """Box ``offset`` + ``out.shape`` of the row-major ``shape`` stored from flat element ``start`` of ``key``."""
+    row = math.prod(shape[1:])
+    if all(o == 0 and n == d for o, n, d in zip(offset[1:], out.shape[1:], shape[1:], strict=True)):
+        file.read_into(key, out, start=start + offset[0] * row)  # whole rows: contiguous in the file
+        return
+    for i in range(out.shape[0]):
+        _read_box(file, key, start + (offset[0] + i) * row, shape[1:], offset[1:], out[i])
 
 
 Select = Callable[[str, "int | None"], bool]
@@ -163,11 +229,11 @@ class Materializer:
 
     dtype: floating parameters take the load dtype, except the router's, which stays float32 (issue 9: the
     router is never quantised nor rounded); buffers and non-float tensors keep the dtype the meta model declares
-    (V3's correction bias float32, quantised codes int8)."""
+    (V3's correction bias float32, quantised codes int8). ``dtype`` None: every tensor keeps the declared one.
+    A tensor already materialised (a model the caller laid out and allocated) is written where it is."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None, device: torch.device) -> None:
         self.model, self.dtype, self.device = model, dtype, device
-        self.params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
 
     def target(self, name: str) -> torch.Tensor:
         module, leaf = _owner(self.model, name)
@@ -177,9 +243,10 @@ class Materializer:
         if tensor.device.type != "meta":
             return tensor
         is_param = isinstance(tensor, nn.Parameter)
-        dtype = self.dtype if is_param and tensor.dtype.is_floating_point else tensor.dtype
-        if is_param and dtype.is_floating_point and isinstance(module, Router):
-            dtype = torch.float32  # routing runs in fp32: centroids rounded to bf16 flip top-K choices
+        dtype = tensor.dtype
+        if self.dtype is not None and is_param and tensor.dtype.is_floating_point:
+            dtype = torch.float32 if isinstance(module, Router) else self.dtype
+            # (routing runs in fp32: centroids rounded to bf16 flip top-K choices)
         new = torch.empty(tensor.shape, dtype=dtype, device=self.device)
         if is_param:
             module._parameters[leaf] = nn.Parameter(new, requires_grad=tensor.requires_grad and dtype.is_floating_point)
@@ -188,12 +255,12 @@ class Materializer:
         return new
 
 
-def restrict_experts(model: nn.Module, rows: Mapping[str, list[int]]) -> dict[str, dict[int, int]]:
+def restrict_experts(model: nn.Module, rows: Mapping[str, list[int]]) -> dict[str, tuple[int, int]]:
     """Rebuild (on meta) each layer's RoutedExperts to hold only the selected experts; returns, per stacked
-    tensor name, global expert -> local row."""
+    tensor name whose experts were restricted, (first kept expert, experts in the checkpoint)."""
     from deepseek_moe.moe.experts import RoutedExperts
 
-    local: dict[str, dict[int, int]] = {}
+    ranges: dict[str, tuple[int, int]] = {}
     by_module: dict[str, set[int]] = defaultdict(set)
     for name, selected in rows.items():
         by_module[name.rpartition(".")[0]].update(selected)
@@ -203,39 +270,64 @@ def restrict_experts(model: nn.Module, rows: Mapping[str, list[int]]) -> dict[st
             continue
         kept = sorted(experts)
         if len(kept) == module.n_experts and module.offset == 0:
-            mapping = {e: e for e in kept}
-        else:
-            if kept != list(range(kept[0], kept[0] + len(kept))):
-                raise ValueError(f"select keeps experts {kept} of {module_name}: a layer's selected experts must "
-                                 "be one contiguous range (RoutedExperts holds [offset, offset + n))")
-            _, inter_dim, dim = module.w1.shape
-            with torch.device("meta"), skip_init():
-                new = RoutedExperts(len(kept), dim, inter_dim, init_std=module.init_std, offset=kept[0])
-            new.use_grouped_mm = module.use_grouped_mm
-            parent, leaf = _owner(model, module_name)
-            setattr(parent, leaf, new)
-            mapping = {e: e - kept[0] for e in kept}
+            continue
+        if kept != list(range(kept[0], kept[0] + len(kept))):
+            raise ValueError(f"select keeps experts {kept} of {module_name}: a layer's selected experts must "
+                             "be one contiguous range (RoutedExperts holds [offset, offset + n))")
+        _, inter_dim, dim = module.w1.shape
+        with torch.device("meta"), skip_init():
+            new = RoutedExperts(len(kept), dim, inter_dim, init_std=module.init_std, offset=kept[0])
+        new.use_grouped_mm = module.use_grouped_mm
+        parent, leaf = _owner(model, module_name)
+        setattr(parent, leaf, new)
         for leaf in ("w1", "w2", "w3"):
-            local[f"{module_name}.{leaf}"] = mapping
-    return local
+            ranges[f"{module_name}.{leaf}"] = (kept[0], module.n_experts)
+    return ranges
 
 
-def stream_into(model: DeepSeekMoEForCausalLM, blocks: Iterable[Block], *, dtype: torch.dtype,
+class Destinations:
+    """Where each of our tensors is written: the :class:`Shard` this process holds of it (given for a sharded
+    model; a contiguous expert range kept by ``select``; else the whole tensor, materialised on first write)."""
+
+    def __init__(self, mat: Materializer, shards: Mapping[str, Shard],
+                 expert_ranges: Mapping[str, tuple[int, int]]) -> None:
+        self.mat, self.shards, self.expert_ranges = mat, shards, expert_ranges
+
+    def wants(self, name: str, expert: int | None) -> bool:
+        """False for a tensor (or expert row) that lies outside what this process holds: it is never read."""
+        shard = self.shards.get(name)
+        if shard is None:
+            return True
+        return shard.holds_row(expert) if expert is not None else shard.local.numel() > 0
+
+    def shard(self, name: str) -> Shard:
+        if name in self.shards:
+            return self.shards[name]
+        tensor = self.mat.target(name)
+        if name in self.expert_ranges:
+            first, total = self.expert_ranges[name]
+            return Shard(tensor, (first, *([0] * (tensor.dim() - 1))), (total, *tensor.shape[1:]))
+        return Shard.whole(tensor)
+
+
+def stream_into(model: DeepSeekMoEForCausalLM, blocks: Iterable[Block], *, dtype: torch.dtype | None,
                 device: torch.device, hooks: LoadHooks, required: set[tuple[str, int | None]],
-                fp8_block: tuple[int, int] | None, describe_missing: Callable[[str, int | None], str]) -> None:
+                fp8_block: tuple[int, int] | None, describe_missing: Callable[[str, int | None], str],
+                shards: Mapping[str, Shard] | None = None) -> None:
     """Read every selected block into ``model`` (built on meta, prepared); then check nothing required is
-    missing and give the remaining unfilled runtime buffers their zero state."""
-    select = hooks.select or (lambda name, expert: True)
-    chosen = [b for b in blocks if select(b.name, b.expert)]
-    required = {(n, e) for n, e in required if select(n, e)}
+    missing and give the runtime buffers no checkpoint holds their zero state.
 
+    ``shards``: for a model laid out over processes, the part of each tensor this process holds (its local
+    tensor already allocated); only the blocks that overlap it are read, and only their overlap."""
+    select = hooks.select or (lambda name, expert: True)
     expert_rows: dict[str, list[int]] = defaultdict(list)
     for name, e in required:
-        if e is not None:
+        if e is not None and select(name, e):
             expert_rows[name].append(e)
-    local_rows = restrict_experts(model, expert_rows)
+    dest = Destinations(Materializer(model, dtype, device), shards or {}, restrict_experts(model, expert_rows))
+    chosen = [b for b in blocks if select(b.name, b.expert) and dest.wants(b.name, b.expert)]
+    required = {(n, e) for n, e in required if select(n, e) and dest.wants(n, e)}
 
-    mat = Materializer(model, dtype, device)
     loaded: set[tuple[str, int | None]] = set()
     by_file: dict[Path, list[Block]] = defaultdict(list)
     for b in chosen:
@@ -247,11 +339,11 @@ def stream_into(model: DeepSeekMoEForCausalLM, blocks: Iterable[Block], *, dtype
                 source = TensorSource(b, fp8_block)
                 out = hooks.transform(b.name, b.expert, source) if hooks.transform else None
                 if out is None:
-                    _write(mat, local_rows, b.name, b.expert, b, source, None)
+                    _write(dest, b.name, b.expert, b, source, None)
                 else:
                     for name, tensor in out.items():
                         expert = b.expert if _is_stacked(name) else None
-                        _write(mat, local_rows, name, expert, b, None, tensor)
+                        _write(dest, name, expert, b, None, tensor)
                         loaded.add((name, expert))
                 loaded.add((b.name, b.expert))
     missing = required - loaded
@@ -260,42 +352,49 @@ def stream_into(model: DeepSeekMoEForCausalLM, blocks: Iterable[Block], *, dtype
         shown = ", ".join(repr(n) for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
         files = sorted({str(b.file.path) for b in chosen}) or ["no files"]
         raise CheckpointError(f"checkpoint ({', '.join(files)}) is missing tensor(s) {shown}")
-    _finish(model, device, mat)
+    _finish(model, device)
 
 
-def _write(mat: Materializer, local_rows: Mapping[str, Mapping[int, int]], name: str, expert: int | None,
-           block: Block, source: TensorSource | None, tensor: torch.Tensor | None) -> None:
+def _write(dest: Destinations, name: str, expert: int | None, block: Block, source: TensorSource | None,
+           tensor: torch.Tensor | None) -> None:
     try:
-        dest = mat.target(name)
+        shard = dest.shard(name)
     except (KeyError, AttributeError):
         raise CheckpointError(f"{block.where}: fills {name!r}, which this model does not have (is the config "
                               "right?)") from None
+    local, offset, shape = shard.local, shard.offset, shard.shape
     if expert is not None:
-        row = local_rows.get(name, {}).get(expert, expert)
-        if not 0 <= row < dest.shape[0]:
-            raise CheckpointError(f"{block.where}: expert {expert} out of range for {dest.shape[0]} routed "
+        if not 0 <= expert < shape[0]:
+            raise CheckpointError(f"{block.where}: expert {expert} out of range for {shape[0]} routed "
                                   "experts (n_routed_experts in config.json)")
-        dest = dest[row]
-    shape = tuple(tensor.shape) if tensor is not None else block.shape
-    if shape != tuple(dest.shape):
-        raise CheckpointError(f"{block.where} has shape {shape}, expected {tuple(dest.shape)} (model {name!r})")
+        if not shard.holds_row(expert):
+            return  # another process's expert (a transform's output beside one of ours)
+        local, offset, shape = local[expert - offset[0]], offset[1:], shape[1:]
+    stored = tuple(tensor.shape) if tensor is not None else block.shape
+    if stored != shape:
+        raise CheckpointError(f"{block.where} has shape {stored}, expected {shape} (model {name!r})")
     if tensor is not None:
-        dest.copy_(tensor)
+        # A transform returns the whole tensor; a shard keeps its box of it (sliced after the transform).
+        local.copy_(tensor[tuple(slice(o, o + n) for o, n in zip(offset, local.shape, strict=True))])
     else:
         assert source is not None
-        source.read_rows_into(dest)
+        source.read_box_into(local, offset)
 
 
-def _finish(model: nn.Module, device: torch.device, mat: Materializer) -> None:
-    """Zero the runtime buffers no checkpoint holds (MoE bias counts) and re-tie shared parameters."""
+def _finish(model: nn.Module, device: torch.device) -> None:
+    """Zero the runtime buffers no checkpoint holds (MoE bias counts: a loaded model has counted nothing yet)
+    and give the per-forward attributes built on meta a value."""
     for module in model.modules():
         for leaf, buf in list(module._buffers.items()):
-            if buf is not None and buf.device.type == "meta" and leaf in module._non_persistent_buffers_set:
-                module._buffers[leaf] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+            if buf is not None and leaf in module._non_persistent_buffers_set:
+                if buf.device.type == "meta":
+                    module._buffers[leaf] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+                else:
+                    buf.zero_()
         aux = getattr(module, "aux_loss", None)
         if isinstance(aux, torch.Tensor) and aux.device.type == "meta":
             module.aux_loss = torch.zeros((), device=device)  # set per forward; built on meta with the model
 
 
-__all__ = ["Block", "CheckpointError", "LoadHooks", "Materializer", "TensorSource", "model_tensors",
-           "restrict_experts", "skip_init", "stream_into"]
+__all__ = ["Block", "CheckpointError", "Destinations", "LoadHooks", "Materializer", "Shard", "TensorSource",
+           "model_tensors", "restrict_experts", "skip_init", "stream_into"]
