@@ -1,4 +1,5 @@
-"""Model size arithmetic: parameters (total and activated per token), FLOPs per token, KV-cache bytes per token.
+"""Model size arithmetic: parameters (total and activated per token), FLOPs per token, KV-cache bytes per token,
+and every parameter's shape (what :mod:`deepseek_moe.model.memory` shards over ranks).
 
 Everything is measured on modules built on the meta device, so the 671B preset costs no memory, and the numbers
 cannot drift from the code that defines the model.
@@ -15,6 +16,8 @@ Counting convention (checked against the published figures in tests/unit/test_pr
 from __future__ import annotations
 
 import functools
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -23,7 +26,7 @@ from deepseek_moe.model.block import build_attention
 from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
 from deepseek_moe.model.kv_cache import LayerCache
 from deepseek_moe.model.rope import RotaryEmbedding
-from deepseek_moe.moe.all_layers import moe_layers
+from deepseek_moe.moe.experts import RoutedExperts
 
 
 def _meta_model(cfg: ModelConfig) -> DeepSeekMoEForCausalLM:
@@ -31,19 +34,57 @@ def _meta_model(cfg: ModelConfig) -> DeepSeekMoEForCausalLM:
         return DeepSeekMoEForCausalLM(cfg)
 
 
-# Configs are frozen and hashable; caching saves rebuilding a 671B meta model for every figure of one report.
+@dataclass(frozen=True)
+class ParameterShape:
+    """One parameter of the model: its state_dict name, global shape, and whether it is a routed-expert weight
+    (the parameters expert parallelism shards over ranks; everything else is replicated or FSDP-sharded)."""
+
+    name: str
+    shape: tuple[int, ...]
+    routed_expert: bool
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+# Configs are frozen and hashable; caching saves rebuilding a model for every figure of one report.
+@functools.lru_cache(maxsize=256)
+def parameter_shapes(cfg: ModelConfig) -> tuple[ParameterShape, ...]:
+    """Every parameter of the model ``cfg`` describes, in module order (a tied head counted once).
+
+    Built on meta with one block of each kind (the dense blocks, then one MoE block standing for all the others:
+    a block's shapes do not depend on its index), so a 671B model takes a fraction of a second."""
+    n_built = min(cfg.n_layers, cfg.n_dense_layers + 1)
+    model = _meta_model(cfg.replace(n_layers=n_built))
+    routed = {id(p) for module in model.modules() if isinstance(module, RoutedExperts) for p in module.parameters()}
+    before: list[ParameterShape] = []
+    blocks: list[list[ParameterShape]] = [[] for _ in range(n_built)]
+    after: list[ParameterShape] = []
+    for name, p in model.named_parameters():
+        shape = ParameterShape(name, tuple(p.shape), id(p) in routed)
+        if name.startswith("layers."):
+            blocks[int(name.split(".")[1])].append(shape)
+        else:
+            (after if blocks[-1] else before).append(shape)
+    last = blocks[-1]
+    for i in range(n_built, cfg.n_layers):
+        prefix = f"layers.{i}."
+        blocks.append([ParameterShape(prefix + p.name.split(".", 2)[2], p.shape, p.routed_expert) for p in last])
+    return (*before, *(p for block in blocks for p in block), *after)
+
+
 @functools.lru_cache(maxsize=64)
 def count_parameters(cfg: ModelConfig, *, embedding_activated: bool = False) -> tuple[int, int]:
     """(total, activated per token) parameter counts of the model ``cfg`` describes."""
-    model = _meta_model(cfg)
-    total = sum(p.numel() for p in model.parameters())
-    inactive = 0
-    for _, moe in moe_layers(model):
-        routed = sum(p.numel() for p in moe.experts.parameters())
-        per_expert = routed // cfg.moe.n_routed_experts
-        inactive += routed - per_expert * cfg.moe.n_activated_experts
+    shapes = parameter_shapes(cfg)
+    total = sum(p.numel for p in shapes)
+    moe = cfg.moe
+    # Of each layer's routed experts (dim 0 the expert index) a token uses K of E.
+    inactive = sum(p.numel // moe.n_routed_experts * (moe.n_routed_experts - moe.n_activated_experts)
+                   for p in shapes if p.routed_expert)
     if not embedding_activated and not cfg.tie_word_embeddings:
-        inactive += model.embed.weight.numel()
+        inactive += next(p.numel for p in shapes if p.name == "embed.weight")
     return total, total - inactive
 
 
