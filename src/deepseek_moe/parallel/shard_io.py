@@ -196,11 +196,14 @@ def _entry_data(job: _Job, shards: dict[str, Shard], rank: int) -> torch.Tensor 
 def save_pretrained_sharded(model: DeepSeekMoEForCausalLM, path: str | os.PathLike[str]) -> str:
     """Write the Hugging Face checkpoint of ``model`` (laid out over the ranks) to ``path``: a collective, every
     rank calls it. The tensors equal those ``save_pretrained`` writes for the same weights on one process (see the
-    module docstring for who writes what). Returns the format written (``save_pretrained``'s)."""
+    module docstring for who writes what); without a process group (or with one process) it is
+    ``save_pretrained``. Returns the format written (``save_pretrained``'s)."""
     from deepseek_moe.io.load import CONFIG_FILE, INDEX_FILE, TOKENIZER_FILE
     from deepseek_moe.io.safetensors_file import SafetensorsWriter
-    from deepseek_moe.io.save import checkpoint_plan
+    from deepseek_moe.io.save import checkpoint_plan, save_pretrained
 
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return save_pretrained(model, path)  # one process holds it all
     if getattr(model, "quantization_config", None):
         raise ValueError("save_pretrained_sharded writes unquantised models; quantise the saved checkpoint after")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -298,21 +298,24 @@ class Trainer:
         val_loss, _ = self.evaluate(self.data.val.fixed_batches(cfg.schedule.batch_size))
         if self.freezer is not None:
             self.freezer.remove()
-        model = self.strategy.gathered(self.model)  # every expert in one process
-        sample = self.write_outputs(model, val_loss, tokens_per_s) if self.strategy.is_main else ""
+        from deepseek_moe.parallel.shard_io import save_pretrained_sharded
+
+        # model/: each process writes the tensors it holds (no gather; save_pretrained on one process)
+        fmt = save_pretrained_sharded(self.model, self.run_dir / "model")
+        model = self.strategy.gathered(self.model)  # every expert in one process, for the sample
+        sample = self.write_outputs(model, fmt, val_loss, tokens_per_s) if self.strategy.is_main else ""
         self.strategy.close()
         return RunResult(self.run_dir, cfg.schedule.total_steps, val_loss, h, tokens_per_s,
                          time.perf_counter() - self.t_start, sample)
 
-    def write_outputs(self, model: Any, val_loss: float, tokens_per_s: float) -> str:
+    def write_outputs(self, model: Any, fmt: str, val_loss: float, tokens_per_s: float) -> str:
         from deepseek_moe.infer.generate import generate
-        from deepseek_moe.io import save_pretrained
         from deepseek_moe.io.native import FORMAT as NATIVE_FORMAT
 
         cfg, tok, h, log = self.cfg, self.data.tokenizer, self.data.unigram_entropy, self.log
         model.eval()
         model_dir = self.run_dir / "model"
-        if save_pretrained(model, model_dir) == NATIVE_FORMAT:
+        if fmt == NATIVE_FORMAT:
             log(f"note: neither transformers' DeepSeek classes nor DeepSeekMoE 16B's layout hold this config; wrote "
                 f"{model_dir} in this package's own format (deepseek_moe.from_pretrained reads it)")
         sample = ""
