@@ -1,5 +1,8 @@
 """``deepseek-moe export onnx CKPT|RUN_DIR OUT_DIR [--int8]``: the language model as ONNX prefill/decode graphs
-(with the tokenizer beside them) that ONNX Runtime alone can generate with. ``export hf`` comes later (issue 10).
+(with the tokenizer beside them) that ONNX Runtime alone can generate with.
+
+``deepseek-moe export hf RUN_DIR OUT [--step N]``: the Hugging Face checkpoint of any checkpoint step of a
+training run (default: the latest), as ``train`` writes ``RUN_DIR/model/`` at its end.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a checkpoint to another format (onnx)", description=__doc__)
+    p = sub.add_parser("export", help="export a checkpoint to another format (onnx, hf)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
     onnx = formats.add_parser("onnx", help="ONNX prefill + decode graphs for ONNX Runtime",
                               description="Write OUT_DIR/prefill.onnx and OUT_DIR/decode.onnx (the latent cache as "
@@ -29,6 +33,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     onnx.add_argument("--check", action="store_true", help="after exporting, generate a few tokens with ONNX "
                       "Runtime and with PyTorch and report whether they agree")
     onnx.set_defaults(func=run_onnx)
+
+    hf = formats.add_parser("hf", help="the Hugging Face checkpoint of a training run's step",
+                            description="Write OUT (config.json, safetensors, tokenizer.json) from RUN_DIR/state/"
+                            "step-N/, on one process: the files train writes to RUN_DIR/model/ at its end, for any "
+                            "step that has a checkpoint. generate, serve, info and export onnx read OUT.")
+    hf.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="a train run directory")
+    hf.add_argument("out", metavar="OUT", type=Path, help="directory to write (created; must be new or empty "
+                    "unless --force)")
+    hf.add_argument("--step", type=int, default=None, metavar="N", help="the checkpoint step to export "
+                    "(default: the latest)")
+    hf.add_argument("--force", action="store_true", help="write into OUT even if it holds files")
+    hf.set_defaults(func=run_hf)
+
+
+def run_hf(args: argparse.Namespace) -> int:
+    from deepseek_moe.train.export_hf import export_step
+
+    out: Path = args.out
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.force)):
+        raise UsageError(f"{out} already exists{'' if out.is_dir() else ' and is not a directory'}; choose a new "
+                         "directory" + (" or pass --force" if out.is_dir() else ""))
+    fmt, step = export_step(args.run_dir, out, step=args.step)
+    print(f"wrote {out} (step {step}, format {fmt})")
+    return 0
 
 
 def run_onnx(args: argparse.Namespace) -> int:

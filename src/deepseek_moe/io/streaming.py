@@ -352,7 +352,7 @@ def stream_into(model: DeepSeekMoEForCausalLM, blocks: Iterable[Block], *, dtype
         shown = ", ".join(repr(n) for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
         files = sorted({str(b.file.path) for b in chosen}) or ["no files"]
         raise CheckpointError(f"checkpoint ({', '.join(files)}) is missing tensor(s) {shown}")
-    _finish(model, device)
+    finish_runtime_state(model, device)
 
 
 def _write(dest: Destinations, name: str, expert: int | None, block: Block, source: TensorSource | None,
@@ -381,7 +381,7 @@ def _write(dest: Destinations, name: str, expert: int | None, block: Block, sour
         source.read_box_into(local, offset)
 
 
-def _finish(model: nn.Module, device: torch.device) -> None:
+def finish_runtime_state(model: nn.Module, device: torch.device) -> None:
     """Zero the runtime buffers no checkpoint holds (MoE bias counts: a loaded model has counted nothing yet)
     and give the per-forward attributes built on meta a value."""
     for module in model.modules():
@@ -397,4 +397,4 @@ def _finish(model: nn.Module, device: torch.device) -> None:
 
 
 __all__ = ["Block", "CheckpointError", "Destinations", "LoadHooks", "Materializer", "Shard", "TensorSource",
-           "model_tensors", "restrict_experts", "skip_init", "stream_into"]
+           "finish_runtime_state", "model_tensors", "restrict_experts", "skip_init", "stream_into"]
