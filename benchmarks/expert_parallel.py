@@ -55,7 +55,7 @@ def worker(args: argparse.Namespace) -> None:
                         n_activated_experts=args.top_k, n_shared_experts=1, n_expert_groups=world,
                         n_limited_groups=m, expert_loss_alpha=0.0)
         torch.manual_seed(0)
-        moe = parallelize_experts(MoE(cfg).train(), ctx.ep_group)
+        moe = parallelize_experts(MoE(cfg).train(), ctx)
         g = torch.Generator().manual_seed(100 + rank)
         x = torch.randn(1, args.tokens, args.dim, generator=g)
         up = torch.randn_like(x)

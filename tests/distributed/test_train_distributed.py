@@ -93,9 +93,12 @@ def test_one_process_checkpoint_resumes_on_two(setup: tuple[Path, list[str], Pat
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--nproc", "3"], r"n_expert_groups \(2\) must be a multiple of the expert-parallel size \(3 processes\)"),
-    (["--nproc", "2", "--set", "model.moe.n_expert_groups=4", "--set", "model.moe.n_limited_groups=3"],
+    (["--nproc", "4", "--ep", "4"], r"n_expert_groups \(2\) must be a multiple of the expert-parallel size \(4 processes\)"),
+    (["--nproc", "2", "--ep", "2", "--set", "model.moe.n_expert_groups=4", "--set", "model.moe.n_limited_groups=3"],
      r"n_limited_groups \(3\) must be <= the number of expert-parallel devices \(2\)"),
+    (["--nproc", "4", "--ep", "3"], r"expert-parallel size ep \(3\) must be a positive divisor of the number of "
+                                    r"processes \(4\)"),
+    (["--nproc", "3"], r"schedule.batch_size \(4\) must be a multiple of the number of processes \(3\)"),
     (["--nproc", "2", "--batch-size", "3"], r"schedule.batch_size \(3\) must be a multiple of the number of processes"),
 ])
 def test_bad_layouts_fail_before_launching(setup: tuple[Path, list[str], Path], extra: list[str], message: str,

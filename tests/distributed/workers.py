@@ -87,8 +87,13 @@ def layer_step(moe: MoE, x: torch.Tensor, w: torch.Tensor, aux_weight: float,
     aux = aux1 + moe.aux_loss
     ((y1 * w).sum() + (y2 * w).sum() + aux * aux_weight).backward()
     return {"y": torch.cat([y1, y2]).detach(), "aux": aux.detach(), "x_grad": x.grad,
-            "grads": {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None},
+            "grads": {n: _local(p.grad).clone() for n, p in moe.named_parameters() if p.grad is not None},
             "dropped": dropped}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local part (expert weights under expert parallelism); a plain tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def layer_reference(cfg: MoEConfig, case: str = "") -> dict[str, Any]:
@@ -106,7 +111,7 @@ def layer_cases_worker(rank: int, world: int) -> dict[str, Any]:
     ctx = init_parallel(timeout_s=30)  # joins once; a second call reuses the group
     results = {}
     for name, cfg in layer_cases(world).items():
-        moe = parallelize_experts(build_layer(cfg), ctx.ep_group)
+        moe = parallelize_experts(build_layer(cfg), ctx)
         x, w = layer_data(cfg)
         b0, b1 = rank * B // world, (rank + 1) * B // world
         mask = layer_mask(name)
@@ -151,87 +156,144 @@ def model_data(cfg: ModelConfig) -> torch.Tensor:
 
 
 def hybrid_config() -> ModelConfig:
-    """For 4 ranks as 2 expert-parallel groups of 2: no dropping, sequence-scope losses (the batch-wide
-    decisions of a layer cover its expert-parallel group, not every rank)."""
+    """For 4 ranks as 2 expert-parallel groups of 2 (ep=2, each expert slice FSDP-sharded over 2): dropping,
+    batch-scope balance losses and the communication loss, all decided over the whole batch of the 4 ranks."""
     cfg = model_config(2)
-    return cfg.replace(moe=cfg.moe.replace(capacity_factor=None))
+    return cfg.replace(moe=cfg.moe.replace(balance_loss_scope="batch", comm_loss_alpha=0.01))
+
+
+CLIP = 0.05  # max gradient norm of the model step: small enough to scale every gradient
 
 
 def model_reference(world: int, cfg: ModelConfig | None = None) -> dict[str, Any]:
+    from deepseek_moe.moe.all_layers import moe_layers
+
     cfg = cfg or model_config(world)
     model = build_model(cfg)
     ids = model_data(cfg)
     out = model(ids, labels=ids)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
     torch.optim.SGD(model.parameters(), lr=0.5).step()
+    dropped = sum(int(moe.last_stats.dropped) for _, moe in moe_layers(model))
     model.eval()
-    return {"loss": out.loss.detach(), "logits": out.logits.detach(), "grads": grads,
-            "state": {k: v.clone() for k, v in model.state_dict().items()},
+    return {"loss": out.loss.detach(), "logits": out.logits.detach(), "grads": grads, "norm": norm,
+            "dropped": dropped, "state": {k: v.clone() for k, v in model.state_dict().items()},
             "eval_logits": model(ids).logits.detach()}
+
+
+def fsdp_step(rank: int, world: int, cfg: ModelConfig, ep: int | None = None,
+              activation_checkpointing: bool = False) -> dict[str, Any]:
+    """The reference's step on the sharded model: forward on this rank's rows, backward, clip, SGD."""
+    from deepseek_moe.model.block import set_activation_checkpointing
+    from deepseek_moe.moe.all_layers import moe_layers
+    from deepseek_moe.parallel import (
+        clip_grad_norm_,
+        expert_parameters,
+        full_state_dict,
+        init_parallel,
+        shard_model,
+    )
+
+    ctx = init_parallel(ep, timeout_s=30)
+    model = build_model(cfg)
+    set_activation_checkpointing(model, activation_checkpointing)
+    shard_model(model, ctx)
+    ids = model_data(cfg)
+    b0, b1 = rank * MB // world, (rank + 1) * MB // world
+    out = model(ids[b0:b1], labels=ids[b0:b1])
+    out.loss.backward()
+    # Every parameter is a DTensor of the single-process shape: the gradients gathered are the full ones.
+    assert all(type(p).__name__ == "DTensor" for p in model.parameters())
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+    norm = clip_grad_norm_(model, CLIP)
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss)
+    dropped = torch.tensor(sum(int(moe.last_stats.dropped) for _, moe in moe_layers(model)))
+    dist.all_reduce(dropped)
+    return {"ctx": ctx, "model": model, "ids": ids, "rows": (b0, b1), "loss": loss / world,
+            "logits": out.logits.detach(), "grads": grads, "norm": norm, "dropped": int(dropped),
+            "sharded": sorted(n for n, _ in expert_parameters(model)), "state": full_state_dict(model),
+            "ep_rank": ctx.ep_rank}
 
 
 def model_worker(rank: int, world: int) -> dict[str, Any]:
     from deepseek_moe.io import save_pretrained
-    from deepseek_moe.parallel import (
-        data_parallel,
-        expert_parameters,
-        full_state_dict,
-        gathered_model,
-        init_parallel,
-        load_full_state_dict,
-        unwrap,
-    )
+    from deepseek_moe.parallel import gathered_model, load_full_state_dict, shard_model
 
-    ctx = init_parallel(timeout_s=30)
     cfg = model_config(world)
-    ddp = data_parallel(build_model(cfg), ctx)
-    model = unwrap(ddp)
-    ids = model_data(cfg)
-    b0, b1 = rank * MB // world, (rank + 1) * MB // world
-    out = ddp(ids[b0:b1], labels=ids[b0:b1])
-    out.loss.backward()
-    sharded = {n for n, _ in expert_parameters(model)}
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    loss = out.loss.detach().clone()
-    dist.all_reduce(loss)
-    torch.optim.SGD(model.parameters(), lr=0.5).step()
-    state = full_state_dict(ddp)
+    step = fsdp_step(rank, world, cfg)
+    model, ids, (b0, b1), state = step["model"], step["ids"], step["rows"], step["state"]
     model.eval()
-    eval_logits = ddp(ids[b0:b1]).logits.detach()
-    plain = gathered_model(ddp)  # a collective: every rank takes part
-    result: dict[str, Any] = {"loss": loss / world, "logits": out.logits.detach(), "grads": grads,
-                              "sharded": sorted(sharded), "eval_logits": eval_logits}
+    eval_logits = model(ids[b0:b1]).logits.detach()
+    plain = gathered_model(model, build=rank == 0)  # a collective: every rank takes part
+    result: dict[str, Any] = {k: step[k] for k in ("loss", "logits", "grads", "norm", "dropped", "sharded")}
+    result["eval_logits"] = eval_logits
     if rank == 0:
+        assert plain is not None
         result["state"] = state
         result["plain_eval_logits"] = plain.eval()(ids).logits.detach()
         export = os.environ.get("DSMOE_EXPORT")
         if export:
             save_pretrained(plain, export)
-    # Scatter on load: a fresh split model takes the full state of the reference after its step.
-    fresh = data_parallel(build_model(cfg), ctx)
+    # Scatter on load: a fresh sharded model takes the full state of the reference after its step.
+    fresh = shard_model(build_model(cfg), step["ctx"])
     load_full_state_dict(fresh, state)
     result["reloaded_eval_logits"] = fresh.eval()(ids[b0:b1]).logits.detach()
+    result["init"] = meta_init(step["ctx"])
+    recomputed = fsdp_step(rank, world, cfg, activation_checkpointing=True)
+    result["checkpointed"] = {k: recomputed[k] for k in ("loss", "logits", "grads", "norm", "dropped")}
     return result
 
 
-def hybrid_worker(rank: int, world: int) -> dict[str, Any]:
-    """Experts split over 2 ranks and replicated over world / 2 (a (dp, ep) mesh); everything else DDP."""
-    from deepseek_moe.parallel import data_parallel, expert_parameters, init_parallel, unwrap
+def meta_init(ctx: Any) -> dict[str, dict[str, torch.Tensor]] | None:
+    """A model built on the meta device, sharded, then materialised with each rank initialising its shards (and
+    an orthogonal expert init on top): the full states, gathered, on rank 0."""
+    from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+    from deepseek_moe.parallel import full_state_dict, local_shard, materialize, shard_model
+    from deepseek_moe.train.routing import orthogonal_init_experts
 
-    ctx = init_parallel(ep_size=2, timeout_s=30)
-    cfg = hybrid_config()
-    ddp = data_parallel(build_model(cfg), ctx)
-    ids = model_data(cfg)
-    b0, b1 = rank * MB // world, (rank + 1) * MB // world
-    out = ddp(ids[b0:b1], labels=ids[b0:b1])
-    out.loss.backward()
-    loss = out.loss.detach().clone()
-    dist.all_reduce(loss)
-    model = unwrap(ddp)
-    return {"loss": loss / world, "grads": {n: p.grad.clone() for n, p in model.named_parameters()
-                                            if p.grad is not None},
-            "sharded": sorted(n for n, _ in expert_parameters(model)), "ep_rank": ctx.ep_rank}
+    states = {}
+    for name, cfg in init_configs(ctx.world_size).items():
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = DeepSeekMoEForCausalLM(cfg)
+        materialize(shard_model(model, ctx), torch.device("cpu"))
+        states[name] = full_state_dict(model)
+        orthogonal_init_experts(model, shard_of=local_shard)
+        states[name + "+orthogonal"] = full_state_dict(model)
+    return states if ctx.rank == 0 else None
+
+
+def init_configs(world: int) -> dict[str, ModelConfig]:
+    """The model case, and one whose experts fit jointly in the model dimension (E * F <= D: one orthogonal
+    draw for all experts) with tied embeddings."""
+    cfg = model_config(world)
+    joint = cfg.replace(tie_word_embeddings=True, moe=cfg.moe.replace(moe_inter_dim=4))
+    return {"model": cfg, "tied_joint": joint}
+
+
+def init_reference(world: int) -> dict[str, dict[str, torch.Tensor]]:
+    from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+    from deepseek_moe.train.routing import orthogonal_init_experts
+
+    states = {}
+    for name, cfg in init_configs(world).items():
+        torch.manual_seed(0)
+        model = DeepSeekMoEForCausalLM(cfg)
+        states[name] = {k: v.clone() for k, v in model.state_dict().items()}
+        orthogonal_init_experts(model)
+        states[name + "+orthogonal"] = {k: v.clone() for k, v in model.state_dict().items()}
+    return states
+
+
+def hybrid_worker(rank: int, world: int) -> dict[str, Any]:
+    """ep=2 on 4 ranks: experts split over 2 ranks, each slice FSDP-sharded over the other 2."""
+    step = fsdp_step(rank, world, hybrid_config(), ep=2)
+    return {k: step[k] for k in ("loss", "logits", "grads", "norm", "dropped", "sharded", "ep_rank")} | {
+        "state": step["state"] if rank == 0 else None}
 
 
 def all_worker(rank: int, world: int) -> dict[str, Any]:
@@ -249,7 +311,7 @@ def dead_rank_worker(rank: int, world: int) -> dict[str, Any]:
 
     ctx = init_parallel(timeout_s=20)
     cfg = layer_cases(world)["free"]
-    moe = parallelize_experts(build_layer(cfg), ctx.ep_group)
+    moe = parallelize_experts(build_layer(cfg), ctx)
     if rank == world - 1:
         os._exit(3)
     x, _ = layer_data(cfg)

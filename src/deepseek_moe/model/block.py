@@ -7,8 +7,11 @@ the residual is added here.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from deepseek_moe.config import ModelConfig
 from deepseek_moe.model.kv_cache import LayerCache
@@ -31,6 +34,10 @@ def build_ffn(cfg: ModelConfig, layer_id: int) -> FeedForward | MoE:
 
 
 class Block(nn.Module):
+    """``activation_checkpointing`` (off by default; ``set_activation_checkpointing`` switches a whole model):
+    when training, keep only the block's input and recompute its activations in the backward (torch's
+    non-reentrant checkpoint), trading about one more forward for the memory of every intermediate."""
+
     def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__()
         self.layer_id = layer_id
@@ -38,6 +45,7 @@ class Block(nn.Module):
         self.attn = build_attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = build_ffn(cfg, layer_id)
+        self.activation_checkpointing = False
 
     @property
     def is_moe(self) -> bool:
@@ -49,8 +57,32 @@ class Block(nn.Module):
         """x (B, T, dim) -> (B, T, dim). ``mask`` is attention's; ``token_mask`` (B, T) marks the real tokens (so
         padding never reaches the router) and ``protected`` is the forward's protected-sequence draw, both for an
         MoE FFN only."""
+        if self.activation_checkpointing and torch.is_grad_enabled() and cache is None:
+            return checkpoint(self._forward, x, cos, sin, mask, None, token_mask=token_mask, protected=protected,
+                              use_reentrant=False, context_fn=self._recompute_contexts)
+        return self._forward(x, cos, sin, mask, cache, token_mask=token_mask, protected=protected)
+
+    def _recompute_contexts(self) -> tuple[contextlib.AbstractContextManager[None],
+                                           contextlib.AbstractContextManager[None]]:
+        """(forward, recompute) contexts: the recompute replays the MoE layer's forward exactly (its random
+        draws from the same generator state) and leaves no trace (counts, statistics) a second time."""
+        if not isinstance(self.ffn, MoE):
+            return contextlib.nullcontext(), contextlib.nullcontext()
+        replay = self.ffn.replay()
+        return replay.record(), replay.recompute()
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                 cache: LayerCache | None = None, *, token_mask: torch.Tensor | None = None,
+                 protected: ProtectedDraw | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
             return x + self.ffn(h, token_mask=token_mask, protected=protected)
         return x + self.ffn(h)
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool = True) -> None:
+    """Switch activation checkpointing on (or off) in every Block of ``model``."""
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.activation_checkpointing = enabled

@@ -11,6 +11,7 @@ from torch import nn
 
 from deepseek_moe.config import ModelConfig
 from deepseek_moe.model.block import Block
+from deepseek_moe.model.init import ShardOf, constant, draw_seed, fill, is_meta, normal, whole
 from deepseek_moe.model.kv_cache import KVCache
 from deepseek_moe.model.norm import RMSNorm
 from deepseek_moe.model.rope import RotaryEmbedding
@@ -54,9 +55,12 @@ class DeepSeekMoEForCausalLM(nn.Module):
     model imports neither ``io`` nor ``infer``. ``config`` is the ModelConfig; ``tokenizer`` is optional and set by whoever trains or loads the model.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, *, init_seed: int | None = None) -> None:
         super().__init__()
         self.config = cfg
+        # The base seed of the per-parameter initialisation (model/init.py); drawn first, before any submodule
+        # touches the global generator, so a model built on the meta device gets the same one.
+        self.init_seed = draw_seed() if init_seed is None else init_seed
         self.tokenizer: Any = None  # set by the train and io helpers; generation with text needs one
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
@@ -69,19 +73,35 @@ class DeepSeekMoEForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.head.weight = self.embed.weight
 
-    def reset_parameters(self) -> None:
-        """normal(0, init_std) for every Linear and Embedding, ones for norms. The MoE layer's stacked expert
-        weights and gate are initialised by the MoE layer itself (from its own config's init_std)."""
-        std = self.config.init_std
-        for module in self.modules():
+    def reset_parameters(self, shard_of: ShardOf = whole) -> None:
+        """normal(0, init_std) for every Linear and Embedding, ones for norms, zero biases; the MoE layers' gates
+        and stacked experts normal(0, moe.init_std) (each expert drawn alone). Every parameter from its own
+        generator seeded by (init_seed, its name): see :mod:`deepseek_moe.model.init`. ``shard_of`` gives the
+        part of each parameter this process holds (a sharded model initialises only its shards). Does nothing
+        on the meta device (the sharded build materialises, then calls this)."""
+        if is_meta(self):
+            return
+        std, seed, done = self.config.init_std, self.init_seed, set()
+
+        def init(p: torch.Tensor, name: str, draw: Any, per_expert: bool = False) -> None:
+            if id(p) not in done:  # a tied weight is initialised once, by its first owner
+                done.add(id(p))
+                fill(p, name, seed, draw, per_expert=per_expert, shard_of=shard_of)
+
+        for mname, module in self.named_modules():
+            prefix = f"{mname}." if mname else ""
             if isinstance(module, nn.Linear | nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                init(module.weight, prefix + "weight", normal(std))
                 if isinstance(module, nn.Linear) and module.bias is not None:
-                    nn.init.zeros_(module.bias)  # attention_bias: transformers starts biases at zero too
+                    init(module.bias, prefix + "bias", constant(0.0))  # attention_bias: zero, as in transformers
             elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+                init(module.weight, prefix + "weight", constant(1.0))
             elif isinstance(module, MoE):
-                module.reset_parameters()  # its gate and stacked experts (its FFN Linears are handled above)
+                moe_std = module.cfg.init_std
+                init(module.gate.weight, prefix + "gate.weight", normal(moe_std))
+                for w in ("w1", "w2", "w3"):
+                    init(getattr(module.experts, w), f"{prefix}experts.{w}", normal(moe_std), per_expert=True)
+                module.reset_state()
             elif isinstance(module, ProtectedSequences):
                 module.reset()
 

@@ -34,6 +34,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def local_weights(*ws: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The experts held here: under expert parallelism the weights are DTensors sharded on the expert dim, and
+    the dispatcher brings this process only the rows of its own experts (``to_local`` is differentiable)."""
+    return tuple(w.to_local() if hasattr(w, "to_local") else w for w in ws)
+
+
 def _grouped_mm_available() -> bool:
     return hasattr(F, "grouped_mm")
 
@@ -42,7 +48,8 @@ class RoutedExperts(nn.Module):
     """E SwiGLU experts of hidden width F, stacked so that tokens sorted by expert run as one grouped matmul.
 
     Parameters: ``w1`` (E, F, D) gate_proj, ``w2`` (E, D, F) down_proj, ``w3`` (E, F, D) up_proj. ``offset`` is
-    the global index of the first expert held here (non-zero only under expert parallelism).
+    the global index of the first expert held here (non-zero only under expert parallelism), ``n_experts`` the
+    number held here; under expert parallelism the weights are DTensors of the global shape.
     """
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, *, init_std: float = 0.02, offset: int = 0) -> None:
@@ -69,7 +76,7 @@ class RoutedExperts(nn.Module):
         x_AD = x_AD.to(dtype)
         gates_A = gates_A.to(dtype) if gates_A is not None else None
         if self.use_grouped_mm and self._grouped_mm_fits(dtype):
-            w1, w2, w3 = (w.to(dtype) for w in (self.w1, self.w2, self.w3))
+            w1, w2, w3 = (w.to(dtype) for w in local_weights(self.w1, self.w2, self.w3))
             offs_E = counts_E.cumsum(0).to(torch.int32)
             h_AF = F.silu(F.grouped_mm(x_AD, w1.transpose(1, 2), offs=offs_E))
             h_AF = h_AF * F.grouped_mm(x_AD, w3.transpose(1, 2), offs=offs_E)
@@ -95,7 +102,7 @@ class RoutedExperts(nn.Module):
         sizes = counts_E.tolist()
         dtype = compute_dtype(x_AD)
         x_AD = x_AD.to(dtype)
-        w1s, w2s, w3s = (w.to(dtype).unbind(0) for w in (self.w1, self.w2, self.w3))
+        w1s, w2s, w3s = (w.to(dtype).unbind(0) for w in local_weights(self.w1, self.w2, self.w3))
         outs = []
         for x_eD, w1, w3 in zip(x_AD.split(sizes), w1s, w3s, strict=True):
             outs.append(F.silu(x_eD @ w1.t()) * (x_eD @ w3.t()))

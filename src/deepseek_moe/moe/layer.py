@@ -7,6 +7,10 @@ The residual (h = u + MoE(u)) is added by the transformer block, not here, so th
 
 from __future__ import annotations
 
+import contextlib
+import copy
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -55,12 +59,19 @@ class MoE(nn.Module):
         self.bias_counts: torch.Tensor
         self.register_buffer("bias_counts", torch.zeros(cfg.n_routed_experts), persistent=False)
         self._generator: torch.Generator | None = None
+        self.recomputing = False  # an activation-checkpointing recompute: count nothing a second time
 
     def reset_parameters(self) -> None:
         """Re-initialise in place (after ``to_empty`` from the meta device, say); the FFNs' Linears are
         initialised by whoever owns the init scheme (the model's reset_parameters, or nn.Linear's own)."""
         self.gate.reset_parameters()
         self.experts.reset_parameters()
+        self.reset_state()
+
+    def reset_state(self) -> None:
+        """Zero the routing bias and the pending counts; forget the generator (its seed is the config's)."""
+        if self.gate.e_score_correction_bias is not None:
+            self.gate.e_score_correction_bias.zero_()
         self.bias_counts.zero_()
         self._generator = None
 
@@ -125,12 +136,17 @@ class MoE(nn.Module):
         y_TD = y_rD if real_T is None else y_rD.new_zeros(B * S, D).index_copy(0, real_T.nonzero().flatten(), y_rD)
 
         tokens_per_expert = torch.bincount(routing.indices_TK.reshape(-1), minlength=cfg.n_routed_experts)
-        if self.training and cfg.use_routing_bias and not self.uniform_routing:  # warm-up routes are not the router's
+        if (self.training and cfg.use_routing_bias and not self.uniform_routing  # warm-up routes are not the router's
+                and not self.recomputing):
             self.bias_counts += tokens_per_expert
         self.aux_loss = (self.balance_loss(routing, B, S, real_T) if self.training
                          else x.new_zeros((), dtype=torch.float32))
         self.last_stats = MoEStats(tokens_per_expert.detach(), dispatched.dropped, routing.indices_TK.numel())
         return y_TD.view(x.shape)
+
+    def replay(self) -> Replay:
+        """For activation checkpointing: contexts that make a recompute of a forward repeat it exactly."""
+        return Replay(self)
 
     def _real_tokens(self, token_mask: torch.Tensor | None, B: int, S: int) -> torch.Tensor | None:
         """(B*S,) bool of the real tokens, or None when every token is real (the fast path)."""
@@ -174,3 +190,44 @@ class MoE(nn.Module):
             loss = loss + balance.sequence_balance_loss(*per_sequence[:2], cfg.seq_loss_alpha,
                                                         token_mask_BS=mask_BS)
         return loss
+
+
+class Replay:
+    """Record the layer's random state when a checkpointed forward starts (``record``); during the recompute in
+    the backward (``recompute``), draw from that same state, count nothing, and afterwards put back what the
+    first forward left: the generator's state, ``aux_loss``, ``last_stats``, the dispatcher's statistics."""
+
+    def __init__(self, moe: MoE) -> None:
+        self.moe = moe
+        self.before: tuple[torch.device, torch.Tensor] | None = None
+
+    def _state(self) -> tuple[torch.device, torch.Tensor] | None:
+        gen = self.moe._generator
+        return None if gen is None else (gen.device, gen.get_state())
+
+    def _set_state(self, state: tuple[torch.device, torch.Tensor] | None) -> None:
+        if state is None:
+            self.moe._generator = None
+        else:
+            self.moe.generator(state[0]).set_state(state[1])
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[None]:
+        self.before = self._state()
+        yield
+
+    @contextlib.contextmanager
+    def recompute(self) -> Iterator[None]:
+        moe = self.moe
+        after, kept = self._state(), (moe.aux_loss, moe.last_stats)
+        stats = copy.deepcopy(getattr(moe.dispatcher, "stats", None))
+        self._set_state(self.before)
+        moe.recomputing = True
+        try:
+            yield
+        finally:
+            moe.recomputing = False
+            self._set_state(after)
+            moe.aux_loss, moe.last_stats = kept
+            if stats is not None:
+                moe.dispatcher.stats = stats  # type: ignore[attr-defined]

@@ -1,11 +1,14 @@
-"""Expert parallelism on torch.distributed: the only package that talks to it.
+"""FSDP2 + expert parallelism on torch.distributed: the only package that talks to it.
 
-    check_expert_parallel(cfg, n)      the layout fits n ranks (before any process-group work)
-    ctx = init_parallel()              join torchrun's group, build the (dp, ep) DeviceMesh
-    model = data_parallel(model, ctx)  experts split over ctx.ep_group, the rest DDP
-    parallelize_experts(model, group)  the expert split alone (tests, custom loops)
-    DistributedTraining.start(...)     all a training loop needs under torchrun (the Trainer's N-process strategy)
-    launch(module, argv, n)            run ``python -m module`` on n local processes through torchrun
+    check_expert_parallel(cfg, n)        the layout fits n ranks (before any process-group work)
+    ep = auto_ep(n, moe_cfgs)            the default expert-parallel size for n ranks
+    ctx = init_parallel(ep)              join torchrun's group, build the ("dp_mod_ep", "ep") DeviceMesh
+    shard_model(model, ctx)              experts split over "ep", everything fully_shard-ed (meta or not)
+    materialize(model, ctx.device)       allocate this rank's shards, single-process init of them
+    parallelize_experts(model, ctx)      the expert split alone (DTensor experts + all-to-all dispatch)
+    clip_grad_norm_(model, max_norm)     the global norm over every shard
+    DistributedTraining.start(...)       all a training loop needs under torchrun (the Trainer's N-process strategy)
+    launch(module, argv, n)              run ``python -m module`` on n local processes through torchrun
 """
 
 from deepseek_moe.parallel.checkpoint import (
@@ -19,23 +22,15 @@ from deepseek_moe.parallel.dispatcher import AllToAllDispatcher, CommStats
 from deepseek_moe.parallel.experts import (
     all_reduce_sum,
     check_model,
-    clip_grad_norm_,
     comm_stats,
     expert_parameters,
     parallelize_experts,
     reset_comm_stats,
-    scale_expert_grads,
-    unwrap,
 )
+from deepseek_moe.parallel.fsdp import clip_grad_norm_, local_shard, materialize, shard_model
 from deepseek_moe.parallel.launch import LaunchFailed, launch
 from deepseek_moe.parallel.plan import ExpertShard, check_expert_parallel, expert_shard
-from deepseek_moe.parallel.runtime import (
-    ParallelContext,
-    data_parallel,
-    env_world_size,
-    init_parallel,
-    shutdown,
-)
+from deepseek_moe.parallel.runtime import ParallelContext, auto_ep, env_world_size, init_parallel, shutdown
 from deepseek_moe.parallel.training import DistributedTraining, check_training_layout
 
 __all__ = [
@@ -46,12 +41,12 @@ __all__ = [
     "LaunchFailed",
     "ParallelContext",
     "all_reduce_sum",
+    "auto_ep",
     "check_expert_parallel",
     "check_model",
     "check_training_layout",
     "clip_grad_norm_",
     "comm_stats",
-    "data_parallel",
     "env_world_size",
     "expert_parameters",
     "expert_shard",
@@ -62,9 +57,10 @@ __all__ = [
     "launch",
     "load_full_optimizer_state",
     "load_full_state_dict",
+    "local_shard",
+    "materialize",
     "parallelize_experts",
     "reset_comm_stats",
-    "scale_expert_grads",
+    "shard_model",
     "shutdown",
-    "unwrap",
 ]

@@ -1,6 +1,8 @@
-"""Checkpoints that do not depend on the process count: experts gathered into the full state_dict on save,
-this rank's slice taken on load. The full state_dict has exactly the keys and shapes of the unsplit model, so a
-run on N processes resumes on 1 or M processes, and exports to Hugging Face like any model."""
+"""Checkpoints that do not depend on the process count: every sharded tensor gathered into the full state_dict
+on save, this rank's shard taken on load. The full state_dict has exactly the keys and shapes of the
+single-process model, so a run on N processes resumes on 1 or M processes and exports to Hugging Face like any
+model. (Gathering is the small-scale path: sharded DCP checkpoints replace it for models that do not fit one
+rank.) Generic over any model whose parameters are DTensors or plain tensors (``fsdp.shard_model``'s layout)."""
 
 from __future__ import annotations
 
@@ -8,119 +10,106 @@ import copy
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from deepseek_moe.moe.all_layers import moe_layers
-from deepseek_moe.moe.dispatch import LocalDispatcher
-from deepseek_moe.moe.experts import RoutedExperts
-from deepseek_moe.parallel.dispatcher import AllToAllDispatcher
-from deepseek_moe.parallel.experts import expert_parameters, unwrap
+from deepseek_moe.parallel.fsdp import local_shard
 
 
-def _ep_group(model: nn.Module) -> dist.ProcessGroup | None:
-    for _, moe in moe_layers(unwrap(model)):
-        if isinstance(moe.dispatcher, AllToAllDispatcher):
-            return moe.dispatcher.group
-    return None
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _gather_rows(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Concatenate the ranks' slices along dim 0 (all slices have the same shape)."""
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.detach().contiguous(), group=group)
-    return torch.cat(parts)
+def _piece(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``full`` in ``like``'s layout (a DTensor of the same placements, or ``full``)."""
+    if not isinstance(like, DTensor):
+        return full
+    local, offset = local_shard(like)
+    rows = tuple(slice(o, o + n) for o, n in zip(offset, local.shape, strict=True))
+    return DTensor.from_local(full[rows].to(local.device, local.dtype).clone(), like.device_mesh, like.placements,
+                              run_check=False, shape=like.shape, stride=like.stride())
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state_dict of the unsplit model (a collective: every rank of the expert group must call it)."""
-    inner = unwrap(model)
-    state = inner.state_dict()
-    group = _ep_group(inner)
-    if group is None:
-        return state
-    for name, _ in expert_parameters(inner):
-        state[name] = _gather_rows(state[name], group)
-    return state
+    """The state_dict of the unsharded model (a collective: every rank must call it; every rank gets it)."""
+    return {k: _full(v.detach()) for k, v in model.state_dict().items()}
 
 
+@torch.no_grad()
 def load_full_state_dict(model: nn.Module, state: dict[str, Any], *, strict: bool = True) -> None:
-    """Load an unsplit state_dict into a model whose experts may be split: each rank keeps its slice."""
-    inner = unwrap(model)
-    state = dict(state)
-    for name, moe in moe_layers(inner):
-        experts = moe.experts
-        for pname in ("w1", "w2", "w3"):
-            key = f"{name}.experts.{pname}" if name else f"experts.{pname}"
-            if key in state and state[key].shape[0] != experts.n_experts:
-                state[key] = state[key][experts.offset:experts.offset + experts.n_experts]
-    inner.load_state_dict(state, strict=strict)
+    """Load an unsharded state_dict into a sharded model: each rank copies its rows into its shards."""
+    own: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    own.update(model.named_buffers())
+    persistent = set(model.state_dict())
+    if strict:
+        missing, unexpected = sorted(persistent - set(state)), sorted(set(state) - persistent)
+        if missing or unexpected:
+            raise ValueError(f"state_dict does not match the model: missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}")
+    for key, value in state.items():
+        target = own.get(key)
+        if target is None:
+            continue
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} != model shape {tuple(target.shape)}")
+        local, offset = local_shard(target)
+        rows = tuple(slice(o, o + n) for o, n in zip(offset, local.shape, strict=True))
+        local.copy_(value[rows])
+
+
+def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters in the order optimizer.state_dict() numbers them."""
+    return [p for g in optimizer.param_groups for p in g["params"]]
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """optimizer.state_dict() with the per-parameter state of expert slices (exp_avg, ...) gathered."""
+    """optimizer.state_dict() with every sharded per-parameter state (exp_avg, ...) gathered: the state dict of
+    the single-process optimizer (a collective)."""
     state = optimizer.state_dict()
-    group = _ep_group(model)
-    if group is None:
-        return state
-    index = _expert_indices(model, optimizer)
-    for i in sorted(index):
-        entry = state["state"].get(i)
-        if entry is None:
-            continue
-        state["state"][i] = {k: (_gather_rows(v, group) if torch.is_tensor(v) and v.dim() > 0 else v)
-                             for k, v in entry.items()}
+    state["state"] = {i: {k: _full(v) if torch.is_tensor(v) else v for k, v in entry.items()}
+                      for i, entry in state["state"].items()}
     return state
 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load what :func:`full_optimizer_state` wrote (on any number of processes)."""
+    """Load what :func:`full_optimizer_state` (or a single-process optimizer) wrote: each rank keeps its rows,
+    as DTensors laid out like their parameters."""
+    params = _params(optimizer)
     state = copy.copy(state)
-    state["state"] = dict(state["state"])
-    index = _expert_indices(model, optimizer)
-    for i, experts in index.items():
-        entry = state["state"].get(i)
-        if entry is None:
-            continue
-        state["state"][i] = {k: (v[experts.offset:experts.offset + experts.n_experts]
-                                 if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] != experts.n_experts else v)
-                             for k, v in entry.items()}
+    converted = {}
+    for i, entry in state["state"].items():
+        p = params[int(i)]
+        converted[i] = {k: (_piece(v, p) if torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape) and v.dim() > 0
+                            else v) for k, v in entry.items()}
+    state["state"] = converted
     optimizer.load_state_dict(state)
 
 
-def _expert_indices(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, RoutedExperts]:
-    """Optimizer state index (position over the param groups) of each expert weight -> the experts holding it."""
-    owner = {id(p): moe.experts for _, moe in moe_layers(unwrap(model)) for p in moe.experts.parameters()}
-    index: dict[int, RoutedExperts] = {}
-    i = 0
-    for g in optimizer.param_groups:
-        for p in g["params"]:
-            if id(p) in owner:
-                index[i] = owner[id(p)]
-            i += 1
-    return index
+def gathered_model(model: nn.Module, *, build: bool = True) -> nn.Module | None:
+    """A single-process copy of ``model`` (local dispatch, plain tensors) from its full state (a collective:
+    every rank calls it; only those with ``build`` build the copy, the others get None).
 
-
-def gathered_model(model: nn.Module) -> nn.Module:
-    """A single-process copy of ``model`` with every expert in it and local dispatch (a collective).
-
-    For exporting (``deepseek_moe.io.hf.save_pretrained``), sampling or evaluating on one rank.
+    For exporting (``deepseek_moe.io.save_pretrained``), sampling or evaluating on one rank. The copy is built
+    on the meta device and filled from the gathered state, so building it draws nothing from the global RNG.
     """
-    inner = unwrap(model)
-    memo: dict[int, Any] = {}
-    for _, moe in moe_layers(inner):
-        if not isinstance(moe.dispatcher, AllToAllDispatcher):
-            continue
-        part = moe.experts
-        _, inter_dim, dim = part.w1.shape
-        with torch.device("meta"):
-            full = RoutedExperts(moe.cfg.n_routed_experts, dim, inter_dim)
-        full = full.to_empty(device=part.w1.device).to(part.w1.dtype)
-        with torch.no_grad():
-            for pname in ("w1", "w2", "w3"):
-                getattr(full, pname).copy_(_gather_rows(getattr(part, pname), moe.dispatcher.group))
-                getattr(full, pname).requires_grad_(getattr(part, pname).requires_grad)
-        full.use_grouped_mm = part.use_grouped_mm
-        memo[id(part)] = full
-        memo[id(moe.dispatcher)] = LocalDispatcher()  # a process group cannot be copied, nor should it be
-    return copy.deepcopy(inner, memo)
+    from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+
+    if not isinstance(model, DeepSeekMoEForCausalLM):
+        raise TypeError(f"gathered_model builds a DeepSeekMoEForCausalLM, not a {type(model).__name__}")
+    state = full_state_dict(model)
+    if not build:
+        return None
+    with torch.device("meta"):
+        plain = DeepSeekMoEForCausalLM(model.config, init_seed=model.init_seed)
+    device = next(iter(state.values())).device
+    plain.to_empty(device=device)
+    for _, moe in moe_layers(plain):
+        moe.reset_state()
+    plain.load_state_dict(state)
+    plain.tokenizer = model.tokenizer
+    for (_, src), (_, dst) in zip(moe_layers(model), moe_layers(plain), strict=True):
+        dst.uniform_routing = src.uniform_routing
+        for pname in ("w1", "w2", "w3"):
+            getattr(dst.experts, pname).requires_grad_(getattr(src.experts, pname).requires_grad)
+    return plain.train(model.training)

@@ -56,14 +56,22 @@ class AllToAllDispatcher:
     """Dispatch over an expert-parallel process group; installed by :func:`parallelize_experts`.
 
     ``n_expert_groups`` is the layer's G: the dropping budget is per expert group, as in one process, so results
-    do not depend on how many ranks the groups are spread over.
+    do not depend on how many ranks the groups are spread over. ``batch_group`` (default ``group``): the ranks
+    whose batches, concatenated in rank order, make the batch of the batch-wide decisions (all ranks in
+    training). ``replica_group``: the ranks holding the same experts as this one (the other expert-parallel
+    groups' members at this position); when given, dropping ranks each expert group's assignments over all of
+    them, as one process would over the whole batch.
     """
 
-    def __init__(self, group: dist.ProcessGroup, n_expert_groups: int) -> None:
+    def __init__(self, group: dist.ProcessGroup, n_expert_groups: int, *,
+                 batch_group: dist.ProcessGroup | None = None,
+                 replica_group: dist.ProcessGroup | None = None) -> None:
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.n_expert_groups = n_expert_groups
+        self.batch_group = group if batch_group is None else batch_group
+        self.replica_group = replica_group
         # Where small control tensors live: NCCL moves only CUDA tensors, gloo CPU ones.
         self.control_device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
                                else torch.device("cpu"))
@@ -76,16 +84,39 @@ class AllToAllDispatcher:
     # ---- the batch the layer's batch-wide decisions cover: every rank's, concatenated in rank order ----
     def batch_span(self, n_sequences: int, n_tokens: int) -> BatchSpan:
         local = torch.tensor([n_sequences, n_tokens], dtype=torch.int64, device=self.control_device)
-        gathered = [torch.empty_like(local) for _ in range(self.size)]
-        dist.all_gather(gathered, local, group=self.group)
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(self.batch_group))]
+        dist.all_gather(gathered, local, group=self.batch_group)
         sizes = torch.stack(gathered).cpu()
-        before, total = sizes[:self.rank].sum(dim=0), sizes.sum(dim=0)
+        me = dist.get_rank(self.batch_group)
+        before, total = sizes[:me].sum(dim=0), sizes.sum(dim=0)
         return BatchSpan(int(before[0]), int(total[0]), int(before[1]), int(total[1]))
 
     def _sum_over_group(self, counts: torch.Tensor) -> torch.Tensor:
         total = counts.detach().clone()
-        dist.all_reduce(total, group=self.group)
+        dist.all_reduce(total, group=self.batch_group)
         return total
+
+    def _keep(self, affinity_A: torch.Tensor, group_A: torch.Tensor, protected_A: torch.Tensor, budget: int,
+              n_groups: int) -> torch.Tensor:
+        """capacity_keep_mask over the assignments of this rank's experts on every replica, concatenated in
+        replica order: the single-process token-major order (replica d's expert-parallel group holds the batch
+        slices before replica d+1's), so the budget and its ties fall exactly as in one process."""
+        if self.replica_group is None:
+            return capacity_keep_mask(affinity_A, group_A, protected_A, budget, n_groups)
+        n_rep, me = dist.get_world_size(self.replica_group), dist.get_rank(self.replica_group)
+        cols_A3 = torch.stack([affinity_A.float(), group_A.float(), protected_A.float()], dim=1)
+        size = torch.tensor([cols_A3.shape[0]], dtype=torch.int64, device=cols_A3.device)
+        sizes = [torch.empty_like(size) for _ in range(n_rep)]
+        dist.all_gather(sizes, size, group=self.replica_group)
+        counts = [int(n) for n in torch.cat(sizes).tolist()]
+        padded = cols_A3.new_zeros(max(*counts, 1), 3)
+        padded[:cols_A3.shape[0]] = cols_A3
+        parts = [torch.empty_like(padded) for _ in range(n_rep)]
+        dist.all_gather(parts, padded, group=self.replica_group)
+        all_A3 = torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+        keep = capacity_keep_mask(all_A3[:, 0], all_A3[:, 1].to(torch.int64), all_A3[:, 2].bool(), budget, n_groups)
+        start = sum(counts[:me])
+        return keep[start:start + counts[me]]
 
     # ---- dispatch ----
     def __call__(self, x_TD: torch.Tensor, routing: Routing, experts: RoutedExperts,
@@ -152,8 +183,8 @@ class AllToAllDispatcher:
             n_tokens = drop.n_tokens if drop.n_tokens is not None else self.batch_span(1, T).n_tokens
             budget = group_budget(drop.capacity_factor, K, n_tokens, drop.n_groups)
             per_group = experts.n_experts * W // drop.n_groups
-            keep_A = capacity_keep_mask(meta_R[:, k:2 * k][valid_Rk], expert_A // per_group,
-                                        meta_R[:, 2 * k].bool()[row_A], budget, E_local // per_group)
+            keep_A = self._keep(meta_R[:, k:2 * k][valid_Rk], expert_A // per_group,
+                                meta_R[:, 2 * k].bool()[row_A], budget, E_local // per_group)
             dropped = (~keep_A).sum()
             row_A, expert_A, gate_A = row_A[keep_A], expert_A[keep_A], gate_A[keep_A]
         order_A = torch.argsort(expert_A, stable=True)

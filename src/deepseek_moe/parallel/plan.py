@@ -32,8 +32,9 @@ def check_expert_parallel(cfg: MoEConfig, ep_size: int, *, where: str = "moe") -
         fits = [n for n in range(1, cfg.n_expert_groups + 1) if cfg.n_expert_groups % n == 0]
         raise ValueError(
             f"{where}.n_expert_groups ({cfg.n_expert_groups}) must be a multiple of the expert-parallel size "
-            f"({ep_size} processes): each rank holds whole expert groups. Use a process count in {fits}, or set "
-            f"n_expert_groups to a multiple of {ep_size} (one group per rank is the usual choice)")
+            f"({ep_size} processes): each rank holds whole expert groups. Use an expert-parallel size (ep) in {fits} "
+            f"(ep 0, the default, picks the largest that also divides the process count), or set n_expert_groups to "
+            f"a multiple of {ep_size} (one group per expert-parallel rank is the usual choice)")
     if ep_size > 1 and cfg.group_limited and cfg.n_limited_groups > ep_size:  # one process: no traffic
         raise ValueError(
             f"{where}.n_limited_groups ({cfg.n_limited_groups}) must be <= the number of expert-parallel devices "

@@ -2,9 +2,10 @@
 ``deepseek_moe.train.strategy.Strategy`` (its one-process twin, ``SingleProcess``, does nothing).
 
 The N-process run reproduces the 1-process run: every rank draws the same global batch of ``batch_size``
-sequences (same seed, same order) and keeps its 1/N slice; the MoE layers concatenate the slices for their
-batch-wide decisions; replicated gradients are averaged (DDP) and expert gradients scaled to match. So
-``schedule.batch_size`` stays the global batch and must be a multiple of N.
+sequences (same seed, same order) and keeps its 1/N slice; the MoE layers take their batch-wide decisions over
+all ranks' slices; the model is built on the meta device, FSDP2-sharded with its experts split over "ep"
+(``parallel.fsdp``), and each rank initialises only its shards, equal to the single-process initialisation.
+So ``schedule.batch_size`` stays the global batch and must be a multiple of N.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from deepseek_moe.config import MoEConfig
+from deepseek_moe.model.init import ShardOf
 from deepseek_moe.parallel.checkpoint import (
     full_optimizer_state,
     full_state_dict,
@@ -26,45 +28,55 @@ from deepseek_moe.parallel.checkpoint import (
     load_full_optimizer_state,
     load_full_state_dict,
 )
-from deepseek_moe.parallel.experts import all_reduce_sum, clip_grad_norm_, expert_parameters, unwrap
+from deepseek_moe.parallel.experts import all_reduce_sum
+from deepseek_moe.parallel.fsdp import clip_grad_norm_, local_shard, materialize, shard_model
 from deepseek_moe.parallel.plan import check_expert_parallel
 from deepseek_moe.parallel.runtime import (
     ParallelContext,
-    data_parallel,
+    auto_ep,
+    check_ep,
     env_world_size,
     init_parallel,
     shutdown,
 )
 
 
-def check_training_layout(moe: MoEConfig, batch_size: int, world: int) -> None:
-    """ValueError (naming the field) when ``world`` processes cannot train this model; no process group."""
-    check_expert_parallel(moe, world, where="model.moe")
+def check_training_layout(moe: MoEConfig, batch_size: int, world: int, ep: int | None = None) -> int:
+    """The expert-parallel size to train with (``ep``, or :func:`auto_ep`'s choice when None or 0); ValueError
+    (naming the field) when ``world`` processes cannot train this model that way. No process group."""
+    if ep:
+        check_ep(ep, world)
+        check_expert_parallel(moe, ep, where="model.moe")
+    else:
+        ep = auto_ep(world, [moe])
     if batch_size % world != 0:
         raise ValueError(f"schedule.batch_size ({batch_size}) must be a multiple of the number of processes "
                          f"({world}): it is the global batch, and each process takes an equal slice of it")
+    return ep
 
 
 class DistributedTraining:
-    """Expert parallelism over all ranks, the rest data-parallel. Build with :meth:`start`."""
+    """FSDP2 over all ranks with the routed experts split over "ep". Build with :meth:`start`."""
+
+    init_device = torch.device("meta")  # the Trainer builds the model here; wrap() materialises the shards
+    shard_of: ShardOf = staticmethod(local_shard)
 
     def __init__(self, ctx: ParallelContext) -> None:
         self.ctx = ctx
         self.world, self.rank = ctx.world_size, ctx.rank
-        self.ddp: nn.Module | None = None
 
     @classmethod
-    def start(cls, moe: MoEConfig, batch_size: int, device: torch.device, *,
+    def start(cls, moe: MoEConfig, batch_size: int, device: torch.device, *, ep: int | None = None,
               timeout_s: float = 300.0) -> DistributedTraining:
         """Under torchrun: check the layout, then join the process group (gloo on CPU; NCCL on CUDA, one GPU per
-        rank: cuda:LOCAL_RANK)."""
+        rank: cuda:LOCAL_RANK). ``ep`` None or 0: automatic."""
         world = env_world_size()
         if world == 1:
             raise ValueError("DistributedTraining needs the processes torchrun starts (WORLD_SIZE is 1)")
-        check_training_layout(moe, batch_size, world)
+        ep = check_training_layout(moe, batch_size, world, ep)
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return cls(init_parallel(timeout_s=timeout_s, device=device))
+        return cls(init_parallel(ep, timeout_s=timeout_s, device=device))
 
     @property
     def is_main(self) -> bool:
@@ -73,6 +85,10 @@ class DistributedTraining:
     @property
     def device(self) -> torch.device:
         return self.ctx.device
+
+    def describe(self) -> str:
+        return (f"{self.world} processes: FSDP2 over all, routed experts split over ep={self.ctx.ep_size} "
+                f"(each slice sharded over {self.world // self.ctx.ep_size})")
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
@@ -85,10 +101,14 @@ class DistributedTraining:
             dist.barrier()
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """Split ``model``'s experts over the ranks (in place) and return the DDP module to call for training.
-        Build the optimizer from ``model`` afterwards: the expert parameters are new."""
-        self.ddp = data_parallel(model, self.ctx)
-        return self.ddp
+        """Shard ``model`` (in place; see ``parallel.fsdp``) and, when it was built on the meta device,
+        materialise this rank's shards with the single-process initialisation. Returns ``model``. Build the
+        optimizer afterwards: the parameters are new (DTensors)."""
+        on_meta = any(p.is_meta for p in model.parameters())
+        shard_model(model, self.ctx)
+        if on_meta:
+            materialize(model, self.device)
+        return model
 
     def local(self, batch: torch.Tensor) -> torch.Tensor:
         """This rank's slice of a global batch (rows); a batch the ranks cannot share equally is kept whole,
@@ -115,18 +135,16 @@ class DistributedTraining:
         return all_reduce_sum(None)
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        return clip_grad_norm_(model, max_norm, self.ctx.ep_group)
+        return clip_grad_norm_(model, max_norm)
 
-    # ---- checkpoints: the files hold the unsplit model, whatever the process count ----
+    # ---- checkpoints: the files hold the unsharded model, whatever the process count ----
     def full_states(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], Any]:
-        """(model state_dict, optimizer state_dict) of the unsplit model; a collective."""
+        """(model state_dict, optimizer state_dict) of the unsharded model; a collective."""
         return full_state_dict(model), full_optimizer_state(model, optimizer)
 
     def full_shapes(self, model: nn.Module) -> dict[str, list[int]]:
-        """The unsplit model's state_dict shapes, computed locally (the checkpoint fingerprint)."""
-        sharded = {name for name, _ in expert_parameters(model)}
-        return {k: [v.shape[0] * self.ctx.ep_size, *v.shape[1:]] if k in sharded else list(v.shape)
-                for k, v in unwrap(model).state_dict().items()}
+        """The unsharded model's state_dict shapes (a DTensor's shape is the global one): no communication."""
+        return {k: list(v.shape) for k, v in model.state_dict().items()}
 
     def load_model_state(self, model: nn.Module, state: dict[str, Any]) -> None:
         load_full_state_dict(model, state)
@@ -135,8 +153,10 @@ class DistributedTraining:
         load_full_optimizer_state(model, optimizer, state)
 
     def gathered(self, model: nn.Module) -> nn.Module:
-        """The unsplit model with local dispatch (a collective), for export and sampling on rank 0."""
-        return gathered_model(model)
+        """The unsharded model with local dispatch on the main rank (a collective; the other ranks get
+        ``model`` back), for export and sampling."""
+        plain = gathered_model(model, build=self.is_main)
+        return plain if plain is not None else model
 
     def close(self) -> None:
         """Wait for every rank (rank 0 writes the run's outputs meanwhile), then leave the process group."""

@@ -20,7 +20,7 @@ DESCRIPTION = ("Train a DeepSeekMoE language model and write a run directory. Wi
 SHORTCUTS = {
     "preset": "model.preset", "steps": "schedule.steps", "batch_size": "schedule.batch_size",
     "seq_len": "data.seq_len", "lr": "optim.lr", "device": "device", "dtype": "dtype", "seed": "seed",
-    "out": "out",
+    "out": "out", "ep": "ep", "activation_checkpointing": "activation_checkpointing",
 }
 
 
@@ -47,11 +47,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), help="default auto: bf16 autocast (fp32 master weights) where the device has native bf16 "
                    "(CUDA; CPUs with AVX512-BF16 or AMX), else fp32")
     p.add_argument("--seed", type=int)
+    p.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute each block's activations in the backward instead of keeping them (about one more "
+                   "forward per step, for the memory of long sequences)")
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     p.add_argument("--nproc", type=int, metavar="N",
-                   help="train on N processes (re-launches through torch.distributed.run): routed experts split "
-                   "over them, the rest data-parallel; gloo on CPU, NCCL on GPU (one per process)")
+                   help="train on N processes (re-launches through torch.distributed.run): FSDP2 over all of them, "
+                   "routed experts split over --ep of them; gloo on CPU, NCCL on GPU (one per process)")
+    p.add_argument("--ep", type=int, metavar="EP",
+                   help="expert-parallel size under --nproc/torchrun: a divisor of N and of n_expert_groups (default "
+                   "0: automatic, the largest that fits); each expert slice is sharded over the other N/EP ranks")
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
@@ -114,14 +120,16 @@ def launch(args: argparse.Namespace, cfg: TrainConfig) -> int:
         check_same_plan(args.resume, cfg)  # here, rather than in rank 0 of N
     try:
         moe = build_model_config(cfg, cfg.data.vocab_size, 0).moe
-        check_training_layout(moe, cfg.schedule.batch_size, args.nproc)
+        check_training_layout(moe, cfg.schedule.batch_size, args.nproc, cfg.ep)
     except ValueError as e:
         raise TrainError(f"cannot train on {args.nproc} processes: {e}") from e
 
     argv = []
     for flag in (*SHORTCUTS, "config", "resume"):
         value = getattr(args, flag)
-        if value is not None:
+        if value is True:  # a switch
+            argv.append(f"--{flag.replace('_', '-')}")
+        elif value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
     for item in args.assignments:
         argv += ["--set", item]

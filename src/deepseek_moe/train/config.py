@@ -213,9 +213,16 @@ class TrainConfig:
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     out: str | None = None  # run directory; None: runs/<YYYYmmdd-HHMMSS>
     threads: int = 0  # torch intra-op threads; 0: torch's default
+    # Under N processes: the expert-parallel size (a divisor of N and of every n_expert_groups); 0: automatic,
+    # the largest that fits. Every process is data-parallel (FSDP2) whatever ep is.
+    ep: int = 0
+    # Recompute each block's activations in the backward instead of keeping them (memory at long sequences).
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        _non_negative_int(self, "seed", "threads")
+        _non_negative_int(self, "seed", "threads", "ep")
+        _require(isinstance(self.activation_checkpointing, bool),
+                 f"activation_checkpointing ({self.activation_checkpointing!r}) must be a bool")
         _require(self.dtype in ("auto", "fp32", "bf16"), f"dtype ({self.dtype!r}) must be one of 'auto', "
                  "'fp32', 'bf16'")
         _require(isinstance(self.device, str) and bool(self.device), f"device ({self.device!r}) must be a string")

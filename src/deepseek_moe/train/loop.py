@@ -126,9 +126,11 @@ class Trainer:
         self.val_batches = self.data.val.fixed_batches(cfg.schedule.batch_size, cfg.eval.batches)
 
         model_cfg = build_model_config(cfg, self.data.vocab_size, self.data.eos_id)
-        self.model = self.build_model(model_cfg)  # what the checkpoint, statistics and hooks see
+        self.model = self.build_model(model_cfg)  # on N processes: on the meta device, wrap materialises it
         n_params = sum(p.numel() for p in self.model.parameters())
-        self.train_model = self.strategy.wrap(self.model)  # what the step calls (on N processes: DDP around it)
+        self.train_model = self.strategy.wrap(self.model)  # what the step calls (on N processes: the same module)
+        if cfg.routing.orthogonal_init:
+            orthogonal_init_experts(self.model, shard_of=self.strategy.shard_of)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         s = cfg.schedule  # the cosine follows the planned steps; extra steps stay at its end
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda i: lr_factor(
@@ -147,14 +149,15 @@ class Trainer:
                  f"tokens; device {self.device}, {self.precision.reason}; run dir {self.run_dir}")
 
     def build_model(self, model_cfg: ModelConfig) -> DeepSeekMoEForCausalLM:
+        from deepseek_moe.model.block import set_activation_checkpointing
         from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
 
-        torch.manual_seed(self.cfg.seed)
-        model = DeepSeekMoEForCausalLM(model_cfg)
-        if self.cfg.routing.orthogonal_init:
-            orthogonal_init_experts(model)
+        torch.manual_seed(self.cfg.seed)  # decides model.init_seed, the base of every parameter's init draw
+        with torch.device(self.strategy.init_device):
+            model = DeepSeekMoEForCausalLM(model_cfg)
         model.tokenizer = self.data.tokenizer
-        return model.to(self.device).train()
+        set_activation_checkpointing(model, self.cfg.activation_checkpointing)
+        return (model if self.strategy.init_device.type == "meta" else model.to(self.device)).train()
 
     def restore(self) -> int:
         """Load the latest checkpoint of the run being resumed; the step to continue from."""
@@ -205,7 +208,7 @@ class Trainer:
         stage = routing_stage(cfg, step)
         set_uniform_routing(model, stage == 1)
         if stage == 3 and cfg.routing.frozen_experts and self.freezer is None:
-            self.freezer = ExpertFreezer(model, cfg.routing.frozen_experts)
+            self.freezer = ExpertFreezer(model, cfg.routing.frozen_experts, shard_of=self.strategy.shard_of)
 
         ce_sum, aux_sum = 0.0, 0.0
         counts = None
@@ -224,6 +227,8 @@ class Trainer:
         if not math.isfinite(ce_sum):
             raise TrainError(f"the loss became {ce_sum} at step {step + 1}; lower optim.lr ({cfg.optim.lr}) or "
                              "check the data")
+        if self.freezer is not None:
+            self.freezer.zero_grads()
         if cfg.optim.grad_clip > 0:
             self.strategy.clip_grad_norm_(model, cfg.optim.grad_clip)
         self.optimizer.step()

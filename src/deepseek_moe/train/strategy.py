@@ -1,8 +1,8 @@
 """How a run spreads over processes: the few points where N processes differ from one, as one object.
 
 The Trainer calls these at fixed places and never asks how many processes there are. ``SingleProcess`` does
-nothing at each of them; ``deepseek_moe.parallel.DistributedTraining`` (routed experts split over the ranks,
-the rest DDP) is the N-process strategy; another (FSDP, say) is another class with the same methods.
+nothing at each of them; ``deepseek_moe.parallel.DistributedTraining`` (FSDP2 over all ranks, routed experts
+split over an expert-parallel mesh dimension, the model built on the meta device) is the N-process strategy.
 
 Checkpoints go through the strategy too: ``full_states`` gives the state of the *unsplit* model on the rank
 that writes it, and ``load_*`` take a rank's part of it, so a checkpoint does not depend on the process count.
@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from deepseek_moe.model.init import ShardOf, whole
 from deepseek_moe.train.config import TrainConfig
 from deepseek_moe.train.errors import TrainError
 
@@ -34,9 +35,21 @@ class Strategy(Protocol):
         """The main rank runs the block first (creates the run directory, fills caches), the others after it."""
         ...
 
+    @property
+    def init_device(self) -> torch.device:
+        """Where the Trainer builds the model before ``wrap``: the meta device when ``wrap`` materialises only
+        this process's shards."""
+        ...
+
+    @property
+    def shard_of(self) -> ShardOf:
+        """(local tensor, global offset) of a parameter's part in this process (``model.init``)."""
+        ...
+
     def wrap(self, model: nn.Module) -> nn.Module:
-        """Lay ``model`` out over the processes (in place) and return the module to call in training. Build the
-        optimizer from ``model`` afterwards: its parameters may be new."""
+        """Lay ``model`` out over the processes (in place; materialised and initialised if it was built on the
+        meta device) and return the module to call in training. Build the optimizer from ``model`` afterwards:
+        its parameters may be new."""
         ...
 
     def local(self, batch: torch.Tensor) -> torch.Tensor:
@@ -101,6 +114,9 @@ class SingleProcess:
     def main_first(self) -> Iterator[None]:
         yield
 
+    init_device = torch.device("cpu")
+    shard_of = staticmethod(whole)
+
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
 
@@ -153,7 +169,7 @@ def start_strategy(cfg: TrainConfig, device: torch.device) -> Strategy:
         return SingleProcess(device)
     try:
         moe = build_model_config(cfg, cfg.data.vocab_size, 0).moe  # the layout does not depend on the vocabulary
-        return DistributedTraining.start(moe, cfg.schedule.batch_size, device)
+        return DistributedTraining.start(moe, cfg.schedule.batch_size, device, ep=cfg.ep)
     except ValueError as e:
         raise TrainError(f"cannot train on {world} processes: {e}") from e
 
