@@ -109,15 +109,15 @@ def expert_mesh(rank: int, world: int) -> dict[str, Any]:
 
 
 def expert_parallel(rank: int, world: int) -> dict[str, Any]:
-    """Today's expert parallelism (``parallelize_experts``: plain expert slices with an offset, the rest
+    """Expert parallelism alone (``parallelize_experts``: expert DTensors sharded over "ep", the rest plain and
     replicated): the streamed save writes each expert from the rank holding it."""
     import deepseek_moe
-    from deepseek_moe.parallel import parallelize_experts
+    from deepseek_moe.parallel import init_parallel, parallelize_experts
 
     src, out = Path(os.environ["SHARDIO_SRC"]), Path(os.environ["SHARDIO_OUT"])
-    dist.init_process_group("gloo")
+    ctx = init_parallel()
     model = deepseek_moe.from_pretrained(src)
-    parallelize_experts(model, dist.group.WORLD)
+    parallelize_experts(model, ctx)
     return {"format": save_pretrained_sharded(model, out), "experts": model.layers[1].ffn.experts.n_experts}
 
 
