@@ -205,8 +205,9 @@ def _hf_name(name: str, expert: int | None) -> str:
     return mapped[0].replace("{e}", str(expert)) if expert is not None else mapped[0]
 
 
-def read_config(path: Path) -> tuple[dict[str, Any], ModelConfig]:
+def read_config(path: str | os.PathLike[str]) -> tuple[dict[str, Any], ModelConfig]:
     """config.json's dict and the ModelConfig it describes (any layout); errors name the file."""
+    path = Path(path)
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise CheckpointError(f"{path}: no {CONFIG_FILE}")
