@@ -238,6 +238,9 @@ def test_estimate_adds_up_and_layouts_are_checked() -> None:
     assert default_ep(cfg, 4) == 4 and default_ep(cfg, 6) == 2 and default_ep(get_preset("deepseek-v3"), 64) == 8
     with pytest.raises(ValueError, match=r"n_expert_groups \(4\) must be a multiple of MeshLayout.ep \(8\)"):
         sharded_state(cfg, MeshLayout(world=8, ep=8), FP32)
+    with pytest.raises(ValueError, match=r"n_limited_groups \(4\) must be <= MeshLayout.ep \(2\)"):
+        sharded_state(get_preset("deepseek-v3"), MeshLayout(world=64, ep=2), FP32)
+    assert default_ep(get_preset("deepseek-v3"), 2) == 1 and default_ep(get_preset("deepseek-v2"), 12) == 4
     with pytest.raises(ValueError, match=r"ep \(3\) must divide world \(4\)"):
         MeshLayout(world=4, ep=3)
 

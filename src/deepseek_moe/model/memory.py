@@ -96,19 +96,29 @@ class MeshLayout:
         return divmod(rank, self.ep)
 
     def check(self, cfg: ModelConfig) -> None:
-        """Raise ValueError unless each rank of an ep group can hold whole expert groups of ``cfg``."""
-        groups = cfg.moe.n_expert_groups
-        if cfg.n_moe_layers and groups % self.ep:
-            raise ValueError(f"moe.n_expert_groups ({groups}) must be a multiple of MeshLayout.ep ({self.ep}): "
-                             "each rank of an expert-parallel group holds whole expert groups")
+        """Raise ValueError unless ``cfg`` fits the layout as ``parallel.check_expert_parallel`` requires: each
+        rank of an ep group holds whole expert groups, and the device limit M does not exceed ep."""
+        moe = cfg.moe
+        if not cfg.n_moe_layers:
+            return
+        if moe.n_expert_groups % self.ep:
+            raise ValueError(f"moe.n_expert_groups ({moe.n_expert_groups}) must be a multiple of MeshLayout.ep "
+                             f"({self.ep}): each rank of an expert-parallel group holds whole expert groups")
+        if self.ep > 1 and moe.group_limited and moe.n_limited_groups > self.ep:
+            raise ValueError(f"moe.n_limited_groups ({moe.n_limited_groups}) must be <= MeshLayout.ep ({self.ep}): "
+                             "M bounds the expert-parallel ranks a token is sent to")
 
 
 def default_ep(cfg: ModelConfig, world: int) -> int:
-    """The automatic ep: the largest divisor of ``world`` that also divides n_expert_groups (``world`` when it
-    fits; 1 for a model without MoE layers)."""
-    if not cfg.n_moe_layers:
-        return 1
-    return max(d for d in range(1, world + 1) if world % d == 0 and cfg.moe.n_expert_groups % d == 0)
+    """The automatic ep (``parallel.auto_ep``'s rule): the largest divisor of ``world`` the layout accepts
+    (:meth:`MeshLayout.check`); ``world`` when it fits, 1 for a model without MoE layers."""
+    for ep in sorted((d for d in range(1, world + 1) if world % d == 0), reverse=True):
+        try:
+            MeshLayout(world=world, ep=ep).check(cfg)
+        except ValueError:
+            continue
+        return ep
+    return 1
 
 
 def chunk_rows(rows: int, parts: int, index: int) -> int:
