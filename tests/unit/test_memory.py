@@ -103,10 +103,18 @@ def test_fsdp_units_and_transient_by_hand() -> None:
     moe_block = ATTN + MOE - EXPERTS // 2  # this ep rank's half of the experts
     assert units == {"embed": EMBED, "layers.0": ATTN + DENSE, "layers.1": moe_block, "layers.2": moe_block,
                      "layers.3": moe_block, "root": 256, "head": EMBED}
+    assert {u.expert_elements for u in fsdp_units(cfg, mesh) if u.name.startswith("layers.")} == {0, EXPERTS // 2}
     assert largest_unit(cfg, mesh).elements == EMBED
     assert transient_bytes(cfg, mesh, FP32) == EMBED * 16
     assert transient_bytes(cfg, mesh, BF16_MIXED) == EMBED * (3 * 2 + 4)
-    assert largest_unit(cfg, MeshLayout(world=4, ep=1)) == Unit("layers.1", ATTN + MOE)  # all experts in one ep rank
+    assert largest_unit(cfg, MeshLayout(world=4, ep=1)) == Unit("layers.1", ATTN + MOE, EXPERTS)  # ep 1: all experts
+    assert transient_bytes(cfg, MeshLayout(world=4, ep=1), FP32) == (ATTN + MOE) * 16
+    # ep = N: each expert slice is on one rank only and used in place; one rank: nothing is gathered at all
+    ep4 = fsdp_units(cfg, MeshLayout(world=4, ep=4))
+    assert Unit("layers.1", ATTN + MOE - 3 * EXPERTS // 4, EXPERTS // 4) in ep4
+    assert transient_bytes(cfg, MeshLayout(world=4, ep=4), FP32) == EMBED * 16
+    assert transient_bytes(cfg.replace(vocab_size=256), MeshLayout(world=4, ep=4), FP32) == (ATTN + DENSE) * 16
+    assert transient_bytes(cfg, MeshLayout(world=1, ep=1), FP32) == 0
     tied = {u.name: u.elements for u in fsdp_units(cfg.replace(tie_word_embeddings=True), mesh)}
     assert tied["root"] == EMBED + 256 and "embed" not in tied and "head" not in tied
 

@@ -174,10 +174,11 @@ def sharded_state(cfg: ModelConfig, mesh: MeshLayout, precision: Precision, rank
 @dataclass(frozen=True)
 class Unit:
     """One FSDP unit: ``elements`` parameter elements a rank holds once the unit is gathered (its ep rank's
-    slice of routed experts, all of everything else)."""
+    slice of routed experts, all of everything else), ``expert_elements`` of them routed experts."""
 
     name: str
     elements: int
+    expert_elements: int = 0
 
 
 def _unit_name(param_name: str, tied: bool) -> str:
@@ -192,11 +193,13 @@ def fsdp_units(cfg: ModelConfig, mesh: MeshLayout) -> list[Unit]:
     unit unless tied) and the root (the final norm; a tied embedding and head). A block's experts are a unit of
     their own (sharded over N/ep ranks, not N) but are gathered while the block runs, so they count with it."""
     mesh.check(cfg)
-    sizes: dict[str, int] = {}
+    sizes: dict[str, tuple[int, int]] = {}
     for p in parameter_shapes(cfg):
         name = _unit_name(p.name, cfg.tie_word_embeddings)
-        sizes[name] = sizes.get(name, 0) + (p.numel // mesh.ep if p.routed_expert else p.numel)
-    return [Unit(name, n) for name, n in sizes.items()]
+        total, experts = sizes.get(name, (0, 0))
+        n = p.numel // mesh.ep if p.routed_expert else p.numel
+        sizes[name] = (total + n, experts + (n if p.routed_expert else 0))
+    return [Unit(name, n, e) for name, (n, e) in sizes.items()]
 
 
 def largest_unit(cfg: ModelConfig, mesh: MeshLayout) -> Unit:
@@ -205,8 +208,12 @@ def largest_unit(cfg: ModelConfig, mesh: MeshLayout) -> Unit:
 
 def transient_bytes(cfg: ModelConfig, mesh: MeshLayout, precision: Precision) -> int:
     """Peak FSDP working memory: the running unit's and the prefetched unit's parameters and the running unit's
-    unsharded gradients (compute dtype, then their reduce-scatter copy), bounded by the largest unit."""
-    return largest_unit(cfg, mesh).elements * (3 * precision.compute + precision.reduce)
+    unsharded gradients (compute dtype, then their reduce-scatter copy), bounded by the largest unit. Parameters
+    sharded over a single rank are used in place (measured: benchmarks/expert_parallel.py on one process holds
+    no gathered copy), so they count only where their mesh has more than one rank."""
+    def copied(u: Unit) -> int:
+        return (u.elements - u.expert_elements) * (mesh.world > 1) + u.expert_elements * (mesh.dp_mod_ep > 1)
+    return max(copied(u) for u in fsdp_units(cfg, mesh)) * (3 * precision.compute + precision.reduce)
 
 
 @dataclass(frozen=True)
