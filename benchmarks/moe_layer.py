@@ -4,6 +4,9 @@
 loop found in tutorials (for each expert: mask, run, add). Interleaved in one process, median of repeats.
 Also (a) with 16 and 160 routed experts at the same activated width.
 
+The process keeps freed memory (``deepseek_moe.device.keep_freed_memory``, as training does) unless
+``--malloc-defaults``.
+
     python benchmarks/moe_layer.py [--reps 20] [--threads 2] [--tokens 4096]
 """
 
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_moe import MoE, MoEConfig
+from deepseek_moe.device import keep_freed_memory
 from deepseek_moe.moe.experts import FeedForward
 
 
@@ -69,8 +73,11 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--inter", type=int, default=256)
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--malloc-defaults", action="store_true", help="leave glibc malloc's defaults")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if not args.malloc_defaults:
+        keep_freed_memory()
     torch.manual_seed(0)
 
     x = torch.randn(4, args.tokens // 4, args.dim)

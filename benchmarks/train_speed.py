@@ -6,12 +6,14 @@ attention; experts backend: the faster of ``eager`` and ``grouped_mm`` per dtype
 ``grouped_mm`` at the mid size, where eager was 3-9x slower: see --try-eager). Their fp32
 logits must agree before anything is timed. Then one process, interleaved rounds, the same batch for everyone:
 a training step (forward with labels, backward, fused AdamW step, zero_grad) in fp32 and under bf16 autocast (fp32
-master weights and optimizer state in both libraries). Tokens/s is the median over rounds.
+master weights and optimizer state in both libraries). Tokens/s is the median over rounds. The process runs with
+malloc keeping freed memory, as ``deepseek-moe train`` does (``deepseek_moe.device.keep_freed_memory``; the same
+for both libraries: it is the process's allocator, not the model's), unless ``--malloc-defaults``.
 
 transformers' ``batched_mm`` backend is left out: it gathers one (F, D) weight matrix per (token, expert) pair,
 (T*K, F, D) -- 17 GB per projection at the mid size's 1024 x 6 assignments.
 
-    python benchmarks/train_speed.py [--sizes tiny mid] [--rounds 3] [--threads 2]
+    python benchmarks/train_speed.py [--sizes tiny mid] [--rounds 3] [--threads 2] [--malloc-defaults]
 """
 
 from __future__ import annotations
@@ -163,15 +165,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--try-eager", action="store_true", help="also try transformers' eager experts at the mid size "
                     "(2026-11-23: 29 s fp32 / 61 s bf16 per step there against grouped_mm's 9.0 / 6.6, so off)")
+    ap.add_argument("--malloc-defaults", action="store_true",
+                    help="leave glibc malloc's defaults (freed large blocks go back to the kernel)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
 
-    from deepseek_moe.device import cpu_bf16_feature
+    from deepseek_moe.device import cpu_bf16_feature, keep_freed_memory
 
+    kept = False if args.malloc_defaults else keep_freed_memory()
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-                "cpu_bf16": cpu_bf16_feature(), "threads": torch.get_num_threads()}
+                "cpu_bf16": cpu_bf16_feature(), "threads": torch.get_num_threads(), "keep_freed_memory": kept}
     print(uptime())
     print(" ".join(f"{k} {v}" for k, v in versions.items()))
     results = {}

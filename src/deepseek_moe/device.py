@@ -1,8 +1,11 @@
 """``resolve_device``: a device name from a flag or config as a torch.device, checked; ``native_bf16``: whether
-its matrix products run bf16 natively (what makes bf16 autocast pay)."""
+its matrix products run bf16 natively (what makes bf16 autocast pay); ``keep_freed_memory``: stop malloc from
+handing a step's freed tensors back to the kernel."""
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from pathlib import Path
 
 import torch
@@ -54,4 +57,32 @@ def native_bf16(device: torch.device) -> str | None:
     return None
 
 
-__all__ = ["cpu_bf16_feature", "native_bf16", "resolve_device"]
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep the memory this process frees for its next allocations. True when it took
+    (False off Linux/glibc, where nothing changes).
+
+    By default every allocation above malloc's mmap threshold (32 MB at most) is a fresh mapping, unmapped again
+    on free. A training step allocates the same large tensors every time (bf16 weight copies, weight
+    gradients, activations), so each step page-faults all of them in again, 4 KB at a time, zero-filled by the
+    kernel -- and on a VM that reports free pages to its host (this one does), faulted in by the host as well.
+    A bf16 training step of two mid-size layers here: 172K page faults and 6.7-7.1 s by default, 23-29K and
+    3.8-4.9 s with this (1 thread, loaded machine). The price: the heap keeps its peak size until the process
+    exits (5% more peak RSS there), which a training process holds anyway.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+        return False  # another libc under glibc's name
+    # Serve large blocks from the heap instead of fresh mappings, and never trim the heap's top.
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+__all__ = ["cpu_bf16_feature", "keep_freed_memory", "native_bf16", "resolve_device"]

@@ -218,11 +218,16 @@ class TrainConfig:
     ep: int = 0
     # Recompute each block's activations in the backward instead of keeping them (memory at long sequences).
     activation_checkpointing: bool = False
+    # glibc malloc keeps freed memory for reuse instead of page-faulting each step's tensors in afresh
+    # (deepseek_moe.device.keep_freed_memory); false: malloc's defaults
+    keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         _non_negative_int(self, "seed", "threads", "ep")
         _require(isinstance(self.activation_checkpointing, bool),
                  f"activation_checkpointing ({self.activation_checkpointing!r}) must be a bool")
+        _require(isinstance(self.keep_freed_memory, bool),
+                 f"keep_freed_memory ({self.keep_freed_memory!r}) must be a bool")
         _require(self.dtype in ("auto", "fp32", "bf16"), f"dtype ({self.dtype!r}) must be one of 'auto', "
                  "'fp32', 'bf16'")
         _require(isinstance(self.device, str) and bool(self.device), f"device ({self.device!r}) must be a string")

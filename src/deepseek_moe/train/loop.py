@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
-from deepseek_moe.device import resolve_device
+from deepseek_moe.device import keep_freed_memory, resolve_device
 from deepseek_moe.moe.all_layers import set_uniform_routing
 from deepseek_moe.moe.bias import update_routing_bias
 from deepseek_moe.train import checkpoint as ckpt
@@ -104,6 +104,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        kept = keep_freed_memory() if cfg.keep_freed_memory else False
         try:
             device = resolve_device(cfg.device)
         except ValueError as e:
@@ -146,7 +147,8 @@ class Trainer:
             if self.strategy.is_main else _Discard())
         self.log(f"model {cfg.model.preset}: {n_params / 1e6:.2f}M parameters, vocab {self.data.vocab_size}; data "
                  f"{self.data.corpus.source}: {self.data.n_train_tokens:,} train / {self.data.n_val_tokens:,} val "
-                 f"tokens; device {self.device}, {self.precision.reason}; run dir {self.run_dir}")
+                 f"tokens; device {self.device}, {self.precision.reason}{', malloc keeps freed memory' if kept else ''}; "
+                 f"run dir {self.run_dir}")
 
     def build_model(self, model_cfg: ModelConfig) -> DeepSeekMoEForCausalLM:
         from deepseek_moe.model.block import set_activation_checkpointing
