@@ -133,3 +133,38 @@ def test_save_from_todays_expert_parallel_layout(v2: tuple[Path, DeepSeekMoEForC
     assert [r["experts"] for r in ranks] == [3, 3]
     assert_same_checkpoint(out, reference)
     assert not (out / "stale.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_two_process_run_writes_model_from_the_ranks_and_export_hf_matches(tmp_path: Path) -> None:
+    """``train --nproc 2``: model/ comes from both ranks (two files + index) and holds exactly the weights of the
+    final checkpoint, which ``export hf`` writes on one process from the run's state."""
+    import subprocess
+    import sys
+
+    from deepseek_moe.cli.main import main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"m{i:02d}.py").write_text("".join(f"def f{i}_{j}(x, y):\n    return x * {j} + y - {i}\n\n"
+                                                     for j in range(12)))
+    sets = ["model.dim=32", "model.inter_dim=64", "model.n_layers=2", "model.n_dense_layers=1", "model.n_heads=2",
+            "model.kv_lora_rank=16", "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8",
+            "model.moe.dim=32", "model.moe.moe_inter_dim=16", "model.moe.n_routed_experts=8",
+            "model.moe.n_activated_experts=2", "model.moe.n_expert_groups=2", "model.moe.n_limited_groups=1",
+            "data.seq_len=32", "data.vocab_size=300", "schedule.batch_size=4", "schedule.steps=2",
+            "routing.uniform_steps=0", "eval.batches=1", "eval.sample_tokens=0", "threads=1", "dtype=fp32",
+            f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}"]
+    run_dir = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "deepseek_moe.cli.main", "train", "--quiet", "--nproc", "2",
+                           "--data", str(corpus), "--out", str(run_dir), *[a for s in sets for a in ("--set", s)]],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert len(list((run_dir / "model").glob("model-*-of-00002.safetensors"))) == 2
+    out = tmp_path / "hf"
+    assert main(["export", "hf", str(run_dir), str(out)]) == 0
+    ours, theirs = _tensors(run_dir / "model"), _tensors(out)
+    assert sorted(ours) == sorted(theirs)
+    for key, t in theirs.items():
+        assert ours[key].view(-1).view(torch.uint8).equal(t.view(-1).view(torch.uint8)), key
