@@ -70,7 +70,7 @@ def test_two_processes_reproduce_one(setup: tuple[Path, list[str], Path]) -> Non
     done = cli(*args, "--out", str(two), "--nproc", "2")
     assert done.returncode == 0, done.stderr[-4000:]
     assert_same_run(one, two)
-    for name in ("model/config.json", "model/tokenizer.json", "routing.json", "sample.txt", "state/step-3/rng.safetensors"):
+    for name in ("model/config.json", "model/tokenizer.json", "routing.json", "sample.txt", "state/step-3/.metadata"):
         assert (two / name).is_file(), name
 
     # Saved on 2 processes, resumed on 1: the same steps as the uninterrupted run.

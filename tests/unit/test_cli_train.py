@@ -94,8 +94,8 @@ def test_resume_checks_the_checkpoint(capsys, run_dir, tmp_path):
     subprocess.run(["cp", "-r", str(run_dir), str(copy)], check=True)
     expect_error(capsys, ["train", "--quiet", "--resume", str(copy), "--set", "model.n_layers=3"],
                  "does not match")
-    (copy / "state" / "step-4" / "model.safetensors").write_bytes(b"not a safetensors file")
-    expect_error(capsys, ["train", "--quiet", "--resume", str(copy), "--extend-steps", "2"], "model.safetensors",
+    (copy / "state" / "step-4" / "__0_0.distcp").write_bytes(b"not a checkpoint file")
+    expect_error(capsys, ["train", "--quiet", "--resume", str(copy), "--extend-steps", "2"], "__0_0.distcp",
                  "corrupt")
 
 

@@ -1,6 +1,8 @@
 """End-to-end runs of a very small model on a small synthetic corpus (seconds each)."""
 
+import io
 import json
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -8,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from deepseek_moe.train.checkpoint import read_model_state
 from deepseek_moe.train.config import resolve_config
 from deepseek_moe.train.errors import TrainError
 from deepseek_moe.train.loop import run
@@ -49,7 +51,7 @@ def test_run_writes_the_whole_run_directory(finished_run):
     cfg, result = finished_run
     d = result.run_dir
     for name in ("config.json", "metrics.jsonl", "loss.png", "routing_heatmap.png", "sample.txt", "routing.json",
-                 "model/config.json", "model/tokenizer.json", "state/step-4/trainer.json", "state/step-8/rng.safetensors"):
+                 "model/config.json", "model/tokenizer.json", "state/step-4/trainer.json", "state/step-8/.metadata"):
         assert (d / name).is_file(), name
     assert list((d / "model").glob("*.safetensors"))
     config = json.loads((d / "config.json").read_text())
@@ -115,8 +117,8 @@ def test_sigkilled_run_resumes_to_the_same_loss(tmp_path):
     assert resumed.val_loss == ref.val_loss
     read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert _comparable(read(run_dir)) == _comparable(read(ref.run_dir))
-    a = load_file(str(run_dir / "state/step-10/model.safetensors"))
-    b = load_file(str(ref.run_dir / "state/step-10/model.safetensors"))
+    a = read_model_state(run_dir / "state/step-10")
+    b = read_model_state(ref.run_dir / "state/step-10")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
@@ -124,8 +126,8 @@ def test_stage_three_keeps_frozen_experts_fixed(tmp_path):
     cfg = small_config(tmp_path, "schedule.steps=6", "routing.uniform_steps=1", "routing.finetune_steps=2",
                        "routing.frozen_experts=[0, 5]", "routing.orthogonal_init=true", "checkpoint.every=2")
     result = run(cfg, progress=False)
-    before = load_file(str(result.run_dir / "state/step-4/model.safetensors"))
-    after = load_file(str(result.run_dir / "state/step-6/model.safetensors"))
+    before = read_model_state(result.run_dir / "state/step-4")
+    after = read_model_state(result.run_dir / "state/step-6")
     for w in ("w1", "w2", "w3"):
         key = f"layers.1.ffn.experts.{w}"
         assert (before[key][[0, 5]] == after[key][[0, 5]]).all()
@@ -146,7 +148,13 @@ class _Payload:
 
 
 def _plant(path: Path, marker: Path) -> None:
-    torch.save(_Payload(marker), path)  # the format torch.load reads
+    """The format the file's reader would take: DCP reads .metadata with pickle, tensor files with torch.load."""
+    if path.name == ".metadata":
+        path.write_bytes(pickle.dumps(_Payload(marker)))
+        return
+    buffer = io.BytesIO()
+    torch.save(_Payload(marker), buffer)
+    path.write_bytes(buffer.getvalue())
 
 
 def _resume_exit(run_dir: Path, capsys) -> tuple[int, str]:
@@ -183,16 +191,55 @@ def test_pickled_checkpoints_of_earlier_versions_are_refused(finished_run, tmp_p
     step = run_dir / "state" / "step-8"
     info = json.loads((step / "trainer.json").read_text())
     for p in step.iterdir():
-        if p.name != "model.safetensors":
+        if p.name != "__0_0.distcp":
             p.unlink()
     # The layout before format 2: step, data and fingerprint in trainer.json, the rest pickled.
-    (step / "trainer.json").write_text(json.dumps({k: info[k] for k in ("step", "data", "fingerprint")}))
+    (step / "trainer.json").write_text(json.dumps({"step": info["step"], "data": info["data"], "fingerprint": {}}))
     marker = tmp_path / "ran"
     for name in ("optimizer.pt", "rng.pt"):
         _plant(step / name, marker)
     code, err = _resume_exit(run_dir, capsys)
     assert not marker.exists()
     assert code == 2 and "pickle" in err and "optimizer.pt" in err, err
+
+
+def test_format_2_checkpoints_still_resume_on_one_process(finished_run, tmp_path):
+    """The safetensors step directories written before DCP checkpoints: the run goes on as if uninterrupted."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from deepseek_moe.moe.all_layers import routing_state
+    from deepseek_moe.train import state_codec
+    from deepseek_moe.train.checkpoint import rng_state
+    from deepseek_moe.train.loop import Trainer
+
+    cfg, result = finished_run
+    run_dir = tmp_path / "format2"
+    shutil.copytree(result.run_dir, run_dir)
+    shutil.rmtree(run_dir / "state" / "step-8")
+    trainer = Trainer(cfg.replace(out=str(run_dir)), resume=True, progress=False)
+    trainer.setup()  # restores step 4 (format 3), then rewrite it as format 2 wrote it
+    step = run_dir / "state" / "step-4"
+    info = json.loads((step / "trainer.json").read_text())
+    shutil.rmtree(step)
+    step.mkdir()
+    model_state = trainer.model.state_dict()
+    save_file({k: v.clone() for k, v in model_state.items()}, str(step / "model.safetensors"))
+    optimizer_tensors, optimizer_layout = state_codec.encode(trainer.optimizer.state_dict())
+    save_file(optimizer_tensors, str(step / "optimizer.safetensors"))
+    rng_tensors, rng_layout = state_codec.encode({"global": rng_state(), "routing": routing_state(trainer.model)})
+    save_file(rng_tensors, str(step / "rng.safetensors"))
+    (step / "trainer.json").write_text(json.dumps({
+        "format": 2, "step": 4, "data": info["data"], "scheduler": info["scheduler"], "optimizer": optimizer_layout,
+        "rng": rng_layout, "fingerprint": {k: list(v.shape) for k, v in model_state.items()}}))
+
+    resumed = run(cfg.replace(out=str(run_dir)), resume=True, progress=False)
+    assert resumed.val_loss == result.val_loss
+    read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert _comparable(read(run_dir)) == _comparable(read(result.run_dir))
+    assert sorted(p.name for p in (run_dir / "state" / "step-8").iterdir()) == [".metadata", "__0_0.distcp",
+                                                                             "trainer.json"]
 
 
 def test_a_config_transformers_lacks_still_loads_back(tmp_path, capsys):
@@ -205,7 +252,7 @@ def test_a_config_transformers_lacks_still_loads_back(tmp_path, capsys):
     result = run(cfg, progress=True)
     assert "own format" in capsys.readouterr().out
     model = deepseek_moe.from_pretrained(result.run_dir / "model")
-    saved = load_file(str(result.run_dir / "state/step-2/model.safetensors"))
+    saved = read_model_state(result.run_dir / "state/step-2")
     state = model.state_dict()
     assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in saved)
 

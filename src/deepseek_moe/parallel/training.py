@@ -21,13 +21,8 @@ from torch import nn
 
 from deepseek_moe.config import MoEConfig
 from deepseek_moe.model.init import ShardOf
-from deepseek_moe.parallel.checkpoint import (
-    full_optimizer_state,
-    full_state_dict,
-    gathered_model,
-    load_full_optimizer_state,
-    load_full_state_dict,
-)
+from deepseek_moe.parallel.checkpoint import gathered_model
+from deepseek_moe.parallel.dcp import put_state_dicts, state_dicts
 from deepseek_moe.parallel.experts import all_reduce_sum
 from deepseek_moe.parallel.fsdp import clip_grad_norm_, local_shard, materialize, shard_model
 from deepseek_moe.parallel.plan import check_expert_parallel
@@ -137,20 +132,16 @@ class DistributedTraining:
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         return clip_grad_norm_(model, max_norm)
 
-    # ---- checkpoints: the files hold the unsharded model, whatever the process count ----
-    def full_states(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], Any]:
-        """(model state_dict, optimizer state_dict) of the unsharded model; a collective."""
-        return full_state_dict(model), full_optimizer_state(model, optimizer)
+    # ---- checkpoints (train.checkpoint): DCP saves and loads each rank's shards, on any process count ----
+    def checkpoint_state(self, model: nn.Module,
+                         optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(model state, optimizer state) keyed as the single-process model, the parameters and their AdamW
+        moments as the DTensors FSDP2 and "ep" made them; no communication."""
+        return state_dicts(model, optimizer)
 
-    def full_shapes(self, model: nn.Module) -> dict[str, list[int]]:
-        """The unsharded model's state_dict shapes (a DTensor's shape is the global one): no communication."""
-        return {k: list(v.shape) for k, v in model.state_dict().items()}
-
-    def load_model_state(self, model: nn.Module, state: dict[str, Any]) -> None:
-        load_full_state_dict(model, state)
-
-    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: Any) -> None:
-        load_full_optimizer_state(model, optimizer, state)
+    def load_checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                              model_state: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
+        put_state_dicts(model, optimizer, model_state, optimizer_state)
 
     def gathered(self, model: nn.Module) -> nn.Module:
         """The unsharded model with local dispatch on the main rank (a collective; the other ranks get

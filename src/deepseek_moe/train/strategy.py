@@ -4,8 +4,9 @@ The Trainer calls these at fixed places and never asks how many processes there 
 nothing at each of them; ``deepseek_moe.parallel.DistributedTraining`` (FSDP2 over all ranks, routed experts
 split over an expert-parallel mesh dimension, the model built on the meta device) is the N-process strategy.
 
-Checkpoints go through the strategy too: ``full_states`` gives the state of the *unsplit* model on the rank
-that writes it, and ``load_*`` take a rank's part of it, so a checkpoint does not depend on the process count.
+Checkpoints go through the strategy too: ``checkpoint_state`` gives the model and optimizer state keyed as in
+the single-process model, each process holding its shards (DTensors), which DCP saves and loads on any process
+count (``train.checkpoint``).
 """
 
 from __future__ import annotations
@@ -77,17 +78,19 @@ class Strategy(Protocol):
         """Clip by the norm of the whole model's gradient, every process's part included."""
         ...
 
-    def full_states(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], Any]:
-        """(model state_dict, optimizer state_dict) of the unsplit model; a collective."""
+    def checkpoint_state(self, model: nn.Module,
+                         optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(model state, optimizer state) as a sharded checkpoint (DCP) stores them: the single-process model's
+        keys; values DTensors holding this process's shards, or plain tensors equal on every process; the
+        optimizer's as ``{"state": {name: {"exp_avg": ...}}, "param_groups": [{..., "params": [names]}]}``.
+        Loading fills these tensors in place, then calls ``load_checkpoint_state``. A fresh optimizer's state is
+        allocated (at lr 0), so there is something to load into."""
         ...
 
-    def full_shapes(self, model: nn.Module) -> dict[str, list[int]]:
-        """The unsplit model's state_dict shapes (the checkpoint fingerprint), without communication."""
+    def load_checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                              model_state: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
+        """Put the filled-in ``checkpoint_state`` dicts back into the model and optimizer."""
         ...
-
-    def load_model_state(self, model: nn.Module, state: dict[str, Any]) -> None: ...
-
-    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: Any) -> None: ...
 
     def gathered(self, model: nn.Module) -> nn.Module:
         """The whole model in one process, for export and sampling on the main rank; a collective."""
@@ -137,19 +140,17 @@ class SingleProcess:
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
-    def full_states(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], Any]:
-        return model.state_dict(), optimizer.state_dict()
+    def checkpoint_state(self, model: nn.Module,
+                         optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+        from deepseek_moe.parallel.dcp import state_dicts
 
-    def full_shapes(self, model: nn.Module) -> dict[str, list[int]]:
-        return {k: list(v.shape) for k, v in model.state_dict().items()}
+        return state_dicts(model, optimizer)
 
-    def load_model_state(self, model: nn.Module, state: dict[str, Any]) -> None:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    def load_checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                              model_state: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
+        from deepseek_moe.parallel.dcp import put_state_dicts
 
-    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: Any) -> None:
-        optimizer.load_state_dict(state)
+        put_state_dicts(model, optimizer, model_state, optimizer_state)
 
     def gathered(self, model: nn.Module) -> nn.Module:
         return model
