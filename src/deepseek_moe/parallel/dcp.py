@@ -196,8 +196,11 @@ def state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dic
 
 def put_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
                     optimizer_state: dict[str, Any]) -> None:
+    """Load the filled-in :func:`state_dicts`. Not strict: a parameter that never had a gradient (the router
+    under uniform routing, frozen experts) has no optimizer state, as in the run that saved it; the caller checks
+    that the model's keys and shapes match."""
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                   options=StateDictOptions(strict=True))
+                   options=StateDictOptions(strict=False))
 
 
 def stored(md: Metadata) -> dict[tuple[str, ...], tuple[torch.Size, torch.dtype]]:
@@ -211,15 +214,21 @@ def stored(md: Metadata) -> dict[tuple[str, ...], tuple[torch.Size, torch.dtype]
 
 
 def read_full(path: Path, top: str) -> dict[str, torch.Tensor]:
-    """The whole tensors saved under ``tensors[top]`` (a flat dict), read by this process alone (no collective):
-    for tests, inspection and export on one process. Holds all of them in memory at once."""
+    """The whole tensors saved under ``tensors[top]``, keyed by their path below it joined with "/" (the model's
+    keys as they are), read by this process alone (no collective): for tests, inspection and export on one
+    process. Holds all of them in memory at once."""
     md = read_metadata(path)
-    want = {p[1]: torch.empty(size, dtype=dtype) for p, (size, dtype) in stored(md).items()
-            if len(p) == 2 and p[0] == top}
-    if not want:
+    flat = {p[1:]: torch.empty(size, dtype=dtype) for p, (size, dtype) in stored(md).items() if p[0] == top}
+    if not flat:
         raise CheckpointReadError(f"{Path(path) / METADATA} holds no {top!r} tensors")
-    _dcp_load(path, {top: want}, no_dist=True)
-    return want
+    nested: dict[str, Any] = {}
+    for keys, t in flat.items():
+        node = nested
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = t
+    _dcp_load(path, {top: nested}, no_dist=True)
+    return {"/".join(keys): t for keys, t in flat.items()}
 
 
 __all__ = ["METADATA", "CheckpointReadError", "load", "put_state_dicts", "read_full", "read_metadata", "save",
