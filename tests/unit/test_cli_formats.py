@@ -75,9 +75,9 @@ def test_an_mha_training_run_writes_the_16b_layout_that_loads_back(tmp_path: Pat
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """End to end: `train` with LLaMA-style attention writes model/ as DeepSeekMoE 16B's layout (model_type
     "deepseek"), which from_pretrained, info and generate read; the weights are the final checkpoint's."""
-    from safetensors.torch import load_file
     from test_train_loop import small_config
 
+    from deepseek_moe.train.checkpoint import read_model_state
     from deepseek_moe.train.loop import run
 
     cfg = small_config(tmp_path, "schedule.steps=2", "routing.uniform_steps=0", "eval.sample_tokens=0",
@@ -88,7 +88,7 @@ def test_an_mha_training_run_writes_the_16b_layout_that_loads_back(tmp_path: Pat
     model_dir = result.run_dir / "model"
     assert json.loads((model_dir / "config.json").read_text())["model_type"] == "deepseek"
     model = from_pretrained(model_dir)
-    saved = load_file(str(result.run_dir / "state/step-2/model.safetensors"))
+    saved = read_model_state(result.run_dir / "state/step-2")
     state = model.state_dict()
     assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k].to(saved[k].dtype)) for k in saved)
     assert main(["info", str(result.run_dir)]) == 0

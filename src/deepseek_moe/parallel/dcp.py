@@ -70,7 +70,8 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP's metadata, so it is not built")
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in the metadata of a tensors-only checkpoint, "
+                                     "so it is not built")
 
 
 def read_metadata(path: Path) -> Metadata:
