@@ -29,7 +29,7 @@ def ablation(tmp_path_factory):
 
 def test_writes_results_plots_and_counts(ablation):
     out, _ = ablation
-    for name in ("results.json", "results.md", "val_loss_curves.png", "redundancy.png", "shared_expert.png",
+    for name in ("results.json", "claims.json", "results.md", "val_loss_curves.png", "redundancy.png", "shared_expert.png",
                  "ablation.json"):
         assert (out / name).is_file(), name
     rows = {r["variant"]: r for r in json.loads((out / "results.json").read_text())}

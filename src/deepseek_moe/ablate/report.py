@@ -97,7 +97,7 @@ def results_markdown(cfg: AblationConfig, rows: list[dict[str, Any]],
                   f"{t['shared_disabled_val_loss']:.4f} ± {t['shared_disabled_val_loss_std']:.4f} |"]
     if claims:
         lines += ["", *claims_markdown(claims)]
-    lines += ["", "Plots: `val_loss_curves.png`, `redundancy.png`, `shared_expert.png`.", ""]
+    lines += ["", "Plots: `val_loss_curves.png`, `val_loss_vs_gshard.png`, `redundancy.png`, `shared_expert.png`.", ""]
     return "\n".join(lines)
 
 
@@ -130,6 +130,43 @@ def plot_curves(cfg: AblationConfig, analyses: dict[str, list[dict[str, Any]]], 
     ax.set_ylim(min(finals) - 0.3, min(finals) + 1.5)  # the end of training, where the variants separate
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_relative(cfg: AblationConfig, analyses: dict[str, list[dict[str, Any]]], path: Path,
+                  base: str = "gshard") -> None:
+    """Each variant's validation loss minus ``base``'s at the same seed and step (mean, band min..max over seeds):
+    the curves themselves differ by less than their spread over seeds, the paired differences do not."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if base not in analyses:
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    base_curves = [dict((int(s), float(loss)) for s, loss in r["curve"]) for r in analyses[base]]
+    for v in cfg.variants:
+        curves = [dict((int(s), float(loss)) for s, loss in r["curve"]) for r in analyses[v]]
+        steps = sorted(set.intersection(*(set(c) for c in curves + base_curves)))
+        if v == base or not steps:
+            continue
+        x = [s * tokens_per_step / 1e6 for s in steps]
+        deltas = [[c[s] - b[s] for c, b in zip(curves, base_curves, strict=True)] for s in steps]
+        line, = ax.plot(x, [sum(d) / len(d) for d in deltas], label=v, linewidth=1.5)
+        if len(curves) > 1:
+            ax.fill_between(x, [min(d) for d in deltas], [max(d) for d in deltas], color=line.get_color(), alpha=0.15,
+                            linewidth=0)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel(f"validation loss minus {base}'s, same seed (nats/token)")
+    ax.set_title(f"Paired by seed, relative to {base}" + (" (band: min–max over seeds)" if len(cfg.seeds) > 1 else ""))
+    ax.set_ylim(-0.25, 0.25)  # the early steps differ by more; the end of training is what the claims are about
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -188,9 +225,10 @@ def write_report(cfg: AblationConfig, out: Path, counts: dict[str, Counts],
     write_json(out / "claims.json", claims)
     (out / "results.md").write_text(results_markdown(cfg, rows, claims))
     plot_curves(cfg, analyses, out / "val_loss_curves.png")
+    plot_relative(cfg, analyses, out / "val_loss_vs_gshard.png")
     plot_redundancy(rows, out / "redundancy.png")
     plot_shared(rows, out / "shared_expert.png")
     return rows
 
 
-__all__ = ["mean_std", "plot_curves", "plot_redundancy", "plot_shared", "result_rows", "results_markdown", "write_report"]
+__all__ = ["mean_std", "plot_curves", "plot_relative", "plot_redundancy", "plot_shared", "result_rows", "results_markdown", "write_report"]
