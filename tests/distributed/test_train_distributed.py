@@ -46,6 +46,10 @@ def losses(run_dir: Path) -> list[float]:
     return [r.get("loss", r.get("val_loss")) for r in records if r["kind"] in ("train", "val", "summary")]
 
 
+def train_records(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
 def assert_same_run(a: Path, b: Path) -> None:
     la, lb = losses(a), losses(b)
     assert len(la) == len(lb)
@@ -70,6 +74,13 @@ def test_two_processes_reproduce_one(setup: tuple[Path, list[str], Path]) -> Non
     done = cli(*args, "--out", str(two), "--nproc", "2")
     assert done.returncode == 0, done.stderr[-4000:]
     assert_same_run(one, two)
+    # Dropping summed over both processes: exactly the single process's fraction, step by step.
+    one_train, two_train = train_records(one), train_records(two)
+    assert [r["dropped"] for r in two_train] == [r["dropped"] for r in one_train]
+    assert any(r["dropped"] > 0 for r in one_train)
+    # All-to-all traffic over both processes (none on one): M = 1 group, so every token reaches one process.
+    assert all("a2a_bytes_per_token" not in r for r in one_train)
+    assert all(r["a2a_ranks_per_token"] == 1.0 and r["a2a_bytes_per_token"] > 0 for r in two_train)
     for name in ("model/config.json", "model/tokenizer.json", "routing.json", "sample.txt", "state/step-3/.metadata"):
         assert (two / name).is_file(), name
 

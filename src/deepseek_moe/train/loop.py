@@ -18,7 +18,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,10 +42,12 @@ from deepseek_moe.train.optim import build_optimizer
 from deepseek_moe.train.report import plot_heatmap, plot_loss
 from deepseek_moe.train.routing import (
     ExpertFreezer,
-    dropped_fraction,
+    drop_counts,
     layer_names,
     load_summary,
     orthogonal_init_experts,
+    reset_traffic,
+    traffic_counts,
 )
 from deepseek_moe.train.rundir import (
     MetricsLog,
@@ -84,7 +86,10 @@ class StepResult:
     aux_loss: float
     lr: float  # the rate this step used
     counts: torch.Tensor | None  # (L, E) tokens per expert over the step's micro-batches
-    dropped: float
+    dropped: float  # fraction of the step's assignments dropped, over all processes
+    # All-to-all traffic of the step's forwards over all processes, per token and MoE layer (empty on 1 process):
+    # a2a_bytes_per_token (dispatch + combine, to other processes), a2a_ranks_per_token (processes reached).
+    traffic: dict[str, float] = field(default_factory=dict)
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress: bool = True) -> RunResult:
@@ -213,7 +218,8 @@ class Trainer:
             self.freezer = ExpertFreezer(model, cfg.routing.frozen_experts, shard_of=self.strategy.shard_of)
 
         ce_sum, aux_sum = 0.0, 0.0
-        counts = None
+        counts, drops = None, torch.zeros(2, dtype=torch.float64)
+        reset_traffic(model)
         for _ in range(s.grad_accum_steps):
             # every process draws the global batch and keeps its rows
             batch = self.strategy.local(self.data.train.next_batch(s.batch_size).to(self.device))
@@ -223,9 +229,16 @@ class Trainer:
             ce_sum += float(out.ce_loss.detach())
             aux_sum += float(out.aux_loss.detach())
             counts = _add(counts, routing_counts(model))
+            drops += drop_counts(model)
         # the global batch's numbers, so every process takes the same decisions
         ce_sum, aux_sum = self.strategy.mean(ce_sum, aux_sum)
         counts = self.strategy.sum(counts) if counts is not None else None
+        dropped, assignments = self.strategy.sum(drops).tolist()
+        traffic = traffic_counts(model)
+        if traffic is not None:
+            sent_bytes, rows, tokens = self.strategy.sum(traffic).tolist()
+            traffic_per_token = {"a2a_bytes_per_token": sent_bytes / max(tokens, 1),
+                                 "a2a_ranks_per_token": rows / max(tokens, 1)}
         if not math.isfinite(ce_sum):
             raise TrainError(f"the loss became {ce_sum} at step {step + 1}; lower optim.lr ({cfg.optim.lr}) or "
                              "check the data")
@@ -241,7 +254,8 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(step + 1, stage, ce_sum / s.grad_accum_steps, aux_sum / s.grad_accum_steps, lr, counts,
-                          dropped_fraction(model))
+                          dropped / assignments if assignments else 0.0,
+                          traffic_per_token if traffic is not None else {})
 
     def log_step(self, r: StepResult) -> None:
         now = time.perf_counter()
@@ -251,9 +265,13 @@ class Trainer:
         self.metrics.write({"kind": "train", "step": r.step, "loss": r.ce_loss + r.aux_loss, "ce_loss": r.ce_loss,
                             "aux_loss": r.aux_loss, "lr": r.lr, "tokens_per_s": tps, "imbalance": loads["imbalance"],
                             "cv": loads["cv"], "dropped": r.dropped, "stage": r.stage,
-                            "epoch": self.data.train.epochs_done})
-        self.bar.set_postfix(loss=f"{r.ce_loss:.3f}", tok_s=f"{tps:,.0f}", lr=f"{r.lr:.2e}",
-                             imb=f"{loads['imbalance']:.2f}", drop=f"{r.dropped:.1%}", stage=r.stage, refresh=False)
+                            "epoch": self.data.train.epochs_done, **r.traffic})
+        postfix: dict[str, object] = {"loss": f"{r.ce_loss:.3f}", "tok_s": f"{tps:,.0f}", "lr": f"{r.lr:.2e}",
+                                      "imb": f"{loads['imbalance']:.2f}", "drop": f"{r.dropped:.1%}",
+                                      "stage": r.stage}
+        if r.traffic:  # all-to-all bytes per token and MoE layer, every process's
+            postfix["a2a"] = f"{r.traffic['a2a_bytes_per_token'] / 1024:.1f}KiB/tok"
+        self.bar.set_postfix(postfix, refresh=False)
 
     # ---- evaluation and checkpoints -----------------------------------------------------------------------
     @torch.no_grad()

@@ -121,11 +121,38 @@ def load_summary(counts_LE: torch.Tensor) -> dict[str, float]:
             "cv": float((counts_LE.std(dim=1, unbiased=False) / mean).mean())}
 
 
+def drop_counts(model: nn.Module) -> torch.Tensor:
+    """(2,) float64: assignments dropped and assignments made in the last forward of every MoE layer of this
+    process (summed over processes, the global batch's; the fraction is their ratio)."""
+    stats = [moe.last_stats for _, moe in moe_layers(model) if moe.last_stats is not None]
+    return torch.tensor([sum(float(s.dropped) for s in stats), sum(s.n_assignments for s in stats)],
+                        dtype=torch.float64)
+
+
+def traffic_counts(model: nn.Module) -> torch.Tensor | None:
+    """(3,) float64: all-to-all bytes sent to other processes (dispatch + combine), (token, process) rows sent
+    and tokens dispatched, summed over the MoE layers since :func:`reset_traffic`; None when no layer dispatches
+    over processes. Summed over processes: bytes / tokens is the traffic per token per layer, rows / tokens the
+    processes a token reaches."""
+    stats = [moe.dispatcher.stats for _, moe in moe_layers(model) if hasattr(moe.dispatcher, "stats")]
+    if not stats:
+        return None
+    return torch.tensor([sum(s.dispatch_bytes + s.combine_bytes for s in stats), sum(s.rows_sent for s in stats),
+                         sum(s.tokens for s in stats)], dtype=torch.float64)
+
+
+def reset_traffic(model: nn.Module) -> None:
+    for _, moe in moe_layers(model):
+        reset = getattr(moe.dispatcher, "reset_stats", None)
+        if reset is not None:
+            reset()
+
+
 def dropped_fraction(model: nn.Module) -> float:
     stats = [moe.last_stats for _, moe in moe_layers(model) if moe.last_stats is not None]
     total = sum(s.n_assignments for s in stats)
     return sum(float(s.dropped) for s in stats) / total if total else 0.0
 
 
-__all__ = ["ExpertFreezer", "dropped_fraction", "layer_names", "load_summary", "orthogonal_blocks",
+__all__ = ["ExpertFreezer", "drop_counts", "dropped_fraction", "reset_traffic", "traffic_counts", "layer_names", "load_summary", "orthogonal_blocks",
            "orthogonal_init_experts"]
