@@ -8,8 +8,9 @@ from after the imports (and the process group) to after it, and over the save (p
 /proc/self/clear_refs):
 
 * ``1 process``: ``from_pretrained(path)`` then ``save_pretrained(model, out)``;
-* ``N ranks (FSDP2)``: every rank builds the model on meta, ``fully_shard``s each block and the root over the N
-  gloo ranks (still on meta), ``load_pretrained_sharded`` then ``save_pretrained_sharded``: the worst rank.
+* ``N ranks (FSDP2)``: every rank builds the model on meta, lays it out as training does (``shard_model``, the
+  default expert-parallel size) over the N gloo ranks while still on meta, ``load_pretrained_sharded`` then
+  ``save_pretrained_sharded``: the worst rank.
 
     python benchmarks/shard_io_memory.py --ranks 2 4
 """
@@ -58,22 +59,18 @@ if world == 1:
     held = sum(t.nbytes for t in model.state_dict().values())
 else:
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
     from deepseek_moe.io.load import read_config
     from deepseek_moe.io.streaming import skip_init
     from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
-    from deepseek_moe.parallel.shard_io import load_pretrained_sharded, save_pretrained_sharded
-    dist.init_process_group("gloo")
-    mesh = init_device_mesh("cpu", (world,))
+    from deepseek_moe.parallel import (auto_ep, init_parallel, load_pretrained_sharded, save_pretrained_sharded,
+                                       shard_model)
     _, cfg = read_config(src)
+    ctx = init_parallel(auto_ep(world, [cfg.moe]))
     before = hwm(); t0 = time.perf_counter()
     with torch.device("meta"), skip_init():
         model = DeepSeekMoEForCausalLM(cfg).to(torch.bfloat16)
-    for block in model.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    shard_model(model, ctx)  # the training layout: experts over "ep", everything FSDP2-sharded
     load_pretrained_sharded(model, src)
     load_s = time.perf_counter() - t0; load = hwm() - before
     dist.barrier()

@@ -80,31 +80,36 @@ def fsdp(rank: int, world: int) -> dict[str, Any]:
 
 
 def expert_mesh(rank: int, world: int) -> dict[str, Any]:
-    """Routed experts as 2-D DTensors: Shard(0) over "ep" (2), then fully_shard over "dp_mod_ep" (world / 2) on
-    the expert dim (_StridedShard, uneven with 6 experts) or, in the second model, on the hidden dim (Shard(1):
-    boxes that are not whole rows); everything else fully_shard-ed over all ranks. Loaded, gathered, saved."""
+    """The training layout (``shard_model`` on meta: routed experts Shard(0) over "ep" = 2, then fully_shard over
+    "dp_mod_ep" = world / 2: _StridedShard, uneven with 6 experts; the rest over all ranks): loaded, gathered,
+    run (all-to-all dispatch) and saved. Then the experts fully_shard-ed on their hidden dim instead (Shard(1):
+    boxes that are not whole rows), loaded and gathered."""
+    from deepseek_moe.parallel import init_parallel, shard_model
+
     src = Path(os.environ["SHARDIO_SRC"])
-    dist.init_process_group("gloo")
-    mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp_mod_ep", "ep"))
-    flat = init_device_mesh("cpu", (world,))
+    ctx = init_parallel(2)
     results: dict[str, Any] = {}
-    for case, dim in (("strided", 0), ("columns", 1)):
-        model = _meta_model(src)
-        for _, moe in moe_layers(model):
-            experts = moe.experts
-            for leaf, p in list(experts.named_parameters()):
-                setattr(experts, leaf, nn.Parameter(distribute_tensor(p.data, mesh["ep"], [Shard(0)])))
-            fully_shard(experts, mesh=mesh["dp_mod_ep"], shard_placement_fn=lambda p, d=dim: Shard(d))
-        for block in model.layers:
-            fully_shard(block, mesh=flat)
-        fully_shard(model, mesh=flat)
-        load_pretrained_sharded(model, src)
-        w1 = model.layers[1].ffn.experts.w1
-        assert isinstance(w1, DTensor)
-        results[case] = {"state": _gathered(model), "placements": str(w1.placements),
-                         "local_bytes": _local_bytes(model)}
-        if case == "strided":
-            save_pretrained_sharded(model, Path(os.environ["SHARDIO_OUT"]))
+    model = _meta_model(src)
+    shard_model(model, ctx)
+    load_pretrained_sharded(model, src)
+    ids = torch.arange(2 * 7).remainder(model.config.vocab_size).view(2, 7)
+    with torch.no_grad():
+        logits = model.eval()(ids).logits  # every rank the same two sequences, experts exchanged all-to-all
+    save_pretrained_sharded(model, Path(os.environ["SHARDIO_OUT"]))
+    results["strided"] = {"state": _gathered(model), "placements": str(model.layers[1].ffn.experts.w1.placements),
+                          "logits": logits}
+
+    model = _meta_model(src)
+    for _, moe in moe_layers(model):
+        experts = moe.experts
+        for leaf, p in list(experts.named_parameters()):
+            setattr(experts, leaf, nn.Parameter(distribute_tensor(p.data, ctx.mesh["ep"], [Shard(0)])))
+        fully_shard(experts, mesh=ctx.mesh["dp_mod_ep"], shard_placement_fn=lambda p: Shard(1))
+    for block in model.layers:
+        fully_shard(block, mesh=ctx.fsdp_mesh)
+    fully_shard(model, mesh=ctx.fsdp_mesh)
+    load_pretrained_sharded(model, src)
+    results["columns"] = {"state": _gathered(model), "placements": str(model.layers[1].ffn.experts.w1.placements)}
     return results
 
 

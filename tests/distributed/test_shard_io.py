@@ -106,7 +106,7 @@ def test_fsdp_load_reads_only_the_shards_and_equals_one_process(v2: tuple[Path, 
     assert len(list(out.glob("model-*.safetensors"))) == 2  # both ranks wrote their share
 
 
-def test_expert_dtensors_on_a_2d_mesh(v2: tuple[Path, DeepSeekMoEForCausalLM, Path], tmp_path: Path) -> None:
+def test_the_training_layout_and_column_shards_on_a_2d_mesh(v2: tuple[Path, DeepSeekMoEForCausalLM, Path], tmp_path: Path) -> None:
     src, _, reference = v2
     out = tmp_path / "model"
     ranks = run_ranks(4, "expert_mesh", module="shard_io_workers", timeout_s=400,
@@ -114,11 +114,15 @@ def test_expert_dtensors_on_a_2d_mesh(v2: tuple[Path, DeepSeekMoEForCausalLM, Pa
     want = deepseek_moe.from_pretrained(src).state_dict()
     assert "_StridedShard" in ranks[0]["strided"]["placements"]
     assert "Shard(dim=1)" in ranks[0]["columns"]["placements"]
+    one = deepseek_moe.from_pretrained(src)
+    with torch.no_grad():
+        logits = one(torch.arange(2 * 7).remainder(37).view(2, 7)).logits
     for r in ranks:
         for case in ("strided", "columns"):
             got = r[case]["state"]
             for name, t in want.items():
                 assert torch.equal(got[name], t), (case, name)
+        torch.testing.assert_close(r["strided"]["logits"], logits, rtol=1e-5, atol=1e-6)
     assert_same_checkpoint(out, reference)
 
 

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import save_file
 
 from deepseek_moe.io.hf import config_to_hf, hf_model_type, ours_to_hf
 from deepseek_moe.io.hf_deepseek import config_to_deepseek, deepseek_incompatibility
 from deepseek_moe.io.load import CONFIG_FILE, DTYPES, INDEX_FILE, SINGLE_FILE, TOKENIZER_FILE
 from deepseek_moe.io.native import FORMAT, native_config_json
+from deepseek_moe.io.safetensors_file import SafetensorsWriter
 
 if TYPE_CHECKING:
     from deepseek_moe.config import ModelConfig
@@ -170,7 +170,7 @@ def _entry_tensors(model: DeepSeekMoEForCausalLM, entries: list[Entry]) -> Itera
         tensor = state[entry.name].detach()
         if entry.expert is not None:
             first = getattr(model.get_submodule(entry.name.rpartition(".")[0]), "offset", 0)
-            yield entry.key, tensor[entry.expert - first].clone()  # a slice shares the stacked storage
+            yield entry.key, tensor[entry.expert - first]  # a view: the writer copies its bytes out
         else:
             yield entry.key, tensor
 
@@ -202,7 +202,8 @@ def save_pretrained(model: DeepSeekMoEForCausalLM, path: str | os.PathLike[str],
 
 def write_checkpoint(path: Path, entries: Iterator[tuple[str, torch.Tensor]], config: Mapping[str, Any],
                      limit: int, tokenizer: Any, *, metadata: dict[str, str]) -> None:
-    """Shards of at most ``limit`` bytes (one tensor may exceed it), written one at a time."""
+    """Shards of at most ``limit`` bytes (one tensor may exceed it), written one at a time, each tensor streamed
+    into its file (``SafetensorsWriter``)."""
     path.mkdir(parents=True, exist_ok=True)
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = total = 0
@@ -220,7 +221,13 @@ def write_checkpoint(path: Path, entries: Iterator[tuple[str, torch.Tensor]], co
     written: list[tuple[Path, Path]] = []
     for name, shard in zip(names, shards, strict=True):
         target = path / name
-        save_file({k: t.contiguous().cpu() for k, t in shard}, str(target) + tmp, metadata=metadata)
+        # Streamed a tensor at a time from the model's own storage: no copy of the shard is assembled first.
+        writer = SafetensorsWriter(str(target) + tmp, [(k, t.dtype, tuple(t.shape)) for k, t in shard], metadata)
+        try:
+            for k, t in shard:
+                writer.write(k, t)
+        finally:
+            writer.close()
         written.append((Path(str(target) + tmp), target))
     if len(shards) > 1:
         weight_map = {k: name for name, shard in zip(names, shards, strict=True) for k, _ in shard}

@@ -320,11 +320,12 @@ def stream_into(model: DeepSeekMoEForCausalLM, blocks: Iterable[Block], *, dtype
     ``shards``: for a model laid out over processes, the part of each tensor this process holds (its local
     tensor already allocated); only the blocks that overlap it are read, and only their overlap."""
     select = hooks.select or (lambda name, expert: True)
+    shards = shards or {}
     expert_rows: dict[str, list[int]] = defaultdict(list)
     for name, e in required:
-        if e is not None and select(name, e):
+        if e is not None and select(name, e) and name not in shards:  # a sharded tensor's layout is the caller's
             expert_rows[name].append(e)
-    dest = Destinations(Materializer(model, dtype, device), shards or {}, restrict_experts(model, expert_rows))
+    dest = Destinations(Materializer(model, dtype, device), shards, restrict_experts(model, expert_rows))
     chosen = [b for b in blocks if select(b.name, b.expert) and dest.wants(b.name, b.expert)]
     required = {(n, e) for n, e in required if select(n, e) and dest.wants(n, e)}
 

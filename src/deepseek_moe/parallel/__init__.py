@@ -7,6 +7,8 @@
     materialize(model, ctx.device)       allocate this rank's shards, single-process init of them
     parallelize_experts(model, ctx)      the expert split alone (DTensor experts + all-to-all dispatch)
     clip_grad_norm_(model, max_norm)     the global norm over every shard
+    load_pretrained_sharded(model, path) a Hugging Face checkpoint straight into this rank's shards
+    save_pretrained_sharded(model, path) one streamed from the ranks (a collective; nothing gathered whole)
     DistributedTraining.start(...)       all a training loop needs under torchrun (the Trainer's N-process strategy)
     launch(module, argv, n)              run ``python -m module`` on n local processes through torchrun
 """
@@ -31,6 +33,7 @@ from deepseek_moe.parallel.fsdp import clip_grad_norm_, local_shard, materialize
 from deepseek_moe.parallel.launch import LaunchFailed, launch
 from deepseek_moe.parallel.plan import ExpertShard, check_expert_parallel, expert_shard
 from deepseek_moe.parallel.runtime import ParallelContext, auto_ep, env_world_size, init_parallel, shutdown
+from deepseek_moe.parallel.shard_io import load_pretrained_sharded, save_pretrained_sharded
 from deepseek_moe.parallel.training import DistributedTraining, check_training_layout
 
 __all__ = [
@@ -57,10 +60,12 @@ __all__ = [
     "launch",
     "load_full_optimizer_state",
     "load_full_state_dict",
+    "load_pretrained_sharded",
     "local_shard",
     "materialize",
     "parallelize_experts",
     "reset_comm_stats",
+    "save_pretrained_sharded",
     "shard_model",
     "shutdown",
 ]

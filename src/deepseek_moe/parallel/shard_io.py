@@ -1,13 +1,12 @@
 """Hugging Face checkpoints in and out of a model laid out over processes, without any rank holding it whole.
 
-    model = build on meta, lay out (FSDP2 + expert parallelism), then
+    model = build on meta, lay out (``shard_model``: FSDP2 + expert parallelism), then
     load_pretrained_sharded(model, path)   each rank allocates its shards and reads only their boxes
     save_pretrained_sharded(model, path)   each rank writes what it holds; nothing is gathered whole
 
 Any layout is read the same way: a parameter that is a DTensor is held as the box of its global tensor given by
 ``compute_local_shape_and_global_offset`` (what DCP uses too: Shard, uneven Shard, _StridedShard of FSDP2 over an
-expert-parallel dimension); the expert slices of ``parallelize_experts`` (plain tensors, ``RoutedExperts.offset``)
-are a box on the expert dimension; any other tensor is whole on every rank. The loader is the streaming loader
+expert-parallel dimension, Shard(1)); any other tensor is whole on every rank. The loader is the streaming loader
 (io/streaming.py) told which box each tensor is (:class:`deepseek_moe.io.streaming.Shard`).
 
 Saving writes exactly the files ``save_pretrained`` writes for the single-process model, tensor for tensor, split
@@ -35,7 +34,6 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from deepseek_moe.io.streaming import Shard
-from deepseek_moe.moe.all_layers import moe_layers
 
 if TYPE_CHECKING:
     from deepseek_moe.io.save import Entry
@@ -45,32 +43,20 @@ if TYPE_CHECKING:
 def local_shards(model: nn.Module) -> dict[str, Shard]:
     """The box of the global tensor this rank holds, for every parameter and persistent buffer of ``model``
     (its state_dict names: FSDP2 keeps the single-process ones). Local tensors must be allocated."""
-    expert_slices: dict[str, tuple[int, int]] = {}
-    for prefix, moe in moe_layers(model):
-        experts = moe.experts
-        if experts.n_experts != moe.cfg.n_routed_experts and not isinstance(experts.w1, DTensor):
-            for leaf in ("w1", "w2", "w3"):
-                name = f"{prefix}.experts.{leaf}" if prefix else f"experts.{leaf}"
-                expert_slices[name] = (experts.offset, moe.cfg.n_routed_experts)
     shards: dict[str, Shard] = {}
     with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():
-            if isinstance(tensor, DTensor):
-                shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh,
-                                                                      tensor.placements)
-                local = tensor.to_local()
-                if tuple(local.shape) != tuple(shape):
-                    raise ValueError(f"{name}: local tensor {list(local.shape)} is not the shard "
-                                     f"{list(shape)} its placements {tensor.placements} give")
-                if not offset:  # a rank outside the DTensor's mesh holds nothing of it
-                    offset = (0,) * tensor.dim()
-                shards[name] = Shard(local, tuple(offset), tuple(tensor.shape))
-            elif name in expert_slices:
-                first, total = expert_slices[name]
-                shards[name] = Shard(tensor.detach(), (first, *([0] * (tensor.dim() - 1))),
-                                     (total, *tensor.shape[1:]))
-            else:
+            if not isinstance(tensor, DTensor):
                 shards[name] = Shard.whole(tensor.detach())
+                continue
+            shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+            local = tensor.to_local()
+            if tuple(local.shape) != tuple(shape):
+                raise ValueError(f"{name}: local tensor {list(local.shape)} is not the shard {list(shape)} its "
+                                 f"placements {tensor.placements} give")
+            if not offset:  # a rank outside the DTensor's mesh holds nothing of it
+                offset = (0,) * tensor.dim()
+            shards[name] = Shard(local, tuple(offset), tuple(tensor.shape))
     return shards
 
 
