@@ -10,7 +10,7 @@ cost. Step times with N above the core count are oversubscribed: compare rows of
 
 Memory (``--parts memory``): a fixed model (:func:`memory_model`, 53M parameters) built on meta, wrapped by
 ``parallel.shard_model`` (experts over "ep", FSDP2 over the rest of the mesh), materialised, one AdamW step
-(fp32, one thread per rank) on 1, 2 and 4 ranks (and ep = 2 on 4): per rank, the parameter, gradient and
+(fp32, one thread per rank) on 1, 2 and 4 ranks (and ep = 2 on 4; and 4 with activation checkpointing): per rank, the parameter, gradient and
 optimizer bytes held by the actual shards (the DTensors' local tensors, AdamW's state after the step) against
 ``model.memory.sharded_state``, which must match exactly; and the peak RSS above the post-import baseline against
 the estimated peak (sharded state + FSDP transient + activations, ``model.memory``).
@@ -41,13 +41,15 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=6)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--parts", nargs="+", choices=["traffic", "memory"], default=["traffic", "memory"])
-    parser.add_argument("--memory-layouts", nargs="+", default=["1", "2", "4", "4:2"],
-                        help="N or N:ep for the memory part (ep defaults to the automatic choice)")
+    parser.add_argument("--memory-layouts", nargs="+", default=["1", "2", "4", "4:2", "4+ckpt"],
+                        help="N[:ep][+ckpt] for the memory part: ep defaults to the automatic choice; +ckpt turns "
+                        "activation checkpointing per block on")
     parser.add_argument("--memory-batch", type=int, default=2, help="sequences per rank in the memory step")
     parser.add_argument("--memory-seq", type=int, default=256)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ep", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -73,6 +75,7 @@ def rss_kib(field: str) -> int:
 def memory_worker(args: argparse.Namespace) -> None:
     import torch
 
+    from deepseek_moe.model.block import set_activation_checkpointing
     from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
     from deepseek_moe.parallel import auto_ep, init_parallel, local_shard, materialize, shard_model
     from deepseek_moe.train.config import OptimConfig
@@ -92,6 +95,7 @@ def memory_worker(args: argparse.Namespace) -> None:
         model = DeepSeekMoEForCausalLM(cfg, init_seed=0)
     shard_model(model, ctx)
     materialize(model, ctx.device)
+    set_activation_checkpointing(model, args.ckpt)
     optimizer = build_optimizer(model, OptimConfig())
     g = torch.Generator().manual_seed(ctx.rank)
     ids = torch.randint(0, cfg.vocab_size, (args.memory_batch, args.memory_seq), generator=g)
@@ -114,8 +118,8 @@ def memory_worker(args: argparse.Namespace) -> None:
     theory = sharded_state(cfg, mesh, FP32, ctx.rank)
     tokens = args.memory_batch * args.memory_seq
     estimate = (theory.total_bytes + transient_bytes(cfg, mesh, FP32)
-                + activation_bytes(cfg, tokens=tokens, compute=4, checkpointing=False, sdpa_pads_v=True))
-    row = {"world": world, "ep": ctx.ep_size, "rank": ctx.rank, **{f"{k}_bytes": v for k, v in held.items()},
+                + activation_bytes(cfg, tokens=tokens, compute=4, checkpointing=args.ckpt, sdpa_pads_v=True))
+    row = {"world": world, "ep": ctx.ep_size, "checkpointing": args.ckpt, "rank": ctx.rank, **{f"{k}_bytes": v for k, v in held.items()},
            "theory_params_bytes": theory.param_bytes, "theory_grads_bytes": theory.grad_bytes,
            "theory_optimizer_bytes": theory.optimizer_bytes, "peak_rss_above_baseline_bytes":
            1024 * (rss_kib("VmHWM") - baseline), "baseline_rss_bytes": 1024 * baseline,
@@ -188,7 +192,8 @@ def worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def launch(world: int, args: argparse.Namespace, *, memory_ep: int | None = None) -> list[dict[str, float]]:
+def launch(world: int, args: argparse.Namespace, *, memory_ep: int | None = None,
+           ckpt: bool = False) -> list[dict[str, float]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -198,6 +203,7 @@ def launch(world: int, args: argparse.Namespace, *, memory_ep: int | None = None
     if memory_ep is not None:
         argv = [sys.executable, os.path.abspath(__file__), "--memory-worker", "--ep", str(memory_ep),
                 "--memory-batch", str(args.memory_batch), "--memory-seq", str(args.memory_seq)]
+        argv += ["--ckpt"] if ckpt else []
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env={
         **os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
@@ -234,17 +240,21 @@ def memory(args: argparse.Namespace) -> dict:
 
     rows = []
     for layout in args.memory_layouts:
-        world, _, ep = layout.partition(":")
-        rows += launch(int(world), args, memory_ep=int(ep) if ep else 0)
+        shape, _, flag = layout.partition("+")
+        if flag not in ("", "ckpt"):
+            raise SystemExit(f"--memory-layouts: {layout!r} is not N[:ep][+ckpt]")
+        world, _, ep = shape.partition(":")
+        rows += launch(int(world), args, memory_ep=int(ep) if ep else 0, ckpt=flag == "ckpt")
     total, _ = count_parameters(memory_model())
     mb = 1e6
     print(f"\nmemory: {total / 1e6:.1f}M-parameter model (memory_model()), fp32, AdamW, one step of "
           f"{args.memory_batch} x {args.memory_seq} tokens per rank, gloo on CPU, 1 thread/rank; MB = 1e6 bytes")
-    print(f"{'N':>2} {'ep':>2} {'rank':>4} {'params MB':>9} {'theory':>8} {'grads MB':>8} {'theory':>8} "
+    print(f"{'N':>2} {'ep':>2} {'ckpt':>4} {'rank':>4} {'params MB':>9} {'theory':>8} {'grads MB':>8} {'theory':>8} "
           f"{'optim MB':>8} {'theory':>8} {'exact':>5} {'RSS peak-base MB':>16} {'estimate MB':>11}")
     for r in rows:
         r["exact"] = all(r[f"{k}_bytes"] == r[f"theory_{k}_bytes"] for k in ("params", "grads", "optimizer"))
-        print(f"{r['world']:>2} {r['ep']:>2} {r['rank']:>4} {r['params_bytes'] / mb:>9.2f} "
+        print(f"{r['world']:>2} {r['ep']:>2} {'yes' if r['checkpointing'] else 'no':>4} {r['rank']:>4} "
+              f"{r['params_bytes'] / mb:>9.2f} "
               f"{r['theory_params_bytes'] / mb:>8.2f} {r['grads_bytes'] / mb:>8.2f} {r['theory_grads_bytes'] / mb:>8.2f} "
               f"{r['optimizer_bytes'] / mb:>8.2f} {r['theory_optimizer_bytes'] / mb:>8.2f} "
               f"{'yes' if r['exact'] else 'NO':>5} {r['peak_rss_above_baseline_bytes'] / mb:>16.1f} "

@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from deepseek_moe.config import ModelConfig, MoEConfig
 from deepseek_moe.model.activations import activation_bytes, block_bytes, head_bytes
+from deepseek_moe.model.block import set_activation_checkpointing
 from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
 from deepseek_moe.model.counting import count_parameters, parameter_shapes
 from deepseek_moe.model.memory import (
@@ -109,12 +109,15 @@ def test_fsdp_units_and_transient_by_hand() -> None:
     assert transient_bytes(cfg, mesh, BF16_MIXED) == EMBED * (3 * 2 + 4)
     assert largest_unit(cfg, MeshLayout(world=4, ep=1)) == Unit("layers.1", ATTN + MOE, EXPERTS)  # ep 1: all experts
     assert transient_bytes(cfg, MeshLayout(world=4, ep=1), FP32) == (ATTN + MOE) * 16
-    # ep = N: each expert slice is on one rank only and used in place; one rank: nothing is gathered at all
+    # ep = N: each expert slice is on one rank only and used in place (its gradient still made whole and copied);
+    # one rank: nothing is gathered at all
     ep4 = fsdp_units(cfg, MeshLayout(world=4, ep=4))
-    assert Unit("layers.1", ATTN + MOE - 3 * EXPERTS // 4, EXPERTS // 4) in ep4
+    block = ATTN + MOE - 3 * EXPERTS // 4
+    assert Unit("layers.1", block, EXPERTS // 4) in ep4
     assert transient_bytes(cfg, MeshLayout(world=4, ep=4), FP32) == EMBED * 16
-    assert transient_bytes(cfg.replace(vocab_size=256), MeshLayout(world=4, ep=4), FP32) == (ATTN + DENSE) * 16
-    assert transient_bytes(cfg, MeshLayout(world=1, ep=1), FP32) == 0
+    assert transient_bytes(cfg.replace(vocab_size=256), MeshLayout(world=4, ep=4), FP32) == max(
+        (ATTN + DENSE) * 16, (block - EXPERTS // 4) * 8 + block * 8)
+    assert transient_bytes(cfg, MeshLayout(world=1, ep=1), FP32) == (ATTN + MOE) * 8
     tied = {u.name: u.elements for u in fsdp_units(cfg.replace(tie_word_embeddings=True), mesh)}
     assert tied["root"] == EMBED + 256 and "embed" not in tied and "head" not in tied
 
@@ -161,15 +164,6 @@ def _small(**changes: object) -> ModelConfig:
     return cfg.replace(**changes)
 
 
-class _Checkpointed(nn.Module):
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
-        return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
-
-
 @pytest.mark.parametrize(("changes", "dtype"), [
     ({}, torch.bfloat16),
     ({"q_lora_rank": 0}, torch.float32),
@@ -186,7 +180,7 @@ def test_activation_formula_matches_what_autograd_saves(changes: dict, dtype: to
     formula = activation_bytes(cfg, tokens=128, compute=c, checkpointing=False, sdpa_pads_v=pads)
     assert _saved_bytes(model, ids) == pytest.approx(formula, rel=0.005)
     # Checkpointed blocks keep only their input until the backward recomputes them one at a time.
-    model.layers = nn.ModuleList(_Checkpointed(block) for block in model.layers)
+    set_activation_checkpointing(model)
     largest_block = max(block_bytes(cfg, i, c, sdpa_pads_v=pads) for i in range(cfg.n_layers))
     kept = activation_bytes(cfg, tokens=128, compute=c, checkpointing=True, sdpa_pads_v=pads) - 128 * largest_block
     assert _saved_bytes(model, ids) == pytest.approx(kept, rel=0.01)

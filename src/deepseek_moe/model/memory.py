@@ -14,7 +14,8 @@ What one rank holds while training, each figure in the dtypes of a :class:`Preci
 * transient: FSDP unshards one unit at a time (:func:`fsdp_units`: the embedding, each block with its experts,
   the head, the root's final norm). At the peak of backward a rank holds the running unit's gathered parameters,
   the next unit's (prefetched), and the running unit's unsharded gradients in the compute dtype plus their
-  reduce-scatter copy in the reduce dtype: unit * (3 * compute + reduce) bytes (:func:`transient_bytes`);
+  reduce-scatter copy in the reduce dtype: unit * (3 * compute + reduce) bytes (:func:`transient_bytes`; less
+  where a unit is sharded over one rank only, which FSDP uses in place);
 * activations: what autograd saves for the backward (:mod:`deepseek_moe.model.activations`).
 
 Not counted: buffers (routing bias and counts, E fp32 each per MoE layer), the CUDA context, NCCL's buffers and
@@ -207,13 +208,15 @@ def largest_unit(cfg: ModelConfig, mesh: MeshLayout) -> Unit:
 
 
 def transient_bytes(cfg: ModelConfig, mesh: MeshLayout, precision: Precision) -> int:
-    """Peak FSDP working memory: the running unit's and the prefetched unit's parameters and the running unit's
-    unsharded gradients (compute dtype, then their reduce-scatter copy), bounded by the largest unit. Parameters
-    sharded over a single rank are used in place (measured: benchmarks/expert_parallel.py on one process holds
-    no gathered copy), so they count only where their mesh has more than one rank."""
-    def copied(u: Unit) -> int:
-        return (u.elements - u.expert_elements) * (mesh.world > 1) + u.expert_elements * (mesh.dp_mod_ep > 1)
-    return max(copied(u) for u in fsdp_units(cfg, mesh)) * (3 * precision.compute + precision.reduce)
+    """Peak FSDP working memory, the largest unit's: the running unit's and the prefetched unit's gathered
+    parameters (compute dtype), and the running unit's unsharded gradients (compute dtype, then their
+    reduce-scatter copy in the reduce dtype). Parameters sharded over a single rank are used in place, not
+    gathered (measured: one process holds no gathered copy), but their gradients are still produced whole and
+    copied into the shard."""
+    def working_set(u: Unit) -> int:
+        gathered = (u.elements - u.expert_elements) * (mesh.world > 1) + u.expert_elements * (mesh.dp_mod_ep > 1)
+        return gathered * 2 * precision.compute + u.elements * (precision.compute + precision.reduce)
+    return max(working_set(u) for u in fsdp_units(cfg, mesh))
 
 
 @dataclass(frozen=True)

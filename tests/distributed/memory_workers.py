@@ -1,0 +1,58 @@
+"""What each rank runs in test_memory_shards.py: the tiny model built on meta, laid out by parallel.shard_model,
+materialised, one AdamW step; each rank returns the bytes its shards hold (parameters, gradients, optimizer
+state), counted from the DTensors' local tensors, for the test to compare with model.memory's arithmetic."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import traceback
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+from deepseek_moe.parallel import init_parallel, local_shard, materialize, shard_model
+from deepseek_moe.presets import tiny
+from deepseek_moe.train.config import OptimConfig
+from deepseek_moe.train.optim import build_optimizer
+
+
+def _bytes(t: torch.Tensor) -> int:
+    local = local_shard(t)[0]
+    return local.numel() * local.element_size()
+
+
+def shards(rank: int, world: int) -> dict[str, Any]:
+    ctx = init_parallel(int(os.environ["MEMORY_EP"]), timeout_s=120)
+    with torch.device("meta"):
+        model = DeepSeekMoEForCausalLM(tiny(), init_seed=0)
+    shard_model(model, ctx)
+    materialize(model, ctx.device)
+    optimizer = build_optimizer(model, OptimConfig())
+    ids = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(rank))
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    params = list(model.parameters())
+    return {"rank": ctx.rank, "ep": ctx.ep_size, "tensors": len(params),
+            "params": sum(_bytes(p) for p in params),
+            "grads": sum(_bytes(p.grad) for p in params if p.grad is not None),
+            "optimizer": sum(_bytes(v) for state in optimizer.state.values() for v in state.values()
+                             if isinstance(v, torch.Tensor))}
+
+
+def main(worker: str) -> None:
+    torch.set_num_threads(1)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    try:
+        result = globals()[worker](rank, world)
+        torch.save(result, os.environ.get("DSMOE_RESULT", f"{tempfile.gettempdir()}/rank{rank}.pt"))
+    except BaseException as e:  # noqa: BLE001  (report, then fail this rank)
+        print(f"rank {rank} of {world} failed in {worker}: {type(e).__name__}: {e}", file=sys.stderr)
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
