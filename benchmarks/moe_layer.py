@@ -2,7 +2,8 @@
 
 (a) our layer, (b) a dense SwiGLU FFN of width (K + K_s) * F (the limit: same FLOPs, no routing), (c) the naive
 loop found in tutorials (for each expert: mask, run, add). Interleaved in one process, median of repeats.
-Also (a) with 16 and 160 routed experts at the same activated width.
+Also (a) with 16 and 160 routed experts at the same activated width. In fp32 and under bf16 autocast (where
+routing, gathers and combines do not speed up as the matrix products do).
 
 The process keeps freed memory (``deepseek_moe.device.keep_freed_memory``, as training does) unless
 ``--malloc-defaults``.
@@ -17,6 +18,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +74,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--inter", type=int, default=256)
+    parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
+                        help="bf16: everything under bf16 autocast (fp32 weights), as training runs it")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--malloc-defaults", action="store_true", help="leave glibc malloc's defaults")
     args = parser.parse_args()
@@ -90,17 +94,30 @@ def main() -> None:
     }
     if not args.skip_naive:
         layers["naive_64"] = NaiveMoE(layers["moe_64"])  # type: ignore[arg-type]
+    result: dict[str, object] = {"benchmark": "moe_layer", "tokens": args.tokens, "threads": args.threads,
+                                 "reps": args.reps, "keep_freed_memory": not args.malloc_defaults}
+    for dtype in args.dtypes:
+        result[dtype] = bench(layers, x, upstream, dtype == "bf16", args)
+    print(json.dumps(result))
+
+
+def bench(layers: dict[str, nn.Module], x: torch.Tensor, upstream: torch.Tensor, amp: bool,
+          args: argparse.Namespace) -> dict[str, object]:
+    def precision() -> AbstractContextManager[object]:
+        return torch.autocast("cpu", dtype=torch.bfloat16) if amp else nullcontext()
 
     def fwd(module: nn.Module) -> Callable[[], None]:
         def go() -> None:
-            with torch.no_grad():
+            with torch.no_grad(), precision():
                 module(x)
         return go
 
     def fwd_bwd(module: nn.Module) -> Callable[[], None]:
         def go() -> None:
             xg = x.detach().requires_grad_(True)
-            module(xg).backward(upstream)
+            with precision():
+                y = module(xg)
+            y.backward(upstream)
             module.zero_grad(set_to_none=True)
         return go
 
@@ -115,22 +132,21 @@ def main() -> None:
 
     med = {key: statistics.median(v) for key, v in samples.items()}
     print(f"tokens {args.tokens}, dim {args.dim}, expert width {args.inter}, top-6 + 2 shared, "
-          f"{args.threads} threads, fp32, {args.reps} reps (median, [min, max] ms)")
+          f"{args.threads} threads, {'bf16 autocast' if amp else 'fp32'}, {args.reps} reps (median, [min, max] ms)")
     print(f"{'layer':<10} {'mode':<8} {'median ms':>10} {'range ms':>18} {'vs dense':>9}")
     for (name, mode), times in samples.items():
         ratio = med[(name, mode)] / med[("dense", mode)]
         print(f"{name:<10} {mode:<8} {1e3 * med[(name, mode)]:>10.1f} "
               f"{f'[{1e3 * min(times):.1f}, {1e3 * max(times):.1f}]':>18} {ratio:>8.2f}x")
-    result = {
-        "benchmark": "moe_layer", "tokens": args.tokens, "threads": args.threads, "reps": args.reps,
-        "median_ms": {f"{n}/{m}": round(1e3 * t, 2) for (n, m), t in med.items()},
-        "ratio_vs_dense_fwd": round(med[("moe_64", "fwd")] / med[("dense", "fwd")], 3),
-        "ratio_vs_dense_fwd_bwd": round(med[("moe_64", "fwd+bwd")] / med[("dense", "fwd+bwd")], 3),
-        "ratio_160_vs_64_fwd_bwd": round(med[("moe_160", "fwd+bwd")] / med[("moe_64", "fwd+bwd")], 3),
-    }
-    if not args.skip_naive:
-        result["ratio_naive_vs_dense_fwd_bwd"] = round(med[("naive_64", "fwd+bwd")] / med[("dense", "fwd+bwd")], 3)
-    print(json.dumps(result))
+    print()
+    out: dict[str, object] = {"median_ms": {f"{n}/{m}": round(1e3 * t, 2) for (n, m), t in med.items()}}
+    for mode in ("fwd", "fwd+bwd"):
+        for n in (16, 64, 160):
+            out[f"ratio_{n}_vs_dense_{mode}"] = round(med[(f"moe_{n}", mode)] / med[("dense", mode)], 3)
+        out[f"ratio_160_vs_64_{mode}"] = round(med[("moe_160", mode)] / med[("moe_64", mode)], 3)
+    if "naive_64" in layers:
+        out["ratio_naive_vs_dense_fwd_bwd"] = round(med[("naive_64", "fwd+bwd")] / med[("dense", "fwd+bwd")], 3)
+    return out
 
 
 if __name__ == "__main__":
