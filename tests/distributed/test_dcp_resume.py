@@ -18,8 +18,6 @@ from deepseek_moe.train.checkpoint import read_model_state, step_dirs
 from deepseek_moe.train.config import resolve_config
 from deepseek_moe.train.loop import Trainer
 
-pytestmark = pytest.mark.slow  # N-process legs (about a minute on an idle machine); still run in CI
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dcp_workers import leg, resave  # noqa: E402
 from harness import RanksFailed, run_ranks  # noqa: E402
