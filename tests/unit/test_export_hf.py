@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 import deepseek_moe
 from deepseek_moe.cli.main import main
+from deepseek_moe.train.checkpoint import read_model_state
 from deepseek_moe.train.config import resolve_config
 from deepseek_moe.train.loop import run
 
@@ -66,18 +67,10 @@ def test_latest_step_is_the_runs_model(run_dir: Path, tmp_path: Path, capsys: py
 
 
 def test_an_earlier_step_has_that_steps_weights(run_dir: Path, tmp_path: Path) -> None:
-    from safetensors.torch import load_file
-
     out = tmp_path / "hf2"
     assert main(["export", "hf", str(run_dir), str(out), "--step", "2"]) == 0
     model = deepseek_moe.from_pretrained(out, dtype="float32")
-    step = run_dir / "state" / "step-2"
-    if (step / "model.safetensors").is_file():  # format 2; DCP steps are read by train.checkpoint
-        want = load_file(str(step / "model.safetensors"))
-    else:
-        from deepseek_moe.train.checkpoint import read_model_state  # type: ignore[attr-defined,unused-ignore]
-
-        want = read_model_state(step)
+    want = read_model_state(run_dir / "state" / "step-2")  # the DCP files, read on one process
     got = model.state_dict()
     assert sorted(got) == sorted(want)
     assert all(torch.equal(got[k], want[k]) for k in want)

@@ -3,8 +3,8 @@
     export_step(RUN_DIR, OUT, step=None)   RUN_DIR/state/step-N/ (the latest when ``step`` is None) -> OUT
 
 The model is rebuilt from the run's config.json (``resolved_model``: the exact ModelConfig it trained), filled
-with the step's weights (``train.checkpoint`` reads every checkpoint format, DCP's sharded files included, on one
-process), and written by ``save_pretrained``: the same files ``train`` writes to ``RUN_DIR/model/`` at its end,
+with the step's weights (``train.checkpoint.read_model_state``: DCP's sharded files, whatever process count wrote
+them, or format 2, read by this one process), and written by ``save_pretrained``: the same files ``train`` writes to ``RUN_DIR/model/`` at its end,
 so ``OUT`` is what generate, serve, info and export onnx read. The tokenizer is the run's (``model/tokenizer.json``,
 else the tokenizer cache the run used, checked against the hash config.json recorded).
 """
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from deepseek_moe.train.checkpoint import step_dirs
+from deepseek_moe.train.checkpoint import read_model_state, step_dirs
 from deepseek_moe.train.errors import TrainError
 
 if TYPE_CHECKING:
@@ -61,22 +61,6 @@ def find_step(run_dir: str | os.PathLike[str], step: int | None = None) -> Path:
                      "ones are deleted beyond checkpoint.keep_last)")
 
 
-def _read_weights(step_dir: Path) -> dict[str, torch.Tensor]:
-    """The whole model state of a step directory, whatever the checkpoint format."""
-    from deepseek_moe.train import checkpoint
-
-    read = getattr(checkpoint, "read_model_state", None)  # DCP checkpoints (format 3) and older
-    if read is not None:
-        return read(step_dir)  # type: ignore[no-any-return,unused-ignore]
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(step_dir / "model.safetensors"))
-    except (OSError, SafetensorError) as e:
-        raise TrainError(f"checkpoint {step_dir / 'model.safetensors'} is unreadable or corrupt: {e}") from e
-
-
 def step_model(run_dir: str | os.PathLike[str], step: int | None = None) -> tuple[DeepSeekMoEForCausalLM, int]:
     """(the model at ``step`` of the run, on the CPU in the run's float32 master weights; the step)."""
     from deepseek_moe.config import ModelConfig
@@ -92,7 +76,7 @@ def step_model(run_dir: str | os.PathLike[str], step: int | None = None) -> tupl
         raise TrainError(f"{run_dir / 'config.json'}: resolved_model is not a valid model config: {e}") from e
     with torch.device("meta"), skip_init():
         model = DeepSeekMoEForCausalLM(cfg)
-    state = _read_weights(step_dir)
+    state = read_model_state(step_dir)  # any checkpoint format: DCP's sharded files, or format 2
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in state.items()}
     if want != have:
