@@ -126,7 +126,7 @@ def test_the_training_layout_and_column_shards_on_a_2d_mesh(v2: tuple[Path, Deep
     assert_same_checkpoint(out, reference)
 
 
-def test_save_from_todays_expert_parallel_layout(v2: tuple[Path, DeepSeekMoEForCausalLM, Path],
+def test_save_from_expert_parallelism_alone_replacing_an_old_save(v2: tuple[Path, DeepSeekMoEForCausalLM, Path],
                                                  tmp_path: Path) -> None:
     src, _, reference = v2
     out = tmp_path / "model"
