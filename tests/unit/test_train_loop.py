@@ -273,3 +273,22 @@ def test_trainer_parts_can_be_driven_one_by_one(tmp_path):
     assert 0 < loss < first.ce_loss + 1 and counts is not None
     trainer.save(2)
     assert [p.name for p in step_dirs(trainer.state_dir)] == ["step-2"]
+
+
+def test_evaluating_does_not_change_the_routes_training_draws(tmp_path):
+    """Under uniform routing evaluation draws routes; training's next draws must not depend on it (nor, on N
+    processes, on how a validation batch splits), so a step after an evaluation equals one without."""
+    from deepseek_moe.train.loop import Trainer
+
+    def two_steps(evaluate: bool, out: str) -> list[float]:
+        trainer = Trainer(small_config(tmp_path, "schedule.steps=4", "routing.uniform_steps=4", out=out),
+                          progress=False)
+        trainer.setup()
+        first = trainer.step(0)
+        assert first.stage == 1
+        if evaluate:
+            trainer.evaluate(trainer.val_batches)
+        return [first.ce_loss, trainer.step(1).ce_loss]
+
+    plain, evaluated = two_steps(False, "plain"), two_steps(True, "evaluated")
+    assert evaluated == plain

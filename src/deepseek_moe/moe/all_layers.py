@@ -64,6 +64,8 @@ def load_routing_state(model: nn.Module, state: dict[str, Any]) -> None:
         moe.bias_counts.copy_(entry["bias_counts"])
         if entry["generator"] is not None:
             moe.generator(torch.device(entry["generator_device"])).set_state(entry["generator"])
+        else:
+            moe._generator = None  # not drawn from yet: created (and seeded) again at the first draw
     for name, source in sources.items():
         source.generator.set_state(state[name]["protected_generator"])
 

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from deepseek_moe.device import keep_freed_memory, resolve_device
-from deepseek_moe.moe.all_layers import set_uniform_routing
+from deepseek_moe.moe.all_layers import load_routing_state, routing_state, set_uniform_routing
 from deepseek_moe.moe.bias import update_routing_bias
 from deepseek_moe.train import checkpoint as ckpt
 from deepseek_moe.train.build import (
@@ -280,7 +280,16 @@ class Trainer:
 
         Every process calls this; each evaluates its rows of a batch, except a batch the processes cannot share
         equally (the last, shorter one), which each evaluates whole; the shared sums are then summed over them.
+        The routing generators are put back afterwards: under uniform routing evaluation draws routes, and how
+        often one evaluates (or how a batch splits over processes) must not change the routes training draws.
         """
+        saved = routing_state(self.model)
+        try:
+            return self._evaluate(batches)
+        finally:
+            load_routing_state(self.model, saved)
+
+    def _evaluate(self, batches: list[torch.Tensor]) -> tuple[float, torch.Tensor | None]:
         self.model.eval()
         shared, whole = _Sums(), _Sums()
         for batch in batches:
