@@ -14,13 +14,10 @@ import json
 import os
 import signal
 import sys
-import tempfile
-import traceback
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
+from harness import rank_main
 
 
 def _kill_inside_the_writer(main: bool) -> None:
@@ -83,15 +80,4 @@ def train_leg(rank: int, world: int) -> dict[str, Any]:
 
 
 def main(worker: str) -> None:
-    torch.set_num_threads(1)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    try:
-        result = globals()[worker](rank, world)
-        torch.save(result, os.environ.get("DSMOE_RESULT", f"{tempfile.gettempdir()}/rank{rank}.pt"))
-    except BaseException as e:  # noqa: BLE001  (report, then fail this rank)
-        print(f"rank {rank} of {world} failed in {worker}: {type(e).__name__}: {e}", file=sys.stderr)
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    rank_main(globals(), worker)

@@ -27,6 +27,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def rank_main(functions: dict[str, Any], worker: str) -> None:
+    """The body of a rank process (each workers module's ``main``): run ``functions[worker](rank, world)``, save
+    what it returns where the harness reads it, and on any failure print it and exit non-zero at once."""
+    import traceback
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    try:
+        result = functions[worker](rank, world)
+        torch.save(result, os.environ.get("DSMOE_RESULT", f"{tempfile.gettempdir()}/rank{rank}.pt"))
+    except BaseException as e:  # noqa: BLE001  (report, then fail this rank)
+        print(f"rank {rank} of {world} failed in {worker}: {type(e).__name__}: {e}", file=sys.stderr)
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class RanksFailed(RuntimeError):
     def __init__(self, message: str, codes: list[int | None], stderr: list[str]) -> None:
         super().__init__(message)

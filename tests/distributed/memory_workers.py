@@ -5,13 +5,10 @@ state), counted from the DTensors' local tensors, for the test to compare with m
 from __future__ import annotations
 
 import os
-import sys
-import tempfile
-import traceback
 from typing import Any
 
 import torch
-import torch.distributed as dist
+from harness import rank_main
 
 from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
 from deepseek_moe.parallel import init_parallel, local_shard, materialize, shard_model
@@ -44,15 +41,4 @@ def shards(rank: int, world: int) -> dict[str, Any]:
 
 
 def main(worker: str) -> None:
-    torch.set_num_threads(1)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    try:
-        result = globals()[worker](rank, world)
-        torch.save(result, os.environ.get("DSMOE_RESULT", f"{tempfile.gettempdir()}/rank{rank}.pt"))
-    except BaseException as e:  # noqa: BLE001  (report, then fail this rank)
-        print(f"rank {rank} of {world} failed in {worker}: {type(e).__name__}: {e}", file=sys.stderr)
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    rank_main(globals(), worker)

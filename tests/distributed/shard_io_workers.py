@@ -8,14 +8,12 @@ the gathered state, the bytes it read from the files, and what the test compares
 from __future__ import annotations
 
 import os
-import sys
-import tempfile
-import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from harness import rank_main
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -127,15 +125,4 @@ def expert_parallel(rank: int, world: int) -> dict[str, Any]:
 
 
 def main(worker: str) -> None:
-    torch.set_num_threads(1)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    try:
-        result = globals()[worker](rank, world)
-        torch.save(result, os.environ.get("DSMOE_RESULT", f"{tempfile.gettempdir()}/rank{rank}.pt"))
-    except BaseException as e:  # noqa: BLE001  (report, then fail this rank)
-        print(f"rank {rank} of {world} failed in {worker}: {type(e).__name__}: {e}", file=sys.stderr)
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    rank_main(globals(), worker)
