@@ -29,13 +29,15 @@ def probe(mode: str) -> tuple[bool, int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
 def test_freed_memory_is_reused_without_page_faults() -> None:
-    kept, faults = probe("keep")
+    kept, _ = probe("keep")
     if not kept:
         pytest.skip("not glibc")
     default_kept, default_faults = probe("default")
     assert not default_kept
     # By default the second 64 MB is a fresh mapping (16K faults in 4 KB pages; far fewer with transparent huge
-    # pages always on); kept, it reuses the first's memory.
+    # pages always on); kept, it reuses the first's memory. Now and then the heap cannot grow in place (brk runs
+    # into another mapping) and glibc maps the block anyway, once in a CI run here: so the best of three probes.
+    faults = min(probe("keep")[1] for _ in range(3))
     assert faults < 1_000 and 4 * faults < default_faults
 
 
