@@ -11,7 +11,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -248,16 +248,12 @@ def load_pretrained(path: str | os.PathLike[str], *, dtype: torch.dtype | str | 
             if torch.device(device).type != "cpu":
                 raise ValueError(f"quantised models run on the CPU (device {device!r} asked)")
             hooks, _ = quant_hooks(raw, quantize, torch_dtype, str(path), hooks)
-        native = is_native(raw)
-        quant = raw.get("quantization_config") or {}
-        fp8 = fp8_block_size(quant, str(path / CONFIG_FILE)) if quant.get("quant_method") == FP8_METHOD else None
-        blocks = native_blocks(files, cfg) if native else hf_blocks(files, cfg, fp8)
+        blocks, fp8, describe = _stored_blocks(path, raw, cfg, files)
         with torch.device("meta"), skip_init():
             model = DeepSeekMoEForCausalLM(cfg)
         if hooks.prepare is not None:
             hooks.prepare(model)
         required = required_tensors(model, cfg)
-        describe = (lambda n, e: n if e is None else f"{n}[{e}]") if native else _hf_name
         stream_into(model, blocks, dtype=torch_dtype, device=torch.device(device), hooks=hooks,
                     required=required, fp8_block=fp8, describe_missing=describe)
     except SafetensorsError as e:
@@ -269,6 +265,17 @@ def load_pretrained(path: str | os.PathLike[str], *, dtype: torch.dtype | str | 
         model.head.weight = model.embed.weight
     _attach_tokenizer(model, path)
     return model.eval()
+
+
+def _stored_blocks(path: Path, raw: Mapping[str, Any], cfg: ModelConfig, files: Mapping[str, SafetensorsFile]
+                   ) -> tuple[list[Block], tuple[int, int] | None, Callable[[str, int | None], str]]:
+    """An opened checkpoint's tensors as blocks in our names (native or Hugging Face layout), its FP8 block size
+    (None unless FP8), and how to name a missing tensor in the file's own terms."""
+    quant = raw.get("quantization_config") or {}
+    fp8 = fp8_block_size(quant, str(path / CONFIG_FILE)) if quant.get("quant_method") == FP8_METHOD else None
+    if is_native(raw):
+        return native_blocks(files, cfg), fp8, lambda n, e: n if e is None else f"{n}[{e}]"
+    return hf_blocks(files, cfg, fp8), fp8, _hf_name
 
 
 def _attach_tokenizer(model: DeepSeekMoEForCausalLM, path: Path) -> None:
@@ -295,12 +302,8 @@ def load_into(model: DeepSeekMoEForCausalLM, path: str | os.PathLike[str], *,
         raise CheckpointError(f"{path}: a quantised checkpoint loads only with deepseek_moe.from_pretrained")
     files = open_checkpoint(path)
     try:
-        quant = raw.get("quantization_config") or {}
-        fp8 = fp8_block_size(quant, str(path / CONFIG_FILE)) if quant.get("quant_method") == FP8_METHOD else None
-        native = is_native(raw)
-        blocks = native_blocks(files, cfg) if native else hf_blocks(files, cfg, fp8)
+        blocks, fp8, describe = _stored_blocks(path, raw, cfg, files)
         required = required_tensors(model, model.config)
-        describe = (lambda n, e: n if e is None else f"{n}[{e}]") if native else _hf_name
         stream_into(model, blocks, dtype=None, device=torch.device("cpu"), hooks=LoadHooks(), required=required,
                     fp8_block=fp8, describe_missing=describe, shards=shards)
     except SafetensorsError as e:
