@@ -21,6 +21,7 @@ from deepseek_moe.train.loop import Trainer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dcp_workers import leg, resave  # noqa: E402
 from harness import RanksFailed, run_ranks  # noqa: E402
+from test_train_distributed import write_corpus  # noqa: E402
 
 # Routing state that must carry over exactly: uniform-routing draws across the 2 -> 4 boundary (steps 1-3), the
 # routing bias with its counts, and capacity drops with their protected-sequence draws.
@@ -36,18 +37,10 @@ ASSIGN = [
 ]
 
 
-# One validation batch of batch_size sequences: every process count splits it evenly. (A batch the processes
-# cannot split is evaluated whole by each, and under uniform routing that draws N times the routes one process
-# draws, so the routing generator leaves evaluation N-dependent: not a checkpoint matter, reported in NEWS.)
+# One validation batch of batch_size sequences: every process count splits it evenly, so the validation losses
+# compare too. (A batch the processes cannot split is evaluated whole by each, with other uniform-routing draws
+# than one process makes; the trainer restores the routing generators after evaluating, so training is unmoved.)
 TOLERANCE = 1e-5
-
-
-def write_corpus(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(40):
-        (root / f"m{i:02d}.py").write_text("".join(f"def f{i}_{j}(x, y):\n    return x * {j} + y - {i}\n\n"
-                                                   for j in range(12)))
-    return root
 
 
 def assignments(tmp: Path, out: Path) -> list[str]:
