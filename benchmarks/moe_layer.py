@@ -26,6 +26,8 @@ from torch import nn
 
 from deepseek_moe import MoE, MoEConfig
 from deepseek_moe.device import keep_freed_memory
+from deepseek_moe.model.compute_copy import attach as attach_compute_copies
+from deepseek_moe.model.compute_copy import park_grads
 from deepseek_moe.moe.experts import FeedForward
 
 
@@ -77,6 +79,8 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
                         help="bf16: everything under bf16 autocast (fp32 weights), as training runs it")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--no-compute-copies", action="store_true",
+                        help="bf16 without the weights' bf16 compute copies (autocast casts every weight each pass)")
     parser.add_argument("--malloc-defaults", action="store_true", help="leave glibc malloc's defaults")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -97,6 +101,9 @@ def main() -> None:
     result: dict[str, object] = {"benchmark": "moe_layer", "tokens": args.tokens, "threads": args.threads,
                                  "reps": args.reps, "keep_freed_memory": not args.malloc_defaults}
     for dtype in args.dtypes:
+        if dtype == "bf16" and not args.no_compute_copies:  # as deepseek-moe train runs bf16
+            for layer in layers.values():
+                attach_compute_copies(layer)
         result[dtype] = bench(layers, x, upstream, dtype == "bf16", args)
     print(json.dumps(result))
 
@@ -118,6 +125,7 @@ def bench(layers: dict[str, nn.Module], x: torch.Tensor, upstream: torch.Tensor,
             with precision():
                 y = module(xg)
             y.backward(upstream)
+            park_grads(module.parameters())  # as the trainer's optimizer does: gradient memory kept for the next
             module.zero_grad(set_to_none=True)
         return go
 

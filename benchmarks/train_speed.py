@@ -37,7 +37,10 @@ from common import mid_size, uptime  # noqa: E402
 
 import deepseek_moe as dm  # noqa: E402
 from deepseek_moe.config import ModelConfig  # noqa: E402
+from deepseek_moe.model.compute_copy import attach as attach_compute_copies  # noqa: E402
+from deepseek_moe.model.compute_copy import copy_of  # noqa: E402
 from deepseek_moe.presets import tiny  # noqa: E402
+from deepseek_moe.train.optim import AdamWCopies  # noqa: E402
 
 SIZES: dict[str, tuple[Callable[[], ModelConfig], int, int]] = {  # config, batch, sequence length
     "tiny": (tiny, 16, 256),  # the default run's micro-batch
@@ -53,8 +56,11 @@ def write_checkpoint(cfg: ModelConfig, path: Path) -> None:
         raise SystemExit(f"{cfg} saves as {fmt!r}, which transformers cannot load")
 
 
-def load_ours(path: Path) -> torch.nn.Module:
-    return dm.from_pretrained(path, dtype=torch.float32).train()
+def load_ours(path: Path, compute_copies: bool) -> torch.nn.Module:
+    model = dm.from_pretrained(path, dtype=torch.float32).train()
+    if compute_copies:  # as deepseek-moe train does under bf16 autocast; unused by the fp32 step
+        attach_compute_copies(model, torch.bfloat16)
+    return model
 
 
 def load_hf(path: Path, experts: str) -> torch.nn.Module:
@@ -81,7 +87,9 @@ def check_logits(ours: torch.nn.Module, hf: torch.nn.Module, batch: torch.Tensor
 
 
 def adamw(model: torch.nn.Module) -> torch.optim.AdamW:
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)  # as our Trainer
+    """Fused AdamW as our Trainer's (its AdamWCopies, the same update, where the model has compute copies)."""
+    kind = AdamWCopies if any(copy_of(p) is not None for p in model.parameters()) else torch.optim.AdamW
+    return kind(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
 
 
 class Stepper:
@@ -105,13 +113,14 @@ class Stepper:
         return time.perf_counter() - t0, loss.item()
 
 
-def bench_size(name: str, rounds: int, workdir: Path, experts_backends: tuple[str, ...]) -> dict[str, Any]:
+def bench_size(name: str, rounds: int, workdir: Path, experts_backends: tuple[str, ...],
+               compute_copies: bool = True) -> dict[str, Any]:
     make_cfg, B, S = SIZES[name]
     cfg = make_cfg()
     path = workdir / name
     write_checkpoint(cfg, path)
     batch = torch.randint(0, cfg.vocab_size, (B, S), generator=torch.Generator().manual_seed(1))
-    ours = load_ours(path)
+    ours = load_ours(path, compute_copies)
     hf = load_hf(path, "grouped_mm")
     diff = check_logits(ours, hf, batch)
     print(f"\n{name}: {dm.count_parameters(cfg)[0] / 1e6:.0f}M parameters, batch {B} x {S}; fp32 logits agree "
@@ -173,6 +182,8 @@ def main() -> None:
                     "(2026-11-23: 29 s fp32 / 61 s bf16 per step there against grouped_mm's 9.0 / 6.6, so off)")
     ap.add_argument("--malloc-defaults", action="store_true",
                     help="leave glibc malloc's defaults (freed large blocks go back to the kernel)")
+    ap.add_argument("--no-compute-copies", action="store_true",
+                    help="ours without bf16 compute copies (autocast casts every weight each forward, torch's AdamW)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,14 +193,15 @@ def main() -> None:
 
     kept = False if args.malloc_defaults else keep_freed_memory()
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-                "cpu_bf16": cpu_bf16_feature(), "threads": torch.get_num_threads(), "keep_freed_memory": kept}
+                "cpu_bf16": cpu_bf16_feature(), "threads": torch.get_num_threads(), "keep_freed_memory": kept,
+                "compute_copies": not args.no_compute_copies}
     print(uptime())
     print(" ".join(f"{k} {v}" for k, v in versions.items()))
     results = {}
     with tempfile.TemporaryDirectory(prefix="train_speed-") as tmp:
         for name in args.sizes:
             backends = ("eager", "grouped_mm") if name == "tiny" or args.try_eager else ("grouped_mm",)
-            results[name] = bench_size(name, args.rounds, Path(tmp), backends)
+            results[name] = bench_size(name, args.rounds, Path(tmp), backends, not args.no_compute_copies)
     print(uptime())
     print(json.dumps({"benchmark": "train_speed", "versions": versions, "rounds": args.rounds, "sizes": results,
                       "uptime": uptime()}))

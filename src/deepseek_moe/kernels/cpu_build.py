@@ -1,6 +1,7 @@
-"""Compile ``qgemm.cpp`` at run time with the system C++ compiler and load it with ctypes; cached.
+"""Compile our C++ kernels (``qgemm.cpp``, ``adamw.cpp``) at run time with the system C++ compiler and load them
+with ctypes; cached.
 
-Why ctypes rather than ``torch.utils.cpp_extension``: the kernel takes plain pointers, so it needs neither
+Why ctypes rather than ``torch.utils.cpp_extension``: the kernels take plain pointers, so it needs neither
 pybind11 nor torch's headers, and builds in about a second instead of a minute (this matters on 2 cores and in
 CI). The library is cached under ``$DEEPSEEK_MOE_CACHE`` (default ``~/.cache/deepseek_moe/kernels``), keyed by
 the source, the flags and the CPU's flags, so a new machine or a changed kernel rebuilds. Any failure (no
@@ -22,6 +23,8 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("qgemm.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+# -fno-math-errno: sqrtf may then be one instruction, which is what lets the optimizer's loop vectorise.
+ADAMW_SOURCE, ADAMW_FLAGS = Path(__file__).with_name("adamw.cpp"), (*FLAGS, "-fno-math-errno")
 
 
 def _cpu_flags() -> str:
@@ -39,13 +42,13 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "deepseek_moe" / "kernels"
 
 
-def _build(compiler: str, out: Path) -> None:
+def _build(compiler: str, source: Path, flags: tuple[str, ...], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: concurrent processes (pytest workers) never load a half-written file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True,
+        subprocess.run([compiler, *flags, str(source), "-o", tmp], check=True, capture_output=True, text=True,
                        timeout=300)
         os.replace(tmp, out)
     finally:
@@ -53,26 +56,33 @@ def _build(compiler: str, out: Path) -> None:
             os.unlink(tmp)
 
 
-@functools.cache
-def load_library() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None (with one warning saying why) when it cannot be had."""
+def build_library(source: Path, flags: tuple[str, ...], what: str) -> ctypes.CDLL | None:
+    """``source`` compiled with ``flags`` and loaded, or None (with one warning naming ``what`` falls back)."""
     if os.environ.get("DEEPSEEK_MOE_KERNELS", "1") == "0":
         return None
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
-        warnings.warn("no C++ compiler found: quantised matmuls use the slower pure-PyTorch path", stacklevel=2)
+        warnings.warn(f"no C++ compiler found: {what} use the slower pure-PyTorch path", stacklevel=3)
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()
+    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + _cpu_flags().encode()
                          + compiler.encode()).hexdigest()[:16]
-    lib_path = cache_dir() / f"qgemm-{key}.so"
+    lib_path = cache_dir() / f"{source.stem}-{key}.so"
     try:
         if not lib_path.is_file():
-            _build(compiler, lib_path)
-        lib = ctypes.CDLL(str(lib_path))
+            _build(compiler, source, flags, lib_path)
+        return ctypes.CDLL(str(lib_path))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        warnings.warn(f"building the quantised-matmul kernel failed, using the pure-PyTorch path: {detail[-500:]}",
-                      stacklevel=2)
+        warnings.warn(f"building {source.name} failed, {what} use the pure-PyTorch path: {detail[-500:]}",
+                      stacklevel=3)
+        return None
+
+
+@functools.cache
+def load_library() -> ctypes.CDLL | None:
+    """The compiled quantised-matmul kernels, or None (with one warning saying why) when they cannot be had."""
+    lib = build_library(SOURCE, FLAGS, "quantised matmuls")
+    if lib is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.dsm_qgemm_int8.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, ctypes.c_int]
@@ -83,4 +93,16 @@ def load_library() -> ctypes.CDLL | None:
                                 ctypes.c_int, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.dsm_experts.restype = None
     lib.dsm_has_avx512.restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def load_adamw_library() -> ctypes.CDLL | None:
+    """The compiled AdamW-with-bf16-copy kernel, or None (with one warning saying why)."""
+    lib = build_library(ADAMW_SOURCE, ADAMW_FLAGS, "optimizer steps")
+    if lib is None:
+        return None
+    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    lib.dsm_adamw_step.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, f32, f32, f32, f32, f32, f32]
+    lib.dsm_adamw_step.restype = None
     return lib

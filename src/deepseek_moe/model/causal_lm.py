@@ -11,6 +11,7 @@ from torch import nn
 
 from deepseek_moe.config import ModelConfig
 from deepseek_moe.model.block import Block
+from deepseek_moe.model.compute_copy import Linear
 from deepseek_moe.model.init import ShardOf, constant, draw_seed, fill, is_meta, normal, whole
 from deepseek_moe.model.kv_cache import KVCache
 from deepseek_moe.model.norm import RMSNorm
@@ -65,7 +66,7 @@ class DeepSeekMoEForCausalLM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg)
         # One protected-sequence draw per forward, shared by every MoE layer (a stream no layer's generator uses).
         self.protected_sequences = ProtectedSequences(layer_seed(cfg.moe.seed, cfg.n_layers))

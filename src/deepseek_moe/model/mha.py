@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_moe.config import ModelConfig
+from deepseek_moe.model.compute_copy import Linear
 from deepseek_moe.model.kv_cache import LayerCache
 from deepseek_moe.model.mla import causal_mask
 from deepseek_moe.model.rope import apply_rotary, softmax_scale
@@ -30,10 +31,10 @@ class MHA(nn.Module):
         self.v_head_dim = cfg.v_head_dim
         self.rope_interleave = cfg.rope_interleave
         self.softmax_scale = softmax_scale(cfg)
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.qk_head_dim, bias=cfg.attention_bias)
-        self.wk = nn.Linear(cfg.dim, cfg.n_heads * cfg.qk_head_dim, bias=cfg.attention_bias)
-        self.wv = nn.Linear(cfg.dim, cfg.n_heads * cfg.v_head_dim, bias=cfg.attention_bias)
-        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=cfg.attention_bias)
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.qk_head_dim, bias=cfg.attention_bias)
+        self.wk = Linear(cfg.dim, cfg.n_heads * cfg.qk_head_dim, bias=cfg.attention_bias)
+        self.wv = Linear(cfg.dim, cfg.n_heads * cfg.v_head_dim, bias=cfg.attention_bias)
+        self.wo = Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=cfg.attention_bias)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         nope, pe = x.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)

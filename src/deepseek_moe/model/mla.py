@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_moe.config import ModelConfig
+from deepseek_moe.model.compute_copy import Linear
 from deepseek_moe.model.kv_cache import LayerCache
 from deepseek_moe.model.norm import RMSNorm
 from deepseek_moe.model.rope import apply_rotary, softmax_scale
@@ -55,15 +56,15 @@ class MLA(nn.Module):
         self.softmax_scale = softmax_scale(cfg)
 
         if self.q_lora_rank == 0:
-            self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.qk_head_dim, bias=False)
+            self.wq = Linear(cfg.dim, cfg.n_heads * cfg.qk_head_dim, bias=False)
         else:
-            self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, bias=cfg.attention_bias)
             self.q_norm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
-            self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_head_dim, bias=False)
-        self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
+            self.wq_b = Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_head_dim, bias=False)
+        self.wkv_a = Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
-        self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=cfg.attention_bias)
+        self.wkv_b = Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.wo = Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=cfg.attention_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: LayerCache | None = None) -> torch.Tensor:

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepseek_moe.model.compute_copy import Linear, compute_dtype, compute_weight
+
 
 class FeedForward(nn.Module):
     """SwiGLU FFN: w2(silu(w1 x) * w3 x). Dense layers and the fused shared experts use it.
@@ -16,22 +18,12 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, inter_dim: int) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate_proj
-        self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down_proj
-        self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up_proj
+        self.w1 = Linear(dim, inter_dim, bias=False)  # gate_proj
+        self.w2 = Linear(inter_dim, dim, bias=False)  # down_proj
+        self.w3 = Linear(dim, inter_dim, bias=False)  # up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matrix products on ``x`` run in: autocast's where it is on for x's device (autocast casts the
-    operands of F.linear and matmul, but not of F.grouped_mm, so the routed experts cast for themselves),
-    else x's own."""
-    device_type = x.device.type
-    if x.is_floating_point() and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
 
 
 def local_weights(*ws: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -76,7 +68,7 @@ class RoutedExperts(nn.Module):
         x_AD = x_AD.to(dtype)
         gates_A = gates_A.to(dtype) if gates_A is not None else None
         if self.use_grouped_mm and self._grouped_mm_fits(dtype):
-            w1, w2, w3 = (w.to(dtype) for w in local_weights(self.w1, self.w2, self.w3))
+            w1, w2, w3 = (compute_weight(w, dtype) for w in local_weights(self.w1, self.w2, self.w3))
             offs_E = counts_E.cumsum(0).to(torch.int32)
             h_AF = F.silu(F.grouped_mm(x_AD, w1.transpose(1, 2), offs=offs_E))
             h_AF = h_AF * F.grouped_mm(x_AD, w3.transpose(1, 2), offs=offs_E)
@@ -102,7 +94,7 @@ class RoutedExperts(nn.Module):
         sizes = counts_E.tolist()
         dtype = compute_dtype(x_AD)
         x_AD = x_AD.to(dtype)
-        w1s, w2s, w3s = (w.to(dtype).unbind(0) for w in local_weights(self.w1, self.w2, self.w3))
+        w1s, w2s, w3s = (compute_weight(w, dtype).unbind(0) for w in local_weights(self.w1, self.w2, self.w3))
         outs = []
         for x_eD, w1, w3 in zip(x_AD.split(sizes), w1s, w3s, strict=True):
             outs.append(F.silu(x_eD @ w1.t()) * (x_eD @ w3.t()))

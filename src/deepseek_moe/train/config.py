@@ -221,13 +221,16 @@ class TrainConfig:
     # glibc malloc keeps freed memory for reuse instead of page-faulting each step's tensors in afresh
     # (deepseek_moe.device.keep_freed_memory); false: malloc's defaults
     keep_freed_memory: bool = True
+    # Under bf16 autocast, keep each matrix weight's bf16 copy from one step to the next, rewritten by the
+    # optimizer's pass (deepseek_moe.model.compute_copy); false: autocast casts every weight afresh each forward
+    compute_copies: bool = True
 
     def __post_init__(self) -> None:
         _non_negative_int(self, "seed", "threads", "ep")
         _require(isinstance(self.activation_checkpointing, bool),
                  f"activation_checkpointing ({self.activation_checkpointing!r}) must be a bool")
-        _require(isinstance(self.keep_freed_memory, bool),
-                 f"keep_freed_memory ({self.keep_freed_memory!r}) must be a bool")
+        for name in ("keep_freed_memory", "compute_copies"):
+            _require(isinstance(getattr(self, name), bool), f"{name} ({getattr(self, name)!r}) must be a bool")
         _require(self.dtype in ("auto", "fp32", "bf16"), f"dtype ({self.dtype!r}) must be one of 'auto', "
                  "'fp32', 'bf16'")
         _require(isinstance(self.device, str) and bool(self.device), f"device ({self.device!r}) must be a string")

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from deepseek_moe.device import keep_freed_memory, resolve_device
+from deepseek_moe.model.compute_copy import attach as attach_compute_copies
 from deepseek_moe.moe.all_layers import load_routing_state, routing_state, set_uniform_routing
 from deepseek_moe.moe.bias import update_routing_bias
 from deepseek_moe.train import checkpoint as ckpt
@@ -137,7 +138,8 @@ class Trainer:
         self.train_model = self.strategy.wrap(self.model)  # what the step calls (on N processes: the same module)
         if cfg.routing.orthogonal_init:
             orthogonal_init_experts(self.model, shard_of=self.strategy.shard_of)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        copies = attach_compute_copies(self.model, self.amp) if self.amp is not None and cfg.compute_copies else 0
+        self.optimizer = build_optimizer(self.model, cfg.optim)  # AdamWCopies when there are copies
         s = cfg.schedule  # the cosine follows the planned steps; extra steps stay at its end
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda i: lr_factor(
             i, steps=s.steps, warmup_steps=s.warmup_steps, min_lr_ratio=s.min_lr_ratio))
@@ -152,7 +154,8 @@ class Trainer:
             if self.strategy.is_main else _Discard())
         self.log(f"model {cfg.model.preset}: {n_params / 1e6:.2f}M parameters, vocab {self.data.vocab_size}; data "
                  f"{self.data.corpus.source}: {self.data.n_train_tokens:,} train / {self.data.n_val_tokens:,} val "
-                 f"tokens; device {self.device}, {self.precision.reason}{', malloc keeps freed memory' if kept else ''}; "
+                 f"tokens; device {self.device}, {self.precision.reason}"
+                 f"{f', {copies} weights keep bf16 copies' if copies else ''}{', malloc keeps freed memory' if kept else ''}; "
                  f"run dir {self.run_dir}")
 
     def build_model(self, model_cfg: ModelConfig) -> DeepSeekMoEForCausalLM:

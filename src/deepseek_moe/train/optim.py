@@ -1,10 +1,17 @@
-"""AdamW with two parameter groups: matrices decay, while norms, biases and other 1-D parameters do not."""
+"""AdamW with two parameter groups (matrices decay; norms, biases and other 1-D parameters do not), and
+:class:`AdamWCopies`, the same AdamW whose step also rewrites the weights' bf16 compute copies."""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from deepseek_moe.kernels.adamw import adamw_step
+from deepseek_moe.model.compute_copy import copy_of, park_grads
 from deepseek_moe.train.config import OptimConfig
 
 
@@ -18,13 +25,86 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class AdamWCopies(torch.optim.AdamW):
+    """torch.optim.AdamW (fused) that updates each weight with a compute copy (``model/compute_copy.py``) in one
+    pass of ``kernels/adamw.cpp``, which writes the new bf16 copy as it writes the new master; the others go
+    through torch's step. State, state_dict and hyper-parameters are AdamW's, so checkpoints move freely between
+    the two.
+
+    The bf16 training step this is for reads every master once per step instead of twice, and allocates no
+    weight copies (benchmarks/train_speed.py, the README's performance section).
+    """
+
+    def __init__(self, params: Any, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        for group in self.param_groups:
+            if group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"]:
+                raise ValueError("AdamWCopies implements plain AdamW: amsgrad, maximize, capturable and "
+                                 "differentiable must be off")
+
+    @staticmethod
+    def takes(p: torch.Tensor) -> bool:
+        """Whether the fused pass updates ``p``: a contiguous fp32 CPU weight with a bf16 copy (which the pass
+        rewrites whole, stale or not) and a dense fp32 grad."""
+        copy = copy_of(p)
+        return (copy is not None and copy.tensor.dtype == torch.bfloat16 and p.device.type == "cpu" and p.dtype == torch.float32
+                and p.is_contiguous() and p.grad is not None and not p.grad.is_sparse
+                and p.grad.dtype == torch.float32 and p.grad.is_contiguous())
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        held: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, grad) done here, hidden from torch's step
+        for group in self.param_groups:
+            lr = float(group["lr"])
+            beta1, beta2 = (float(b) for b in group["betas"])
+            for p in group["params"]:
+                if not self.takes(p):
+                    continue
+                state = self.state[p]
+                if not state:  # as AdamW initialises it, so state_dicts are interchangeable
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t = float(state["step"])
+                copy = copy_of(p)
+                assert copy is not None  # takes() checked
+                adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], copy.tensor, beta1=beta1,
+                           beta2=beta2, eps=float(group["eps"]), decay=1.0 - lr * float(group["weight_decay"]),
+                           step_size=lr / (1.0 - beta1 ** t), bc2_sqrt=math.sqrt(1.0 - beta2 ** t))
+                torch.autograd.graph.increment_version(p)  # written through a pointer: tell autograd
+                copy.mark_synced(p)
+                held.append((p, p.grad))
+                p.grad = None
+        try:
+            super().step()
+        finally:
+            for p, grad in held:
+                p.grad = grad
+        return loss
+
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As AdamW's; with ``set_to_none`` the gradients of weights with compute copies are parked for the
+        next backward to write into (``ComputeCopy.park_grad``) instead of freed."""
+        if set_to_none:
+            park_grads(p for group in self.param_groups for p in group["params"])
+        super().zero_grad(set_to_none)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over ``model``; :class:`AdamWCopies` when some weight has a compute copy."""
     # fused: one pass over each tensor's parameter, gradient and moments instead of foreach's ~8 (one per
     # elementwise op); 3.4x faster than foreach on CPU for 32 x 704 x 1024 experts (benchmarks/train_speed.py),
     # where the optimizer step is a fifth of a bf16 training step. Falls back to foreach where fused is missing.
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                             **({"fused": True} if fused else {"foreach": True}))
+    kind = AdamWCopies if any(copy_of(p) is not None for p in model.parameters()) else torch.optim.AdamW
+    return kind(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                **({"fused": True} if fused else {"foreach": True}))
 
 
-__all__ = ["build_optimizer", "param_groups"]
+__all__ = ["AdamWCopies", "build_optimizer", "param_groups"]

@@ -1,0 +1,162 @@
+"""Compute copies: a weight's bf16 copy, kept beside its fp32 master from one optimizer step to the next.
+
+Under bf16 autocast every matrix product casts its fp32 weight to bf16 afresh: each training step allocates a new
+copy of every weight (770 MB at the mid size of the benchmarks) and reads every master to fill it, right after
+the optimizer step has read and written that same master. A compute copy is allocated once and rewritten in
+place: by the optimizer, in the same pass that updates the master (:class:`deepseek_moe.train.optim.AdamWCopies`),
+or, after any other change to the master (a plain optimizer, loading a checkpoint, ``p.data = ...``), at its next
+use, which notices the change through the master's version counter and storage address.
+
+The gradient still reaches the fp32 master (cast to fp32 as autocast's own cast does), so clipping, gradient
+accumulation and the optimizer see exactly what they see without copies. Only the forward's cast goes.
+
+``Linear`` and :class:`deepseek_moe.moe.experts.RoutedExperts` ask :func:`compute_weight` for their weights;
+:func:`attach` gives a model's weights their copies (the trainer does under bf16 autocast on one process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products on ``x`` run in: autocast's where it is on for x's device (autocast casts the
+    operands of F.linear and matmul, but not of F.grouped_mm, so the routed experts cast for themselves),
+    else x's own."""
+    device_type = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+@dataclass
+class ComputeCopy:
+    """A master's copy in ``tensor.dtype``, and the master's (version, storage address) it was made from.
+
+    ``grad_buffer``: last step's fp32 gradient of the master, parked by the optimizer's ``zero_grad``
+    (:meth:`park_grad`) so that the next backward writes the new gradient into memory already mapped instead of
+    allocating 4 bytes a weight afresh (:class:`_FromCopy`)."""
+
+    tensor: torch.Tensor
+    version: int
+    address: int
+    grad_buffer: torch.Tensor | None = None
+
+    def matches(self, master: torch.Tensor) -> bool:
+        return self.version == master._version and self.address == master.data_ptr()
+
+    def mark_synced(self, master: torch.Tensor) -> None:
+        self.version, self.address = master._version, master.data_ptr()
+
+    def park_grad(self, master: torch.Tensor) -> None:
+        """Take ``master.grad`` away (as ``zero_grad(set_to_none=True)`` does), keeping its memory for the next
+        backward."""
+        grad = master.grad
+        master.grad = None
+        if grad is not None and grad.shape == master.shape and grad.dtype == master.dtype and grad.is_contiguous():
+            self.grad_buffer = grad
+
+    def take_grad_buffer(self, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``grad`` in ``dtype``, written into the parked buffer where there is one (which is then given away:
+        autograd makes the returned tensor the master's .grad without copying only if nobody else holds it)."""
+        buffer, self.grad_buffer = self.grad_buffer, None
+        if buffer is None or buffer.shape != grad.shape or buffer.dtype != dtype:
+            return grad.to(dtype)
+        return buffer.copy_(grad)
+
+
+_ATTR = "_compute_copy"
+
+
+def copy_of(master: torch.Tensor) -> ComputeCopy | None:
+    return getattr(master, _ATTR, None)
+
+
+class _FromCopy(torch.autograd.Function):
+    """Forward: the master's (up-to-date) copy. Backward: the gradient cast to the master's dtype, as the
+    backward of ``master.to(copy.dtype)`` would give, written into last step's gradient memory when the
+    optimizer parked it there."""
+
+    @staticmethod
+    def forward(ctx, master: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
+        ctx.master = master  # not save_for_backward: only its ComputeCopy is needed, not its value
+        return copy.view_as(copy)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        master = ctx.master
+        copy = copy_of(master)
+        return (copy.take_grad_buffer(grad, master.dtype) if copy is not None else grad.to(master.dtype)), None
+
+
+def compute_weight(master: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``master`` in ``dtype`` for a matrix product: its compute copy where it has one in that dtype (brought
+    up to date first if the master changed since), else ``master.to(dtype)``."""
+    copy = copy_of(master)
+    if copy is None or copy.tensor.dtype != dtype or master.dtype == dtype:
+        return master.to(dtype)
+    if not copy.matches(master):
+        with torch.no_grad():
+            copy.tensor.copy_(master)
+        copy.mark_synced(master)
+    if torch.is_grad_enabled() and master.requires_grad:
+        return _FromCopy.apply(master, copy.tensor)
+    return copy.tensor
+
+
+def attach(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Give every weight that asks :func:`compute_weight` for itself (Linear's, the routed experts') a compute
+    copy in ``dtype``; the number of weights given one. Sharded (DTensor) and non-fp32 weights are left alone:
+    under FSDP the all-gather makes a fresh full weight every step anyway."""
+    from deepseek_moe.moe.experts import RoutedExperts
+
+    n = 0
+    for module in model.modules():
+        names = ("weight",) if isinstance(module, Linear) else ("w1", "w2", "w3") if isinstance(
+            module, RoutedExperts) else ()
+        for name in names:
+            w = getattr(module, name)
+            if w.dtype != torch.float32 or hasattr(w, "to_local") or copy_of(w) is not None:
+                continue
+            with torch.no_grad():
+                tensor = w.detach().to(dtype)
+            setattr(w, _ATTR, ComputeCopy(tensor, w._version, w.data_ptr()))
+            n += 1
+    return n
+
+
+def park_grads(params: Iterable[torch.Tensor]) -> None:
+    """``zero_grad(set_to_none=True)`` for the weights with compute copies among ``params``, keeping their
+    gradients' memory for the next backward to write into (:meth:`ComputeCopy.park_grad`)."""
+    for p in params:
+        copy = copy_of(p)
+        if copy is not None:
+            copy.park_grad(p)
+
+
+def detach_all(model: nn.Module) -> None:
+    """Drop every compute copy of ``model``'s parameters (the memory goes back)."""
+    for p in model.parameters():
+        if copy_of(p) is not None:
+            delattr(p, _ATTR)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose weight comes from :func:`compute_weight` when autocast computes in another dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if copy_of(self.weight) is None:  # first: meta tensors (shape inference) have no autocast state to ask
+            return super().forward(x)
+        dtype = compute_dtype(x)
+        if dtype == self.weight.dtype:
+            return super().forward(x)
+        return F.linear(x, compute_weight(self.weight, dtype), self.bias)
+
+
+__all__ = ["ComputeCopy", "Linear", "attach", "compute_dtype", "compute_weight", "copy_of", "detach_all",
+           "park_grads"]
