@@ -6,7 +6,8 @@ Also (a) with 16 and 160 routed experts at the same activated width. In fp32 and
 routing, gathers and combines do not speed up as the matrix products do).
 
 The process keeps freed memory (``deepseek_moe.device.keep_freed_memory``, as training does) unless
-``--malloc-defaults``.
+``--malloc-defaults``; under bf16 every layer's weights get compute copies and their gradients' memory is kept for
+the next backward (``deepseek_moe.model.compute_copy``, as training does) unless ``--no-compute-copies``.
 
     python benchmarks/moe_layer.py [--reps 20] [--threads 2] [--tokens 4096]
 """

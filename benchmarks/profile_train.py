@@ -4,6 +4,9 @@
 ``--layers`` shrinks the mid size (same widths, fewer MoE layers) so the profile fits in a few GB: every
 MoE layer is alike, so the per-op shares barely move.
 
+Under bf16 the model gets compute copies and AdamWCopies, as ``deepseek-moe train`` runs it
+(``--no-compute-copies``: autocast's casts and torch's AdamW).
+
     python benchmarks/profile_train.py --size mid --dtype bf16 [--layers 3] [--steps 3] [--top 25]
 """
 
@@ -25,7 +28,9 @@ from common import mid_size, uptime  # noqa: E402
 
 import deepseek_moe as dm  # noqa: E402
 from deepseek_moe.device import keep_freed_memory  # noqa: E402
+from deepseek_moe.model.compute_copy import attach as attach_compute_copies  # noqa: E402
 from deepseek_moe.presets import tiny  # noqa: E402
+from deepseek_moe.train.optim import AdamWCopies  # noqa: E402
 
 SIZES = {"tiny": (tiny, 16, 256), "mid": (mid_size, 4, 256)}
 
@@ -39,6 +44,9 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--malloc-defaults", action="store_true", help="leave glibc malloc's defaults")
+    ap.add_argument("--warmup", type=int, default=3, help="unmeasured steps first")
+    ap.add_argument("--no-compute-copies", action="store_true",
+                    help="bf16 without compute copies (autocast casts each weight every step; torch's AdamW)")
     args = ap.parse_args()
     if not args.malloc_defaults:
         keep_freed_memory()  # as deepseek-moe train does
@@ -50,9 +58,12 @@ def main() -> None:
         cfg = dataclasses.replace(cfg, n_layers=args.layers)
     torch.manual_seed(0)
     model = dm.DeepSeekMoEForCausalLM(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
-    batch = torch.randint(0, cfg.vocab_size, (B, S), generator=torch.Generator().manual_seed(1))
     amp = args.dtype == "bf16"
+    if amp and not args.no_compute_copies:  # as deepseek-moe train runs bf16
+        attach_compute_copies(model)
+    opt = (AdamWCopies if amp and not args.no_compute_copies else torch.optim.AdamW)(
+        model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    batch = torch.randint(0, cfg.vocab_size, (B, S), generator=torch.Generator().manual_seed(1))
 
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
 
@@ -70,7 +81,8 @@ def main() -> None:
             phases[k].append(t)
 
     print(uptime())
-    step()
+    for _ in range(args.warmup):  # the first steps grow the heap (page faults) until it holds a step's tensors
+        step()
     for v in phases.values():
         v.clear()
     for _ in range(args.steps):  # unprofiled: the wall times

@@ -277,7 +277,7 @@ def restrict_experts(model: nn.Module, rows: Mapping[str, list[int]]) -> dict[st
         _, inter_dim, dim = module.w1.shape
         with torch.device("meta"), skip_init():
             new = RoutedExperts(len(kept), dim, inter_dim, init_std=module.init_std, offset=kept[0])
-        new.use_grouped_mm = module.use_grouped_mm
+        new.use_grouped_mm, new.use_mkl_batch = module.use_grouped_mm, module.use_mkl_batch
         parent, leaf = _owner(model, module_name)
         setattr(parent, leaf, new)
         for leaf in ("w1", "w2", "w3"):

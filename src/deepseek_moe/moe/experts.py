@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepseek_moe.kernels import mkl_grouped
 from deepseek_moe.model.compute_copy import Linear, compute_dtype, compute_weight
 
 
@@ -53,6 +56,7 @@ class RoutedExperts(nn.Module):
         self.init_std = init_std
         self.reset_parameters()
         self.use_grouped_mm = _grouped_mm_available()
+        self.use_mkl_batch = True  # fp32 on CPU where torch's MKL is there (kernels/mkl_grouped.py)
 
     def reset_parameters(self) -> None:
         for w in (self.w1, self.w2, self.w3):
@@ -67,15 +71,22 @@ class RoutedExperts(nn.Module):
         dtype = compute_dtype(x_AD)
         x_AD = x_AD.to(dtype)
         gates_A = gates_A.to(dtype) if gates_A is not None else None
-        if self.use_grouped_mm and self._grouped_mm_fits(dtype):
-            w1, w2, w3 = (compute_weight(w, dtype) for w in local_weights(self.w1, self.w2, self.w3))
+        w1, w2, w3 = local_weights(self.w1, self.w2, self.w3)
+        product: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+        if self.use_mkl_batch and mkl_grouped.fits(x_AD, w1):  # fp32 on CPU: all experts in one batched GEMM
+            product = mkl_grouped.grouped_linear
+        elif self.use_grouped_mm and self._grouped_mm_fits(dtype):
+            w1, w2, w3 = (compute_weight(w, dtype) for w in (w1, w2, w3))
             offs_E = counts_E.cumsum(0).to(torch.int32)
-            h_AF = F.silu(F.grouped_mm(x_AD, w1.transpose(1, 2), offs=offs_E))
-            h_AF = h_AF * F.grouped_mm(x_AD, w3.transpose(1, 2), offs=offs_E)
-            if gates_A is not None:
-                h_AF = h_AF * gates_A.unsqueeze(1)
-            return F.grouped_mm(h_AF, w2.transpose(1, 2), offs=offs_E)
-        return self.forward_loop(x_AD, counts_E, gates_A)
+
+            def product(x: torch.Tensor, w: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+                return F.grouped_mm(x, w.transpose(1, 2), offs=offs_E)
+        else:
+            return self.forward_loop(x_AD, counts_E, gates_A)
+        h_AF = F.silu(product(x_AD, w1, counts_E)) * product(x_AD, w3, counts_E)
+        if gates_A is not None:
+            h_AF = h_AF * gates_A.unsqueeze(1)
+        return product(h_AF, w2, counts_E)
 
     def _grouped_mm_fits(self, dtype: torch.dtype) -> bool:
         """grouped_mm takes fp32/bf16 operands whose row strides are multiples of 16 bytes."""
