@@ -140,8 +140,12 @@ class DeepSeekMoEForCausalLM(nn.Module):
 
         out = CausalLMOutput(logits=logits, cache=cache)
         if labels is not None:
-            out.ce_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                          labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+            # Shift the labels, not the logits: slicing (B, T, vocab) copies it, and the slice's backward
+            # zero-fills and copies a gradient of that size again (a fifth of the tiny preset's step besides
+            # attention). The last position gets no label, so the mean runs over the same B * (T - 1) tokens.
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+            out.ce_loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1),
+                                          ignore_index=IGNORE_INDEX)
             out.aux_loss = collect_aux_loss(self).to(logits.device)
             out.loss = out.ce_loss + out.aux_loss
         return out
