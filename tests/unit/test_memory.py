@@ -175,7 +175,7 @@ def test_activation_formula_matches_what_autograd_saves(changes: dict, dtype: to
     model = DeepSeekMoEForCausalLM(cfg).to(dtype).train()
     ids = torch.randint(0, cfg.vocab_size, (2, 64))
     # On CPU MLA pads v for SDPA's fused kernel; the formula knows. What it leaves out (cos/sin, shared by all
-    # layers; the loss over T - 1 positions) is a fraction of a percent here.
+    # layers; the loss's int64 targets) is a fraction of a percent here, about 1% of the checkpointed total.
     c, pads = dtype.itemsize, cfg.attention == "mla"
     formula = activation_bytes(cfg, tokens=128, compute=c, checkpointing=False, sdpa_pads_v=pads)
     assert _saved_bytes(model, ids) == pytest.approx(formula, rel=0.005)
@@ -183,7 +183,7 @@ def test_activation_formula_matches_what_autograd_saves(changes: dict, dtype: to
     set_activation_checkpointing(model)
     largest_block = max(block_bytes(cfg, i, c, sdpa_pads_v=pads) for i in range(cfg.n_layers))
     kept = activation_bytes(cfg, tokens=128, compute=c, checkpointing=True, sdpa_pads_v=pads) - 128 * largest_block
-    assert _saved_bytes(model, ids) == pytest.approx(kept, rel=0.01)
+    assert _saved_bytes(model, ids) == pytest.approx(kept, rel=0.015)
 
 
 def test_expected_ranks_by_hand_and_by_simulation() -> None:
