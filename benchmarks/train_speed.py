@@ -58,7 +58,9 @@ def write_checkpoint(cfg: ModelConfig, path: Path) -> None:
 
 def load_ours(path: Path, compute_copies: bool) -> torch.nn.Module:
     model = dm.from_pretrained(path, dtype=torch.float32).train()
-    if compute_copies:  # as deepseek-moe train does under bf16 autocast; unused by the fp32 step
+    # As deepseek-moe train does under bf16 autocast. The fp32 step shares this model and its AdamWCopies, so it
+    # also writes the bf16 copies (2 bytes a weight in a ~30-byte optimizer pass); the trainer's fp32 runs don't.
+    if compute_copies:
         attach_compute_copies(model, torch.bfloat16)
     return model
 

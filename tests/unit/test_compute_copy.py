@@ -40,7 +40,8 @@ def test_kernel_matches_the_reference_and_rounds_the_copy_as_torch(n):
     adamw_step(p, g, m, v, out, **HYPER)
     for a, b in zip((p, m, v), ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, equal_nan=True)
-    # the copy is exactly torch's round-to-nearest-even of the new weight, NaN included
+    # the copy is exactly torch's round-to-nearest-even of the new weight; a NaN stays a NaN (its bits follow
+    # whichever conversion torch's build uses, so only NaN-ness is compared)
     assert torch.equal(out.view(torch.int16)[1:], p.to(torch.bfloat16).view(torch.int16)[1:])
     assert out[0].isnan() == p[0].isnan()
 
@@ -73,6 +74,26 @@ def test_adamw_copies_steps_as_torch_adamw_and_their_states_interchange():
     back.load_state_dict(opt.state_dict())
     assert back.state_dict()["state"][0].keys() == ref.state_dict()["state"][0].keys()
     AdamWCopies(mine, **kw).load_state_dict(ref.state_dict())
+
+
+def test_copies_follow_whatever_optimizer_changes_the_masters():
+    """torch's fused AdamW writes weights without bumping their versions; the copies must still follow. So must
+    the weights AdamWCopies hands to torch's step (here: one with a non-contiguous gradient) and a plain optimizer
+    used on a model with copies. Step hooks run once per step."""
+    torch.manual_seed(0)
+    for kind in (AdamWCopies, torch.optim.AdamW):
+        ws = [_with_copy(torch.nn.Parameter(torch.randn(8, 6))) for _ in range(2)]
+        opt = kind(ws, lr=0.1, fused=True)
+        calls: list[int] = []
+        handle = opt.register_step_post_hook(lambda *a, calls=calls: calls.append(1))
+        for _ in range(2):
+            ws[0].grad = torch.randn(6, 8).t()  # non-contiguous: not the kernel's
+            ws[1].grad = torch.randn(8, 6)
+            opt.step()
+            for w in ws:
+                assert torch.equal(cc.compute_weight(w, torch.bfloat16), w.detach().to(torch.bfloat16)), kind
+        handle.remove()
+        assert len(calls) == 2
 
 
 def test_adamw_copies_refuses_what_the_kernel_does_not_do():

@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
@@ -86,6 +87,7 @@ class _GroupedLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, w, counts = ctx.saved_tensors
         dy = dy.contiguous()

@@ -4,8 +4,11 @@ Under bf16 autocast every matrix product casts its fp32 weight to bf16 afresh: e
 copy of every weight (770 MB at the mid size of the benchmarks) and reads every master to fill it, right after
 the optimizer step has read and written that same master. A compute copy is allocated once and rewritten in
 place: by the optimizer, in the same pass that updates the master (:class:`deepseek_moe.train.optim.AdamWCopies`),
-or, after any other change to the master (a plain optimizer, loading a checkpoint, ``p.data = ...``), at its next
-use, which notices the change through the master's version counter and storage address.
+or, after any other change to the master, at its next use. In-place torch ops (loading a checkpoint, ``copy_``,
+``index_put_``) bump the master's version counter and a new tensor (``p.data = t``, a deep copy) has another
+storage address, which the copy compares. torch's fused and foreach optimizers write without bumping the version,
+so after any other optimizer's step a global step hook marks its weights' copies stale. Writes through
+``p.data.<op>_()`` are invisible: make them under ``torch.no_grad()`` on ``p`` itself.
 
 The gradient still reaches the fp32 master (cast to fp32 as autocast's own cast does), so clipping, gradient
 accumulation and the optimizer see exactly what they see without copies. Only the forward's cast goes.
@@ -18,10 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -47,11 +52,19 @@ class ComputeCopy:
     address: int
     grad_buffer: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        if not _hook:  # from the first copy on, every optimizer step is watched (_after_optimizer_step)
+            _hook.append(register_optimizer_step_post_hook(_after_optimizer_step))
+
     def matches(self, master: torch.Tensor) -> bool:
         return self.version == master._version and self.address == master.data_ptr()
 
     def mark_synced(self, master: torch.Tensor) -> None:
         self.version, self.address = master._version, master.data_ptr()
+
+    def mark_stale(self) -> None:
+        """The master changed in a way its version counter does not show: copy it again at the next use."""
+        self.version = -1
 
     def park_grad(self, master: torch.Tensor) -> None:
         """Take ``master.grad`` away (as ``zero_grad(set_to_none=True)`` does), keeping its memory for the next
@@ -107,6 +120,21 @@ def compute_weight(master: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if torch.is_grad_enabled() and master.requires_grad:
         return _FromCopy.apply(master, copy.tensor)
     return copy.tensor
+
+
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Global post-step hook: an optimizer that does not keep compute copies itself changed its weights without
+    a version bump (torch's fused/foreach kernels), so their copies are stale."""
+    if getattr(optimizer, "writes_compute_copies", False):
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            copy = copy_of(p)
+            if copy is not None:
+                copy.mark_stale()
+
+
+_hook: list[Any] = []  # the global hook's handle, registered once
 
 
 def attach(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:

@@ -28,12 +28,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class AdamWCopies(torch.optim.AdamW):
     """torch.optim.AdamW (fused) that updates each weight with a compute copy (``model/compute_copy.py``) in one
     pass of ``kernels/adamw.cpp``, which writes the new bf16 copy as it writes the new master; the others go
-    through torch's step. State, state_dict and hyper-parameters are AdamW's, so checkpoints move freely between
-    the two.
+    through torch's step. The update is AdamW's to float rounding (the kernel's operation order and fused
+    multiply-adds differ from torch's by an ulp); state, state_dict and hyper-parameters are AdamW's, so
+    checkpoints move freely between the two.
 
     The bf16 training step this is for reads every master once per step instead of twice, and allocates no
     weight copies (benchmarks/train_speed.py, the README's performance section).
     """
+
+    writes_compute_copies = True  # compute_copy's global step hook leaves this optimizer's copies alone
 
     def __init__(self, params: Any, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
@@ -80,11 +83,20 @@ class AdamWCopies(torch.optim.AdamW):
                 copy.mark_synced(p)
                 held.append((p, p.grad))
                 p.grad = None
+        # torch's step for the rest, without its step hooks (this call's own wrapper runs them once)
+        torch_step = torch.optim.AdamW.step
+        torch_step = getattr(torch_step, "__wrapped__", torch_step) if getattr(torch_step, "hooked", False) else torch_step
         try:
-            super().step()
+            torch_step(self)
         finally:
             for p, grad in held:
                 p.grad = grad
+        done = {id(p) for p, _ in held}
+        for group in self.param_groups:  # torch's fused kernel wrote these without bumping their versions
+            for p in group["params"]:
+                copy = copy_of(p)
+                if copy is not None and id(p) not in done and p.grad is not None:
+                    copy.mark_stale()
         return loss
 
 
