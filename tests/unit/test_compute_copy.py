@@ -194,3 +194,23 @@ def test_the_config_field_is_checked():
     from deepseek_moe.train.config import TrainConfig
     with pytest.raises(ValueError, match="compute_copies"):
         TrainConfig(compute_copies="yes")  # type: ignore[arg-type]
+
+
+def test_the_trainers_copies_are_never_stale_when_they_say_they_are_current(tmp_path):
+    """Whenever a copy claims to match its master (the forward then uses it as is), it equals the master in bf16:
+    after each of the trainer's steps, with frozen experts restored in stage 3 and gradient accumulation."""
+    from deepseek_moe.train.loop import Trainer
+
+    trainer = Trainer(small_config(tmp_path, "dtype=bf16", "schedule.steps=5", "routing.uniform_steps=1",
+                                   "routing.finetune_steps=2", "routing.frozen_experts=[0, 5]",
+                                   "schedule.grad_accum_steps=2"), progress=False)
+    trainer.setup()
+    assert isinstance(trainer.optimizer, AdamWCopies)
+    copied = [p for p in trainer.model.parameters() if cc.copy_of(p) is not None]
+    assert copied
+    for step in range(5):
+        trainer.step(step)
+        current = [p for p in copied if cc.copy_of(p).matches(p)]
+        assert current  # the kernel kept most copies current
+        for p in current:
+            assert torch.equal(cc.copy_of(p).tensor, p.detach().to(torch.bfloat16))
