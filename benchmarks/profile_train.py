@@ -30,7 +30,7 @@ import deepseek_moe as dm  # noqa: E402
 from deepseek_moe.device import keep_freed_memory  # noqa: E402
 from deepseek_moe.model.compute_copy import attach as attach_compute_copies  # noqa: E402
 from deepseek_moe.presets import tiny  # noqa: E402
-from deepseek_moe.train.optim import AdamWCopies  # noqa: E402
+from deepseek_moe.train.optim import adamw_class  # noqa: E402
 
 SIZES = {"tiny": (tiny, 16, 256), "mid": (mid_size, 4, 256)}
 
@@ -61,8 +61,7 @@ def main() -> None:
     amp = args.dtype == "bf16"
     if amp and not args.no_compute_copies:  # as deepseek-moe train runs bf16
         attach_compute_copies(model)
-    opt = (AdamWCopies if amp and not args.no_compute_copies else torch.optim.AdamW)(
-        model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    opt = adamw_class(model)(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     batch = torch.randint(0, cfg.vocab_size, (B, S), generator=torch.Generator().manual_seed(1))
 
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}

@@ -38,9 +38,8 @@ from common import mid_size, uptime  # noqa: E402
 import deepseek_moe as dm  # noqa: E402
 from deepseek_moe.config import ModelConfig  # noqa: E402
 from deepseek_moe.model.compute_copy import attach as attach_compute_copies  # noqa: E402
-from deepseek_moe.model.compute_copy import copy_of  # noqa: E402
 from deepseek_moe.presets import tiny  # noqa: E402
-from deepseek_moe.train.optim import AdamWCopies  # noqa: E402
+from deepseek_moe.train.optim import adamw_class  # noqa: E402
 
 SIZES: dict[str, tuple[Callable[[], ModelConfig], int, int]] = {  # config, batch, sequence length
     "tiny": (tiny, 16, 256),  # the default run's micro-batch
@@ -90,8 +89,7 @@ def check_logits(ours: torch.nn.Module, hf: torch.nn.Module, batch: torch.Tensor
 
 def adamw(model: torch.nn.Module) -> torch.optim.AdamW:
     """Fused AdamW as our Trainer's (its AdamWCopies, the same update, where the model has compute copies)."""
-    kind = AdamWCopies if any(copy_of(p) is not None for p in model.parameters()) else torch.optim.AdamW
-    return kind(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    return adamw_class(model)(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
 
 
 class Stepper:

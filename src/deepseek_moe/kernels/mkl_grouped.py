@@ -83,17 +83,15 @@ class _GroupedLinear(torch.autograd.Function):
         y = x.new_empty(x.shape[0], N)
         _gemm_batch(_NO_TRANS, _TRANS, counts[used], N, D, _row_ptrs(x, starts[used]), D,
                     _matrix_ptrs(w, used), D, _row_ptrs(y, starts[used]), N)
-        ctx.save_for_backward(x, w, counts)
+        ctx.save_for_backward(x, w, counts, starts, used)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x, w, counts = ctx.saved_tensors
+        x, w, counts, starts, used = ctx.saved_tensors
         dy = dy.contiguous()
         E, N, D = w.shape
-        starts = counts.cumsum(0) - counts
-        used = (counts > 0).nonzero().flatten()
         dx = dw = None
         if ctx.needs_input_grad[0]:  # dx[rows of e] = dy[rows of e] @ w[e]
             dx = x.new_empty(x.shape)

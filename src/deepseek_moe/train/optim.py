@@ -108,15 +108,19 @@ class AdamWCopies(torch.optim.AdamW):
         super().zero_grad(set_to_none)
 
 
+def adamw_class(model: nn.Module) -> type[torch.optim.AdamW]:
+    """:class:`AdamWCopies` when some weight of ``model`` has a compute copy, else torch's AdamW."""
+    return AdamWCopies if any(copy_of(p) is not None for p in model.parameters()) else torch.optim.AdamW
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW over ``model``; :class:`AdamWCopies` when some weight has a compute copy."""
     # fused: one pass over each tensor's parameter, gradient and moments instead of foreach's ~8 (one per
     # elementwise op); 3.4x faster than foreach on CPU for 32 x 704 x 1024 experts (benchmarks/train_speed.py),
     # where the optimizer step is a fifth of a bf16 training step. Falls back to foreach where fused is missing.
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
-    kind = AdamWCopies if any(copy_of(p) is not None for p in model.parameters()) else torch.optim.AdamW
-    return kind(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+    return adamw_class(model)(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                 **({"fused": True} if fused else {"foreach": True}))
 
 
-__all__ = ["AdamWCopies", "build_optimizer", "param_groups"]
+__all__ = ["AdamWCopies", "adamw_class", "build_optimizer", "param_groups"]
