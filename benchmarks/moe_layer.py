@@ -7,7 +7,7 @@ routing, gathers and combines do not speed up as the matrix products do).
 
 The process keeps freed memory (``deepseek_moe.device.keep_freed_memory``, as training does) unless
 ``--malloc-defaults``; under bf16 every layer's weights get compute copies and their gradients' memory is kept for
-the next backward (``deepseek_moe.model.compute_copy``, as training does) unless ``--no-compute-copies``.
+the next backward (``deepseek_moe.nn.compute_copy``, as training does) unless ``--no-compute-copies``.
 
     python benchmarks/moe_layer.py [--reps 20] [--threads 2] [--tokens 4096]
 """
@@ -27,9 +27,9 @@ from torch import nn
 
 from deepseek_moe import MoE, MoEConfig
 from deepseek_moe.device import keep_freed_memory
-from deepseek_moe.model.compute_copy import attach as attach_compute_copies
-from deepseek_moe.model.compute_copy import park_grads
 from deepseek_moe.moe.experts import FeedForward
+from deepseek_moe.nn.compute_copy import attach as attach_compute_copies
+from deepseek_moe.nn.compute_copy import park_grads
 
 
 class NaiveMoE(nn.Module):

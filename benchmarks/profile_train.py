@@ -28,7 +28,7 @@ from common import mid_size, uptime  # noqa: E402
 
 import deepseek_moe as dm  # noqa: E402
 from deepseek_moe.device import keep_freed_memory  # noqa: E402
-from deepseek_moe.model.compute_copy import attach as attach_compute_copies  # noqa: E402
+from deepseek_moe.nn.compute_copy import attach as attach_compute_copies  # noqa: E402
 from deepseek_moe.presets import tiny  # noqa: E402
 from deepseek_moe.train.optim import adamw_class  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""bf16 compute copies (model/compute_copy.py) and the optimizer that keeps them (train/optim.AdamWCopies,
+"""bf16 compute copies (nn/compute_copy.py) and the optimizer that keeps them (train/optim.AdamWCopies,
 kernels/adamw.cpp), against what they replace: autocast's own weight casts and torch.optim.AdamW."""
 
 import copy
@@ -9,8 +9,9 @@ import torch
 
 from deepseek_moe.kernels.adamw import adamw_step, adamw_step_reference
 from deepseek_moe.kernels.cpu_build import load_adamw_library
-from deepseek_moe.model import compute_copy as cc
 from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+from deepseek_moe.nn import compute_copy as cc
+from deepseek_moe.nn.linear import Linear
 from deepseek_moe.presets import get_preset
 from deepseek_moe.train.checkpoint import read_model_state
 from deepseek_moe.train.loop import run
@@ -113,7 +114,7 @@ def test_a_model_with_copies_computes_what_autocast_computes():
     cfg = get_preset("tiny")
     model = DeepSeekMoEForCausalLM(cfg).train()
     twin = copy.deepcopy(model)
-    assert cc.attach(twin) == sum(1 for m in twin.modules() if isinstance(m, cc.Linear)) + 3 * (cfg.n_layers
+    assert cc.attach(twin) == sum(1 for m in twin.modules() if isinstance(m, Linear)) + 3 * (cfg.n_layers
                                                                                                - cfg.n_dense_layers)
     third = copy.deepcopy(twin)  # its copies' records name twin's storage, so it copies its own masters
     batch = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))

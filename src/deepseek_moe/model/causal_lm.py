@@ -13,7 +13,6 @@ from torch import nn
 
 from deepseek_moe.config import ModelConfig
 from deepseek_moe.model.block import Block
-from deepseek_moe.model.compute_copy import Linear
 from deepseek_moe.model.init import ShardOf, constant, draw_seed, fill, is_meta, normal, whole
 from deepseek_moe.model.kv_cache import KVCache
 from deepseek_moe.model.norm import RMSNorm
@@ -21,6 +20,7 @@ from deepseek_moe.model.rope import RotaryEmbedding
 from deepseek_moe.moe.all_layers import collect_aux_loss, moe_layers
 from deepseek_moe.moe.dropping import ProtectedSequences
 from deepseek_moe.moe.layer import MoE, layer_seed
+from deepseek_moe.nn.linear import Linear
 
 if TYPE_CHECKING:
     from deepseek_moe.infer.generate import GenerateOutput

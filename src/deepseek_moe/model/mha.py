@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_moe.config import ModelConfig
-from deepseek_moe.model.compute_copy import Linear
 from deepseek_moe.model.kv_cache import LayerCache
 from deepseek_moe.model.mla import causal_mask
 from deepseek_moe.model.rope import apply_rotary, softmax_scale
+from deepseek_moe.nn.linear import Linear
 
 
 class MHA(nn.Module):

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_moe.config import ModelConfig
-from deepseek_moe.model.compute_copy import Linear
 from deepseek_moe.model.kv_cache import LayerCache
 from deepseek_moe.model.norm import RMSNorm
 from deepseek_moe.model.rope import apply_rotary, softmax_scale
+from deepseek_moe.nn.linear import Linear
 
 # The latent norms use eps 1e-6 whatever the model's norm_eps: DeepSeek's and transformers' code hard-code it.
 LATENT_NORM_EPS = 1e-6

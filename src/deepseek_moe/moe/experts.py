@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from deepseek_moe.kernels import mkl_grouped
-from deepseek_moe.model.compute_copy import Linear, compute_dtype, compute_weight
+from deepseek_moe.nn.compute_copy import compute_dtype, compute_weight
+from deepseek_moe.nn.linear import Linear
 
 
 class FeedForward(nn.Module):
@@ -46,6 +48,8 @@ class RoutedExperts(nn.Module):
     the global index of the first expert held here (non-zero only under expert parallelism), ``n_experts`` the
     number held here; under expert parallelism the weights are DTensors of the global shape.
     """
+
+    compute_copy_weights: ClassVar[tuple[str, ...]] = ("w1", "w2", "w3")  # nn/compute_copy.attach gives them copies
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, *, init_std: float = 0.02, offset: int = 0) -> None:
         super().__init__()

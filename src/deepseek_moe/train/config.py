@@ -222,7 +222,7 @@ class TrainConfig:
     # (deepseek_moe.device.keep_freed_memory); false: malloc's defaults
     keep_freed_memory: bool = True
     # Under bf16 autocast, keep each matrix weight's bf16 copy from one step to the next, rewritten by the
-    # optimizer's pass (deepseek_moe.model.compute_copy); false: autocast casts every weight afresh each forward
+    # optimizer's pass (deepseek_moe.nn.compute_copy); false: autocast casts every weight afresh each forward
     compute_copies: bool = True
 
     def __post_init__(self) -> None:

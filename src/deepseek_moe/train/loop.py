@@ -26,9 +26,9 @@ import torch
 from tqdm import tqdm
 
 from deepseek_moe.device import keep_freed_memory, resolve_device
-from deepseek_moe.model.compute_copy import attach as attach_compute_copies
 from deepseek_moe.moe.all_layers import load_routing_state, routing_state, set_uniform_routing
 from deepseek_moe.moe.bias import update_routing_bias
+from deepseek_moe.nn.compute_copy import attach as attach_compute_copies
 from deepseek_moe.train import checkpoint as ckpt
 from deepseek_moe.train.build import (
     autocast,

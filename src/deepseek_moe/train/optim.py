@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from deepseek_moe.kernels.adamw import adamw_step
-from deepseek_moe.model.compute_copy import copy_of, park_grads
+from deepseek_moe.nn.compute_copy import copy_of, park_grads
 from deepseek_moe.train.config import OptimConfig
 
 
@@ -26,7 +26,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 class AdamWCopies(torch.optim.AdamW):
-    """torch.optim.AdamW (fused) that updates each weight with a compute copy (``model/compute_copy.py``) in one
+    """torch.optim.AdamW (fused) that updates each weight with a compute copy (``nn/compute_copy.py``) in one
     pass of ``kernels/adamw.cpp``, which writes the new bf16 copy as it writes the new master; the others go
     through torch's step. The update is AdamW's to float rounding (the kernel's operation order and fused
     multiply-adds differ from torch's by an ulp); state, state_dict and hyper-parameters are AdamW's, so

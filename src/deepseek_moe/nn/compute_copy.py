@@ -13,8 +13,10 @@ so after any other optimizer's step a global step hook marks its weights' copies
 The gradient still reaches the fp32 master (cast to fp32 as autocast's own cast does), so clipping, gradient
 accumulation and the optimizer see exactly what they see without copies. Only the forward's cast goes.
 
-``Linear`` and :class:`deepseek_moe.moe.experts.RoutedExperts` ask :func:`compute_weight` for their weights;
-:func:`attach` gives a model's weights their copies (the trainer does under bf16 autocast on one process).
+``Linear`` (nn/linear.py) and :class:`deepseek_moe.moe.experts.RoutedExperts` ask :func:`compute_weight` for
+their weights and name them in ``compute_copy_weights``; :func:`attach` gives a model's weights their copies (the
+trainer does under bf16 autocast on one process). This module knows neither: it sits below the MoE layer and the
+model, which both use it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -137,16 +138,19 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
 _hook: list[Any] = []  # the global hook's handle, registered once
 
 
-def attach(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Give every weight that asks :func:`compute_weight` for itself (Linear's, the routed experts') a compute
-    copy in ``dtype``; the number of weights given one. Sharded (DTensor) and non-fp32 weights are left alone:
-    under FSDP the all-gather makes a fresh full weight every step anyway."""
-    from deepseek_moe.moe.experts import RoutedExperts
+COPIED_WEIGHTS = "compute_copy_weights"
+"""The class attribute by which a module names its weights that ask :func:`compute_weight` for themselves
+(``Linear``: ``("weight",)``; the routed experts: ``("w1", "w2", "w3")``), so that :func:`attach` finds them
+without knowing the modules."""
 
+
+def attach(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Give every weight that asks :func:`compute_weight` for itself (those its module names in
+    ``compute_copy_weights``) a compute copy in ``dtype``; the number of weights given one. Sharded (DTensor)
+    and non-fp32 weights are left alone: under FSDP the all-gather makes a fresh full weight every step anyway."""
     n = 0
     for module in model.modules():
-        names = ("weight",) if isinstance(module, Linear) else ("w1", "w2", "w3") if isinstance(
-            module, RoutedExperts) else ()
+        names: tuple[str, ...] = getattr(module, COPIED_WEIGHTS, ())
         for name in names:
             w = getattr(module, name)
             if w.dtype != torch.float32 or hasattr(w, "to_local") or copy_of(w) is not None:
@@ -174,17 +178,5 @@ def detach_all(model: nn.Module) -> None:
             delattr(p, _ATTR)
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` whose weight comes from :func:`compute_weight` when autocast computes in another dtype."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if copy_of(self.weight) is None:  # first: meta tensors (shape inference) have no autocast state to ask
-            return super().forward(x)
-        dtype = compute_dtype(x)
-        if dtype == self.weight.dtype:
-            return super().forward(x)
-        return F.linear(x, compute_weight(self.weight, dtype), self.bias)
-
-
-__all__ = ["ComputeCopy", "Linear", "attach", "compute_dtype", "compute_weight", "copy_of", "detach_all",
+__all__ = ["COPIED_WEIGHTS", "ComputeCopy", "attach", "compute_dtype", "compute_weight", "copy_of", "detach_all",
            "park_grads"]
