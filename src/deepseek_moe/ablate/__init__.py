@@ -6,8 +6,9 @@ one variant's ModelConfig; ``altered_routing(model, skip_top=..., extra=..., dro
 evaluation-time routing of the paper's §4.5 analyses.
 """
 
+from deepseek_moe.ablate.config import AblationConfig, full, quick
 from deepseek_moe.ablate.routing import AlteredRouter, altered_routing
-from deepseek_moe.ablate.run import AblationConfig, full, quick, run_ablation
+from deepseek_moe.ablate.run import run_ablation
 from deepseek_moe.ablate.variants import VARIANTS, AblationShape, Counts, count_variant, variant_config
 
 __all__ = ["VARIANTS", "AblationConfig", "AblationShape", "AlteredRouter", "Counts", "altered_routing",

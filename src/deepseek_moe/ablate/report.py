@@ -11,7 +11,7 @@ from deepseek_moe.ablate.claims import claims_markdown, evaluate_claims
 from deepseek_moe.ablate.variants import Counts
 
 if TYPE_CHECKING:
-    from deepseek_moe.ablate.run import AblationConfig
+    from deepseek_moe.ablate.config import AblationConfig
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

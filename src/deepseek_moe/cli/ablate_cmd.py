@@ -7,7 +7,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from deepseek_moe.ablate.run import AblationConfig
+    from deepseek_moe.ablate.config import AblationConfig
 
 DESCRIPTION = ("Train dense, GShard, shared, fine-grained and DeepSeekMoE models that differ only in the FFN of "
                "their MoE layers (same data, tokens, seeds and optimiser; equal activated and total expert "
@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def build_config(args: argparse.Namespace) -> AblationConfig:
-    from deepseek_moe.ablate.run import full, quick
+    from deepseek_moe.ablate.config import full, quick
     from deepseek_moe.train.errors import TrainError
 
     cfg = quick() if args.quick else full()
