@@ -31,24 +31,15 @@ def read_run(path: Path) -> dict[str, Any]:
 
 
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    from deepseek_moe.figure import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for run in runs:
-        label = f"{run['name']} ({run['precision']})"
-        line, = ax.plot(list(run["train"]), list(run["train"].values()), lw=1, label=f"{label} train")
-        ax.plot(list(run["val"]), list(run["val"].values()), "o--", color=line.get_color(), lw=1,
-                label=f"{label} validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy, nats / token")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, figsize=(7, 4), dpi=110, xlabel="step", ylabel="cross-entropy, nats / token",
+                legend=True) as ax:
+        for run in runs:
+            label = f"{run['name']} ({run['precision']})"
+            line, = ax.plot(list(run["train"]), list(run["train"].values()), lw=1, label=f"{label} train")
+            ax.plot(list(run["val"]), list(run["val"].values()), "o--", color=line.get_color(), lw=1,
+                    label=f"{label} validation")
 
 
 def main() -> None:

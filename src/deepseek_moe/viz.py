@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deepseek_moe.figure import figure
+
 
 def routing_counts(model: nn.Module) -> torch.Tensor | None:
     """(L, E) tokens per expert of each MoE layer's last forward (float32, CPU); None before any forward or in a
@@ -23,26 +25,15 @@ def plot_routing_heatmap(counts_LE: torch.Tensor, path: str | Path, *, title: st
     """Write a heatmap of the share of each layer's assignments that each expert received."""
     if counts_LE is None:
         raise ValueError("no MoE layer has routing statistics yet: run a forward pass first")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     counts = torch.as_tensor(counts_LE, dtype=torch.float32)
     if counts.dim() != 2:
         raise ValueError(f"counts_LE must be 2-D (layers, experts), got shape {tuple(counts.shape)}")
     share = counts / counts.sum(dim=1, keepdim=True).clamp_min(1e-9)
     n_layers, n_experts = share.shape
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * n_experts + 2), max(2.5, 0.35 * n_layers + 1.5)))
-    image = ax.imshow(share.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("MoE layer")
-    ax.set_yticks(range(n_layers), layer_labels or [str(i) for i in range(n_layers)])
-    ax.set_title(f"{title} (uniform = {1 / n_experts:.3f})")
-    fig.colorbar(image, ax=ax, label="share of assignments")
-    fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(max(6.0, 0.12 * n_experts + 2), max(2.5, 0.35 * n_layers + 1.5)), grid=False,
+                title=f"{title} (uniform = {1 / n_experts:.3f})", xlabel="expert", ylabel="MoE layer") as ax:
+        image = ax.imshow(share.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_yticks(range(n_layers), layer_labels or [str(i) for i in range(n_layers)])
+        ax.figure.colorbar(image, ax=ax, label="share of assignments")
     return path

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from deepseek_moe.ablate.claims import claims_markdown, evaluate_claims
 from deepseek_moe.ablate.variants import Counts
+from deepseek_moe.figure import figure
 
 if TYPE_CHECKING:
     from deepseek_moe.ablate.config import AblationConfig
@@ -103,116 +104,74 @@ def results_markdown(cfg: AblationConfig, rows: list[dict[str, Any]],
 
 def plot_curves(cfg: AblationConfig, analyses: dict[str, list[dict[str, Any]]], path: Path) -> None:
     """Validation loss against tokens: mean over seeds, band = min..max over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    for v in cfg.variants:
-        curves = [dict((int(s), float(loss)) for s, loss in r["curve"]) for r in analyses[v]]
-        steps = sorted(set.intersection(*(set(c) for c in curves)))
-        if not steps:
-            continue
-        x = [s * tokens_per_step / 1e6 for s in steps]
-        values = [[c[s] for c in curves] for s in steps]
-        mean = [sum(vs) / len(vs) for vs in values]
-        line, = ax.plot(x, mean, label=v, linewidth=1.5)
-        if len(curves) > 1:
-            ax.fill_between(x, [min(vs) for vs in values], [max(vs) for vs in values], color=line.get_color(),
-                            alpha=0.2, linewidth=0)
-    ax.set_xlabel("training tokens (M)")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(f"Validation loss, mean over {len(cfg.seeds)} seed(s)" + (" (band: min–max)"
-                                                                          if len(cfg.seeds) > 1 else ""))
-    finals = [min(r["val_loss"] for r in analyses[v]) for v in cfg.variants]
-    ax.set_ylim(min(finals) - 0.3, min(finals) + 1.5)  # the end of training, where the variants separate
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    title = f"Validation loss, mean over {len(cfg.seeds)} seed(s)" + (" (band: min–max)" if len(cfg.seeds) > 1
+                                                                         else "")
+    with figure(path, figsize=(8, 5), title=title, xlabel="training tokens (M)",
+                ylabel="validation loss (nats/token)", legend=True) as ax:
+        for v in cfg.variants:
+            curves = [dict((int(s), float(loss)) for s, loss in r["curve"]) for r in analyses[v]]
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            if not steps:
+                continue
+            x = [s * tokens_per_step / 1e6 for s in steps]
+            values = [[c[s] for c in curves] for s in steps]
+            mean = [sum(vs) / len(vs) for vs in values]
+            line, = ax.plot(x, mean, label=v, linewidth=1.5)
+            if len(curves) > 1:
+                ax.fill_between(x, [min(vs) for vs in values], [max(vs) for vs in values], color=line.get_color(),
+                                alpha=0.2, linewidth=0)
+        finals = [min(r["val_loss"] for r in analyses[v]) for v in cfg.variants]
+        ax.set_ylim(min(finals) - 0.3, min(finals) + 1.5)  # the end of training, where the variants separate
 
 
 def plot_relative(cfg: AblationConfig, analyses: dict[str, list[dict[str, Any]]], path: Path,
                   base: str = "gshard") -> None:
     """Each variant's validation loss minus ``base``'s at the same seed and step (mean, band min..max over seeds):
     the curves themselves differ by less than their spread over seeds, the paired differences do not."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if base not in analyses:
         return
-    fig, ax = plt.subplots(figsize=(8, 5))
     tokens_per_step = cfg.batch_size * cfg.seq_len
     base_curves = [dict((int(s), float(loss)) for s, loss in r["curve"]) for r in analyses[base]]
-    for v in cfg.variants:
-        curves = [dict((int(s), float(loss)) for s, loss in r["curve"]) for r in analyses[v]]
-        steps = sorted(set.intersection(*(set(c) for c in curves + base_curves)))
-        if v == base or not steps:
-            continue
-        x = [s * tokens_per_step / 1e6 for s in steps]
-        deltas = [[c[s] - b[s] for c, b in zip(curves, base_curves, strict=True)] for s in steps]
-        line, = ax.plot(x, [sum(d) / len(d) for d in deltas], label=v, linewidth=1.5)
-        if len(curves) > 1:
-            ax.fill_between(x, [min(d) for d in deltas], [max(d) for d in deltas], color=line.get_color(), alpha=0.15,
-                            linewidth=0)
-    ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xlabel("training tokens (M)")
-    ax.set_ylabel(f"validation loss minus {base}'s, same seed (nats/token)")
-    ax.set_title(f"Paired by seed, relative to {base}" + (" (band: min–max over seeds)" if len(cfg.seeds) > 1 else ""))
-    ax.set_ylim(-0.25, 0.25)  # the early steps differ by more; the end of training is what the claims are about
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    title = f"Paired by seed, relative to {base}" + (" (band: min–max over seeds)" if len(cfg.seeds) > 1 else "")
+    with figure(path, figsize=(8, 5), title=title, xlabel="training tokens (M)",
+                ylabel=f"validation loss minus {base}'s, same seed (nats/token)", legend={"fontsize": 8}) as ax:
+        for v in cfg.variants:
+            curves = [dict((int(s), float(loss)) for s, loss in r["curve"]) for r in analyses[v]]
+            steps = sorted(set.intersection(*(set(c) for c in curves + base_curves)))
+            if v == base or not steps:
+                continue
+            x = [s * tokens_per_step / 1e6 for s in steps]
+            deltas = [[c[s] - b[s] for c, b in zip(curves, base_curves, strict=True)] for s in steps]
+            line, = ax.plot(x, [sum(d) / len(d) for d in deltas], label=v, linewidth=1.5)
+            if len(curves) > 1:
+                ax.fill_between(x, [min(d) for d in deltas], [max(d) for d in deltas], color=line.get_color(),
+                                alpha=0.15, linewidth=0)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_ylim(-0.25, 0.25)  # the early steps differ by more; the end of training is what the claims are about
 
 
 def plot_redundancy(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        if "redundancy" not in r:
-            continue
-        pts = r["redundancy"]
-        ax.errorbar([p["ratio"] for p in pts], [p["val_loss"] for p in pts], yerr=[p["val_loss_std"] for p in pts],
-                    marker="o", capsize=3, label=r["variant"])
-    ax.set_xlabel("ratio of each token's top routed experts masked")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("Redundancy: top experts masked, next ones routed to")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(6, 4), title="Redundancy: top experts masked, next ones routed to",
+                xlabel="ratio of each token's top routed experts masked", ylabel="validation loss (nats/token)",
+                legend=True) as ax:
+        for r in rows:
+            if "redundancy" not in r:
+                continue
+            pts = r["redundancy"]
+            ax.errorbar([p["ratio"] for p in pts], [p["val_loss"] for p in pts],
+                        yerr=[p["val_loss_std"] for p in pts], marker="o", capsize=3, label=r["variant"])
 
 
 def plot_shared(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tests = [r for r in rows if "shared_expert_test" in r]
     if not tests:
         return
     t = tests[0]["shared_expert_test"]
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.bar(["trained", "shared off,\n+1 routed"], [t["val_loss"], t["shared_disabled_val_loss"]],
-           yerr=[t["val_loss_std"], t["shared_disabled_val_loss_std"]], capsize=4, color=["C0", "C3"])
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(f"{tests[0]['variant']}: shared expert test")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(5, 4), title=f"{tests[0]['variant']}: shared expert test",
+                ylabel="validation loss (nats/token)", grid=False) as ax:
+        ax.bar(["trained", "shared off,\n+1 routed"], [t["val_loss"], t["shared_disabled_val_loss"]],
+               yerr=[t["val_loss_std"], t["shared_disabled_val_loss_std"]], capsize=4, color=["C0", "C3"])
 
 
 def write_report(cfg: AblationConfig, out: Path, counts: dict[str, Counts],

@@ -7,32 +7,21 @@ from typing import Any
 
 import torch
 
+from deepseek_moe.figure import figure
 from deepseek_moe.viz import plot_routing_heatmap
 
 
 def plot_loss(records: list[dict[str, Any]], path: Path, *, unigram_entropy: float | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     train = [r for r in records if r.get("kind") == "train"]
     val = [r for r in records if r.get("kind") == "val"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot([r["step"] for r in train], [r["ce_loss"] for r in train], label="train cross-entropy", lw=1)
-    if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation", lw=1.5)
-    if unigram_entropy is not None:
-        ax.axhline(unigram_entropy, color="gray", ls="--", lw=1, label="unigram entropy (validation)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("nats / token")
-    ax.set_title("Training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, figsize=(7, 4), dpi=110, title="Training loss", xlabel="step", ylabel="nats / token",
+                legend=True) as ax:
+        if train:
+            ax.plot([r["step"] for r in train], [r["ce_loss"] for r in train], label="train cross-entropy", lw=1)
+        if val:
+            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation", lw=1.5)
+        if unigram_entropy is not None:
+            ax.axhline(unigram_entropy, color="gray", ls="--", lw=1, label="unigram entropy (validation)")
     return path
 
 
