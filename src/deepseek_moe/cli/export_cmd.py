@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from deepseek_moe.cli.info_cmd import checkpoint_dir
 from deepseek_moe.cli.main import UsageError
+from deepseek_moe.io.locate import checkpoint_dir
 
 TOKENIZER_FILE = "tokenizer.json"
 

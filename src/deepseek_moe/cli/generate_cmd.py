@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from deepseek_moe.cli.info_cmd import checkpoint_dir
 from deepseek_moe.cli.main import UsageError
 from deepseek_moe.io import CheckpointError
+from deepseek_moe.io.locate import checkpoint_dir
 
 TOKENIZER_FILE = "tokenizer.json"
 # End-of-text tokens of the tokenizers we meet, tried when config.json has no eos_token_id.

@@ -10,6 +10,7 @@ from typing import Any
 
 from deepseek_moe.cli.main import UsageError
 from deepseek_moe.io import CheckpointError
+from deepseek_moe.io.locate import checkpoint_dir
 
 DEFAULT_CONTEXT = 4096
 FLOPS_CONVENTION = ("forward only: 2 x activated weights (the embedding lookup excluded) + attention scores and "
@@ -28,20 +29,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "max_seq_len))")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=run)
-
-
-def checkpoint_dir(target: str) -> Path:
-    """The directory holding config.json: ``target`` itself, or ``target/model`` for a train run directory."""
-    path = Path(target)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory (expected a checkpoint directory with config.json)")
-    if (path / "model" / "config.json").is_file():
-        return path / "model"
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: no config.json (nor model/config.json, as a train run directory has)")
-    return path
 
 
 def load_config(target: str) -> tuple[Any, str]:  # -> (ModelConfig, description of the source)

@@ -12,8 +12,8 @@ import argparse
 import time
 from pathlib import Path
 
-from deepseek_moe.cli.info_cmd import checkpoint_dir
 from deepseek_moe.cli.main import UsageError
+from deepseek_moe.io.locate import checkpoint_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -16,23 +16,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from deepseek_moe.io.locate import checkpoint_dir
 from deepseek_moe.serve.scheduler import Scheduler, SchedulerConfig, describe
 
 log = logging.getLogger("uvicorn.error")  # shown in the same stream and format as uvicorn's own lines
-
-
-def checkpoint_dir(target: str | os.PathLike[str]) -> Path:
-    """The directory holding config.json: ``target`` itself, or ``target/model`` for a train run directory."""
-    from deepseek_moe.io import CheckpointError
-
-    path = Path(target)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    if (path / "model" / "config.json").is_file():
-        return path / "model"
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: no config.json (nor model/config.json, as a train run directory has)")
-    return path
 
 
 def default_model_name(target: str | os.PathLike[str]) -> str:
