@@ -1,4 +1,4 @@
-"""The README's serving block runs as written: the server command, the curl call and the openai client."""
+"""docs/serving.md's shell block runs as written: the server command, the curl call and the openai client."""
 
 from __future__ import annotations
 
@@ -10,17 +10,24 @@ from pathlib import Path
 
 from serve_fixtures import build_checkpoint, free_port
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+PAGE = ROOT / "docs" / "serving.md"
+COMMAND = 'deepseek-moe serve "$(ls -d runs/*/ | tail -1)" --port 8000'
 
 
 def serving_block() -> str:
-    section = README.read_text().split("## Serving", 1)[1]
-    return re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1)  # type: ignore[union-attr]
+    """The page's shell block that starts the server and calls it (other blocks may come before it)."""
+    blocks = re.findall(r"^```bash\n(.*?)^```", PAGE.read_text(), re.DOTALL | re.MULTILINE)
+    return next(b for b in blocks if COMMAND in b and "curl" in b)
+
+
+def test_readme_serve_command_is_the_tested_one() -> None:
+    assert COMMAND in (ROOT / "README.md").read_text()
 
 
 def test_readme_serving_block_runs(tmp_path: Path) -> None:
     block = serving_block()
-    assert 'deepseek-moe serve "$(ls -d runs/*/ | tail -1)" --port 8000' in block and "curl" in block and "OpenAI(" in block
+    assert "OpenAI(" in block
     build_checkpoint(tmp_path / "runs" / "20260101-000000" / "model")
     port = str(free_port())
     script = "set -e\n" + block.replace("8000", port) + "\nkill %1\nwait\n"
