@@ -1,6 +1,8 @@
 """Every relative link in README.md and docs/*.md points at a file that exists and, with a #fragment, at a heading
-of that page (GitHub's anchors)."""
+of that page (GitHub's anchors); every file path and every `deepseek_moe.` name the pages mention exists, so a
+file moved or a function renamed fails here instead of leaving the documentation wrong."""
 
+import importlib
 import re
 from pathlib import Path
 
@@ -9,6 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+FILE = re.compile(r"(?<![\w/.<-])((?:[\w.-]+/)+[\w.-]+\.(?:py|cpp|md|json|png))\b")
+NAME = re.compile(r"\bdeepseek_moe(?:\.\w+)+")
 
 
 def prose(text: str) -> str:
@@ -53,3 +57,35 @@ def test_link_resolves(page: str, target: str) -> None:
         assert file.suffix == ".md", f"{page}: link {target!r}: a #fragment on a file that is not a page"
         assert fragment in anchors(file.read_text()), (
             f"{page}: link {target!r}: no heading of {file.relative_to(ROOT)} has the id {fragment!r}")
+
+
+def mentions(pattern: re.Pattern[str]) -> list[tuple[str, str]]:
+    return sorted({(page.relative_to(ROOT).as_posix(), m) for page in PAGES for m in pattern.findall(page.read_text())})
+
+
+def test_mention_patterns() -> None:
+    text = "`kernels/qgemm.cpp`, runs/<timestamp>/model, python benchmarks/serve.py, `deepseek_moe.train.run(cfg)`."
+    assert FILE.findall(text) == ["kernels/qgemm.cpp", "benchmarks/serve.py"]
+    assert NAME.findall(text) == ["deepseek_moe.train.run"]
+
+
+@pytest.mark.parametrize(("page", "path"), mentions(FILE), ids=[f"{p}:{m}" for p, m in mentions(FILE)])
+def test_mentioned_file_exists(page: str, path: str) -> None:
+    # a path is written from the repository root, from the page's folder, or inside the package
+    bases = [ROOT, (ROOT / page).parent, ROOT / "src" / "deepseek_moe", ROOT / "src"]
+    assert any((base / path).exists() for base in bases), f"{page} mentions {path}, which does not exist"
+
+
+@pytest.mark.parametrize(("page", "name"), mentions(NAME), ids=[f"{p}:{m}" for p, m in mentions(NAME)])
+def test_mentioned_name_exists(page: str, name: str) -> None:
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):  # the longest importable module, then attributes
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[cut:]:
+            assert hasattr(obj, attr), f"{page} mentions {name}: {'.'.join(parts[:cut])} has no {attr!r}"
+            obj = getattr(obj, attr)
+        return
+    raise AssertionError(f"{page} mentions {name}, which does not import")

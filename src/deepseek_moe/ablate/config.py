@@ -1,5 +1,5 @@
 """``AblationConfig``: one ablation's settings (the variants, seeds and the training recipe they share), and the
-two sizes the README describes (``full``, ``quick``). Apart from run.py so that the report reads it too."""
+two sizes docs/ablation.md describes (``full``, ``quick``). Apart from run.py so that the report reads it too."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class AblationConfig:
     shape: AblationShape = field(default_factory=AblationShape)
     variants: tuple[str, ...] = VARIANTS
     seeds: tuple[int, ...] = (0, 1, 2)
-    steps: int = 240  # sized in the README: 24 runs in about an hour on 2 idle CPU cores
+    steps: int = 240  # sized in docs/ablation.md: 24 runs in about an hour on 2 idle CPU cores
     batch_size: int = 16
     seq_len: int = 128
     lr: float = 3e-3
@@ -88,12 +88,12 @@ class AblationConfig:
 
 
 def full() -> AblationConfig:
-    """The full comparison: every variant, 3 seeds, sized for about an hour on 2 idle CPU cores (README)."""
+    """The full comparison: every variant, 3 seeds, sized for about an hour on 2 idle CPU cores (docs/ablation.md)."""
     return AblationConfig()
 
 
 def quick() -> AblationConfig:
-    """One seed and 100 steps: every variant in about 10 minutes on 2 idle CPU cores (README)."""
+    """One seed and 100 steps: every variant in about 10 minutes on 2 idle CPU cores (docs/ablation.md)."""
     return AblationConfig(seeds=(0,), steps=100, eval_every=10)
 
 

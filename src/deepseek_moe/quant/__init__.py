@@ -2,7 +2,7 @@
 
 ``quantize_model(model, QuantConfig(bits=8))`` quantises a model in memory; ``from_pretrained(path,
 quantize="int8")`` while streaming; ``save_pretrained`` of a quantised model writes the format documented in
-``quant/format.py`` (and the README).
+``quant/format.py`` (and docs/quantisation.md).
 """
 
 from deepseek_moe.quant.apply import prepare_model, quant_config_of, quantize_model

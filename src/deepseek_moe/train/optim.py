@@ -33,7 +33,7 @@ class AdamWCopies(torch.optim.AdamW):
     checkpoints move freely between the two.
 
     The bf16 training step this is for reads every master once per step instead of twice, and allocates no
-    weight copies (benchmarks/train_speed.py, the README's performance section).
+    weight copies (benchmarks/train_speed.py, docs/performance.md).
     """
 
     writes_compute_copies = True  # compute_copy's global step hook leaves this optimizer's copies alone
