@@ -42,7 +42,7 @@ from deepseek_moe.export.onnx import (
     staged_directory,
 )
 from deepseek_moe.export.quantize import quantize_int8
-from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM, attention_mask_4d
+from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM, attention_mask_4d, positions_of
 
 FORMAT_VERSION = 1
 
@@ -54,19 +54,16 @@ def cache_names(model: DeepSeekMoEForCausalLM) -> list[str]:
 
 def lm_logits(model: DeepSeekMoEForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               cache: TensorKVCache) -> torch.Tensor:
-    """The model's forward over a cache, without its data-dependent shortcuts (masks None when all ones, the
-    max_seq_len check): the masks are always built, so one graph serves padded and unpadded batches."""
+    """``model(input_ids, attention_mask=..., cache=...).logits`` as a graph: the model's own
+    ``forward_logits``, with the masks always built. ``forward``'s shortcuts (a mask of all ones dropped, the
+    max_seq_len check) read tensor values, which a graph serving padded and unpadded batches alike cannot
+    (tests/export/test_lm_forward.py: equal to the model's forward)."""
     T = input_ids.shape[1]
     new_mask = attention_mask.to(torch.bool)
     key_mask = cache.extend_mask(new_mask)  # (B, S)
-    S = key_mask.shape[1]
-    positions = (key_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, S - T:]  # (B, T)
-    mask = attention_mask_4d(key_mask, T)
-    cos, sin = model.rope(positions)
-    h = model.embed(input_ids)
-    for i, layer in enumerate(model.layers):
-        h = layer(h, cos, sin, mask, cache.layers[i], token_mask=new_mask)  # padding: MoE output 0, as the model
-    return model.head(model.norm(h)).float()
+    # token_mask: padding's MoE output is 0, as in the model
+    return model.forward_logits(input_ids, positions_of(key_mask, T), attention_mask_4d(key_mask, T),
+                                cache, token_mask=new_mask)  # type: ignore[arg-type]  # KVCache's interface
 
 
 class PrefillGraph(nn.Module):

@@ -18,7 +18,7 @@ from deepseek_moe.model.kv_cache import KVCache
 from deepseek_moe.model.norm import RMSNorm
 from deepseek_moe.model.rope import RotaryEmbedding
 from deepseek_moe.moe.all_layers import collect_aux_loss, moe_layers
-from deepseek_moe.moe.dropping import ProtectedSequences
+from deepseek_moe.moe.dropping import ProtectedDraw, ProtectedSequences
 from deepseek_moe.moe.layer import MoE, layer_seed
 from deepseek_moe.nn.linear import Linear
 
@@ -37,6 +37,13 @@ class CausalLMOutput:
     ce_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     cache: KVCache | None = None
+
+
+def positions_of(key_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, T) positions of the last T of the slots in the key mask (B, S): each row counts only its real tokens,
+    so a left-padded prompt starts at position 0."""
+    S = key_mask.shape[1]
+    return (key_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, S - T:]
 
 
 def attention_mask_4d(key_mask: torch.Tensor, T: int) -> torch.Tensor:
@@ -125,24 +132,17 @@ class DeepSeekMoEForCausalLM(nn.Module):
         new_mask = (torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None
                     else attention_mask.to(torch.bool))
         key_mask = new_mask if cache is None else cache.extend_mask(new_mask)  # (B, S)
-        S = key_mask.shape[1]
-        # Each row's positions count only its real tokens, so a left-padded prompt starts at position 0.
-        positions = (key_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, S - T:]  # (B, T)
+        positions = positions_of(key_mask, T)
         n_positions = int(positions.max()) + 1 if T > 0 else 0
         if n_positions > self.config.max_seq_len:
             raise ValueError(f"sequence of {n_positions} positions exceeds max_seq_len "
                              f"({self.config.max_seq_len}) of this model")
+        # A mask of all ones is no mask: attention and the routers take their unmasked paths.
         mask = None if bool(key_mask.all()) else attention_mask_4d(key_mask, T)
         token_mask = None if bool(new_mask.all()) else new_mask
-        cos, sin = self.rope(positions)
         moes = moe_layers(self)
         protected = self.protected_sequences.draw() if any(moe.drops_tokens for _, moe in moes) else None
-
-        h = self.embed(input_ids)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, None if cache is None else cache.layers[i], token_mask=token_mask,
-                      protected=protected)
-        logits = self.head(self.norm(h)).float()
+        logits = self.forward_logits(input_ids, positions, mask, cache, token_mask=token_mask, protected=protected)
 
         out = CausalLMOutput(logits=logits, cache=cache)
         if labels is not None:
@@ -155,6 +155,21 @@ class DeepSeekMoEForCausalLM(nn.Module):
             out.aux_loss = collect_aux_loss(self).to(logits.device)
             out.loss = out.ce_loss + out.aux_loss
         return out
+
+    def forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+                       cache: KVCache | None = None, *, token_mask: torch.Tensor | None = None,
+                       protected: ProtectedDraw | None = None) -> torch.Tensor:
+        """The forward's body, logits (B, T, vocab) float32, with no branch on tensor values: ``forward`` works
+        out positions (B, T) (:func:`positions_of`), the attention ``mask`` (B, 1, T, S) and the routers'
+        ``token_mask`` (B, T) from the attention mask and calls it; the ONNX export (export/lm.py) traces it with
+        the masks always built, so that one graph serves padded and unpadded batches. ``cache``: anything with
+        ``layers[i].append`` (a KVCache, or export's cache of explicit tensors)."""
+        cos, sin = self.rope(positions)
+        h = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, None if cache is None else cache.layers[i], token_mask=token_mask,
+                      protected=protected)
+        return self.head(self.norm(h)).float()
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers))
