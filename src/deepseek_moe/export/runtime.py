@@ -1,4 +1,4 @@
-"""Generation with ONNX Runtime alone (numpy, no torch): prefill once, then one decode step per token, the
+"""Generation with ONNX Runtime alone (numpy, no torch in the loop): prefill once, then one decode step per token, the
 latent cache passed from each step's outputs to the next step's inputs.
 
 A batch of prompts is left-padded, as :func:`deepseek_moe.generate` does; the mask keeps padding out of
@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from deepseek_moe.export.errors import ExportError
+from deepseek_moe.infer.loop import check_prompts, decode, left_padded
 
 
 class OnnxLM:
@@ -68,39 +69,23 @@ class OnnxLM:
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
                  seed: int | None = None, stop_tokens: Sequence[int] = (), pad_token_id: int = 0,
                  stream: Callable[[int, int], None] | None = None) -> list[list[int]]:
-        """New tokens for each prompt (greedy at temperature 0, else sampled from softmax(logits / T))."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        longest = max(len(p) for p in prompts)
-        if longest > self.max_seq_len:
-            raise ValueError(f"a prompt has {longest} tokens, more than the model's max_seq_len ({self.max_seq_len})")
+        """New tokens for each prompt (greedy at temperature 0, else sampled from softmax(logits / T)); the loop
+        is :func:`deepseek_moe.generate`'s (infer/loop.py)."""
+        check_prompts(prompts, max_seq_len=self.max_seq_len, max_new_tokens=max_new_tokens)
         rng = np.random.default_rng(seed)
-        B, T = len(prompts), longest
-        ids = np.full((B, T), pad_token_id, dtype=np.int64)
-        mask = np.zeros((B, T), dtype=np.int64)
-        for i, p in enumerate(prompts):
-            ids[i, T - len(p):] = p
-            mask[i, T - len(p):] = 1
-        limits = [min(max_new_tokens, self.max_seq_len - len(p)) for p in prompts]
-        new: list[list[int]] = [[] for _ in prompts]
-        done = [limit <= 0 for limit in limits]
-        stops = set(stop_tokens)
-        logits, past = self.step(ids, mask, None)
-        while not all(done):
-            next_ids = self._choose(logits[:, -1], temperature, rng)
-            for i, token in enumerate(next_ids.tolist()):
-                if done[i]:
-                    continue
-                new[i].append(token)
-                if stream is not None:
-                    stream(i, token)
-                done[i] = token in stops or len(new[i]) >= limits[i]
-            if all(done):
-                break
-            step_mask = np.array([[0 if d else 1] for d in done], dtype=np.int64)
-            mask = np.concatenate((mask, step_mask), axis=1)
-            logits, past = self.step(next_ids[:, None], mask, past)
-        return new
+        padded_ids, padded_mask = left_padded(prompts, pad_token_id)
+        mask = np.array(padded_mask, dtype=np.int64)
+        logits, past = self.step(np.array(padded_ids, dtype=np.int64), mask, None)
+
+        def step(tokens: list[int], done: list[bool]) -> np.ndarray:
+            nonlocal mask, past
+            mask = np.concatenate((mask, np.array([[0 if d else 1] for d in done], dtype=np.int64)), axis=1)
+            logits, past = self.step(np.array(tokens, dtype=np.int64)[:, None], mask, past)
+            return logits
+
+        return decode(logits, prompts, max_new_tokens=max_new_tokens, max_seq_len=self.max_seq_len,
+                      choose=lambda logits: self._choose(logits[:, -1], temperature, rng).tolist(), step=step,
+                      stop_tokens=stop_tokens, stream=stream)
 
     @staticmethod
     def _choose(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:

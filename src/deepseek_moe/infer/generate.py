@@ -1,7 +1,7 @@
 """Autoregressive generation over the latent KV cache, for one prompt or a batch of different lengths.
 
 A batch is left-padded: every row's last prompt token sits in the same column, so each decode step feeds one
-token per row. The attention mask hides the padding and positions count only real tokens, so a row's result
+token per row (the loop, shared with ONNX Runtime generation, is infer/loop.py). The attention mask hides the padding and positions count only real tokens, so a row's result
 does not depend on what it is batched with (a test checks batched == one at a time).
 """
 
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from deepseek_moe.infer.loop import check_prompts, decode, left_padded
 from deepseek_moe.infer.sampling import sample
 
 if TYPE_CHECKING:
@@ -55,13 +56,7 @@ def generate(model: DeepSeekMoEForCausalLM, input_ids: torch.Tensor | Sequence[S
     """
     prompts = _as_prompts(input_ids)
     max_seq_len = model.config.max_seq_len
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    for i, p in enumerate(prompts):
-        if len(p) > max_seq_len:
-            raise ValueError(f"prompt {i} has {len(p)} tokens, more than the model's max_seq_len ({max_seq_len})")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens ({max_new_tokens}) must be >= 0")
+    check_prompts(prompts, max_seq_len=max_seq_len, max_new_tokens=max_new_tokens)
 
     was_training = model.training
     model.eval()
@@ -70,38 +65,25 @@ def generate(model: DeepSeekMoEForCausalLM, input_ids: torch.Tensor | Sequence[S
     if seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
-    stops = set(stop_tokens)
+    padded_ids, padded_mask = left_padded(prompts, pad_token_id)
+    ids = torch.tensor(padded_ids, dtype=torch.long, device=device)
+    mask = torch.tensor(padded_mask, dtype=torch.long, device=device)
+    cache = model.new_cache()
 
-    B, T = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, T), pad_token_id, dtype=torch.long, device=device)
-    mask = torch.zeros(B, T, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, T - len(p):] = 1
-    # A row may not grow past max_seq_len tokens; room is per row, so batching changes nothing.
-    limits = [min(max_new_tokens, max_seq_len - len(p)) for p in prompts]
-    new_tokens: list[list[int]] = [[] for _ in prompts]
-    done = [limit == 0 for limit in limits]
+    def choose(logits: torch.Tensor) -> list[int]:
+        return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator).tolist()
+
+    def step(tokens: list[int], done: list[bool]) -> torch.Tensor:
+        step_mask = torch.tensor([[0 if d else 1] for d in done], dtype=torch.long, device=device)
+        next_ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
+        return model(next_ids, attention_mask=step_mask, cache=cache).logits[:, -1]
 
     try:
-        cache = model.new_cache()
         start = time.perf_counter()
         logits = model(ids, attention_mask=mask, cache=cache).logits[:, -1]
         prefill_s, decode_start = time.perf_counter() - start, time.perf_counter()
-        while not all(done):
-            next_ids = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            for i, token in enumerate(next_ids.tolist()):
-                if done[i]:
-                    continue
-                new_tokens[i].append(token)
-                if stream is not None:
-                    stream(i, token)
-                done[i] = token in stops or len(new_tokens[i]) >= limits[i]
-            if all(done):
-                break
-            # Finished rows keep stepping (batched shapes) but their tokens are discarded.
-            step_mask = torch.tensor([0 if d else 1 for d in done], dtype=torch.long, device=device)[:, None]
-            logits = model(next_ids[:, None], attention_mask=step_mask, cache=cache).logits[:, -1]
+        new_tokens = decode(logits, prompts, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len, choose=choose,
+                            step=step, stop_tokens=stop_tokens, stream=stream)
         decode_s = time.perf_counter() - decode_start
     finally:
         model.train(was_training)
