@@ -10,6 +10,8 @@ Storage grows by doubling, so a decode step is an in-place write rather than a c
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 
@@ -135,6 +137,33 @@ class BlockPool:
     def release(self, table: BlockTable) -> None:
         self._free.extend(reversed(table.blocks))
         table.blocks, table.length = [], 0
+
+    def reset(self) -> None:
+        """Every block free again (the owners' tables must be dropped: recovery from a broken invariant)."""
+        self._free = list(range(self.n_blocks - 1, 0, -1))
+
+    def audit(self, tables: list[BlockTable]) -> list[str]:
+        """What is wrong with the ownership, given every table that owns blocks: each block but the padding
+        block 0 must be free or in exactly one table, and never both. Empty when all is well."""
+        owned = [b for t in tables for b in t.blocks]
+        problems = []
+        if len(set(owned)) != len(owned):
+            twice = sorted(b for b, n in Counter(owned).items() if n > 1)
+            problems.append(f"blocks owned more than once: {twice[:8]}")
+        if len(set(self._free)) != len(self._free):
+            problems.append("a block is on the free list twice")
+        both = set(owned) & set(self._free)
+        if both:
+            problems.append(f"blocks both owned and free: {sorted(both)[:8]}")
+        lost = set(range(1, self.n_blocks)) - set(owned) - set(self._free)
+        if lost:
+            problems.append(f"{len(lost)} blocks neither owned nor free (leaked): {sorted(lost)[:8]}")
+        if 0 in owned or 0 in self._free:
+            problems.append("the padding block 0 is owned or free")
+        used = self.capacity_blocks - self.free_blocks
+        if used != len(owned):
+            problems.append(f"{used} blocks in use but {len(owned)} owned")
+        return problems
 
     def nbytes(self) -> int:
         """Bytes of the allocated pool tensors (their full capacity, reserved or not)."""

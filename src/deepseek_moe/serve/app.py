@@ -206,6 +206,8 @@ class Generation:
                 raise ApiError(503, "the server shut down before this request finished", code="shutting_down")
             if event.reason == "cancelled":
                 raise ApiError(499, "the request was cancelled", code="cancelled")
+            if event.reason == "invalid":  # a parameter only the scheduler could judge (e.g. a seed)
+                raise ApiError(400, event.error or "invalid request", param=event.param, code="invalid_request")
             raise ApiError(500, f"generation failed: {event.error}", code="generation_error")
 
     def timing_headers(self) -> dict[str, str]:

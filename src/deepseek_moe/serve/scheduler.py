@@ -18,7 +18,13 @@ Decode and prefill are separate forwards so that decode rows are never padded to
 padding of a prefill batch is routed to no expert (the model passes the attention mask down to the MoE layers as
 a token mask), so the served expert-load statistics count real tokens only.
 
-An exception in a batched forward is retried row by row, so only the request that raises fails. Greedy results
+Whatever can fail for one request fails that request alone and returns its blocks: setting it up at admission
+(its generator: a seed no generator takes is answered "invalid"), a forward (a batched forward that raises is
+retried row by row, so only the row that raises fails), sampling, its sink. After every step
+``check_invariants`` verifies the block ownership (every block is free or owned by exactly one request in
+flight); a broken invariant, or any other exception out of a step, is a scheduler bug: the thread then fails the
+running requests, frees every block and goes on serving the queue (``_recover``). Every submitted request gets
+exactly one FinishEvent, shutdown included. Greedy results
 do not depend on the batch: each row's attention sees only its own slots and routing is per token. The logits
 agree with a request run alone within float rounding (about 1e-6 in float32: matrix products of a different
 batch shape sum in a different order), so the greedy tokens are equal unless two candidates tie that closely.
@@ -27,6 +33,7 @@ batch shape sum in a different order), so the greedy tokens are equal unless two
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -43,6 +50,8 @@ from deepseek_moe.serve.metrics import ServeMetrics
 
 if TYPE_CHECKING:
     from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,10 +98,13 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class FinishEvent:
-    """reason: "stop" (a stop token), "length" (max_tokens or the context), "cancelled", "error", "shutdown"."""
+    """reason: "stop" (a stop token), "length" (max_tokens or the context), "cancelled", "invalid" (the request
+    cannot be served as asked: ``param`` names the field; an HTTP 400), "error" (it failed while being served;
+    a 500), "shutdown"."""
 
     reason: str
     error: str | None = None
+    param: str | None = None
 
 
 Event = TokenEvent | FinishEvent
@@ -104,6 +116,18 @@ class QueueFullError(RuntimeError):
 
 class SchedulerStoppedError(RuntimeError):
     """``submit`` refused: the scheduler is shutting down."""
+
+
+class SchedulerInvariantError(RuntimeError):
+    """The scheduler's block ownership is inconsistent: a bug in the scheduler, not any request's fault."""
+
+
+class InvalidRequestError(ValueError):
+    """A request's parameter cannot be served (``param`` names it); ends that request with "invalid"."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
 
 
 @dataclass(eq=False)
@@ -123,6 +147,7 @@ class Request:
     generator: torch.Generator | None = None
     first_token_time: float = 0.0
     last_token_time: float = 0.0
+    finished: bool = False
 
     @property
     def in_prefill(self) -> bool:
@@ -150,6 +175,7 @@ class Scheduler:
         self.metrics = metrics or ServeMetrics([m.layer_id for m in self.moe], model.config.moe.n_routed_experts)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self._live: dict[int, Request] = {}  # submitted, not yet finished: each gets exactly one FinishEvent
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -179,6 +205,7 @@ class Scheduler:
                 raise QueueFullError(f"{len(self.waiting)} requests are waiting (max_queue "
                                      f"{self.config.max_queue})")
             self.waiting.append(request)
+            self._live[request.id] = request
             self.metrics.requests_received.inc()
             self._wake.notify()
         return request
@@ -219,9 +246,11 @@ class Scheduler:
                 self._wake.notify()
             self._thread.join()
         with self._lock:
-            leftovers = list(self.waiting) + self.running
+            leftovers = list(self._live.values())
             self.waiting.clear()
             self.running = []
+        for req in leftovers:
+            self.pool.release(req.table)
         for req in leftovers:
             self._finish(req, FinishEvent("shutdown", "the server shut down before this request finished"))
 
@@ -235,9 +264,21 @@ class Scheduler:
             try:
                 self.step()
             except Exception as e:  # a bug in the scheduler itself: fail what is in flight, keep serving
-                for req in list(self.running) + list(self.waiting):
-                    self._drop(req)
-                    self._finish(req, FinishEvent("error", f"internal error: {type(e).__name__}: {e}"))
+                log.exception("scheduler step failed; failing the %d running requests", len(self.running))
+                self._recover(e)
+
+    def _recover(self, error: Exception) -> None:
+        """After a step raised: fail every request that may own blocks (the running ones, and any caught between
+        the queue and the batch), return every block to the pool, and keep the untouched queue."""
+        with self._lock:
+            queued = set(map(id, self.waiting))
+            victims = [r for r in self._live.values() if id(r) not in queued]
+            self.running = []
+            for req in itertools.chain(victims, self.waiting):
+                req.table.blocks, req.table.length = [], 0
+            self.pool.reset()
+        for req in victims:
+            self._finish(req, FinishEvent("error", f"internal error: {type(error).__name__}: {error}"))
 
     # --- one step ----------------------------------------------------------------------------------------------
 
@@ -275,6 +316,20 @@ class Scheduler:
                 if not req.in_prefill:
                     self._emit(req, logits)
         self._update_gauges()
+        self.check_invariants()
+
+    def check_invariants(self) -> None:
+        """Raise SchedulerInvariantError unless every block but the padding block is either free or owned by
+        exactly one request in flight, and each request's cached length fits the blocks it owns."""
+        with self._lock:
+            owners = [(r.id, r.table) for r in itertools.chain(self.running, self.waiting)]
+        problems = self.pool.audit([t for _, t in owners])
+        bs = self.pool.block_size
+        problems += [f"request {rid} caches {t.length} tokens in {len(t.blocks)} blocks of {bs}"
+                     for rid, t in owners if t.length > len(t.blocks) * bs]
+        if problems:
+            raise SchedulerInvariantError("block ownership is broken after step "
+                                          f"{self.step_count}: {'; '.join(problems)}")
 
     def _retire_cancelled(self) -> None:
         with self._lock:
@@ -285,16 +340,34 @@ class Scheduler:
             self._finish(req, FinishEvent("cancelled"))
 
     def _admit(self) -> None:
-        with self._lock:
-            while self.waiting and len(self.running) < self.config.max_batch_size:
+        while True:
+            with self._lock:
+                if not self.waiting or len(self.running) >= self.config.max_batch_size:
+                    return
                 req = self.waiting[0]
                 if not self.pool.reserve(req.table, len(req.prompt) + req.params.max_tokens):
-                    break  # first come, first served: later requests do not overtake one that waits for room
+                    return  # first come, first served: later requests do not overtake one that waits for room
                 self.waiting.popleft()
-                if req.params.seed is not None:
-                    req.generator = torch.Generator(device=self.device)
-                    req.generator.manual_seed(req.params.seed)
-                self.running.append(req)
+                self.running.append(req)  # from here on it owns blocks: a failure below must return them
+            try:
+                self._setup(req)
+            except InvalidRequestError as e:
+                self._drop(req)
+                self._finish(req, FinishEvent("invalid", str(e), param=e.param))
+            except Exception as e:
+                self._fail(req, e)
+
+    def _setup(self, req: Request) -> None:
+        """What a request needs before its first forward, made when it joins the batch."""
+        seed = req.params.seed
+        if seed is not None:
+            generator = torch.Generator(device=self.device)
+            try:
+                generator.manual_seed(seed)
+            except (ValueError, RuntimeError, OverflowError, TypeError) as e:
+                raise InvalidRequestError("seed", f"{seed} cannot seed a random generator ({e}); use an integer "
+                                          "in [-2**63, 2**64)") from None
+            req.generator = generator
 
     def _drop(self, req: Request) -> None:
         """Take ``req`` out of the queue or the batch and return its blocks."""
@@ -377,6 +450,11 @@ class Scheduler:
         self._finish(req, FinishEvent("error", f"{type(error).__name__}: {error}"))
 
     def _finish(self, req: Request, event: FinishEvent) -> None:
+        with self._lock:
+            if req.finished:  # exactly one FinishEvent per request
+                return
+            req.finished = True
+            self._live.pop(req.id, None)
         self.metrics.requests_finished.labels(reason=event.reason).inc()
         try:
             req.sink(event)
