@@ -20,12 +20,14 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from deepseek_moe import env
+
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
 
 @functools.cache
 def _library() -> Any:
-    if os.environ.get("DEEPSEEK_MOE_KERNELS", "1") == "0":
+    if not env.kernels_enabled():
         return None
     try:
         lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))

@@ -7,13 +7,15 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from deepseek_moe import env
 from deepseek_moe.train.corpus import Corpus
 
 EOS = "<|endoftext|>"  # separates documents; id 0
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("DEEPSEEK_MOE_CACHE", Path.home() / ".cache" / "deepseek_moe"))
+    """The cache root (``$DEEPSEEK_MOE_CACHE``, see ``deepseek_moe.env``); tokenizers go to its tokenizers/."""
+    return env.cache_root()
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
