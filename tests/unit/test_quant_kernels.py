@@ -1,15 +1,52 @@
-"""The compiled quantised matmul against its readable twin (dequantise, then matmul), on random inputs."""
+"""The compiled quantised matmul against its readable twin (dequantise, then matmul), on random inputs, on every
+instruction-set path this CPU can run, for builds at the baseline and the x86-64-v3 -march."""
 
 from __future__ import annotations
+
+import collections.abc
+import platform
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
+from deepseek_moe.kernels import cpu_build
 from deepseek_moe.kernels import quant_matmul as qm
 from deepseek_moe.kernels.cpu_build import load_library
 from deepseek_moe.quant import pack
 
 needs_kernel = pytest.mark.skipif(load_library() is None, reason="no C++ compiler: the kernel cannot be built")
+ALL_ISAS = list(cpu_build.ISAS)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+# What each path needs, by /proc/cpuinfo's names: the test's own account, independent of the kernel's CPUID code.
+NEEDS = {"scalar": set(), "avx2": {"avx2", "fma", "f16c"}, "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw",
+                                                                      "avx512vl", "avx512dq"}}
+X86 = platform.machine() in ("x86_64", "AMD64")
+
+
+@pytest.fixture(params=ALL_ISAS)
+def isa(request: pytest.FixtureRequest) -> collections.abc.Iterator[str]:
+    """Each kernel path in turn, skipped (with the reason) where this CPU cannot run it; restored afterwards."""
+    name = request.param
+    if load_library() is None:
+        pytest.skip("no C++ compiler: the kernel cannot be built")
+    if name not in qm.supported_isas():
+        pytest.skip(f"this CPU cannot run the {name} path")
+    before = qm.kernel_isa()
+    qm.set_kernel_isa(name)
+    yield name
+    assert before is not None
+    qm.set_kernel_isa(before)
 
 
 def _weights(bits: int, N: int, K: int, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,26 +57,109 @@ def _weights(bits: int, N: int, K: int, group: int = 32) -> tuple[torch.Tensor, 
     return pack.repack_int4_for_kernel(packed, group), s
 
 
-@needs_kernel
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 16, 130])  # 130: three chunks of rows
 @pytest.mark.parametrize(("N", "K", "group"), [(96, 256, 32), (70, 96, 32), (33, 384, 128), (16, 64, 64)])
-def test_kernel_matches_reference(bits: int, M: int, N: int, K: int, group: int) -> None:
+def test_kernel_matches_reference(isa: str, bits: int, M: int, N: int, K: int, group: int) -> None:
     torch.manual_seed(M * 1000 + N)
     q, s = _weights(bits, N, K, group)
     x = torch.randn(M, K)
     want = qm.quant_matmul_reference(x, q, s)
     got = qm.quant_matmul(x, q, s)
-    assert M <= qm.KERNEL_MAX_ROWS  # so the kernel, not the tiled path, ran
+    assert M <= qm.KERNEL_MAX_ROWS and qm.kernel_isa() == isa  # so this path of the kernel, not the tiled one, ran
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
-@needs_kernel
-def test_kernel_handles_widths_not_multiple_of_the_vector(bits: int = 8) -> None:
-    torch.manual_seed(0)
-    q, s = _weights(8, 7, 45)  # 45 = one 32-wide step + a 13-column tail
-    x = torch.randn(2, 45)
+@pytest.mark.parametrize("K", [45, 7, 23])  # a vector step + a 13-column tail; shorter than any vector
+def test_kernel_handles_widths_not_multiple_of_the_vector(isa: str, K: int) -> None:
+    torch.manual_seed(K)
+    q, s = _weights(8, 7, K)
+    x = torch.randn(2, K)
     torch.testing.assert_close(qm.quant_matmul(x, q, s), qm.quant_matmul_reference(x, q, s), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_cpuid_detection_agrees_with_proc_cpuinfo() -> None:
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    expected = [name for name in ALL_ISAS if NEEDS[name] <= flags and (name == "scalar" or X86)]
+    assert qm.supported_isas() == expected
+    best = qm.kernel_isa() if cpu_build.env.kernel_isa() is None else expected[-1]
+    assert best == expected[-1]  # the best path runs unless DEEPSEEK_MOE_KERNEL_ISA forces another
+
+
+@needs_kernel
+def test_env_override_forces_a_path_and_a_bad_one_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = qm.kernel_isa()
+    assert before is not None
+    try:
+        monkeypatch.setenv("DEEPSEEK_MOE_KERNEL_ISA", "scalar")
+        cpu_build.load_library.cache_clear()
+        assert qm.kernel_isa() == "scalar"
+        for bad, why in (("sse9", "unknown kernel instruction set 'sse9'"),
+                         *((name, f"this CPU cannot run the {name} kernels") for name in ALL_ISAS
+                           if name not in qm.supported_isas())):
+            monkeypatch.setenv("DEEPSEEK_MOE_KERNEL_ISA", bad)
+            cpu_build.load_library.cache_clear()
+            with pytest.raises(ValueError, match=f"DEEPSEEK_MOE_KERNEL_ISA={bad}: {why}"):
+                load_library()
+    finally:
+        monkeypatch.delenv("DEEPSEEK_MOE_KERNEL_ISA")
+        cpu_build.load_library.cache_clear()
+        qm.set_kernel_isa(before)
+
+
+def _check_paths_of(lib: object, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every path of ``lib`` this CPU runs against the reference: int8 and int4, odd shapes, group sizes, the
+    fused experts. Returns the paths checked."""
+    monkeypatch.setattr(qm, "load_library", lambda: lib)
+    torch.manual_seed(0)
+    checked = []
+    for name in qm.supported_isas():
+        qm.set_kernel_isa(name)
+        for bits, M, N, K, group in [(8, 1, 37, 45, 32), (8, 6, 9, 200, 32), (4, 1, 37, 96, 32), (4, 5, 13, 256, 64),
+                                     (4, 3, 6, 384, 128)]:
+            q, s = _weights(bits, N, K, group)
+            x = torch.randn(M, K)
+            torch.testing.assert_close(qm.quant_matmul(x, q, s), qm.quant_matmul_reference(x, q, s), rtol=1e-5,
+                                       atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+        w = {"w1": _stacked(4, 3, 40, 64, 32), "w3": _stacked(4, 3, 40, 64, 32), "w2": _stacked(8, 3, 64, 40, 32)}
+        counts = torch.tensor([3, 0, 2])
+        x = torch.randn(5, 64)
+        got = qm.quant_experts(x, counts, None, w, 32)
+        assert got is not None
+        torch.testing.assert_close(got, qm.experts_reference(x, counts, None, w), rtol=1e-4, atol=1e-3)
+        checked.append(name)
+    return checked
+
+
+V3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "abm", "xsave"}  # x86-64-v3 (lzcnt is "abm")
+
+
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3"])
+def test_source_builds_for_each_march_and_every_path_it_can_run_matches(
+        march: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one source compiles for the baseline ISA (its SIMD paths through target attributes, chosen at run time)
+    and for x86-64-v3; in each build every path this CPU runs agrees with the reference."""
+    if not X86 or shutil.which("g++") is None:
+        pytest.skip("needs x86-64 and g++")
+    if march == "x86-64-v3" and not V3 <= _cpu_flags():
+        pytest.skip(f"this CPU lacks {sorted(V3 - _cpu_flags())}: an x86-64-v3 build cannot run here")
+    monkeypatch.setenv("DEEPSEEK_MOE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", shutil.which("g++") or "g++")
+    lib = cpu_build.build_library(cpu_build.SOURCE, (*cpu_build.FLAGS, f"-march={march}"), "test")
+    if lib is None:
+        pytest.skip(f"g++ cannot build for -march={march}")
+    cpu_build.configure_qgemm(lib)
+    restore = qm.kernel_isa()
+    try:
+        checked = _check_paths_of(lib, monkeypatch)
+    finally:
+        monkeypatch.undo()
+        if restore is not None:
+            qm.set_kernel_isa(restore)
+    assert checked == [name for name in ALL_ISAS if NEEDS[name] <= _cpu_flags()]
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -70,10 +190,9 @@ def _stacked(bits: int, E: int, N: int, K: int, group: int) -> tuple[torch.Tenso
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
-@needs_kernel
 @pytest.mark.parametrize(("bits13", "bits2"), [(8, 8), (4, 4), (4, 8)])
 @pytest.mark.parametrize("with_gates", [True, False])
-def test_fused_experts_match_reference(bits13: int, bits2: int, with_gates: bool) -> None:
+def test_fused_experts_match_reference(isa: str, bits13: int, bits2: int, with_gates: bool) -> None:
     torch.manual_seed(bits13 + bits2)
     E, D, F_, group = 6, 64, 96, 32
     w = {"w1": _stacked(bits13, E, F_, D, group), "w3": _stacked(bits13, E, F_, D, group),
@@ -86,8 +205,7 @@ def test_fused_experts_match_reference(bits13: int, bits2: int, with_gates: bool
     torch.testing.assert_close(got, qm.experts_reference(x, counts, gates, w), rtol=1e-4, atol=1e-3)
 
 
-@needs_kernel
-def test_fused_experts_with_groups_larger_than_a_row_chunk() -> None:
+def test_fused_experts_with_groups_larger_than_a_row_chunk(isa: str) -> None:
     torch.manual_seed(5)
     w = {"w1": _stacked(4, 2, 64, 64, 32), "w3": _stacked(4, 2, 64, 64, 32), "w2": _stacked(8, 2, 64, 64, 32)}
     counts = torch.tensor([70, 3])  # 70 rows: two chunks of the kernel's 64
@@ -95,3 +213,46 @@ def test_fused_experts_with_groups_larger_than_a_row_chunk() -> None:
     got = qm.quant_experts(x, counts, None, w, 32)
     assert got is not None
     torch.testing.assert_close(got, qm.experts_reference(x, counts, None, w), rtol=1e-4, atol=1e-3)
+
+
+def test_scale_of_the_wrong_dtype_is_refused_not_misread() -> None:
+    x = torch.randn(1, 64)
+    q, s = _weights(8, 8, 64)
+    with pytest.raises(ValueError, match=r"quant_matmul: scale is torch.float16; int8 codes need torch.float32"):
+        qm.quant_matmul(x, q, s.half())  # was read as float32 bits: a silently wrong answer
+    q4, s4 = _weights(4, 8, 64)
+    with pytest.raises(ValueError, match=r"quant_matmul: scale is torch.float32; int4 codes need torch.float16"):
+        qm.quant_matmul(x, q4, s4.float())
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("int8 scale per group", r"scale has shape \(8, 2\); int8 codes \(8, 64\) need \(8,\)"),
+    ("int4 groups not dividing K", r"scale has shape \(8, 3\); int4 codes \(8, 32\) need \(8, G\)"),
+    ("int4 scale rows", r"scale has shape \(4, 2\); int4 codes \(8, 32\) need \(8, G\)"),
+    ("transposed codes", r"q is not contiguous \(shape \(8, 64\), strides \(1, 8\)\)"),
+    ("transposed scale", r"scale is not contiguous"),
+    ("float codes", r"q must be int8 codes \(N, K\) or uint8 int4 codes \(N, K/2\), got torch.float32"),
+    ("integer input", r"x must be a floating-point tensor, got torch.int64"),
+])
+def test_malformed_weights_are_refused_naming_the_argument(case: str, message: str) -> None:
+    x = torch.randn(2, 64)
+    q8, s8 = _weights(8, 8, 64)
+    q4, s4 = _weights(4, 8, 64)
+    args = {
+        "int8 scale per group": (x, q8, s8[:, None].expand(8, 2).contiguous()),
+        "int4 groups not dividing K": (x, q4, torch.ones(8, 3, dtype=torch.float16)),
+        "int4 scale rows": (x, q4, s4[:4].contiguous()),
+        "transposed codes": (x, q8.t().contiguous().t(), s8),
+        "transposed scale": (x, q4, s4.t().contiguous().t()),
+        "float codes": (x, q8.float(), s8),
+        "integer input": (torch.ones(2, 64, dtype=torch.int64), q8, s8),
+    }[case]
+    with pytest.raises(ValueError, match=message):
+        qm.quant_matmul(*args)
+
+
+def test_fused_experts_refuse_a_wrong_scale_dtype_naming_the_weight() -> None:
+    w = {"w1": _stacked(8, 2, 16, 32, 32), "w3": _stacked(8, 2, 16, 32, 32), "w2": _stacked(8, 2, 32, 16, 32)}
+    w["w2"] = (w["w2"][0], w["w2"][1].half())
+    with pytest.raises(ValueError, match=r"quant_experts w2: scale is torch.float16; int8 codes need torch.float32"):
+        qm.quant_experts(torch.randn(3, 32), torch.tensor([1, 2]), None, w, 32)

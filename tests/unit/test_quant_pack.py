@@ -55,3 +55,32 @@ def test_kernel_layout_round_trips_to_portable() -> None:
 def test_int4_rejects_width_not_multiple_of_group() -> None:
     with pytest.raises(ValueError, match="multiple of group_size"):
         pack.quantize_int4(torch.randn(2, 48), 32)
+
+
+def test_int4_group_whose_scale_float16_cannot_hold_is_an_error_naming_it() -> None:
+    # Largest representable: max |w| = 7 * 65504 gives scale 65504 exactly; a little more rounds the scale to inf
+    # (which used to become an inf scale and a NaN output row, silently).
+    w = torch.zeros(3, 64)
+    w[1, 40] = 7 * 65504.0
+    packed, s = pack.quantize_int4(w, 32)
+    assert torch.isfinite(s.float()).all() and pack.dequantize_int4(packed, s)[1, 40].item() == 7 * 65504.0
+    w[2, 33] = -460_000.0
+    with pytest.raises(ValueError, match=r"row 2, group 1 \(columns 32..63\) has max \|w\| = 460000.*float16"):
+        pack.quantize_int4(w, 32)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_non_finite_weights_are_an_error(bits: int, bad: float) -> None:
+    w = torch.randn(4, 64)
+    w[3, 50] = bad
+    with pytest.raises(ValueError, match=r"inf or NaN \(row 3" + (r" group 1\)" if bits == 4 else r"\)")):
+        pack.quantize_int8(w) if bits == 8 else pack.quantize_int4(w, 32)
+
+
+def test_int4_group_too_small_for_a_float16_scale_quantises_to_zero_codes() -> None:
+    w = torch.zeros(1, 32)
+    w[0, :4] = torch.tensor([1e-9, -2e-9, 5e-10, 0.0])  # scale ~3e-10 rounds to 0 in float16
+    packed, s = pack.quantize_int4(w, 32)
+    assert s.item() == 0.0 and pack.unpack_int4(packed).eq(0).all()
+    assert pack.dequantize_int4(packed, s).eq(0).all()

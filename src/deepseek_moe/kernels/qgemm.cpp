@@ -5,17 +5,27 @@
 // exists in memory. Up to MB rows of x share each widened weight vector (batched decode, small expert groups).
 // Parallel over output rows with OpenMP (the runtime torch itself loads, so one thread pool).
 //
-// The readable reference is deepseek_moe/kernels/quant_matmul.py (dequantise, then matmul); tests compare them.
-// Built at run time by kernels/cpu_build.py with -march=native; without AVX-512 the plain loops are compiled.
+// One library serves every x86-64 CPU: the micro-tiles exist three times, as plain loops (any CPU, any
+// compiler flags), for AVX2+FMA+F16C and for AVX-512 (F+BW), the SIMD ones compiled through GCC/Clang
+// `target` attributes rather than -march, so the file builds with the baseline -march=x86-64. The path is
+// chosen once from CPUID (and the OS's XCR0: AVX-512 state must be enabled) and can be forced with
+// dsm_set_isa (kernels/cpu_build.py: DEEPSEEK_MOE_KERNEL_ISA). Other architectures get the plain loops.
+//
+// The readable reference is deepseek_moe/kernels/quant_layout.py (dequantise, then matmul); tests compare
+// every path this CPU can run against it.
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 #include <omp.h>
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define DSM_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
-#define DSM_AVX512 1
+#define DSM_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define DSM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 #endif
 
 namespace {
@@ -23,10 +33,8 @@ namespace {
 constexpr int NB = 4;  // rows of W per micro-tile (x is loaded once for all of them)
 constexpr int MB = 4;  // rows of x per micro-tile (each widened weight vector is used MB times)
 
+// IEEE half -> float without F16C (the plain path must not need it).
 inline float half_to_float(uint16_t h) {
-#if defined(__F16C__)
-    return _cvtsh_ss(h);
-#else
     uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu, bits;
     if (exp == 0) {
         if (man == 0) { bits = sign; }
@@ -34,7 +42,6 @@ inline float half_to_float(uint16_t h) {
     } else if (exp == 31) { bits = sign | 0x7f800000u | (man << 13); }
     else { bits = sign | ((exp + 127 - 15) << 23) | (man << 13); }
     float f; std::memcpy(&f, &bits, 4); return f;
-#endif
 }
 
 // Arguments shared by the micro-tiles: x (M, K) rows ldx apart, y (M, N) rows ldy apart.
@@ -44,17 +51,135 @@ struct Problem {
     float* y; int64_t ldy;
 };
 
-// y[m0:m0+nm, n0:n0+nn] for int8 W (N, K), per-row fp32 scales. Accumulators: nn x nm vectors of 16 lanes.
+// Each micro-tile computes y[m0:m0+nm, n0:n0+nn].
+//  int8: W (N, K) int8 codes, per-row fp32 scales (N,).
+//  int4: W in the kernel layout (in each group of gs columns, byte j = column j in the low nibble, column
+//        j + gs/2 in the high one, each + 8), fp16 group scales (N, K/gs).
+
+namespace plain {
+
 template <int nn, int nm>
 void tile_int8(const Problem& p, int64_t n0, int64_t m0) {
     const int8_t* w = static_cast<const int8_t*>(p.w) + n0 * p.K;
     const float* scale = static_cast<const float*>(p.scale) + n0;
     const float* x = p.x + m0 * p.ldx;
     float sums[nn][nm] = {};
+    for (int64_t k = 0; k < p.K; ++k)
+        for (int i = 0; i < nn; ++i)
+            for (int j = 0; j < nm; ++j) sums[i][j] += float(w[i * p.K + k]) * x[j * p.ldx + k];
+    for (int i = 0; i < nn; ++i)
+        for (int j = 0; j < nm; ++j) p.y[(m0 + j) * p.ldy + n0 + i] = sums[i][j] * scale[i];
+}
+
+template <int nn, int nm>
+void tile_int4(const Problem& p, int64_t n0, int64_t m0) {
+    const int64_t half = p.gs / 2, G = p.K / p.gs, row_bytes = p.K / 2;
+    const uint8_t* w = static_cast<const uint8_t*>(p.w) + n0 * row_bytes;
+    const uint16_t* scale = static_cast<const uint16_t*>(p.scale) + n0 * G;
+    const float* x = p.x + m0 * p.ldx;
+    float sums[nn][nm] = {};
+    for (int i = 0; i < nn; ++i)
+        for (int64_t g = 0; g < G; ++g) {
+            const float s = half_to_float(scale[i * G + g]);
+            for (int64_t jj = 0; jj < half; ++jj) {
+                const uint8_t b = w[i * row_bytes + g * half + jj];
+                const float wl = float(int(b & 0x0f) - 8) * s, wh = float(int(b >> 4) - 8) * s;
+                for (int j = 0; j < nm; ++j)
+                    sums[i][j] += wl * x[j * p.ldx + g * p.gs + jj] + wh * x[j * p.ldx + g * p.gs + half + jj];
+            }
+        }
+    for (int i = 0; i < nn; ++i)
+        for (int j = 0; j < nm; ++j) p.y[(m0 + j) * p.ldy + n0 + i] = sums[i][j];
+}
+
+}  // namespace plain
+
+#ifdef DSM_X86
+namespace avx2 {
+
+DSM_AVX2 inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+template <int nn, int nm>
+DSM_AVX2 void tile_int8(const Problem& p, int64_t n0, int64_t m0) {
+    const int8_t* w = static_cast<const int8_t*>(p.w) + n0 * p.K;
+    const float* scale = static_cast<const float*>(p.scale) + n0;
+    const float* x = p.x + m0 * p.ldx;
+    __m256 acc[nn][nm];
+    for (int i = 0; i < nn; ++i) for (int j = 0; j < nm; ++j) acc[i][j] = _mm256_setzero_ps();
     int64_t k = 0;
-#ifdef DSM_AVX512
+    for (; k + 8 <= p.K; k += 8) {
+        __m256 xv[nm];
+        for (int j = 0; j < nm; ++j) xv[j] = _mm256_loadu_ps(x + j * p.ldx + k);
+        for (int i = 0; i < nn; ++i) {
+            __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + i * p.K + k))));
+            for (int j = 0; j < nm; ++j) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
+        }
+    }
+    float sums[nn][nm];
+    for (int i = 0; i < nn; ++i) for (int j = 0; j < nm; ++j) sums[i][j] = hsum(acc[i][j]);
+    for (; k < p.K; ++k)
+        for (int i = 0; i < nn; ++i)
+            for (int j = 0; j < nm; ++j) sums[i][j] += float(w[i * p.K + k]) * x[j * p.ldx + k];
+    for (int i = 0; i < nn; ++i)
+        for (int j = 0; j < nm; ++j) p.y[(m0 + j) * p.ldy + n0 + i] = sums[i][j] * scale[i];
+}
+
+// 8 bytes of a row give 8 low and 8 high nibbles; (code - 8) * s = code * s - 8s is one FMA after the
+// convert. Needs gs a multiple of 16.
+template <int nn, int nm>
+DSM_AVX2 void tile_int4(const Problem& p, int64_t n0, int64_t m0) {
+    const int64_t half = p.gs / 2, G = p.K / p.gs, row_bytes = p.K / 2;
+    const uint8_t* w = static_cast<const uint8_t*>(p.w) + n0 * row_bytes;
+    const uint16_t* scale = static_cast<const uint16_t*>(p.scale) + n0 * G;
+    const float* x = p.x + m0 * p.ldx;
+    const __m256i low4 = _mm256_set1_epi32(0x0f);
+    __m256 acc[nn][nm];
+    for (int i = 0; i < nn; ++i) for (int j = 0; j < nm; ++j) acc[i][j] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+        __m256 s[nn], off[nn];
+        for (int i = 0; i < nn; ++i) {
+            const float si = _cvtsh_ss(scale[i * G + g]);
+            s[i] = _mm256_set1_ps(si);
+            off[i] = _mm256_set1_ps(-8.0f * si);
+        }
+        for (int64_t jj = 0; jj < half; jj += 8) {
+            const int64_t k_lo = g * p.gs + jj, k_hi = k_lo + half;
+            __m256 xl[nm], xh[nm];
+            for (int j = 0; j < nm; ++j) {
+                xl[j] = _mm256_loadu_ps(x + j * p.ldx + k_lo);
+                xh[j] = _mm256_loadu_ps(x + j * p.ldx + k_hi);
+            }
+            for (int i = 0; i < nn; ++i) {
+                __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w + i * row_bytes + g * half + jj)));
+                __m256 wl = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, low4)), s[i], off[i]);
+                __m256 wh = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), s[i], off[i]);
+                for (int j = 0; j < nm; ++j) {
+                    acc[i][j] = _mm256_fmadd_ps(wl, xl[j], acc[i][j]);
+                    acc[i][j] = _mm256_fmadd_ps(wh, xh[j], acc[i][j]);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < nn; ++i)
+        for (int j = 0; j < nm; ++j) p.y[(m0 + j) * p.ldy + n0 + i] = hsum(acc[i][j]);
+}
+
+}  // namespace avx2
+
+namespace avx512 {
+
+template <int nn, int nm>
+DSM_AVX512 void tile_int8(const Problem& p, int64_t n0, int64_t m0) {
+    const int8_t* w = static_cast<const int8_t*>(p.w) + n0 * p.K;
+    const float* scale = static_cast<const float*>(p.scale) + n0;
+    const float* x = p.x + m0 * p.ldx;
     __m512 acc[nn][nm];
     for (int i = 0; i < nn; ++i) for (int j = 0; j < nm; ++j) acc[i][j] = _mm512_setzero_ps();
+    int64_t k = 0;
     for (; k + 16 <= p.K; k += 16) {
         __m512 xv[nm];
         for (int j = 0; j < nm; ++j) xv[j] = _mm512_loadu_ps(x + j * p.ldx + k);
@@ -63,8 +188,8 @@ void tile_int8(const Problem& p, int64_t n0, int64_t m0) {
             for (int j = 0; j < nm; ++j) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
         }
     }
+    float sums[nn][nm];
     for (int i = 0; i < nn; ++i) for (int j = 0; j < nm; ++j) sums[i][j] = _mm512_reduce_add_ps(acc[i][j]);
-#endif
     for (; k < p.K; ++k)
         for (int i = 0; i < nn; ++i)
             for (int j = 0; j < nm; ++j) sums[i][j] += float(w[i * p.K + k]) * x[j * p.ldx + k];
@@ -72,24 +197,21 @@ void tile_int8(const Problem& p, int64_t n0, int64_t m0) {
         for (int j = 0; j < nm; ++j) p.y[(m0 + j) * p.ldy + n0 + i] = sums[i][j] * scale[i];
 }
 
-// The same for int4 W in the kernel layout (in each group of gs columns, byte j = column j in the low nibble,
-// column j + gs/2 in the high one, each + 8) with fp16 group scales (N, K/gs). Decoding is a table lookup:
-// per row and group a 16-entry table holds (code - 8) * scale, and vpermps indexes it with the nibbles (it
-// reads only the low 4 bits of each lane), so a weight costs no convert, subtract or multiply.
+// Decoding is a table lookup: per row and group a 16-entry table holds (code - 8) * scale, and vpermps indexes
+// it with the nibbles (it reads only the low 4 bits of each lane), so a weight costs no convert, subtract or
+// multiply. Needs gs a multiple of 32.
 template <int nn, int nm>
-void tile_int4(const Problem& p, int64_t n0, int64_t m0) {
+DSM_AVX512 void tile_int4(const Problem& p, int64_t n0, int64_t m0) {
     const int64_t half = p.gs / 2, G = p.K / p.gs, row_bytes = p.K / 2;
     const uint8_t* w = static_cast<const uint8_t*>(p.w) + n0 * row_bytes;
     const uint16_t* scale = static_cast<const uint16_t*>(p.scale) + n0 * G;
     const float* x = p.x + m0 * p.ldx;
-    float sums[nn][nm] = {};
-#ifdef DSM_AVX512
     __m512 acc[nn][nm];
     for (int i = 0; i < nn; ++i) for (int j = 0; j < nm; ++j) acc[i][j] = _mm512_setzero_ps();
     const __m512 codes = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     for (int64_t g = 0; g < G; ++g) {
         __m512 table[nn];
-        for (int i = 0; i < nn; ++i) table[i] = _mm512_mul_ps(codes, _mm512_set1_ps(half_to_float(scale[i * G + g])));
+        for (int i = 0; i < nn; ++i) table[i] = _mm512_mul_ps(codes, _mm512_set1_ps(_cvtsh_ss(scale[i * G + g])));
         for (int64_t jj = 0; jj < half; jj += 16) {
             const int64_t k_lo = g * p.gs + jj, k_hi = k_lo + half;
             __m512 xl[nm], xh[nm];
@@ -108,60 +230,93 @@ void tile_int4(const Problem& p, int64_t n0, int64_t m0) {
             }
         }
     }
-    for (int i = 0; i < nn; ++i) for (int j = 0; j < nm; ++j) sums[i][j] = _mm512_reduce_add_ps(acc[i][j]);
-#else
     for (int i = 0; i < nn; ++i)
-        for (int64_t g = 0; g < G; ++g) {
-            const float s = half_to_float(scale[i * G + g]);
-            for (int64_t jj = 0; jj < half; ++jj) {
-                const uint8_t b = w[i * row_bytes + g * half + jj];
-                const float wl = float(int(b & 0x0f) - 8) * s, wh = float(int(b >> 4) - 8) * s;
-                for (int j = 0; j < nm; ++j)
-                    sums[i][j] += wl * x[j * p.ldx + g * p.gs + jj] + wh * x[j * p.ldx + g * p.gs + half + jj];
-            }
-        }
-#endif
-    for (int i = 0; i < nn; ++i)
-        for (int j = 0; j < nm; ++j) p.y[(m0 + j) * p.ldy + n0 + i] = sums[i][j];
+        for (int j = 0; j < nm; ++j) p.y[(m0 + j) * p.ldy + n0 + i] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
+}  // namespace avx512
+#endif  // DSM_X86
+
+// ----------------------------------------------------------------------------------------------------------
+// Dispatch: one table of micro-tiles per instruction set, indexed [nn - 1][nm - 1].
+
 using TileFn = void (*)(const Problem&, int64_t, int64_t);
+using TileTable = TileFn[NB][MB];
 
-template <int nn, int nm> struct Int8Tile { static constexpr TileFn fn = &tile_int8<nn, nm>; };
-template <int nn, int nm> struct Int4Tile { static constexpr TileFn fn = &tile_int4<nn, nm>; };
+struct Kernels { TileTable int8; TileTable int4; };
 
-template <template <int, int> class T>
-TileFn pick(int nn, int nm) {
-    // nn, nm in 1..4
-    static const TileFn table[NB][MB] = {
-        {T<1, 1>::fn, T<1, 2>::fn, T<1, 3>::fn, T<1, 4>::fn},
-        {T<2, 1>::fn, T<2, 2>::fn, T<2, 3>::fn, T<2, 4>::fn},
-        {T<3, 1>::fn, T<3, 2>::fn, T<3, 3>::fn, T<3, 4>::fn},
-        {T<4, 1>::fn, T<4, 2>::fn, T<4, 3>::fn, T<4, 4>::fn},
-    };
-    return table[nn - 1][nm - 1];
+#define DSM_ROW(ns, fn, i) {&ns::fn<i, 1>, &ns::fn<i, 2>, &ns::fn<i, 3>, &ns::fn<i, 4>}
+#define DSM_TABLE(ns, fn) {DSM_ROW(ns, fn, 1), DSM_ROW(ns, fn, 2), DSM_ROW(ns, fn, 3), DSM_ROW(ns, fn, 4)}
+
+enum Isa { ISA_PLAIN = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, N_ISA = 3 };
+
+const Kernels KERNELS[N_ISA] = {
+    {DSM_TABLE(plain, tile_int8), DSM_TABLE(plain, tile_int4)},
+#ifdef DSM_X86
+    {DSM_TABLE(avx2, tile_int8), DSM_TABLE(avx2, tile_int4)},
+    {DSM_TABLE(avx512, tile_int8), DSM_TABLE(avx512, tile_int4)},
+#else
+    {DSM_TABLE(plain, tile_int8), DSM_TABLE(plain, tile_int4)},  // never selected: supported() says no
+    {DSM_TABLE(plain, tile_int8), DSM_TABLE(plain, tile_int4)},
+#endif
+};
+
+// What this CPU and OS can run, from CPUID and XGETBV (the OS must save the YMM / ZMM state on context switch).
+bool supported(int isa) {
+    if (isa == ISA_PLAIN) return true;
+#ifdef DSM_X86
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28), f16c = c & (1u << 29);
+    if (!(osxsave && avx && fma && f16c)) return false;
+    unsigned xcr0_lo, xcr0_hi;
+    __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+    if ((xcr0_lo & 0x6u) != 0x6u) return false;  // XMM and YMM state
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool avx2 = b & (1u << 5), avx512f = b & (1u << 16), avx512dq = b & (1u << 17),
+               avx512bw = b & (1u << 30), avx512vl = b & (1u << 31);
+    if (isa == ISA_AVX2) return avx2;
+    if (isa == ISA_AVX512)
+        return avx2 && avx512f && avx512dq && avx512bw && avx512vl && (xcr0_lo & 0xe0u) == 0xe0u;  // opmask, ZMM
+#endif
+    return false;
+}
+
+int best_isa() {
+    for (int isa = N_ISA - 1; isa > 0; --isa)
+        if (supported(isa)) return isa;
+    return ISA_PLAIN;
+}
+
+std::atomic<int> g_isa{-1};
+
+const Kernels& kernels() {
+    int isa = g_isa.load(std::memory_order_relaxed);
+    if (isa < 0) {
+        isa = best_isa();
+        g_isa.store(isa, std::memory_order_relaxed);
+    }
+    return KERNELS[isa];
 }
 
 constexpr int64_t MCHUNK = 64;  // rows of x kept hot (in L2) while every weight row streams past them
 
-template <template <int, int> class T>
-void tile_rows(const Problem& p, int64_t n0, int64_t m_lo, int64_t m_hi) {
+void tile_rows(const TileTable& tiles, const Problem& p, int64_t n0, int64_t m_lo, int64_t m_hi) {
     const int nn = int(p.N - n0 < NB ? p.N - n0 : NB);
     for (int64_t m0 = m_lo; m0 < m_hi; m0 += MB) {
         const int nm = int(m_hi - m0 < MB ? m_hi - m0 : MB);
-        pick<T>(nn, nm)(p, n0, m0);
+        tiles[nn - 1][nm - 1](p, n0, m0);
     }
 }
 
-template <template <int, int> class T>
-void run(const Problem& p, int n_threads) {
+void run(const TileTable& tiles, const Problem& p, int n_threads) {
     // Blocks of NB rows of W over threads; each block walks a chunk of x in blocks of MB rows. W is streamed
     // from memory once per MCHUNK rows of x (once, for decode), x stays in cache.
     const int64_t n_blocks = (p.N + NB - 1) / NB;
     for (int64_t m_lo = 0; m_lo < p.M; m_lo += MCHUNK) {
         const int64_t m_hi = m_lo + MCHUNK < p.M ? m_lo + MCHUNK : p.M;
 #pragma omp parallel for num_threads(n_threads) schedule(static)
-        for (int64_t b = 0; b < n_blocks; ++b) tile_rows<T>(p, b * NB, m_lo, m_hi);
+        for (int64_t b = 0; b < n_blocks; ++b) tile_rows(tiles, p, b * NB, m_lo, m_hi);
     }
 }
 
@@ -169,24 +324,27 @@ void run(const Problem& p, int n_threads) {
 
 extern "C" {
 
-int dsm_has_avx512() {
-#ifdef DSM_AVX512
-    return 1;
-#else
+// Instruction sets: 0 plain loops, 1 AVX2+FMA+F16C, 2 AVX-512. The kernels use the best supported one unless
+// dsm_set_isa picked another (tests and benchmarks compare them in one process).
+int dsm_isa_supported(int isa) { return isa >= 0 && isa < N_ISA && supported(isa); }
+int dsm_best_isa() { return best_isa(); }
+int dsm_get_isa() { kernels(); return g_isa.load(); }
+int dsm_set_isa(int isa) {
+    if (!dsm_isa_supported(isa)) return -1;
+    g_isa.store(isa);
     return 0;
-#endif
 }
 
 // x (M, K) fp32 rows ldx apart; w (N, K) int8; scale (N,) fp32; y (M, N) fp32 rows ldy apart.
 void dsm_qgemm_int8(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* w, const float* scale,
                     int64_t N, float* y, int64_t ldy, int n_threads) {
-    run<Int8Tile>(Problem{x, ldx, M, K, w, scale, 0, N, y, ldy}, n_threads);
+    run(kernels().int8, Problem{x, ldx, M, K, w, scale, 0, N, y, ldy}, n_threads);
 }
 
 // w (N, K/2) uint8 in the kernel layout; scale (N, K/gs) fp16 bits; gs a multiple of 32.
 void dsm_qgemm_int4(const float* x, int64_t ldx, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scale,
                     int64_t gs, int64_t N, float* y, int64_t ldy, int n_threads) {
-    run<Int4Tile>(Problem{x, ldx, M, K, w, scale, gs, N, y, ldy}, n_threads);
+    run(kernels().int4, Problem{x, ldx, M, K, w, scale, gs, N, y, ldy}, n_threads);
 }
 
 // The routed experts of one MoE layer on rows sorted by expert (decode, small groups): for each active
@@ -210,9 +368,10 @@ void dsm_experts(const float* x, int64_t A, int64_t D, int64_t F, int64_t n_acti
     for (int64_t a = 0; a < n_active; ++a)
         for (int64_t lo = 0; lo < len[a]; lo += MCHUNK) { item_a.push_back(a); item_lo.push_back(lo); }
     const int64_t n_items = int64_t(item_a.size());
-    auto tile = [](const Problem& p, int bits, int64_t n0, int64_t lo) {
+    const Kernels& ks = kernels();
+    auto tile = [&ks](const Problem& p, int bits, int64_t n0, int64_t lo) {
         const int64_t hi = lo + MCHUNK < p.M ? lo + MCHUNK : p.M;
-        if (bits == 8) tile_rows<Int8Tile>(p, n0, lo, hi); else tile_rows<Int4Tile>(p, n0, lo, hi);
+        tile_rows(bits == 8 ? ks.int8 : ks.int4, p, n0, lo, hi);
     };
 #pragma omp parallel num_threads(n_threads)
     {

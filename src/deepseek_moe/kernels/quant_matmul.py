@@ -1,12 +1,14 @@
 """y = x @ dequant(W)^T for weight-only int8 / int4 weights: the readable reference and the fast CPU path.
 
-Weights (see ``deepseek_moe.quant.pack``): int8 codes (N, K) with float32 per-row scales (N,), or int4 codes
-packed in the *kernel* layout, uint8 (N, K/2), with float16 group scales (N, K/group_size).
+Weights (layouts in ``kernels/quant_layout.py``): int8 codes (N, K) with float32 per-row scales (N,), or int4
+codes packed in the *kernel* layout, uint8 (N, K/2), with float16 group scales (N, K/group_size).
 
 * :func:`quant_matmul_reference` dequantises the whole matrix and calls matmul: obviously right, slow.
 * :func:`quant_matmul` picks, by the number of rows of x:
   - on the CPU without autograd: the C++ kernel of ``qgemm.cpp``, which streams the codes once per 64 rows of x
-    and never writes a dequantised matrix (decode is memory-bound: move as few bytes as possible);
+    and never writes a dequantised matrix (decode is memory-bound: move as few bytes as possible). It has an
+    AVX-512, an AVX2+FMA+F16C and a scalar path, picked from CPUID; :func:`kernel_isa` says which runs,
+    :func:`set_kernel_isa` (or ``DEEPSEEK_MOE_KERNEL_ISA``) forces one;
   - otherwise (autograd, other devices, no compiler, or ``DEEPSEEK_MOE_KERNELS=0``): dequantise tiles of W to
     x's dtype and use the ordinary matmul; tiles keep a 102400-row head from being materialised whole.
 """
@@ -19,7 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from deepseek_moe.kernels import cpu_build
 from deepseek_moe.kernels.cpu_build import load_library
+from deepseek_moe.kernels.quant_layout import INT4_SCALE_DTYPE, INT8_SCALE_DTYPE, dequantize
 
 # Up to this many rows of x the kernel runs; beyond, dequantised tiles + GEMM. Measured at 1408x2048 on this
 # CPU (benchmarks/quant_kernels.py --rows): the kernel still matched the fp32 GEMM at 128 rows and beat
@@ -29,34 +33,43 @@ KERNEL_MAX_ROWS = 1 << 20
 TILE_ROWS = 4096
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The (N, K) matrix of an int8 (q int8) or kernel-layout int4 (q uint8) weight."""
-    if q.dtype == torch.int8:
-        return (q.float() * scale.float()[:, None]).to(dtype)
-    N, H = q.shape
-    G = scale.shape[1]
-    group_size = 2 * H // G
-    half = group_size // 2
-    g = q.view(N, G, half)
-    lo = (g & 0x0F).to(torch.int8) - 8
-    hi = (g >> 4).to(torch.int8) - 8
-    codes = torch.cat((lo, hi), dim=2).float()  # (N, G, group_size): low nibbles first, then high
-    return (codes * scale.float()[:, :, None]).view(N, 2 * H).to(dtype)
-
-
 def quant_matmul_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (..., K) -> (..., N), computed in float32 and returned in x's dtype."""
     return (x.float() @ dequantize(q, scale).t()).to(x.dtype)
 
 
-def _check(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
-    K = x.shape[-1]
-    k_codes = q.shape[1] * (2 if q.dtype == torch.uint8 else 1)
-    if k_codes != K:
-        raise ValueError(f"quantised matmul: input width {K} does not match the weight's {k_codes} columns "
+def _check(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, what: str = "quant_matmul") -> None:
+    """ValueError naming the argument unless (q, scale) is a weight in one of the two layouts that x can multiply.
+    The kernel reads raw memory, so a wrong dtype or stride would be a silently wrong answer, not an error."""
+    if q.dtype not in (torch.int8, torch.uint8) or q.dim() != 2:
+        raise ValueError(f"{what}: q must be int8 codes (N, K) or uint8 int4 codes (N, K/2), got {q.dtype} "
+                         f"{tuple(q.shape)}")
+    N, H = q.shape
+    if q.dtype == torch.int8:
+        kind, want_dtype, K_codes, ok_shape = "int8", INT8_SCALE_DTYPE, H, scale.shape == (N,)
+        want_shape = f"({N},), one per row of q"
+    else:
+        G = scale.shape[-1] if scale.dim() else 0
+        kind, want_dtype, K_codes = "int4", INT4_SCALE_DTYPE, 2 * H
+        ok_shape = scale.dim() == 2 and scale.shape[0] == N and G > 0 and K_codes % G == 0 and (K_codes // G) % 2 == 0
+        want_shape = f"({N}, G), G groups of an even number of columns dividing {K_codes}"
+    if scale.dtype != want_dtype:
+        raise ValueError(f"{what}: scale is {scale.dtype}; {kind} codes need {want_dtype} scales "
+                         f"(an {scale.dtype} scale would be misread)")
+    if not ok_shape:
+        raise ValueError(f"{what}: scale has shape {tuple(scale.shape)}; {kind} codes {tuple(q.shape)} need {want_shape}")
+    for name, t in (("q", q), ("scale", scale)):
+        if not t.is_contiguous():
+            raise ValueError(f"{what}: {name} is not contiguous (shape {tuple(t.shape)}, strides {t.stride()}); "
+                             f"pass {name}.contiguous()")
+        if t.device != x.device:
+            raise ValueError(f"{what}: {name} is on {t.device}, x on {x.device}")
+    if not x.is_floating_point():
+        raise ValueError(f"{what}: x must be a floating-point tensor, got {x.dtype}")
+    K = x.shape[-1] if x.dim() else 0
+    if K != K_codes:
+        raise ValueError(f"{what}: input width {K} does not match the weight's {K_codes} columns "
                          f"(codes {tuple(q.shape)} {q.dtype})")
-    if scale.shape[0] != q.shape[0]:
-        raise ValueError(f"quantised matmul: {scale.shape[0]} scale rows for {q.shape[0]} weight rows")
 
 
 def quant_matmul_tiled(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -73,7 +86,7 @@ def quant_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     K = x.shape[-1]
     M = x.numel() // K if K else 0
     lib = _kernel_for(x)
-    if lib is None or M > KERNEL_MAX_ROWS or M == 0:
+    if lib is None or M > KERNEL_MAX_ROWS or M == 0 or (q.dtype == torch.uint8 and _group_size(q, scale) % 32):
         return quant_matmul_tiled(x, q, scale)
     N = q.shape[0]
     x32 = x.reshape(M, K).float().contiguous()  # both no-ops for a contiguous fp32 x
@@ -82,8 +95,8 @@ def quant_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
         lib.dsm_qgemm_int8(x32.data_ptr(), K, M, K, q.data_ptr(), scale.data_ptr(), N, y.data_ptr(), N,
                            torch.get_num_threads())
     else:
-        lib.dsm_qgemm_int4(x32.data_ptr(), K, M, K, q.data_ptr(), scale.data_ptr(), 2 * q.shape[1] // scale.shape[1],
-                           N, y.data_ptr(), N, torch.get_num_threads())
+        lib.dsm_qgemm_int4(x32.data_ptr(), K, M, K, q.data_ptr(), scale.data_ptr(), _group_size(q, scale), N,
+                           y.data_ptr(), N, torch.get_num_threads())
     return y.view(*x.shape[:-1], N).to(x.dtype)
 
 
@@ -94,8 +107,32 @@ def _kernel_for(x: torch.Tensor) -> Any:
     return load_library()
 
 
+def _group_size(q: torch.Tensor, scale: torch.Tensor) -> int:
+    return 2 * q.shape[1] // scale.shape[1]  # the kernel's SIMD paths need a multiple of 32
+
+
 def kernel_available() -> bool:
     return load_library() is not None
+
+
+def kernel_isa() -> str | None:
+    """The instruction set the kernel runs ("avx512", "avx2" or "scalar"), or None when there is no kernel."""
+    lib = load_library()
+    return None if lib is None else cpu_build.ISAS[lib.dsm_get_isa()]
+
+
+def supported_isas() -> list[str]:
+    """The kernel's instruction sets this CPU can run (empty when there is no kernel)."""
+    lib = load_library()
+    return [] if lib is None else cpu_build.supported_isas(lib)
+
+
+def set_kernel_isa(isa: str) -> None:
+    """Make the kernel use ``isa`` from now on (tests, benchmarks); ValueError if this CPU cannot run it."""
+    lib = load_library()
+    if lib is None:
+        raise ValueError("no compiled kernel (no C++ compiler, or DEEPSEEK_MOE_KERNELS=0): nothing to set")
+    cpu_build.set_isa(lib, isa)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -122,10 +159,12 @@ def experts_reference(x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch
 def quant_experts(x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Tensor | None,
                   w: dict[str, tuple[torch.Tensor, torch.Tensor]], group_size: int) -> torch.Tensor | None:
     """The fused C++ path of :func:`experts_reference`, or None when it does not apply (no kernel, autograd,
-    or an expert with more than KERNEL_MAX_ROWS rows)."""
+    or an expert with more than KERNEL_MAX_ROWS rows, or int4 groups the SIMD paths cannot step through)."""
+    _check_experts(x_AD, counts_E, gates_A, w, group_size)
     lib = _kernel_for(x_AD)
     counts = counts_E.tolist()
-    if lib is None or max(counts, default=0) > KERNEL_MAX_ROWS:
+    int4 = any(w[n][0].dtype == torch.uint8 for n in ("w1", "w2"))
+    if lib is None or max(counts, default=0) > KERNEL_MAX_ROWS or (int4 and group_size % 32):
         return None
     active = [(e, n) for e, n in enumerate(counts) if n]
     starts = list(itertools.accumulate(counts, initial=0))
@@ -144,3 +183,31 @@ def quant_experts(x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Ten
                     8 if w2.dtype == torch.int8 else 4, group_size, None if g is None else g.data_ptr(),
                     h1.data_ptr(), h3.data_ptr(), y.data_ptr(), torch.get_num_threads())
     return y.to(x_AD.dtype)
+
+
+def _check_experts(x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Tensor | None,
+                   w: dict[str, tuple[torch.Tensor, torch.Tensor]], group_size: int) -> None:
+    """ValueError naming the argument unless the stacked weights, counts and gates fit x (as :func:`_check`)."""
+    if x_AD.dim() != 2:
+        raise ValueError(f"quant_experts: x must be (A, D), got shape {tuple(x_AD.shape)}")
+    A, D = x_AD.shape
+    E = counts_E.numel()
+    if int(counts_E.sum()) != A:
+        raise ValueError(f"quant_experts: counts sum to {int(counts_E.sum())}, x has {A} rows")
+    if gates_A is not None and gates_A.shape != (A,):
+        raise ValueError(f"quant_experts: gates has shape {tuple(gates_A.shape)}, expected ({A},)")
+    F_ = w["w1"][0].shape[1] if w["w1"][0].dim() == 3 else -1
+    for name, width, rows in (("w1", D, F_), ("w3", D, F_), ("w2", F_, D)):
+        codes, scales = w[name]
+        if codes.dim() != 3 or codes.shape[:2] != (E, rows) or scales.shape[:1] != (E,):
+            raise ValueError(f"quant_experts: {name} codes {tuple(codes.shape)} / scales {tuple(scales.shape)} do not "
+                             f"stack {E} experts of {rows} rows (w1, w3: (E, F, ...), w2: (E, D, ...))")
+        for part, t in (("codes", codes), ("scales", scales)):
+            if not t.is_contiguous():
+                raise ValueError(f"quant_experts: {name} {part} are not contiguous; pass them .contiguous()")
+        _check(x_AD.new_empty(0, width), codes[0], scales[0], what=f"quant_experts {name}")
+        if codes.dtype == torch.uint8 and _group_size(codes[0], scales[0]) != group_size:
+            raise ValueError(f"quant_experts: {name} has int4 groups of {_group_size(codes[0], scales[0])} columns, "
+                             f"group_size is {group_size}")
+    if w["w1"][0].dtype != w["w3"][0].dtype:
+        raise ValueError(f"quant_experts: w1 ({w['w1'][0].dtype}) and w3 ({w['w3'][0].dtype}) must share a format")
