@@ -1,42 +1,75 @@
 """Weight-only matmul candidates at the model's shapes, with working sets far larger than L3.
 
 Question: which way to multiply activations by int8 / int4 weights on this CPU is fastest for decode (1-8 rows)
-and prefill (many rows)? Each candidate cycles through enough (N, K) matrices that its weights total
->= --mb megabytes, so every call streams from memory as in a real decode step. Reports GB/s of weight bytes
-(what bounds decode) and us per matrix; candidates are timed interleaved, round-robin.
+and prefill (many rows), and how much each instruction-set path of our kernel (AVX-512, AVX2, scalar) gives?
+Each candidate cycles through enough (N, K) matrices that its weights total >= --mb megabytes, so every call
+streams from memory as in a real decode step. Reports GB/s of weight bytes (what bounds decode), us per matrix
+and the speed-up over the PyTorch reference (dequantise the matrix, then matmul); candidates are timed
+interleaved, round-robin. Prints the CPU model and its SIMD flags.
 
-    python benchmarks/quant_kernels.py --mb 256
+    python benchmarks/quant_kernels.py --mb 256 --rows 1 --isa all
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from deepseek_moe.kernels.quant_matmul import kernel_available, quant_matmul, quant_matmul_tiled
+from deepseek_moe.kernels.quant_matmul import (
+    kernel_isa,
+    quant_matmul,
+    quant_matmul_reference,
+    quant_matmul_tiled,
+    set_kernel_isa,
+    supported_isas,
+)
 from deepseek_moe.quant import pack
 
+SIMD_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+              "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 
-def build(N: int, K: int, n_mats: int) -> dict[str, tuple[list, int]]:
-    """name -> (per-matrix operands, weight bytes per matrix)."""
+
+def cpu() -> dict[str, object]:
+    """The CPU model and which of the SIMD flags that matter here it has (from /proc/cpuinfo)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"model": model, "simd_flags": [f for f in SIMD_FLAGS if f in flags]}
+
+
+def build(N: int, K: int, n_mats: int, isas: list[str]) -> dict[str, tuple[list, int]]:
+    """name -> (per-matrix operands, weight bytes per matrix). Our kernel appears once per path in ``isas``."""
     fp32 = [torch.randn(N, K) * 0.02 for _ in range(n_mats)]
     out: dict[str, tuple[list, int]] = {}
     out["fp32 F.linear"] = (fp32, N * K * 4)
     out["bf16 F.linear"] = ([w.bfloat16() for w in fp32], N * K * 2)
     i8 = [pack.quantize_int8(w) for w in fp32]
     out["int8 aten._weight_int8pack_mm"] = ([(q, s.float()) for q, s in i8], N * K)
+    out["int8 reference (dequantise + matmul)"] = (i8, N * K)
     out["int8 dequant tiles + matmul"] = (i8, N * K)
-    out["int8 ours (C++ kernel)"] = (i8, N * K)
+    for isa in isas:
+        out[f"int8 ours {isa}"] = (i8, N * K)
     i4 = []
     for w in fp32:
         p, s = pack.quantize_int4(w, 32)
         i4.append((pack.repack_int4_for_kernel(p, 32), s))
-    out["int4 dequant tiles + matmul"] = (i4, N * K // 2 + N * K // 32 * 2)
-    out["int4 ours (C++ kernel)"] = (i4, N * K // 2 + N * K // 32 * 2)
+    i4_bytes = N * K // 2 + N * K // 32 * 2
+    out["int4 reference (dequantise + matmul)"] = (i4, i4_bytes)
+    out["int4 dequant tiles + matmul"] = (i4, i4_bytes)
+    for isa in isas:
+        out[f"int4 ours {isa}"] = (i4, i4_bytes)
     del fp32
     return out
 
@@ -48,7 +81,14 @@ def runner(name: str) -> Callable[[torch.Tensor, object], torch.Tensor]:
         return lambda x, qs: torch.ops.aten._weight_int8pack_mm(x, qs[0], qs[1])
     if "tiles" in name:
         return lambda x, qs: quant_matmul_tiled(x, qs[0], qs[1])
+    if "reference" in name:
+        return lambda x, qs: quant_matmul_reference(x, qs[0], qs[1])
     return lambda x, qs: quant_matmul(x, qs[0], qs[1])
+
+
+def isa_of(name: str) -> str | None:
+    """The kernel path a candidate runs ("int8 ours avx2" -> "avx2"), or None for the others."""
+    return name.rsplit(" ", 1)[1] if " ours " in name else None
 
 
 def main() -> None:
@@ -57,21 +97,39 @@ def main() -> None:
     ap.add_argument("--shape", default="1408x2048", help="N x K (V2-Lite expert: 1408x2048)")
     ap.add_argument("--rows", default="1,8,64", help="rows of x")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--isa", default="best",
+                    help="kernel paths to time: best (the one chosen at run time), all (every one this CPU runs), "
+                         "or a comma list of scalar,avx2,avx512")
     args = ap.parse_args()
     N, K = map(int, args.shape.split("x"))
     n_mats = max(1, args.mb * 2**20 // (N * K))
+    chosen = kernel_isa()
+    if chosen is None:
+        isas = []
+    elif args.isa == "best":
+        isas = [chosen]
+    elif args.isa == "all":
+        isas = supported_isas()[::-1]
+    else:
+        isas = args.isa.split(",")
+        for isa in isas:
+            set_kernel_isa(isa)  # ValueError naming it if this CPU cannot run it
+        set_kernel_isa(chosen)
     torch.manual_seed(0)
-    cands = build(N, K, n_mats)
-    if not kernel_available():
-        cands = {k: v for k, v in cands.items() if "ours" not in k}
+    cands = build(N, K, n_mats, isas)
+    info = cpu()
     results = []
+    print(f"CPU {info['model']} ({', '.join(map(str, info['simd_flags']))}); kernel path chosen at run time: "
+          f"{chosen or 'none (no compiler)'}")
     print(f"threads {torch.get_num_threads()}, {n_mats} matrices of {N}x{K} per candidate")
-    print(f"{'candidate':34s} {'rows':>5s} {'GB/s':>8s} {'us/matrix':>10s}")
+    print(f"{'candidate':38s} {'rows':>5s} {'GB/s':>8s} {'us/matrix':>10s} {'x reference':>12s}")
     for M in map(int, args.rows.split(",")):
         x = torch.randn(M, K)
         best: dict[str, float] = {}
         for _ in range(args.repeats):
             for name, (ops, _) in cands.items():
+                if (isa := isa_of(name)) is not None:
+                    set_kernel_isa(isa)
                 fn = runner(name)
                 fn(x, ops[0])
                 t0 = time.perf_counter()
@@ -81,10 +139,17 @@ def main() -> None:
                 best[name] = min(best.get(name, float("inf")), dt)
         for name, dt in best.items():
             gbs = cands[name][1] / dt / 1e9
-            print(f"{name:34s} {M:5d} {gbs:8.2f} {dt * 1e6:10.1f}")
-            results.append({"candidate": name, "rows": M, "GB_per_s": round(gbs, 2), "us": round(dt * 1e6, 1)})
+            ref = best.get(f"{name[:4]} reference (dequantise + matmul)")
+            speedup = ref / dt if ref and name[:4] in ("int8", "int4") else None
+            print(f"{name:38s} {M:5d} {gbs:8.2f} {dt * 1e6:10.1f} "
+                  f"{'' if speedup is None else f'{speedup:11.1f}x':>12s}")
+            results.append({"candidate": name, "isa": isa_of(name), "rows": M, "GB_per_s": round(gbs, 2),
+                            "us": round(dt * 1e6, 1),
+                            "x_reference": None if speedup is None else round(speedup, 2)})
+    if chosen is not None:
+        set_kernel_isa(chosen)
     print(json.dumps({"benchmark": "quant_kernels", "shape": [N, K], "threads": torch.get_num_threads(),
-                      "results": results}))
+                      "cpu": info, "kernel_isa": chosen, "results": results}))
 
 
 if __name__ == "__main__":

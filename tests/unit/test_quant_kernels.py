@@ -256,3 +256,15 @@ def test_fused_experts_refuse_a_wrong_scale_dtype_naming_the_weight() -> None:
     w["w2"] = (w["w2"][0], w["w2"][1].half())
     with pytest.raises(ValueError, match=r"quant_experts w2: scale is torch.float16; int8 codes need torch.float32"):
         qm.quant_experts(torch.randn(3, 32), torch.tensor([1, 2]), None, w, 32)
+
+
+def test_info_reports_the_path_that_runs(isa: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from deepseek_moe.cli.main import main
+
+    assert main(["info", "tiny", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["cpu_kernels"]
+    assert report == {"quant_matmul": isa, "supported": qm.supported_isas()}
+    assert main(["info", "tiny"]) == 0
+    assert f"quantised matmul: {isa} (this CPU runs: " in capsys.readouterr().out

@@ -144,10 +144,15 @@ def format_info(info: dict[str, Any], source: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from deepseek_moe.kernels.quant_matmul import kernel_report
+
     cfg, source = load_config(args.target)
     info = model_info(cfg, args.context)
+    kernels = kernel_report()
     if args.json:
-        print(json.dumps({"source": source, **info}))
+        print(json.dumps({"source": source, **info, "cpu_kernels": kernels}))
     else:
         print(format_info(info, source))
+        print(f"  CPU kernels   quantised matmul: {kernels['quant_matmul'] or 'none (dequantise + matmul)'} "
+              f"(this CPU runs: {', '.join(kernels['supported']) or '-'})")
     return 0

@@ -16,7 +16,7 @@ codes packed in the *kernel* layout, uint8 (N, K/2), with float16 group scales (
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +125,17 @@ def supported_isas() -> list[str]:
     """The kernel's instruction sets this CPU can run (empty when there is no kernel)."""
     lib = load_library()
     return [] if lib is None else cpu_build.supported_isas(lib)
+
+
+class KernelReport(TypedDict):
+    quant_matmul: str | None
+    supported: list[str]
+
+
+def kernel_report() -> KernelReport:
+    """Which path the quantised matmuls take on this machine, for ``info`` and benchmarks: the instruction set
+    (None: no compiled kernel, the dequantise-then-matmul path runs) and the ones this CPU could run."""
+    return KernelReport(quant_matmul=kernel_isa(), supported=supported_isas())
 
 
 def set_kernel_isa(isa: str) -> None:
