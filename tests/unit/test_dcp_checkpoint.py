@@ -79,3 +79,11 @@ def test_state_stored_once_must_be_equal_on_every_process() -> None:
     _check_same_everywhere(SingleProcess(torch.device("cpu")), 3, tensors, layout)
     with pytest.raises(TrainError, match="differs between processes"):
         _check_same_everywhere(Disagreeing(torch.device("cpu")), 3, tensors, layout)
+
+
+def test_a_corrupt_data_file_is_named(tmp_path: Path) -> None:
+    save(tmp_path / "ckpt", {"model": {"w": torch.randn(64), "b": torch.randn(8)}})
+    data = tmp_path / "ckpt" / "__0_0.distcp"
+    data.write_bytes(b"\x00" * 40)
+    with pytest.raises(CheckpointReadError, match=r"__0_0\.distcp is unreadable or corrupt"):
+        load(tmp_path / "ckpt", {"model": {"w": torch.zeros(64), "b": torch.zeros(8)}})

@@ -22,8 +22,8 @@ classes, ``torch.Size``, dtypes and paths, and refuse any non-tensor entry. Tens
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
-import os
 import pickle
 import warnings
 from collections.abc import Iterator
@@ -37,7 +37,6 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 from torch.distributed.checkpoint.state_dict import (
@@ -93,23 +92,17 @@ def read_metadata(path: Path) -> Metadata:
     return md
 
 
-class _NamingFileSystem(FileSystem):
-    """Remembers the file it opened last, so a read error can name it."""
-
-    last: Path | None = None
-
-    @contextlib.contextmanager
-    def create_stream(self, path: str | os.PathLike[Any], mode: str) -> Iterator[io.IOBase]:
-        self.last = Path(path)
-        with super().create_stream(path, mode) as stream:
-            yield stream
-
-
 class _SafeReader(FileSystemReader):
+    """Reads the metadata with :func:`read_metadata` and the data one file at a time, so a read error names its
+    file (through the public reader interface: the plan's items and the metadata's storage_data)."""
+
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self.naming = _NamingFileSystem()
-        self.fs = self.naming
+        self.files: dict[Any, Any] = {}
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+        self.files = metadata.storage_data
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         md = read_metadata(Path(self.path))
@@ -119,11 +112,17 @@ class _SafeReader(FileSystemReader):
         return md
 
     def read_data(self, plan: LoadPlan, planner: Any) -> Any:
-        try:
-            return super().read_data(plan, planner)
-        except Exception as e:  # noqa: BLE001  (torch.load's refusals, short files, size mismatches)
-            raise CheckpointReadError(f"{self.naming.last or self.path} is unreadable or corrupt "
-                                      f"({type(e).__name__}: {e})") from e
+        per_file: dict[str, list[ReadItem]] = {}
+        for item in plan.items:
+            per_file.setdefault(self.files[item.storage_index].relative_path, []).append(item)
+        done = None
+        for relative_path, items in per_file.items():
+            try:
+                done = super().read_data(dataclasses.replace(plan, items=items), planner)
+            except Exception as e:  # noqa: BLE001  (torch.load's refusals, short files, size mismatches)
+                raise CheckpointReadError(f"{Path(self.path) / relative_path} is unreadable or corrupt "
+                                          f"({type(e).__name__}: {e})") from e
+        return done if done is not None else super().read_data(plan, planner)
 
 
 class _TensorsOnlyPlanner(DefaultLoadPlanner):
