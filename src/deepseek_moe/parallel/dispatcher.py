@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as fc
+from torch.distributed.nn.functional import all_to_all_single
 
 from deepseek_moe.moe.dispatch import BatchSpan, Dispatched, DropPlan, combine
 from deepseek_moe.moe.dropping import capacity_keep_mask, group_budget
@@ -166,7 +166,8 @@ class AllToAllDispatcher:
         recv_W = torch.empty_like(send_W)
         dist.all_to_all_single(recv_W, send_W, group=self.group)
         send, recv = send_W.tolist(), recv_W.tolist()
-        payload_R = fc.all_to_all_single_autograd(payload_P, recv, send, self.group)
+        payload_R = all_to_all_single(payload_P.new_empty(sum(recv), payload_P.shape[1]), payload_P.contiguous(),
+                                      recv, send, group=self.group)  # differentiable: the backward sends back
         meta_R = torch.empty(sum(recv), meta_P.shape[1], dtype=meta_P.dtype, device=device)
         dist.all_to_all_single(meta_R, meta_P, recv, send, group=self.group)
 
@@ -193,7 +194,8 @@ class AllToAllDispatcher:
         y_AD = experts(payload_R[:, :D].index_select(0, row_A), counts_E, gate_A[order_A])
         y_RD = combine(y_AD, row_A, R)
 
-        y_PD = fc.all_to_all_single_autograd(y_RD, send, recv, self.group)
+        y_PD = all_to_all_single(y_RD.new_empty(sum(send), y_RD.shape[1]), y_RD.contiguous(), send, recv,
+                                 group=self.group)
         y_TD = combine(y_PD, token_P, T)
 
         self.stats.assignments_remote += int((rank_TK != me).sum())
