@@ -22,7 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepseek_moe._torch_compat import clear_dispatch_cache
 from deepseek_moe.export.errors import ExportError
+from deepseek_moe.export.flat import flatten, unflatten
 from deepseek_moe.export.moe import dense_moe_layers
 
 DEFAULT_OPSET = 18
@@ -125,7 +127,7 @@ class _FlatInputs(nn.Module):
         self.inner, self.spec = inner, spec
 
     def forward(self, *flat: torch.Tensor) -> Any:
-        return self.inner(*torch.utils._pytree.tree_unflatten(list(flat), self.spec))
+        return self.inner(*unflatten(list(flat), self.spec))
 
 
 def _clear_rnn_dispatch_caches() -> None:
@@ -134,9 +136,7 @@ def _clear_rnn_dispatch_caches() -> None:
     # sequence length and fails. Clearing the cache makes every export start as the first one did.
     for op in (torch.ops.aten.lstm.input, torch.ops.aten.gru.input, torch.ops.aten.rnn_tanh.input,
                torch.ops.aten.rnn_relu.input):
-        cache = getattr(op, "_dispatch_cache", None)
-        if cache is not None:
-            cache.clear()
+        clear_dispatch_cache(op)
 
 
 def name_dims(path: Path, dim_names: Mapping[str, Sequence[str | None]]) -> None:
@@ -191,11 +191,11 @@ def export_graph(module: nn.Module, path: Path, example_inputs: tuple[Any, ...],
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if not all(isinstance(x, torch.Tensor) for x in example_inputs):
-                flat, spec = torch.utils._pytree.tree_flatten(example_inputs)
+                flat, spec = flatten(example_inputs)
                 module, example_inputs = _FlatInputs(module, spec), tuple(flat)
                 if dynamic_shapes is not None:
                     # One entry, the tuple bound to *flat.
-                    dynamic_shapes = (tuple(torch.utils._pytree.tree_flatten(
+                    dynamic_shapes = (tuple(flatten(
                         dynamic_shapes, is_leaf=lambda x: x is None or isinstance(x, dict)
                         and all(isinstance(k, int) for k in x))[0]),)
             try:

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from deepseek_moe._torch_compat import tensor_version
+
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matrix products on ``x`` run in: autocast's where it is on for x's device (autocast casts the
@@ -58,10 +60,10 @@ class ComputeCopy:
             _hook.append(register_optimizer_step_post_hook(_after_optimizer_step))
 
     def matches(self, master: torch.Tensor) -> bool:
-        return self.version == master._version and self.address == master.data_ptr()
+        return self.version == tensor_version(master) and self.address == master.data_ptr()
 
     def mark_synced(self, master: torch.Tensor) -> None:
-        self.version, self.address = master._version, master.data_ptr()
+        self.version, self.address = tensor_version(master), master.data_ptr()
 
     def mark_stale(self) -> None:
         """The master changed in a way its version counter does not show: copy it again at the next use."""
@@ -157,7 +159,7 @@ def attach(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
                 continue
             with torch.no_grad():
                 tensor = w.detach().to(dtype)
-            setattr(w, _ATTR, ComputeCopy(tensor, w._version, w.data_ptr()))
+            setattr(w, _ATTR, ComputeCopy(tensor, tensor_version(w), w.data_ptr()))
             n += 1
     return n
 

@@ -24,9 +24,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from deepseek_moe.moe.all_layers import moe_layers
+from deepseek_moe.parallel._torch_compat import compute_local_shape_and_global_offset
 from deepseek_moe.parallel.experts import check_model, parallelize_experts
 from deepseek_moe.parallel.runtime import ParallelContext
 

@@ -31,9 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from deepseek_moe.io.streaming import Shard
+from deepseek_moe.parallel._torch_compat import compute_local_shape_and_global_offset
 
 if TYPE_CHECKING:
     from deepseek_moe.io.save import Entry

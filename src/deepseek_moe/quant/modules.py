@@ -2,17 +2,16 @@
 
 Both hold codes in the layout the CPU kernel reads (int4: ``pack.repack_int4_for_kernel``) and scales in the
 dtype the format fixes (int8: float32 per row; int4: float16 per group). ``model.to(torch.bfloat16)`` changes
-what these modules compute in, never their codes or scales (see ``_apply``).
+what these modules compute in, never their codes or scales (``deepseek_moe._torch_compat.KeepsDtypeOnCast``).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepseek_moe._torch_compat import KeepsDtypeOnCast
 from deepseek_moe.kernels.quant_matmul import dequantize, quant_experts, quant_matmul
 from deepseek_moe.moe.experts import RoutedExperts
 from deepseek_moe.quant import pack
@@ -41,28 +40,12 @@ def quantize_rows(w_NK: torch.Tensor, bits: int, group_size: int) -> tuple[torch
     return pack.repack_int4_for_kernel(packed, group_size), scale
 
 
-class _KeepsScales(nn.Module):
+class _KeepsScales(KeepsDtypeOnCast):
     """``.to(dtype)`` / ``.half()`` must not cast scales: they are part of the format. The module records the
     floating dtype it was asked for as ``dtype`` (what a dequantised matrix is returned in)."""
 
-    dtype: torch.dtype
-
-    def _scale_names(self) -> list[str]:
-        return [n for n in self._buffers if n.endswith("_scale")]
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
-        scales = {n: t for n in self._scale_names() if (t := self._buffers[n]) is not None}
-        device = next(iter(scales.values())).device
-        # Two probes tell a cast (both come out in one dtype) from a move or to_empty (dtypes kept).
-        p16 = fn(torch.empty(0, dtype=torch.float16, device=device))
-        p32 = fn(torch.empty(0, dtype=torch.float32, device=device))
-        cast = p16.dtype == p32.dtype
-        super()._apply(fn, recurse)
-        for n, s in scales.items():
-            self._buffers[n] = s.to(p32.device) if cast else fn(s)
-        if cast:
-            self.dtype = p32.dtype
-        return self
+    def kept_dtype_buffers(self) -> list[str]:
+        return [n for n, _ in self.named_buffers(recurse=False) if n.endswith("_scale")]
 
 
 class QuantLinear(_KeepsScales):
