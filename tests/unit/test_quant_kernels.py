@@ -254,7 +254,7 @@ def test_malformed_weights_are_refused_naming_the_argument(case: str, message: s
 def test_fused_experts_refuse_a_wrong_scale_dtype_naming_the_weight() -> None:
     w = {"w1": _stacked(8, 2, 16, 32, 32), "w3": _stacked(8, 2, 16, 32, 32), "w2": _stacked(8, 2, 32, 16, 32)}
     w["w2"] = (w["w2"][0], w["w2"][1].half())
-    with pytest.raises(ValueError, match=r"quant_experts w2: scale is torch.float16; int8 codes need torch.float32"):
+    with pytest.raises(ValueError, match=r"quant_experts: w2: scale is torch.float16; int8 codes need torch.float32"):
         qm.quant_experts(torch.randn(3, 32), torch.tensor([1, 2]), None, w, 32)
 
 
@@ -268,3 +268,27 @@ def test_info_reports_the_path_that_runs(isa: str, capsys: pytest.CaptureFixture
     assert report == {"quant_matmul": isa, "supported": qm.supported_isas()}
     assert main(["info", "tiny"]) == 0
     assert f"quantised matmul: {isa} (this CPU runs: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("w3 int4 w1 int8", r"w1 \(torch.int8\) and w3 \(torch.uint8\) must share a format"),
+    ("w2 too wide", r"w2 codes have shape \(2, 32, 24\), expected \(2, 32, 16\)"),
+    ("counts", r"counts sum to 4, x has 3 rows"),
+    ("gates", r"gates has shape \(2,\), expected \(3,\)"),
+    ("group", r"w1 scales have shape \(2, 16, 1\), expected \(2, 16, 2\) \(group_size 16\)"),
+])
+def test_fused_experts_refuse_mismatched_arguments(case: str, message: str) -> None:
+    w = {"w1": _stacked(8, 2, 16, 32, 32), "w3": _stacked(8, 2, 16, 32, 32), "w2": _stacked(8, 2, 32, 16, 32)}
+    x, counts, gates, group = torch.randn(3, 32), torch.tensor([1, 2]), None, 32
+    if case == "w3 int4 w1 int8":
+        w["w3"] = _stacked(4, 2, 16, 32, 32)
+    elif case == "w2 too wide":
+        w["w2"] = _stacked(8, 2, 32, 24, 32)
+    elif case == "counts":
+        counts = torch.tensor([2, 2])
+    elif case == "gates":
+        gates = torch.rand(2)
+    else:
+        w["w1"], group = _stacked(4, 2, 16, 32, 32), 16
+    with pytest.raises(ValueError, match=message):
+        qm.quant_experts(x, counts, gates, w, group)

@@ -171,9 +171,9 @@ def quant_experts(x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Ten
                   w: dict[str, tuple[torch.Tensor, torch.Tensor]], group_size: int) -> torch.Tensor | None:
     """The fused C++ path of :func:`experts_reference`, or None when it does not apply (no kernel, autograd,
     or an expert with more than KERNEL_MAX_ROWS rows, or int4 groups the SIMD paths cannot step through)."""
-    _check_experts(x_AD, counts_E, gates_A, w, group_size)
-    lib = _kernel_for(x_AD)
     counts = counts_E.tolist()
+    _check_experts(x_AD, counts, gates_A, w, group_size)
+    lib = _kernel_for(x_AD)
     int4 = any(w[n][0].dtype == torch.uint8 for n in ("w1", "w2"))
     if lib is None or max(counts, default=0) > KERNEL_MAX_ROWS or (int4 and group_size % 32):
         return None
@@ -196,29 +196,42 @@ def quant_experts(x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Ten
     return y.to(x_AD.dtype)
 
 
-def _check_experts(x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Tensor | None,
+def _check_experts(x_AD: torch.Tensor, counts: list[int], gates_A: torch.Tensor | None,
                    w: dict[str, tuple[torch.Tensor, torch.Tensor]], group_size: int) -> None:
-    """ValueError naming the argument unless the stacked weights, counts and gates fit x (as :func:`_check`)."""
+    """ValueError naming the argument unless the stacked weights, counts and gates fit x (as :func:`_check`;
+    on shapes and dtypes only: this runs once per MoE layer per decoded token)."""
     if x_AD.dim() != 2:
         raise ValueError(f"quant_experts: x must be (A, D), got shape {tuple(x_AD.shape)}")
     A, D = x_AD.shape
-    E = counts_E.numel()
-    if int(counts_E.sum()) != A:
-        raise ValueError(f"quant_experts: counts sum to {int(counts_E.sum())}, x has {A} rows")
+    E = len(counts)
+    if sum(counts) != A:
+        raise ValueError(f"quant_experts: counts sum to {sum(counts)}, x has {A} rows")
     if gates_A is not None and gates_A.shape != (A,):
         raise ValueError(f"quant_experts: gates has shape {tuple(gates_A.shape)}, expected ({A},)")
     F_ = w["w1"][0].shape[1] if w["w1"][0].dim() == 3 else -1
     for name, width, rows in (("w1", D, F_), ("w3", D, F_), ("w2", F_, D)):
         codes, scales = w[name]
-        if codes.dim() != 3 or codes.shape[:2] != (E, rows) or scales.shape[:1] != (E,):
-            raise ValueError(f"quant_experts: {name} codes {tuple(codes.shape)} / scales {tuple(scales.shape)} do not "
-                             f"stack {E} experts of {rows} rows (w1, w3: (E, F, ...), w2: (E, D, ...))")
+        what = f"quant_experts: {name}"
+        want: tuple[tuple[int, ...], torch.dtype, tuple[int, ...]]
+        if codes.dtype == torch.int8:
+            want = ((E, rows, width), INT8_SCALE_DTYPE, (E, rows))
+        elif codes.dtype == torch.uint8:
+            want = ((E, rows, width // 2), INT4_SCALE_DTYPE, (E, rows, width // group_size if group_size else -1))
+        else:
+            raise ValueError(f"{what} codes must be int8 or uint8 (int4), got {codes.dtype}")
+        if tuple(codes.shape) != want[0]:
+            raise ValueError(f"{what} codes have shape {tuple(codes.shape)}, expected {want[0]} for {E} experts "
+                             f"(w1, w3: (E, F, D), w2: (E, D, F); int4 halves the last)")
+        if scales.dtype != want[1]:
+            raise ValueError(f"{what}: scale is {scales.dtype}; {'int8' if want[1] == INT8_SCALE_DTYPE else 'int4'} "
+                             f"codes need {want[1]} scales (an {scales.dtype} scale would be misread)")
+        if tuple(scales.shape) != want[2] or (codes.dtype == torch.uint8 and width % group_size):
+            raise ValueError(f"{what} scales have shape {tuple(scales.shape)}, expected {want[2]} "
+                             f"(group_size {group_size})")
         for part, t in (("codes", codes), ("scales", scales)):
             if not t.is_contiguous():
-                raise ValueError(f"quant_experts: {name} {part} are not contiguous; pass them .contiguous()")
-        _check(x_AD.new_empty(0, width), codes[0], scales[0], what=f"quant_experts {name}")
-        if codes.dtype == torch.uint8 and _group_size(codes[0], scales[0]) != group_size:
-            raise ValueError(f"quant_experts: {name} has int4 groups of {_group_size(codes[0], scales[0])} columns, "
-                             f"group_size is {group_size}")
+                raise ValueError(f"{what} {part} are not contiguous; pass them .contiguous()")
+            if t.device != x_AD.device:
+                raise ValueError(f"{what} {part} are on {t.device}, x on {x_AD.device}")
     if w["w1"][0].dtype != w["w3"][0].dtype:
         raise ValueError(f"quant_experts: w1 ({w['w1'][0].dtype}) and w3 ({w['w3'][0].dtype}) must share a format")
