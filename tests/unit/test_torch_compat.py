@@ -4,6 +4,7 @@ installed torch: a release that renames or drops one fails here, by name, instea
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,3 +89,48 @@ def test_distributed_privates_are_where_we_take_them_from(name: str) -> None:
     fn = getattr(_torch_compat, name)
     assert callable(fn), WHY + f"{name} is gone (deepseek_moe/parallel/_torch_compat.py)"
     _torch_compat.check()
+
+
+def _private_torch_uses(path: Path) -> list[str]:
+    """``torch.x._y`` attribute chains (through any name bound to a torch module) and imports of ``torch.x._y``
+    modules or ``_names``, in one source file."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    torch_names = {"torch"}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("torch"):
+                    torch_names.add((alias.asname or alias.name).split(".")[0])
+                    if any(part.startswith("_") for part in alias.name.split(".")):
+                        found.append(f"{path.name}:{node.lineno} import {alias.name}")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch"):
+            module = node.module or ""
+            for alias in node.names:
+                torch_names.add(alias.asname or alias.name)
+                if any(p.startswith("_") for p in [*module.split("."), alias.name]):
+                    found.append(f"{path.name}:{node.lineno} from {module} import {alias.name}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            root: ast.expr = node.value
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            if isinstance(root, ast.Name) and root.id in torch_names:
+                found.append(f"{path.name}:{node.lineno} {ast.unparse(node)}")
+    return found
+
+
+def test_only_the_adapters_reach_into_torch() -> None:
+    src = Path(__file__).resolve().parents[2] / "src" / "deepseek_moe"
+    adapters = {src / "_torch_compat.py", src / "parallel" / "_torch_compat.py"}
+    uses = [u for path in sorted(src.rglob("*.py")) if path not in adapters for u in _private_torch_uses(path)]
+    assert not uses, "torch's non-public API outside the adapters (move it into _torch_compat.py):\n" + "\n".join(uses)
+
+
+def test_the_private_use_check_can_fail(tmp_path: Path) -> None:
+    planted = tmp_path / "planted.py"
+    planted.write_text("import torch\nimport torch.utils._pytree as pt\nfrom torch.distributed.tensor._utils import f\n"
+                       "from torch import nn\nx = torch.ops.aten.add.Tensor._dispatch_cache\ny = nn.Module._apply\n")
+    assert len(_private_torch_uses(planted)) == 4
