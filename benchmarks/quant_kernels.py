@@ -97,10 +97,13 @@ def main() -> None:
     ap.add_argument("--shape", default="1408x2048", help="N x K (V2-Lite expert: 1408x2048)")
     ap.add_argument("--rows", default="1,8,64", help="rows of x")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch (and kernel) threads; 0: torch's default")
     ap.add_argument("--isa", default="best",
                     help="kernel paths to time: best (the one chosen at run time), all (every one this CPU runs), "
                          "or a comma list of scalar,avx2,avx512")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     N, K = map(int, args.shape.split("x"))
     n_mats = max(1, args.mb * 2**20 // (N * K))
     chosen = kernel_isa()

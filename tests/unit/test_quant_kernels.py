@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections.abc
 import platform
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,36 @@ def test_source_builds_for_each_march_and_every_path_it_can_run_matches(
         if restore is not None:
             qm.set_kernel_isa(restore)
     assert checked == [name for name in ALL_ISAS if NEEDS[name] <= _cpu_flags()]
+
+
+def test_baseline_build_keeps_vector_instructions_inside_their_paths(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """What no CPU here can show by running: in the -march=x86-64 build only the avx2 and avx512 paths hold
+    VEX/EVEX instructions (AVX and later) and only the avx512 path touches zmm registers, so the scalar path and
+    the shared code (dispatch, OpenMP loops) run on any x86-64 CPU. (Built for x86-64-v3, the scalar loops get
+    VEX code and this check fails.)"""
+    if not X86 or shutil.which("g++") is None or shutil.which("objdump") is None:
+        pytest.skip("needs x86-64, g++ and objdump")
+    monkeypatch.setenv("DEEPSEEK_MOE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", shutil.which("g++") or "g++")
+    flags = (*cpu_build.FLAGS, "-march=x86-64")
+    assert cpu_build.build_library(cpu_build.SOURCE, flags, "test") is not None
+    lib = cpu_build.library_path(cpu_build.SOURCE, flags, shutil.which("g++") or "g++")
+    asm = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", str(lib)], check=True, capture_output=True,
+                         text=True).stdout
+    vex: set[str] = set()
+    zmm: set[str] = set()
+    function = ""
+    for line in asm.splitlines():
+        if line.endswith(">:"):
+            function = line.split("<", 1)[1]
+        elif len(parts := line.split("\t")) >= 2 and parts[1].startswith("v"):  # vmovups, vfmadd231ps, ...
+            vex.add(function)
+            if "zmm" in line:
+                zmm.add(function)
+    assert zmm and all("::avx512::" in f for f in zmm), sorted(zmm)
+    assert all("::avx2::" in f or "::avx512::" in f for f in vex), sorted(vex)
+    assert any("::avx2::" in f for f in vex) and any("::scalar::" in f for f in asm.split(">:"))
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -5,11 +5,11 @@
 // exists in memory. Up to MB rows of x share each widened weight vector (batched decode, small expert groups).
 // Parallel over output rows with OpenMP (the runtime torch itself loads, so one thread pool).
 //
-// One library serves every x86-64 CPU: the micro-tiles exist three times, as plain loops (any CPU, any
+// One library serves every x86-64 CPU: the micro-tiles exist three times, as scalar loops (any CPU, any
 // compiler flags), for AVX2+FMA+F16C and for AVX-512 (F+BW), the SIMD ones compiled through GCC/Clang
 // `target` attributes rather than -march, so the file builds with the baseline -march=x86-64. The path is
 // chosen once from CPUID (and the OS's XCR0: AVX-512 state must be enabled) and can be forced with
-// dsm_set_isa (kernels/cpu_build.py: DEEPSEEK_MOE_KERNEL_ISA). Other architectures get the plain loops.
+// dsm_set_isa (kernels/cpu_build.py: DEEPSEEK_MOE_KERNEL_ISA). Other architectures get the scalar loops.
 //
 // The readable reference is deepseek_moe/kernels/quant_layout.py (dequantise, then matmul); tests compare
 // every path this CPU can run against it.
@@ -33,7 +33,7 @@ namespace {
 constexpr int NB = 4;  // rows of W per micro-tile (x is loaded once for all of them)
 constexpr int MB = 4;  // rows of x per micro-tile (each widened weight vector is used MB times)
 
-// IEEE half -> float without F16C (the plain path must not need it).
+// IEEE half -> float without F16C (the scalar path must not need it).
 inline float half_to_float(uint16_t h) {
     uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu, bits;
     if (exp == 0) {
@@ -56,7 +56,7 @@ struct Problem {
 //  int4: W in the kernel layout (in each group of gs columns, byte j = column j in the low nibble, column
 //        j + gs/2 in the high one, each + 8), fp16 group scales (N, K/gs).
 
-namespace plain {
+namespace scalar {
 
 template <int nn, int nm>
 void tile_int8(const Problem& p, int64_t n0, int64_t m0) {
@@ -92,7 +92,7 @@ void tile_int4(const Problem& p, int64_t n0, int64_t m0) {
         for (int j = 0; j < nm; ++j) p.y[(m0 + j) * p.ldy + n0 + i] = sums[i][j];
 }
 
-}  // namespace plain
+}  // namespace scalar
 
 #ifdef DSM_X86
 namespace avx2 {
@@ -248,22 +248,22 @@ struct Kernels { TileTable int8; TileTable int4; };
 #define DSM_ROW(ns, fn, i) {&ns::fn<i, 1>, &ns::fn<i, 2>, &ns::fn<i, 3>, &ns::fn<i, 4>}
 #define DSM_TABLE(ns, fn) {DSM_ROW(ns, fn, 1), DSM_ROW(ns, fn, 2), DSM_ROW(ns, fn, 3), DSM_ROW(ns, fn, 4)}
 
-enum Isa { ISA_PLAIN = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, N_ISA = 3 };
+enum Isa { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, N_ISA = 3 };
 
 const Kernels KERNELS[N_ISA] = {
-    {DSM_TABLE(plain, tile_int8), DSM_TABLE(plain, tile_int4)},
+    {DSM_TABLE(scalar, tile_int8), DSM_TABLE(scalar, tile_int4)},
 #ifdef DSM_X86
     {DSM_TABLE(avx2, tile_int8), DSM_TABLE(avx2, tile_int4)},
     {DSM_TABLE(avx512, tile_int8), DSM_TABLE(avx512, tile_int4)},
 #else
-    {DSM_TABLE(plain, tile_int8), DSM_TABLE(plain, tile_int4)},  // never selected: supported() says no
-    {DSM_TABLE(plain, tile_int8), DSM_TABLE(plain, tile_int4)},
+    {DSM_TABLE(scalar, tile_int8), DSM_TABLE(scalar, tile_int4)},  // never selected: supported() says no
+    {DSM_TABLE(scalar, tile_int8), DSM_TABLE(scalar, tile_int4)},
 #endif
 };
 
 // What this CPU and OS can run, from CPUID and XGETBV (the OS must save the YMM / ZMM state on context switch).
 bool supported(int isa) {
-    if (isa == ISA_PLAIN) return true;
+    if (isa == ISA_SCALAR) return true;
 #ifdef DSM_X86
     unsigned a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
@@ -285,7 +285,7 @@ bool supported(int isa) {
 int best_isa() {
     for (int isa = N_ISA - 1; isa > 0; --isa)
         if (supported(isa)) return isa;
-    return ISA_PLAIN;
+    return ISA_SCALAR;
 }
 
 std::atomic<int> g_isa{-1};
@@ -324,7 +324,7 @@ void run(const TileTable& tiles, const Problem& p, int n_threads) {
 
 extern "C" {
 
-// Instruction sets: 0 plain loops, 1 AVX2+FMA+F16C, 2 AVX-512. The kernels use the best supported one unless
+// Instruction sets: 0 scalar loops, 1 AVX2+FMA+F16C, 2 AVX-512. The kernels use the best supported one unless
 // dsm_set_isa picked another (tests and benchmarks compare them in one process).
 int dsm_isa_supported(int isa) { return isa >= 0 && isa < N_ISA && supported(isa); }
 int dsm_best_isa() { return best_isa(); }
