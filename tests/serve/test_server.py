@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from serve_fixtures import build_checkpoint, running_server
+from serve_fixtures import build_checkpoint, free_port, running_server, tiny_config
 
 CONTEXT = 256
 
@@ -93,7 +93,8 @@ def test_streaming_sends_one_chunk_per_token_then_done(server: str, client: open
     chunks = events[:-1]
     assert len(chunks) == 10 + 1  # a chunk per token, then the one that says why it finished
     assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 10
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert not any("usage" in c for c in chunks)  # OpenAI: no usage unless include_usage asks for it
     stream = client.completions.create(model="tiny", prompt="import torch", max_tokens=10, temperature=0,
                                        stream=True, stream_options={"include_usage": True},
                                        extra_body={"ignore_eos": True})
@@ -103,6 +104,24 @@ def test_streaming_sends_one_chunk_per_token_then_done(server: str, client: open
         usage = chunk.usage or usage
     assert "".join(parts) == whole["choices"][0]["text"]
     assert usage is not None and usage.completion_tokens == 10
+
+
+def test_stream_usage_comes_once_with_include_usage_and_on_every_chunk_with_continuous_stats(server: str) -> None:
+    body = {"prompt": "import torch", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    events = sse_events(server, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
+    with_usage = [e for e in events[:-1] if e.get("usage")]
+    assert len(with_usage) == 1 and with_usage[0] is events[-2] and with_usage[0]["choices"] == []
+    prompt = with_usage[0]["usage"]["prompt_tokens"]
+    assert with_usage[0]["usage"] == {"prompt_tokens": prompt, "completion_tokens": 6, "total_tokens": prompt + 6}
+    chat = {**{k: v for k, v in body.items() if k != "prompt"}, "messages": [{"role": "user", "content": "hi"}]}
+    events = sse_events(server, "/v1/chat/completions", {**chat, "stream_options": {"continuous_usage_stats": True}})
+    chunks = events[:-1]
+    assert len(chunks) == 1 + 6 + 1  # the role, a chunk per token, the finish
+    assert [c["usage"]["completion_tokens"] for c in chunks] == [0, 1, 2, 3, 4, 5, 6, 6]
+    events = sse_events(server, "/v1/chat/completions", {**chat, "stream_options": {"continuous_usage_stats": True,
+                                                                                    "include_usage": True}})
+    assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == 6
+    assert all(e["usage"]["completion_tokens"] <= 6 for e in events[:-1])
 
 
 def test_chat_uses_the_default_template_streaming_or_not(server: str, client: openai.OpenAI) -> None:
@@ -124,6 +143,8 @@ def test_chat_uses_the_default_template_streaming_or_not(server: str, client: op
 
 
 def test_stop_strings_cut_the_text(server: str) -> None:
+    finished = {r: metric(server, "deepseek_moe_requests_finished_total", f'{{reason="{r}"}}')
+                for r in ("stop", "cancelled")}
     full = complete(server, prompt="The quick brown fox", max_tokens=30, ignore_eos=True)["choices"][0]["text"]
     stop = next(full[i:i + 2] for i in range(3, len(full) - 2) if full[i:i + 2].strip() and
                 "\ufffd" not in full[i:i + 2])
@@ -134,6 +155,12 @@ def test_stop_strings_cut_the_text(server: str) -> None:
                                                      "temperature": 0, "ignore_eos": True, "stop": stop})
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == cut
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
+    # Both count as stopped in /metrics, not as cancelled (the scheduler retires them when the app sees the stop).
+    deadline = time.monotonic() + 10
+    while metric(server, "deepseek_moe_requests_finished_total", '{reason="stop"}') < finished["stop"] + 2:
+        assert time.monotonic() < deadline, "the stop-string finishes were not counted as stop"
+        time.sleep(0.05)
+    assert metric(server, "deepseek_moe_requests_finished_total", '{reason="cancelled"}') == finished["cancelled"]
 
 
 def test_concurrent_requests_get_what_they_get_alone(server: str) -> None:
@@ -282,3 +309,43 @@ def test_a_run_directory_serves_its_model_under_the_runs_name(tmp_path: Path) ->
     (run / "model" / "config.json").write_text("{}")
     assert checkpoint_dir(run) == run / "model" and default_model_name(run) == "run-1"
     assert default_model_name(run / "model" / ".") == "model"
+
+
+def test_serve_refuses_max_queue_0_and_drop_at_inference_checkpoints(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import dataclasses
+    import subprocess
+    import sys
+
+    import torch
+
+    from deepseek_moe import DeepSeekMoEForCausalLM, save_pretrained
+    from deepseek_moe.cli.main import main
+    from deepseek_moe.io import CheckpointError
+    from deepseek_moe.serve.server import check_servable, load_served_model
+    from deepseek_moe.train.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(["some text to train on"] * 5, 300)
+    config = tiny_config(tokenizer.get_vocab_size())
+    # norm_topk_prob with softmax: a config transformers cannot express, so it is saved in our own format, which
+    # keeps capacity_factor and drop_at_inference.
+    config = dataclasses.replace(config, moe=dataclasses.replace(config.moe, capacity_factor=1.0,
+                                                                  drop_at_inference=True, norm_topk_prob=True))
+    torch.manual_seed(0)
+    model = DeepSeekMoEForCausalLM(config)
+    model.tokenizer = tokenizer
+    ckpt = tmp_path / "dropping"
+    save_pretrained(model, ckpt)
+    with pytest.raises(CheckpointError, match="drop_at_inference is true .* set drop_at_inference to false"):
+        check_servable(ckpt)
+    with pytest.raises(CheckpointError, match="drop_at_inference"):
+        load_served_model(ckpt)
+    # The CLI refuses before it binds a port or loads a tensor (a child process: were it to serve, it is killed).
+    cmd = [sys.executable, "-m", "deepseek_moe.cli.main", "serve", str(ckpt), "--port", str(free_port())]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "drop_at_inference" in done.stderr, done.stderr
+    # Every request waits in the queue until a step admits it: a queue of 0 would refuse them all.
+    assert main(["serve", str(ckpt), "--max-queue", "0"]) == 2
+    assert "--max-queue (0) must be >= 1" in capsys.readouterr().err
+    assert main(["serve", str(ckpt), "--max-request-bytes", "10"]) == 2
+    assert "--max-request-bytes (10) must be >= 1024" in capsys.readouterr().err

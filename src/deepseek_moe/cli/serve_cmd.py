@@ -13,6 +13,7 @@ LOOPBACK = ("localhost",)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from deepseek_moe.serve.protocol import MAX_BODY_BYTES
     from deepseek_moe.serve.scheduler import SchedulerConfig
 
     d = SchedulerConfig()
@@ -33,7 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=d.block_size, metavar="N",
                    help=f"tokens per KV-cache block (default {d.block_size})")
     p.add_argument("--max-queue", type=int, default=d.max_queue, metavar="N",
-                   help=f"waiting requests beyond which new ones get 503 + Retry-After (default {d.max_queue})")
+                   help=f"waiting requests beyond which new ones get 503 + Retry-After (default {d.max_queue}; "
+                   ">= 1: every request waits in the queue until the next step admits it)")
+    p.add_argument("--max-request-bytes", default=str(MAX_BODY_BYTES), metavar="BYTES",
+                   help="larger request bodies get 413: bytes or like 512KiB, 16MiB (default 4MiB)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="weights' dtype (default: the checkpoint's)")
@@ -44,7 +48,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deepseek_moe.io.save import parse_size
     from deepseek_moe.serve.scheduler import SchedulerConfig
 
     try:
@@ -52,9 +55,17 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise UsageError(f"serve needs the serve extra ({e.name} is missing): pip install 'deepseek_moe[serve]'") from e
+    if args.max_queue < 1:  # every request passes through the queue, so 0 would refuse them all
+        raise UsageError(f"--max-queue ({args.max_queue}) must be >= 1: every request waits in the queue until "
+                         "the next scheduler step admits it, so 0 would refuse every request")
     try:
-        kv_bytes = parse_size(args.kv_cache_memory if not args.kv_cache_memory.isdigit()
-                              else int(args.kv_cache_memory))
+        body_bytes = _size(args.max_request_bytes)
+    except ValueError as e:
+        raise UsageError(str(e).replace("max_shard_size", "--max-request-bytes")) from e
+    if body_bytes < 1024:
+        raise UsageError(f"--max-request-bytes ({body_bytes}) must be >= 1024: smaller bodies cannot hold a request")
+    try:
+        kv_bytes = _size(args.kv_cache_memory)
         config = SchedulerConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                                  kv_cache_bytes=kv_bytes, block_size=args.block_size, max_queue=args.max_queue)
     except ValueError as e:
@@ -71,8 +82,14 @@ def run(args: argparse.Namespace) -> int:
 
     serve(args.checkpoint, host=args.host, port=args.port, served_model_name=args.served_model_name,
           config=config, device=args.device, dtype=args.dtype, threads=args.threads,
-          shutdown_timeout=args.shutdown_timeout)
+          shutdown_timeout=args.shutdown_timeout, max_body_bytes=body_bytes)
     return 0
+
+
+def _size(text: str) -> int:
+    from deepseek_moe.io.save import parse_size
+
+    return parse_size(int(text) if text.isdigit() else text)
 
 
 def _is_loopback(host: str) -> bool:

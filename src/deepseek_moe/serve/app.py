@@ -1,9 +1,16 @@
 """The HTTP layer: OpenAI wire format in, scheduler calls out. It holds no batching logic.
 
-Each generation request is validated (``protocol``), tokenized (``text``), submitted to the scheduler, and then
-fed by the scheduler's events through an asyncio queue: collected into one JSON response, or sent as server-sent
-events, one chunk per token, ending with ``data: [DONE]``. A watcher on the connection cancels the request when
-the client goes away, so its batch row and cache blocks are freed at the next step.
+Each generation request is read (at most ``max_body_bytes``), then parsed, validated (``protocol``) and tokenized
+(``text``) on a worker thread, submitted to the scheduler, and then fed by the scheduler's events through an
+asyncio queue: collected into one JSON response, or sent as server-sent events, one chunk per token, ending with
+``data: [DONE]``. Tokens become text on the worker thread too, a batch of queued events at a time, so neither a
+4 MB prompt nor a long output holds up the event loop (and with it every other client). A watcher on the
+connection cancels the request when the client goes away, so its batch row and cache blocks are freed at the
+next step.
+
+Streaming and usage, as OpenAI does: chunks carry no ``usage`` unless ``stream_options.include_usage`` asks for a
+last chunk with usage and no choices; ``stream_options.continuous_usage_stats`` (vLLM's) puts the usage so far on
+every chunk.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +30,18 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from deepseek_moe.serve.protocol import ApiError, GenerationRequest, bad, parse_chat, parse_completion
+from deepseek_moe.serve.protocol import (
+    MAX_BODY_BYTES,
+    ApiError,
+    GenerationRequest,
+    bad,
+    decode_body,
+    parse_chat,
+    parse_completion,
+)
 from deepseek_moe.serve.scheduler import (
     Event,
+    FinishEvent,
     QueueFullError,
     Request,
     SamplingParams,
@@ -34,7 +51,7 @@ from deepseek_moe.serve.scheduler import (
 )
 from deepseek_moe.serve.text import ChatTemplate, TextAssembler
 
-MAX_BODY_BYTES = 4 << 20
+TEXT_THREADS = 2  # parsing, tokenizing and detokenizing; the tokenizer releases the GIL while it works
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 RETRY_AFTER_S = 1
 
@@ -77,9 +94,26 @@ def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-async def read_json(request: HttpRequest, limit: int) -> Any:
-    """The body as JSON: at most ``limit`` bytes, UTF-8, parseable. An oversized body is read to its end (and
-    discarded) before answering, so the client sees the 413 rather than a reset while still sending."""
+def _is_json(content_type: str | None) -> bool:
+    """No Content-Type, or a JSON one; curl's -d sends form-urlencoded, refused with a hint."""
+    if not content_type:
+        return True
+    kind = content_type.split(";")[0].strip().lower()
+    return kind in ("application/json", "*/*", "") or kind.endswith("+json")
+
+
+async def read_body(request: HttpRequest, limit: int) -> bytes:
+    """The body's bytes, at most ``limit`` of them, of a JSON content type. An oversized body is read to its end
+    (up to 16x the limit, and discarded) before answering, so the client sees the 413 rather than a reset while
+    still sending."""
+    content_type = request.headers.get("content-type")
+    if not _is_json(content_type):
+        raise ApiError(415, f"Content-Type {content_type!r} is not JSON; send the body as application/json "
+                       "(curl: -H 'Content-Type: application/json')", param="Content-Type",
+                       code="unsupported_media_type")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > 16 * limit:
+        raise ApiError(413, f"the request body is {declared} bytes; the limit is {limit}", code="request_too_large")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -90,17 +124,7 @@ async def read_json(request: HttpRequest, limit: int) -> Any:
     if size > limit:
         raise ApiError(413, f"the request body is {size}{'+' if size > 16 * limit else ''} bytes; the limit is "
                        f"{limit}", code="request_too_large")
-    raw = b"".join(chunks)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ApiError(400, f"the request body is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})",
-                       code="invalid_utf8") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
-                       code="invalid_json") from None
+    return b"".join(chunks)
 
 
 def _check_model(served: ServedModel, req: GenerationRequest) -> None:
@@ -149,14 +173,23 @@ def _sampling(served: ServedModel, req: GenerationRequest, n_prompt: int, chat: 
                           seed=req.seed, stop_token_ids=served.stop_token_ids, ignore_eos=req.ignore_eos)
 
 
+def prepare(served: ServedModel, raw: bytes, parse: Callable[[Any], GenerationRequest], chat: bool
+            ) -> tuple[GenerationRequest, list[int], SamplingParams]:
+    """Everything between the body's bytes and a request the scheduler can take; it runs on a worker thread."""
+    req = parse(decode_body(raw))
+    _check_model(served, req)
+    ids, _ = _prompt_ids(served, req)
+    return req, ids, _sampling(served, req, len(ids), chat)
+
+
 class Generation:
     """One request in flight: its scheduler Request, the queue its events arrive on, and its text so far."""
 
     def __init__(self, served: ServedModel, req: GenerationRequest, ids: list[int], params: SamplingParams,
-                 chat: bool) -> None:
+                 chat: bool, text_pool: ThreadPoolExecutor) -> None:
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.served, self.req, self.chat = served, req, chat
+        self.served, self.req, self.chat, self.text_pool = served, req, chat, text_pool
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.text = TextAssembler(served.tokenizer, req.stop, served.stop_token_ids)
@@ -177,38 +210,58 @@ class Generation:
         except SchedulerStoppedError as e:
             raise ApiError(503, str(e), code="shutting_down") from None
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = "cancelled") -> None:
         if not self.finished:
             self.finished = True
-            self.served.scheduler.cancel(self.request.id)
+            self.served.scheduler.cancel(self.request.id, reason=reason)
+
+    def _detokenize(self, tokens: list[int], last: bool) -> list[str]:
+        """Each token's text delta, stopping at a stop string (then the last delta holds what was held); with
+        ``last``, one more entry with whatever is still held. Runs on a worker thread."""
+        out = []
+        for token in tokens:
+            out.append(self.text.add(token))
+            if self.text.stopped:
+                return out
+        if last:
+            out.append(self.text.finish())
+        return out
 
     async def deltas(self) -> AsyncIterator[tuple[str, str | None]]:
         """(text delta, finish reason or None) per token, then a last one with the reason; raises ApiError
-        when the request failed."""
+        when the request failed. Events that queued up meanwhile are detokenized in one go, off the loop."""
+        loop = asyncio.get_running_loop()
         while True:
-            event = await self.queue.get()
-            if isinstance(event, TokenEvent):
-                if self.text.stopped:
-                    continue  # tokens computed before the scheduler saw our cancel
+            events = [await self.queue.get()]
+            while not self.queue.empty():
+                events.append(self.queue.get_nowait())
+            tokens = [e.token for e in events if isinstance(e, TokenEvent)]
+            end = next((e for e in events if not isinstance(e, TokenEvent)), None)
+            done = end is not None and end.reason in ("stop", "length")
+            texts = await loop.run_in_executor(self.text_pool, self._detokenize, tokens, done) \
+                if tokens or done else []
+            stopped = self.text.stopped
+            for k, delta in enumerate(texts[:len(tokens)]):
                 self.n_completion += 1
-                delta = self.text.add(event.token)
-                if self.text.stopped:  # a stop string: retire it in the scheduler, finish here
-                    self.cancel()
-                    yield delta + self.text.finish(), "stop"
+                if stopped and k == len(texts) - 1:  # a stop string: retire the request in the scheduler
+                    self.cancel("stop")
+                    yield delta, "stop"
                     return
                 yield delta, None
+            if end is None:
                 continue
             self.finished = True
-            if event.reason in ("stop", "length"):
-                yield self.text.finish(), event.reason
+            if done:
+                assert isinstance(end, FinishEvent)
+                yield texts[-1] if len(texts) > len(tokens) else "", end.reason
                 return
-            if event.reason == "shutdown":
+            if end.reason == "shutdown":
                 raise ApiError(503, "the server shut down before this request finished", code="shutting_down")
-            if event.reason == "cancelled":
+            if end.reason == "cancelled":
                 raise ApiError(499, "the request was cancelled", code="cancelled")
-            if event.reason == "invalid":  # a parameter only the scheduler could judge (e.g. a seed)
-                raise ApiError(400, event.error or "invalid request", param=event.param, code="invalid_request")
-            raise ApiError(500, f"generation failed: {event.error}", code="generation_error")
+            if end.reason == "invalid":  # a parameter only the scheduler could judge (e.g. a seed)
+                raise ApiError(400, end.error or "invalid request", param=end.param, code="invalid_request")
+            raise ApiError(500, f"generation failed: {end.error}", code="generation_error")
 
     def timing_headers(self) -> dict[str, str]:
         """Server-side latencies of a non-streamed response, which its client cannot see: time to first token
@@ -269,21 +322,25 @@ def _sse(data: dict[str, Any] | str) -> bytes:
 
 async def _stream(request: HttpRequest, gen: Generation) -> AsyncIterator[bytes]:
     watcher = asyncio.create_task(_watch_disconnect(request, gen))
+    continuous = gen.req.continuous_usage
+
+    def chunk(choices: list[dict[str, Any]]) -> bytes:
+        body = gen.envelope(choices, stream=True)
+        if continuous:
+            body["usage"] = gen.usage()
+        return _sse(body)
+
     try:
         if gen.chat:  # the first chat chunk carries the role
-            first = gen.envelope([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                   "finish_reason": None}], stream=True)
-            yield _sse(first)
+            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
         try:
             async for delta, finish in gen.deltas():
-                chunk = gen.envelope([gen.choice(delta, finish, stream=True)], stream=True)
-                if finish is not None:
-                    chunk["usage"] = gen.usage()
-                yield _sse(chunk)
+                yield chunk([gen.choice(delta, finish, stream=True)])
         except ApiError as e:
             yield _sse(e.body())
         else:
-            if gen.req.include_usage:
+            if gen.req.include_usage:  # OpenAI's last chunk: no choices, the usage
                 tail = gen.envelope([], stream=True)
                 tail["usage"] = gen.usage()
                 yield _sse(tail)
@@ -296,22 +353,27 @@ async def _stream(request: HttpRequest, gen: Generation) -> AsyncIterator[bytes]
 def build_app(state: AppState, *, lifespan: Any = None, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
     """The Starlette app over ``state`` (whose ``served`` may be filled in later, by a loader)."""
 
+    text_pool = ThreadPoolExecutor(TEXT_THREADS, thread_name_prefix="deepseek-moe-text")
+
     def endpoint(parse: Callable[[Any], GenerationRequest], chat: bool) -> Callable[[HttpRequest], Any]:
         async def handle(request: HttpRequest) -> Response:
             try:
                 served = state.get()
-                req = parse(await read_json(request, max_body_bytes))
-                _check_model(served, req)
-                ids, _ = _prompt_ids(served, req)
-                gen = Generation(served, req, ids, _sampling(served, req, len(ids), chat), chat)
+                raw = await read_body(request, max_body_bytes)
+                loop = asyncio.get_running_loop()
+                req, ids, params = await loop.run_in_executor(text_pool, prepare, served, raw, parse, chat)
+                gen = Generation(served, req, ids, params, chat, text_pool)
                 gen.submit()
-                if req.stream:
-                    return StreamingResponse(_stream(request, gen), media_type="text/event-stream",
-                                             headers={"Cache-Control": "no-cache"})
+            except ApiError as e:  # refused before it was queued
+                if state.served is not None:
+                    state.served.scheduler.metrics.requests_rejected.labels(status=str(e.status)).inc()
+                return error_response(e)
+            if req.stream:
+                return StreamingResponse(_stream(request, gen), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache"})
+            try:
                 return await _collect(request, gen)
             except ApiError as e:
-                if state.served is not None and e.status in (400, 404, 413, 503):
-                    state.served.scheduler.metrics.requests_rejected.labels(status=str(e.status)).inc()
                 return error_response(e)
         return handle
 

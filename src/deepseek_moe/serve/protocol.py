@@ -1,15 +1,33 @@
 """The OpenAI request fields we accept, checked one by one; anything wrong becomes an ``ApiError`` naming the
 field, which the app turns into an OpenAI-style error object.
 
+``decode_body`` turns the raw body into JSON and refuses, before any field is read, what JSON allows but no
+request needs: ``NaN``/``Infinity`` (Python's json accepts them), strings that are not Unicode text (a lone
+surrogate such as ``"\\ud800"`` cannot be encoded to UTF-8 for the tokenizer), and nesting deeper than
+``MAX_DEPTH``; each error names the path to the value (``messages[0].content``).
+
 Fields common clients send with default or no-op values (``n: 1``, ``logprobs: null/false``, ``stream_options``,
 ``user``, zero penalties, ``echo: false``) are accepted; a non-default value of a field we do not implement is a
-400, never silently ignored, and so is a field we do not know. ``ignore_eos`` (vLLM's name) is our extension.
+400, never silently ignored. An unknown field is a 400 too (OpenAI ignores some): a misspelt ``max_token``
+would otherwise generate to the default length without a word. Every number is range-checked (``seed`` fits an
+int64, ``temperature`` in [0, 2], ...); ``ignore_eos`` (vLLM's name) is our extension, as is
+``stream_options.continuous_usage_stats`` (vLLM's: usage on every chunk).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
+
+MAX_BODY_BYTES = 4 << 20  # the default limit on a request body (serve's --max-request-bytes)
+MAX_DEPTH = 32  # a real request nests 4 deep (messages[i].content[j].text)
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_STOP_CHARS = 512  # text is held back by the longest stop string's length, so it is bounded
+INT64 = (-(1 << 63), (1 << 63) - 1)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ApiError(Exception):
@@ -30,6 +48,59 @@ def bad(param: str, message: str, code: str | None = None) -> ApiError:
     return ApiError(400, f"{param}: {message}", param=param, code=code)
 
 
+def _non_finite(name: str) -> float:
+    return math.nan if name == "NaN" else (math.inf if name == "Infinity" else -math.inf)
+
+
+def decode_body(raw: bytes) -> Any:
+    """The request body as JSON: UTF-8, parseable, finite numbers, Unicode strings, at most MAX_DEPTH deep."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the request body is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})",
+                       code="invalid_utf8") from None
+    try:
+        value = json.loads(text, parse_constant=_non_finite)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
+                       code="invalid_json") from None
+    except RecursionError:  # json's parser recurses per nesting level
+        raise ApiError(400, f"the request body nests deeper than {MAX_DEPTH} levels", code="invalid_json") from None
+    except ValueError as e:  # an integer of more than 4300 digits (Python's int-from-string limit)
+        raise ApiError(400, f"the request body is not acceptable JSON: {e}", code="invalid_json") from None
+    _check_values(value)
+    return value
+
+
+def _check_values(root: Any) -> None:
+    """Walk the parsed body (iteratively: no recursion limit to hit) for what JSON allows and a request must
+    not hold."""
+    stack: list[tuple[Any, str, int]] = [(root, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii() and _SURROGATE.search(value):
+                at = _SURROGATE.search(value)
+                assert at is not None
+                raise bad(path or "body", f"holds a lone surrogate (U+{ord(at.group()):04X} at character "
+                          f"{at.start()}), which is not Unicode text", code="invalid_unicode")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise bad(path or "body", f"{value} is not a number JSON allows (NaN and Infinity are refused)")
+        elif isinstance(value, dict | list):
+            if depth >= MAX_DEPTH:
+                raise ApiError(400, f"the request body nests deeper than {MAX_DEPTH} levels (at {path})",
+                               param=path, code="invalid_json")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
+                    raise bad(path or "body", "holds a key with a lone surrogate, which is not Unicode text",
+                              code="invalid_unicode")
+                if isinstance(item, str | float | dict | list):
+                    child = f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else key)
+                    stack.append((item, child, depth + 1))
+
+
 @dataclass(frozen=True, kw_only=True)
 class GenerationRequest:
     """What both endpoints ask for, validated. Exactly one of ``prompt_text`` / ``prompt_ids`` / ``messages``."""
@@ -45,7 +116,8 @@ class GenerationRequest:
     stop: list[str] | None = None
     seed: int | None = None
     stream: bool = False
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk with usage and no choices, as OpenAI sends
+    continuous_usage: bool = False  # usage on every chunk (vLLM's continuous_usage_stats)
     ignore_eos: bool = False
 
 
@@ -71,31 +143,63 @@ def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: floa
         return default
     if not _is_number(x):
         raise bad(name, f"must be a number, got {type(x).__name__}")
-    if not ((lo < x) if lo_open else (lo <= x)) or x > hi:
+    if not ((lo < x) if lo_open else (lo <= x)) or not x <= hi:  # NaN fails both
         raise bad(name, f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {x}")
     return float(x)
 
 
-def _optional_int(body: dict[str, Any], name: str) -> int | None:
+def _optional_int(body: dict[str, Any], name: str, lo: int | None = None, hi: int | None = None) -> int | None:
     x = body.get(name)
-    if x is not None and not _is_int(x):
+    if x is None:
+        return None
+    if not _is_int(x):
         raise bad(name, f"must be an integer, got {type(x).__name__}")
-    return x
+    if lo is not None and x < lo:
+        raise bad(name, f"must be >= {lo}, got {x}")
+    if hi is not None and x > hi:
+        raise bad(name, f"must be <= {hi}, got {x}")
+    return int(x)
 
 
-def _bool(body: dict[str, Any], name: str) -> bool:
+def _bool(body: dict[str, Any], name: str, where: str | None = None) -> bool:
     x = body.get(name)
     if x is None:
         return False
     if not isinstance(x, bool):
-        raise bad(name, f"must be true or false, got {type(x).__name__}")
+        raise bad(where or name, f"must be true or false, got {type(x).__name__}")
     return x
 
 
 def _unsupported(body: dict[str, Any], name: str, allowed: tuple[Any, ...], what: str) -> None:
     """Accept only the default/no-op values of a field we do not implement."""
     if name in body and not any(body[name] == a and type(body[name]) is type(a) for a in allowed):
-        raise bad(name, f"{body[name]!r} is not supported ({what})", code="unsupported_value")
+        raise bad(name, f"{_short(body[name])} is not supported ({what})", code="unsupported_value")
+
+
+def _short(x: Any) -> str:
+    text = repr(x)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _penalty(body: dict[str, Any], name: str) -> None:
+    """OpenAI's range is [-2, 2]; we implement no penalty, so only 0 (or null) is accepted."""
+    if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
+        raise bad(name, f"{body[name]} is not supported (no penalties)", code="unsupported_value")
+
+
+def _stop(body: dict[str, Any]) -> list[str] | None:
+    stop = body.get("stop")
+    if stop is None:
+        return None
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise bad("stop", "must be a non-empty string or a list of non-empty strings")
+    if len(stop) > MAX_STOP:
+        raise bad("stop", f"at most {MAX_STOP} stop sequences, got {len(stop)}")
+    longest = max((len(s) for s in stop), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise bad("stop", f"a stop sequence may be at most {MAX_STOP_CHARS} characters, got one of {longest}")
+    return stop or None
 
 
 def _common(body: Any, fields: set[str]) -> dict[str, Any]:
@@ -108,42 +212,36 @@ def _common(body: Any, fields: set[str]) -> dict[str, Any]:
     if model is not None and not isinstance(model, str):
         raise bad("model", f"must be a string, got {type(model).__name__}")
     _unsupported(body, "n", (1, None), "one choice per request; send n requests")
-    _unsupported(body, "presence_penalty", (0, 0.0, None), "no penalties")
-    _unsupported(body, "frequency_penalty", (0, 0.0, None), "no penalties")
+    _penalty(body, "presence_penalty")
+    _penalty(body, "frequency_penalty")
     _unsupported(body, "logit_bias", ({}, None), "no logit bias")
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise bad("user", f"must be a string, got {type(body['user']).__name__}")
-    top_k = _optional_int(body, "top_k")
-    if top_k is not None and top_k != -1 and top_k < 1:
-        raise bad("top_k", f"must be >= 1 (or -1 / null for no limit), got {top_k}")
-    stop = body.get("stop")
-    if stop is not None:
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise bad("stop", "must be a non-empty string or a list of non-empty strings")
-        if len(stop) > 4:
-            raise bad("stop", f"at most 4 stop sequences, got {len(stop)}")
+    top_k = _optional_int(body, "top_k", lo=-1)
+    if top_k == 0:
+        raise bad("top_k", "must be >= 1 (or -1 / null for no limit), got 0")
     stream = _bool(body, "stream")
     options = body.get("stream_options")
-    include_usage = False
+    include_usage = continuous = False
     if options is not None:
-        if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
-            raise bad("stream_options", "must be an object with include_usage (true/false)")
-        include_usage = _bool(options, "include_usage")
+        known = {"include_usage", "continuous_usage_stats"}
+        if not isinstance(options, dict) or set(options) - known:
+            raise bad("stream_options", "must be an object with include_usage and/or continuous_usage_stats "
+                      "(true/false)")
+        include_usage = _bool(options, "include_usage", "stream_options.include_usage")
+        continuous = _bool(options, "continuous_usage_stats", "stream_options.continuous_usage_stats")
         if not stream:
             raise bad("stream_options", "is only allowed when stream is true")
-    seed = _optional_int(body, "seed")
     return {"model": model, "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
             "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-            "top_k": None if top_k in (None, -1) else top_k, "stop": stop or None, "seed": seed,
-            "stream": stream, "include_usage": include_usage, "ignore_eos": _bool(body, "ignore_eos")}
+            "top_k": None if top_k in (None, -1) else top_k, "stop": _stop(body),
+            "seed": _optional_int(body, "seed", *INT64), "stream": stream, "include_usage": include_usage,
+            "continuous_usage": continuous, "ignore_eos": _bool(body, "ignore_eos")}
 
 
 def _max_tokens(body: dict[str, Any], name: str) -> int | None:
-    n = _optional_int(body, name)
-    if n is not None and n < 1:
-        raise bad(name, f"must be >= 1, got {n}")
-    return n
+    """>= 1 here; <= what the context leaves after the prompt is checked once the prompt is tokenized."""
+    return _optional_int(body, name, lo=1)
 
 
 def parse_completion(body: Any) -> GenerationRequest:
@@ -151,7 +249,7 @@ def parse_completion(body: Any) -> GenerationRequest:
     _unsupported(body, "echo", (False, None), "the prompt is not echoed")
     _unsupported(body, "best_of", (1, None), "one candidate per request")
     _unsupported(body, "suffix", (None, ""), "no insertion")
-    _unsupported(body, "logprobs", (None, False), "no log-probabilities")
+    _unsupported(body, "logprobs", (None, False, 0), "no log-probabilities")
     if "prompt" not in body or body["prompt"] is None:
         raise bad("prompt", "is required")
     prompt = body["prompt"]
@@ -183,7 +281,7 @@ def parse_chat(body: Any) -> GenerationRequest:
     _unsupported(body, "parallel_tool_calls", (False, True, None), "no tool calls")
     fmt = body.get("response_format")
     if fmt is not None and fmt != {"type": "text"}:
-        raise bad("response_format", f"{fmt!r} is not supported (plain text only)", code="unsupported_value")
+        raise bad("response_format", f"{_short(fmt)} is not supported (plain text only)", code="unsupported_value")
     messages = body.get("messages")
     if messages is None:
         raise bad("messages", "is required")
@@ -196,7 +294,7 @@ def parse_chat(body: Any) -> GenerationRequest:
             raise bad(where, "must be an object with role and content")
         role, content = msg.get("role"), msg.get("content")
         if role not in ROLES:
-            raise bad(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+            raise bad(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {_short(role)}")
         if isinstance(content, list):  # content parts: text only
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        for p in content):
@@ -207,6 +305,8 @@ def parse_chat(body: Any) -> GenerationRequest:
         extra = set(msg) - {"role", "content", "name"}
         if extra:
             raise bad(f"{where}.{sorted(extra)[0]}", "is not supported")
+        if msg.get("name") is not None and not isinstance(msg["name"], str):
+            raise bad(f"{where}.name", f"must be a string, got {type(msg['name']).__name__}")
         parsed.append({"role": role, "content": content})
     if not any(m["content"] for m in parsed):
         raise bad("messages", "every message is empty")

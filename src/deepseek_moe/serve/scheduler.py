@@ -176,7 +176,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._live: dict[int, Request] = {}  # submitted, not yet finished: each gets exactly one FinishEvent
-        self._cancelled: set[int] = set()
+        self._cancelled: dict[int, str] = {}  # request id -> the reason it finishes with
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
@@ -210,10 +210,11 @@ class Scheduler:
             self._wake.notify()
         return request
 
-    def cancel(self, request_id: int) -> None:
-        """Retire the request at the next step (its client went away, or a stop string was seen)."""
+    def cancel(self, request_id: int, reason: str = "cancelled") -> None:
+        """Retire the request at the next step: its client went away ("cancelled"), or the app saw a stop string
+        ("stop", so /metrics counts it as stopped, not cancelled)."""
         with self._lock:
-            self._cancelled.add(request_id)
+            self._cancelled.setdefault(request_id, reason)
             self._wake.notify()
 
     @property
@@ -333,11 +334,11 @@ class Scheduler:
 
     def _retire_cancelled(self) -> None:
         with self._lock:
-            cancelled, self._cancelled = self._cancelled, set()
+            cancelled, self._cancelled = self._cancelled, {}
             gone = [r for r in itertools.chain(self.waiting, self.running) if r.id in cancelled]
         for req in gone:
             self._drop(req)
-            self._finish(req, FinishEvent("cancelled"))
+            self._finish(req, FinishEvent(cancelled[req.id]))
 
     def _admit(self) -> None:
         while True:

@@ -27,6 +27,20 @@ def default_model_name(target: str | os.PathLike[str]) -> str:
     return Path(target).resolve().name
 
 
+def check_servable(ckpt: Path) -> None:
+    """Refuse, by config.json alone, a model whose outputs would depend on the batch it is served in."""
+    from deepseek_moe.io import CheckpointError
+    from deepseek_moe.io.load import read_config
+
+    moe = read_config(ckpt)[1].moe
+    if moe.capacity_factor is not None and moe.drop_at_inference:
+        raise CheckpointError(
+            f"{ckpt / 'config.json'}: drop_at_inference is true (with capacity_factor {moe.capacity_factor}): "
+            "tokens over an expert's capacity would be dropped at inference, and which are dropped depends on "
+            "the other requests in the batch, so a request's output would too; set drop_at_inference to false "
+            "in config.json to serve this model")
+
+
 def load_served_model(path: str | os.PathLike[str], *, name: str | None = None,
                       config: SchedulerConfig | None = None, device: str = "cpu",
                       dtype: str | None = None) -> Any:  # -> ServedModel
@@ -38,6 +52,7 @@ def load_served_model(path: str | os.PathLike[str], *, name: str | None = None,
 
     target = Path(path)
     ckpt = checkpoint_dir(target)
+    check_servable(ckpt)
     model = load_pretrained(ckpt, device=device, dtype=dtype)
     if model.tokenizer is None:
         raise CheckpointError(f"{ckpt}: no tokenizer.json; the server needs the checkpoint's tokenizer")
@@ -54,16 +69,18 @@ def load_served_model(path: str | os.PathLike[str], *, name: str | None = None,
 def serve(path: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8000,
           served_model_name: str | None = None, config: SchedulerConfig | None = None, device: str = "cpu",
           dtype: str | None = None, threads: int | None = None, shutdown_timeout: float = 30.0,
-          log_level: str = "info") -> None:
-    """Serve the checkpoint at ``path`` with the OpenAI HTTP API on ``host:port`` until SIGINT/SIGTERM."""
+          log_level: str = "info", max_body_bytes: int | None = None) -> None:
+    """Serve the checkpoint at ``path`` with the OpenAI HTTP API on ``host:port`` until SIGINT/SIGTERM.
+    ``max_body_bytes``: larger request bodies get a 413 (default ``protocol.MAX_BODY_BYTES``, 4 MiB)."""
     import torch
     import uvicorn
 
     from deepseek_moe.serve.app import AppState, build_app
+    from deepseek_moe.serve.protocol import MAX_BODY_BYTES
 
     if threads is not None:
         torch.set_num_threads(threads)
-    checkpoint_dir(path)  # a wrong path fails now, not in the loader thread
+    check_servable(checkpoint_dir(path))  # a wrong path or an unservable model fails now, not in the loader
     state = AppState()
 
     def load() -> None:
@@ -100,7 +117,7 @@ def serve(path: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 
                                  name="deepseek-moe-drain", daemon=True).start()
             await super().shutdown(sockets)
 
-    app = build_app(state, lifespan=lifespan)
+    app = build_app(state, lifespan=lifespan, max_body_bytes=max_body_bytes or MAX_BODY_BYTES)
     server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                                    timeout_graceful_shutdown=round(shutdown_timeout) + 5))
     server.run()

@@ -77,48 +77,107 @@ def stop_token_ids(eos_token_id: int | None, tokenizer: Any, vocab_size: int) ->
     return frozenset()
 
 
+class IncrementalDetokenizer:
+    """Tokens to text one at a time, with constant work per token, equal to decoding them all at once.
+
+    Decoding the whole output at every token is quadratic. Decoding each token alone is wrong twice over: a
+    byte-level BPE token may hold part of a multi-byte character, and decoders such as SentencePiece's strip a
+    leading space from the first token of what they are given. So (as vLLM does) each step decodes a short window
+    ``ids[prefix:]`` that starts at a boundary where earlier text was complete, and releases what it adds beyond
+    the ``sent`` characters of the window already released. A trailing U+FFFD is held back, since the next token
+    may complete that character; every earlier character is final. Once the window's text ends on a complete
+    character, the window moves up to the previous such boundary (kept as context for the decoder).
+
+    Output that stays incomplete for long (a run of byte tokens that never form valid UTF-8) would grow the
+    window without bound, so past ``MAX_WINDOW`` tokens it is cut at the latest token boundary where decoding
+    the two halves apart gives the same text as decoding them together.
+    """
+
+    MAX_WINDOW = 16
+
+    def __init__(self, tokenizer: Any, skip_ids: frozenset[int] = frozenset()) -> None:
+        # Special tokens are left out here rather than by decode(skip_special_tokens=True), which would leave
+        # one at the start of a window, where it changes what the decoder does with the token after it.
+        added = getattr(tokenizer, "get_added_tokens_decoder", None)
+        special = {i for i, t in added().items() if t.special} if added is not None else set()
+        self.tokenizer, self.skip_ids = tokenizer, skip_ids | special
+        self.ids: list[int] = []
+        self.prefix = 0  # the window's start: text before it is complete and released
+        self.read = 0  # the latest boundary after ``prefix`` where the text was complete
+        self.sent = 0  # characters of decode(ids[prefix:]) already released
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def add(self, token: int) -> str:
+        """The text this token completes ('' if none yet)."""
+        if token in self.skip_ids:
+            return ""
+        self.ids.append(token)
+        text = self._decode(self.ids[self.prefix:])
+        if not text.endswith("\ufffd"):
+            out = text[self.sent:]
+            self.prefix, self.read = self.read, len(self.ids)
+            self.sent = len(self._decode(self.ids[self.prefix:]))
+            return out
+        out = text[self.sent:-1]  # all but the trailing U+FFFD is final
+        self.sent = max(self.sent, len(text) - 1)
+        if len(self.ids) - self.prefix > self.MAX_WINDOW:
+            self._cut(text)
+        return out
+
+    def _cut(self, text: str) -> None:
+        for i in range(len(self.ids) - 1, self.prefix, -1):
+            left, right = self._decode(self.ids[self.prefix:i]), self._decode(self.ids[i:])
+            if left + right == text and len(left) <= self.sent:
+                self.prefix = self.read = i
+                self.sent -= len(left)
+                return
+
+    def finish(self) -> str:
+        """What is still held, less an incomplete last character (U+FFFD would be noise)."""
+        text = self._decode(self.ids[self.prefix:]).removesuffix("\ufffd")
+        out = text[self.sent:]
+        self.sent = max(self.sent, len(text))
+        return out
+
+
 class TextAssembler:
     """Turns a request's tokens into text deltas, holding back what may still change.
 
-    The whole output is decoded at each token and only the new suffix released: a byte-level BPE token may hold
-    part of a multi-byte character (decoded alone it ends in U+FFFD, so it waits for the next token). With stop
-    strings, the last ``len(longest stop) - 1`` characters also wait, since they may begin a stop string; when
-    one appears the text is cut before it and ``stopped`` is set.
+    An ``IncrementalDetokenizer`` gives the text each token completes. With stop strings, the last
+    ``len(longest stop) - 1`` characters also wait, since they may begin a stop string; when one appears the text
+    is cut before it and ``stopped`` is set. Only the held text is searched: a stop string that began in released
+    text would have been complete, and found, when that text was released.
     """
 
     def __init__(self, tokenizer: Any, stop: list[str] | None, stop_token_ids: frozenset[int]) -> None:
-        self.tokenizer, self.stop, self.stop_token_ids = tokenizer, stop or [], stop_token_ids
+        self.detokenizer = IncrementalDetokenizer(tokenizer, stop_token_ids)
+        self.stop = stop or []
         self.hold = max((len(s) for s in self.stop), default=1) - 1
-        self.ids: list[int] = []
-        self.released = 0
-        self.text = ""
+        self.pending = ""
         self.stopped = False
 
     def add(self, token: int) -> str:
         """The text this token releases ('' if none yet)."""
         if self.stopped:
             return ""
-        if token not in self.stop_token_ids:
-            self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if self.text.endswith("\ufffd"):
-            return ""
-        for s in self.stop:
-            # Search from where an unreleased stop string could begin.
-            at = self.text.find(s, max(self.released - len(s) + 1, 0))
-            if at >= 0:
-                self.stopped = True
-                self.text = self.text[:at]
-                return self._release(len(self.text))
-        return self._release(len(self.text) - self.hold)
+        self.pending += self.detokenizer.add(token)
+        return self._release(self.hold)
 
     def finish(self) -> str:
-        """Whatever is still held (an incomplete last character is dropped as U+FFFD would be noise)."""
-        return self._release(len(self.text.removesuffix("\ufffd")))
-
-    def _release(self, upto: int) -> str:
-        if upto <= self.released:
+        """Whatever is still held."""
+        if self.stopped:
             return ""
-        out = self.text[self.released:upto]
-        self.released = upto
+        self.pending += self.detokenizer.finish()
+        return self._release(0)
+
+    def _release(self, hold: int) -> str:
+        found = [at for at in (self.pending.find(s) for s in self.stop) if at >= 0]
+        if found:
+            self.stopped = True
+            out, self.pending = self.pending[:min(found)], ""
+            return out
+        cut = max(len(self.pending) - hold, 0)
+        out, self.pending = self.pending[:cut], self.pending[cut:]
         return out
