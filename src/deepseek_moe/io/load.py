@@ -29,12 +29,13 @@ from deepseek_moe.io.hf import (
 )
 from deepseek_moe.io.native import is_native, native_config
 from deepseek_moe.io.safetensors_file import SafetensorsError, SafetensorsFile
+from deepseek_moe.io.shapes import HF_FIELD, explain_mismatch
 from deepseek_moe.io.streaming import (
     Block,
     CheckpointError,
     LoadHooks,
     Shard,
-    _is_stacked,
+    is_stacked,
     skip_init,
     stream_into,
 )
@@ -63,6 +64,8 @@ def open_checkpoint(path: Path) -> dict[str, SafetensorsFile]:
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: no 'weight_map' object")
             files: dict[str, SafetensorsFile] = {}
+            for name in weight_map.values():
+                check_shard_name(index, name)
             for name in sorted(set(weight_map.values())):
                 if not (path / name).is_file():
                     raise CheckpointError(f"{index}: lists shard {name!r}, which does not exist in {path}")
@@ -80,6 +83,24 @@ def open_checkpoint(path: Path) -> dict[str, SafetensorsFile]:
     others = sorted(p.name for p in path.glob("*.bin")) if path.is_dir() else []
     hint = f" (found {', '.join(others)}: convert PyTorch .bin checkpoints to safetensors first)" if others else ""
     raise CheckpointError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found{hint}")
+
+
+def check_shard_name(index: Path, name: object) -> None:
+    """An index entry must be a plain file name inside the checkpoint directory: a hostile index could otherwise
+    make the loader open any file (``../x``, ``/dev/zero``, a link out). A symbolic link may point only inside
+    the directory or, as huggingface_hub's cache lays out a snapshot, into the repository's ``blobs/``."""
+    directory = index.parent
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
+            or os.path.isabs(name)):
+        raise CheckpointError(f"{index}: shard entry {name!r} is not a plain file name inside {directory}; "
+                              "refusing to open files outside the checkpoint")
+    shard = directory / name
+    if shard.is_symlink():
+        target = shard.resolve()
+        inside = (directory.resolve(), directory.resolve().parent.parent / "blobs")
+        if not any(target.parent == d for d in inside):
+            raise CheckpointError(f"{index}: shard entry {name!r} is a link to {target}, outside {directory}; "
+                                  "refusing to open files outside the checkpoint")
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, raw: Mapping[str, Any],
@@ -177,7 +198,7 @@ def native_blocks(files: Mapping[str, SafetensorsFile], cfg: ModelConfig) -> lis
         if cfg.tie_word_embeddings and key == "head.weight":
             continue
         info = f.info(key)
-        if _is_stacked(key) and len(info.shape) >= 2:
+        if is_stacked(key) and len(info.shape) >= 2:
             row = info.numel // info.shape[0]
             blocks.extend(Block(key, e, f, key, e * row, info.shape[1:]) for e in range(info.shape[0]))
         else:
@@ -185,17 +206,20 @@ def native_blocks(files: Mapping[str, SafetensorsFile], cfg: ModelConfig) -> lis
     return blocks
 
 
-def required_tensors(model: torch.nn.Module, cfg: ModelConfig) -> set[tuple[str, int | None]]:
-    """(name, expert row or None) of every parameter and persistent buffer a checkpoint must fill."""
-    required: set[tuple[str, int | None]] = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if cfg.tie_word_embeddings and name == "head.weight":
-            continue
-        if _is_stacked(name):
-            required.update((name, e) for e in range(tensor.shape[0]))
-        else:
-            required.add((name, None))
-    return required
+def check_layer_count(files: Mapping[str, SafetensorsFile], raw: Mapping[str, Any], cfg: ModelConfig,
+                      config_file: Path) -> None:
+    """A config with more layers than the files hold is refused before the model is built (each layer is
+    modules, even on meta: a config naming a million layers would take gigabytes before any tensor is read)."""
+    native = is_native(raw)
+    layers = {int(m.group(1)) for key in files if (m := (_NATIVE_LAYER if native else _HF_LAYER).match(key))}
+    held = max(layers) + 1 if layers else 0
+    if cfg.n_layers > held:
+        field = "n_layers" if native else HF_FIELD["n_layers"]
+        raise CheckpointError(f"{config_file}: {field} is {cfg.n_layers}, but the checkpoint holds {held} layer(s)")
+
+
+_NATIVE_LAYER = re.compile(r"layers\.(\d+)\.")
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def _hf_name(name: str, expert: int | None) -> str:
@@ -249,13 +273,11 @@ def load_pretrained(path: str | os.PathLike[str], *, dtype: torch.dtype | str | 
                 raise ValueError(f"quantised models run on the CPU (device {device!r} asked)")
             hooks, _ = quant_hooks(raw, quantize, torch_dtype, str(path), hooks)
         blocks, fp8, describe = _stored_blocks(path, raw, cfg, files)
+        check_layer_count(files, raw, cfg, path / CONFIG_FILE)
         with torch.device("meta"), skip_init():
             model = DeepSeekMoEForCausalLM(cfg)
-        if hooks.prepare is not None:
-            hooks.prepare(model)
-        required = required_tensors(model, cfg)
-        stream_into(model, blocks, dtype=torch_dtype, device=torch.device(device), hooks=hooks,
-                    required=required, fp8_block=fp8, describe_missing=describe)
+        stream_into(model, blocks, dtype=torch_dtype, device=torch.device(device), hooks=hooks, fp8_block=fp8,
+                    describe_missing=describe, explain_shape=_explainer(raw), stored_apart=_stored_apart(cfg))
     except SafetensorsError as e:
         raise CheckpointError(str(e)) from e
     finally:
@@ -276,6 +298,16 @@ def _stored_blocks(path: Path, raw: Mapping[str, Any], cfg: ModelConfig, files: 
     if is_native(raw):
         return native_blocks(files, cfg), fp8, lambda n, e: n if e is None else f"{n}[{e}]"
     return hf_blocks(files, cfg, fp8), fp8, _hf_name
+
+
+def _stored_apart(cfg: ModelConfig) -> frozenset[str]:
+    return frozenset({"head.weight"}) if cfg.tie_word_embeddings else frozenset()
+
+
+def _explainer(raw: Mapping[str, Any]) -> Callable[[str, tuple[int, ...], tuple[int, ...]], str]:
+    """Shape errors in the config.json keys of the checkpoint's own layout."""
+    hf = not is_native(raw)
+    return lambda name, stored, expected: explain_mismatch(name, stored, expected, hf=hf)
 
 
 def _attach_tokenizer(model: DeepSeekMoEForCausalLM, path: Path) -> None:
@@ -303,9 +335,9 @@ def load_into(model: DeepSeekMoEForCausalLM, path: str | os.PathLike[str], *,
     files = open_checkpoint(path)
     try:
         blocks, fp8, describe = _stored_blocks(path, raw, cfg, files)
-        required = required_tensors(model, model.config)
-        stream_into(model, blocks, dtype=None, device=torch.device("cpu"), hooks=LoadHooks(), required=required,
-                    fp8_block=fp8, describe_missing=describe, shards=shards)
+        stream_into(model, blocks, dtype=None, device=torch.device("cpu"), hooks=LoadHooks(), fp8_block=fp8,
+                    describe_missing=describe, explain_shape=_explainer(raw),
+                    stored_apart=_stored_apart(model.config), shards=shards)
     except SafetensorsError as e:
         raise CheckpointError(str(e)) from e
     finally:

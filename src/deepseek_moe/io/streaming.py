@@ -180,15 +180,19 @@ def _read_box(file: SafetensorsFile, key: str, start: int, shape: tuple[int, ...
 
 Select = Callable[[str, "int | None"], bool]
 Transform = Callable[[str, "int | None", TensorSource], "Mapping[str, torch.Tensor] | None"]
+StoredShape = Callable[[str, "int | None", torch.dtype], "tuple[int, ...] | None"]
 
 
 @dataclass(frozen=True)
 class LoadHooks:
-    """Optional callbacks of the streaming loader (see the module docstring)."""
+    """Optional callbacks of the streaming loader (see the module docstring). ``stored_shape(name, expert,
+    dtype)``: the shape a checkpoint tensor stored in ``dtype`` must have where the prepared model does not say
+    (a quantised format's codes and scales); None: the model's own."""
 
     prepare: Callable[[nn.Module], None] | None = None
     select: Select | None = None
     transform: Transform | None = None
+    stored_shape: StoredShape | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,9 +223,32 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return dict(model.state_dict(keep_vars=True))
 
 
-def _is_stacked(name: str) -> bool:
+def is_stacked(name: str) -> bool:
+    """Whether our tensor ``name`` is stacked over routed experts (E, ...): ``experts.w1`` and its companions
+    (``experts.w1_scale``); the loader's ``expert`` is then a row of it."""
     leaf = name.rpartition(".")[2]
     return ".experts." in name and leaf.split("_")[0] in ("w1", "w2", "w3")
+
+
+def required_tensors(model: nn.Module, *, stored_apart: frozenset[str] = frozenset(),
+                     shards: Mapping[str, Shard] | None = None) -> set[tuple[str, int | None]]:
+    """(name, expert row or None) of every parameter and persistent buffer a checkpoint must fill; a stacked
+    tensor's rows by their global index (a RoutedExperts holding a range of experts starts at its ``offset``;
+    a sharded tensor's rows are those of its global shape). ``stored_apart``: names no checkpoint holds (a tied
+    head)."""
+    shards = shards or {}
+    required: set[tuple[str, int | None]] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name in stored_apart:
+            continue
+        if not is_stacked(name):
+            required.add((name, None))
+        elif name in shards:
+            required.update((name, e) for e in range(shards[name].shape[0]))
+        else:
+            first = getattr(model.get_submodule(name.rpartition(".")[0]), "offset", 0)
+            required.update((name, e) for e in range(first, first + tensor.shape[0]))
+    return required
 
 
 class Materializer:
@@ -255,9 +282,9 @@ class Materializer:
         return new
 
 
-def restrict_experts(model: nn.Module, rows: Mapping[str, list[int]]) -> dict[str, tuple[int, int]]:
-    """Rebuild (on meta) each layer's RoutedExperts to hold only the selected experts; returns, per stacked
-    tensor name whose experts were restricted, (first kept expert, experts in the checkpoint)."""
+def restrict_experts(model: nn.Module, rows: Mapping[str, Iterable[int]]) -> dict[str, tuple[int, int]]:
+    """Rebuild (on meta) each layer's RoutedExperts to hold only the selected experts; returns, per module whose
+    experts were restricted, (first kept expert, experts in the checkpoint)."""
     from deepseek_moe.moe.experts import RoutedExperts
 
     ranges: dict[str, tuple[int, int]] = {}
@@ -280,8 +307,7 @@ def restrict_experts(model: nn.Module, rows: Mapping[str, list[int]]) -> dict[st
         new.use_grouped_mm, new.use_mkl_batch = module.use_grouped_mm, module.use_mkl_batch
         parent, leaf = _owner(model, module_name)
         setattr(parent, leaf, new)
-        for leaf in ("w1", "w2", "w3"):
-            ranges[f"{module_name}.{leaf}"] = (kept[0], module.n_experts)
+        ranges[module_name] = (kept[0], module.n_experts)
     return ranges
 
 
@@ -295,39 +321,104 @@ class Destinations:
 
     def wants(self, name: str, expert: int | None) -> bool:
         """False for a tensor (or expert row) that lies outside what this process holds: it is never read."""
-        shard = self.shards.get(name)
-        if shard is None:
-            return True
-        return shard.holds_row(expert) if expert is not None else shard.local.numel() > 0
+        return _wanted(self.shards, name, expert)
+
+    def _range(self, name: str) -> tuple[int, int] | None:
+        return self.expert_ranges.get(name.rpartition(".")[0]) if is_stacked(name) else None
+
+    def global_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of the whole tensor ``name`` (every expert), allocating nothing. KeyError: no such tensor."""
+        if name in self.shards:
+            return self.shards[name].shape
+        module, leaf = _owner(self.mat.model, name)
+        tensor = getattr(module, leaf, None)
+        if not isinstance(tensor, torch.Tensor):
+            raise KeyError(name)
+        kept = self._range(name)
+        return (kept[1], *tensor.shape[1:]) if kept else tuple(tensor.shape)
 
     def shard(self, name: str) -> Shard:
         if name in self.shards:
             return self.shards[name]
         tensor = self.mat.target(name)
-        if name in self.expert_ranges:
-            first, total = self.expert_ranges[name]
+        kept = self._range(name)
+        if kept:
+            first, total = kept
             return Shard(tensor, (first, *([0] * (tensor.dim() - 1))), (total, *tensor.shape[1:]))
         return Shard.whole(tensor)
 
 
-def stream_into(model: DeepSeekMoEForCausalLM, blocks: Iterable[Block], *, dtype: torch.dtype | None,
-                device: torch.device, hooks: LoadHooks, required: set[tuple[str, int | None]],
-                fp8_block: tuple[int, int] | None, describe_missing: Callable[[str, int | None], str],
-                shards: Mapping[str, Shard] | None = None) -> None:
-    """Read every selected block into ``model`` (built on meta, prepared); then check nothing required is
-    missing and give the runtime buffers no checkpoint holds their zero state.
+def _wanted(shards: Mapping[str, Shard], name: str, expert: int | None) -> bool:
+    shard = shards.get(name)
+    if shard is None:
+        return True
+    return shard.holds_row(expert) if expert is not None else shard.local.numel() > 0
 
+
+ExplainShape = Callable[[str, "tuple[int, ...]", "tuple[int, ...]"], str]
+
+
+def _check_shape(block: Block, name: str, expert: int | None, stored: tuple[int, ...],
+                 shape: tuple[int, ...], explain: ExplainShape | None) -> None:
+    """``stored`` (of ``block``) against the whole model tensor's ``shape``: refused naming the config field."""
+    if expert is not None:
+        if not 0 <= expert < shape[0]:
+            raise CheckpointError(f"{block.where}: expert {expert} out of range for {shape[0]} routed "
+                                  "experts (n_routed_experts in config.json)")
+        shape = shape[1:]
+    if stored != shape:
+        why = explain(name, stored, shape) if explain is not None else ""
+        raise CheckpointError(f"{block.where} has shape {stored}, expected {shape} (model {name!r}"
+                              f"{'' if expert is None else f' expert {expert}'}){': ' + why if why else ''}")
+
+
+def check_stored_shapes(blocks: Iterable[Block], shape_of: Callable[[str], tuple[int, ...] | None],
+                        explain: ExplainShape | None = None) -> None:
+    """Every float block against the model its config builds (``shape_of``: the whole tensor's shape, None for a
+    name the model does not have), from the files' headers alone: a config that disagrees with the tensors is
+    refused before anything is allocated, or enumerated per expert. Integer tensors (a quantised format's codes)
+    are the prepare/transform hooks' to shape, and are checked after ``prepare``."""
+    for b in blocks:
+        if not b.file.info(b.key).dtype.is_floating_point:
+            continue
+        shape = shape_of(b.name)
+        if shape is not None:
+            _check_shape(b, b.name, b.expert, b.shape, shape, explain)
+
+
+def stream_into(model: DeepSeekMoEForCausalLM, blocks: Iterable[Block], *, dtype: torch.dtype | None,
+                device: torch.device, hooks: LoadHooks, fp8_block: tuple[int, int] | None,
+                describe_missing: Callable[[str, int | None], str], explain_shape: ExplainShape | None = None,
+                stored_apart: frozenset[str] = frozenset(), shards: Mapping[str, Shard] | None = None) -> None:
+    """Read every selected block into ``model`` (built on meta); then check nothing required is missing and give
+    the runtime buffers no checkpoint holds their zero state.
+
+    Order: every block's shape is checked against the model first (nothing is allocated before); ``select``
+    then restricts the routed experts, ``prepare`` sees the restricted model (so a quantised twin holds exactly
+    the selected experts), the blocks its tensors take are checked again, and only then is anything read.
     ``shards``: for a model laid out over processes, the part of each tensor this process holds (its local
-    tensor already allocated); only the blocks that overlap it are read, and only their overlap."""
+    tensor already allocated); only the blocks that overlap it are read, and only their overlap.
+    ``stored_apart``: names no checkpoint holds (a tied head)."""
     select = hooks.select or (lambda name, expert: True)
     shards = shards or {}
+    blocks = list(blocks)
+    declared = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    check_stored_shapes(blocks, lambda n: shards[n].shape if n in shards else declared.get(n), explain_shape)
+
     expert_rows: dict[str, list[int]] = defaultdict(list)
-    for name, e in required:
+    for name, e in required_tensors(model, stored_apart=stored_apart, shards=shards):
         if e is not None and select(name, e) and name not in shards:  # a sharded tensor's layout is the caller's
             expert_rows[name].append(e)
     dest = Destinations(Materializer(model, dtype, device), shards, restrict_experts(model, expert_rows))
+    if hooks.prepare is not None:
+        hooks.prepare(model)
     chosen = [b for b in blocks if select(b.name, b.expert) and dest.wants(b.name, b.expert)]
-    required = {(n, e) for n, e in required if select(n, e) and dest.wants(n, e)}
+    _check_prepared(chosen, dest, hooks, explain_shape)
+    # A tensor ``prepare`` added (a quantised weight's scales) is required wherever its module's row is read.
+    read_rows = {(b.name.rpartition(".")[0], b.expert) for b in chosen}
+    required = {(n, e) for n, e in required_tensors(model, stored_apart=stored_apart, shards=shards)
+                if ((select(n, e) and dest.wants(n, e)) if n in declared
+                    else (n.rpartition(".")[0], e) in read_rows)}
 
     loaded: set[tuple[str, int | None]] = set()
     by_file: dict[Path, list[Block]] = defaultdict(list)
@@ -340,11 +431,11 @@ def stream_into(model: DeepSeekMoEForCausalLM, blocks: Iterable[Block], *, dtype
                 source = TensorSource(b, fp8_block)
                 out = hooks.transform(b.name, b.expert, source) if hooks.transform else None
                 if out is None:
-                    _write(dest, b.name, b.expert, b, source, None)
+                    _write(dest, b.name, b.expert, b, source, None, explain_shape)
                 else:
                     for name, tensor in out.items():
-                        expert = b.expert if _is_stacked(name) else None
-                        _write(dest, name, expert, b, None, tensor)
+                        expert = b.expert if is_stacked(name) else None
+                        _write(dest, name, expert, b, None, tensor, explain_shape)
                         loaded.add((name, expert))
                 loaded.add((b.name, b.expert))
     missing = required - loaded
@@ -356,24 +447,46 @@ def stream_into(model: DeepSeekMoEForCausalLM, blocks: Iterable[Block], *, dtype
     finish_runtime_state(model, device)
 
 
+def _check_prepared(chosen: list[Block], dest: Destinations, hooks: LoadHooks,
+                    explain: ExplainShape | None) -> None:
+    """The blocks to read against the prepared model (or the shapes ``hooks.stored_shape`` gives), before any
+    storage is allocated; a block filling no tensor of the model is refused unless a transform takes it."""
+    for b in chosen:
+        dtype = b.file.info(b.key).dtype
+        stored = hooks.stored_shape(b.name, b.expert, dtype) if hooks.stored_shape is not None else None
+        try:
+            shape: tuple[int, ...] | None = dest.global_shape(b.name)
+        except (KeyError, AttributeError):
+            shape = None
+        if stored is not None:
+            if b.expert is not None and shape is not None:
+                _check_shape(b, b.name, b.expert, (), (shape[0],), None)  # the expert's index
+            if b.shape != stored:
+                why = explain(b.name, b.shape, stored) if explain is not None else ""
+                raise CheckpointError(f"{b.where} has shape {b.shape}, expected {stored} (model {b.name!r})"
+                                      f"{': ' + why if why else ''}")
+        elif shape is not None:
+            _check_shape(b, b.name, b.expert, b.shape, shape, explain)
+        elif hooks.transform is None:
+            raise CheckpointError(f"{b.where}: fills {b.name!r}, which this model does not have (is the config "
+                                  "right?)")
+
+
 def _write(dest: Destinations, name: str, expert: int | None, block: Block, source: TensorSource | None,
-           tensor: torch.Tensor | None) -> None:
+           tensor: torch.Tensor | None, explain: ExplainShape | None) -> None:
     try:
-        shard = dest.shard(name)
+        shape = dest.global_shape(name)
     except (KeyError, AttributeError):
         raise CheckpointError(f"{block.where}: fills {name!r}, which this model does not have (is the config "
                               "right?)") from None
-    local, offset, shape = shard.local, shard.offset, shard.shape
+    # Checked before the destination is allocated: a transform's output too.
+    _check_shape(block, name, expert, tuple(tensor.shape) if tensor is not None else block.shape, shape, explain)
+    shard = dest.shard(name)
+    local, offset = shard.local, shard.offset
     if expert is not None:
-        if not 0 <= expert < shape[0]:
-            raise CheckpointError(f"{block.where}: expert {expert} out of range for {shape[0]} routed "
-                                  "experts (n_routed_experts in config.json)")
         if not shard.holds_row(expert):
             return  # another process's expert (a transform's output beside one of ours)
-        local, offset, shape = local[expert - offset[0]], offset[1:], shape[1:]
-    stored = tuple(tensor.shape) if tensor is not None else block.shape
-    if stored != shape:
-        raise CheckpointError(f"{block.where} has shape {stored}, expected {shape} (model {name!r})")
+        local, offset = local[expert - offset[0]], offset[1:]
     if tensor is not None:
         # A transform returns the whole tensor; a shard keeps its box of it (sliced after the transform).
         local.copy_(tensor[tuple(slice(o, o + n) for o, n in zip(offset, local.shape, strict=True))])
@@ -398,4 +511,5 @@ def finish_runtime_state(model: nn.Module, device: torch.device) -> None:
 
 
 __all__ = ["Block", "CheckpointError", "Destinations", "LoadHooks", "Materializer", "Shard", "TensorSource",
-           "finish_runtime_state", "model_tensors", "restrict_experts", "skip_init", "stream_into"]
+           "check_stored_shapes", "finish_runtime_state", "is_stacked", "model_tensors", "required_tensors",
+           "restrict_experts", "skip_init", "stream_into"]

@@ -67,6 +67,24 @@ class _Quantizer:
         self.model = model
         self.owners = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear | QuantRoutedExperts)}
 
+    def stored_shape(self, name: str, expert: int | None, dtype: torch.dtype) -> tuple[int, ...] | None:
+        """The shape a checkpoint tensor of a quantised layer must have: a float weight or int8 codes (rows,
+        in), int4 codes (rows, in/2); the scale (rows,) for int8, (rows, in/group_size) for int4."""
+        owner_name, _, leaf = name.rpartition(".")
+        owner = self.owners.get(owner_name)
+        if owner is None or leaf == "bias":
+            return None
+        if isinstance(owner, QuantLinear):
+            rows, width, bits = owner.out_features, owner.in_features, owner.bits
+        else:
+            base = leaf.removesuffix("_scale")
+            rows, width = (owner.dim, owner.inter_dim) if base == "w2" else (owner.inter_dim, owner.dim)
+            bits = owner.bits_of(base)
+        if leaf.endswith("_scale"):
+            return (rows,) if bits == 8 else (rows, width // owner.group_size)
+        packed = bits == 4 and not dtype.is_floating_point  # codes of the wrong dtype: the transform names it
+        return (rows, width // 2) if packed else (rows, width)
+
     def __call__(self, name: str, expert: int | None, src: TensorSource) -> Mapping[str, torch.Tensor] | None:
         owner_name, _, leaf = name.rpartition(".")
         owner = self.owners.get(owner_name)
@@ -108,7 +126,7 @@ def quant_hooks(raw: Mapping[str, Any], quantize: Any, dtype: torch.dtype, sourc
     qcfg = resolve_quant_config(raw, quantize, source)
     quantizer = _Quantizer(qcfg)
     return LoadHooks(prepare=lambda model: quantizer.prepare(model, dtype), select=hooks.select if hooks else None,
-                     transform=quantizer), qcfg
+                     transform=quantizer, stored_shape=quantizer.stored_shape), qcfg
 
 
 def is_quantized_checkpoint(path: str | os.PathLike[str]) -> bool:
