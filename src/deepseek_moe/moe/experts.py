@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,10 @@ def _grouped_mm_available() -> bool:
     return hasattr(F, "grouped_mm")
 
 
+# (x_AN, w_EMN, counts_E) -> (A, M): each expert's rows times its matrix transposed.
+GroupedProduct = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class RoutedExperts(nn.Module):
     """E SwiGLU experts of hidden width F, stacked so that tokens sorted by expert run as one grouped matmul.
 
@@ -61,6 +65,7 @@ class RoutedExperts(nn.Module):
         self.reset_parameters()
         self.use_grouped_mm = _grouped_mm_available()
         self.use_mkl_batch = True  # fp32 on CPU where torch's MKL is there (kernels/mkl_grouped.py)
+        self.adapter: ExpertAdapter | None = None  # an nn.Module when set: its parameters are the model's
 
     def reset_parameters(self) -> None:
         for w in (self.w1, self.w2, self.w3):
@@ -71,49 +76,65 @@ class RoutedExperts(nn.Module):
 
         x_AD: rows sorted by expert, ``counts_E[e]`` rows for expert e. gates_A (optional): a per-row weight,
         applied to the (A, F) activation before the down projection, which costs F rather than D per row.
+        Each grouped product takes the fastest path its operands fit (:meth:`product`); ``adapter`` (per-expert
+        low-rank terms, deepseek_moe/adapters/) adds its own grouped products beside the experts'.
         """
-        dtype = compute_dtype(x_AD)
-        x_AD = x_AD.to(dtype)
-        gates_A = gates_A.to(dtype) if gates_A is not None else None
-        w1, w2, w3 = local_weights(self.w1, self.w2, self.w3)
-        product: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-        if self.use_mkl_batch and mkl_grouped.fits(x_AD, w1):  # fp32 on CPU: all experts in one batched GEMM
-            product = mkl_grouped.grouped_linear
-        elif self.use_grouped_mm and self._grouped_mm_fits(dtype):
-            w1, w2, w3 = (compute_weight(w, dtype) for w in (w1, w2, w3))
-            offs_E = counts_E.cumsum(0).to(torch.int32)
-
-            def product(x: torch.Tensor, w: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
-                return F.grouped_mm(x, w.transpose(1, 2), offs=offs_E)
-        else:
-            return self.forward_loop(x_AD, counts_E, gates_A)
-        h_AF = F.silu(product(x_AD, w1, counts_E)) * product(x_AD, w3, counts_E)
-        if gates_A is not None:
-            h_AF = h_AF * gates_A.unsqueeze(1)
-        return product(h_AF, w2, counts_E)
-
-    def _grouped_mm_fits(self, dtype: torch.dtype) -> bool:
-        """grouped_mm takes fp32/bf16 operands whose row strides are multiples of 16 bytes."""
-        if dtype not in (torch.float32, torch.bfloat16):
-            return False
-        _, inter_dim, dim = self.w1.shape
-        return (dim * dtype.itemsize) % 16 == 0 and (inter_dim * dtype.itemsize) % 16 == 0
+        return self._swiglu(x_AD, counts_E, gates_A, self.product)
 
     def forward_loop(self, x_AD: torch.Tensor, counts_E: torch.Tensor,
                      gates_A: torch.Tensor | None = None) -> torch.Tensor:
-        """The same as :meth:`forward`, one matmul per expert (dtypes or builds without grouped_mm).
+        """The same as :meth:`forward`, one matmul per expert (dtypes or builds without grouped_mm)."""
+        return self._swiglu(x_AD, counts_E, gates_A, loop_product)
 
-        unbind() rather than ``w1[e]`` in the loop: indexing makes the backward zero-fill the whole stacked
-        gradient once per expert.
-        """
-        sizes = counts_E.tolist()
+    def _swiglu(self, x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Tensor | None,
+                product: GroupedProduct) -> torch.Tensor:
         dtype = compute_dtype(x_AD)
         x_AD = x_AD.to(dtype)
-        w1s, w2s, w3s = (compute_weight(w, dtype).unbind(0) for w in local_weights(self.w1, self.w2, self.w3))
-        outs = []
-        for x_eD, w1, w3 in zip(x_AD.split(sizes), w1s, w3s, strict=True):
-            outs.append(F.silu(x_eD @ w1.t()) * (x_eD @ w3.t()))
-        h_AF = torch.cat(outs)
+        w1, w2, w3 = local_weights(self.w1, self.w2, self.w3)
+        g_AF, u_AF = product(x_AD, w1, counts_E), product(x_AD, w3, counts_E)
+        if self.adapter is not None:
+            dg_AF, du_AF = self.adapter.gate_up(x_AD, counts_E, product)
+            g_AF, u_AF = g_AF + dg_AF, u_AF + du_AF
+        h_AF = F.silu(g_AF) * u_AF
         if gates_A is not None:
             h_AF = h_AF * gates_A.to(dtype).unsqueeze(1)
-        return torch.cat([h_eF @ w2.t() for h_eF, w2 in zip(h_AF.split(sizes), w2s, strict=True)])
+        y_AD = product(h_AF, w2, counts_E)
+        if self.adapter is not None:
+            y_AD = y_AD + self.adapter.down(h_AF, counts_E, product)
+        return y_AD
+
+    def product(self, x_AN: torch.Tensor, w_EMN: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """(A, M): each expert's rows of x times its w[e] transposed, by the fastest path these operands fit:
+        MKL's batched GEMM (fp32 on CPU, all experts in one call), else ``F.grouped_mm`` (fp32/bf16 operands
+        whose row strides are multiples of 16 bytes), else one matmul per expert."""
+        if self.use_mkl_batch and mkl_grouped.fits(x_AN, w_EMN):
+            return mkl_grouped.grouped_linear(x_AN, w_EMN, counts_E)
+        w_EMN = compute_weight(w_EMN, x_AN.dtype)
+        if self.use_grouped_mm and _grouped_mm_fits(x_AN.dtype, w_EMN.shape[1], w_EMN.shape[2]):
+            return F.grouped_mm(x_AN, w_EMN.transpose(1, 2), offs=counts_E.cumsum(0).to(torch.int32))
+        return loop_product(x_AN, w_EMN, counts_E)
+
+
+class ExpertAdapter(Protocol):
+    """Per-expert terms added inside :class:`RoutedExperts`' grouped products (LoRA: deepseek_moe/adapters/).
+    ``product`` is the experts' own grouped product, so the terms run on the same fast path."""
+
+    def gate_up(self, x_AD: torch.Tensor, counts_E: torch.Tensor,
+                product: GroupedProduct) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def down(self, h_AF: torch.Tensor, counts_E: torch.Tensor, product: GroupedProduct) -> torch.Tensor: ...
+
+
+def _grouped_mm_fits(dtype: torch.dtype, rows: int, cols: int) -> bool:
+    """grouped_mm takes fp32/bf16 operands whose row strides are multiples of 16 bytes."""
+    if dtype not in (torch.float32, torch.bfloat16) or not _grouped_mm_available():
+        return False
+    return (rows * dtype.itemsize) % 16 == 0 and (cols * dtype.itemsize) % 16 == 0
+
+
+def loop_product(x_AN: torch.Tensor, w_EMN: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """:meth:`RoutedExperts.product` one matmul per expert. unbind() rather than ``w[e]`` in the loop: indexing
+    makes the backward zero-fill the whole stacked gradient once per expert."""
+    w_EMN = compute_weight(w_EMN, x_AN.dtype)
+    return torch.cat([x_eN @ w_MN.t() for x_eN, w_MN in zip(x_AN.split(counts_E.tolist()), w_EMN.unbind(0),
+                                                            strict=True)])

@@ -1,0 +1,19 @@
+"""Adapters: LoRA on our modules, including a per-expert pair inside the routed experts' grouped products.
+
+``apply_lora(model, LoRAConfig(...))`` adds the pairs (base unchanged, zero-initialised B), ``mark_trainable``
+freezes all but them, ``merge_lora`` folds them into the weights, ``remove_lora`` drops them.
+"""
+
+from deepseek_moe.adapters.config import GROUPS, LoRAConfig
+from deepseek_moe.adapters.lora import ExpertLoRA, LoRALinear
+from deepseek_moe.adapters.targets import (
+    apply_lora,
+    lora_modules,
+    mark_trainable,
+    merge_lora,
+    remove_lora,
+    resolve_targets,
+)
+
+__all__ = ["GROUPS", "ExpertLoRA", "LoRAConfig", "LoRALinear", "apply_lora", "lora_modules", "mark_trainable",
+           "merge_lora", "remove_lora", "resolve_targets"]

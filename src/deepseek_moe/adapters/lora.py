@@ -1,0 +1,117 @@
+"""LoRA modules: a Linear with a low-rank pair, and a per-expert low-rank pair for the stacked routed experts.
+
+Shapes (moe/'s legend): A rows, D model dim, F expert hidden, E experts, r rank.
+
+:class:`LoRALinear` *is* the Linear it adapts (same ``weight`` and ``bias`` objects, so the base's checkpoint
+names are unchanged) plus ``lora_A`` (r, in) and ``lora_B`` (out, r). :class:`ExpertLoRA` sits in
+``RoutedExperts.adapter`` and follows transformers' fused expert layout, which is what PEFT adapts: one pair on
+gate_up (A (E, r, D), B (E, 2F, r), gate rows over up rows) and one on down (A (E, r, F), B (E, D, r)). Its
+terms are grouped products through the experts' own :meth:`RoutedExperts.product` (MKL's batched GEMM or
+``grouped_mm``), never a Python loop over experts, and are tested against a per-token loop
+(tests/unit/test_adapters_lora.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepseek_moe.adapters.config import LoRAConfig
+from deepseek_moe.moe.experts import GroupedProduct, RoutedExperts
+from deepseek_moe.nn.compute_copy import compute_dtype
+from deepseek_moe.nn.linear import Linear
+
+# init="random": B small, so that the update is of the size training makes, not larger than the base's signal.
+RANDOM_B_GAIN = 0.1
+
+
+def _uniform_fan_in(t: torch.Tensor, fan_in: int, gain: float = 1.0) -> None:
+    """PEFT's (and nn.Linear's) Kaiming-uniform with a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), times
+    ``gain``."""
+    bound = gain / math.sqrt(fan_in)
+    with torch.no_grad():
+        t.uniform_(-bound, bound)
+
+
+class LoRALinear(Linear):
+    """``base(x) + scaling * B A dropout(x)``; :meth:`merge` folds ``scaling * B A`` into the weight."""
+
+    def __init__(self, base: Linear, cfg: LoRAConfig, *, dtype: torch.dtype = torch.float32) -> None:
+        nn.Module.__init__(self)  # not Linear's: the weight and bias are the base's own, not new ones
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(cfg.r, self.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, cfg.r, dtype=dtype, device=device))
+        self.scaling = cfg.scaling
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        _uniform_fan_in(self.lora_A, self.in_features)
+        if cfg.init == "random":
+            _uniform_fan_in(self.lora_B, cfg.r, RANDOM_B_GAIN)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        dtype = compute_dtype(x)
+        low = F.linear(F.linear(self.dropout(x).to(dtype), self.lora_A.to(dtype)), self.lora_B.to(dtype))
+        return y + low * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """(out, in) ``scaling * B A`` in the weight's dtype."""
+        return (self.lora_B.float() @ self.lora_A.float() * self.scaling).to(self.weight.dtype)
+
+    def unwrap(self, *, merge: bool) -> Linear:
+        """The plain Linear holding this module's weight (with the update folded in when ``merge``)."""
+        if merge:
+            with torch.no_grad():
+                self.weight += self.delta_weight()
+        plain = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        plain.weight, plain.bias = self.weight, self.bias
+        return plain
+
+
+class ExpertLoRA(nn.Module):
+    """Per-expert LoRA for :class:`RoutedExperts` (set as its ``adapter``): gate_up and down pairs, see above."""
+
+    def __init__(self, experts: RoutedExperts, cfg: LoRAConfig, *, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        E, F_, D = experts.w1.shape
+        device, r = experts.w1.device, cfg.r
+        self.gate_up_A = nn.Parameter(torch.empty(E, r, D, dtype=dtype, device=device))
+        self.gate_up_B = nn.Parameter(torch.zeros(E, 2 * F_, r, dtype=dtype, device=device))
+        self.down_A = nn.Parameter(torch.empty(E, r, F_, dtype=dtype, device=device))
+        self.down_B = nn.Parameter(torch.zeros(E, D, r, dtype=dtype, device=device))
+        self.scaling = cfg.scaling
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        _uniform_fan_in(self.gate_up_A, D)
+        _uniform_fan_in(self.down_A, F_)
+        if cfg.init == "random":
+            _uniform_fan_in(self.gate_up_B, r, RANDOM_B_GAIN)
+            _uniform_fan_in(self.down_B, r, RANDOM_B_GAIN)
+
+    def gate_up(self, x_AD: torch.Tensor, counts_E: torch.Tensor,
+                product: GroupedProduct) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate and up projections' low-rank terms, each (A, F)."""
+        dtype = x_AD.dtype
+        t_Ar = product(self.dropout(x_AD), self.gate_up_A.to(dtype), counts_E)
+        d_A2F = product(t_Ar, self.gate_up_B.to(dtype), counts_E) * self.scaling
+        g_AF, u_AF = d_A2F.chunk(2, dim=1)
+        return g_AF, u_AF
+
+    def down(self, h_AF: torch.Tensor, counts_E: torch.Tensor, product: GroupedProduct) -> torch.Tensor:
+        """The down projection's low-rank term (A, D)."""
+        dtype = h_AF.dtype
+        t_Ar = product(self.dropout(h_AF), self.down_A.to(dtype), counts_E)
+        return product(t_Ar, self.down_B.to(dtype), counts_E) * self.scaling
+
+    def merge_into(self, experts: RoutedExperts) -> None:
+        """Fold every expert's ``scaling * B A`` into w1, w3 (gate_up's halves) and w2."""
+        gu = torch.bmm(self.gate_up_B.float(), self.gate_up_A.float()) * self.scaling  # (E, 2F, D)
+        dw1, dw3 = gu.chunk(2, dim=1)
+        dw2 = torch.bmm(self.down_B.float(), self.down_A.float()) * self.scaling  # (E, D, F)
+        with torch.no_grad():
+            for w, d in ((experts.w1, dw1), (experts.w3, dw3), (experts.w2, dw2)):
+                w.add_(d.to(w.dtype))
