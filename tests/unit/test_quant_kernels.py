@@ -163,6 +163,28 @@ def test_source_builds_for_each_march_and_every_path_it_can_run_matches(
     assert checked == [name for name in ALL_ISAS if NEEDS[name] <= _cpu_flags()]
 
 
+def test_build_without_simd_paths_offers_only_scalar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """-DDSM_NO_SIMD compiles what a non-x86 CPU gets: the scalar path alone, which is chosen and correct, and
+    asking for another is a clear error."""
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++")
+    monkeypatch.setenv("DEEPSEEK_MOE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", shutil.which("g++") or "g++")
+    lib = cpu_build.build_library(cpu_build.SOURCE, (*cpu_build.FLAGS, "-DDSM_NO_SIMD"), "test")
+    assert lib is not None
+    cpu_build.configure_qgemm(lib)
+    assert cpu_build.supported_isas(lib) == ["scalar"] and cpu_build.ISAS[lib.dsm_get_isa()] == "scalar"
+    with pytest.raises(ValueError, match="this CPU cannot run the avx2 kernels; it can run: scalar"):
+        cpu_build.set_isa(lib, "avx2")
+    restore = qm.kernel_isa()
+    try:
+        assert _check_paths_of(lib, monkeypatch) == ["scalar"]
+    finally:
+        monkeypatch.undo()
+        if restore is not None:
+            qm.set_kernel_isa(restore)
+
+
 def test_baseline_build_keeps_vector_instructions_inside_their_paths(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """What no CPU here can show by running: in the -march=x86-64 build only the avx2 and avx512 paths hold

@@ -20,7 +20,8 @@
 #include <cstring>
 #include <vector>
 #include <omp.h>
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+// -DDSM_NO_SIMD builds what other architectures get (the tests use it).
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && !defined(DSM_NO_SIMD)
 #define DSM_X86 1
 #include <cpuid.h>
 #include <immintrin.h>
