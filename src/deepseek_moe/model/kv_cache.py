@@ -89,6 +89,35 @@ class KVCache:
 # per-step copy: the attention in plain PyTorch reads every cached slot anyway, so it costs one more pass over the
 # same bytes, never a re-layout of the stored cache. Block 0 is never handed out: padding slots read its zeros
 # (zeros, not garbage: a masked slot's value is multiplied by a zero probability, and 0 * NaN would be NaN).
+#
+# The padding is what can make a gather large: one long row among many short ones pads them all to its length,
+# B x S_max slots per layer, which can exceed the whole pool. ``plan_gathers`` splits a step's rows into forwards
+# of similar length so that each gathers at most GATHER_BOUND times the slots its rows really hold; as those
+# rows' slots are all in the pool, the gathers of a whole step (all its forwards, all layers) come to at most
+# GATHER_BOUND x the pool's bytes (the server's kv_cache_bytes), and only one layer's gather is alive at a time.
+# ``BlockPool.gathered_bytes`` counts what is gathered, so tests check the bound on bytes, not on timings.
+
+GATHER_BOUND = 2
+
+
+def plan_gathers(cached: list[int], new: list[int], bound: float = GATHER_BOUND) -> list[list[int]]:
+    """Split rows (row i: ``cached[i]`` tokens in the cache, appending ``new[i]``) into groups, one forward each,
+    such that each group's padded slots, rows x (max cached + max new), are at most ``bound`` x its real slots,
+    sum(cached + new). Longest rows first; a row that would break the bound starts the next group (a row alone
+    always fits). Returns row indices per group."""
+    if bound < 1:
+        raise ValueError(f"bound ({bound}) must be >= 1: a row alone pads nothing")
+    groups: list[list[int]] = []
+    max_cached = max_new = real = 0
+    for i in sorted(range(len(cached)), key=lambda i: cached[i] + new[i], reverse=True):
+        c, n = max(max_cached, cached[i]), max(max_new, new[i])
+        if groups and (len(groups[-1]) + 1) * (c + n) <= bound * (real + cached[i] + new[i]):
+            groups[-1].append(i)
+            max_cached, max_new, real = c, n, real + cached[i] + new[i]
+        else:
+            groups.append([i])
+            max_cached, max_new, real = cached[i], new[i], cached[i] + new[i]
+    return groups
 
 
 class BlockTable:
@@ -111,7 +140,8 @@ class BlockPool:
             raise ValueError(f"block_size ({block_size}) must be >= 1")
         self.n_layers, self.n_blocks, self.block_size = n_layers, n_blocks, block_size
         self.storage: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]  # per layer: (n_slots, ...)
-        self._free = list(range(n_blocks - 1, 0, -1))  # a stack; block 0 stays out
+        self.reset()
+        self.gathered_bytes = 0  # all the (B, S, ...) views ``append`` has gathered, padding included
 
     @property
     def capacity_blocks(self) -> int:
@@ -132,37 +162,39 @@ class BlockPool:
             return False
         for _ in range(max(need, 0)):
             table.blocks.append(self._free.pop())
+            self._is_free[table.blocks[-1]] = 0
         return True
 
     def release(self, table: BlockTable) -> None:
         self._free.extend(reversed(table.blocks))
+        for b in table.blocks:
+            self._is_free[b] = 1
         table.blocks, table.length = [], 0
 
     def reset(self) -> None:
         """Every block free again (the owners' tables must be dropped: recovery from a broken invariant)."""
-        self._free = list(range(self.n_blocks - 1, 0, -1))
+        self._free = list(range(self.n_blocks - 1, 0, -1))  # a stack; block 0 stays out
+        # The free list's blocks as a mask too, so ``audit`` costs O(blocks owned), not O(pool): a tiny model's
+        # 1 GiB pool has ~10^5 blocks, and the audit runs after every step.
+        self._is_free = bytearray(b"\0" + b"\1" * (self.n_blocks - 1))
 
     def audit(self, tables: list[BlockTable]) -> list[str]:
         """What is wrong with the ownership, given every table that owns blocks: each block but the padding
         block 0 must be free or in exactly one table, and never both. Empty when all is well."""
         owned = [b for t in tables for b in t.blocks]
+        distinct = set(owned)
         problems = []
-        if len(set(owned)) != len(owned):
+        if len(distinct) != len(owned):
             twice = sorted(b for b, n in Counter(owned).items() if n > 1)
             problems.append(f"blocks owned more than once: {twice[:8]}")
-        if len(set(self._free)) != len(self._free):
-            problems.append("a block is on the free list twice")
-        both = set(owned) & set(self._free)
-        if both:
-            problems.append(f"blocks both owned and free: {sorted(both)[:8]}")
-        lost = set(range(1, self.n_blocks)) - set(owned) - set(self._free)
-        if lost:
-            problems.append(f"{len(lost)} blocks neither owned nor free (leaked): {sorted(lost)[:8]}")
-        if 0 in owned or 0 in self._free:
-            problems.append("the padding block 0 is owned or free")
-        used = self.capacity_blocks - self.free_blocks
-        if used != len(owned):
-            problems.append(f"{used} blocks in use but {len(owned)} owned")
+        bad = sorted(b for b in distinct if not 0 < b < self.n_blocks or self._is_free[b])
+        if bad:
+            problems.append(f"blocks owned but free, or not in the pool's range [1, {self.n_blocks}): {bad[:8]}")
+        if self._is_free.count(1) != len(self._free):
+            problems.append(f"the free list holds {len(self._free)} blocks, {self._is_free.count(1)} are marked "
+                            "free (a block released twice, or the list edited)")
+        if len(self._free) + len(owned) != self.capacity_blocks:
+            problems.append(f"{self.capacity_blocks - len(self._free)} blocks in use but {len(owned)} owned")
         return problems
 
     def nbytes(self) -> int:
@@ -202,6 +234,7 @@ class PagedLayerCache(LayerCache):
             buf.index_copy_(0, step.write_slots, x[step.new_token_mask].to(buf.dtype))
             # index_select on the flat slot list is several times faster than advanced indexing on CPU.
             out.append(buf.index_select(0, step.read_slots_flat).view(*step.read_slots.shape, *buf.shape[1:]))
+            self.pool.gathered_bytes += out[-1].numel() * out[-1].element_size()
         self.length = step.read_slots.shape[1]
         return tuple(out)
 

@@ -5,14 +5,20 @@ that steps while there is work. Each step
 
 1. retires cancelled requests (a client that went away) and frees their blocks;
 2. admits waiting requests in arrival order while the batch has a free row and the block pool can hold the
-   request's whole prompt plus ``max_tokens`` (reserved up front, so a running sequence never runs out of cache
-   and nothing is ever preempted; a request that does not fit waits, and beyond ``max_queue`` waiting requests
-   ``submit`` refuses);
-3. runs one decode forward for every sequence past its prompt (one new token each, a (B, 1) batch), then one
-   forward for the sequences still in their prompts, each with a chunk sized to what is left of
-   ``max_batch_tokens`` (chunked prefill: a long prompt cannot stall the decoders for more than one step's
-   budget), right-aligned in a (B, longest chunk) batch;
-4. samples each row with its own parameters and generator, emits the tokens, and retires finished sequences.
+   request's tokens so far (its prompt; after a preemption, its prompt and output) with a block to spare for
+   each running sequence; a request that does not fit waits (later ones do not overtake it), and beyond
+   ``max_queue`` waiting requests ``submit`` refuses;
+3. plans the step oldest request first: one token for every sequence past its prompt, then for the sequences
+   still in their prompts a chunk each, sized to what is left of ``max_batch_tokens`` (chunked prefill: a long
+   prompt cannot stall the decoders for more than one step's budget). Blocks are allocated here, as sequences
+   grow (``max_tokens`` is never reserved up front, and may be None: up to the context). When the pool runs
+   out, the newest running request is preempted: its blocks are freed and it goes back to the head of the
+   queue, to be recomputed from its tokens (prompt + output so far) when it is admitted again, as vLLM does;
+   its output is what it would have been (greedy and seeded sampling alike: its generator is kept);
+4. runs one decode forward for the decoding rows ((B, 1)) and one for the prefill chunks (right-aligned in a
+   (B, longest chunk) batch), each split by ``plan_gathers`` into rows of similar length so that what a step
+   gathers from the cache stays within ``GATHER_BOUND`` x ``kv_cache_bytes`` (see ``model/kv_cache.py``);
+5. samples each row with its own parameters and generator, emits the tokens, and retires finished sequences.
 
 Decode and prefill are separate forwards so that decode rows are never padded to a prefill chunk's width. The
 padding of a prefill batch is routed to no expert (the model passes the attention mask down to the MoE layers as
@@ -44,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from deepseek_moe.infer.sampling import sample
-from deepseek_moe.model.kv_cache import BlockPool, BlockTable
+from deepseek_moe.model.kv_cache import BlockPool, BlockTable, plan_gathers
 from deepseek_moe.moe.layer import MoE
 from deepseek_moe.serve.metrics import ServeMetrics
 
@@ -80,9 +86,10 @@ class SchedulerConfig:
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """temperature 0 is greedy; top_k None and top_p 1.0 disable them; generation stops after ``max_tokens``, at
-    a token in ``stop_token_ids`` (unless ``ignore_eos``) or at the model's context length."""
+    a token in ``stop_token_ids`` (unless ``ignore_eos``) or at the most tokens one request can hold (the
+    context, or the whole cache if smaller; the only limit when ``max_tokens`` is None)."""
 
-    max_tokens: int
+    max_tokens: int | None = None
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int | None = None
@@ -143,15 +150,32 @@ class Request:
     # Filled in by the scheduler.
     output: list[int] = field(default_factory=list)
     table: BlockTable = field(default_factory=BlockTable)
-    n_prefilled: int = 0
+    n_prefilled: int = 0  # prompt tokens counted in the metrics (a recomputation does not count them again)
     generator: torch.Generator | None = None
     first_token_time: float = 0.0
     last_token_time: float = 0.0
     finished: bool = False
 
     @property
+    def n_tokens(self) -> int:
+        """Prompt and output so far."""
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def n_pending(self) -> int:
+        """Tokens not yet in the cache: the last output token when decoding; more in a prompt or a recompute."""
+        return self.n_tokens - self.table.length
+
+    @property
     def in_prefill(self) -> bool:
-        return self.n_prefilled < len(self.prompt)
+        """Not decoding, which feeds the last output token alone: a prompt, or a recompute, is still pending."""
+        return not self.output or self.n_pending > 1
+
+    def tokens(self, start: int, n: int) -> list[int]:
+        """``n`` tokens of prompt + output from position ``start``."""
+        p = len(self.prompt)
+        head = list(self.prompt[start:start + n]) if start < p else []
+        return head + self.output[max(start - p, 0):max(start + n - p, 0)]
 
 
 class Scheduler:
@@ -184,6 +208,7 @@ class Scheduler:
         self._thread_exit = False
         self._shutdown_lock = threading.Lock()
         self.step_count = 0
+        self.preemptions = 0
 
     # --- the thread-safe surface ------------------------------------------------------------------------------
 
@@ -194,7 +219,8 @@ class Scheduler:
     def submit(self, request: Request) -> Request:
         if not request.prompt:
             raise ValueError("prompt is empty: it needs at least one token")
-        total = len(request.prompt) + request.params.max_tokens
+        # A request alone must always fit, or preemption could never make room for it.
+        total = len(request.prompt) + (request.params.max_tokens or 1)
         if total > self.max_tokens_capacity():
             raise ValueError(f"prompt ({len(request.prompt)} tokens) + max_tokens ({request.params.max_tokens}) "
                              f"exceeds what one request can hold ({self.max_tokens_capacity()} tokens)")
@@ -290,31 +316,25 @@ class Scheduler:
         self._admit()
         self.step_count += 1
         self.metrics.steps.inc()
-        budget = self.config.max_batch_tokens
-        decoding = [r for r in self.running if not r.in_prefill]
+        decoding, chunks = self._plan()
         if decoding:
-            rows = self._rows([[r.output[-1]] for r in decoding], decoding)
+            rows = self._run(decoding, [r.tokens(r.table.length, 1) for r in decoding])
             found = [x for x in rows if x is not None]
             # Greedy rows (the common case) take one argmax over the batch instead of one call per row.
             argmax = iter(torch.stack(found).argmax(-1).tolist() if found else [])
             for req, logits in zip(decoding, rows, strict=True):
                 if logits is not None:
                     self._emit(req, logits, next(argmax))
-            budget -= len(decoding)
-        chunks: list[tuple[Request, int]] = []
-        for req in self.running:
-            if req.in_prefill and budget > 0:
-                chunks.append((req, min(len(req.prompt) - req.n_prefilled, budget)))
-                budget -= chunks[-1][1]
         if chunks:
             reqs = [r for r, _ in chunks]
-            ids = [list(r.prompt[r.n_prefilled:r.n_prefilled + n]) for r, n in chunks]
-            for (req, n), logits in zip(chunks, self._rows(ids, reqs), strict=True):
+            ids = [r.tokens(r.table.length, n) for r, n in chunks]
+            for req, logits in zip(reqs, self._run(reqs, ids), strict=True):
                 if logits is None:
                     continue
-                req.n_prefilled += n
-                self.metrics.prompt_tokens.inc(n)
-                if not req.in_prefill:
+                counted = min(req.table.length, len(req.prompt))
+                self.metrics.prompt_tokens.inc(max(counted - req.n_prefilled, 0))
+                req.n_prefilled = max(req.n_prefilled, counted)
+                if req.n_pending == 0:  # the chunk reached the last token: its logits choose the next one
                     self._emit(req, logits)
         self._update_gauges()
         self.check_invariants()
@@ -346,7 +366,9 @@ class Scheduler:
                 if not self.waiting or len(self.running) >= self.config.max_batch_size:
                     return
                 req = self.waiting[0]
-                if not self.pool.reserve(req.table, len(req.prompt) + req.params.max_tokens):
+                # A block to spare per running sequence, so that admitting does not preempt at the next step.
+                spare = self.pool.free_blocks - self.pool.blocks_for(req.n_tokens)
+                if spare < len(self.running) or not self.pool.reserve(req.table, req.n_tokens):
                     return  # first come, first served: later requests do not overtake one that waits for room
                 self.waiting.popleft()
                 self.running.append(req)  # from here on it owns blocks: a failure below must return them
@@ -359,9 +381,10 @@ class Scheduler:
                 self._fail(req, e)
 
     def _setup(self, req: Request) -> None:
-        """What a request needs before its first forward, made when it joins the batch."""
+        """What a request needs before its first forward, made when it first joins the batch (a preempted
+        request keeps its generator, so its samples do not change)."""
         seed = req.params.seed
-        if seed is not None:
+        if seed is not None and req.generator is None:
             generator = torch.Generator(device=self.device)
             try:
                 generator.manual_seed(seed)
@@ -369,6 +392,67 @@ class Scheduler:
                 raise InvalidRequestError("seed", f"{seed} cannot seed a random generator ({e}); use an integer "
                                           "in [-2**63, 2**64)") from None
             req.generator = generator
+
+    def _plan(self) -> tuple[list[Request], list[tuple[Request, int]]]:
+        """This step's decoding rows and prefill chunks (request, tokens), oldest request first, with the blocks
+        for their new tokens allocated; preempts the newest running requests when the pool runs out."""
+        budget = self.config.max_batch_tokens - sum(not r.in_prefill for r in self.running)
+        decoding: list[Request] = []
+        chunks: list[tuple[Request, int]] = []
+        i = 0
+        while i < len(self.running):
+            req = self.running[i]
+            prefill = req.in_prefill
+            n = min(req.n_pending, budget) if prefill else 1
+            if n > 0:
+                n = self._allocate(req, n)
+                if n == 0:  # req itself was preempted: it was the newest, nothing is left to plan
+                    break
+                if prefill:
+                    chunks.append((req, n))
+                    budget -= n
+                else:
+                    decoding.append(req)
+            i += 1
+        return decoding, chunks
+
+    def _allocate(self, req: Request, n: int) -> int:
+        """Blocks for ``n`` more tokens of ``req``, preempting the newest running requests (never an older one)
+        until they fit. If ``req`` is itself the newest, a prefill chunk shrinks to the room left; otherwise
+        ``req`` is preempted. Returns the tokens it may append (0: preempted)."""
+        bs = self.pool.block_size
+        while not self.pool.reserve(req.table, req.table.length + n):
+            victim = self.running[-1]
+            if victim is not req:
+                self._preempt(victim)
+                continue
+            room = (len(req.table.blocks) + self.pool.free_blocks) * bs - req.table.length
+            if req.in_prefill and room > 0:
+                n = min(n, room)
+                continue
+            self._preempt(req)
+            return 0
+        return n
+
+    def _preempt(self, req: Request) -> None:
+        """Free ``req``'s blocks and put it back at the head of the queue, to be recomputed from its tokens."""
+        self.running.remove(req)
+        self.pool.release(req.table)
+        if not self.running:  # alone and still out of room: submit's check should make this impossible
+            self._fail(req, RuntimeError(f"{req.n_tokens} tokens do not fit the whole cache "
+                                         f"({self.max_tokens_capacity()} tokens)"))
+            return
+        self.preemptions += 1
+        with self._lock:
+            self.waiting.appendleft(req)
+
+    def _run(self, reqs: list[Request], ids: list[list[int]]) -> list[torch.Tensor | None]:
+        """Each row's last logits, from one forward per group of rows of similar length (``plan_gathers``)."""
+        out: list[torch.Tensor | None] = [None] * len(reqs)
+        for group in plan_gathers([r.table.length for r in reqs], [len(x) for x in ids]):
+            for j, logits in zip(group, self._rows([ids[j] for j in group], [reqs[j] for j in group]), strict=True):
+                out[j] = logits
+        return out
 
     def _drop(self, req: Request) -> None:
         """Take ``req`` out of the queue or the batch and return its blocks."""
@@ -438,7 +522,8 @@ class Scheduler:
             return
         if token in p.stop_token_ids and not p.ignore_eos:
             reason: str | None = "stop"
-        elif len(req.output) >= p.max_tokens or len(req.prompt) + len(req.output) >= self.max_seq_len:
+        elif (p.max_tokens is not None and len(req.output) >= p.max_tokens) or \
+                req.n_tokens >= self.max_tokens_capacity():
             reason = "length"
         else:
             reason = None
