@@ -77,9 +77,11 @@ def check_private_dir(path: Path) -> str | None:
         st = os.lstat(path)
     except OSError as e:
         return f"{path} cannot be created: {e}"
+    risk = "a library someone else put there would run in this process"
     if not stat.S_ISDIR(st.st_mode):
-        return f"{path} is not a directory (a symbolic link is not accepted)"
-    return _unsafe(st, str(path))
+        return f"{path} is not a directory (a symbolic link is not accepted: {risk})"
+    problem = _unsafe(st, str(path))
+    return None if problem is None else f"{problem}: {risk}"
 
 
 @functools.cache
@@ -96,9 +98,8 @@ def cache_dir() -> Path:
     problem = check_private_dir(wanted)
     if problem is None:
         return wanted
-    _warn_once(f"not using the kernel cache: {problem}; anyone who can write there could make this process run "
-               f"their code. Building in a private temporary directory instead (set {env.CACHE} to a directory "
-               f"only you can write to keep builds between runs).")
+    _warn_once(f"not using the kernel cache: {problem}. Building in a private temporary directory instead (set "
+               f"{env.CACHE} to a directory only you can write to keep builds between runs).")
     return _fallback_dir()
 
 
