@@ -96,6 +96,8 @@ void tile_int4(const Problem& p, int64_t n0, int64_t m0) {
 }  // namespace scalar
 
 #ifdef DSM_X86
+// The avx2 and avx512 tiles are one algorithm at two vector widths, written twice on purpose: a body shared
+// through templates would be compiled without the target attribute, and GCC refuses to inline intrinsics there.
 namespace avx2 {
 
 DSM_AVX2 inline float hsum(__m256 v) {
