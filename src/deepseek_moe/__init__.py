@@ -1,8 +1,8 @@
 """deepseek_moe: DeepSeekMoE in PyTorch — the layer, the language model, training and expert parallelism."""
 
+from deepseek_moe.adapters.pretrained import from_pretrained
 from deepseek_moe.config import ModelConfig, MoEConfig
 from deepseek_moe.infer.generate import GenerateOutput, generate
-from deepseek_moe.io import load_pretrained as from_pretrained
 from deepseek_moe.io import save_pretrained
 from deepseek_moe.model.causal_lm import CausalLMOutput, DeepSeekMoEForCausalLM
 from deepseek_moe.model.counting import count_parameters, flops_per_token, kv_cache_bytes_per_token

@@ -129,7 +129,7 @@ def _per_token_reference(experts: RoutedExperts, lora: ExpertLoRA, x_AD, counts_
         B_gu, A_gu = d(lora.gate_up_B[e]), d(lora.gate_up_A[e])
         w1 = d(experts.w1[e]) + s * B_gu[:F_] @ A_gu
         w3 = d(experts.w3[e]) + s * B_gu[F_:] @ A_gu
-        w2 = d(experts.w2[e]) + s * d(lora.down_B[e]) @ d(lora.down_A[e])
+        w2 = d(experts.w2[e]) + lora.down_scaling * d(lora.down_B[e]) @ d(lora.down_A[e])
         out.append(w2 @ (F.silu(w1 @ x) * (w3 @ x) * float(gates_A[a])))
     return torch.stack(out)
 
@@ -138,7 +138,7 @@ def _per_token_reference(experts: RoutedExperts, lora: ExpertLoRA, x_AD, counts_
 def test_expert_lora_on_every_grouped_path_equals_a_per_token_loop(counts):
     torch.manual_seed(0)
     experts = RoutedExperts(4, 16, 8, init_std=0.3)
-    lora = ExpertLoRA(experts, LoRAConfig(r=4, alpha=4.0, init="random"))
+    lora = ExpertLoRA(experts, LoRAConfig(r=4, alpha=4.0, init="random"), down=LoRAConfig(r=3, alpha=9.0))
     experts.adapter = lora
     counts_E = torch.tensor(counts)
     x = torch.randn(int(counts_E.sum()), 16)

@@ -76,21 +76,25 @@ class LoRALinear(Linear):
 class ExpertLoRA(nn.Module):
     """Per-expert LoRA for :class:`RoutedExperts` (set as its ``adapter``): gate_up and down pairs, see above."""
 
-    def __init__(self, experts: RoutedExperts, cfg: LoRAConfig, *, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, experts: RoutedExperts, cfg: LoRAConfig, *, down: LoRAConfig | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        """``down``: the down pair's rank and scale where they differ from gate_up's (an adapter PEFT wrote with a
+        rank_pattern); else ``cfg``'s."""
         super().__init__()
+        down = down or cfg
         E, F_, D = experts.w1.shape
-        device, r = experts.w1.device, cfg.r
-        self.gate_up_A = nn.Parameter(torch.empty(E, r, D, dtype=dtype, device=device))
-        self.gate_up_B = nn.Parameter(torch.zeros(E, 2 * F_, r, dtype=dtype, device=device))
-        self.down_A = nn.Parameter(torch.empty(E, r, F_, dtype=dtype, device=device))
-        self.down_B = nn.Parameter(torch.zeros(E, D, r, dtype=dtype, device=device))
-        self.scaling = cfg.scaling
+        device = experts.w1.device
+        self.gate_up_A = nn.Parameter(torch.empty(E, cfg.r, D, dtype=dtype, device=device))
+        self.gate_up_B = nn.Parameter(torch.zeros(E, 2 * F_, cfg.r, dtype=dtype, device=device))
+        self.down_A = nn.Parameter(torch.empty(E, down.r, F_, dtype=dtype, device=device))
+        self.down_B = nn.Parameter(torch.zeros(E, D, down.r, dtype=dtype, device=device))
+        self.scaling, self.down_scaling = cfg.scaling, down.scaling
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         _uniform_fan_in(self.gate_up_A, D)
         _uniform_fan_in(self.down_A, F_)
         if cfg.init == "random":
-            _uniform_fan_in(self.gate_up_B, r, RANDOM_B_GAIN)
-            _uniform_fan_in(self.down_B, r, RANDOM_B_GAIN)
+            _uniform_fan_in(self.gate_up_B, cfg.r, RANDOM_B_GAIN)
+            _uniform_fan_in(self.down_B, down.r, RANDOM_B_GAIN)
 
     def gate_up(self, x_AD: torch.Tensor, counts_E: torch.Tensor,
                 product: GroupedProduct) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,13 +109,13 @@ class ExpertLoRA(nn.Module):
         """The down projection's low-rank term (A, D)."""
         dtype = h_AF.dtype
         t_Ar = product(self.dropout(h_AF), self.down_A.to(dtype), counts_E)
-        return product(t_Ar, self.down_B.to(dtype), counts_E) * self.scaling
+        return product(t_Ar, self.down_B.to(dtype), counts_E) * self.down_scaling
 
     def merge_into(self, experts: RoutedExperts) -> None:
         """Fold every expert's ``scaling * B A`` into w1, w3 (gate_up's halves) and w2."""
         gu = torch.bmm(self.gate_up_B.float(), self.gate_up_A.float()) * self.scaling  # (E, 2F, D)
         dw1, dw3 = gu.chunk(2, dim=1)
-        dw2 = torch.bmm(self.down_B.float(), self.down_A.float()) * self.scaling  # (E, D, F)
+        dw2 = torch.bmm(self.down_B.float(), self.down_A.float()) * self.down_scaling  # (E, D, F)
         with torch.no_grad():
             for w, d in ((experts.w1, dw1), (experts.w3, dw3), (experts.w2, dw2)):
                 w.add_(d.to(w.dtype))

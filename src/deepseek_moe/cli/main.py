@@ -22,6 +22,7 @@ COMMANDS = (
     "deepseek_moe.cli.serve_cmd",
     "deepseek_moe.cli.export_cmd",
     "deepseek_moe.cli.ablate_cmd",
+    "deepseek_moe.cli.merge_cmd",
 )
 
 
