@@ -167,6 +167,42 @@ def name_dims(path: Path, dim_names: Mapping[str, Sequence[str | None]]) -> None
     onnx.save(model, str(path))
 
 
+def free_output_dims(path: Path) -> None:
+    """Output dims the exporter fixed to an example's size (a batch of 1 traced with a dynamic batch) but that
+    the graph computes from its inputs are made symbolic: ONNX Runtime otherwise warns "Expected shape {1,3}
+    ... actual {8,3}" on every call. ONNX shape inference, run on the graph with the outputs' shapes cleared,
+    says which dims are constant; the others take its symbol (or ``<output>_dim<i>``)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    fixed = [o for o in model.graph.output if any(d.HasField("dim_value") for d in o.type.tensor_type.shape.dim)]
+    if not fixed:
+        return
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for o in probe.graph.output:
+        o.type.tensor_type.ClearField("shape")
+    del probe.graph.value_info[:]
+    try:
+        inferred = {o.name: o for o in onnx.shape_inference.infer_shapes(probe, data_prop=True).graph.output}
+    except Exception:  # inference can fail on exotic ops; then every fixed dim is freed
+        inferred = {}
+    changed = False
+    for out in fixed:
+        dims = inferred[out.name].type.tensor_type.shape.dim if out.name in inferred else []
+        for i, dim in enumerate(out.type.tensor_type.shape.dim):
+            if not dim.HasField("dim_value"):
+                continue
+            known = dims[i] if i < len(dims) else None
+            if known is not None and known.HasField("dim_value") and known.dim_value == dim.dim_value:
+                continue  # a true constant (a classifier's 3 classes)
+            symbol = known.dim_param if known is not None and known.HasField("dim_param") else ""
+            dim.dim_param = symbol if symbol and not symbol.startswith("unk__") else f"{out.name}_dim{i}"
+            changed = True
+    if changed:
+        onnx.save(model, str(path))
+
+
 def fold_weight_constants(model: Any) -> None:
     """Fold computations on weights into initializers, however large (the exporter's own pass stops at 256K
     elements). Without this an LSTM's gates are re-ordered from PyTorch's layout to ONNX's by Slice/Concat on
@@ -210,6 +246,7 @@ def export_graph(module: nn.Module, path: Path, example_inputs: tuple[Any, ...],
             raise ExportError("torch.onnx.export returned no program")
         fold_weight_constants(program.model)
         program.save(str(path), external_data=external_data)
+        free_output_dims(path)
     finally:
         registration_log.setLevel(level)
         module.train(was_training)
@@ -237,6 +274,18 @@ def to_onnx(module: nn.Module, path: str | os.PathLike[str], example_inputs: tup
     if external_data is None:
         n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
         external_data = n_bytes > EXTERNAL_DATA_BYTES
+    modes = {m: m.training for m in module.modules()}  # the caller's train/eval state, restored after
+    try:
+        _export(module, path, example_inputs, names, shapes, dynamic_shapes is None, output_names, opset_version,
+                external_data)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return path
+
+
+def _export(module: nn.Module, path: Path, example_inputs: tuple[Any, ...], names: list[str], shapes: Any,
+            default_shapes: bool, output_names: list[str] | None, opset_version: int, external_data: bool) -> None:
     with dense_moe_layers(module) as exportable:
         if output_names is None:
             with torch.no_grad():
@@ -247,11 +296,10 @@ def to_onnx(module: nn.Module, path: str | os.PathLike[str], example_inputs: tup
             export_graph(exportable, stage / path.name, example_inputs, input_names=names,
                          output_names=output_names, dynamic_shapes=shapes, opset_version=opset_version,
                          external_data=external_data)
-            if dynamic_shapes is None:
+            if default_shapes:
                 flat = _flat_tensors(example_inputs)
                 name_dims(stage / path.name, {n: ["batch", "seq" if t.dim() >= 3 else None]
                                               for n, t in zip(names, flat, strict=False)})
-    return path
 
 
 def _flat_tensors(x: Any) -> list[torch.Tensor]:

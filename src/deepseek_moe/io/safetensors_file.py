@@ -167,6 +167,12 @@ class SafetensorsWriter:
         if data.numel():
             self._write(memoryview(data.numpy()))  # type: ignore[arg-type]
 
+    def abort(self) -> None:
+        """Close without the checks (the write failed; the caller discards the file)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
     def close(self) -> None:
         """Check every declared tensor was written, flush to disk and close."""
         if self._fd < 0:

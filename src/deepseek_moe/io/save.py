@@ -6,8 +6,8 @@ The format is the most widely readable one that expresses the model exactly:
 * MHA models that DeepSeekMoE 16B's published layout holds: it (``model_type: "deepseek"``);
 * anything else (softmax scores with the routing bias, say): our own documented format (io/native.py).
 
-Files are written under temporary names and renamed into place, config.json last, so an interrupted save never
-leaves a directory that looks complete.
+The directory is written beside its destination and swapped into place in one step (io/atomic.py): a reader
+sees the old checkpoint or the new one, never a mix, and an interrupted save leaves the old one.
 """
 
 from __future__ import annotations
@@ -16,13 +16,15 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from deepseek_moe.io.atomic import staged_checkpoint
 from deepseek_moe.io.hf import config_to_hf, hf_model_type, ours_to_hf
 from deepseek_moe.io.hf_deepseek import config_to_deepseek, deepseek_incompatibility
 from deepseek_moe.io.load import CONFIG_FILE, DTYPES, INDEX_FILE, SINGLE_FILE, TOKENIZER_FILE
@@ -100,9 +102,8 @@ def checkpoint_plan(model: DeepSeekMoEForCausalLM, *, shapes: Mapping[str, tuple
         config = native_config_json(cfg, dtype=dtype)
     else:
         config = config_to_hf(cfg, dtype=dtype)
-    quant = quantization_config if quantization_config is not None else getattr(model, "quantization_config", None)
-    if quant:
-        config["quantization_config"] = dict(quant)
+    if quantization_config:
+        config["quantization_config"] = dict(quantization_config)
     entries = _native_entries(model, shapes) if fmt == FORMAT else _hf_entries(model, shapes)
     return Plan(fmt, config, entries, {"format": FORMAT if fmt == FORMAT else "pt"})
 
@@ -185,26 +186,34 @@ def _dtype_name(model: torch.nn.Module) -> str | None:
 
 def save_pretrained(model: DeepSeekMoEForCausalLM, path: str | os.PathLike[str], *,
                     max_shard_size: int | str = "5GB",
-                    quantization_config: Mapping[str, Any] | None = None) -> str:
+                    quantization_config: Mapping[str, Any] | None = None,
+                    extra_files: Sequence[str | os.PathLike[str]] = ()) -> str:
     """Write config.json, model.safetensors (or shards + index) and tokenizer.json; returns the format written
-    (see the module docstring). ``quantization_config`` (default: the model's attribute of that name, set by
-    quant/) is written into config.json as is."""
+    (see the module docstring). ``quantization_config`` is written into config.json as is. ``extra_files``
+    (tokenizer_config.json, say) are copied in with them, in the same atomic step."""
     from deepseek_moe.quant import quant_config_of, save_quantized
 
     if quant_config_of(model) is not None:
-        save_quantized(model, path)  # our weight-only format (deepseek_moe.quant.format)
-        return "deepseek_moe_quantized"
+        save_quantized(model, path, max_shard_size=max_shard_size, extra_files=extra_files)
+        return "deepseek_moe_quantized"  # our weight-only format (deepseek_moe.quant.format)
     plan = checkpoint_plan(model, quantization_config=quantization_config)
     write_checkpoint(Path(path), _entry_tensors(model, plan.entries), plan.config, parse_size(max_shard_size),
-                     getattr(model, "tokenizer", None), metadata=plan.metadata)
+                     getattr(model, "tokenizer", None), metadata=plan.metadata, extra_files=extra_files)
     return plan.format
 
 
+def replaced_by_a_save(name: str) -> bool:
+    """The files of a checkpoint directory a new save replaces (the rest, e.g. a README, are kept)."""
+    return name in (CONFIG_FILE, INDEX_FILE, TOKENIZER_FILE) or (name.startswith("model") and ".safetensors" in name)
+
+
 def write_checkpoint(path: Path, entries: Iterator[tuple[str, torch.Tensor]], config: Mapping[str, Any],
-                     limit: int, tokenizer: Any, *, metadata: dict[str, str]) -> None:
+                     limit: int, tokenizer: Any, *, metadata: dict[str, str],
+                     extra_files: Sequence[str | os.PathLike[str]] = ()) -> None:
     """Shards of at most ``limit`` bytes (one tensor may exceed it), written one at a time, each tensor streamed
-    into its file (``SafetensorsWriter``)."""
-    path.mkdir(parents=True, exist_ok=True)
+    into its file (``SafetensorsWriter``), in a directory beside ``path`` that then replaces it in one step
+    (io/atomic.py): a reader sees the old checkpoint or the new one, never a mix, and an interrupted save
+    leaves the old one. ``extra_files`` are copied in beside the weights."""
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = total = 0
     for key, tensor in entries:
@@ -217,35 +226,27 @@ def write_checkpoint(path: Path, entries: Iterator[tuple[str, torch.Tensor]], co
         total += nbytes
     names = ([SINGLE_FILE] if len(shards) == 1
              else [f"model-{n:05d}-of-{len(shards):05d}.safetensors" for n in range(1, len(shards) + 1)])
-    tmp = f".tmp-{os.getpid()}"
-    written: list[tuple[Path, Path]] = []
-    for name, shard in zip(names, shards, strict=True):
-        target = path / name
-        # Streamed a tensor at a time from the model's own storage: no copy of the shard is assembled first.
-        writer = SafetensorsWriter(str(target) + tmp, [(k, t.dtype, tuple(t.shape)) for k, t in shard], metadata)
-        try:
-            for k, t in shard:
-                writer.write(k, t)
-        finally:
+    with staged_checkpoint(path, replaces=replaced_by_a_save) as stage:
+        for name, shard in zip(names, shards, strict=True):
+            # Streamed a tensor at a time from the model's own storage: no copy of the shard is assembled first.
+            writer = SafetensorsWriter(stage / name, [(k, t.dtype, tuple(t.shape)) for k, t in shard], metadata)
+            try:
+                for k, t in shard:
+                    writer.write(k, t)
+            except BaseException:
+                writer.abort()  # the original error, not the writer's complaint about unwritten tensors
+                raise
             writer.close()
-        written.append((Path(str(target) + tmp), target))
-    if len(shards) > 1:
-        weight_map = {k: name for name, shard in zip(names, shards, strict=True) for k, _ in shard}
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (path / (INDEX_FILE + tmp)).write_text(json.dumps(index, indent=2) + "\n")
-        written.append((path / (INDEX_FILE + tmp), path / INDEX_FILE))
-    if tokenizer is not None:
-        tokenizer.save(str(path / (TOKENIZER_FILE + tmp)))
-        written.append((path / (TOKENIZER_FILE + tmp), path / TOKENIZER_FILE))
-    (path / (CONFIG_FILE + tmp)).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    written.append((path / (CONFIG_FILE + tmp), path / CONFIG_FILE))
-    # Only now replace: stale shards of an earlier save go first, config.json is renamed last.
-    keep = {target for _, target in written}
-    for stale in [*path.glob("model*.safetensors"), path / INDEX_FILE]:
-        if stale not in keep:
-            stale.unlink(missing_ok=True)
-    for src, target in written:
-        os.replace(src, target)
+        if len(shards) > 1:
+            weight_map = {k: name for name, shard in zip(names, shards, strict=True) for k, _ in shard}
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (stage / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(str(stage / TOKENIZER_FILE))
+        for extra in map(Path, extra_files):
+            shutil.copy2(extra, stage / extra.name)
+        (stage / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-__all__ = ["Entry", "Plan", "checkpoint_format", "checkpoint_plan", "parse_size", "save_pretrained", "write_checkpoint"]
+__all__ = ["Entry", "Plan", "checkpoint_format", "checkpoint_plan", "parse_size", "replaced_by_a_save", "save_pretrained",
+           "write_checkpoint"]

@@ -14,14 +14,14 @@ over several safetensors files listed by ``model.safetensors.index.json``: every
 expert's matrix in the Hugging Face layout) is written by a rank that holds it whole when one does (the ranks'
 loads balanced in bytes), else gathered onto one rank alone, one tensor at a time, from the ranks holding its
 parts. Each writing rank streams its own file; rank 0 writes the index, config.json and tokenizer.json. The
-directory is built beside the target and renamed into place, so a crash leaves the old one or the new one.
+directory is built beside the target and swapped into place in one step (io/atomic.py), so a reader sees the old
+one or the new one, never a mix or nothing.
 All ranks must see the same file system (one machine, or a shared one).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +184,7 @@ def save_pretrained_sharded(model: DeepSeekMoEForCausalLM, path: str | os.PathLi
     rank calls it. The tensors equal those ``save_pretrained`` writes for the same weights on one process (see the
     module docstring for who writes what); without a process group (or with one process) it is
     ``save_pretrained``. Returns the format written (``save_pretrained``'s)."""
+    from deepseek_moe.io.atomic import stage_path
     from deepseek_moe.io.load import CONFIG_FILE, INDEX_FILE, TOKENIZER_FILE
     from deepseek_moe.io.safetensors_file import SafetensorsWriter
     from deepseek_moe.io.save import checkpoint_plan, save_pretrained
@@ -206,7 +207,9 @@ def save_pretrained_sharded(model: DeepSeekMoEForCausalLM, path: str | os.PathLi
     final = Path(path)
     token = [f"{os.getpid()}-{time.time_ns()}" if rank == 0 else ""]
     dist.broadcast_object_list(token, src=0)
-    tmp = final.parent / f".{final.name}.tmp-{token[0]}"
+    if final.is_symlink():
+        final = final.resolve()
+    tmp = stage_path(final, token[0])
     if rank == 0:
         tmp.mkdir(parents=True)
     dist.barrier()
@@ -228,34 +231,27 @@ def save_pretrained_sharded(model: DeepSeekMoEForCausalLM, path: str | os.PathLi
     dist.barrier()
 
     if rank == 0:
-        _finish_dir(final, tmp, token[0], plan.config, {j.entry.key: names[j.writer] for j in jobs},
+        _finish_dir(final, tmp, plan.config, {j.entry.key: names[j.writer] for j in jobs},
                     sum(j.entry.nbytes for j in jobs), getattr(model, "tokenizer", None),
                     config_file=CONFIG_FILE, index_file=INDEX_FILE, tokenizer_file=TOKENIZER_FILE)
     dist.barrier()
     return plan.format
 
 
-def _finish_dir(final: Path, tmp: Path, token: str, config: dict[str, Any], weight_map: dict[str, str], total: int,
+def _finish_dir(final: Path, tmp: Path, config: dict[str, Any], weight_map: dict[str, str], total: int,
                 tokenizer: Any, *, config_file: str, index_file: str, tokenizer_file: str) -> None:
     """Rank 0: the index, tokenizer and config.json beside the shards, then the directory swapped into place."""
     import json
+
+    from deepseek_moe.io.atomic import replace_directory
+    from deepseek_moe.io.save import replaced_by_a_save
 
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / index_file).write_text(json.dumps(index, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(str(tmp / tokenizer_file))
     (tmp / config_file).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for p in tmp.iterdir():
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    old = final.parent / f".{final.name}.old-{token}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_directory(tmp, final, replaces=replaced_by_a_save)  # in one step: old or new, never a mix
 
 
 __all__ = ["load_pretrained_sharded", "local_shards", "save_pretrained_sharded"]

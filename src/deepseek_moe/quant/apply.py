@@ -1,8 +1,8 @@
 """Swap a model's float linears and routed experts for their quantised twins.
 
 The model itself never learns it is quantised: the twins keep the forward signatures, and the chosen
-:class:`QuantConfig` is recorded as the attribute ``quant_config`` on the model (None or absent: full
-precision), which saving and loading read.
+:class:`QuantConfig` is recorded as the attribute ``quantization_config`` on the model (None or absent: full
+precision; the name transformers and config.json use), which saving and loading read.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from deepseek_moe.quant.modules import QuantLinear, QuantRoutedExperts
 
 
 def quant_config_of(model: nn.Module) -> QuantConfig | None:
-    cfg = getattr(model, "quant_config", None)
+    cfg = getattr(model, "quantization_config", None)
     return cfg if isinstance(cfg, QuantConfig) else None
 
 
@@ -63,7 +63,7 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
             assert isinstance(module, nn.Linear)
             new = QuantLinear.from_linear(module, bits=qcfg.bits, group_size=qcfg.group_size)
         _swap(model, name, new)
-    setattr(model, "quant_config", qcfg)  # noqa: B010 (the model class does not declare it, on purpose)
+    setattr(model, "quantization_config", qcfg)  # noqa: B010 (the model class does not declare it, on purpose)
     return model
 
 
@@ -81,5 +81,5 @@ def prepare_model(model: nn.Module, qcfg: QuantConfig, *, dtype: torch.dtype = t
             new = QuantLinear(module.in_features, module.out_features, bits=qcfg.bits, group_size=qcfg.group_size,
                               bias=module.bias is not None, dtype=dtype, device=module.weight.device)
         _swap(model, name, new)
-    setattr(model, "quant_config", qcfg)  # noqa: B010 (the model class does not declare it, on purpose)
+    setattr(model, "quantization_config", qcfg)  # noqa: B010 (the model class does not declare it, on purpose)
     return model

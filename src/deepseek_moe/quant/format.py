@@ -19,7 +19,7 @@ io/save.py's writer; loading goes through io's streaming loader with the hooks o
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -82,9 +82,9 @@ def _entries(model: DeepSeekMoEForCausalLM) -> Iterator[tuple[str, torch.Tensor]
 
 
 def save_quantized(model: DeepSeekMoEForCausalLM, path: str | os.PathLike[str], *,
-                   max_shard_size: int | str = "5GB") -> None:
+                   max_shard_size: int | str = "5GB", extra_files: Sequence[str | os.PathLike[str]] = ()) -> None:
     """Write a quantised model: config.json (with quantization_config), safetensors shards, tokenizer.json.
-    Written by io/save.py's writer (atomic: temporary names renamed into place, config.json last)."""
+    Written by io/save.py's writer (atomic: built beside ``path``, swapped into place in one step)."""
     from deepseek_moe.io.save import parse_size, write_checkpoint
 
     qcfg = quant_config_of(model)
@@ -93,4 +93,4 @@ def save_quantized(model: DeepSeekMoEForCausalLM, path: str | os.PathLike[str], 
     config = config_to_hf(model.config, dtype=_DTYPE_NAMES.get(model.embed.weight.dtype))
     config["quantization_config"] = qcfg.to_hf()
     write_checkpoint(Path(path), _entries(model), config, parse_size(max_shard_size), getattr(model, "tokenizer", None),
-                     metadata={"format": "pt"})
+                     metadata={"format": "pt"}, extra_files=extra_files)

@@ -153,10 +153,13 @@ def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | str | N
 def quantize_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str], qcfg: QuantConfig) -> Path:
     """Write ``out``, the quantised form of checkpoint ``src`` (read tensor by tensor and quantised while
     streaming; the quantised model is held, then written). An already-quantised ``src`` with the same bits is
-    copied; other bits are an error."""
+    copied; other bits are an error. Either way ``out`` is replaced in one step (io/atomic.py): whatever
+    checkpoint it held before (a stale index, more shards) is gone, other files are kept."""
     import shutil
 
     from deepseek_moe.io import load_pretrained, read_config, save_pretrained
+    from deepseek_moe.io.atomic import staged_checkpoint
+    from deepseek_moe.io.save import replaced_by_a_save
 
     src, out = Path(src), Path(out)
     raw, _ = read_config(src)
@@ -164,11 +167,10 @@ def quantize_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str]
     if stored is not None:
         resolve_quant_config(raw, qcfg, str(src))  # raises on other bits
         if src.resolve() != out.resolve():
-            shutil.copytree(src, out, dirs_exist_ok=True)
+            with staged_checkpoint(out, replaces=replaced_by_a_save) as stage:
+                shutil.copytree(src, stage, dirs_exist_ok=True)
         return out
     model = load_pretrained(src, quantize=qcfg)
-    save_pretrained(model, out)
-    for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-        if (src / name).is_file():
-            shutil.copy2(src / name, out / name)
+    extras = [src / n for n in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")]
+    save_pretrained(model, out, extra_files=[p for p in extras if p.is_file()])
     return out
