@@ -203,8 +203,9 @@ def save_pretrained(model: DeepSeekMoEForCausalLM, path: str | os.PathLike[str],
 
 
 def replaced_by_a_save(name: str) -> bool:
-    """The files of a checkpoint directory a new save replaces (the rest, e.g. a README, are kept)."""
-    return name in (CONFIG_FILE, INDEX_FILE, TOKENIZER_FILE) or (name.startswith("model") and ".safetensors" in name)
+    """The files of a checkpoint directory a new save replaces: its config, tokenizer and every safetensors file
+    or index (weights the new checkpoint does not name are stale). The rest, e.g. a README, are kept."""
+    return name in (CONFIG_FILE, TOKENIZER_FILE) or ".safetensors" in name
 
 
 def write_checkpoint(path: Path, entries: Iterator[tuple[str, torch.Tensor]], config: Mapping[str, Any],
