@@ -84,7 +84,7 @@ def test_preempted_requests_give_the_output_of_an_unpreempted_run() -> None:
     s = Scheduler(model, blocks_config(model, 13, max_batch_size=8, max_batch_tokens=16))
     out = [submit(s, p, max_tokens=20) for p in ps[:4]] + [submit(s, ps[4], **sampled)]
     run_all(s)
-    assert s.preemptions > 0
+    assert s.preemptions > 0 and f"deepseek_moe_preemptions_total {s.preemptions}" in s.metrics.render()
     assert [c.tokens for c in out[:4]] == greedy
     assert out[4].tokens == unpreempted.tokens
     assert all(c.finish == FinishEvent("length") for c in out)

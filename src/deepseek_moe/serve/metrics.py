@@ -115,9 +115,11 @@ class ServeMetrics:
         self.forward_tokens = Counter(f"{p}_forward_tokens_total", "Tokens through model forwards.")
         self.queue_depth = Gauge(f"{p}_queue_depth", "Requests waiting for a batch row or cache blocks.")
         self.running = Gauge(f"{p}_running_batch_size", "Sequences in the running batch.")
-        self.kv_blocks_used = Gauge(f"{p}_kv_cache_blocks_used", "Cache blocks reserved by running sequences.")
+        self.kv_blocks_used = Gauge(f"{p}_kv_cache_blocks_used", "Cache blocks owned by running sequences.")
         self.kv_blocks_total = Gauge(f"{p}_kv_cache_blocks_total", "Cache blocks in the pool.")
         self.kv_tokens = Gauge(f"{p}_kv_cache_tokens", "Tokens held in the cache by running sequences.")
+        self.preemptions = Counter(f"{p}_preemptions_total", "Running requests preempted when the cache ran out "
+                                   "(blocks freed, recomputed from their tokens later).")
         self.time_to_first_token = Histogram(f"{p}_time_to_first_token_seconds",
                                              "From arrival to the first generated token.", TTFT_BUCKETS)
         self.time_per_output_token = Histogram(f"{p}_time_per_output_token_seconds",
@@ -146,7 +148,7 @@ class ServeMetrics:
         for metric in (self.requests_received, self.requests_finished, self.requests_rejected, self.prompt_tokens,
                        self.generation_tokens, self.steps, self.forward_seconds, self.forward_cpu_seconds,
                        self.forward_tokens, self.queue_depth, self.running, self.kv_blocks_used,
-                       self.kv_blocks_total, self.kv_tokens, self.time_to_first_token, self.time_per_output_token):
+                       self.kv_blocks_total, self.kv_tokens, self.preemptions, self.time_to_first_token, self.time_per_output_token):
             lines += [f"# HELP {metric.name} {metric.help}", f"# TYPE {metric.name} {metric.kind}"]
             lines += metric.samples()
         name = f"{PREFIX}_kv_cache_occupancy_ratio"

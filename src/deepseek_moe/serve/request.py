@@ -1,0 +1,108 @@
+"""What the scheduler is asked and what it answers: a request's sampling parameters, the events its sink receives
+(a TokenEvent per token, then exactly one FinishEvent), and the errors ``submit`` and a step can raise."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from deepseek_moe.model.kv_cache import BlockTable
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """temperature 0 is greedy; top_k None and top_p 1.0 disable them; generation stops after ``max_tokens``, at
+    a token in ``stop_token_ids`` (unless ``ignore_eos``) or at the most tokens one request can hold (the
+    context, or the whole cache if smaller; the only limit when ``max_tokens`` is None)."""
+
+    max_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token: int
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    """reason: "stop" (a stop token), "length" (max_tokens or the context), "cancelled", "invalid" (the request
+    cannot be served as asked: ``param`` names the field; an HTTP 400), "error" (it failed while being served;
+    a 500), "shutdown"."""
+
+    reason: str
+    error: str | None = None
+    param: str | None = None
+
+
+Event = TokenEvent | FinishEvent
+
+
+class QueueFullError(RuntimeError):
+    """``submit`` refused: ``max_queue`` requests are already waiting."""
+
+
+class SchedulerStoppedError(RuntimeError):
+    """``submit`` refused: the scheduler is shutting down."""
+
+
+class SchedulerInvariantError(RuntimeError):
+    """The scheduler's block ownership is inconsistent: a bug in the scheduler, not any request's fault."""
+
+
+class InvalidRequestError(ValueError):
+    """A request's parameter cannot be served (``param`` names it); ends that request with "invalid"."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+@dataclass(eq=False)
+class Request:
+    """A prompt and how to continue it. ``sink`` receives the request's events, from the scheduler's thread:
+    a TokenEvent per token, then exactly one FinishEvent."""
+
+    prompt: Sequence[int]
+    params: SamplingParams
+    sink: Callable[[Event], None]
+    id: int = field(default_factory=itertools.count().__next__)
+    arrival: float = field(default_factory=time.perf_counter)
+    # Filled in by the scheduler.
+    output: list[int] = field(default_factory=list)
+    table: BlockTable = field(default_factory=BlockTable)
+    n_prefilled: int = 0  # prompt tokens counted in the metrics (a recomputation does not count them again)
+    generator: torch.Generator | None = None
+    first_token_time: float = 0.0
+    last_token_time: float = 0.0
+    finished: bool = False
+
+    @property
+    def n_tokens(self) -> int:
+        """Prompt and output so far."""
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def n_pending(self) -> int:
+        """Tokens not yet in the cache: the last output token when decoding; more in a prompt or a recompute."""
+        return self.n_tokens - self.table.length
+
+    @property
+    def in_prefill(self) -> bool:
+        """Not decoding, which feeds the last output token alone: a prompt, or a recompute, is still pending."""
+        return not self.output or self.n_pending > 1
+
+    def tokens(self, start: int, n: int) -> list[int]:
+        """``n`` tokens of prompt + output from position ``start``."""
+        p = len(self.prompt)
+        head = list(self.prompt[start:start + n]) if start < p else []
+        return head + self.output[max(start - p, 0):max(start + n - p, 0)]
