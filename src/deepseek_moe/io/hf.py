@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from deepseek_moe.config import ModelConfig, MoEConfig
+from deepseek_moe.io.hf_common import FP8_METHOD, check_quantization, token_id
+from deepseek_moe.io.hf_deepseek import config_from_deepseek
 from deepseek_moe.io.recipe import with_published_recipe
 from deepseek_moe.model.rope import yarn_mscale
 
@@ -137,7 +138,6 @@ def ours_to_hf(name: str) -> tuple[str, bool] | None:
 # config.json -> ModelConfig
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
-OWN_QUANT_METHODS = ("deepseek_moe",)
 
 # transformers' defaults for the keys that change behaviour, used when config.json leaves them out.
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -155,16 +155,6 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
              "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
              "n_routed_experts", "num_experts_per_tok")
-
-
-def _token_id(value: Any, key: str, source: str) -> int | None:
-    if isinstance(value, list):
-        if not value:
-            return None
-        if len(value) > 1:
-            warnings.warn(f"{source}: {key} {value!r} is a list; keeping only the first id", stacklevel=3)
-        return int(value[0])
-    return value
 
 
 def _rope_fields(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -209,37 +199,12 @@ def _rope_fields(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
             "mscale": float(mscale), "mscale_all_dim": float(mscale_all_dim)}
 
 
-# quant_method values this loader reads: FP8 block-scaled (dequantised while streaming) and our own formats
-# (quant/ declares its method name and reads it through the same loader's hooks).
-FP8_METHOD = "fp8"
-
-
-def check_quantization(hf: Mapping[str, Any], source: str) -> None:
-    """Refuse a ``quantization_config`` this package cannot read, naming it."""
-    quant = hf.get("quantization_config")
-    if not quant:
-        return
-    method = quant.get("quant_method") if isinstance(quant, Mapping) else None
-    if method == FP8_METHOD:
-        from deepseek_moe.io.fp8 import fp8_block_size
-
-        fp8_block_size(quant, source)  # validates fmt and weight_block_size
-        return
-    if method in OWN_QUANT_METHODS:
-        return
-    raise ValueError(f"{source}: quantization_config.quant_method {method!r} is not supported; this loader reads "
-                     f"FP8 block-scaled checkpoints ('fp8', as DeepSeek-V3/R1 ship them) and its own "
-                     f"{', '.join(map(repr, OWN_QUANT_METHODS))}")
-
-
 def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json") -> ModelConfig:
     """Translate a Hugging Face DeepSeek ``config.json`` dict (``deepseek_v2``, ``deepseek_v3``, or DeepSeekMoE
     16B's ``deepseek``). Errors name ``source`` and the key. The MoE balance fields are the published training
     recipe that fits the routing (io/recipe.py), so fine-tuning a loaded model trains it as it was trained."""
     model_type = hf.get("model_type")
     if model_type == "deepseek":
-        from deepseek_moe.io.hf_deepseek import config_from_deepseek
-
         return config_from_deepseek(hf, source=source)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{source}: model_type {model_type!r} is not supported; expected one of "
@@ -318,8 +283,8 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json") -> Mod
             qk_nope_head_dim=int(hf["qk_nope_head_dim"]), qk_rope_head_dim=int(hf["qk_rope_head_dim"]),
             v_head_dim=int(hf["v_head_dim"]), rope_interleave=rope_interleave,
             norm_eps=float(get("rms_norm_eps")), tie_word_embeddings=bool(get("tie_word_embeddings")),
-            init_std=init_std, bos_token_id=_token_id(get("bos_token_id"), "bos_token_id", source),
-            eos_token_id=_token_id(get("eos_token_id"), "eos_token_id", source), **rope)
+            init_std=init_std, bos_token_id=token_id(get("bos_token_id"), "bos_token_id", source),
+            eos_token_id=token_id(get("eos_token_id"), "eos_token_id", source), **rope)
     except ValueError as err:  # the dataclasses' rules (ours), said about this file (HF key names differ)
         raise ValueError(f"{source}: {err}") from err
 
@@ -398,5 +363,5 @@ def config_to_hf(cfg: ModelConfig, *, dtype: str | None = None) -> dict[str, Any
     return out
 
 
-__all__ = ["FUSED_EXPERT_KEYS", "KEY_TABLE", "SUPPORTED_MODEL_TYPES", "config_from_hf", "config_to_hf",
+__all__ = ["FP8_METHOD", "FUSED_EXPERT_KEYS", "KEY_TABLE", "SUPPORTED_MODEL_TYPES", "config_from_hf", "config_to_hf",
            "hf_fused_to_ours", "hf_layer_index", "hf_model_type", "hf_to_ours", "ours_to_hf"]

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from deepseek_moe.config import ModelConfig, MoEConfig
+from deepseek_moe.io.hf_common import check_quantization, token_id
 
 MODEL_TYPE = "deepseek"
 ARCHITECTURE = "DeepseekForCausalLM"
@@ -34,8 +35,6 @@ REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_
 
 def config_from_deepseek(hf: Mapping[str, Any], *, source: str = "config.json") -> ModelConfig:
     """Translate a DeepSeekMoE (``model_type: "deepseek"``) config.json dict; errors name ``source`` and key."""
-    from deepseek_moe.io.hf import _token_id, check_quantization
-
     check_quantization(hf, source)
 
     def get(key: str) -> Any:
@@ -91,8 +90,8 @@ def config_from_deepseek(hf: Mapping[str, Any], *, source: str = "config.json") 
             rope_theta=float(get("rope_theta")), rope_interleave=False, original_seq_len=max_pos,
             norm_eps=float(get("rms_norm_eps")), tie_word_embeddings=bool(get("tie_word_embeddings")),
             init_std=init_std,  # an explicit null token id stays null
-            bos_token_id=_token_id(hf.get("bos_token_id", DEFAULTS["bos_token_id"]), "bos_token_id", source),
-            eos_token_id=_token_id(hf.get("eos_token_id", DEFAULTS["eos_token_id"]), "eos_token_id", source))
+            bos_token_id=token_id(hf.get("bos_token_id", DEFAULTS["bos_token_id"]), "bos_token_id", source),
+            eos_token_id=token_id(hf.get("eos_token_id", DEFAULTS["eos_token_id"]), "eos_token_id", source))
     except ValueError as err:
         raise ValueError(f"{source}: {err}") from err
 

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from deepseek_moe.io.formats import format_of_config, quantizing_format
 from deepseek_moe.io.fp8 import SCALE_SUFFIX, expected_scale_shape, fp8_block_size
 from deepseek_moe.io.hf import (
     FP8_METHOD,
-    OWN_QUANT_METHODS,
     config_from_hf,
     hf_fused_to_ours,
     hf_layer_index,
@@ -254,24 +254,22 @@ def load_pretrained(path: str | os.PathLike[str], *, dtype: torch.dtype | str | 
     buffers (V3's correction bias) keep theirs. Layers >= num_hidden_layers (V3's multi-token-prediction modules)
     are skipped; ``lm_head.weight`` may be absent only with tied embeddings. ``hooks``: see io/streaming.py.
     ``quantize`` ("int8", "int4" or a ``deepseek_moe.quant.QuantConfig``) quantises while streaming; a
-    checkpoint written quantised loads quantised without it (``deepseek_moe.quant``; ``dtype`` is then the
-    dtype of the unquantised parts and of the activations).
+    checkpoint written quantised loads quantised without it (``deepseek_moe.quant``, plugged in through
+    io/formats.py; ``dtype`` is then the dtype of the unquantised parts and of the activations).
     """
     from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
 
     path = Path(path)
     raw, cfg = read_config(path)
-    quantized = quantize is not None or (raw.get("quantization_config") or {}).get("quant_method") in OWN_QUANT_METHODS
+    weights = quantizing_format() if quantize is not None else format_of_config(raw)
     files = open_checkpoint(path)
     hooks = hooks or LoadHooks()
     try:
         torch_dtype = resolve_dtype(dtype, raw, files)
-        if quantized:  # deepseek_moe.quant supplies the hooks: swap in quantised modules, quantise while reading
-            from deepseek_moe.quant.load import quant_hooks
-
-            if torch.device(device).type != "cpu":
+        if weights is not None:  # a registered format (deepseek_moe.quant) supplies the hooks (io/formats.py)
+            if weights.runs_on_cpu_only and torch.device(device).type != "cpu":
                 raise ValueError(f"quantised models run on the CPU (device {device!r} asked)")
-            hooks, _ = quant_hooks(raw, quantize, torch_dtype, str(path), hooks)
+            hooks = weights.load_hooks(raw, quantize, torch_dtype, str(path), hooks)
         blocks, fp8, describe = _stored_blocks(path, raw, cfg, files)
         check_layer_count(files, raw, cfg, path / CONFIG_FILE)
         with torch.device("meta"), skip_init():
@@ -330,7 +328,7 @@ def load_into(model: DeepSeekMoEForCausalLM, path: str | os.PathLike[str], *,
     """
     path = Path(path)
     raw, cfg = read_config(path)
-    if (raw.get("quantization_config") or {}).get("quant_method") in OWN_QUANT_METHODS:
+    if format_of_config(raw) is not None:
         raise CheckpointError(f"{path}: a quantised checkpoint loads only with deepseek_moe.from_pretrained")
     files = open_checkpoint(path)
     try:

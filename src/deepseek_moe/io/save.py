@@ -17,7 +17,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from deepseek_moe.io.atomic import staged_checkpoint
+from deepseek_moe.io.formats import format_of_model
 from deepseek_moe.io.hf import config_to_hf, hf_model_type, ours_to_hf
 from deepseek_moe.io.hf_deepseek import config_to_deepseek, deepseek_incompatibility
 from deepseek_moe.io.load import CONFIG_FILE, DTYPES, INDEX_FILE, SINGLE_FILE, TOKENIZER_FILE
@@ -102,10 +103,19 @@ def checkpoint_plan(model: DeepSeekMoEForCausalLM, *, shapes: Mapping[str, tuple
         config = native_config_json(cfg, dtype=dtype)
     else:
         config = config_to_hf(cfg, dtype=dtype)
+    weights = format_of_model(model)  # a registered weight format (deepseek_moe.quant's): io/formats.py
+    if quantization_config is None and weights is not None:
+        quantization_config = weights[1]
     if quantization_config:
         config["quantization_config"] = dict(quantization_config)
-    entries = _native_entries(model, shapes) if fmt == FORMAT else _hf_entries(model, shapes)
+    stored_name = weights[0].stored_name if weights is not None else _same
+    entries = (_native_entries(model, shapes, stored_name) if fmt == FORMAT
+               else _hf_entries(model, shapes, stored_name))
     return Plan(fmt, config, entries, {"format": FORMAT if fmt == FORMAT else "pt"})
+
+
+def _same(name: str) -> str:
+    return name
 
 
 def _named_tensors(model: DeepSeekMoEForCausalLM, shapes: Mapping[str, tuple[int, ...]] | None
@@ -122,12 +132,14 @@ def _named_tensors(model: DeepSeekMoEForCausalLM, shapes: Mapping[str, tuple[int
         yield name, tensor, tuple(shapes[name]) if shapes is not None else tuple(tensor.shape)
 
 
-def _hf_entries(model: DeepSeekMoEForCausalLM, shapes: Mapping[str, tuple[int, ...]] | None) -> list[Entry]:
-    """Hugging Face keys in model order; stacked experts split per expert, as the hub has them."""
+def _hf_entries(model: DeepSeekMoEForCausalLM, shapes: Mapping[str, tuple[int, ...]] | None,
+                stored_name: Callable[[str], str]) -> list[Entry]:
+    """Hugging Face keys in model order; stacked experts split per expert, as the hub has them. ``stored_name``:
+    the plain name a tensor is stored under (a quantised weight's codes under its weight's)."""
     cfg: ModelConfig = model.config
     entries: list[Entry] = []
     for name, tensor, shape in _named_tensors(model, shapes):
-        mapped = ours_to_hf(name)
+        mapped = ours_to_hf(stored_name(name))
         if mapped is None:
             raise ValueError(f"model tensor {name!r} has no Hugging Face name in io/hf.py KEY_TABLE")
         key, stacked = mapped
@@ -156,13 +168,15 @@ def _hf_entries(model: DeepSeekMoEForCausalLM, shapes: Mapping[str, tuple[int, .
     return entries
 
 
-def _native_entries(model: DeepSeekMoEForCausalLM, shapes: Mapping[str, tuple[int, ...]] | None) -> list[Entry]:
-    return [Entry(name, tensor.dtype, shape, name) for name, tensor, shape in _named_tensors(model, shapes)]
+def _native_entries(model: DeepSeekMoEForCausalLM, shapes: Mapping[str, tuple[int, ...]] | None,
+                    stored_name: Callable[[str], str]) -> list[Entry]:
+    return [Entry(stored_name(name), tensor.dtype, shape, name) for name, tensor, shape in _named_tensors(model, shapes)]
 
 
 def _entry_tensors(model: DeepSeekMoEForCausalLM, entries: list[Entry]) -> Iterator[tuple[str, torch.Tensor]]:
     """The data of each entry, for a model this process holds whole."""
     state = model.state_dict(keep_vars=True)
+    weights = format_of_model(model)
     for entry in entries:
         if entry.value is not None:
             yield entry.key, entry.value
@@ -171,9 +185,8 @@ def _entry_tensors(model: DeepSeekMoEForCausalLM, entries: list[Entry]) -> Itera
         tensor = state[entry.name].detach()
         if entry.expert is not None:
             first = getattr(model.get_submodule(entry.name.rpartition(".")[0]), "offset", 0)
-            yield entry.key, tensor[entry.expert - first]  # a view: the writer copies its bytes out
-        else:
-            yield entry.key, tensor
+            tensor = tensor[entry.expert - first]  # a view: the writer copies its bytes out
+        yield entry.key, weights[0].stored_tensor(model, entry.name, tensor) if weights is not None else tensor
 
 
 def _dtype_name(model: torch.nn.Module) -> str | None:
@@ -189,17 +202,15 @@ def save_pretrained(model: DeepSeekMoEForCausalLM, path: str | os.PathLike[str],
                     quantization_config: Mapping[str, Any] | None = None,
                     extra_files: Sequence[str | os.PathLike[str]] = ()) -> str:
     """Write config.json, model.safetensors (or shards + index) and tokenizer.json; returns the format written
-    (see the module docstring). ``quantization_config`` is written into config.json as is. ``extra_files``
+    (see the module docstring; ``<quant_method>_quantized`` for a model in a registered weight format, e.g.
+    quantised by deepseek_moe.quant: the same layout with its codes and scales, io/formats.py).
+    ``quantization_config`` (default: the weight format's) is written into config.json as is. ``extra_files``
     (tokenizer_config.json, say) are copied in with them, in the same atomic step."""
-    from deepseek_moe.quant import quant_config_of, save_quantized
-
-    if quant_config_of(model) is not None:
-        save_quantized(model, path, max_shard_size=max_shard_size, extra_files=extra_files)
-        return "deepseek_moe_quantized"  # our weight-only format (deepseek_moe.quant.format)
     plan = checkpoint_plan(model, quantization_config=quantization_config)
     write_checkpoint(Path(path), _entry_tensors(model, plan.entries), plan.config, parse_size(max_shard_size),
                      getattr(model, "tokenizer", None), metadata=plan.metadata, extra_files=extra_files)
-    return plan.format
+    weights = format_of_model(model)
+    return f"{weights[0].quant_method}_quantized" if weights is not None else plan.format
 
 
 def replaced_by_a_save(name: str) -> bool:

@@ -9,7 +9,9 @@ format fixes. Nothing here reads files itself.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +19,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from deepseek_moe.io.atomic import staged_checkpoint
+from deepseek_moe.io.load import load_pretrained, read_config
+from deepseek_moe.io.save import replaced_by_a_save, save_pretrained
 from deepseek_moe.io.streaming import CheckpointError, LoadHooks, TensorSource
 from deepseek_moe.quant import pack
 from deepseek_moe.quant.apply import prepare_model
@@ -130,8 +135,6 @@ def quant_hooks(raw: Mapping[str, Any], quantize: Any, dtype: torch.dtype, sourc
 
 
 def is_quantized_checkpoint(path: str | os.PathLike[str]) -> bool:
-    import json
-
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         return False
@@ -143,8 +146,6 @@ def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | str | N
                    quantize: str | int | QuantConfig | None = None,
                    device: str | torch.device = "cpu") -> DeepSeekMoEForCausalLM:
     """``deepseek_moe.from_pretrained(path, dtype=..., quantize=...)`` for a model that must come out quantised."""
-    from deepseek_moe.io import load_pretrained
-
     if quantize is None and not is_quantized_checkpoint(path):
         raise ValueError(f"{path}: not a quantised checkpoint and no quantize= given")
     return load_pretrained(path, dtype=dtype, device=device, quantize=quantize)
@@ -155,12 +156,6 @@ def quantize_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str]
     streaming; the quantised model is held, then written). An already-quantised ``src`` with the same bits is
     copied; other bits are an error. Either way ``out`` is replaced in one step (io/atomic.py): whatever
     checkpoint it held before (a stale index, more shards) is gone, other files are kept."""
-    import shutil
-
-    from deepseek_moe.io import load_pretrained, read_config, save_pretrained
-    from deepseek_moe.io.atomic import staged_checkpoint
-    from deepseek_moe.io.save import replaced_by_a_save
-
     src, out = Path(src), Path(out)
     raw, _ = read_config(src)
     stored = stored_quant_config(raw, str(src / "config.json"))
