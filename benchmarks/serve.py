@@ -109,7 +109,7 @@ def forward_seconds(url: str) -> tuple[float, float]:
 
 async def one_request(client: Any, url: str, prompt: list[int], max_tokens: int, stream: bool) -> dict[str, Any]:
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": stream}
+            "stream": stream, **({"stream_options": {"include_usage": True}} if stream else {})}
     start = time.perf_counter()
     if not stream:
         r = await client.post(f"{url}/v1/completions", json=body)
