@@ -23,6 +23,7 @@ COMMANDS = (
     "deepseek_moe.cli.export_cmd",
     "deepseek_moe.cli.ablate_cmd",
     "deepseek_moe.cli.merge_cmd",
+    "deepseek_moe.cli.finetune_cmd",
 )
 
 

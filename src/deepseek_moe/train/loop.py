@@ -104,6 +104,8 @@ class Trainer:
         self.cfg, self.resume, self.force, self.progress = cfg, resume, force, progress
         self.t_start = time.perf_counter()
         self.freezer: ExpertFreezer | None = None
+        self.update_bias = True  # the routing-bias update after each step (a fine-tune with a frozen router: off)
+        self.model_name = f"model {cfg.model.preset}"  # for the log
 
     # ---- setup ------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -129,10 +131,10 @@ class Trainer:
                 prepare_run_dir(self.run_dir, resume=self.resume, force=self.force)
                 if self.resume:
                     check_same_plan(self.run_dir, cfg)
-            self.data = load_data(cfg)
+            self.data = self.load_data()
         self.val_batches = self.data.val.fixed_batches(cfg.schedule.batch_size, cfg.eval.batches)
 
-        model_cfg = build_model_config(cfg, self.data.vocab_size, self.data.eos_id)
+        model_cfg = self.model_config()
         self.model = self.build_model(model_cfg)  # on N processes: on the meta device, wrap materialises it
         n_params = sum(p.numel() for p in self.model.parameters())
         self.train_model = self.strategy.wrap(self.model)  # what the step calls (on N processes: the same module)
@@ -152,11 +154,30 @@ class Trainer:
         self.metrics: MetricsLog | _Discard = (
             MetricsLog(self.run_dir / "metrics.jsonl", keep_through_step=self.start if self.resume else None)
             if self.strategy.is_main else _Discard())
-        self.log(f"model {cfg.model.preset}: {n_params / 1e6:.2f}M parameters, vocab {self.data.vocab_size}; data "
+        self.log(f"{self.model_name}: {n_params / 1e6:.2f}M parameters, vocab {self.data.vocab_size}; data "
                  f"{self.data.corpus.source}: {self.data.n_train_tokens:,} train / {self.data.n_val_tokens:,} val "
                  f"tokens; device {self.device}, {self.precision.reason}"
                  f"{f', {copies} weights keep bf16 copies' if copies else ''}{', malloc keeps freed memory' if kept else ''}; "
                  f"run dir {self.run_dir}")
+
+    # The parts a fine-tune (deepseek_moe/finetune/run.py) replaces: its data, its model, how a batch is run and
+    # what is written as the model at the end.
+    def load_data(self) -> Any:
+        return load_data(self.cfg)
+
+    def model_config(self) -> ModelConfig:
+        return build_model_config(self.cfg, self.data.vocab_size, self.data.eos_id)
+
+    def forward(self, model: Any, batch: torch.Tensor) -> tuple[Any, int]:
+        """The model's output on a batch (with ce_loss, aux_loss, loss) and how many predictions ce_loss
+        averages."""
+        return model(batch, labels=batch), batch.numel() - batch.shape[0]  # the model shifts labels by one
+
+    def write_model(self) -> str:
+        """model/: each process writes the tensors it holds (no gather; save_pretrained on one process)."""
+        from deepseek_moe.parallel.shard_io import save_pretrained_sharded
+
+        return save_pretrained_sharded(self.model, self.run_dir / "model")
 
     def build_model(self, model_cfg: ModelConfig) -> DeepSeekMoEForCausalLM:
         from deepseek_moe.model.block import set_activation_checkpointing
@@ -227,7 +248,7 @@ class Trainer:
             # every process draws the global batch and keeps its rows
             batch = self.strategy.local(self.data.train.next_batch(s.batch_size).to(self.device))
             with autocast(self.device, self.amp):
-                out = self.train_model(batch, labels=batch)
+                out, _ = self.forward(self.train_model, batch)
             (out.loss / s.grad_accum_steps).backward()
             ce_sum += float(out.ce_loss.detach())
             aux_sum += float(out.aux_loss.detach())
@@ -252,7 +273,8 @@ class Trainer:
         self.optimizer.step()
         if self.freezer is not None:
             self.freezer.restore()
-        update_routing_bias(model, all_reduce=self.strategy.all_reduce)
+        if self.update_bias:
+            update_routing_bias(model, all_reduce=self.strategy.all_reduce)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -300,8 +322,7 @@ class Trainer:
             sums = shared if self.strategy.is_split(batch) else whole
             batch = self.strategy.local(batch)
             with autocast(self.device, self.amp):
-                out = self.model(batch, labels=batch)
-            k = batch.numel() - batch.shape[0]  # predictions per batch: the model shifts labels by one
+                out, k = self.forward(self.model, batch)
             sums.nll += float(out.ce_loss) * k
             sums.n += k
             sums.counts = _add(sums.counts, routing_counts(self.model))
@@ -335,10 +356,7 @@ class Trainer:
         val_loss, _ = self.evaluate(self.data.val.fixed_batches(cfg.schedule.batch_size))
         if self.freezer is not None:
             self.freezer.remove()
-        from deepseek_moe.parallel.shard_io import save_pretrained_sharded
-
-        # model/: each process writes the tensors it holds (no gather; save_pretrained on one process)
-        fmt = save_pretrained_sharded(self.model, self.run_dir / "model")
+        fmt = self.write_model()
         model = self.strategy.gathered(self.model)  # every expert in one process, for the sample
         sample = self.write_outputs(model, fmt, val_loss, tokens_per_s) if self.strategy.is_main else ""
         self.strategy.close()

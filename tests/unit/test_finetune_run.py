@@ -1,0 +1,146 @@
+"""A fine-tune of a checkpoint through the Trainer: resumes exactly, keeps a frozen router routing as before,
+writes an adapter that loads back, and refuses a BASE without a tokenizer."""
+
+import json
+
+import pytest
+import torch
+from test_adapters_lora import small_config, small_model
+from test_finetune_data import TEMPLATE, word_tokenizer
+
+from deepseek_moe import from_pretrained, save_pretrained
+from deepseek_moe.adapters import LoRAConfig
+from deepseek_moe.finetune.config import FinetuneConfig
+from deepseek_moe.finetune.run import FinetuneTrainer, run
+from deepseek_moe.train.config import CheckpointConfig, EvalConfig, OptimConfig, ScheduleConfig, TrainConfig
+from deepseek_moe.train.errors import TrainError
+
+REPLIES = ["hello there", "ok", "four", "bye", "hello", "ok bye"]
+
+
+def _write_base(tmp_path, model):
+    model.tokenizer = word_tokenizer()
+    save_pretrained(model, tmp_path / "base")
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    data = tmp_path / "chat.jsonl"
+    lines = [json.dumps({"messages": [{"role": "user", "content": "what is two"},
+                                      {"role": "assistant", "content": REPLIES[i % len(REPLIES)]}]})
+             for i in range(24)]
+    data.write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+@pytest.fixture
+def base(tmp_path):
+    return _write_base(tmp_path, small_model())
+
+
+@pytest.fixture
+def biased_base(tmp_path):
+    """Routing bias on (DeepSeek-V3's aux-loss-free balancing): a run that updated it would route differently."""
+    moe = small_config().moe.replace(use_routing_bias=True, score_func="sigmoid")
+    model = small_model(moe=moe)
+    with torch.no_grad():
+        for layer in model.layers:
+            if layer.is_moe:
+                layer.ffn.gate.e_score_correction_bias.normal_(std=0.05)
+    return _write_base(tmp_path, model)
+
+
+def config(tmp, out, **changes):
+    train = TrainConfig(optim=OptimConfig(lr=1e-2, weight_decay=0.0), seed=3, threads=1,
+                        schedule=ScheduleConfig(steps=4, batch_size=2, warmup_fraction=0.0),
+                        eval=EvalConfig(every=2, batches=1, log_every=1, sample_tokens=0),
+                        checkpoint=CheckpointConfig(every=2, keep_last=2))
+    fields = dict(base=str(tmp / "base"), data=(str(tmp / "chat.jsonl"),), out=str(tmp / out), seq_len=16,
+                  val_fraction=0.25, lora=LoRAConfig(r=2, targets=("attention", "routed_experts")), train=train)
+    return FinetuneConfig(**{**fields, **changes})
+
+
+def _metrics(run_dir):
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "wall_s", "resumed_from")} for r in records]
+
+
+def test_a_finetune_resumes_exactly(base, monkeypatch):
+    ref = run(config(base, "ref"), progress=False)
+    assert (ref.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+    original_step = FinetuneTrainer.step
+
+    def interrupted(self, step):
+        if step == 3:  # steps 1-3 done, the checkpoint is at step 2
+            raise KeyboardInterrupt
+        return original_step(self, step)
+
+    monkeypatch.setattr(FinetuneTrainer, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(base, "cut"), progress=False)
+    monkeypatch.setattr(FinetuneTrainer, "step", original_step)
+    resumed = run(config(base, "cut"), resume=True, progress=False)
+    assert resumed.val_loss == ref.val_loss
+    assert _metrics(resumed.run_dir) == _metrics(ref.run_dir)
+
+
+def _gate_inputs(model, ids):
+    captured = []
+    hooks = [layer.ffn.gate.register_forward_hook(lambda m, i, o: captured.append(i[0].detach()))
+             for layer in model.layers if layer.is_moe]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return captured
+
+
+def _routes(model, inputs):
+    gates = [layer.ffn.gate for layer in model.layers if layer.is_moe]
+    with torch.no_grad():
+        return [gate(x).indices_TK for gate, x in zip(gates, inputs, strict=True)]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_frozen_router_routes_base_tokens_as_before(biased_base, method):
+    result = run(config(biased_base, f"ft_{method}", method=method), progress=False)
+    plain = from_pretrained(biased_base / "base").eval()
+    tuned = (from_pretrained(biased_base / "base", adapters=[result.run_dir / "adapter"]) if method == "lora"
+             else from_pretrained(result.run_dir / "model")).eval()
+    ids = torch.randint(0, 16, (2, 12), generator=torch.Generator().manual_seed(0))
+    base_inputs = _gate_inputs(plain, ids)
+    assert all(torch.equal(a, b) for a, b in zip(_routes(plain, base_inputs), _routes(tuned, base_inputs),
+                                                 strict=True))
+    with torch.no_grad():
+        assert not torch.equal(tuned(ids).logits, plain(ids).logits)  # it did learn something
+
+
+def test_the_router_and_its_bias_train_only_when_asked(biased_base):
+    result = run(config(biased_base, "ft_router", method="full", train_router=True), progress=False)
+    tuned, plain = from_pretrained(result.run_dir / "model"), from_pretrained(biased_base / "base")
+    assert (result.run_dir / "model" / "tokenizer_config.json").is_file()
+    gate, base_gate = tuned.layers[1].ffn.gate, plain.layers[1].ffn.gate
+    assert not torch.equal(gate.weight, base_gate.weight)
+    assert not torch.equal(gate.e_score_correction_bias, base_gate.e_score_correction_bias)
+
+
+def test_a_base_without_a_tokenizer_is_refused(base):
+    (base / "base" / "tokenizer.json").unlink()
+    with pytest.raises(TrainError, match="--tokenizer"):
+        run(config(base, "none"), progress=False)
+    word_tokenizer().save(str(base / "tok.json"))
+    run(config(base, "with_tok", tokenizer=str(base / "tok.json")), progress=False)
+
+
+def test_the_command_runs_resumes_and_names_what_is_missing(base, capsys):
+    from deepseek_moe.cli.main import main
+
+    run_dir = base / "cli"
+    args = ["finetune", str(base / "base"), "--data", str(base / "chat.jsonl"), "--out", str(run_dir), "--steps",
+            "2", "--batch-size", "2", "--seq-len", "16", "--val-fraction", "0.25", "--rank", "2", "--targets",
+            "attention,routed_experts", "--eval-every", "1", "--checkpoint-every", "1", "--quiet"]
+    assert main(args) == 0
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert main(["finetune", "--resume", str(run_dir), "--quiet"]) == 0
+    assert main(["finetune", str(base / "base"), "--quiet"]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert main([*args[:-1], "--targets", "attention,nothing_here", "--force", "--quiet"]) == 2
+    assert "'nothing_here'" in capsys.readouterr().err
