@@ -246,3 +246,57 @@ def test_stop_strings_cut_at_the_earliest_match(ids: list[int], stop: list[str])
             break
     out += text.finish()
     assert out == (full[:min(found)] if found else full) and text.stopped == bool(found)
+
+
+class LoopWatchingTokenizer:
+    """Passes calls through to a tokenizer, noting each encode/decode made on a thread running an event loop."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.calls: dict[str, int] = {"encode": 0, "decode": 0}
+        self.on_loop: list[str] = []
+
+    def _note(self, name: str) -> None:
+        import asyncio
+
+        self.calls[name] += 1
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self.on_loop.append(name)
+
+    def encode(self, *args: Any, **kwargs: Any) -> Any:
+        self._note("encode")
+        return self.tokenizer.encode(*args, **kwargs)
+
+    def decode(self, *args: Any, **kwargs: Any) -> Any:
+        self._note("decode")
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tokenizer, name)
+
+
+def test_tokenizing_and_detokenizing_happen_off_the_event_loop(tmp_path: Path) -> None:
+    from serve_fixtures import build_checkpoint
+
+    from deepseek_moe.serve.server import load_served_model
+
+    served = load_served_model(build_checkpoint(tmp_path / "tiny"), name="tiny")
+    watcher = LoopWatchingTokenizer(served.tokenizer)
+    served.tokenizer = watcher
+    state = AppState()
+    state.served = served
+    try:
+        with TestClient(build_app(state)) as client:
+            body = {"prompt": "héllo wörld ✓ " * 5, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+            assert client.post("/v1/completions", json=body).status_code == 200
+            r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi ✓"}],
+                                                         "max_tokens": 8, "stream": True, "stop": ["zz"]})
+            assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+            assert client.post("/v1/completions", json={**body, "prompt": "x" * 100_000}).status_code == 400
+    finally:
+        served.scheduler.shutdown(timeout=0)
+    assert watcher.calls["encode"] == 3 and watcher.calls["decode"] >= 8
+    assert watcher.on_loop == []
