@@ -149,6 +149,7 @@ def test_source_builds_for_each_march_and_every_path_it_can_run_matches(
         pytest.skip(f"this CPU lacks {sorted(V3 - _cpu_flags())}: an x86-64-v3 build cannot run here")
     monkeypatch.setenv("DEEPSEEK_MOE_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", shutil.which("g++") or "g++")
+    monkeypatch.delenv("DEEPSEEK_MOE_KERNELS", raising=False)  # these tests build on purpose
     lib = cpu_build.build_library(cpu_build.SOURCE, (*cpu_build.FLAGS, f"-march={march}"), "test")
     if lib is None:
         pytest.skip(f"g++ cannot build for -march={march}")
@@ -170,6 +171,7 @@ def test_build_without_simd_paths_offers_only_scalar(tmp_path: Path, monkeypatch
         pytest.skip("needs g++")
     monkeypatch.setenv("DEEPSEEK_MOE_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", shutil.which("g++") or "g++")
+    monkeypatch.delenv("DEEPSEEK_MOE_KERNELS", raising=False)  # these tests build on purpose
     lib = cpu_build.build_library(cpu_build.SOURCE, (*cpu_build.FLAGS, "-DDSM_NO_SIMD"), "test")
     assert lib is not None
     cpu_build.configure_qgemm(lib)
@@ -195,6 +197,7 @@ def test_baseline_build_keeps_vector_instructions_inside_their_paths(tmp_path: P
         pytest.skip("needs x86-64, g++ and objdump")
     monkeypatch.setenv("DEEPSEEK_MOE_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", shutil.which("g++") or "g++")
+    monkeypatch.delenv("DEEPSEEK_MOE_KERNELS", raising=False)  # these tests build on purpose
     flags = (*cpu_build.FLAGS, "-march=x86-64")
     assert cpu_build.build_library(cpu_build.SOURCE, flags, "test") is not None
     lib = cpu_build.library_path(cpu_build.SOURCE, flags, shutil.which("g++") or "g++")
