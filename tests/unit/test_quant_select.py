@@ -58,3 +58,28 @@ def test_quantised_select_keeps_what_the_unquantised_one_keeps(checkpoint: Path,
                 continue
             assert t.device.type == "cpu", name
             assert torch.equal(t, whole.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("layout", ["deepseek", "deepseek_moe"])
+def test_a_quantised_model_saves_in_the_layout_its_config_needs(tmp_path: Path, layout: str, bits: int) -> None:
+    """The one writer stores a quantised model in any layout: DeepSeekMoE 16B's (MHA) and our own (MLA with
+    split-halves RoPE, which transformers cannot express) included; it loads back quantised, logits equal."""
+    from deepseek_moe.io import checkpoint_format
+    from deepseek_moe.quant import quant_config_of, quantize_model
+
+    attn: dict[str, object] = ({"attention": "mha", "kv_lora_rank": 0, "qk_nope_head_dim": 0, "qk_rope_head_dim": 32,
+                                "v_head_dim": 32} if layout == "deepseek" else
+                               {"kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 16})
+    moe = MoEConfig(dim=64, moe_inter_dim=64, n_routed_experts=4, n_activated_experts=2, n_shared_experts=1)
+    cfg = ModelConfig(vocab_size=64, dim=64, inter_dim=96, n_layers=2, n_dense_layers=1, n_heads=2, moe=moe,
+                      max_seq_len=64, original_seq_len=64, rope_interleave=False, **attn)  # type: ignore[arg-type]
+    assert checkpoint_format(cfg) == layout
+    torch.manual_seed(0)
+    model = quantize_model(DeepSeekMoEForCausalLM(cfg).eval(), QuantConfig(bits=bits))
+    save_pretrained(model, tmp_path / "q", max_shard_size="30KB")
+    loaded = load_pretrained(tmp_path / "q")
+    assert quant_config_of(loaded) == quant_config_of(model)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

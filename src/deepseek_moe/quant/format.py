@@ -57,9 +57,11 @@ def hf_key_of(name: str) -> tuple[str, bool] | None:
 def stored_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
     """int4 codes in the portable layout (the kernel's order is produced at load); everything else as held."""
     owner = model.get_submodule(name.rpartition(".")[0])
-    if tensor.dtype == torch.uint8 and isinstance(owner, QuantLinear | QuantRoutedExperts):
-        return pack.portable_from_kernel_layout(tensor, owner.group_size)
-    return tensor
+    if tensor.dtype != torch.uint8 or not isinstance(owner, QuantLinear | QuantRoutedExperts):
+        return tensor
+    if tensor.dim() == 3:  # all experts at once (our own layout stores the stacked tensor)
+        return torch.stack([pack.portable_from_kernel_layout(t, owner.group_size) for t in tensor])
+    return pack.portable_from_kernel_layout(tensor, owner.group_size)
 
 
 def _config_of(model: nn.Module) -> dict[str, Any] | None:
