@@ -405,6 +405,8 @@ def stream_into(model: DeepSeekMoEForCausalLM, blocks: Iterable[Block], *, dtype
     declared = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
     check_stored_shapes(blocks, lambda n: shards[n].shape if n in shards else declared.get(n), explain_shape)
 
+    _check_last_experts(model, blocks, declared, shards, select, describe_missing)
+
     expert_rows: dict[str, list[int]] = defaultdict(list)
     for name, e in required_tensors(model, stored_apart=stored_apart, shards=shards):
         if e is not None and select(name, e) and name not in shards:  # a sharded tensor's layout is the caller's
@@ -445,6 +447,23 @@ def stream_into(model: DeepSeekMoEForCausalLM, blocks: Iterable[Block], *, dtype
         files = sorted({str(b.file.path) for b in chosen}) or ["no files"]
         raise CheckpointError(f"checkpoint ({', '.join(files)}) is missing tensor(s) {shown}")
     finish_runtime_state(model, device)
+
+
+def _check_last_experts(model: nn.Module, blocks: list[Block], declared: Mapping[str, tuple[int, ...]],
+                        shards: Mapping[str, Shard], select: Select,
+                        describe_missing: Callable[[str, int | None], str]) -> None:
+    """Each stacked tensor's last expert must be in the files before the experts are enumerated one by one: a
+    config naming 10^8 experts (and a checkpoint without the router that would have shown it) is refused here,
+    not after building sets of 10^8 names."""
+    held = {(b.name, b.expert) for b in blocks if b.expert is not None}
+    for name, shape in declared.items():
+        if not is_stacked(name) or name in shards or not shape or shape[0] == 0:
+            continue
+        first = getattr(model.get_submodule(name.rpartition(".")[0]), "offset", 0)
+        last = first + shape[0] - 1
+        if (name, last) not in held and select(name, last):
+            raise CheckpointError(f"checkpoint is missing tensor(s) {describe_missing(name, last)!r}: the config "
+                                  f"gives {name} {shape[0]} routed experts (n_routed_experts in config.json)")
 
 
 def _check_prepared(chosen: list[Block], dest: Destinations, hooks: LoadHooks,
