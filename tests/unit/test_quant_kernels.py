@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from deepseek_moe.kernels import cpu_build
 from deepseek_moe.kernels import quant_matmul as qm
@@ -348,3 +350,25 @@ def test_fused_experts_refuse_mismatched_arguments(case: str, message: str) -> N
         w["w1"], group = _stacked(4, 2, 16, 32, 32), 16
     with pytest.raises(ValueError, match=message):
         qm.quant_experts(x, counts, gates, w, group)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bits=st.sampled_from([8, 4]), M=st.integers(1, 70), N=st.integers(1, 23), groups=st.integers(1, 4),
+       group=st.sampled_from([32, 64, 128]), k8=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_random_shapes_match_reference(isa: str, bits: int, M: int, N: int, groups: int, group: int, k8: int,
+                                       seed: int) -> None:
+    torch.manual_seed(seed)
+    K = k8 if bits == 8 else groups * group
+    q, s = _weights(bits, N, K, group)
+    x = torch.randn(M, K)
+    torch.testing.assert_close(qm.quant_matmul(x, q, s), qm.quant_matmul_reference(x, q, s), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("counts", [[0, 0, 9, 0], [9, 0, 0, 0], [0, 0, 0, 9], [0, 0, 0, 0]])
+def test_fused_experts_with_one_expert_taking_every_row_or_none(isa: str, counts: list[int]) -> None:
+    torch.manual_seed(sum(i * c for i, c in enumerate(counts)))
+    w = {"w1": _stacked(4, 4, 40, 64, 32), "w3": _stacked(4, 4, 40, 64, 32), "w2": _stacked(8, 4, 64, 40, 32)}
+    x = torch.randn(sum(counts), 64)
+    got = qm.quant_experts(x, torch.tensor(counts), None, w, 32)
+    assert got is not None and got.shape == (sum(counts), 64)
+    torch.testing.assert_close(got, qm.experts_reference(x, torch.tensor(counts), None, w), rtol=1e-4, atol=1e-3)
