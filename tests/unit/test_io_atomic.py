@@ -68,15 +68,23 @@ def _faulty(monkeypatch: pytest.MonkeyPatch, fail_at: int) -> list[int]:
     return calls
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two renames"])
 @pytest.mark.parametrize("new_shards", ["1GB", "20KB"])
-def test_a_save_interrupted_anywhere_leaves_the_old_or_the_new_checkpoint(tmp_path: Path, new_shards: str) -> None:
+def test_a_save_interrupted_anywhere_leaves_the_old_or_the_new_checkpoint(tmp_path: Path, new_shards: str,
+                                                                          exchange: bool,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    if not exchange:  # a system without RENAME_EXCHANGE: the fallback must not leave a mix either
+        monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
     old, new = _model(0), _model(1)
     base = tmp_path / "base"
     save_pretrained(old, base, max_shard_size="12KB")  # sharded: an index a partial save could leave stale
     (base / "README.md").write_text("kept\n")
+    (base / "notes").mkdir()
+    (base / "notes" / "a.txt").write_text("kept too\n")
+    shutil.copytree(base, tmp_path / "count")
     with pytest.MonkeyPatch.context() as mp:
         calls = _faulty(mp, 0)
-        save_pretrained(new, tmp_path / "count", max_shard_size=new_shards)
+        save_pretrained(new, tmp_path / "count", max_shard_size=new_shards)  # over a checkpoint, as below
         n_calls = calls[0]
     assert n_calls > 5
     seen = set()
@@ -92,9 +100,10 @@ def test_a_save_interrupted_anywhere_leaves_the_old_or_the_new_checkpoint(tmp_pa
         state = _which(path, {"old": old, "new": new})
         assert state in ("old", "new"), f"interrupted at file operation {fail_at} of {n_calls}: {state}"
         assert (path / "README.md").read_text() == "kept\n"
+        assert (path / "notes" / "a.txt").read_text() == "kept too\n"
         seen.add(state)
         shutil.rmtree(path)
-    assert seen == {"old", "new"} or seen == {"old"}
+    assert seen == {"old", "new"}  # the last operations come after the swap
     save_pretrained(new, base, max_shard_size=new_shards)
     assert _which(base, {"old": old, "new": new}) == "new"
     shards = sorted(p.name for p in base.glob("model*.safetensors"))
@@ -102,7 +111,7 @@ def test_a_save_interrupted_anywhere_leaves_the_old_or_the_new_checkpoint(tmp_pa
     expected = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
         "model.safetensors"]
     assert shards == expected  # no stale shard of the old save
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no stage left behind
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".base.")]  # a clean save leaves no stage
 
 
 def test_save_into_a_linked_directory_keeps_the_link(tmp_path: Path) -> None:

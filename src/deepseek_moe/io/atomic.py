@@ -5,7 +5,8 @@ The new directory is built beside the target (``staged_checkpoint``), then swapp
 path is missing or half written. Where the exchange is not available (another OS, a file system without it) the
 old directory is renamed aside and the new one renamed in: then, for the moment between the two renames, the
 path does not exist (a reader fails; it never reads a mix). Files in the old directory that the new checkpoint
-does not write (a README, tokenizer_config.json) are carried over: linked into the stage before the swap.
+does not write (a README, tokenizer_config.json, a subdirectory) are carried over: hard-linked into the stage before
+the swap (copied where links are impossible).
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ def stage_path(final: Path, token: str | None = None) -> Path:
     return final.parent / f".{final.name}.tmp-{token or f'{os.getpid()}-{time.time_ns()}'}"
 
 
+def _link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
 def replace_directory(stage: Path, final: Path, *, replaces: Callable[[str], bool]) -> None:
     """Put the complete directory ``stage`` at ``final`` in one step (see the module docstring). Entries of an
     existing ``final`` for which ``replaces(name)`` is False and that ``stage`` lacks are carried over."""
@@ -66,27 +74,27 @@ def replace_directory(stage: Path, final: Path, *, replaces: Callable[[str], boo
         return
     if not final.is_dir():
         raise NotADirectoryError(f"{final} exists and is not a directory")
-    carried_dirs = []
     for p in final.iterdir():
         if replaces(p.name) or (stage / p.name).exists():
             continue
-        if p.is_dir() and not p.is_symlink():
-            carried_dirs.append(p.name)  # moved after the swap: a directory cannot be linked
-            continue
-        try:
-            os.link(p, stage / p.name, follow_symlinks=False)
-        except OSError:
-            shutil.copy2(p, stage / p.name, follow_symlinks=False)
+        if p.is_dir() and not p.is_symlink():  # a tree of links to the same files
+            shutil.copytree(p, stage / p.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(p, stage / p.name)
     if exchange(stage, final):
         old = stage  # the exchange left the old directory at the stage's path
     else:
-        old = stage_path(final, "old")
+        old = stage_path(final)
         os.rename(final, old)
-        os.rename(stage, final)
-    fsync_path(final.parent)
-    for name in carried_dirs:
-        os.rename(old / name, final / name)
-    shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(stage, final)
+        except BaseException:
+            os.rename(old, final)  # put the old one back rather than leave nothing
+            raise
+    try:
+        fsync_path(final.parent)
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager
