@@ -23,7 +23,8 @@ BLOCKS = [(page.relative_to(ROOT).as_posix(), i, code)
 def test_blocks_are_found() -> None:
     pages = {name for name, _, _ in BLOCKS}
     # the pages whose examples are code: if one of these loses its blocks, the block pattern broke or they were cut
-    assert {"README.md", "docs/layer.md", "docs/checkpoints.md", "docs/quantisation.md", "docs/export.md"} <= pages
+    assert {"README.md", "docs/layer.md", "docs/checkpoints.md", "docs/quantisation.md", "docs/export.md",
+            "docs/finetuning.md"} <= pages
     assert sum(name == "README.md" for name, _, _ in BLOCKS) >= 2
 
 
