@@ -270,6 +270,10 @@ class LoopWatchingTokenizer:
         self._note("encode")
         return self.tokenizer.encode(*args, **kwargs)
 
+    def encode_batch(self, *args: Any, **kwargs: Any) -> Any:
+        self._note("encode")
+        return self.tokenizer.encode_batch(*args, **kwargs)
+
     def decode(self, *args: Any, **kwargs: Any) -> Any:
         self._note("decode")
         return self.tokenizer.decode(*args, **kwargs)
