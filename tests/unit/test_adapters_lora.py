@@ -63,6 +63,20 @@ def test_unmerged_equals_merged_on_every_group(use_rslora):
     assert set(model.state_dict()) == set(small_model().state_dict())  # the base's names, nothing added
 
 
+@pytest.mark.parametrize("attn_impl", ["absorb", "naive"])
+def test_cached_decoding_applies_the_adapters(attn_impl):
+    """The absorbed attention reads wkv_b's matrix rather than calling it: it must see the unmerged update too."""
+    model = small_model(attn_impl=attn_impl)
+    apply_lora(model, LoRAConfig(r=4, targets=GROUPS, init="random"))
+    x = ids()
+    with torch.no_grad():
+        whole = model(x).logits
+        cache = model.new_cache()
+        prefill = model(x[:, :6], cache=cache).logits
+        step = torch.cat([model(x[:, t:t + 1], cache=cache).logits for t in range(6, x.shape[1])], dim=1)
+    torch.testing.assert_close(torch.cat([prefill, step], dim=1), whole, rtol=0, atol=1e-5)
+
+
 def test_remove_restores_the_base():
     model = small_model()
     x = ids()

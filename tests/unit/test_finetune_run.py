@@ -144,3 +144,22 @@ def test_the_command_runs_resumes_and_names_what_is_missing(base, capsys):
     assert "--data" in capsys.readouterr().err
     assert main([*args[:-1], "--targets", "attention,nothing_here", "--force", "--quiet"]) == 2
     assert "'nothing_here'" in capsys.readouterr().err
+
+
+def test_generate_with_an_adapter_equals_the_merged_checkpoint(base, capsys):
+    from deepseek_moe import finetune
+    from deepseek_moe.cli.main import main
+
+    result = finetune.run(config(base, "gen"), progress=False)  # the package's run(FinetuneConfig)
+    adapter = str(result.run_dir / "adapter")
+    assert main(["merge", str(base / "base"), adapter, str(base / "merged")]) == 0
+    capsys.readouterr()
+    common = ["--prompt", "what is two", "--max-new-tokens", "6", "--temperature", "0"]
+    outputs = []
+    for argv in (["generate", str(base / "base"), *common, "--adapter", adapter],
+                 ["generate", str(base / "merged"), *common], ["generate", str(base / "base"), *common]):
+        assert main(argv) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+    assert main(["generate", str(base / "base"), *common, "--adapter", str(base)]) == 2
+    assert "adapter_config.json" in capsys.readouterr().err

@@ -59,6 +59,10 @@ class LoRALinear(Linear):
         low = F.linear(F.linear(self.dropout(x).to(dtype), self.lora_A.to(dtype)), self.lora_B.to(dtype))
         return y + low * self.scaling
 
+    def matrix(self) -> torch.Tensor:
+        """The weight with the update added (differentiable): what MLA's absorbed attention folds in."""
+        return self.weight + (self.lora_B @ self.lora_A * self.scaling).to(self.weight.dtype)
+
     def delta_weight(self) -> torch.Tensor:
         """(out, in) ``scaling * B A`` in the weight's dtype."""
         return (self.lora_B.float() @ self.lora_A.float() * self.scaling).to(self.weight.dtype)

@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sample among the most likely tokens holding mass P (default 0.95; 1 disables)")
     p.add_argument("--seed", type=int, metavar="S", help="makes sampling repeatable")
     p.add_argument("--device", metavar="D", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--adapter", action="append", default=[], metavar="PATH",
+                   help="a LoRA adapter directory (PEFT's format, e.g. a fine-tune's RUN/adapter) applied unmerged "
+                   "(repeatable: each on other modules)")
     p.set_defaults(func=run)
 
 
@@ -122,6 +125,14 @@ def run(args: argparse.Namespace) -> int:
         raise
     except ValueError as e:  # config.json translation and the config dataclasses' rules
         raise CheckpointError(str(e)) from e
+    if args.adapter:
+        from deepseek_moe.adapters.peft import load_adapter
+
+        for adapter in args.adapter:
+            try:
+                load_adapter(model, adapter)
+            except (ValueError, FileNotFoundError) as e:
+                raise UsageError(f"--adapter {adapter}: {e}") from e
     cfg = model.config
 
     prompt_ids = tokenizer.encode(args.prompt).ids

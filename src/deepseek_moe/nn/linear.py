@@ -24,5 +24,11 @@ class Linear(nn.Linear):
             return super().forward(x)
         return F.linear(x, compute_weight(self.weight, dtype), self.bias)
 
+    def matrix(self) -> torch.Tensor:
+        """The (out, in) matrix this layer applies, for code that uses it other than through forward (MLA's
+        absorbed attention folds wkv_b into the query and output): the weight, plus any update a subclass adds
+        (an unmerged LoRA pair, adapters/lora.py)."""
+        return self.weight
+
 
 __all__ = ["Linear"]
