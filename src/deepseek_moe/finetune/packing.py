@@ -57,10 +57,18 @@ def write_rows(rows: Iterator[np.ndarray], path: Path, seq_len: int) -> np.ndarr
         for row in rows:
             f.write(row.astype(np.int32).tobytes())
             n += 1
-    data = np.memmap(raw, dtype=np.int32, mode="r", shape=(n, 3, seq_len)) if n else np.zeros((0, 3, seq_len), np.int32)
+    # The row count is known only now: copy into an .npy of that shape a block of rows at a time, so memory holds
+    # one block, never the data set.
     tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
-    np.save(tmp, np.asarray(data))
-    del data
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(n, 3, seq_len))
+    if n:
+        rows_in = np.memmap(raw, dtype=np.int32, mode="r", shape=(n, 3, seq_len))
+        block = max(1, (64 << 20) // (12 * seq_len))
+        for start in range(0, n, block):
+            out[start:start + block] = rows_in[start:start + block]
+        del rows_in
+    out.flush()
+    del out
     raw.unlink()
     os.replace(tmp, path)
     return np.load(path, mmap_mode="r")
