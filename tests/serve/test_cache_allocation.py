@@ -6,19 +6,17 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scheduler_helpers import run_all, submit
 from serve_fixtures import tiny_config
 
 from deepseek_moe import DeepSeekMoEForCausalLM, generate
 from deepseek_moe.model.counting import kv_cache_bytes_per_token
 from deepseek_moe.model.kv_cache import GATHER_BOUND, plan_gathers
 from deepseek_moe.serve.scheduler import (
-    Event,
     FinishEvent,
     Request,
-    SamplingParams,
     Scheduler,
     SchedulerConfig,
-    TokenEvent,
 )
 
 
@@ -28,36 +26,6 @@ def make_model() -> DeepSeekMoEForCausalLM:
     with torch.no_grad():  # sharper logits: greedy choices far from ties
         model.head.weight.mul_(20.0)
     return model
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def __call__(self, event: Event) -> None:
-        self.events.append(event)
-
-    @property
-    def tokens(self) -> list[int]:
-        return [e.token for e in self.events if isinstance(e, TokenEvent)]
-
-    @property
-    def finish(self) -> FinishEvent | None:
-        return next((e for e in self.events if isinstance(e, FinishEvent)), None)
-
-
-def submit(s: Scheduler, prompt: list[int], **params: object) -> Collector:
-    c = Collector()
-    s.submit(Request(prompt, SamplingParams(**params), c))  # type: ignore[arg-type]
-    return c
-
-
-def run_all(s: Scheduler) -> None:
-    for _ in range(10_000):
-        if not s.has_work():
-            return
-        s.step()  # check_invariants runs at the end of each
-    raise AssertionError("the scheduler did not finish its work")
 
 
 def prompts(lengths: tuple[int, ...], seed: int = 1) -> list[list[int]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from scheduler_helpers import Collector, run_all, submit
 from serve_fixtures import tiny_config
 
 from deepseek_moe import DeepSeekMoEForCausalLM, ModelConfig, MoEConfig, generate, get_preset
@@ -23,38 +24,6 @@ from deepseek_moe.serve.scheduler import (
 def make_model(cfg: object = None, seed: int = 0) -> DeepSeekMoEForCausalLM:
     torch.manual_seed(seed)
     return DeepSeekMoEForCausalLM(cfg or tiny_config(512)).eval()
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def __call__(self, event: Event) -> None:
-        self.events.append(event)
-
-    @property
-    def tokens(self) -> list[int]:
-        return [e.token for e in self.events if isinstance(e, TokenEvent)]
-
-    @property
-    def finish(self) -> FinishEvent | None:
-        last = self.events[-1] if self.events else None
-        return last if isinstance(last, FinishEvent) else None
-
-
-def run_all(s: Scheduler, max_steps: int = 10_000) -> int:
-    steps = 0
-    while s.has_work():
-        s.step()
-        steps += 1
-        assert steps < max_steps
-    return steps
-
-
-def submit(s: Scheduler, prompt: list[int], **params: object) -> Collector:
-    c = Collector()
-    s.submit(Request(prompt, SamplingParams(**params), c))  # type: ignore[arg-type]
-    return c
 
 
 def prompts(vocab: int, lengths: tuple[int, ...], seed: int = 1) -> list[list[int]]:

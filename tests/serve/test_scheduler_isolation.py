@@ -12,57 +12,22 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from scheduler_helpers import run_all, submit
 from serve_fixtures import build_checkpoint, running_server, tiny_config
 
 from deepseek_moe import DeepSeekMoEForCausalLM, generate
 from deepseek_moe.serve.scheduler import (
-    Event,
     FinishEvent,
     Request,
-    SamplingParams,
     Scheduler,
     SchedulerConfig,
     SchedulerInvariantError,
-    TokenEvent,
 )
 
 
 def make_model() -> DeepSeekMoEForCausalLM:
     torch.manual_seed(0)
     return DeepSeekMoEForCausalLM(tiny_config(512)).eval()
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.done = threading.Event()
-
-    def __call__(self, event: Event) -> None:
-        self.events.append(event)
-        if isinstance(event, FinishEvent):
-            self.done.set()
-
-    @property
-    def tokens(self) -> list[int]:
-        return [e.token for e in self.events if isinstance(e, TokenEvent)]
-
-    @property
-    def finishes(self) -> list[FinishEvent]:
-        return [e for e in self.events if isinstance(e, FinishEvent)]
-
-
-def submit(s: Scheduler, prompt: list[int], **params: object) -> Collector:
-    c = Collector()
-    s.submit(Request(prompt, SamplingParams(**params), c))  # type: ignore[arg-type]
-    return c
-
-
-def run_all(s: Scheduler) -> None:
-    for _ in range(10_000):
-        if not s.has_work():
-            return
-        s.step()
-    raise AssertionError("the scheduler did not finish its work")
 
 
 P1, P2 = [5, 9, 2, 7, 1, 3], [11, 4, 8]
