@@ -201,6 +201,11 @@ class ModelConfig:
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
 
+    # Multi-token prediction (DeepSeek-V3 §2.2): mtp_depth (D) sequential modules after the main model, module k
+    # predicting token i+k+1; their loss, weighted mtp_lambda / D, joins the training loss. 0: none.
+    mtp_depth: int = 0
+    mtp_lambda: float = 0.3  # V3's weight for its first 10T tokens (a training schedule may change it per step)
+
     norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     init_std: float = 0.02
@@ -211,7 +216,9 @@ class ModelConfig:
         _positive(self, "vocab_size", "dim", "inter_dim", "n_layers", "n_heads", "max_seq_len",
                   "qk_rope_head_dim", "v_head_dim", "original_seq_len")
         _non_negative(self, "n_dense_layers", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "norm_eps",
-                      "init_std", "mscale", "mscale_all_dim")
+                      "init_std", "mscale", "mscale_all_dim", "mtp_lambda")
+        _require(isinstance(self.mtp_depth, int) and not isinstance(self.mtp_depth, bool) and self.mtp_depth >= 0,
+                 f"mtp_depth ({self.mtp_depth!r}) must be an integer >= 0")
         _one_of(self, "attention", ("mla", "mha"))
         _one_of(self, "attn_impl", ("naive", "absorb"))
         _require(isinstance(self.attention_bias, bool), f"attention_bias ({self.attention_bias!r}) must be a bool")

@@ -15,6 +15,7 @@ from deepseek_moe.config import ModelConfig
 from deepseek_moe.model.block import Block
 from deepseek_moe.model.init import ShardOf, constant, draw_seed, fill, is_meta, normal, whole
 from deepseek_moe.model.kv_cache import KVCache
+from deepseek_moe.model.mtp import MTPModule, MTPOutput, mtp_loss
 from deepseek_moe.model.norm import RMSNorm
 from deepseek_moe.model.rope import RotaryEmbedding
 from deepseek_moe.moe.all_layers import collect_aux_loss, moe_layers
@@ -30,13 +31,19 @@ IGNORE_INDEX = -100
 
 @dataclass
 class CausalLMOutput:
-    """logits (B, T, vocab) float32; losses are 0-dim (None without labels); cache is the one passed in."""
+    """logits (B, T, vocab) float32; losses are 0-dim (None without labels); cache is the one passed in.
+
+    ``hidden`` (B, T, dim): the main model's last hidden state after its final norm (what the head reads; MTP
+    depth 1 takes it, see :meth:`DeepSeekMoEForCausalLM.mtp_forward`). ``mtp_loss``: with labels and
+    ``mtp_depth`` > 0, (1/D) Σ_k CE_k of the MTP modules, added to ``loss`` with weight ``mtp_lambda``."""
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     ce_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     cache: KVCache | None = None
+    hidden: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None
 
 
 def positions_of(key_mask: torch.Tensor, T: int) -> torch.Tensor:
@@ -80,6 +87,8 @@ class DeepSeekMoEForCausalLM(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # Multi-token prediction modules (DeepSeek-V3 §2.2), sharing embed and head; none when mtp_depth is 0.
+        self.mtp = nn.ModuleList(MTPModule(cfg, k) for k in range(1, cfg.mtp_depth + 1))
         self.rope = RotaryEmbedding(cfg)
         # One protected-sequence draw per forward, shared by every MoE layer (a stream no layer's generator uses).
         self.protected_sequences = ProtectedSequences(layer_seed(cfg.moe.seed, cfg.n_layers))
@@ -120,9 +129,12 @@ class DeepSeekMoEForCausalLM(nn.Module):
                 module.reset()
 
     def forward(self, input_ids: torch.Tensor, *, labels: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> CausalLMOutput:
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                mtp_lambda: float | None = None) -> CausalLMOutput:
         """input_ids (B, T); labels (B, T) unshifted (the model shifts; -100 is ignored); attention_mask (B, T)
         1 for real tokens, 0 for (left) padding; cache, if given, is extended in place with these tokens.
+        With labels and MTP modules, they run too and ``loss`` adds ``mtp_lambda`` (default
+        ``config.mtp_lambda``; a training schedule passes its own) times ``mtp_loss``.
 
         Padding never reaches the routers: the MoE layers get the mask of the new tokens (padding is routed
         nowhere and counted in no loss, budget or statistic). When the MoE layers drop tokens, one
@@ -142,10 +154,15 @@ class DeepSeekMoEForCausalLM(nn.Module):
         token_mask = None if bool(new_mask.all()) else new_mask
         moes = moe_layers(self)
         protected = self.protected_sequences.draw() if any(moe.drops_tokens for _, moe in moes) else None
-        logits = self.forward_logits(input_ids, positions, mask, cache, token_mask=token_mask, protected=protected)
+        hidden = self.forward_hidden(input_ids, positions, mask, cache, token_mask=token_mask, protected=protected)
+        logits = self.head(hidden).float()
 
-        out = CausalLMOutput(logits=logits, cache=cache)
+        out = CausalLMOutput(logits=logits, cache=cache, hidden=hidden)
         if labels is not None:
+            if len(self.mtp):  # before the balance losses are collected: the MTP blocks' MoE layers add theirs
+                mtp_logits = self.mtp_train_logits(input_ids, hidden, positions, mask, token_mask=token_mask,
+                                                   protected=protected)
+                out.mtp_loss = mtp_loss(mtp_logits, labels, IGNORE_INDEX)
             # Shift the labels, not the logits: slicing (B, T, vocab) copies it, and the slice's backward
             # zero-fills and copies a gradient of that size again (a fifth of the tiny preset's step besides
             # attention). The last position gets no label, so the mean runs over the same B * (T - 1) tokens.
@@ -154,6 +171,9 @@ class DeepSeekMoEForCausalLM(nn.Module):
                                           ignore_index=IGNORE_INDEX)
             out.aux_loss = collect_aux_loss(self).to(logits.device)
             out.loss = out.ce_loss + out.aux_loss
+            if out.mtp_loss is not None:
+                weight = self.config.mtp_lambda if mtp_lambda is None else mtp_lambda
+                out.loss = out.loss + weight * out.mtp_loss
         return out
 
     def forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
@@ -164,12 +184,76 @@ class DeepSeekMoEForCausalLM(nn.Module):
         ``token_mask`` (B, T) from the attention mask and calls it; the ONNX export (export/lm.py) traces it with
         the masks always built, so that one graph serves padded and unpadded batches. ``cache``: anything with
         ``layers[i].append`` (a KVCache, or export's cache of explicit tensors)."""
+        return self.head(self.forward_hidden(input_ids, positions, mask, cache, token_mask=token_mask,
+                                             protected=protected)).float()
+
+    def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+                       cache: KVCache | None = None, *, token_mask: torch.Tensor | None = None,
+                       protected: ProtectedDraw | None = None) -> torch.Tensor:
+        """:meth:`forward_logits` up to the head: the last hidden state after the final norm, (B, T, dim)."""
         cos, sin = self.rope(positions)
         h = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, None if cache is None else cache.layers[i], token_mask=token_mask,
                       protected=protected)
-        return self.head(self.norm(h)).float()
+        return self.norm(h)
+
+    def mtp_train_logits(self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                         mask: torch.Tensor | None, *, token_mask: torch.Tensor | None = None,
+                         protected: ProtectedDraw | None = None) -> list[torch.Tensor]:
+        """Every MTP depth over a whole sequence (training; no cache): ``logits[k-1]`` (B, T - k, vocab) float32,
+        position i predicting t_{i+k+1}. Depth k runs over the T - k positions whose input token t_{i+k} exists,
+        at those tokens' positions, with the main forward's ``mask`` (B, 1, T, T) (or None: causal) cut to them;
+        ``token_mask`` (B, T) real tokens; ``protected`` the forward's protected-sequence draw."""
+        T = input_ids.shape[1]
+        emb = self.embed(input_ids)
+        logits: list[torch.Tensor] = []
+        h = hidden
+        for k, module in enumerate(self.mtp, start=1):
+            n = T - k
+            if n <= 0:  # too short a sequence for this depth (and every deeper one): no prediction
+                logits.append(hidden.new_zeros(hidden.shape[0], 0, self.config.vocab_size, dtype=torch.float32))
+                continue
+            cos, sin = self.rope(positions[:, k:])
+            cut = None if mask is None else mask[..., :n, :n]
+            real = None if token_mask is None else token_mask[:, :n] & token_mask[:, k:]
+            h = module(h[:, :n], emb[:, k:], cos, sin, cut, token_mask=real, protected=protected)
+            logits.append(self.head(h).float())
+        return logits
+
+    def mtp_forward(self, depth: int, hidden: torch.Tensor, input_ids: torch.Tensor, *,
+                    attention_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> MTPOutput:
+        """MTP depth ``depth`` (1-based) at inference, position by position as a drafter runs it.
+
+        ``hidden`` (B, T, dim): h^{depth-1} at positions i (depth 1: ``forward(...).hidden`` of the main model;
+        depth k > 1: the ``hidden`` this method returned for depth k - 1); ``input_ids`` (B, T): the tokens
+        t_{i+depth}, one place after those the hidden states were computed at for depth 1 (the token the main
+        model chose next), the previous depth's draft for deeper ones. ``attention_mask`` (B, T): 1 where the
+        hidden state is a real token's, 0 for (left) padding (the main forward's mask without its last column). ``cache``: this depth's own KVCache of one layer (:meth:`new_mtp_caches`), extended in place,
+        like the main model's (so a drafter rolls it back the same way). Returns h^depth and the logits for
+        t_{i+depth+1}. Over a whole sequence without cache it equals :meth:`mtp_train_logits`' depth 1; chaining
+        depth k on the outputs of depth k - 1 is V3's sequential prediction."""
+        if not 1 <= depth <= len(self.mtp):
+            raise ValueError(f"depth ({depth}) must be in 1..mtp_depth ({len(self.mtp)})")
+        B, T = input_ids.shape
+        if hidden.shape[:2] != (B, T):
+            raise ValueError(f"hidden {tuple(hidden.shape)} must be (B, T, dim) for input_ids {(B, T)}")
+        new_mask = (torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None
+                    else attention_mask.to(torch.bool))
+        key_mask = new_mask if cache is None else cache.extend_mask(new_mask)
+        # The tokens' positions: the cache's first slot holds t_depth (hidden state 0 with token depth), as in
+        # training, where depth k runs at positions k.. of the sequence.
+        positions = positions_of(key_mask, T) + depth
+        mask = None if bool(key_mask.all()) else attention_mask_4d(key_mask, T)
+        token_mask = None if bool(new_mask.all()) else new_mask
+        cos, sin = self.rope(positions)
+        h = self.mtp[depth - 1](hidden, self.embed(input_ids), cos, sin, mask,
+                                None if cache is None else cache.layers[0], token_mask=token_mask)
+        return MTPOutput(hidden=h, logits=self.head(h).float())
+
+    def new_mtp_caches(self) -> list[KVCache]:
+        """One KVCache (of one layer) per MTP depth: each depth runs one position behind the previous one."""
+        return [KVCache(1) for _ in self.mtp]
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers))
