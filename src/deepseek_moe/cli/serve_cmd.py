@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=d.max_queue, metavar="N",
                    help=f"waiting requests beyond which new ones get 503 + Retry-After (default {d.max_queue}; "
                    ">= 1: every request waits in the queue until the next step admits it)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="compute every prompt in full: by default, cache blocks of prefixes requests share (a "
+                   "system prompt, the turns of a chat) are kept after use and reused")
     p.add_argument("--max-request-bytes", default=str(MAX_BODY_BYTES), metavar="BYTES",
                    help="larger request bodies get 413: bytes or like 512KiB, 16MiB (default 4MiB)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
@@ -67,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         kv_bytes = _size(args.kv_cache_memory)
         config = SchedulerConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
-                                 kv_cache_bytes=kv_bytes, block_size=args.block_size, max_queue=args.max_queue)
+                                 kv_cache_bytes=kv_bytes, block_size=args.block_size, max_queue=args.max_queue,
+                                 prefix_cache=args.prefix_cache)
     except ValueError as e:
         raise UsageError(str(e).replace("max_shard_size", "--kv-cache-memory")) from e
     if not 0 <= args.port < 65536:

@@ -10,7 +10,10 @@ Storage grows by doubling, so a decode step is an in-place write rather than a c
 
 from __future__ import annotations
 
-from collections import Counter
+import hashlib
+from array import array
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
 
 import torch
 
@@ -121,27 +124,65 @@ def plan_gathers(cached: list[int], new: list[int], bound: float = GATHER_BOUND)
 
 
 class BlockTable:
-    """The blocks one sequence owns, in order, and how many of their slots hold cached tokens."""
+    """The blocks one sequence holds, in order, how many of their slots hold cached tokens, and how many of its
+    first blocks the pool has been given content keys for (``BlockPool.register``)."""
 
     def __init__(self) -> None:
         self.blocks: list[int] = []
         self.length = 0
+        self.registered = 0
+
+    def clear(self) -> None:
+        """Forget the blocks without returning them (the pool is being ``reset``)."""
+        self.blocks, self.length, self.registered = [], 0, 0
+
+
+FREE, CACHED, IN_USE = 1, 2, 0  # a block's state in ``BlockPool._state`` (block 0, the padding, counts as in use)
+
+
+def chain_block_hashes(tokens: Sequence[int], block_size: int, salt: bytes = b"",
+                       known: list[bytes] | None = None) -> list[bytes]:
+    """The content keys of the full blocks of ``tokens``: block i's key hashes its ``block_size`` tokens chained
+    with block i-1's key (the first with ``salt``), so equal keys mean equal tokens from position 0, hence equal
+    cached latents (what a slot caches depends on its token and every token before it). ``salt`` separates
+    caches that the same tokens must not share (another adapter's latents differ). ``known``: keys of a prefix
+    already computed, extended rather than recomputed (a decoding sequence adds one token at a time)."""
+    keys = list(known or [])
+    for i in range(len(keys), len(tokens) // block_size):
+        h = hashlib.blake2b(keys[-1] if keys else b"salt:" + salt, digest_size=16)
+        h.update(array("q", tokens[i * block_size:(i + 1) * block_size]).tobytes())
+        keys.append(h.digest())
+    return keys
 
 
 class BlockPool:
     """``n_blocks`` blocks of ``block_size`` slots per layer; the tensors are allocated at the first append, when
     their trailing shapes and dtype are known, and left uninitialised (the OS maps pages as blocks are first
-    written; a slot is always written before it is read) except the zeroed padding block."""
+    written; a slot is always written before it is read) except the zeroed padding block.
 
-    def __init__(self, n_layers: int, n_blocks: int, block_size: int) -> None:
+    Prefix caching (``prefix_cache``): a full block whose tokens are final can be ``register``-ed under its
+    content key (``chain_block_hashes``); ``match`` then hands it to any table whose tokens start the same, and
+    blocks are reference-counted (a block is in use while any table holds it). A released block that has a key
+    is not freed but kept, unowned, in an LRU: it is still found by ``match``, and it is taken for new content
+    (its key dropped) only when no block without content is left. So every block but block 0 is in exactly one
+    state: free (no content, on ``_free``), cached (a key, no owner, in ``_lru``) or in use (refs > 0).
+
+    A shared block is never written: ``match`` hands out only whole blocks, and a table writes at its length
+    onwards, past them. What may be registered is the caller's contract: only blocks whose every slot holds
+    the latents of its final tokens (not a speculative draft a rollback may take back; ``truncate`` refuses to
+    cut into a registered block)."""
+
+    def __init__(self, n_layers: int, n_blocks: int, block_size: int, *, prefix_cache: bool = True) -> None:
         if n_blocks < 2:
             raise ValueError(f"n_blocks ({n_blocks}) must be >= 2 (block 0 is reserved for padding)")
         if block_size < 1:
             raise ValueError(f"block_size ({block_size}) must be >= 1")
         self.n_layers, self.n_blocks, self.block_size = n_layers, n_blocks, block_size
+        self.prefix_cache = prefix_cache
         self.storage: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]  # per layer: (n_slots, ...)
         self.reset()
         self.gathered_bytes = 0  # all the (B, S, ...) views ``append`` has gathered, padding included
+        self.evictions = 0  # cached blocks taken for new content
 
     @property
     def capacity_blocks(self) -> int:
@@ -150,51 +191,157 @@ class BlockPool:
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks a reservation can take: free ones and cached ones no table holds (evicted as needed)."""
+        return len(self._free) + len(self._lru)
+
+    @property
+    def cached_blocks(self) -> int:
+        """Blocks kept for their content with no owner (the LRU)."""
+        return len(self._lru)
 
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
 
+    def _take(self) -> int:
+        """A block for new content: a free one, else the least recently released cached one (its key dropped)."""
+        if self._free:
+            b = self._free.pop()
+        else:
+            b, _ = self._lru.popitem(last=False)
+            del self._block_of[self._key_of.pop(b)]
+            self.evictions += 1
+        self._state[b], self._refs[b] = IN_USE, 1
+        return b
+
     def reserve(self, table: BlockTable, n_tokens: int) -> bool:
         """Give ``table`` enough blocks to hold ``n_tokens`` in all; False (nothing taken) if too few are free."""
         need = self.blocks_for(n_tokens) - len(table.blocks)
-        if need > len(self._free):
+        if need > self.free_blocks:
             return False
         for _ in range(max(need, 0)):
-            table.blocks.append(self._free.pop())
-            self._is_free[table.blocks[-1]] = 0
+            table.blocks.append(self._take())
         return True
 
     def release(self, table: BlockTable) -> None:
-        self._free.extend(reversed(table.blocks))
-        for b in table.blocks:
-            self._is_free[b] = 1
-        table.blocks, table.length = [], 0
+        """Drop ``table``'s hold on its blocks. Its last blocks go first: a block unowned now returns to the free
+        list, or, with a key, to the LRU's most recent end with the sequence's earlier blocks after it, so that
+        eviction takes a sequence's tail before the prefix other requests are likelier to share."""
+        for b in reversed(table.blocks):
+            self._unref(b)
+        table.blocks, table.length, table.registered = [], 0, 0
+
+    def _unref(self, b: int) -> None:
+        self._refs[b] -= 1
+        if self._refs[b] > 0:
+            return
+        if b in self._key_of:
+            self._lru[b] = None
+            self._state[b] = CACHED
+        else:
+            self._free.append(b)
+            self._state[b] = FREE
+
+    def truncate(self, table: BlockTable, n_tokens: int) -> None:
+        """Keep ``table``'s first ``n_tokens`` cached tokens and drop the blocks past them (a rollback). The
+        block the cut falls in must not be registered: its slots past the cut will be written again."""
+        if not 0 <= n_tokens <= table.length:
+            raise ValueError(f"truncate to {n_tokens} tokens: the table caches {table.length}")
+        keep = self.blocks_for(n_tokens)
+        if n_tokens % self.block_size and table.blocks[keep - 1] in self._key_of:
+            raise ValueError(f"truncate to {n_tokens} tokens cuts into block {table.blocks[keep - 1]}, which is "
+                             "registered: only blocks of final tokens may be registered")
+        for b in reversed(table.blocks[keep:]):
+            self._unref(b)
+        del table.blocks[keep:]
+        table.length = n_tokens
+        table.registered = min(table.registered, n_tokens // self.block_size)
+
+    def match(self, table: BlockTable, keys: Sequence[bytes]) -> int:
+        """Extend an empty or block-aligned ``table`` with the cached blocks of the longest run of ``keys`` (the
+        content keys of its blocks from the first) found after the blocks it caches; returns how many blocks it
+        gained, each now held by the table too. The blocks it owns beyond its length (reserved, not yet
+        written) are replaced by the cached ones and freed."""
+        bs = self.block_size
+        if not self.prefix_cache or table.length % bs:
+            return 0
+        start = table.length // bs
+        n = 0
+        while start + n < len(keys) and keys[start + n] in self._block_of:
+            n += 1
+        if n == 0:
+            return 0
+        spare = table.blocks[start:]  # reserved, not yet written: the cached blocks take their place
+        found = [self._block_of[k] for k in keys[start:start + n]]
+        for b in found:
+            if self._refs[b] == 0:
+                del self._lru[b]
+                self._state[b] = IN_USE
+            self._refs[b] += 1
+        table.blocks[start:] = found + spare[n:]
+        table.length = (start + n) * bs
+        table.registered = start + n
+        for b in reversed(spare[:n]):
+            self._unref(b)
+        return n
+
+    def register(self, table: BlockTable, keys: Sequence[bytes]) -> None:
+        """Record the content keys of ``table``'s full cached blocks (``keys[i]`` is block i's, at most as many as
+        its full blocks), so that ``match`` can share them. A key already held by another block (two requests
+        computed the same prefix at once) leaves this block unregistered: it is freed with its table."""
+        if not self.prefix_cache:
+            return
+        n = min(len(keys), table.length // self.block_size)
+        for i in range(table.registered, n):
+            b, key = table.blocks[i], keys[i]
+            if b not in self._key_of and key not in self._block_of:
+                self._key_of[b], self._block_of[key] = key, b
+        table.registered = max(table.registered, n)
 
     def reset(self) -> None:
-        """Every block free again (the owners' tables must be dropped: recovery from a broken invariant)."""
+        """Every block free again, the cached content forgotten (the owners' tables must be dropped: recovery from
+        a broken invariant)."""
         self._free = list(range(self.n_blocks - 1, 0, -1))  # a stack; block 0 stays out
-        # The free list's blocks as a mask too, so ``audit`` costs O(blocks owned), not O(pool): a tiny model's
-        # 1 GiB pool has ~10^5 blocks, and the audit runs after every step.
-        self._is_free = bytearray(b"\0" + b"\1" * (self.n_blocks - 1))
+        self._lru: OrderedDict[int, None] = OrderedDict()  # cached blocks no table holds, least recent first
+        self._key_of: dict[int, bytes] = {}
+        self._block_of: dict[bytes, int] = {}
+        self._refs = [0] * self.n_blocks
+        # Each block's state as a byte too, so ``audit`` costs O(blocks owned) plus a C-speed count, not a Python
+        # pass over the pool: a tiny model's 1 GiB pool has ~10^5 blocks, and the audit runs after every step.
+        self._state = bytearray(bytes([IN_USE]) + bytes([FREE]) * (self.n_blocks - 1))
 
     def audit(self, tables: list[BlockTable]) -> list[str]:
-        """What is wrong with the ownership, given every table that owns blocks: each block but the padding
-        block 0 must be free or in exactly one table, and never both. Empty when all is well."""
-        owned = [b for t in tables for b in t.blocks]
-        distinct = set(owned)
+        """What is wrong with the ownership, given every table that holds blocks: each block but the padding block
+        0 is free, cached (keyed, unowned) or in use, and a block in use is held by exactly as many tables as its
+        reference count says (a table never holds a block twice). Empty when all is well."""
         problems = []
-        if len(distinct) != len(owned):
-            twice = sorted(b for b, n in Counter(owned).items() if n > 1)
-            problems.append(f"blocks owned more than once: {twice[:8]}")
-        bad = sorted(b for b in distinct if not 0 < b < self.n_blocks or self._is_free[b])
+        holders: Counter[int] = Counter()
+        for t in tables:
+            if len(set(t.blocks)) != len(t.blocks):
+                twice = sorted(b for b, n in Counter(t.blocks).items() if n > 1)
+                problems.append(f"a table holds blocks more than once: {twice[:8]}")
+            holders.update(t.blocks)
+        bad = sorted(b for b in holders if not 0 < b < self.n_blocks or self._state[b] != IN_USE)
         if bad:
-            problems.append(f"blocks owned but free, or not in the pool's range [1, {self.n_blocks}): {bad[:8]}")
-        if self._is_free.count(1) != len(self._free):
-            problems.append(f"the free list holds {len(self._free)} blocks, {self._is_free.count(1)} are marked "
+            problems.append(f"blocks held but free or cached, or not in the pool's range [1, {self.n_blocks}): "
+                            f"{bad[:8]}")
+        miscounted = sorted(b for b, n in holders.items() if 0 < b < self.n_blocks and self._refs[b] != n)
+        if miscounted:
+            problems.append("blocks whose reference count is not the number of tables holding them: "
+                            + ", ".join(f"{b} ({self._refs[b]} refs, {holders[b]} holders)" for b in miscounted[:8]))
+        if self._state.count(FREE) != len(self._free) or len(set(self._free)) != len(self._free):
+            problems.append(f"the free list holds {len(self._free)} blocks, {self._state.count(FREE)} are marked "
                             "free (a block released twice, or the list edited)")
-        if len(self._free) + len(owned) != self.capacity_blocks:
-            problems.append(f"{self.capacity_blocks - len(self._free)} blocks in use but {len(owned)} owned")
+        if self._state.count(CACHED) != len(self._lru):
+            problems.append(f"the LRU holds {len(self._lru)} blocks, {self._state.count(CACHED)} are marked cached")
+        if any(b not in self._key_of or self._refs[b] for b in self._lru):
+            problems.append("a block in the LRU has no key or is still held")
+        if len(self._key_of) != len(self._block_of) or any(self._block_of.get(k) != b for b, k in self._key_of.items()):
+            problems.append("the key -> block and block -> key maps disagree")
+        if any(self._key_of.get(b) is not None for b in self._free):
+            problems.append("a free block still has a key")
+        in_use = self.capacity_blocks - len(self._free) - len(self._lru)
+        if in_use != len(holders):
+            problems.append(f"{in_use} blocks in use but {len(holders)} held")
         return problems
 
     def nbytes(self) -> int:

@@ -118,6 +118,14 @@ class ServeMetrics:
         self.kv_blocks_used = Gauge(f"{p}_kv_cache_blocks_used", "Cache blocks owned by running sequences.")
         self.kv_blocks_total = Gauge(f"{p}_kv_cache_blocks_total", "Cache blocks in the pool.")
         self.kv_tokens = Gauge(f"{p}_kv_cache_tokens", "Tokens held in the cache by running sequences.")
+        self.kv_blocks_cached = Gauge(f"{p}_kv_cache_blocks_cached",
+                                      "Cache blocks no sequence holds, kept for their prefix (prefix caching; "
+                                      "evicted, least recently used first, when the pool needs them).")
+        self.prefix_cache_queries = Counter(f"{p}_prefix_cache_queries_total",
+                                            "Prompt tokens of the requests admitted (each request once).")
+        self.prefix_cache_hits = Counter(f"{p}_prefix_cache_hits_total",
+                                         "Of those, tokens whose latent cache was reused from an earlier request "
+                                         "instead of computed.")
         self.preemptions = Counter(f"{p}_preemptions_total", "Running requests preempted when the cache ran out "
                                    "(blocks freed, recomputed from their tokens later).")
         self.time_to_first_token = Histogram(f"{p}_time_to_first_token_seconds",
@@ -143,17 +151,27 @@ class ServeMetrics:
         total = self.kv_blocks_total.value
         return self.kv_blocks_used.value / total if total else 0.0
 
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        queries = self.prefix_cache_queries.value
+        return self.prefix_cache_hits.value / queries if queries else 0.0
+
     def render(self) -> str:
         lines: list[str] = []
         for metric in (self.requests_received, self.requests_finished, self.requests_rejected, self.prompt_tokens,
                        self.generation_tokens, self.steps, self.forward_seconds, self.forward_cpu_seconds,
                        self.forward_tokens, self.queue_depth, self.running, self.kv_blocks_used,
-                       self.kv_blocks_total, self.kv_tokens, self.preemptions, self.time_to_first_token, self.time_per_output_token):
+                       self.kv_blocks_total, self.kv_tokens, self.kv_blocks_cached, self.prefix_cache_queries,
+                       self.prefix_cache_hits, self.preemptions, self.time_to_first_token,
+                       self.time_per_output_token):
             lines += [f"# HELP {metric.name} {metric.help}", f"# TYPE {metric.name} {metric.kind}"]
             lines += metric.samples()
         name = f"{PREFIX}_kv_cache_occupancy_ratio"
         lines += [f"# HELP {name} Fraction of cache blocks reserved.", f"# TYPE {name} gauge",
                   f"{name} {_num(self.kv_occupancy)}"]
+        name = f"{PREFIX}_prefix_cache_hit_rate"
+        lines += [f"# HELP {name} Prompt tokens reused from the prefix cache / prompt tokens, since start.",
+                  f"# TYPE {name} gauge", f"{name} {_num(self.prefix_cache_hit_rate)}"]
         lines += [f"# HELP {self.expert_tokens.name} {self.expert_tokens.help}",
                   f"# TYPE {self.expert_tokens.name} counter"]
         for layer, row in self._load.items():

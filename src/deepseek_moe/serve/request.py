@@ -81,6 +81,9 @@ class Request:
     output: list[int] = field(default_factory=list)
     table: BlockTable = field(default_factory=BlockTable)
     n_prefilled: int = 0  # prompt tokens counted in the metrics (a recomputation does not count them again)
+    adapter: str | None = None  # the LoRA adapter it runs with (None: the base model)
+    admitted: bool = False  # once admitted, a preempted request's prompt is not counted again
+    block_keys: list[bytes] = field(default_factory=list)  # content keys of its full blocks (prefix caching)
     generator: torch.Generator | None = None
     first_token_time: float = 0.0
     last_token_time: float = 0.0

@@ -20,6 +20,17 @@ that steps while there is work. Each step
    gathers from the cache stays within ``GATHER_BOUND`` x ``kv_cache_bytes`` (see ``model/kv_cache.py``);
 5. samples each row with its own parameters and generator, emits the tokens, and retires finished sequences.
 
+Prefix caching (``prefix_cache``, on by default): each full block of final tokens is registered in the pool under
+a content key, the hash of its tokens chained with the key of the block before (``chain_block_hashes``, salted
+with the request's adapter, so different adapters never share blocks). A request takes the cached blocks of the
+longest prefix of its tokens when it is admitted, and again before each prefill chunk while it is block-aligned
+(so requests admitted together with the one computing a shared prompt pick it up a chunk later), always leaving
+its last token to compute, for its logits. Shared blocks are reference-counted and never written (a table writes
+past its length, and only whole blocks are shared); a released block with a key stays cached in an LRU and is
+evicted only when the pool needs a block. A preempted request is released like a finished one, so its
+recomputation mostly finds its own blocks again. Cached latents are those the same tokens would produce, so
+outputs are those without the cache (within float rounding, as for batching).
+
 Decode and prefill are separate forwards so that decode rows are never padded to a prefill chunk's width. The
 padding of a prefill batch is routed to no expert (the model passes the attention mask down to the MoE layers as
 a token mask), so the served expert-load statistics count real tokens only.
@@ -51,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from deepseek_moe.infer.sampling import sample
-from deepseek_moe.model.kv_cache import BlockPool, plan_gathers
+from deepseek_moe.model.kv_cache import BlockPool, chain_block_hashes, plan_gathers
 from deepseek_moe.moe.layer import MoE
 from deepseek_moe.serve.metrics import ServeMetrics
 
@@ -78,13 +89,15 @@ log = logging.getLogger(__name__)
 class SchedulerConfig:
     """max_batch_size: sequences per step; max_batch_tokens: tokens per step, prefill included (>= batch size,
     so a prefilling sequence always gets a share); kv_cache_bytes: the block pool's size; block_size: slots per
-    block; max_queue: waiting requests beyond which ``submit`` refuses."""
+    block; max_queue: waiting requests beyond which ``submit`` refuses; prefix_cache: share the cache blocks of
+    common prefixes between requests (see the module's docstring)."""
 
     max_batch_size: int = 32
     max_batch_tokens: int = 512
     kv_cache_bytes: int = 1 << 30
     block_size: int = 16
     max_queue: int = 256
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens", "kv_cache_bytes", "block_size"):
@@ -112,7 +125,7 @@ class Scheduler:
         if n_blocks < 2:
             raise ValueError(f"kv_cache_bytes ({config.kv_cache_bytes}) holds {n_blocks} blocks of "
                              f"{config.block_size} tokens at {self.bytes_per_token} bytes per token; need >= 2")
-        self.pool = BlockPool(len(model.layers), n_blocks, config.block_size)
+        self.pool = BlockPool(len(model.layers), n_blocks, config.block_size, prefix_cache=config.prefix_cache)
         # Found by type, not through a model method, so any model holding our MoE layers is served.
         self.moe = [m for m in model.modules() if isinstance(m, MoE)]
         self.metrics = metrics or ServeMetrics([m.layer_id for m in self.moe], model.config.moe.n_routed_experts)
@@ -221,7 +234,7 @@ class Scheduler:
             victims = [r for r in self._live.values() if id(r) not in queued]
             self.running = []
             for req in itertools.chain(victims, self.waiting):
-                req.table.blocks, req.table.length = [], 0
+                req.table.clear()
             self.pool.reset()
         for req in victims:
             self._finish(req, FinishEvent("error", f"internal error: {type(error).__name__}: {error}"))
@@ -285,10 +298,16 @@ class Scheduler:
                 if not self.waiting or len(self.running) >= self.config.max_batch_size:
                     return
                 req = self.waiting[0]
+                self._match_prefix(req)
                 # A block to spare per running sequence, so that admitting does not preempt at the next step.
-                spare = self.pool.free_blocks - self.pool.blocks_for(req.n_tokens)
+                spare = self.pool.free_blocks - (self.pool.blocks_for(req.n_tokens) - len(req.table.blocks))
                 if spare < len(self.running) or not self.pool.reserve(req.table, req.n_tokens):
+                    self.pool.release(req.table)  # the prefix it matched stays cached
                     return  # first come, first served: later requests do not overtake one that waits for room
+                if not req.admitted:
+                    req.admitted = True
+                    self.metrics.prefix_cache_queries.inc(len(req.prompt))
+                self._count_reused(req)
                 self.waiting.popleft()
                 self.running.append(req)  # from here on it owns blocks: a failure below must return them
             try:
@@ -298,6 +317,29 @@ class Scheduler:
                 self._finish(req, FinishEvent("invalid", str(e), param=e.param))
             except Exception as e:
                 self._fail(req, e)
+
+    def _block_keys(self, req: Request, n_tokens: int) -> list[bytes]:
+        """The content keys of the full blocks among ``req``'s first ``n_tokens`` tokens (computed once, extended
+        as the request grows), salted with its adapter: another adapter's latents differ for the same tokens."""
+        bs = self.pool.block_size
+        n = n_tokens // bs
+        if len(req.block_keys) < n:
+            req.block_keys = chain_block_hashes(req.tokens(0, n * bs), bs, (req.adapter or "").encode(),
+                                                req.block_keys)
+        return req.block_keys[:n]
+
+    def _match_prefix(self, req: Request) -> None:
+        """Take the cached blocks of the longest prefix of ``req``'s tokens that follows what it caches, leaving at
+        least its last token to compute (its logits choose the next token)."""
+        if self.pool.prefix_cache and req.table.length % self.pool.block_size == 0:
+            self.pool.match(req.table, self._block_keys(req, req.n_tokens - 1))
+
+    def _count_reused(self, req: Request) -> None:
+        """Count the prompt tokens a match gave ``req`` that it has not computed (nor been counted for) before."""
+        reused = min(req.table.length, len(req.prompt)) - req.n_prefilled
+        if reused > 0:
+            self.metrics.prefix_cache_hits.inc(reused)
+            req.n_prefilled += reused
 
     def _setup(self, req: Request) -> None:
         """What a request needs before its first forward, made when it first joins the batch (a preempted
@@ -321,6 +363,9 @@ class Scheduler:
         i = 0
         while i < len(self.running):
             req = self.running[i]
+            if req.in_prefill:  # a request admitted beside the one computing its prefix finds it here
+                self._match_prefix(req)
+                self._count_reused(req)
             prefill = req.in_prefill
             n = min(req.n_pending, budget) if prefill else 1
             if n > 0:
@@ -395,6 +440,9 @@ class Scheduler:
         start, start_cpu = time.perf_counter(), time.thread_time()
         logits = self.model(input_ids.to(self.device), attention_mask=mask, cache=cache).logits[:, -1]
         cache.commit()
+        if self.pool.prefix_cache:
+            for req in reqs:  # the blocks these tokens filled can now be shared
+                self.pool.register(req.table, self._block_keys(req, min(req.table.length, req.n_tokens)))
         self._count_routing()
         self.metrics.forward_seconds.inc(time.perf_counter() - start)
         self.metrics.forward_cpu_seconds.inc(time.thread_time() - start_cpu)
@@ -479,6 +527,7 @@ class Scheduler:
         used = self.pool.capacity_blocks - self.pool.free_blocks
         m.kv_blocks_used.set(used)
         m.kv_blocks_total.set(self.pool.capacity_blocks)
+        m.kv_blocks_cached.set(self.pool.cached_blocks)
         m.kv_tokens.set(sum(r.table.length for r in self.running))
 
 
