@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from deepseek_moe.infer.draft import Drafter
 from deepseek_moe.infer.loop import check_prompts, decode, left_padded
-from deepseek_moe.infer.sampling import sample
+from deepseek_moe.infer.sampling import check_sampling, sample
+from deepseek_moe.infer.speculative import SpecStats, decode_speculative
 
 if TYPE_CHECKING:
     from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
@@ -23,12 +25,14 @@ if TYPE_CHECKING:
 
 @dataclass
 class GenerateOutput:
-    """Per row: the new tokens (stop token included) and prompt + new tokens; wall-clock seconds."""
+    """Per row: the new tokens (stop token included) and prompt + new tokens; wall-clock seconds; with a
+    drafter, the speculative counts (all rows together)."""
 
     new_tokens: list[list[int]]
     sequences: list[list[int]]
     prefill_s: float
     decode_s: float
+    speculative: SpecStats | None = None
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -48,15 +52,23 @@ def _as_prompts(input_ids: torch.Tensor | Sequence[Sequence[int]]) -> list[list[
 def generate(model: DeepSeekMoEForCausalLM, input_ids: torch.Tensor | Sequence[Sequence[int]], *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              stop_tokens: Sequence[int] = (), seed: int | None = None,
-             stream: Callable[[int, int], None] | None = None, pad_token_id: int = 0) -> GenerateOutput:
+             stream: Callable[[int, int], None] | None = None, pad_token_id: int = 0,
+             drafter: Drafter | None = None, num_draft_tokens: int = 4) -> GenerateOutput:
     """Continue each prompt (a (B, T) tensor without padding, or a list of token lists of any lengths).
 
     A row stops after emitting a token in ``stop_tokens``, after ``max_new_tokens``, or when it reaches the
     model's ``max_seq_len``. ``stream(row, token)`` is called as each token is chosen.
+
+    With a ``drafter`` (``infer.draft``), decoding is speculative: up to ``num_draft_tokens`` drafted tokens per
+    row and step, verified in one forward (``infer.speculative``). Greedy output is the same token for token;
+    sampled output follows the same distribution (not the same draws: the random numbers are used differently).
     """
     prompts = _as_prompts(input_ids)
     max_seq_len = model.config.max_seq_len
     check_prompts(prompts, max_seq_len=max_seq_len, max_new_tokens=max_new_tokens)
+    check_sampling(temperature, top_k, top_p)
+    if drafter is not None and num_draft_tokens < 1:
+        raise ValueError(f"num_draft_tokens ({num_draft_tokens}) must be >= 1")
 
     was_training = model.training
     model.eval()
@@ -82,10 +94,20 @@ def generate(model: DeepSeekMoEForCausalLM, input_ids: torch.Tensor | Sequence[S
         start = time.perf_counter()
         logits = model(ids, attention_mask=mask, cache=cache).logits[:, -1]
         prefill_s, decode_start = time.perf_counter() - start, time.perf_counter()
-        new_tokens = decode(logits, prompts, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len, choose=choose,
-                            step=step, stop_tokens=stop_tokens, stream=stream)
+        stats = None
+        if drafter is None:
+            new_tokens = decode(logits, prompts, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len,
+                                choose=choose, step=step, stop_tokens=stop_tokens, stream=stream)
+        else:
+            stats = SpecStats()
+            new_tokens = decode_speculative(
+                logits, prompts, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len, drafter=drafter,
+                num_draft_tokens=num_draft_tokens,
+                forward=lambda ids, step_mask: model(ids, attention_mask=step_mask, cache=cache).logits,
+                discard=cache.discard, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                stop_tokens=stop_tokens, stream=stream, stats=stats)
         decode_s = time.perf_counter() - decode_start
     finally:
         model.train(was_training)
     return GenerateOutput(new_tokens=new_tokens, sequences=[p + n for p, n in zip(prompts, new_tokens, strict=True)],
-                          prefill_s=prefill_s, decode_s=decode_s)
+                          prefill_s=prefill_s, decode_s=decode_s, speculative=stats)

@@ -45,6 +45,12 @@ class LayerCache:
         self.length = needed
         return tuple(buf[:, :needed] for buf in self._buffers)
 
+    def truncate(self, length: int) -> None:
+        """Forget every slot from ``length`` on (the storage is kept and written again by the next append)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} slots to {length}")
+        self.length = length
+
     def numel(self) -> int:
         """Elements in the cached slots (not the spare capacity)."""
         return sum(b[:, : self.length].numel() for b in self._buffers)
@@ -68,6 +74,24 @@ class KVCache:
         """Record the mask (B, T) of tokens about to be cached; return the mask of all slots (B, S + T)."""
         self.mask = new_mask if self.mask is None else torch.cat((self.mask, new_mask), dim=1)
         return self.mask
+
+    def discard(self, rejected: torch.Tensor) -> None:
+        """Forget the slots marked in ``rejected`` (B, T), which covers the last T slots: speculative decoding's
+        rejected draft tokens. They become holes like left padding: masked from every later query and counted in
+        no position. Trailing slots no row holds any more are dropped from every layer, so a single sequence,
+        or a batch whose rows all rejected the same tail, keeps no holes."""
+        if self.mask is None or rejected.dim() != 2 or rejected.shape[0] != self.mask.shape[0] \
+                or rejected.shape[1] > self.mask.shape[1]:
+            raise ValueError(f"discard: rejected of shape {tuple(rejected.shape)} for a cache mask of shape "
+                             f"{None if self.mask is None else tuple(self.mask.shape)}")
+        S, T = self.mask.shape[1], rejected.shape[1]
+        mask = self.mask.clone()
+        mask[:, S - T:] &= ~rejected.to(mask.device, torch.bool)
+        held = mask.any(dim=0).nonzero()
+        keep = int(held[-1]) + 1 if held.numel() else 0
+        self.mask = mask[:, :keep]
+        for layer in self.layers:
+            layer.truncate(min(layer.length, keep))
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
@@ -448,6 +472,14 @@ class PagedKVCache(KVCache):
             self._device = device
         return self.mask
 
-    def commit(self) -> None:
-        for table, n in zip(self.tables, self.n_new, strict=True):
-            table.length += n
+    def commit(self, n_kept: list[int] | None = None) -> None:
+        """Record each row's new tokens as cached; ``n_kept[i]``: only the first n of row i's (speculative
+        decoding's accepted drafts: the slots past them are written again by the next step)."""
+        n_kept = self.n_new if n_kept is None else n_kept
+        for i, (table, n, kept) in enumerate(zip(self.tables, self.n_new, n_kept, strict=True)):
+            if not 0 <= kept <= n:
+                raise ValueError(f"paged cache: row {i} keeps {kept} of its {n} new tokens")
+            table.length += kept
+
+    def discard(self, rejected: torch.Tensor) -> None:
+        raise NotImplementedError("a paged cache rolls back through commit(n_kept): its rows' slots are blocks")
