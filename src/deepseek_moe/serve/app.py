@@ -49,6 +49,7 @@ from deepseek_moe.serve.scheduler import (
     SchedulerStoppedError,
     TokenEvent,
 )
+from deepseek_moe.serve.structured import Constraint, FormatError, GrammarCompiler
 from deepseek_moe.serve.text import ChatTemplate, TextAssembler
 
 TEXT_THREADS = 2  # parsing, tokenizing and detokenizing; the tokenizer releases the GIL while it works
@@ -66,6 +67,11 @@ class ServedModel:
     chat_template: ChatTemplate
     stop_token_ids: frozenset[int]
     created: int = field(default_factory=lambda: int(time.time()))
+    grammars: GrammarCompiler = field(init=False)
+
+    def __post_init__(self) -> None:
+        eos = min(self.stop_token_ids) if self.stop_token_ids else None
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, eos)
 
     @property
     def max_seq_len(self) -> int:
@@ -183,6 +189,17 @@ def _sampling(served: ServedModel, req: GenerationRequest, n_prompt: int, chat: 
                           seed=req.seed, stop_token_ids=served.stop_token_ids, ignore_eos=req.ignore_eos)
 
 
+def compile_format(served: ServedModel, req: GenerationRequest) -> Constraint | None:
+    """The request's structured-output constraint (None without one); a format that cannot be compiled is a 400
+    naming its field. Compiling can take a while for a large schema, so it runs on a worker thread."""
+    if req.output_format is None:
+        return None
+    try:
+        return served.grammars.constraint(req.output_format)
+    except FormatError as e:
+        raise bad(e.param, e.message, code="unsupported_value") from None
+
+
 def prepare(served: ServedModel, raw: bytes, parse: Callable[[Any], GenerationRequest], chat: bool
             ) -> tuple[GenerationRequest, list[int], SamplingParams]:
     """Everything between the body's bytes and a request the scheduler can take; it runs on a worker thread."""
@@ -196,7 +213,7 @@ class Generation:
     """One request in flight: its scheduler Request, the queue its events arrive on, and its text so far."""
 
     def __init__(self, served: ServedModel, req: GenerationRequest, ids: list[int], params: SamplingParams,
-                 chat: bool, text_pool: ThreadPoolExecutor) -> None:
+                 chat: bool, text_pool: ThreadPoolExecutor, constraint: Constraint | None = None) -> None:
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.served, self.req, self.chat, self.text_pool = served, req, chat, text_pool
@@ -209,7 +226,7 @@ class Generation:
         def sink(event: Event) -> None:
             loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
-        self.request = Request(ids, params, sink)
+        self.request = Request(ids, params, sink, constraint=constraint)
 
     def submit(self) -> None:
         try:
@@ -372,7 +389,9 @@ def build_app(state: AppState, *, lifespan: Any = None, max_body_bytes: int = MA
                 raw = await read_body(request, max_body_bytes)
                 loop = asyncio.get_running_loop()
                 req, ids, params = await loop.run_in_executor(text_pool, prepare, served, raw, parse, chat)
-                gen = Generation(served, req, ids, params, chat, text_pool)
+                constraint = None if req.output_format is None else \
+                    await loop.run_in_executor(text_pool, compile_format, served, req)
+                gen = Generation(served, req, ids, params, chat, text_pool, constraint)
                 gen.submit()
             except ApiError as e:  # refused before it was queued
                 if state.served is not None:

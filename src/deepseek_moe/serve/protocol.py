@@ -11,7 +11,8 @@ Fields common clients send with default or no-op values (``n: 1``, ``logprobs: n
 400, never silently ignored. An unknown field is a 400 too (OpenAI ignores some): a misspelt ``max_token``
 would otherwise generate to the default length without a word. Every number is range-checked (``seed`` fits an
 int64, ``temperature`` in [0, 2], ...); ``ignore_eos`` (vLLM's name) is our extension, as is
-``stream_options.continuous_usage_stats`` (vLLM's: usage on every chunk).
+``stream_options.continuous_usage_stats`` (vLLM's: usage on every chunk). Structured output: OpenAI's
+``response_format`` (accepted on completions too, as vLLM does) and vLLM's ``guided_regex`` / ``guided_grammar``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import math
 import re
 from dataclasses import dataclass
 from typing import Any
+
+from deepseek_moe.serve.structured import OutputFormat, json_object_format
 
 MAX_BODY_BYTES = 4 << 20  # the default limit on a request body (serve's --max-request-bytes)
 MAX_DEPTH = 32  # a real request nests 4 deep (messages[i].content[j].text)
@@ -119,13 +122,17 @@ class GenerationRequest:
     include_usage: bool = False  # a last chunk with usage and no choices, as OpenAI sends
     continuous_usage: bool = False  # usage on every chunk (vLLM's continuous_usage_stats)
     ignore_eos: bool = False
+    output_format: OutputFormat | None = None  # structured output: what the text must match
 
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "stream_options",
-          "ignore_eos", "n", "user", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs"}
+          "ignore_eos", "n", "user", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+          "response_format", "guided_regex", "guided_grammar"}
 COMPLETION_FIELDS = COMMON | {"prompt", "echo", "best_of", "suffix"}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
-                        "tool_choice", "parallel_tool_calls"}
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+                        "parallel_tool_calls"}
+FORMAT_FIELDS = ("response_format", "guided_regex", "guided_grammar")
+JSON_SCHEMA_KEYS = {"name", "description", "schema", "strict"}
 ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -202,6 +209,48 @@ def _stop(body: dict[str, Any]) -> list[str] | None:
     return stop or None
 
 
+def _output_format(body: dict[str, Any]) -> OutputFormat | None:
+    """OpenAI's ``response_format`` (text, json_object, json_schema) or vLLM's ``guided_regex`` (a regular
+    expression) / ``guided_grammar`` (here: a Lark grammar); at most one. Whether llguidance can compile it is
+    checked later, with the tokenizer (``GrammarCompiler.constraint``)."""
+    given = [k for k in FORMAT_FIELDS if body.get(k) is not None and body.get(k) != {"type": "text"}]
+    if len(given) > 1:
+        raise bad(given[1], f"only one of {', '.join(FORMAT_FIELDS)} may be given, got {' and '.join(given)}")
+    if not given:
+        return None
+    name = given[0]
+    value = body[name]
+    if name != "response_format":
+        if not isinstance(value, str) or not value:
+            raise bad(name, f"must be a non-empty string, got {_short(value)}")
+        return OutputFormat("regex" if name == "guided_regex" else "lark", value, name)
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise bad(name, 'must be an object with a "type": text, json_object or json_schema')
+    kind = value["type"]
+    extra = sorted(set(value) - {"type", "json_schema"} if kind == "json_schema" else set(value) - {"type"})
+    if extra:
+        raise bad(f"{name}.{extra[0]}", f"is not a field of a {kind!r} response_format")
+    if kind == "json_object":
+        return json_object_format(name)
+    if kind != "json_schema":
+        raise bad(f"{name}.type", f"{_short(kind)} is not supported (text, json_object or json_schema)",
+                  code="unsupported_value")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise bad(f"{name}.json_schema", "must be an object with name and schema (OpenAI's json_schema format)")
+    unknown = sorted(set(spec) - JSON_SCHEMA_KEYS)
+    if unknown:
+        raise bad(f"{name}.json_schema.{unknown[0]}", "is not a field of json_schema (name, description, schema, "
+                  "strict)")
+    for key, kinds in (("name", str), ("description", str), ("strict", bool)):
+        if spec.get(key) is not None and not isinstance(spec[key], kinds):
+            raise bad(f"{name}.json_schema.{key}", f"must be a {kinds.__name__}, got {type(spec[key]).__name__}")
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise bad(f"{name}.json_schema.schema", f"must be a JSON schema object, got {_short(schema)}")
+    return OutputFormat("json_schema", json.dumps(schema), f"{name}.json_schema.schema")
+
+
 def _common(body: Any, fields: set[str]) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
@@ -236,7 +285,8 @@ def _common(body: Any, fields: set[str]) -> dict[str, Any]:
             "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
             "top_k": None if top_k in (None, -1) else top_k, "stop": _stop(body),
             "seed": _optional_int(body, "seed", *INT64), "stream": stream, "include_usage": include_usage,
-            "continuous_usage": continuous, "ignore_eos": _bool(body, "ignore_eos")}
+            "continuous_usage": continuous, "ignore_eos": _bool(body, "ignore_eos"),
+            "output_format": _output_format(body)}
 
 
 def _max_tokens(body: dict[str, Any], name: str) -> int | None:
@@ -279,9 +329,6 @@ def parse_chat(body: Any) -> GenerationRequest:
     _unsupported(body, "tools", ([], None), "no tool calls")
     _unsupported(body, "tool_choice", ("none", None), "no tool calls")
     _unsupported(body, "parallel_tool_calls", (False, True, None), "no tool calls")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise bad("response_format", f"{_short(fmt)} is not supported (plain text only)", code="unsupported_value")
     messages = body.get("messages")
     if messages is None:
         raise bad("messages", "is required")

@@ -7,10 +7,14 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from deepseek_moe.model.kv_cache import BlockTable
+
+if TYPE_CHECKING:
+    from deepseek_moe.serve.structured import Constraint
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,11 +74,13 @@ class InvalidRequestError(ValueError):
 @dataclass(eq=False)
 class Request:
     """A prompt and how to continue it. ``sink`` receives the request's events, from the scheduler's thread:
-    a TokenEvent per token, then exactly one FinishEvent."""
+    a TokenEvent per token, then exactly one FinishEvent. ``constraint``: the grammar its output must follow
+    (structured output), or None."""
 
     prompt: Sequence[int]
     params: SamplingParams
     sink: Callable[[Event], None]
+    constraint: Constraint | None = None
     id: int = field(default_factory=itertools.count().__next__)
     arrival: float = field(default_factory=time.perf_counter)
     # Filled in by the scheduler.

@@ -18,7 +18,9 @@ that steps while there is work. Each step
 4. runs one decode forward for the decoding rows ((B, 1)) and one for the prefill chunks (right-aligned in a
    (B, longest chunk) batch), each split by ``plan_gathers`` into rows of similar length so that what a step
    gathers from the cache stays within ``GATHER_BOUND`` x ``kv_cache_bytes`` (see ``model/kv_cache.py``);
-5. samples each row with its own parameters and generator, emits the tokens, and retires finished sequences.
+5. samples each row with its own parameters and generator (structured-output rows first masked to what their
+   grammars allow, in one batched operation: ``structured.constrain``), emits the tokens, and retires finished
+   sequences.
 
 Prefix caching (``prefix_cache``, on by default): each full block of final tokens is registered in the pool under
 a content key, the hash of its tokens chained with the key of the block before (``chain_block_hashes``, salted
@@ -78,6 +80,7 @@ from deepseek_moe.serve.request import (
     TokenEvent,
 )
 from deepseek_moe.serve.request import SamplingParams as SamplingParams
+from deepseek_moe.serve.structured import constrain
 
 if TYPE_CHECKING:
     from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
@@ -251,15 +254,11 @@ class Scheduler:
         decoding, chunks = self._plan()
         if decoding:
             rows = self._run(decoding, [r.tokens(r.table.length, 1) for r in decoding])
-            found = [x for x in rows if x is not None]
-            # Greedy rows (the common case) take one argmax over the batch instead of one call per row.
-            argmax = iter(torch.stack(found).argmax(-1).tolist() if found else [])
-            for req, logits in zip(decoding, rows, strict=True):
-                if logits is not None:
-                    self._emit(req, logits, next(argmax))
+            self._emit_rows([(r, x) for r, x in zip(decoding, rows, strict=True) if x is not None])
         if chunks:
             reqs = [r for r, _ in chunks]
             ids = [r.tokens(r.table.length, n) for r, n in chunks]
+            done: list[tuple[Request, torch.Tensor]] = []
             for req, logits in zip(reqs, self._run(reqs, ids), strict=True):
                 if logits is None:
                     continue
@@ -267,7 +266,8 @@ class Scheduler:
                 self.metrics.prompt_tokens.inc(max(counted - req.n_prefilled, 0))
                 req.n_prefilled = max(req.n_prefilled, counted)
                 if req.n_pending == 0:  # the chunk reached the last token: its logits choose the next one
-                    self._emit(req, logits)
+                    done.append((req, logits))
+            self._emit_rows(done)
         self._update_gauges()
         self.check_invariants()
 
@@ -464,6 +464,29 @@ class Scheduler:
                     out.append(None)
             return out
 
+    def _emit_rows(self, rows: list[tuple[Request, torch.Tensor]]) -> None:
+        """Choose and emit the next token of each (request, last logits) row. Structured-output rows are masked
+        to their grammars' tokens first, all at once; greedy rows (the common case) take one argmax over the
+        batch instead of one call per row."""
+        if not rows:
+            return
+        reqs = [r for r, _ in rows]
+        logits_BV = torch.stack([x for _, x in rows])
+        try:
+            logits_BV = constrain([r.constraint for r in reqs], logits_BV)
+        except Exception:  # a grammar failed: find the row it belongs to, and fail that request alone
+            masked = []
+            for req, logits in rows:
+                try:
+                    masked.append(constrain([req.constraint], logits[None])[0])
+                except Exception as e:
+                    self._fail(req, e)
+                    masked.append(logits)
+            logits_BV = torch.stack(masked)
+        for req, logits, argmax in zip(reqs, logits_BV, logits_BV.argmax(-1).tolist(), strict=True):
+            if not req.finished:
+                self._emit(req, logits, argmax)
+
     def _emit(self, req: Request, logits_V: torch.Tensor, argmax: int | None = None) -> None:
         """Choose ``req``'s next token (``argmax``, when given, is that of ``logits_V``), hand it to the sink, and
         retire the request if it is done."""
@@ -475,6 +498,8 @@ class Scheduler:
             else:
                 token = int(sample(logits_V[None], temperature=p.temperature, top_k=top_k,
                                    top_p=p.top_p if p.top_p < 1.0 else None, generator=req.generator)[0])
+            if req.constraint is not None:
+                req.constraint.consume(token)
             req.output.append(token)
             now = time.perf_counter()
             if len(req.output) == 1:
@@ -488,7 +513,8 @@ class Scheduler:
         except Exception as e:
             self._fail(req, e)
             return
-        if token in p.stop_token_ids and not p.ignore_eos:
+        if (token in p.stop_token_ids and not p.ignore_eos) or (req.constraint is not None and
+                                                                req.constraint.finished):
             reason: str | None = "stop"
         elif (p.max_tokens is not None and len(req.output) >= p.max_tokens) or \
                 req.n_tokens >= self.max_tokens_capacity():
