@@ -62,8 +62,8 @@ def _metrics(run_dir):
     return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "wall_s", "resumed_from")} for r in records]
 
 
-def test_a_finetune_resumes_exactly(base, monkeypatch):
-    ref = run(config(base, "ref"), progress=False)
+def _check_resumes_exactly(base, monkeypatch, **changes):
+    ref = run(config(base, "ref", **changes), progress=False)
     assert (ref.run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
     original_step = FinetuneTrainer.step
@@ -75,11 +75,48 @@ def test_a_finetune_resumes_exactly(base, monkeypatch):
 
     monkeypatch.setattr(FinetuneTrainer, "step", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run(config(base, "cut"), progress=False)
+        run(config(base, "cut", **changes), progress=False)
     monkeypatch.setattr(FinetuneTrainer, "step", original_step)
-    resumed = run(config(base, "cut"), resume=True, progress=False)
+    resumed = run(config(base, "cut", **changes), resume=True, progress=False)
     assert resumed.val_loss == ref.val_loss
     assert _metrics(resumed.run_dir) == _metrics(ref.run_dir)
+    return ref
+
+
+def test_a_finetune_resumes_exactly(base, monkeypatch):
+    _check_resumes_exactly(base, monkeypatch)
+
+
+def test_lora_on_a_quantised_base_resumes_exactly_and_merges_into_the_float_base(base, monkeypatch):
+    from deepseek_moe import DeepSeekMoEForCausalLM
+    from deepseek_moe.cli.main import main
+    from deepseek_moe.quant import QuantLinear, QuantRoutedExperts
+
+    lora = LoRAConfig(r=2, targets=("attention", "shared_experts", "routed_experts"))
+    ref = _check_resumes_exactly(base, monkeypatch, quantize="int8", lora=lora)
+    adapter = ref.run_dir / "adapter"
+    ids = torch.randint(0, 16, (2, 12), generator=torch.Generator().manual_seed(0))
+    # Applied unmerged onto the quantised base (the classmethod takes adapters as the package function does) ...
+    quantised = DeepSeekMoEForCausalLM.from_pretrained(base / "base", quantize="int8", adapters=[adapter]).eval()
+    assert isinstance(quantised.layers[1].ffn.experts, QuantRoutedExperts)
+    assert isinstance(quantised.layers[1].attn.wq_a, QuantLinear) and quantised.layers[1].ffn.experts.adapter
+    # ... and merged into the unquantised BASE: the merged checkpoint computes what BASE + adapter unmerged does
+    assert main(["merge", str(base / "base"), str(adapter), str(base / "merged")]) == 0
+    merged = from_pretrained(base / "merged").eval()
+    unmerged = from_pretrained(base / "base", adapters=[adapter]).eval()
+    plain = from_pretrained(base / "base").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, unmerged(ids).logits, rtol=1e-4, atol=1e-4)
+        assert not torch.equal(merged(ids).logits, plain(ids).logits)  # the adapter learned something
+        # the float base with the adapter is near the quantised one with it (int8 rounding apart)
+        torch.testing.assert_close(quantised(ids).logits, unmerged(ids).logits, rtol=0.05, atol=0.05)
+
+
+def test_quantize_takes_lora_only(base):
+    with pytest.raises(ValueError, match="quantize .'int8'. freezes BASE"):
+        config(base, "q", quantize="int8", method="full")
+    with pytest.raises(ValueError, match="quantize .'int3'."):
+        config(base, "q", quantize="int3")
 
 
 def _gate_inputs(model, ids):

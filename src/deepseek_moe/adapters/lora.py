@@ -23,6 +23,7 @@ from deepseek_moe.adapters.config import LoRAConfig
 from deepseek_moe.moe.experts import GroupedProduct, RoutedExperts
 from deepseek_moe.nn.compute_copy import compute_dtype
 from deepseek_moe.nn.linear import Linear
+from deepseek_moe.quant.modules import QuantLinear, QuantRoutedExperts
 
 # init="random": B small, so that the update is of the size training makes, not larger than the base's signal.
 RANDOM_B_GAIN = 0.1
@@ -36,15 +37,15 @@ def _uniform_fan_in(t: torch.Tensor, fan_in: int, gain: float = 1.0) -> None:
         t.uniform_(-bound, bound)
 
 
-class LoRALinear(Linear):
-    """``base(x) + scaling * B A dropout(x)``; :meth:`merge` folds ``scaling * B A`` into the weight."""
+class _LowRankPair(nn.Module):
+    """The pair a LoRA linear adds: ``lora_A`` (r, in), ``lora_B`` (out, r), ``scaling``, ``dropout``."""
 
-    def __init__(self, base: Linear, cfg: LoRAConfig, *, dtype: torch.dtype = torch.float32) -> None:
-        nn.Module.__init__(self)  # not Linear's: the weight and bias are the base's own, not new ones
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        device = base.weight.device
+    in_features: int
+    out_features: int
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+
+    def _add_pair(self, cfg: LoRAConfig, dtype: torch.dtype, device: torch.device) -> None:
         self.lora_A = nn.Parameter(torch.empty(cfg.r, self.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, cfg.r, dtype=dtype, device=device))
         self.scaling = cfg.scaling
@@ -53,40 +54,100 @@ class LoRALinear(Linear):
         if cfg.init == "random":
             _uniform_fan_in(self.lora_B, cfg.r, RANDOM_B_GAIN)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
+    def low_rank(self, x: torch.Tensor) -> torch.Tensor:
+        """``scaling * B A dropout(x)`` in x's compute dtype."""
         dtype = compute_dtype(x)
         low = F.linear(F.linear(self.dropout(x).to(dtype), self.lora_A.to(dtype)), self.lora_B.to(dtype))
-        return y + low * self.scaling
+        return low * self.scaling
+
+    def delta_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """(out, in) ``scaling * B A`` in ``dtype``."""
+        return (self.lora_B.float() @ self.lora_A.float() * self.scaling).to(dtype)
+
+
+class LoRALinear(_LowRankPair, Linear):
+    """``base(x) + scaling * B A dropout(x)``; :meth:`unwrap` (merge=True) folds ``scaling * B A`` into the
+    weight."""
+
+    def __init__(self, base: Linear, cfg: LoRAConfig, *, dtype: torch.dtype = torch.float32) -> None:
+        nn.Module.__init__(self)  # not Linear's: the weight and bias are the base's own, not new ones
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self._add_pair(cfg, dtype, base.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return Linear.forward(self, x) + self.low_rank(x)
 
     def matrix(self) -> torch.Tensor:
         """The weight with the update added (differentiable): what MLA's absorbed attention folds in."""
         return self.weight + (self.lora_B @ self.lora_A * self.scaling).to(self.weight.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        """(out, in) ``scaling * B A`` in the weight's dtype."""
-        return (self.lora_B.float() @ self.lora_A.float() * self.scaling).to(self.weight.dtype)
-
     def unwrap(self, *, merge: bool) -> Linear:
         """The plain Linear holding this module's weight (with the update folded in when ``merge``)."""
         if merge:
             with torch.no_grad():
-                self.weight += self.delta_weight()
+                self.weight += self.delta_weight(self.weight.dtype)
         plain = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         plain.weight, plain.bias = self.weight, self.bias
         return plain
 
 
+class QuantLoRALinear(_LowRankPair, QuantLinear):
+    """LoRA on a frozen quantised linear (QLoRA's arrangement, in our int8/int4 format): the base's codes,
+    scales and bias (the same tensors, so its names are unchanged) plus a pair in float. The base passes the
+    gradient to x without dequantising its whole matrix (quant/grad.py). An update cannot be folded into codes
+    without a second rounding, so :meth:`unwrap` refuses ``merge``: merge the adapter into BASE's unquantised
+    weights instead (``deepseek-moe merge``)."""
+
+    def __init__(self, base: QuantLinear, cfg: LoRAConfig, *, dtype: torch.dtype = torch.float32) -> None:
+        nn.Module.__init__(self)  # not QuantLinear's: the codes and scales are the base's own
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.bits, self.group_size, self.dtype = base.bits, base.group_size, base.dtype
+        self.register_buffer("qweight", base.qweight)
+        self.register_buffer("weight_scale", base.weight_scale)
+        self.bias = base.bias
+        self._add_pair(cfg, dtype, base.qweight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return QuantLinear.forward(self, x) + self.low_rank(x)
+
+    def matrix(self) -> torch.Tensor:
+        return self.weight + self.delta_weight(self.weight.dtype)
+
+    def unwrap(self, *, merge: bool) -> QuantLinear:
+        if merge:
+            raise ValueError("a LoRA adapter on a quantised layer is not merged into its codes (that would round "
+                             "twice): merge it into the unquantised base checkpoint (deepseek-moe merge BASE ADAPTER "
+                             "OUT)")
+        plain = QuantLinear.__new__(QuantLinear)
+        nn.Module.__init__(plain)
+        plain.in_features, plain.out_features = self.in_features, self.out_features
+        plain.bits, plain.group_size, plain.dtype = self.bits, self.group_size, self.dtype
+        plain.register_buffer("qweight", self.qweight)
+        plain.register_buffer("weight_scale", self.weight_scale)
+        plain.bias = self.bias
+        return plain
+
+
+def expert_dims(experts: RoutedExperts | QuantRoutedExperts) -> tuple[int, int, int]:
+    """(E, F, D) of stacked routed experts, float or quantised (int4 codes hold two columns a byte)."""
+    if isinstance(experts, QuantRoutedExperts):
+        return experts.n_experts, experts.inter_dim, experts.dim
+    E, F_, D = experts.w1.shape
+    return E, F_, D
+
+
 class ExpertLoRA(nn.Module):
     """Per-expert LoRA for :class:`RoutedExperts` (set as its ``adapter``): gate_up and down pairs, see above."""
 
-    def __init__(self, experts: RoutedExperts, cfg: LoRAConfig, *, down: LoRAConfig | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, experts: RoutedExperts | QuantRoutedExperts, cfg: LoRAConfig, *,
+                 down: LoRAConfig | None = None, dtype: torch.dtype = torch.float32) -> None:
         """``down``: the down pair's rank and scale where they differ from gate_up's (an adapter PEFT wrote with a
         rank_pattern); else ``cfg``'s."""
         super().__init__()
         down = down or cfg
-        E, F_, D = experts.w1.shape
+        E, F_, D = expert_dims(experts)
         device = experts.w1.device
         self.gate_up_A = nn.Parameter(torch.empty(E, cfg.r, D, dtype=dtype, device=device))
         self.gate_up_B = nn.Parameter(torch.zeros(E, 2 * F_, cfg.r, dtype=dtype, device=device))
@@ -115,8 +176,12 @@ class ExpertLoRA(nn.Module):
         t_Ar = product(self.dropout(h_AF), self.down_A.to(dtype), counts_E)
         return product(t_Ar, self.down_B.to(dtype), counts_E) * self.down_scaling
 
-    def merge_into(self, experts: RoutedExperts) -> None:
+    def merge_into(self, experts: RoutedExperts | QuantRoutedExperts) -> None:
         """Fold every expert's ``scaling * B A`` into w1, w3 (gate_up's halves) and w2."""
+        if isinstance(experts, QuantRoutedExperts):
+            raise ValueError("a LoRA adapter on quantised experts is not merged into their codes (that would round "
+                             "twice): merge it into the unquantised base checkpoint (deepseek-moe merge BASE "
+                             "ADAPTER OUT)")
         gu = torch.bmm(self.gate_up_B.float(), self.gate_up_A.float()) * self.scaling  # (E, 2F, D)
         dw1, dw3 = gu.chunk(2, dim=1)
         dw2 = torch.bmm(self.down_B.float(), self.down_A.float()) * self.down_scaling  # (E, D, F)

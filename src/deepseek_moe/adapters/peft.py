@@ -26,10 +26,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deepseek_moe.adapters.config import LoRAConfig
-from deepseek_moe.adapters.lora import ExpertLoRA, LoRALinear
+from deepseek_moe.adapters.lora import ExpertLoRA, LoRALinear, QuantLoRALinear, expert_dims
 from deepseek_moe.adapters.targets import apply_lora, lora_modules
 from deepseek_moe.io.hf import hf_to_ours, ours_to_hf
 from deepseek_moe.moe.experts import RoutedExperts
+from deepseek_moe.quant.modules import QuantLinear, QuantRoutedExperts
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -175,7 +176,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, dtype: torch
         rank = pair["lora_A"].shape[0]
         apply_lora(model, cfg_for(hf_name, rank), targets=(name,), dtype=dtype)
         module = model.get_submodule(name)
-        assert isinstance(module, LoRALinear)
+        assert isinstance(module, LoRALinear | QuantLoRALinear)
         _copy(module.lora_A, pair["lora_A"], f"{hf_name}.lora_A")
         _copy(module.lora_B, pair["lora_B"], f"{hf_name}.lora_B")
         adapted.append(name)
@@ -202,7 +203,7 @@ def _load_experts(model: nn.Module, hf_name: str, parts: dict[str, dict[str, tor
         raise ValueError(f"PEFT target {hf_name!r} is no routed-experts module of our model")
     name = f"layers.{m.group(1)}.ffn.experts"
     experts = model.get_submodule(name)
-    if not isinstance(experts, RoutedExperts):
+    if not isinstance(experts, RoutedExperts | QuantRoutedExperts):
         raise ValueError(f"PEFT target {hf_name!r}: our {name} is no routed-experts module")
     if experts.adapter is not None:
         raise ValueError(f"{name} already has a LoRA adapter: merge it (merge_lora) before adding another")
@@ -212,7 +213,7 @@ def _load_experts(model: nn.Module, hf_name: str, parts: dict[str, dict[str, tor
     if set(parts) != set(keys):
         raise ValueError(f"{hf_name}: the adapter's tensors ({sorted(parts)}) do not match its target_parameters "
                          f"({params})")
-    E = experts.w1.shape[0]
+    E = expert_dims(experts)[0]
     by_param = {param: parts[key] for param, key in zip(params, keys, strict=True)}
     ranks = {param: pair["lora_A"].shape[0] // E for param, pair in by_param.items()}
     adapter = ExpertLoRA(experts, cfg_for(f"{hf_name}.gate_up_proj", ranks.get("gate_up_proj", 1)),
@@ -230,7 +231,17 @@ def _load_experts(model: nn.Module, hf_name: str, parts: dict[str, dict[str, tor
 
 
 def _check_base_copy(model: nn.Module, hf_name: str, value: torch.Tensor, file: Path) -> None:
-    """A base weight the adapter carries must be the base's own: we adapt, we do not replace weights."""
+    """A base weight the adapter carries must be the base's own: we adapt, we do not replace weights. A quantised
+    base holds its weight rounded, so it is compared within the rounding: one code step of its row."""
+    module = model.get_submodule(our_module_name(hf_name))
+    if isinstance(module, QuantLinear):
+        weight = module.weight
+        step = module.weight_scale.float().amax(dim=-1, keepdim=True) if weight.shape == value.shape else None
+        if step is None or not bool(((weight.float() - value.float()).abs() <= step).all()):
+            raise ValueError(f"{file}: {hf_name}.base_layer.weight differs from the base model's {hf_name}.weight "
+                             "by more than its quantisation (an adapter for another base, or one that resized "
+                             "the vocabulary)")
+        return
     weight = model.get_parameter(our_module_name(hf_name) + ".weight")
     if weight.shape != value.shape or not torch.allclose(weight.detach().float(), value.float(), atol=1e-6):
         raise ValueError(f"{file}: {hf_name}.base_layer.weight differs from the base model's {hf_name}.weight "

@@ -17,9 +17,14 @@ import torch
 from torch import nn
 
 from deepseek_moe.adapters.config import DEFAULT_TARGETS, GROUPS, LoRAConfig
-from deepseek_moe.adapters.lora import ExpertLoRA, LoRALinear
+from deepseek_moe.adapters.lora import ExpertLoRA, LoRALinear, QuantLoRALinear
 from deepseek_moe.moe.experts import RoutedExperts
 from deepseek_moe.nn.linear import Linear
+from deepseek_moe.quant.modules import QuantLinear, QuantRoutedExperts
+
+# What LoRA adapts: float or quantised (a quantised base keeps its codes frozen; its adapters are float).
+_LINEAR = (Linear, QuantLinear)
+_EXPERTS = (RoutedExperts, QuantRoutedExperts)
 
 _GROUP_PATTERNS = {
     "attention": re.compile(r"layers\.\d+\.attn\.\w+\Z"),
@@ -31,9 +36,9 @@ _GROUP_PATTERNS = {
 
 
 def _candidates(model: nn.Module) -> dict[str, nn.Module]:
-    """Every module LoRA can adapt: the Linears and the stacked routed experts, by name."""
+    """Every module LoRA can adapt: the Linears and the stacked routed experts (float or quantised), by name."""
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, Linear | RoutedExperts) and name}
+            if isinstance(m, _LINEAR + _EXPERTS) and name}
 
 
 def resolve_targets(model: nn.Module, targets: tuple[str, ...] | None) -> list[str]:
@@ -72,16 +77,20 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | None = None, *, targets: tupl
                          "embedding's, so merging would change the embedding too; leave 'head' out")
     for name in names:
         module = model.get_submodule(name)
-        if isinstance(module, LoRALinear) or (isinstance(module, RoutedExperts) and module.adapter is not None):
+        if isinstance(module, LoRALinear | QuantLoRALinear) or (
+                isinstance(module, _EXPERTS) and module.adapter is not None):
             raise ValueError(f"{name} already has a LoRA adapter: merge it (merge_lora) before adding another")
-        if isinstance(module, RoutedExperts):
+        if isinstance(module, _EXPERTS):
             if hasattr(module.w1, "to_local"):
                 raise ValueError(f"{name}: LoRA on expert-parallel (DTensor) experts is not supported")
             module.adapter = ExpertLoRA(module, cfg, dtype=dtype)
         else:
-            assert isinstance(module, Linear)  # _candidates
             parent, child = _parent(model, name)
-            setattr(parent, child, LoRALinear(module, cfg, dtype=dtype))
+            if isinstance(module, QuantLinear):
+                setattr(parent, child, QuantLoRALinear(module, cfg, dtype=dtype))
+            else:
+                assert isinstance(module, Linear)  # _candidates
+                setattr(parent, child, LoRALinear(module, cfg, dtype=dtype))
     return names
 
 
@@ -90,22 +99,30 @@ def _explicit(cfg: LoRAConfig) -> tuple[str, ...] | None:
     return None if cfg.targets == DEFAULT_TARGETS else cfg.targets
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear | ExpertLoRA]:
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear | QuantLoRALinear | ExpertLoRA]:
     """Every adapter in the model by the name of the module it adapts."""
-    found: dict[str, LoRALinear | ExpertLoRA] = {}
+    found: dict[str, LoRALinear | QuantLoRALinear | ExpertLoRA] = {}
     for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
+        if isinstance(m, LoRALinear | QuantLoRALinear):
             found[name] = m
-        elif isinstance(m, RoutedExperts) and isinstance(m.adapter, ExpertLoRA):
+        elif isinstance(m, _EXPERTS) and isinstance(m.adapter, ExpertLoRA):
             found[name] = m.adapter
     return found
 
 
 def merge_lora(model: nn.Module) -> list[str]:
     """Fold every adapter into its base weight and remove it; returns the names merged. The merged model computes
-    what the adapted one did (within rounding) with no extra cost."""
+    what the adapted one did (within rounding) with no extra cost. A quantised model is refused before anything
+    changes: its adapters merge into the unquantised base it was made from (``merge_checkpoint``)."""
+    adapters = lora_modules(model)
+    quantised = [n for n, a in adapters.items() if isinstance(a, QuantLoRALinear)
+                 or isinstance(model.get_submodule(n), QuantRoutedExperts)]
+    if quantised:
+        raise ValueError(f"{quantised[0]} is quantised: an adapter is not merged into int8/int4 codes (that would "
+                         "round twice); merge it into the unquantised base checkpoint (deepseek-moe merge BASE "
+                         "ADAPTER OUT)")
     merged = []
-    for name, adapter in lora_modules(model).items():
+    for name, adapter in adapters.items():
         module = model.get_submodule(name)
         if isinstance(adapter, ExpertLoRA):
             assert isinstance(module, RoutedExperts)
@@ -124,7 +141,7 @@ def remove_lora(model: nn.Module) -> list[str]:
     for name, adapter in lora_modules(model).items():
         module = model.get_submodule(name)
         if isinstance(adapter, ExpertLoRA):
-            assert isinstance(module, RoutedExperts)
+            assert isinstance(module, _EXPERTS)
             module.adapter = None
         else:
             parent, child = _parent(model, name)

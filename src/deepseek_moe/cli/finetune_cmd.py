@@ -6,7 +6,8 @@ BASE is a checkpoint or train run directory; the run keeps BASE's tokenizer (tok
 (--loss-on all: every token; with --method full on text, that is continued pretraining). Routers and their bias
 stay BASE's unless --train-router. RUN gets the Trainer's run directory (metrics, plots, state/ for --resume) and
 RUN/adapter (PEFT's format: deepseek-moe merge, from_pretrained(BASE, adapters=[...]), PEFT) or, with --method
-full, RUN/model.
+full, RUN/model. --quantize int8|int4 trains LoRA on BASE held in our quantised format (the memory of V2-Lite on
+a 24 GB machine); its adapter merges into the unquantised BASE.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per packed row")
     p.add_argument("--strict", action="store_true", help="refuse a bad line instead of reporting and skipping it")
     p.add_argument("--train-router", action="store_true", help="train the routers' weights and routing bias too")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="LoRA on BASE frozen in our int8 / int4 format (adapters in float; merge them into the "
+                   "unquantised BASE)")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json to use where BASE has none")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
@@ -91,7 +95,8 @@ def build_config(args: argparse.Namespace) -> FinetuneConfig:
         return FinetuneConfig(base=args.base, data=tuple(args.data), val_data=tuple(args.val_data or ()),
                               val_fraction=args.val_fraction, out=args.out, tokenizer=args.tokenizer,
                               method=args.method, lora=lora, loss_on=args.loss_on, seq_len=args.seq_len,
-                              strict=args.strict, train_router=args.train_router, train=train)
+                              strict=args.strict, train_router=args.train_router, quantize=args.quantize,
+                              train=train)
     except ValueError as e:
         raise TrainError(str(e)) from e
 

@@ -20,7 +20,9 @@ class FinetuneConfig:
     precision). ``data`` / ``val_data``: .jsonl files, text files or folders (finetune/data.py); without
     ``val_data`` every round(1 / val_fraction)-th record is held out. ``tokenizer``: a tokenizer.json to use
     when BASE has none (BASE's own is used otherwise; its tokenizer_config.json gives the chat template).
-    ``method``: "lora" (adapters only, per ``lora``) or "full". The routers (weights and routing bias) stay as
+    ``method``: "lora" (adapters only, per ``lora``) or "full". ``quantize``: "int8" / "int4" holds BASE frozen
+    in our quantised format (quant/) under float adapters, LoRA only (a BASE saved quantised is held so without
+    it). The routers (weights and routing bias) stay as
     BASE has them unless ``train_router``. ``train``: the Trainer's schedule, optimizer, evaluation, checkpoint,
     seed, device and dtype settings (its model, data and routing sections are set from the fields here).
     """
@@ -37,6 +39,7 @@ class FinetuneConfig:
     seq_len: int = 512
     strict: bool = False
     train_router: bool = False
+    quantize: Literal["int8", "int4"] | None = None
     train: TrainConfig = field(default_factory=_default_train)
 
     def __post_init__(self) -> None:
@@ -50,6 +53,11 @@ class FinetuneConfig:
             raise ValueError(f"val_fraction ({self.val_fraction}) must be in (0, 1)")
         if self.method not in ("lora", "full"):
             raise ValueError(f"method ({self.method!r}) must be 'lora' or 'full'")
+        if self.quantize not in (None, "int8", "int4"):
+            raise ValueError(f"quantize ({self.quantize!r}) must be None, 'int8' or 'int4'")
+        if self.quantize is not None and self.method != "lora":
+            raise ValueError(f"quantize ({self.quantize!r}) freezes BASE in int8/int4: it takes method 'lora', "
+                             f"not {self.method!r}")
         if self.loss_on not in ("completion", "all"):
             raise ValueError(f"loss_on ({self.loss_on!r}) must be 'completion' or 'all'")
         if self.seq_len < 2:

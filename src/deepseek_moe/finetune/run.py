@@ -33,6 +33,7 @@ from deepseek_moe.finetune.packing import PackedRows, n_predictions, pack, packe
 from deepseek_moe.io.load import load_pretrained, read_config
 from deepseek_moe.io.locate import checkpoint_dir
 from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+from deepseek_moe.quant import quant_config_of
 from deepseek_moe.serve.text import stop_token_ids
 from deepseek_moe.train.data import unigram_entropy
 from deepseek_moe.train.errors import TrainError
@@ -133,7 +134,11 @@ class FinetuneTrainer(Trainer):
             raise TrainError(f"the tokenizer has {self.data.vocab_size} tokens, more than BASE's vocab_size "
                              f"({model_cfg.vocab_size})")
         torch.manual_seed(self.cfg.seed)  # the adapters' initial A
-        model = load_pretrained(self.base, dtype=torch.float32)
+        # quantize: streamed into codes layer by layer, so the float BASE never sits in memory whole
+        model = load_pretrained(self.base, dtype=torch.float32, quantize=self.ft.quantize)
+        if self.ft.method == "full" and quant_config_of(model) is not None:
+            raise TrainError(f"{self.base} is a quantised checkpoint: its codes do not train; fine-tune it with "
+                             "LoRA, or fully from the unquantised checkpoint")
         model.tokenizer = self.data.tokenizer
         if self.ft.method == "lora":
             try:

@@ -263,10 +263,11 @@ class DeepSeekMoEForCausalLM(nn.Module):
     # exempts exactly these three and counts every other import, lazy or not).
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], **kwargs: Any) -> DeepSeekMoEForCausalLM:
-        """``deepseek_moe.from_pretrained(path, **kwargs)``: dtype, device, hooks, quantize (io/load.py)."""
-        from deepseek_moe.io.load import load_pretrained
+        """``deepseek_moe.from_pretrained(path, **kwargs)``: dtype, device, hooks, quantize (io/load.py), and
+        adapters (PEFT-format directories applied unmerged, adapters/pretrained.py)."""
+        from deepseek_moe.adapters.pretrained import from_pretrained
 
-        return load_pretrained(path, **kwargs)
+        return from_pretrained(path, **kwargs)
 
     def save_pretrained(self, path: str | os.PathLike[str], **kwargs: Any) -> str:
         """``deepseek_moe.save_pretrained(self, path, **kwargs)``: max_shard_size, quantization_config

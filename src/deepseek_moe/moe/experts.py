@@ -107,12 +107,18 @@ class RoutedExperts(nn.Module):
         """(A, M): each expert's rows of x times its w[e] transposed, by the fastest path these operands fit:
         MKL's batched GEMM (fp32 on CPU, all experts in one call), else ``F.grouped_mm`` (fp32/bf16 operands
         whose row strides are multiples of 16 bytes), else one matmul per expert."""
-        if self.use_mkl_batch and mkl_grouped.fits(x_AN, w_EMN):
-            return mkl_grouped.grouped_linear(x_AN, w_EMN, counts_E)
-        w_EMN = compute_weight(w_EMN, x_AN.dtype)
-        if self.use_grouped_mm and _grouped_mm_fits(x_AN.dtype, w_EMN.shape[1], w_EMN.shape[2]):
-            return F.grouped_mm(x_AN, w_EMN.transpose(1, 2), offs=counts_E.cumsum(0).to(torch.int32))
-        return loop_product(x_AN, w_EMN, counts_E)
+        return grouped_product(x_AN, w_EMN, counts_E, mkl_batch=self.use_mkl_batch, grouped_mm=self.use_grouped_mm)
+
+
+def grouped_product(x_AN: torch.Tensor, w_EMN: torch.Tensor, counts_E: torch.Tensor, *, mkl_batch: bool = True,
+                    grouped_mm: bool = True) -> torch.Tensor:
+    """:meth:`RoutedExperts.product` as a function (quantised experts run their adapters' terms through it)."""
+    if mkl_batch and mkl_grouped.fits(x_AN, w_EMN):
+        return mkl_grouped.grouped_linear(x_AN, w_EMN, counts_E)
+    w_EMN = compute_weight(w_EMN, x_AN.dtype)
+    if grouped_mm and _grouped_mm_fits(x_AN.dtype, w_EMN.shape[1], w_EMN.shape[2]):
+        return F.grouped_mm(x_AN, w_EMN.transpose(1, 2), offs=counts_E.cumsum(0).to(torch.int32))
+    return loop_product(x_AN, w_EMN, counts_E)
 
 
 class ExpertAdapter(Protocol):

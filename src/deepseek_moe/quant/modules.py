@@ -13,8 +13,9 @@ from torch import nn
 
 from deepseek_moe._torch_compat import KeepsDtypeOnCast
 from deepseek_moe.kernels.quant_matmul import dequantize, quant_experts, quant_matmul
-from deepseek_moe.moe.experts import RoutedExperts
+from deepseek_moe.moe.experts import ExpertAdapter, RoutedExperts, grouped_product
 from deepseek_moe.quant import pack
+from deepseek_moe.quant.grad import frozen_quant_grouped, frozen_quant_matmul, needs_grad
 
 
 def effective_bits(bits: int, in_features: int, group_size: int) -> int:
@@ -90,8 +91,15 @@ class QuantLinear(_KeepsScales):
     def weight(self) -> torch.Tensor:
         return dequantize(self.qweight, self.weight_scale, self.dtype)
 
+    def matrix(self) -> torch.Tensor:
+        """The (out, in) matrix this layer applies (``Linear.matrix``'s twin: MLA's absorbed attention)."""
+        return self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = quant_matmul(x, self.qweight, self.weight_scale)
+        # With autograd (LoRA on a quantised base), x's gradient is computed from the codes in the backward
+        # (quant/grad.py) instead of autograd keeping a dequantised copy of W.
+        matmul = frozen_quant_matmul if needs_grad(x) else quant_matmul
+        y = matmul(x, self.qweight, self.weight_scale)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -128,6 +136,7 @@ class QuantRoutedExperts(_KeepsScales):
         self.w1_scale: torch.Tensor
         self.w2_scale: torch.Tensor
         self.w3_scale: torch.Tensor
+        self.adapter: ExpertAdapter | None = None  # per-expert LoRA (adapters/), as RoutedExperts.adapter
 
     def bits_of(self, name: str) -> int:
         return self.bits_w2 if name == "w2" else self.bits_w13
@@ -154,6 +163,8 @@ class QuantRoutedExperts(_KeepsScales):
 
     def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Tensor | None = None) -> torch.Tensor:
         """x_AD rows sorted by expert, ``counts_E[e]`` of them for expert e; gates_A scales the (A, F) activation."""
+        if self.adapter is not None or needs_grad(x_AD) or (gates_A is not None and needs_grad(gates_A)):
+            return self._swiglu(x_AD, counts_E, gates_A)
         weights = {n: (getattr(self, n), getattr(self, f"{n}_scale")) for n in ("w1", "w2", "w3")}
         fused = quant_experts(x_AD, counts_E, gates_A, weights, self.group_size)
         if fused is not None:
@@ -171,6 +182,23 @@ class QuantRoutedExperts(_KeepsScales):
                 h_nF = h_nF * gates_A[rows].unsqueeze(1)
             y_AD[rows] = quant_matmul(h_nF, self.w2[e], self.w2_scale[e])
             start += n  # experts with no rows are skipped above: only the selected experts run
+        return y_AD
+
+    def _swiglu(self, x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Tensor | None) -> torch.Tensor:
+        """RoutedExperts' SwiGLU with the adapter's terms beside each frozen quantised grouped product, and
+        gradients to x, the gates and the adapter (never to the codes): LoRA training on a quantised base."""
+        counts = counts_E.tolist()
+        g_AF = frozen_quant_grouped(x_AD, self.w1, self.w1_scale, counts)
+        u_AF = frozen_quant_grouped(x_AD, self.w3, self.w3_scale, counts)
+        if self.adapter is not None:
+            dg_AF, du_AF = self.adapter.gate_up(x_AD, counts_E, grouped_product)
+            g_AF, u_AF = g_AF + dg_AF, u_AF + du_AF
+        h_AF = F.silu(g_AF) * u_AF
+        if gates_A is not None:
+            h_AF = h_AF * gates_A.to(h_AF.dtype).unsqueeze(1)
+        y_AD = frozen_quant_grouped(h_AF, self.w2, self.w2_scale, counts)
+        if self.adapter is not None:
+            y_AD = y_AD + self.adapter.down(h_AF, counts_E, grouped_product)
         return y_AD
 
     def extra_repr(self) -> str:

@@ -1,0 +1,97 @@
+"""Frozen quantised weights that pass a gradient to their input: what LoRA on a quantised base trains through.
+
+The weights never train (no gradient reaches codes or scales), but the activation gradient must flow through
+every frozen layer to the adapters below it: dx = dy @ W. Autograd through ``quant_matmul``'s tiled path would
+keep each dequantised fp32 tile for the backward — the whole model in fp32 by the end of a forward, the memory
+the quantisation was meant to save. These functions keep only the codes and scales (already in memory) and
+dequantise again in the backward, ``TILE_ROWS`` rows of W, or one expert, at a time; the forward runs the
+no-grad path (the C++ kernel where there is one).
+
+Shapes: M rows of x, N output rows of W, K its input columns; A rows sorted by expert, E experts.
+Reference: the same products with the dequantised weights as ordinary frozen fp32 tensors
+(tests/unit/test_quant_grad.py checks values and gradients against it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from deepseek_moe.kernels.quant_layout import dequantize
+from deepseek_moe.kernels.quant_matmul import TILE_ROWS, quant_matmul
+
+
+def needs_grad(x: torch.Tensor) -> bool:
+    return x.requires_grad and torch.is_grad_enabled()
+
+
+def input_grad(dy_MN: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """dy (M, N) @ dequant(W) (N, K) -> (M, K), dequantising TILE_ROWS rows of W at a time in dy's dtype."""
+    N = q.shape[0]
+    dx_MK: torch.Tensor | None = None
+    for n0 in range(0, N, TILE_ROWS):
+        w_nK = dequantize(q[n0:n0 + TILE_ROWS], scale[n0:n0 + TILE_ROWS], dy_MN.dtype)
+        dy_Mn = dy_MN[:, n0:n0 + TILE_ROWS]
+        dx_MK = dy_Mn @ w_nK if dx_MK is None else dx_MK.addmm_(dy_Mn, w_nK)
+    assert dx_MK is not None  # N >= 1: a weight has rows
+    return dx_MK
+
+
+class _FrozenQuantMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(q, scale)  # the codes themselves, not a dequantised copy
+        return quant_matmul(x, q, scale)  # grad mode is off in here: the kernel path
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        q, scale = ctx.saved_tensors
+        dx = input_grad(dy.reshape(-1, dy.shape[-1]), q, scale)
+        return dx.view(*dy.shape[:-1], dx.shape[-1]), None, None
+
+
+def frozen_quant_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ dequant(q)^T -> (..., N), differentiable in x only (``quant_matmul``'s arguments)."""
+    return _FrozenQuantMatmul.apply(x, q, scale)
+
+
+class _FrozenQuantGrouped(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x_AK: torch.Tensor, q_E: torch.Tensor, scale_E: torch.Tensor,
+                counts: list[int]) -> torch.Tensor:
+        ctx.save_for_backward(q_E, scale_E)
+        ctx.counts = counts
+        y_AN = x_AK.new_empty(x_AK.shape[0], q_E.shape[1])
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                y_AN[start:start + n] = quant_matmul(x_AK[start:start + n], q_E[e], scale_E[e])
+            start += n
+        return y_AN
+
+    @staticmethod
+    def backward(ctx: Any, dy_AN: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        q_E, scale_E = ctx.saved_tensors
+        K = q_E.shape[2] * (2 if q_E.dtype == torch.uint8 else 1)  # int4: two codes a byte
+        dx_AK = dy_AN.new_empty(dy_AN.shape[0], K)
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if n:  # one expert's matrix dequantised at a time
+                dx_AK[start:start + n] = input_grad(dy_AN[start:start + n], q_E[e], scale_E[e])
+            start += n
+        return dx_AK, None, None, None
+
+
+def frozen_quant_grouped(x_AK: torch.Tensor, q_E: torch.Tensor, scale_E: torch.Tensor,
+                         counts_E: torch.Tensor | list[int]) -> torch.Tensor:
+    """(A, N): each expert's rows of x times its dequantised ``q_E[e]`` transposed (stacked codes (E, N, ...)
+    and scales (E, N, ...) as :class:`~deepseek_moe.quant.QuantRoutedExperts` holds them); differentiable in x
+    only."""
+    counts = counts_E.tolist() if isinstance(counts_E, torch.Tensor) else list(counts_E)
+    if sum(counts) != x_AK.shape[0]:
+        raise ValueError(f"frozen_quant_grouped: counts sum to {sum(counts)}, x has {x_AK.shape[0]} rows")
+    return _FrozenQuantGrouped.apply(x_AK, q_E, scale_E, counts)
+
+
+__all__ = ["frozen_quant_grouped", "frozen_quant_matmul", "input_grad", "needs_grad"]

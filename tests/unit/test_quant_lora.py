@@ -1,0 +1,162 @@
+"""LoRA on a frozen quantised base: the products pass x's gradient without keeping dequantised weights, and a
+quantised model with adapters gives the loss and adapter gradients of the float model holding the dequantised
+weights; codes and scales never train; merging into codes is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_adapters_lora import ids, small_model
+
+from deepseek_moe.adapters import GROUPS, LoRAConfig, apply_lora, lora_modules, mark_trainable, merge_lora
+from deepseek_moe.adapters.lora import ExpertLoRA, QuantLoRALinear
+from deepseek_moe.kernels import quant_matmul as qm
+from deepseek_moe.kernels.quant_layout import dequantize
+from deepseek_moe.moe.experts import RoutedExperts
+from deepseek_moe.quant import QuantConfig, QuantLinear, QuantRoutedExperts, quantize_model
+from deepseek_moe.quant.grad import frozen_quant_grouped, frozen_quant_matmul
+from deepseek_moe.quant.modules import quantize_rows
+
+
+def _codes(bits: int, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    return quantize_rows(w, bits, 32)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_frozen_quant_matmul_value_and_input_grad_equal_the_dequantised_weight(bits, monkeypatch):
+    monkeypatch.setattr(qm, "TILE_ROWS", 16)  # several tiles in the backward (quant/grad.py reads it at import)
+    monkeypatch.setattr("deepseek_moe.quant.grad.TILE_ROWS", 16)
+    q, s = _codes(bits, 40, 64)
+    w = dequantize(q, s)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y = frozen_quant_matmul(x, q, s)
+    y_ref = x_ref @ w.t()
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_frozen_quant_grouped_equals_a_per_expert_loop(bits):
+    E, N, K = 4, 24, 64
+    stacked = [_codes(bits, N, K, seed=e) for e in range(E)]
+    q, s = torch.stack([c for c, _ in stacked]), torch.stack([sc for _, sc in stacked])
+    counts = [3, 0, 5, 2]  # an expert with no rows
+    x = torch.randn(sum(counts), K, requires_grad=True)
+    y = frozen_quant_grouped(x, q, s, torch.tensor(counts))
+    x_ref = x.detach().clone().requires_grad_(True)
+    w = [dequantize(q[e], s[e]) for e in range(E)]
+    y_ref = torch.cat([xe @ w[e].t() for e, xe in enumerate(x_ref.split(counts))])
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="counts sum to 9, x has 10 rows"):
+        frozen_quant_grouped(x, q, s, [3, 0, 5, 1])
+
+
+def _dequantised_twin(float_model, quantised):
+    """The float model holding every quantised weight's dequantised value (the reference)."""
+    ref = small_model()
+    ref.load_state_dict(float_model.state_dict())
+    with torch.no_grad():
+        for name, mod in quantised.named_modules():
+            if isinstance(mod, QuantLinear):
+                ref.get_submodule(name).weight.copy_(mod.weight)
+            elif isinstance(mod, QuantRoutedExperts):
+                target = ref.get_submodule(name)
+                assert isinstance(target, RoutedExperts)
+                for w in ("w1", "w2", "w3"):
+                    for e in range(mod.n_experts):
+                        getattr(target, w)[e] = dequantize(getattr(mod, w)[e], getattr(mod, f"{w}_scale")[e])
+    return ref
+
+
+def _lora_state(model):
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k or ".adapter." in k}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_loss_and_adapter_grads_equal_the_dequantised_fp32_base(bits):
+    quantised = quantize_model(small_model(), QuantConfig(bits=bits, keep=frozenset()))  # wkv_b too
+    assert isinstance(quantised.head, QuantLinear) and isinstance(quantised.layers[1].attn.wkv_b, QuantLinear)
+    ref = _dequantised_twin(small_model(), quantised)
+    cfg = LoRAConfig(r=4, targets=GROUPS, init="random")
+    torch.manual_seed(5)
+    names = apply_lora(quantised, cfg)
+    apply_lora(ref, cfg)
+    ref.load_state_dict(_lora_state(quantised), strict=False)
+    adapters = lora_modules(quantised)
+    assert isinstance(adapters["head"], QuantLoRALinear) and isinstance(adapters["layers.1.ffn.experts"], ExpertLoRA)
+    assert set(names) == set(lora_modules(ref))
+    losses = {}
+    for tag, model in (("q", quantised), ("ref", ref)):
+        mark_trainable(model)
+        model.train()
+        x = ids()
+        out = model(x, labels=x)
+        out.loss.backward()
+        losses[tag] = out.loss.detach()
+    torch.testing.assert_close(losses["q"], losses["ref"], rtol=1e-5, atol=1e-6)
+    q_grads = {n: p.grad for n, p in quantised.named_parameters() if p.requires_grad}
+    r_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    assert set(q_grads) == set(r_grads) and len(q_grads) >= 2 * len(names)
+    for n, g in q_grads.items():
+        assert g is not None and g.abs().max() > 0, n
+        torch.testing.assert_close(g, r_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_codes_and_scales_never_train_and_no_dequantised_weight_is_kept():
+    quantised = quantize_model(small_model(), QuantConfig(bits=8))
+    apply_lora(quantised, LoRAConfig(r=2, targets=GROUPS, init="random"))
+    trainable = mark_trainable(quantised)
+    assert all(".lora_" in n or ".adapter." in n for n in trainable)
+    frozen = {n: b.clone() for n, b in quantised.named_buffers()
+              if n.endswith(("qweight", "_scale", ".w1", ".w2", ".w3"))}
+    assert any(n.endswith(".w2") for n in frozen) and any(n.endswith("weight_scale") for n in frozen)
+    weight_shapes = {tuple(m.qweight.shape) for m in quantised.modules() if isinstance(m, QuantLinear)}
+    weight_shapes |= {tuple(m.w1.shape[1:]) for m in quantised.modules() if isinstance(m, QuantRoutedExperts)}
+    weight_shapes |= {tuple(m.w2.shape[1:]) for m in quantised.modules() if isinstance(m, QuantRoutedExperts)}
+    saved: list[tuple[tuple[int, ...], torch.dtype]] = []
+    codes_saved: list[torch.Tensor] = []
+    # The float weights the model holds (the kept wkv_b, the router) are saved by reference: no new memory.
+    held = {t.untyped_storage().data_ptr() for t in [*quantised.parameters(), *quantised.buffers()]}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in held:
+            saved.append((tuple(t.shape), t.dtype))
+        elif t.dtype == torch.int8:
+            codes_saved.append(t)
+        return t
+
+    opt = torch.optim.SGD([p for p in quantised.parameters() if p.requires_grad], lr=1.0)
+    x = ids()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = quantised(x, labels=x).loss
+    loss.backward()
+    opt.step()
+    kept = [s for s, dtype in saved if dtype.is_floating_point and s in weight_shapes]
+    assert not kept, f"the autograd graph kept dequantised weights of shapes {kept}"
+    assert codes_saved  # the codes are what the backward keeps
+    for n, b in quantised.named_buffers():
+        if n in frozen:
+            assert b.grad is None and not b.requires_grad, n
+            assert torch.equal(b, frozen[n]), f"{n} changed in a training step"
+
+
+def test_merging_into_codes_is_refused_and_removal_restores_the_base():
+    quantised = quantize_model(small_model(), QuantConfig(bits=8))
+    x = ids()
+    with torch.no_grad():
+        before = quantised(x).logits
+        apply_lora(quantised, LoRAConfig(r=2, targets=GROUPS))  # zero B: the base
+        # (within rounding, not bit for bit: adapted experts run one product at a time, not the fused kernel)
+        torch.testing.assert_close(quantised(x).logits, before, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unquantised base checkpoint"):
+        merge_lora(quantised)
+    assert lora_modules(quantised)  # nothing was changed by the refused merge
