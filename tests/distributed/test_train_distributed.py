@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from deepseek_moe.train.config import resolve_config
 from deepseek_moe.train.loop import run
@@ -135,3 +136,30 @@ def test_extend_steps_on_two_processes_matches_one(setup: tuple[Path, list[str],
         assert json.loads((path / "config.json").read_text())["schedule"]["extra_steps"] == 2
     assert_same_run(runs[1], runs[2])
     assert losses(runs[2])[:len(losses(one)) - 1] == losses(one)[:-1]  # the planned steps, summary aside
+
+
+def test_mtp_on_two_processes_reproduces_one(setup: tuple[Path, list[str], Path]) -> None:
+    """D = 1 multi-token prediction: the MTP module (its own MoE block, sharing embedding and head) sharded by
+    FSDP2, its experts split over both processes, checkpointed by DCP and written by the sharded save, gives the
+    one-process run's losses (main and MTP) step for step, and the 2-process checkpoint resumes on 1."""
+    tmp, args, _ = setup
+    runs = {n: tmp / f"mtp_{n}" for n in (1, 2)}
+    for n, path in runs.items():
+        done = cli(*args, "--mtp-depth", "1", "--out", str(path), "--nproc", str(n))
+        assert done.returncode == 0, done.stderr[-4000:]
+    assert_same_run(runs[1], runs[2])
+    mtp = {n: [r["mtp_loss"] for r in train_records(path)] for n, path in runs.items()}
+    assert len(mtp[1]) == 6 and mtp[2] == pytest.approx(mtp[1], abs=2e-5)
+    from deepseek_moe.io import load_pretrained
+
+    one, two = (load_pretrained(path / "model").state_dict() for path in runs.values())
+    assert any(k.startswith("mtp.0.block.ffn.experts") for k in two) and one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-4, msg=k)
+
+    resumed = tmp / "mtp_two_then_one"
+    shutil.copytree(runs[2], resumed)
+    shutil.rmtree(resumed / "state" / "step-6")
+    done = cli("--resume", str(resumed))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert_same_run(runs[1], resumed)

@@ -64,6 +64,21 @@ KEY_TABLE: tuple[tuple[str, str], ...] = (
     ("layers.{i}.ffn.experts.w3[{e}]", "model.layers.{i}.mlp.experts.{e}.up_proj.weight"),
 )
 
+# DeepSeek-V3's multi-token-prediction modules follow the main layers: MTP depth k (our ``mtp.{k-1}``) is checkpoint
+# layer num_hidden_layers + k - 1, its block under that layer's usual keys (the table above with ``layers.{i}.`` ->
+# ``mtp.{k}.block.``), beside its own tensors below and copies of the shared embedding and head.
+MTP_KEY_TABLE: tuple[tuple[str, str], ...] = (
+    ("enorm.weight", "enorm.weight"),
+    ("hnorm.weight", "hnorm.weight"),
+    ("eh_proj.weight", "eh_proj.weight"),
+    ("norm.weight", "shared_head.norm.weight"),
+)
+# (our shared tensor, the key of its copy in each MTP layer)
+MTP_SHARED_COPIES: tuple[tuple[str, str], ...] = (
+    ("embed.weight", "embed_tokens.weight"),
+    ("head.weight", "shared_head.head.weight"),
+)
+
 # transformers 5 holds experts fused in memory; checkpoints saved that way are read too (load only).
 # gate_up_proj (E, 2F, D) is gate_proj stacked over up_proj; down_proj (E, D, F).
 FUSED_EXPERT_KEYS: tuple[tuple[tuple[str, ...], str], ...] = (
@@ -134,6 +149,46 @@ def ours_to_hf(name: str) -> tuple[str, bool] | None:
     return None
 
 
+_MTP_NAME = re.compile(r"mtp\.(\d+)\.(.*)\Z")
+
+
+def mtp_hf_to_ours(hf_key: str, n_layers: int) -> tuple[str, int | None] | str | None:
+    """A key of an MTP layer (layer index >= ``n_layers``) in our names: ``(name, expert)`` like
+    :func:`hf_to_ours`, or the name of the shared tensor (``embed.weight``, ``head.weight``) when the key is that
+    layer's copy of it, or None for a key with no counterpart."""
+    m = _LAYER.match(hf_key)
+    if m is None or int(m.group(1)) < n_layers:
+        return None
+    k, rest = int(m.group(1)) - n_layers, hf_key[m.end():]
+    for ours, theirs in MTP_KEY_TABLE:
+        if rest == theirs:
+            return f"mtp.{k}.{ours}", None
+    for ours, theirs in MTP_SHARED_COPIES:
+        if rest == theirs:
+            return ours
+    mapped = hf_to_ours(f"model.layers.0.{rest}")
+    if mapped is None or not mapped[0].startswith("layers.0."):
+        return None
+    return f"mtp.{k}.block.{mapped[0].removeprefix('layers.0.')}", mapped[1]
+
+
+def mtp_ours_to_hf(name: str, n_layers: int) -> tuple[str, bool] | None:
+    """:func:`ours_to_hf` for a tensor of an MTP module (``mtp.{k}....``), whose layer index needs ``n_layers``."""
+    m = _MTP_NAME.match(name)
+    if m is None:
+        return None
+    layer, rest = n_layers + int(m.group(1)), m.group(2)
+    for ours, theirs in MTP_KEY_TABLE:
+        if rest == ours:
+            return f"model.layers.{layer}.{theirs}", False
+    if not rest.startswith("block."):
+        return None
+    mapped = ours_to_hf(f"layers.0.{rest.removeprefix('block.')}")
+    if mapped is None:
+        return None
+    return mapped[0].replace("model.layers.0.", f"model.layers.{layer}.", 1), mapped[1]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # config.json -> ModelConfig
 
@@ -197,6 +252,14 @@ def _rope_fields(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
     return {"rope_theta": theta, "rope_factor": factor, "original_seq_len": original,
             "beta_fast": float(beta_fast), "beta_slow": float(beta_slow),
             "mscale": float(mscale), "mscale_all_dim": float(mscale_all_dim)}
+
+
+def mtp_layers(hf: Mapping[str, Any], source: str) -> int:
+    """``num_nextn_predict_layers`` (DeepSeek-V3's MTP depth; absent: 0)."""
+    value = hf.get("num_nextn_predict_layers") or 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{source}: num_nextn_predict_layers ({value!r}) must be an integer >= 0")
+    return value
 
 
 def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json") -> ModelConfig:
@@ -278,7 +341,7 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json") -> Mod
             attention_bias=bool(hf.get("attention_bias", False)), moe=with_published_recipe(moe),
             vocab_size=int(hf["vocab_size"]), dim=dim, inter_dim=int(hf["intermediate_size"]),
             n_layers=int(hf["num_hidden_layers"]), n_dense_layers=int(get("first_k_dense_replace") or 0),
-            n_heads=n_heads, max_seq_len=max_pos, attention="mla",
+            n_heads=n_heads, max_seq_len=max_pos, attention="mla", mtp_depth=mtp_layers(hf, source),
             q_lora_rank=int(get("q_lora_rank") or 0), kv_lora_rank=int(hf["kv_lora_rank"]),
             qk_nope_head_dim=int(hf["qk_nope_head_dim"]), qk_rope_head_dim=int(hf["qk_rope_head_dim"]),
             v_head_dim=int(hf["v_head_dim"]), rope_interleave=rope_interleave,
@@ -357,11 +420,14 @@ def config_to_hf(cfg: ModelConfig, *, dtype: str | None = None) -> dict[str, Any
         out["topk_method"] = "noaux_tc"
         out["scoring_func"] = "sigmoid"
         out["rope_interleave"] = cfg.rope_interleave
-        out["num_nextn_predict_layers"] = 0  # MTP modules are not part of our model
+    # DeepSeek-V3's key; a deepseek_v2 model with MTP modules stores them the same way (V2 never shipped any)
+    if model_type == "deepseek_v3" or cfg.mtp_depth:
+        out["num_nextn_predict_layers"] = cfg.mtp_depth
     if dtype is not None:
         out["dtype"] = dtype
     return out
 
 
-__all__ = ["FP8_METHOD", "FUSED_EXPERT_KEYS", "KEY_TABLE", "SUPPORTED_MODEL_TYPES", "config_from_hf", "config_to_hf",
-           "hf_fused_to_ours", "hf_layer_index", "hf_model_type", "hf_to_ours", "ours_to_hf"]
+__all__ = ["FP8_METHOD", "FUSED_EXPERT_KEYS", "KEY_TABLE", "MTP_KEY_TABLE", "MTP_SHARED_COPIES", "SUPPORTED_MODEL_TYPES",
+           "config_from_hf", "config_to_hf", "hf_fused_to_ours", "hf_layer_index", "hf_model_type", "hf_to_ours",
+           "mtp_hf_to_ours", "mtp_layers", "mtp_ours_to_hf", "ours_to_hf"]

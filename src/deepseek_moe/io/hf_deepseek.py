@@ -101,6 +101,7 @@ def deepseek_incompatibility(cfg: ModelConfig) -> str | None:
     moe = cfg.moe
     rules = [
         (cfg.attention == "mha", f"attention={cfg.attention!r} (only 'mha')"),
+        (cfg.mtp_depth == 0, f"mtp_depth={cfg.mtp_depth} (no multi-token-prediction modules)"),
         (cfg.qk_nope_head_dim == 0, f"qk_nope_head_dim={cfg.qk_nope_head_dim} (the whole head is rotary)"),
         (cfg.v_head_dim == cfg.qk_rope_head_dim and cfg.n_heads * cfg.v_head_dim == cfg.dim,
          f"head dims qk {cfg.qk_rope_head_dim}, v {cfg.v_head_dim} with {cfg.n_heads} heads and dim {cfg.dim} "

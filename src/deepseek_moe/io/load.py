@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,10 +22,13 @@ from deepseek_moe.io.formats import format_of_config, quantizing_format
 from deepseek_moe.io.fp8 import SCALE_SUFFIX, expected_scale_shape, fp8_block_size
 from deepseek_moe.io.hf import (
     FP8_METHOD,
+    MTP_SHARED_COPIES,
     config_from_hf,
     hf_fused_to_ours,
     hf_layer_index,
     hf_to_ours,
+    mtp_hf_to_ours,
+    mtp_ours_to_hf,
     ours_to_hf,
 )
 from deepseek_moe.io.native import is_native, native_config
@@ -124,12 +128,32 @@ def resolve_dtype(dtype: torch.dtype | str | None, raw: Mapping[str, Any],
 
 def hf_blocks(files: Mapping[str, SafetensorsFile], cfg: ModelConfig,
               fp8_block: tuple[int, int] | None) -> list[Block]:
-    """Where each of our tensors lies in a Hugging Face layout (V2/V3/16B)."""
+    """Where each of our tensors lies in a Hugging Face layout (V2/V3/16B). Layers from ``n_layers`` on are V3's
+    multi-token-prediction modules: read into ``mtp`` for the first ``cfg.mtp_depth`` of them, skipped beyond
+    (``mtp=False`` loads none); their copies of the shared embedding and head are checked, not read
+    (:func:`check_mtp_copies`)."""
     blocks: list[Block] = []
     for key, f in files.items():
         layer = hf_layer_index(key)
-        if (layer is not None and layer >= cfg.n_layers) or _IGNORED.match(key):
-            continue  # V3 multi-token-prediction layers; recomputed RoPE tables
+        if _IGNORED.match(key) or (layer is not None and layer >= cfg.n_layers + cfg.mtp_depth):
+            continue  # recomputed RoPE tables; MTP layers not asked for
+        if layer is not None and layer >= cfg.n_layers:
+            if key.endswith(".weight" + SCALE_SUFFIX) and fp8_block is not None:
+                continue  # read with its weight
+            mtp = mtp_hf_to_ours(key, cfg.n_layers)
+            if isinstance(mtp, str):
+                continue  # a copy of a shared tensor
+            if mtp is None:
+                fused = hf_fused_to_ours(key)
+                if fused is None:
+                    raise CheckpointError(f"{f.path}: unexpected key {key!r} in multi-token-prediction layer {layer}")
+                blocks.extend(_fused_blocks(f, key, [_in_mtp(n, cfg.n_layers) for n in fused]))
+                continue
+            name, expert = mtp
+            scale_key = _fp8_scale(files, key, f, fp8_block)
+            blocks.append(Block(name, expert, f, key, 0, f.info(key).shape, scale_key,
+                                files[scale_key] if scale_key else None))
+            continue
         if cfg.tie_word_embeddings and key == "lm_head.weight":
             continue  # transformers ties it to the embedding as well
         if key.endswith(".weight" + SCALE_SUFFIX):
@@ -150,17 +174,58 @@ def hf_blocks(files: Mapping[str, SafetensorsFile], cfg: ModelConfig,
         fused = hf_fused_to_ours(key)
         if fused is None:
             raise CheckpointError(f"{f.path}: unexpected key {key!r} (not a DeepSeek weight name)")
-        if info.dtype in _FP8:
-            raise CheckpointError(f"{f.path}: {key!r} is a fused expert tensor in {info.dtype}; FP8 is read only "
-                                  "per expert, as DeepSeek ships it")
-        # (E, 2F, D) gate_up_proj is gate over up; (E, D, F) down_proj: one block per expert and part.
-        n_experts, rows, cols = info.shape
-        part_rows = rows // len(fused)
-        for e in range(n_experts):
-            for p, name in enumerate(fused):
-                start = (e * rows + p * part_rows) * cols
-                blocks.append(Block(name, e, f, key, start, (part_rows, cols)))
+        blocks.extend(_fused_blocks(f, key, fused))
     return blocks
+
+
+def _fused_blocks(f: SafetensorsFile, key: str, names: list[str]) -> list[Block]:
+    """(E, 2F, D) gate_up_proj is gate over up; (E, D, F) down_proj: one block per expert and part."""
+    info = f.info(key)
+    if info.dtype in _FP8:
+        raise CheckpointError(f"{f.path}: {key!r} is a fused expert tensor in {info.dtype}; FP8 is read only "
+                              "per expert, as DeepSeek ships it")
+    n_experts, rows, cols = info.shape
+    part_rows = rows // len(names)
+    return [Block(name, e, f, key, (e * rows + p * part_rows) * cols, (part_rows, cols))
+            for e in range(n_experts) for p, name in enumerate(names)]
+
+
+def _in_mtp(name: str, n_layers: int) -> str:
+    """``layers.{n_layers + k}.X`` (a fused expert name of MTP layer n_layers + k) -> ``mtp.{k}.block.X``."""
+    layer, _, rest = name.removeprefix("layers.").partition(".")
+    return f"mtp.{int(layer) - n_layers}.block.{rest}"
+
+
+_COMPARE_CHUNK = 64 << 20
+
+
+def check_mtp_copies(files: Mapping[str, SafetensorsFile], cfg: ModelConfig) -> None:
+    """Each MTP layer's copies of the embedding and head (``embed_tokens``, ``shared_head.head``) must equal the
+    main model's: the modules share them (as V3 trains them), so a differing copy could not be loaded or saved
+    back. Compared byte for byte, a chunk at a time."""
+    for k in range(cfg.mtp_depth):
+        for ours, theirs in MTP_SHARED_COPIES:
+            copy = f"model.layers.{cfg.n_layers + k}.{theirs}"
+            main = ours_to_hf(ours)
+            main_key = ("model.embed_tokens.weight" if cfg.tie_word_embeddings and ours == "head.weight"
+                        else main[0] if main else "")
+            if copy not in files or main_key not in files:
+                continue
+            a, b = files[copy].info(copy), files[main_key].info(main_key)
+            same = a.shape == b.shape and a.dtype == b.dtype
+            step = _COMPARE_CHUNK
+            for first in range(0, a.nbytes if same else 0, step):
+                n = min(step, a.nbytes - first)
+                x, y = torch.empty(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
+                files[copy].read_bytes_into(x, a.offset + first)
+                files[main_key].read_bytes_into(y, b.offset + first)
+                if not torch.equal(x, y):
+                    same = False
+                    break
+            if not same:
+                raise CheckpointError(f"{files[copy].path}: {copy!r} differs from {main_key!r}; the MTP module "
+                                      "shares the main model's embedding and head (DeepSeek-V3), so this checkpoint's "
+                                      "MTP layer cannot be loaded as one: load it with mtp=False")
 
 
 def _fp8_scale(files: Mapping[str, SafetensorsFile], key: str, f: SafetensorsFile,
@@ -197,6 +262,9 @@ def native_blocks(files: Mapping[str, SafetensorsFile], cfg: ModelConfig) -> lis
     for key, f in files.items():
         if cfg.tie_word_embeddings and key == "head.weight":
             continue
+        mtp = _NATIVE_MTP.match(key)
+        if mtp and int(mtp.group(1)) >= cfg.mtp_depth:
+            continue  # MTP modules not asked for (mtp=False)
         info = f.info(key)
         if is_stacked(key) and len(info.shape) >= 2:
             row = info.numel // info.shape[0]
@@ -219,14 +287,34 @@ def check_layer_count(files: Mapping[str, SafetensorsFile], raw: Mapping[str, An
 
 
 _NATIVE_LAYER = re.compile(r"layers\.(\d+)\.")
+_NATIVE_MTP = re.compile(r"mtp\.(\d+)\.")
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
-def _hf_name(name: str, expert: int | None) -> str:
-    mapped = ours_to_hf(name)
-    if mapped is None:
-        return name if expert is None else f"{name}[{expert}]"
-    return mapped[0].replace("{e}", str(expert)) if expert is not None else mapped[0]
+def _hf_namer(n_layers: int) -> Callable[[str, int | None], str]:
+    def name_of(name: str, expert: int | None) -> str:
+        mapped = mtp_ours_to_hf(name, n_layers) if name.startswith("mtp.") else ours_to_hf(name)
+        if mapped is None:
+            return name if expert is None else f"{name}[{expert}]"
+        return mapped[0].replace("{e}", str(expert)) if expert is not None else mapped[0]
+    return name_of
+
+
+def mtp_depth_held(files: Mapping[str, SafetensorsFile], raw: Mapping[str, Any], cfg: ModelConfig) -> int:
+    """The MTP depth to build: config.json's, or 0 with a warning when the files hold no tensor of the first MTP
+    module (a conversion that dropped it while keeping the config key, which other tools are known to do)."""
+    if not cfg.mtp_depth:
+        return 0
+    if is_native(raw):
+        held = any(_NATIVE_MTP.match(key) for key in files)
+    else:
+        held = any(hf_layer_index(key) == cfg.n_layers for key in files)
+    if not held:
+        key = "mtp_depth" if is_native(raw) else "num_nextn_predict_layers"
+        warnings.warn(f"config.json says {key} = {cfg.mtp_depth} but the checkpoint holds no multi-token-prediction "
+                      "layer; loading the model without it", stacklevel=3)
+        return 0
+    return cfg.mtp_depth
 
 
 def read_config(path: str | os.PathLike[str]) -> tuple[dict[str, Any], ModelConfig]:
@@ -247,12 +335,15 @@ def read_config(path: str | os.PathLike[str]) -> tuple[dict[str, Any], ModelConf
 
 def load_pretrained(path: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None,
                     device: str | torch.device = "cpu", hooks: LoadHooks | None = None,
-                    quantize: Any = None) -> DeepSeekMoEForCausalLM:
+                    quantize: Any = None, mtp: bool = True) -> DeepSeekMoEForCausalLM:
     """Build a DeepSeekMoEForCausalLM from a checkpoint directory, streaming each tensor into place.
 
     ``dtype`` None: config.json's ``dtype`` (``torch_dtype``), else the files' own. Floating parameters take it;
-    buffers (V3's correction bias) keep theirs. Layers >= num_hidden_layers (V3's multi-token-prediction modules)
-    are skipped; ``lm_head.weight`` may be absent only with tied embeddings. ``hooks``: see io/streaming.py.
+    buffers (V3's correction bias) keep theirs. ``mtp``: load the multi-token-prediction modules the checkpoint
+    holds (V3's layers from num_hidden_layers on, ``num_nextn_predict_layers`` of them) into ``model.mtp``, where
+    they can draft and train and from where ``save_pretrained`` writes them back; False skips them and builds the
+    model without (V3: about 2% of the bytes, one MoE layer of 62). ``lm_head.weight`` may be absent only with
+    tied embeddings. ``hooks``: see io/streaming.py.
     ``quantize`` ("int8", "int4" or a ``deepseek_moe.quant.QuantConfig``) quantises while streaming; a
     checkpoint written quantised loads quantised without it (``deepseek_moe.quant``, plugged in through
     io/formats.py; ``dtype`` is then the dtype of the unquantised parts and of the activations).
@@ -270,6 +361,7 @@ def load_pretrained(path: str | os.PathLike[str], *, dtype: torch.dtype | str | 
             if weights.runs_on_cpu_only and torch.device(device).type != "cpu":
                 raise ValueError(f"quantised models run on the CPU (device {device!r} asked)")
             hooks = weights.load_hooks(raw, quantize, torch_dtype, str(path), hooks)
+        cfg = cfg.replace(mtp_depth=mtp_depth_held(files, raw, cfg) if mtp else 0)
         blocks, fp8, describe = _stored_blocks(path, raw, cfg, files)
         check_layer_count(files, raw, cfg, path / CONFIG_FILE)
         with torch.device("meta"), skip_init():
@@ -295,7 +387,8 @@ def _stored_blocks(path: Path, raw: Mapping[str, Any], cfg: ModelConfig, files: 
     fp8 = fp8_block_size(quant, str(path / CONFIG_FILE)) if quant.get("quant_method") == FP8_METHOD else None
     if is_native(raw):
         return native_blocks(files, cfg), fp8, lambda n, e: n if e is None else f"{n}[{e}]"
-    return hf_blocks(files, cfg, fp8), fp8, _hf_name
+    check_mtp_copies(files, cfg)
+    return hf_blocks(files, cfg, fp8), fp8, _hf_namer(cfg.n_layers)
 
 
 def _stored_apart(cfg: ModelConfig) -> frozenset[str]:
@@ -332,7 +425,8 @@ def load_into(model: DeepSeekMoEForCausalLM, path: str | os.PathLike[str], *,
         raise CheckpointError(f"{path}: a quantised checkpoint loads only with deepseek_moe.from_pretrained")
     files = open_checkpoint(path)
     try:
-        blocks, fp8, describe = _stored_blocks(path, raw, cfg, files)
+        # the model decides which MTP modules are read (one built from this config.json has them all)
+        blocks, fp8, describe = _stored_blocks(path, raw, cfg.replace(mtp_depth=model.config.mtp_depth), files)
         stream_into(model, blocks, dtype=None, device=torch.device("cpu"), hooks=LoadHooks(), fp8_block=fp8,
                     describe_missing=describe, explain_shape=_explainer(raw),
                     stored_apart=_stored_apart(model.config), shards=shards)

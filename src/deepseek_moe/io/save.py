@@ -26,7 +26,7 @@ import torch
 
 from deepseek_moe.io.atomic import staged_checkpoint
 from deepseek_moe.io.formats import format_of_model
-from deepseek_moe.io.hf import config_to_hf, hf_model_type, ours_to_hf
+from deepseek_moe.io.hf import MTP_SHARED_COPIES, config_to_hf, hf_model_type, mtp_ours_to_hf, ours_to_hf
 from deepseek_moe.io.hf_deepseek import config_to_deepseek, deepseek_incompatibility
 from deepseek_moe.io.load import CONFIG_FILE, DTYPES, INDEX_FILE, SINGLE_FILE, TOKENIZER_FILE
 from deepseek_moe.io.native import FORMAT, native_config_json
@@ -138,8 +138,10 @@ def _hf_entries(model: DeepSeekMoEForCausalLM, shapes: Mapping[str, tuple[int, .
     the plain name a tensor is stored under (a quantised weight's codes under its weight's)."""
     cfg: ModelConfig = model.config
     entries: list[Entry] = []
+    main: dict[str, Entry] = {}
     for name, tensor, shape in _named_tensors(model, shapes):
-        mapped = ours_to_hf(stored_name(name))
+        stored = stored_name(name)
+        mapped = mtp_ours_to_hf(stored, cfg.n_layers) if stored.startswith("mtp.") else ours_to_hf(stored)
         if mapped is None:
             raise ValueError(f"model tensor {name!r} has no Hugging Face name in io/hf.py KEY_TABLE")
         key, stacked = mapped
@@ -149,11 +151,20 @@ def _hf_entries(model: DeepSeekMoEForCausalLM, shapes: Mapping[str, tuple[int, .
                            for e in range(first, first + shape[0]))
         else:
             entries.append(Entry(key, tensor.dtype, shape, name))
+            main[name] = entries[-1]
     fmt = checkpoint_format(cfg)
     if fmt not in ("deepseek_v2", "deepseek_v3"):
         return entries
+    # Each MTP layer carries copies of the embedding and head it shares, as V3's checkpoint does (its readers
+    # expect them); a tied head's copy is the embedding.
+    for k in range(cfg.mtp_depth):
+        for ours, theirs in MTP_SHARED_COPIES:
+            source = main.get("embed.weight" if cfg.tie_word_embeddings else ours)
+            if source is not None:  # (a quantised head has no plain entry: its copy is left out)
+                entries.append(Entry(f"model.layers.{cfg.n_layers + k}.{theirs}", source.dtype, source.shape,
+                                     source.name))
     dtype = next(iter(model.parameters())).dtype
-    for i in range(cfg.n_dense_layers, cfg.n_layers):
+    for i in range(cfg.n_dense_layers, cfg.n_layers + cfg.mtp_depth):
         if fmt == "deepseek_v3" and not cfg.moe.use_routing_bias:
             # deepseek_v3 always has the correction bias; ours is off, which is a zero bias.
             bias = torch.zeros(cfg.moe.n_routed_experts, dtype=torch.float32)

@@ -41,8 +41,8 @@ def local_shard(p: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
 
 
 def shard_model(model: nn.Module, ctx: ParallelContext, *, reshard_after_forward: bool = True) -> nn.Module:
-    """Expert parallelism over "ep", then FSDP2: routed experts over "dp_mod_ep", each transformer block, the
-    embedding and the head (when untied) and the root over all ranks. In place; returns ``model``.
+    """Expert parallelism over "ep", then FSDP2: routed experts over "dp_mod_ep", each transformer block and MTP
+    module, the embedding and the head (when untied) and the root over all ranks. In place; returns ``model``.
 
     Call it on a model built on the meta device (then :func:`materialize`, or fill the shards from files) or on
     a materialised one whose weights are equal on every rank (each keeps its shards). Build the optimizer from
@@ -61,7 +61,8 @@ def shard_model(model: nn.Module, ctx: ParallelContext, *, reshard_after_forward
         # after it when sums are forced (there is no reduction to force anyway).
         if force_sum and ctx.dp_mod_ep_mesh.size() > 1:
             experts.set_force_sum_reduction_for_comms(True)
-    for block in getattr(model, "layers", []):
+    # each block, and each multi-token-prediction module (its block, projection and norms) as one unit
+    for block in [*getattr(model, "layers", []), *getattr(model, "mtp", [])]:
         fully_shard(block, mesh=ctx.fsdp_mesh, reshard_after_forward=reshard_after_forward)
     embed, head = getattr(model, "embed", None), getattr(model, "head", None)
     tied = embed is not None and head is not None and head.weight is embed.weight

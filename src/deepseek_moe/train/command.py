@@ -20,7 +20,7 @@ DESCRIPTION = ("Train a DeepSeekMoE language model and write a run directory. Wi
 SHORTCUTS = {
     "preset": "model.preset", "steps": "schedule.steps", "batch_size": "schedule.batch_size",
     "seq_len": "data.seq_len", "lr": "optim.lr", "device": "device", "dtype": "dtype", "seed": "seed",
-    "out": "out", "ep": "ep", "activation_checkpointing": "activation_checkpointing",
+    "out": "out", "ep": "ep", "activation_checkpointing": "activation_checkpointing", "mtp_depth": "model.mtp_depth",
 }
 
 
@@ -47,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), help="default auto: bf16 autocast (fp32 master weights) where the device has native bf16 "
                    "(CUDA; CPUs with AVX512-BF16 or AMX), else fp32")
     p.add_argument("--seed", type=int)
+    p.add_argument("--mtp-depth", type=int, metavar="D",
+                   help="train D multi-token-prediction modules beside the model (DeepSeek-V3; default the preset's, "
+                   "0), their loss weighted by schedule.mtp_lambda (V3's 0.3, then 0.1); they can draft for "
+                   "speculative decoding")
     p.add_argument("--activation-checkpointing", action="store_true", default=None,
                    help="recompute each block's activations in the backward instead of keeping them (about one more "
                    "forward per step, for the memory of long sequences)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -113,6 +114,10 @@ class OptimConfig:
         _require(self.grad_clip >= 0, f"grad_clip ({self.grad_clip!r}) must be >= 0")
 
 
+# DeepSeek-V3's MTP loss weight (§4.2): 0.3 for the first 10T of its 14.8T tokens, 0.1 for the rest.
+V3_MTP_LAMBDA: tuple[tuple[float, float], ...] = ((0.0, 0.3), (10 / 14.8, 0.1))
+
+
 @dataclass(frozen=True, kw_only=True)
 class ScheduleConfig:
     """Steps and batches; the learning rate warms up linearly, then follows a cosine down to min_lr_ratio * lr at
@@ -125,12 +130,24 @@ class ScheduleConfig:
     warmup_fraction: float = 0.05
     min_lr_ratio: float = 0.1
     extra_steps: int = 0  # past ``steps``, at min_lr_ratio * lr
+    # The MTP loss weight λ by stage, when the model has MTP modules (model.mtp_depth > 0): (start, λ) pairs, start
+    # the fraction of ``steps`` where λ takes over (the first 0); extra steps keep the last λ. Default V3's.
+    mtp_lambda: tuple[tuple[float, float], ...] = V3_MTP_LAMBDA
 
     def __post_init__(self) -> None:
         _positive_int(self, "steps", "batch_size", "grad_accum_steps")
         _non_negative_int(self, "extra_steps")
         _fraction(self, "warmup_fraction")
         _fraction(self, "min_lr_ratio")
+        object.__setattr__(self, "mtp_lambda", _lambda_stages(self.mtp_lambda))
+
+    def mtp_lambda_at(self, step: int) -> float:
+        """λ of optimizer step ``step`` (0-based): the last stage whose start (round(start * steps)) is <= step."""
+        weight = self.mtp_lambda[0][1]
+        for start, value in self.mtp_lambda:
+            if step >= round(start * self.steps):
+                weight = value
+        return weight
 
     @property
     def warmup_steps(self) -> int:
@@ -139,6 +156,24 @@ class ScheduleConfig:
     @property
     def total_steps(self) -> int:
         return self.steps + self.extra_steps
+
+
+def _lambda_stages(value: Any) -> tuple[tuple[float, float], ...]:
+    """schedule.mtp_lambda as a tuple of (start, λ) float pairs (TOML and JSON give lists), or ValueError."""
+    rule = ("schedule.mtp_lambda ({!r}) must be a list of [start, lambda] pairs: starts fractions of schedule.steps "
+            "rising from 0, lambdas >= 0 (V3: [[0, 0.3], [0.676, 0.1]])")
+    ok = isinstance(value, list | tuple) and len(value) > 0
+    pairs: list[tuple[float, float]] = []
+    for pair in value if ok else ():
+        if not (isinstance(pair, list | tuple) and len(pair) == 2
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in pair)):
+            ok = False
+            break
+        pairs.append((float(pair[0]), float(pair[1])))
+    ok = ok and pairs[0][0] == 0.0 and all(0.0 <= s <= 1.0 and 0.0 <= lam < math.inf for s, lam in pairs)
+    ok = ok and all(a[0] < b[0] for a, b in zip(pairs, pairs[1:], strict=False))
+    _require(ok, rule.format(value))
+    return tuple(pairs)
 
 
 @dataclass(frozen=True, kw_only=True)

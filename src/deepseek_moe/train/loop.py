@@ -91,6 +91,9 @@ class StepResult:
     # All-to-all traffic of the step's forwards over all processes, per token and MoE layer (empty on 1 process):
     # a2a_bytes_per_token (dispatch + combine, to other processes), a2a_ranks_per_token (processes reached).
     traffic: dict[str, float] = field(default_factory=dict)
+    # With MTP modules: (1/D) Σ_k CE_k (mean over micro-batches and processes) and the λ the step weighted it by.
+    mtp_loss: float | None = None
+    mtp_lambda: float | None = None
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress: bool = True) -> RunResult:
@@ -241,7 +244,8 @@ class Trainer:
         if stage == 3 and cfg.routing.frozen_experts and self.freezer is None:
             self.freezer = ExpertFreezer(model, cfg.routing.frozen_experts, shard_of=self.strategy.shard_of)
 
-        ce_sum, aux_sum = 0.0, 0.0
+        ce_sum, aux_sum, mtp_sum = 0.0, 0.0, 0.0
+        mtp_lambda = s.mtp_lambda_at(step)
         counts, drops = None, torch.zeros(2, dtype=torch.float64)
         reset_traffic(model)
         for _ in range(s.grad_accum_steps):
@@ -249,13 +253,17 @@ class Trainer:
             batch = self.strategy.local(self.data.train.next_batch(s.batch_size).to(self.device))
             with autocast(self.device, self.amp):
                 out, _ = self.forward(self.train_model, batch)
-            (out.loss / s.grad_accum_steps).backward()
+            loss = out.loss
+            if out.mtp_loss is not None:  # the schedule's λ, not the model config's
+                loss = out.ce_loss + out.aux_loss + mtp_lambda * out.mtp_loss
+                mtp_sum += float(out.mtp_loss.detach())
+            (loss / s.grad_accum_steps).backward()
             ce_sum += float(out.ce_loss.detach())
             aux_sum += float(out.aux_loss.detach())
             counts = _add(counts, routing_counts(model))
             drops += drop_counts(model)
         # the global batch's numbers, so every process takes the same decisions
-        ce_sum, aux_sum = self.strategy.mean(ce_sum, aux_sum)
+        ce_sum, aux_sum, mtp_sum = self.strategy.mean(ce_sum, aux_sum, mtp_sum)
         counts = self.strategy.sum(counts) if counts is not None else None
         dropped, assignments = self.strategy.sum(drops).tolist()
         traffic = traffic_counts(model)
@@ -280,7 +288,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(step + 1, stage, ce_sum / s.grad_accum_steps, aux_sum / s.grad_accum_steps, lr, counts,
                           dropped / assignments if assignments else 0.0,
-                          traffic_per_token if traffic is not None else {})
+                          traffic_per_token if traffic is not None else {},
+                          *((mtp_sum / s.grad_accum_steps, mtp_lambda) if model.config.mtp_depth else ()))
 
     def log_step(self, r: StepResult) -> None:
         now = time.perf_counter()
@@ -290,10 +299,13 @@ class Trainer:
         self.metrics.write({"kind": "train", "step": r.step, "loss": r.ce_loss + r.aux_loss, "ce_loss": r.ce_loss,
                             "aux_loss": r.aux_loss, "lr": r.lr, "tokens_per_s": tps, "imbalance": loads["imbalance"],
                             "cv": loads["cv"], "dropped": r.dropped, "stage": r.stage,
-                            "epoch": self.data.train.epochs_done, **r.traffic})
+                            "epoch": self.data.train.epochs_done, **r.traffic,
+                            **({"mtp_loss": r.mtp_loss, "mtp_lambda": r.mtp_lambda} if r.mtp_loss is not None else {})})
         postfix: dict[str, object] = {"loss": f"{r.ce_loss:.3f}", "tok_s": f"{tps:,.0f}", "lr": f"{r.lr:.2e}",
                                       "imb": f"{loads['imbalance']:.2f}", "drop": f"{r.dropped:.1%}",
                                       "stage": r.stage}
+        if r.mtp_loss is not None:
+            postfix["mtp"] = f"{r.mtp_loss:.3f}"
         if r.traffic:  # all-to-all bytes per token and MoE layer, every process's
             postfix["a2a"] = f"{r.traffic['a2a_bytes_per_token'] / 1024:.1f}KiB/tok"
         self.bar.set_postfix(postfix, refresh=False)
