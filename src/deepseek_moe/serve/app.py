@@ -8,6 +8,9 @@ asyncio queue: collected into one JSON response, or sent as server-sent events, 
 connection cancels the request when the client goes away, so its batch row and cache blocks are freed at the
 next step.
 
+``GET /`` is a chat page (``static/``) that streams from the chat endpoint and polls ``GET /stats`` for a
+heatmap of the routed tokens per layer and expert over a sliding window, and the batch, queue and cache gauges.
+
 Streaming and usage, as OpenAI does: chunks carry no ``usage`` unless ``stream_options.include_usage`` asks for a
 last chunk with usage and no choices; ``stream_options.continuous_usage_stats`` (vLLM's) puts the usage so far on
 every chunk.
@@ -17,19 +20,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
+from deepseek_moe.serve.metrics import LOAD_WINDOW_S, MAX_LOAD_WINDOW_S
 from deepseek_moe.serve.protocol import (
     MAX_BODY_BYTES,
     ApiError,
@@ -55,6 +62,7 @@ from deepseek_moe.serve.text import ChatTemplate, TextAssembler
 TEXT_THREADS = 2  # parsing, tokenizing and detokenizing; the tokenizer releases the GIL while it works
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 RETRY_AFTER_S = 1
+STATIC = Path(__file__).parent / "static"  # the chat page GET / serves (package data: no build step, no CDN)
 
 
 @dataclass
@@ -377,6 +385,32 @@ async def _stream(request: HttpRequest, gen: Generation) -> AsyncIterator[bytes]
         gen.cancel()
 
 
+def _window_param(value: str | None) -> float:
+    if value is None:
+        return LOAD_WINDOW_S
+    try:
+        window = float(value)
+    except ValueError:
+        window = math.nan
+    if not 0 < window <= MAX_LOAD_WINDOW_S:  # NaN fails too
+        raise bad("window", f"must be a number of seconds in (0, {MAX_LOAD_WINDOW_S:g}], got {value!r}")
+    return window
+
+
+def live_stats(served: ServedModel, window: float) -> dict[str, Any]:
+    """What ``GET /stats`` answers (the page polls it)."""
+    scheduler = served.scheduler
+    m = scheduler.metrics
+    load, covered = m.expert_load_window(window)
+    return {"model": served.name, "time": time.time(), "window_seconds": covered,
+            "expert_tokens": {"layers": list(load), "n_experts": m.n_experts, "counts": list(load.values())},
+            "running": int(m.running.value), "max_batch_size": scheduler.config.max_batch_size,
+            "queue_depth": int(m.queue_depth.value), "kv_cache_blocks_used": int(m.kv_blocks_used.value),
+            "kv_cache_blocks_total": scheduler.pool.capacity_blocks, "kv_cache_tokens": int(m.kv_tokens.value),
+            "generation_tokens_total": int(m.generation_tokens.value),
+            "prompt_tokens_total": int(m.prompt_tokens.value)}
+
+
 def build_app(state: AppState, *, lifespan: Any = None, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
     """The Starlette app over ``state`` (whose ``served`` may be filled in later, by a loader)."""
 
@@ -428,6 +462,19 @@ def build_app(state: AppState, *, lifespan: Any = None, max_body_bytes: int = MA
         return PlainTextResponse(state.served.scheduler.metrics.render(),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def stats(request: HttpRequest) -> Response:
+        """The page's live numbers as JSON: routed tokens per MoE layer and expert over a sliding window
+        (``?window=`` seconds, default 10), the batch, queue and cache gauges, and the token counters."""
+        try:
+            served = state.get()
+            window = _window_param(request.query_params.get("window"))
+        except ApiError as e:
+            return error_response(e)
+        return JSONResponse(live_stats(served, window))
+
+    async def page(request: HttpRequest) -> Response:
+        return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
+
     async def http_error(request: HttpRequest, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"))
@@ -441,6 +488,9 @@ def build_app(state: AppState, *, lifespan: Any = None, max_body_bytes: int = MA
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/stats", stats, methods=["GET"]),
+        Route("/", page, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={HTTPException: http_error, Exception: server_error})

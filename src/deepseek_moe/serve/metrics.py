@@ -8,6 +8,9 @@ float or a list slot, so a scrape may see a step half counted but never a torn n
 from __future__ import annotations
 
 import math
+import threading
+import time
+from collections import deque
 from collections.abc import Sequence
 
 import torch
@@ -16,6 +19,9 @@ PREFIX = "deepseek_moe"
 # Seconds: first tokens (prefill + queueing) span ms to many seconds; per-token gaps are ms to ~1 s.
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LOAD_WINDOW_S = 10.0  # the expert-load window /stats reports by default
+MAX_LOAD_WINDOW_S = 300.0  # how far back snapshots are kept
+SNAPSHOT_EVERY_S = 0.1
 
 
 def _labels(pairs: dict[str, str]) -> str:
@@ -137,6 +143,9 @@ class ServeMetrics:
         self.layer_ids = list(moe_layer_ids)
         self.n_experts = n_experts
         self._load = {layer: [0] * n_experts for layer in self.layer_ids}
+        # (time, expert_load()) snapshots for the sliding window, oldest first; the first is the all-zero start.
+        self._snapshots: deque[tuple[float, dict[int, list[int]]]] = deque([(time.monotonic(), self.expert_load())])
+        self._snapshot_lock = threading.Lock()
 
     def add_expert_load(self, layer_id: int, tokens_per_expert: torch.Tensor) -> None:
         row = self._load[layer_id]
@@ -145,6 +154,34 @@ class ServeMetrics:
 
     def expert_load(self) -> dict[int, list[int]]:
         return {layer: list(row) for layer, row in self._load.items()}
+
+    def snapshot_expert_load(self, now: float | None = None) -> None:
+        """Remember the cumulative expert load at ``now`` (at most every SNAPSHOT_EVERY_S; the scheduler calls it
+        after each step, readers of the window before reading), dropping snapshots no window needs."""
+        now = time.monotonic() if now is None else now
+        with self._snapshot_lock:
+            if now - self._snapshots[-1][0] < SNAPSHOT_EVERY_S:
+                return
+            self._snapshots.append((now, self.expert_load()))
+            while len(self._snapshots) > 1 and self._snapshots[1][0] <= now - MAX_LOAD_WINDOW_S:
+                self._snapshots.popleft()
+
+    def expert_load_window(self, seconds: float = LOAD_WINDOW_S, now: float | None = None
+                           ) -> tuple[dict[int, list[int]], float]:
+        """Tokens routed to each expert of each MoE layer since the latest snapshot at least ``seconds`` old (the
+        oldest kept if none is that old), and how many seconds that covers: a sliding window, exact to
+        SNAPSHOT_EVERY_S or to the gap between the snapshots around its start when the server was idle."""
+        now = time.monotonic() if now is None else now
+        self.snapshot_expert_load(now)
+        current = self.expert_load()
+        with self._snapshot_lock:
+            start, base = self._snapshots[0]
+            for t, load in self._snapshots:
+                if t > now - seconds:
+                    break
+                start, base = t, load
+        window = {layer: [n - b for n, b in zip(row, base[layer], strict=True)] for layer, row in current.items()}
+        return window, now - start
 
     @property
     def kv_occupancy(self) -> float:

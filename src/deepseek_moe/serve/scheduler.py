@@ -555,6 +555,7 @@ class Scheduler:
         m.kv_blocks_total.set(self.pool.capacity_blocks)
         m.kv_blocks_cached.set(self.pool.cached_blocks)
         m.kv_tokens.set(sum(r.table.length for r in self.running))
+        m.snapshot_expert_load()
 
 
 def describe(scheduler: Scheduler) -> dict[str, Any]:
