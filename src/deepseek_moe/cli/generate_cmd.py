@@ -31,9 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sample among the most likely tokens holding mass P (default 0.95; 1 disables)")
     p.add_argument("--seed", type=int, metavar="S", help="makes sampling repeatable")
     p.add_argument("--device", metavar="D", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--adapter", action="append", default=[], metavar="PATH",
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
                    help="a LoRA adapter directory (PEFT's format, e.g. a fine-tune's RUN/adapter) applied unmerged "
-                   "(repeatable: each on other modules)")
+                   "(repeatable: each on other modules); NAME= is accepted as serve --adapter takes it, and "
+                   "ignored here")
     p.set_defaults(func=run)
 
 
@@ -127,10 +128,11 @@ def run(args: argparse.Namespace) -> int:
         raise CheckpointError(str(e)) from e
     if args.adapter:
         from deepseek_moe.adapters.peft import load_adapter
+        from deepseek_moe.cli.adapter_arg import adapter_specs
 
-        for adapter in args.adapter:
+        for adapter, (_, path) in zip(args.adapter, adapter_specs(args.adapter), strict=True):
             try:
-                load_adapter(model, adapter)
+                load_adapter(model, path)
             except (ValueError, FileNotFoundError) as e:
                 raise UsageError(f"--adapter {adapter}: {e}") from e
     cfg = model.config

@@ -36,6 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=d.max_queue, metavar="N",
                    help=f"waiting requests beyond which new ones get 503 + Retry-After (default {d.max_queue}; "
                    ">= 1: every request waits in the queue until the next step admits it)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="serve a LoRA adapter directory (PEFT's format, e.g. a fine-tune's RUN/adapter) beside the "
+                   "base model, applied unmerged, for requests whose model is NAME (repeatable; a bare PATH is "
+                   "named after its directory)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="compute every prompt in full: by default, cache blocks of prefixes requests share (a "
                    "system prompt, the turns of a chat) are kept after use and reused")
@@ -74,6 +78,16 @@ def run(args: argparse.Namespace) -> int:
                                  prefix_cache=args.prefix_cache)
     except ValueError as e:
         raise UsageError(str(e).replace("max_shard_size", "--kv-cache-memory")) from e
+    from deepseek_moe.cli.adapter_arg import adapter_specs
+
+    adapters = adapter_specs(args.adapter)
+    from deepseek_moe.serve.adapters import check_adapters
+    from deepseek_moe.serve.server import default_model_name
+
+    try:  # a wrong adapter fails now, not in the loader thread after the port is taken
+        check_adapters(adapters, reserved=(args.served_model_name or default_model_name(args.checkpoint),))
+    except ValueError as e:
+        raise UsageError(f"--adapter: {e}") from e
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port ({args.port}) must be in [0, 65535]")
     if args.threads is not None and args.threads < 1:
@@ -86,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
     serve(args.checkpoint, host=args.host, port=args.port, served_model_name=args.served_model_name,
           config=config, device=args.device, dtype=args.dtype, threads=args.threads,
-          shutdown_timeout=args.shutdown_timeout, max_body_bytes=body_bytes)
+          shutdown_timeout=args.shutdown_timeout, max_body_bytes=body_bytes, adapters=adapters)
     return 0
 
 

@@ -86,6 +86,11 @@ class ServedModel:
         return self.scheduler.max_tokens_capacity()
 
     @property
+    def adapters(self) -> list[str]:
+        """The LoRA adapters served beside the base model, each selected by its name in ``model``."""
+        return self.scheduler.adapter_names
+
+    @property
     def vocab_size(self) -> int:
         return self.scheduler.model.config.vocab_size
 
@@ -141,10 +146,15 @@ async def read_body(request: HttpRequest, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _check_model(served: ServedModel, req: GenerationRequest) -> None:
-    if req.model is not None and req.model != served.name:
-        raise ApiError(404, f"The model `{req.model}` does not exist. This server serves `{served.name}`.",
-                       param="model", code="model_not_found")
+def _check_model(served: ServedModel, req: GenerationRequest) -> str | None:
+    """The adapter the request's ``model`` names; None for the base model (its name, or no name)."""
+    if req.model is None or req.model == served.name:
+        return None
+    if req.model in served.adapters:
+        return req.model
+    known = ", ".join(f"`{n}`" for n in [served.name, *served.adapters])
+    raise ApiError(404, f"The model `{req.model}` does not exist. This server serves {known}.", param="model",
+                   code="model_not_found")
 
 
 def _encode(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]:
@@ -209,19 +219,21 @@ def compile_format(served: ServedModel, req: GenerationRequest) -> Constraint | 
 
 
 def prepare(served: ServedModel, raw: bytes, parse: Callable[[Any], GenerationRequest], chat: bool
-            ) -> tuple[GenerationRequest, list[int], SamplingParams]:
-    """Everything between the body's bytes and a request the scheduler can take; it runs on a worker thread."""
+            ) -> tuple[GenerationRequest, list[int], SamplingParams, str | None]:
+    """Everything between the body's bytes and a request the scheduler can take (its prompt, sampling and
+    adapter); it runs on a worker thread."""
     req = parse(decode_body(raw))
-    _check_model(served, req)
+    adapter = _check_model(served, req)
     ids, _ = _prompt_ids(served, req)
-    return req, ids, _sampling(served, req, len(ids), chat)
+    return req, ids, _sampling(served, req, len(ids), chat), adapter
 
 
 class Generation:
     """One request in flight: its scheduler Request, the queue its events arrive on, and its text so far."""
 
     def __init__(self, served: ServedModel, req: GenerationRequest, ids: list[int], params: SamplingParams,
-                 chat: bool, text_pool: ThreadPoolExecutor, constraint: Constraint | None = None) -> None:
+                 chat: bool, text_pool: ThreadPoolExecutor, constraint: Constraint | None = None,
+                 adapter: str | None = None) -> None:
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.served, self.req, self.chat, self.text_pool = served, req, chat, text_pool
@@ -234,7 +246,8 @@ class Generation:
         def sink(event: Event) -> None:
             loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
-        self.request = Request(ids, params, sink, constraint=constraint)
+        self.request = Request(ids, params, sink, constraint=constraint, adapter=adapter)
+        self.model_name = adapter or served.name
 
     def submit(self) -> None:
         try:
@@ -323,7 +336,7 @@ class Generation:
 
     def envelope(self, choices: list[dict[str, Any]], *, stream: bool) -> dict[str, Any]:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if stream and self.chat else "")
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.served.name,
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_name,
                 "choices": choices}
 
 
@@ -422,10 +435,10 @@ def build_app(state: AppState, *, lifespan: Any = None, max_body_bytes: int = MA
                 served = state.get()
                 raw = await read_body(request, max_body_bytes)
                 loop = asyncio.get_running_loop()
-                req, ids, params = await loop.run_in_executor(text_pool, prepare, served, raw, parse, chat)
+                req, ids, params, adapter = await loop.run_in_executor(text_pool, prepare, served, raw, parse, chat)
                 constraint = None if req.output_format is None else \
                     await loop.run_in_executor(text_pool, compile_format, served, req)
-                gen = Generation(served, req, ids, params, chat, text_pool, constraint)
+                gen = Generation(served, req, ids, params, chat, text_pool, constraint, adapter)
                 gen.submit()
             except ApiError as e:  # refused before it was queued
                 if state.served is not None:
@@ -445,9 +458,11 @@ def build_app(state: AppState, *, lifespan: Any = None, max_body_bytes: int = MA
             served = state.get()
         except ApiError as e:
             return error_response(e)
-        return JSONResponse({"object": "list", "data": [
-            {"id": served.name, "object": "model", "created": served.created, "owned_by": "deepseek_moe",
-             "max_model_len": served.max_seq_len}]})
+        base = {"id": served.name, "object": "model", "created": served.created, "owned_by": "deepseek_moe",
+                "max_model_len": served.max_seq_len}
+        # Adapters as vLLM lists its LoRA modules: their own id, the base model as parent.
+        return JSONResponse({"object": "list", "data": [base, *(
+            {**base, "id": name, "parent": served.name} for name in served.adapters)]})
 
     async def health(request: HttpRequest) -> Response:
         served = state.served

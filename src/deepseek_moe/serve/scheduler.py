@@ -58,10 +58,12 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from deepseek_moe.infer.sampling import sample
 from deepseek_moe.model.kv_cache import BlockPool, chain_block_hashes, plan_gathers
@@ -115,7 +117,9 @@ class SchedulerConfig:
 
 class Scheduler:
     def __init__(self, model: DeepSeekMoEForCausalLM, config: SchedulerConfig | None = None, *,
-                 metrics: ServeMetrics | None = None) -> None:
+                 metrics: ServeMetrics | None = None, adapters: Mapping[str, nn.Module] | None = None) -> None:
+        """``adapters``: name -> the model with that LoRA adapter, sharing ``model``'s weights
+        (``serve.adapters.load_adapters``); a request runs with the one its ``adapter`` names (None: ``model``)."""
         from deepseek_moe.model.counting import kv_cache_bytes_per_token
 
         self.model = model.eval()
@@ -131,6 +135,8 @@ class Scheduler:
         self.pool = BlockPool(len(model.layers), n_blocks, config.block_size, prefix_cache=config.prefix_cache)
         # Found by type, not through a model method, so any model holding our MoE layers is served.
         self.moe = [m for m in model.modules() if isinstance(m, MoE)]
+        self.models: dict[str | None, nn.Module] = {None: self.model, **{k: m.eval() for k, m in (adapters or {}).items()}}
+        self._moe_of = {k: [m for m in mod.modules() if isinstance(m, MoE)] for k, mod in self.models.items()}
         self.metrics = metrics or ServeMetrics([m.layer_id for m in self.moe], model.config.moe.n_routed_experts)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -151,9 +157,15 @@ class Scheduler:
         """The most tokens (prompt + output) one request can ever hold in this pool."""
         return min(self.max_seq_len, self.pool.capacity_blocks * self.pool.block_size)
 
+    @property
+    def adapter_names(self) -> list[str]:
+        return [k for k in self.models if k is not None]
+
     def submit(self, request: Request) -> Request:
         if not request.prompt:
             raise ValueError("prompt is empty: it needs at least one token")
+        if request.adapter not in self.models:
+            raise ValueError(f"adapter {request.adapter!r} is not loaded (loaded: {self.adapter_names})")
         # A request alone must always fit, or preemption could never make room for it.
         total = len(request.prompt) + (request.params.max_tokens or 1)
         if total > self.max_tokens_capacity():
@@ -412,11 +424,18 @@ class Scheduler:
             self.waiting.appendleft(req)
 
     def _run(self, reqs: list[Request], ids: list[list[int]]) -> list[torch.Tensor | None]:
-        """Each row's last logits, from one forward per group of rows of similar length (``plan_gathers``)."""
+        """Each row's last logits, from one forward per adapter and group of rows of similar length
+        (``plan_gathers``): rows of one adapter run together through its model."""
         out: list[torch.Tensor | None] = [None] * len(reqs)
-        for group in plan_gathers([r.table.length for r in reqs], [len(x) for x in ids]):
-            for j, logits in zip(group, self._rows([ids[j] for j in group], [reqs[j] for j in group]), strict=True):
-                out[j] = logits
+        by_adapter: dict[str | None, list[int]] = {}
+        for i, req in enumerate(reqs):
+            by_adapter.setdefault(req.adapter, []).append(i)
+        for rows in by_adapter.values():
+            for group in plan_gathers([reqs[j].table.length for j in rows], [len(ids[j]) for j in rows]):
+                picked = [rows[g] for g in group]
+                for j, logits in zip(picked, self._rows([ids[j] for j in picked], [reqs[j] for j in picked]),
+                                     strict=True):
+                    out[j] = logits
         return out
 
     def _drop(self, req: Request) -> None:
@@ -429,7 +448,9 @@ class Scheduler:
         self.pool.release(req.table)
 
     def _forward(self, reqs: list[Request], ids: list[list[int]]) -> torch.Tensor:
-        """One forward of ``reqs`` appending ``ids`` (one list per row); returns each row's last logits (B, V)."""
+        """One forward of ``reqs`` (all of one adapter) appending ``ids`` (one list per row); returns each row's
+        last logits (B, V)."""
+        adapter = reqs[0].adapter
         n_new = [len(x) for x in ids]
         cache = self.pool.batch([r.table for r in reqs], n_new)
         T = max(n_new)
@@ -438,12 +459,12 @@ class Scheduler:
             input_ids[i, T - len(x):] = torch.tensor(x, dtype=torch.long)
         mask = cache.new_token_mask.to(self.device)
         start, start_cpu = time.perf_counter(), time.thread_time()
-        logits = self.model(input_ids.to(self.device), attention_mask=mask, cache=cache).logits[:, -1]
+        logits = self.models[adapter](input_ids.to(self.device), attention_mask=mask, cache=cache).logits[:, -1]
         cache.commit()
         if self.pool.prefix_cache:
             for req in reqs:  # the blocks these tokens filled can now be shared
                 self.pool.register(req.table, self._block_keys(req, min(req.table.length, req.n_tokens)))
-        self._count_routing()
+        self._count_routing(adapter)
         self.metrics.forward_seconds.inc(time.perf_counter() - start)
         self.metrics.forward_cpu_seconds.inc(time.thread_time() - start_cpu)
         self.metrics.forward_tokens.inc(sum(n_new))
@@ -541,8 +562,8 @@ class Scheduler:
         except Exception:  # a sink that fails on its last event has nobody left to tell
             pass
 
-    def _count_routing(self) -> None:
-        for moe in self.moe:
+    def _count_routing(self, adapter: str | None) -> None:
+        for moe in self._moe_of[adapter]:
             if moe.last_stats is not None:
                 self.metrics.add_expert_load(moe.layer_id, moe.last_stats.tokens_per_expert)
 

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,12 @@ def check_servable(ckpt: Path) -> None:
 
 def load_served_model(path: str | os.PathLike[str], *, name: str | None = None,
                       config: SchedulerConfig | None = None, device: str = "cpu",
-                      dtype: str | None = None) -> Any:  # -> ServedModel
+                      dtype: str | None = None,
+                      adapters: Sequence[tuple[str, str | os.PathLike[str]]] = ()) -> Any:  # -> ServedModel
     """Load ``path`` (a checkpoint or train run directory) with ``deepseek_moe.from_pretrained`` and start its
-    scheduler. ``name`` defaults to the checkpoint directory's name (the run directory's for a run)."""
+    scheduler. ``name`` defaults to the checkpoint directory's name (the run directory's for a run).
+    ``adapters``: (name, directory) of LoRA adapters (PEFT's format) served beside the base model, each selected
+    by requests whose ``model`` is its name."""
     from deepseek_moe.io import CheckpointError, load_pretrained
     from deepseek_moe.serve.app import ServedModel
     from deepseek_moe.serve.text import ChatTemplate, stop_token_ids
@@ -56,8 +59,11 @@ def load_served_model(path: str | os.PathLike[str], *, name: str | None = None,
     model = load_pretrained(ckpt, device=device, dtype=dtype)
     if model.tokenizer is None:
         raise CheckpointError(f"{ckpt}: no tokenizer.json; the server needs the checkpoint's tokenizer")
-    scheduler = Scheduler(model, config)
-    served = ServedModel(name=name or default_model_name(target),
+    from deepseek_moe.serve.adapters import load_adapters
+
+    served_name = name or default_model_name(target)
+    scheduler = Scheduler(model, config, adapters=load_adapters(model, adapters, reserved=(served_name,)))
+    served = ServedModel(name=served_name,
                          scheduler=scheduler, tokenizer=model.tokenizer,
                          chat_template=ChatTemplate.for_checkpoint(ckpt),
                          stop_token_ids=stop_token_ids(model.config.eos_token_id, model.tokenizer,
@@ -69,9 +75,11 @@ def load_served_model(path: str | os.PathLike[str], *, name: str | None = None,
 def serve(path: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8000,
           served_model_name: str | None = None, config: SchedulerConfig | None = None, device: str = "cpu",
           dtype: str | None = None, threads: int | None = None, shutdown_timeout: float = 30.0,
-          log_level: str = "info", max_body_bytes: int | None = None) -> None:
+          log_level: str = "info", max_body_bytes: int | None = None,
+          adapters: Sequence[tuple[str, str | os.PathLike[str]]] = ()) -> None:
     """Serve the checkpoint at ``path`` with the OpenAI HTTP API on ``host:port`` until SIGINT/SIGTERM.
-    ``max_body_bytes``: larger request bodies get a 413 (default ``protocol.MAX_BODY_BYTES``, 4 MiB)."""
+    ``max_body_bytes``: larger request bodies get a 413 (default ``protocol.MAX_BODY_BYTES``, 4 MiB).
+    ``adapters``: (name, directory) of LoRA adapters served beside the base model (``load_served_model``)."""
     import torch
     import uvicorn
 
@@ -81,12 +89,15 @@ def serve(path: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 
     if threads is not None:
         torch.set_num_threads(threads)
     check_servable(checkpoint_dir(path))  # a wrong path or an unservable model fails now, not in the loader
+    from deepseek_moe.serve.adapters import check_adapters
+
+    check_adapters(adapters, reserved=(served_model_name or default_model_name(path),))
     state = AppState()
 
     def load() -> None:
         try:
             state.served = load_served_model(path, name=served_model_name, config=config, device=device,
-                                             dtype=dtype)
+                                             dtype=dtype, adapters=adapters)
             info = describe(state.served.scheduler)
             log.info("serving %s: KV cache of %d blocks x %d tokens (%d bytes/token, %d tokens)",
                      state.served.name, info["blocks"], info["block_size"], info["bytes_per_token"],
