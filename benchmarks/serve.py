@@ -26,6 +26,14 @@ window (``--chat-seconds``, after ``--chat-warmup``) as generated tokens per sec
 running batch size sampled meanwhile; the clients then disconnect. On the old scheduler, which reserved prompt +
 max_tokens up front, one such request took every block and this ratio was about 1.
 
+A third run (``--runs prefix``) measures prefix caching: 16 clients (``--prefix-clients``) each stream
+``--prefix-requests`` completions, one after another, of a shared 1,000-token system prompt (``--system-tokens``)
+followed by 16..47 tokens of their own, against a server with prefix caching (the default) and one with
+``--no-prefix-cache``, in interleaved rounds, on the ``--preset`` model with its context raised to 2,048. Both
+servers first answer one request of the system prompt alone (the steady state of a deployment, where earlier
+traffic has used it; it also warms them up). Reported: time to first token (client-measured, p50 and p99),
+output tokens/s over each round's wall time, and the hit rate from /metrics.
+
 Prints a table and one JSON line. ``python benchmarks/serve.py --help`` for the knobs.
 """
 
@@ -42,6 +50,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import uptime  # noqa: E402
 
 CLIENTS = (1, 4, 16, 64)
 
@@ -201,10 +212,33 @@ async def chat_window(url: str, n_clients: int, warmup: float, window: float) ->
             "kv_blocks_used": metric(m1, "kv_cache_blocks_used"), "kv_blocks_total": metric(m1, "kv_cache_blocks_total")}
 
 
+async def prefix_clients(url: str, n_clients: int, system: list[int], suffixes: list[list[int]], max_tokens: int,
+                         rounds: int) -> dict[str, Any]:
+    """``n_clients`` closed-loop clients, each streaming ``rounds`` completions of ``system`` + its own suffix."""
+    import httpx
+
+    results: list[dict[str, Any]] = []
+    limits = httpx.Limits(max_connections=n_clients, max_keepalive_connections=n_clients)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def worker(i: int) -> None:
+            for r in range(rounds):
+                prompt = system + suffixes[(i * rounds + r) % len(suffixes)]
+                results.append(await one_request(client, url, prompt, max_tokens, True))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(n_clients)))
+        wall = time.perf_counter() - start
+    return {"wall_s": wall, "results": results}
+
+
 def client_main(args: argparse.Namespace) -> None:
     spec = json.loads(args.client)
     if spec.get("mode") == "chat":
         print(json.dumps(asyncio.run(chat_window(spec["url"], spec["clients"], spec["warmup"], spec["window"]))))
+        return
+    if spec.get("mode") == "prefix":
+        print(json.dumps(asyncio.run(prefix_clients(spec["url"], spec["clients"], spec["system"], spec["suffixes"],
+                                                    spec["max_tokens"], spec["rounds"]))))
         return
     out = asyncio.run(drive(spec["url"], spec["clients"], spec["requests"], spec["prompts"], spec["max_tokens"],
                             spec["stream"]))
@@ -360,10 +394,78 @@ def run_chat(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return {"rows": rows, "cache": shape, "ratio_on_over_off": ratio, "verdict": verdict}
 
 
+def run_prefix(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """``--prefix-clients`` clients whose prompts share a ``--system-tokens`` system prompt, each with its own
+    question, against a server with prefix caching and one with ``--no-prefix-cache``, interleaved over
+    ``--prefix-rounds``: prints its table, returns its JSON part."""
+    import httpx
+    import torch
+
+    ckpt = tmp / f"{args.preset}-random-ctx2048"
+    build_checkpoint(ckpt, args.preset, max_seq_len=2048)
+    from deepseek_moe import from_pretrained
+
+    vocab = min(from_pretrained(ckpt).config.vocab_size, 2048)
+    g = torch.Generator().manual_seed(1)
+    system = torch.randint(1, vocab, (args.system_tokens,), generator=g).tolist()
+    suffixes = [torch.randint(1, vocab, (int(n),), generator=g).tolist()
+                for n in torch.randint(16, 48, (4 * args.prefix_clients,), generator=g)]
+    servers = {"on": (args.port + 4, ()), "off": (args.port + 5, ("--no-prefix-cache",))}
+    procs = {k: start_server(ckpt, port, 64, args.threads, args.dtype, *extra)
+             for k, (port, extra) in servers.items()}
+    rows = []
+    try:
+        urls = {k: f"http://127.0.0.1:{port}" for k, (port, _) in servers.items()}
+        for k in procs:
+            wait_healthy(urls[k], procs[k])
+            # Warm-up, and the steady state a system prompt is in: an earlier request has used it.
+            httpx.post(f"{urls[k]}/v1/completions", json={"model": "bench", "prompt": system, "max_tokens": 1},
+                       timeout=600).raise_for_status()
+        for round_ in range(args.prefix_rounds):
+            for k in ("on", "off") if round_ % 2 == 0 else ("off", "on"):
+                spec = {"mode": "prefix", "url": urls[k], "clients": args.prefix_clients, "system": system,
+                        "suffixes": suffixes, "max_tokens": args.prefix_max_tokens, "rounds": args.prefix_requests}
+                out = json.loads(subprocess.run([sys.executable, __file__, "--client", json.dumps(spec)],
+                                                capture_output=True, text=True, check=True).stdout)
+                results, wall = out["results"], out["wall_s"]
+                tokens = sum(r["tokens"] for r in results)
+                assert tokens == len(results) * args.prefix_max_tokens, f"got {tokens} tokens"
+                ttft = [r["ttft"] for r in results]
+                rows.append({"prefix_cache": k, "round": round_, "requests": len(results), "output_tokens": tokens,
+                             "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
+                             "ttft_p50_s": round(pct(ttft, 0.5), 4), "ttft_p99_s": round(pct(ttft, 0.99), 4)})
+                print(f"  prefix cache {k:>3} round {round_}: {rows[-1]['tokens_per_s']:>7.1f} tok/s, TTFT p50 "
+                      f"{rows[-1]['ttft_p50_s']:.3f} s", file=sys.stderr, flush=True)
+        hit_rate = float(re.search(r"^deepseek_moe_prefix_cache_hit_rate (\S+)$",
+                                   httpx.get(f"{urls['on']}/metrics").text, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+            proc.wait(timeout=60)
+    mean = {k: {m: statistics.mean(r[m] for r in rows if r["prefix_cache"] == k)
+                for m in ("tokens_per_s", "ttft_p50_s")} for k in servers}
+    ttft_x = round(mean["off"]["ttft_p50_s"] / mean["on"]["ttft_p50_s"], 2)
+    tput_x = round(mean["on"]["tokens_per_s"] / mean["off"]["tokens_per_s"], 2)
+    print(f"\n{args.prefix_clients} clients x {args.prefix_requests} streamed completions each: a shared "
+          f"{args.system_tokens}-token system prompt + 16..47 own tokens, {args.prefix_max_tokens} output tokens "
+          f"(greedy, EOS ignored); {args.preset} model (random weights), {args.threads} torch thread(s)/server; "
+          f"prefix cache on = default, off = --no-prefix-cache; rounds interleaved")
+    print(f"{'round':>5} {'prefix cache':>12} {'tok/s':>8} {'TTFT p50 s':>10} {'p99 s':>7}")
+    for r in rows:
+        print(f"{r['round']:>5} {r['prefix_cache']:>12} {r['tokens_per_s']:>8.1f} {r['ttft_p50_s']:>10.3f} "
+              f"{r['ttft_p99_s']:>7.3f}")
+    verdict = {"ttft_p50_off_over_on": ttft_x, "tokens_per_s_on_over_off": tput_x, "hit_rate_on": round(hit_rate, 3),
+               "pass": bool(ttft_x >= 5 and tput_x >= 2)}
+    print(f"prefix cache: TTFT p50 {ttft_x}x better (need >= 5), throughput {tput_x}x (need >= 2), hit rate "
+          f"{hit_rate:.3f}: {'PASS' if verdict['pass'] else 'FAIL'}")
+    return {"rows": rows, "verdict": verdict}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", nargs="+", choices=("grid", "chat"), default=["grid", "chat"],
-                   help="grid: the clients x streaming grid; chat: default chat requests on a V2-Lite-shaped cache")
+    p.add_argument("--runs", nargs="+", choices=("grid", "chat", "prefix"), default=["grid", "chat", "prefix"],
+                   help="grid: the clients x streaming grid; chat: default chat requests on a V2-Lite-shaped cache; "
+                   "prefix: clients sharing a system prompt, prefix caching on and off")
     p.add_argument("--checkpoint", type=Path, help="grid: serve this checkpoint instead of a random --preset")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--clients", type=int, nargs="+", default=list(CLIENTS))
@@ -376,6 +478,11 @@ def main() -> None:
     p.add_argument("--chat-seconds", type=float, default=10.0, help="chat: measured window per server")
     p.add_argument("--chat-warmup", type=float, default=3.0, help="chat: seconds before the window starts")
     p.add_argument("--chat-rounds", type=int, default=2, help="chat: on/off pairs, interleaved")
+    p.add_argument("--prefix-clients", type=int, default=16)
+    p.add_argument("--system-tokens", type=int, default=1000, help="prefix: the shared system prompt's tokens")
+    p.add_argument("--prefix-requests", type=int, default=2, help="prefix: requests per client per round")
+    p.add_argument("--prefix-max-tokens", type=int, default=16, help="prefix: output tokens per request")
+    p.add_argument("--prefix-rounds", type=int, default=2, help="prefix: on/off pairs, interleaved")
     p.add_argument("--threads", type=int, default=1, help="torch threads per server (default 1: the client "
                    "process needs the other core)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="serve in this dtype (default: the checkpoint's)")
@@ -391,6 +498,10 @@ def main() -> None:
             result.update(run_grid(args, Path(tmp)))
         if "chat" in args.runs:
             result["chat_default"] = run_chat(args, Path(tmp))
+        if "prefix" in args.runs:
+            result["prefix_cache"] = run_prefix(args, Path(tmp))
+    result["uptime"] = uptime()
+    print(result["uptime"])
     result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "client"}
     print(json.dumps(result))
 
