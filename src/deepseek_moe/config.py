@@ -79,6 +79,18 @@ class MoEConfig:
     capacity_factor: float | None = None
     drop_at_inference: bool = False
     protected_fraction: float = 0.1
+    # "adaptive": capacity_factor is only the start; after each optimizer step the training loop moves the factor
+    # toward the one that would have dropped ``capacity_target_drop`` of the step's assignments, by
+    # ``capacity_update_rate``, within [capacity_min, capacity_max] (moe/capacity.py).
+    capacity_policy: Literal["fixed", "adaptive"] = "fixed"
+    capacity_min: float = 1.0
+    capacity_max: float = 2.0
+    capacity_target_drop: float = 0.01
+    capacity_update_rate: float = 0.1
+
+    # Routing-entropy regulariser (moe/balance.py routing_entropy_loss): rewards spread-out routing so that it
+    # does not collapse early; the training loop scales it down over the run (RoutingConfig.entropy_decay_fraction).
+    entropy_loss_alpha: float = 0.0
 
     # Uniform routing warm-up: K experts drawn uniformly at random, gates 1/K, no router gradient.
     uniform_routing: bool = False
@@ -91,8 +103,9 @@ class MoEConfig:
         _positive(self, "dim", "moe_inter_dim", "n_routed_experts", "n_activated_experts",
                   "n_expert_groups", "n_limited_groups")
         _non_negative(self, "n_shared_experts", "route_scale", "bias_update_speed", "expert_loss_alpha",
-                      "device_loss_alpha", "comm_loss_alpha", "seq_loss_alpha", "init_std")
+                      "device_loss_alpha", "comm_loss_alpha", "seq_loss_alpha", "init_std", "entropy_loss_alpha")
         _one_of(self, "score_func", ("softmax", "sigmoid"))
+        _one_of(self, "capacity_policy", ("fixed", "adaptive"))
         _one_of(self, "group_score_func", ("max", "top2_sum"))
         _one_of(self, "balance_loss_scope", ("sequence", "batch"))
         _require(self.n_activated_experts <= self.n_routed_experts,
@@ -115,8 +128,25 @@ class MoEConfig:
             _require(isinstance(self.capacity_factor, int | float) and self.capacity_factor > 0
                      and math.isfinite(self.capacity_factor),
                      f"capacity_factor ({self.capacity_factor!r}) must be a positive number or None")
+        if self.capacity_policy == "adaptive":
+            self._check_adaptive_capacity()
         _require(0.0 <= self.protected_fraction <= 1.0,
                  f"protected_fraction ({self.protected_fraction!r}) must be in [0, 1]")
+
+    def _check_adaptive_capacity(self) -> None:
+        _require(self.capacity_factor is not None,
+                 "capacity_policy ('adaptive') needs capacity_factor, the factor it starts from (None never drops)")
+        lo, hi = self.capacity_min, self.capacity_max
+        _require(all(isinstance(v, int | float) and math.isfinite(v) for v in (lo, hi)) and 0 < lo <= hi,
+                 f"capacity_min ({lo!r}) and capacity_max ({hi!r}) must be finite with 0 < capacity_min <= "
+                 "capacity_max")
+        _require(lo <= self.capacity_factor <= hi,  # type: ignore[operator]
+                 f"capacity_factor ({self.capacity_factor}) must be within [capacity_min, capacity_max] "
+                 f"([{lo}, {hi}]) under capacity_policy 'adaptive'")
+        _require(0.0 <= self.capacity_target_drop < 1.0,
+                 f"capacity_target_drop ({self.capacity_target_drop!r}) must be in [0, 1)")
+        _require(0.0 < self.capacity_update_rate <= 1.0,
+                 f"capacity_update_rate ({self.capacity_update_rate!r}) must be in (0, 1]")
 
     @property
     def experts_per_group(self) -> int:

@@ -97,8 +97,12 @@ def _comparable(records):
 
 
 def test_sigkilled_run_resumes_to_the_same_loss(tmp_path):
+    # adaptive capacity and the entropy regulariser: their state (the factors, pending loads, the schedule)
+    # must come back exactly too; the metrics compared below log the factors step by step.
     extra = ["schedule.steps=10", "schedule.grad_accum_steps=2", "routing.uniform_steps=2", "checkpoint.every=3",
-             "model.moe.use_routing_bias=true", "model.moe.score_func=sigmoid", "model.moe.capacity_factor=1.0"]
+             "model.moe.use_routing_bias=true", "model.moe.score_func=sigmoid", "model.moe.capacity_factor=1.0",
+             "model.moe.capacity_policy=\"adaptive\"", "model.moe.capacity_min=0.5",
+             "model.moe.capacity_update_rate=0.5", "model.moe.entropy_loss_alpha=0.05"]
     ref = run(small_config(tmp_path, *extra, out="ref"), progress=False)
 
     cfg = small_config(tmp_path, *extra, out="killed")
@@ -117,6 +121,8 @@ def test_sigkilled_run_resumes_to_the_same_loss(tmp_path):
     assert resumed.val_loss == ref.val_loss
     read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert _comparable(read(run_dir)) == _comparable(read(ref.run_dir))
+    capacities = [r["capacity"] for r in read(ref.run_dir) if r["kind"] == "train"]
+    assert len({tuple(c) for c in capacities}) > 2, capacities  # the factor did move
     a = read_model_state(run_dir / "state/step-10")
     b = read_model_state(ref.run_dir / "state/step-10")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)

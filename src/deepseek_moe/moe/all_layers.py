@@ -32,6 +32,12 @@ def set_uniform_routing(model: nn.Module, enabled: bool) -> None:
         moe.uniform_routing = enabled
 
 
+def set_entropy_scale(model: nn.Module, scale: float) -> None:
+    """Scale every MoE layer's routing-entropy regulariser (its schedule: the training loop sets it each step)."""
+    for _, moe in moe_layers(model):
+        moe.entropy_scale = scale
+
+
 def _protected_sources(model: nn.Module) -> list[tuple[str, ProtectedSequences]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, ProtectedSequences)]
 
@@ -47,6 +53,8 @@ def routing_state(model: nn.Module) -> dict[str, Any]:
             "generator_device": None if gen is None else str(gen.device),
             "uniform_routing": moe.uniform_routing,
             "bias_counts": moe.bias_counts.detach().cpu().clone(),
+            "capacity_now": moe.capacity_now,
+            "capacity_counts": moe.capacity_counts.detach().cpu().clone(),
         }
     for name, source in _protected_sources(model):
         state[name] = {"protected_generator": source.generator.get_state()}
@@ -62,6 +70,9 @@ def load_routing_state(model: nn.Module, state: dict[str, Any]) -> None:
         entry = state[name]
         moe.uniform_routing = bool(entry["uniform_routing"])
         moe.bias_counts.copy_(entry["bias_counts"])
+        if "capacity_now" in entry:  # absent from run directories written before the adaptive capacity factor
+            moe.capacity_now = float(entry["capacity_now"])
+            moe.capacity_counts.copy_(entry["capacity_counts"])
         if entry["generator"] is not None:
             moe.generator(torch.device(entry["generator_device"])).set_state(entry["generator"])
         else:
@@ -70,4 +81,5 @@ def load_routing_state(model: nn.Module, state: dict[str, Any]) -> None:
         source.generator.set_state(state[name]["protected_generator"])
 
 
-__all__ = ["collect_aux_loss", "load_routing_state", "moe_layers", "routing_state", "set_uniform_routing"]
+__all__ = ["collect_aux_loss", "load_routing_state", "moe_layers", "routing_state", "set_entropy_scale",
+           "set_uniform_routing"]

@@ -16,6 +16,7 @@ mean; the mean of the ranks' losses is then the loss of the concatenated batch, 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -126,3 +127,37 @@ def sequence_balance_loss(scores_BSE: torch.Tensor, indices_BSK: torch.Tensor, a
     # clamp: a padding row holds zeros (and is masked out); a real token's sum is positive and unchanged.
     normalised_BSE = scores_BSE / scores_BSE.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     return expert_balance_loss(normalised_BSE, indices_BSK, alpha, token_mask_BS=token_mask_BS)
+
+
+def routing_entropy(scores_BSE: torch.Tensor, token_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean normalised entropy of the tokens' routing distributions, in [0, 1] (0-dim, in the graph).
+
+    H̄ = (1/T) Σ_t H(p_t) / ln E,  H(p_t) = -Σ_i p_{i,t} ln p_{i,t},  p_{i,t} = s_{i,t} / Σ_j s_{j,t}
+    (affinities normalised per token, as in :func:`sequence_balance_loss`; softmax scores are already p).
+    1 when every token spreads evenly over all E experts, 0 when each puts all its affinity on one. T counts the
+    real tokens of the whole batch.
+    """
+    scores_BSE = scores_BSE.float()
+    E = scores_BSE.shape[-1]
+    tiny = torch.finfo(torch.float32).tiny
+    p_BSE = scores_BSE / scores_BSE.sum(dim=-1, keepdim=True).clamp_min(tiny)
+    # 0 log 0 = 0; the clamp keeps the gradient finite where an affinity underflowed to 0 (d/dp p log p = log p + 1)
+    h_BS = -(p_BSE * p_BSE.clamp_min(tiny).log()).sum(dim=-1)
+    h_BS = h_BS / math.log(E) if E > 1 else torch.zeros_like(h_BS)
+    if token_mask_BS is None:
+        return h_BS.mean()
+    mask_BS = token_mask_BS.to(h_BS.dtype)
+    return (h_BS * mask_BS).sum() / mask_BS.sum().clamp_min(1.0)
+
+
+def routing_entropy_loss(scores_BSE: torch.Tensor, alpha: float, *,
+                         token_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
+    """The routing-entropy regulariser: L_Ent = α (1 - H̄), H̄ the mean normalised routing entropy
+    (:func:`routing_entropy`).
+
+    Minimising it raises the entropy, so it *discourages* the router from collapsing onto a few experts per
+    token before the experts have specialised (a premature, confident routing that the balance losses, which
+    look at loads and not at per-token spread, do not see). It is 0 at uniform affinities and α at one-hot ones;
+    the normalisation by ln E makes α mean the same at any expert count. Its gradient is that of -α H̄.
+    """
+    return alpha * (1.0 - routing_entropy(scores_BSE, token_mask_BS))

@@ -58,6 +58,15 @@ class MoE(nn.Module):
         # Selection counts since the last routing-bias update (all micro-batches of one optimizer step).
         self.bias_counts: torch.Tensor
         self.register_buffer("bias_counts", torch.zeros(cfg.n_routed_experts), persistent=False)
+        # Adaptive capacity (moe/capacity.py): the factor dropped against now (a Python float, so no dtype cast of
+        # the model rounds it), and the per-group loads since the last update; training state saved by
+        # routing_state, not in the state_dict.
+        self.capacity_now = float(cfg.capacity_factor or 0.0)
+        self.capacity_counts: torch.Tensor
+        self.register_buffer("capacity_counts", torch.zeros(cfg.n_expert_groups, dtype=torch.float64),
+                             persistent=False)
+        # Multiplies entropy_loss_alpha: the training loop's schedule (strongest early) sets it each step.
+        self.entropy_scale = 1.0
         self._generator: torch.Generator | None = None
         self.recomputing = False  # an activation-checkpointing recompute: count nothing a second time
 
@@ -73,11 +82,20 @@ class MoE(nn.Module):
         if self.gate.e_score_correction_bias is not None:
             self.gate.e_score_correction_bias.zero_()
         self.bias_counts.zero_()
+        self.capacity_now = float(self.cfg.capacity_factor or 0.0)
+        self.capacity_counts.zero_()
         self._generator = None
 
     @property
     def seed(self) -> int:
         return layer_seed(self.cfg.seed, self.layer_id)
+
+    @property
+    def capacity_factor(self) -> float | None:
+        """The factor the drop budget uses now: the config's, or the adaptive one the training loop moves."""
+        if self.cfg.capacity_factor is None:
+            return None
+        return self.capacity_now if self.cfg.capacity_policy == "adaptive" else self.cfg.capacity_factor
 
     @property
     def drops_tokens(self) -> bool:
@@ -118,13 +136,14 @@ class MoE(nn.Module):
 
         drop = None
         if span is not None and dropping:
-            assert cfg.capacity_factor is not None  # implied by dropping; narrows the type
+            capacity = self.capacity_factor
+            assert capacity is not None  # implied by dropping; narrows the type
             # Protected sequences are drawn over the whole batch (all ranks' sequences under expert parallelism)
             # from the model's draw for this forward, so every layer and rank agrees with one process.
             draw = protected if protected is not None else ProtectedDraw.next(self.generator(x.device))
             protected_B = draw.sequences(span.n_sequences, cfg.protected_fraction).to(x.device)
             protected_T = protected_B[span.first_sequence:span.first_sequence + B].repeat_interleave(S)
-            drop = DropPlan(cfg.capacity_factor, cfg.n_expert_groups,
+            drop = DropPlan(capacity, cfg.n_expert_groups,
                             protected_T if real_T is None else protected_T[real_T], n_tokens=span.n_tokens)
         # The experts' operands in the compute dtype (bf16 under autocast) once, before the gather copies each
         # row K times and the shared experts read it: the router above has already read x in fp32.
@@ -139,9 +158,16 @@ class MoE(nn.Module):
         if (self.training and cfg.use_routing_bias and not self.uniform_routing  # warm-up routes are not the router's
                 and not self.recomputing):
             self.bias_counts += tokens_per_expert
+        if (self.training and cfg.capacity_policy == "adaptive" and not self.uniform_routing
+                and not self.recomputing):
+            self.capacity_counts += tokens_per_expert.view(cfg.n_expert_groups, -1).sum(dim=1)
         self.aux_loss = (self.balance_loss(routing, B, S, real_T) if self.training
                          else x.new_zeros((), dtype=torch.float32))
-        self.last_stats = MoEStats(tokens_per_expert.detach(), dispatched.dropped, routing.indices_TK.numel())
+        entropy = None
+        if self.training and routing.scores_TE is not None:  # for the logs: how spread out routing is
+            entropy = balance.routing_entropy(routing.scores_TE.detach().unsqueeze(0)).detach()
+        self.last_stats = MoEStats(tokens_per_expert.detach(), dispatched.dropped, routing.indices_TK.numel(),
+                                   entropy)
         return y_TD.view(x.shape)
 
     def replay(self) -> Replay:
@@ -189,6 +215,9 @@ class MoE(nn.Module):
         if cfg.seq_loss_alpha > 0:  # V3's complementary loss is sequence-wise whatever the scope of the others
             loss = loss + balance.sequence_balance_loss(*per_sequence[:2], cfg.seq_loss_alpha,
                                                         token_mask_BS=mask_BS)
+        if cfg.entropy_loss_alpha > 0 and self.entropy_scale > 0:  # per token: the scope does not matter
+            loss = loss + balance.routing_entropy_loss(per_sequence[0], cfg.entropy_loss_alpha * self.entropy_scale,
+                                                       token_mask_BS=mask_BS)
         return loss
 
 

@@ -10,11 +10,14 @@ import torch
 @dataclass
 class MoEStats:
     """tokens_per_expert (E,): assignments each routed expert was chosen for (before dropping);
-    dropped: assignments dropped against the capacity budget; n_assignments: T * K."""
+    dropped: assignments dropped against the capacity budget; n_assignments: T * K; routing_entropy: the mean
+    normalised entropy of the tokens' routing distributions (0-dim, :func:`deepseek_moe.moe.balance.
+    routing_entropy`), measured in training forwards with learned routing, else None."""
 
     tokens_per_expert: torch.Tensor
     dropped: torch.Tensor
     n_assignments: int
+    routing_entropy: torch.Tensor | None = None
 
     @property
     def imbalance_max_mean(self) -> float:

@@ -125,8 +125,9 @@ def _replicated_state(model: nn.Module, strategy: Strategy) -> dict[str, Any]:
     """Generator and routing state, the same on every process (counts summed over them)."""
     routing = routing_state(model)
     for entry in routing.values():
-        if "bias_counts" in entry:
-            entry["bias_counts"] = strategy.sum(entry["bias_counts"])
+        for counts in ("bias_counts", "capacity_counts"):
+            if counts in entry:
+                entry[counts] = strategy.sum(entry[counts])
         if entry.get("generator_device") is not None:
             entry["generator_device"] = torch.device(entry["generator_device"]).type  # cuda:R differs per process
     return {"rng": rng_state(strategy.device), "routing": routing}
@@ -219,8 +220,9 @@ def _tensor_names(skeleton: Any) -> list[str]:
 def _load_replicated(model: nn.Module, state: dict[str, Any], strategy: Strategy) -> None:
     routing = state["routing"]
     for entry in routing.values():
-        if "bias_counts" in entry and not strategy.is_main:
-            entry["bias_counts"] = torch.zeros_like(entry["bias_counts"])  # the sum lives on one process
+        for counts in ("bias_counts", "capacity_counts"):
+            if counts in entry and not strategy.is_main:
+                entry[counts] = torch.zeros_like(entry[counts])  # the sum lives on one process
         kind = entry.get("generator_device")
         if kind is not None and torch.device(kind).type == strategy.device.type:
             entry["generator_device"] = str(strategy.device)

@@ -190,6 +190,9 @@ class RoutingConfig:
     finetune_steps: int = 0
     frozen_experts: tuple[int, ...] = ()
     orthogonal_init: bool = False  # orthogonal initialisation of the routed experts' weights
+    # The routing-entropy regulariser (MoEConfig.entropy_loss_alpha) is strongest when learned routing starts and
+    # falls linearly to 0 over this fraction of all steps (None: constant).
+    entropy_decay_fraction: float | None = 0.5
 
     def __post_init__(self) -> None:
         if self.uniform_steps is not None:
@@ -200,6 +203,9 @@ class RoutingConfig:
                  f"frozen_experts ({self.frozen_experts!r}) must be a list of expert indices >= 0")
         _require(isinstance(self.orthogonal_init, bool), f"orthogonal_init ({self.orthogonal_init!r}) must be "
                  "true or false")
+        if self.entropy_decay_fraction is not None:
+            _require(isinstance(self.entropy_decay_fraction, int | float) and 0 < self.entropy_decay_fraction <= 1,
+                     f"entropy_decay_fraction ({self.entropy_decay_fraction!r}) must be in (0, 1] or null")
 
     def stage_steps(self, steps: int) -> tuple[int, int]:
         """(first step of stage 2, first step of stage 3)."""

@@ -26,8 +26,15 @@ import torch
 from tqdm import tqdm
 
 from deepseek_moe.device import keep_freed_memory, resolve_device
-from deepseek_moe.moe.all_layers import load_routing_state, routing_state, set_uniform_routing
+from deepseek_moe.moe.all_layers import (
+    load_routing_state,
+    moe_layers,
+    routing_state,
+    set_entropy_scale,
+    set_uniform_routing,
+)
 from deepseek_moe.moe.bias import update_routing_bias
+from deepseek_moe.moe.capacity import capacity_factors, update_capacity
 from deepseek_moe.nn.compute_copy import attach as attach_compute_copies
 from deepseek_moe.train import checkpoint as ckpt
 from deepseek_moe.train.build import (
@@ -57,7 +64,7 @@ from deepseek_moe.train.rundir import (
     prepare_run_dir,
     write_json,
 )
-from deepseek_moe.train.schedule import lr_factor, routing_stage
+from deepseek_moe.train.schedule import entropy_scale, lr_factor, routing_stage
 from deepseek_moe.train.strategy import Strategy, start_strategy
 from deepseek_moe.viz import routing_counts
 
@@ -94,6 +101,10 @@ class StepResult:
     # With MTP modules: (1/D) Σ_k CE_k (mean over micro-batches and processes) and the λ the step weighted it by.
     mtp_loss: float | None = None
     mtp_lambda: float | None = None
+    # Mean normalised routing entropy over the MoE layers and micro-batches (None under uniform routing), and
+    # each layer's capacity factor after this step's adaptive update (empty when no layer adapts).
+    routing_entropy: float | None = None
+    capacity: list[float] = field(default_factory=list)
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress: bool = True) -> RunResult:
@@ -241,12 +252,14 @@ class Trainer:
         cfg, s, model = self.cfg, self.cfg.schedule, self.model
         stage = routing_stage(cfg, step)
         set_uniform_routing(model, stage == 1)
+        set_entropy_scale(model, entropy_scale(cfg, step))
         if stage == 3 and cfg.routing.frozen_experts and self.freezer is None:
             self.freezer = ExpertFreezer(model, cfg.routing.frozen_experts, shard_of=self.strategy.shard_of)
 
         ce_sum, aux_sum, mtp_sum = 0.0, 0.0, 0.0
         mtp_lambda = s.mtp_lambda_at(step)
         counts, drops = None, torch.zeros(2, dtype=torch.float64)
+        entropy = torch.zeros(2, dtype=torch.float64)  # sum over layers and micro-batches, and how many
         reset_traffic(model)
         for _ in range(s.grad_accum_steps):
             # every process draws the global batch and keeps its rows
@@ -262,10 +275,12 @@ class Trainer:
             aux_sum += float(out.aux_loss.detach())
             counts = _add(counts, routing_counts(model))
             drops += drop_counts(model)
+            entropy += _entropy_sum(model)
         # the global batch's numbers, so every process takes the same decisions
         ce_sum, aux_sum, mtp_sum = self.strategy.mean(ce_sum, aux_sum, mtp_sum)
         counts = self.strategy.sum(counts) if counts is not None else None
         dropped, assignments = self.strategy.sum(drops).tolist()
+        entropy_total, entropy_n = self.strategy.sum(entropy).tolist()
         traffic = traffic_counts(model)
         if traffic is not None:
             sent_bytes, rows, tokens = self.strategy.sum(traffic).tolist()
@@ -283,13 +298,18 @@ class Trainer:
             self.freezer.restore()
         if self.update_bias:
             update_routing_bias(model, all_reduce=self.strategy.all_reduce)
+        update_capacity(model, all_reduce=self.strategy.all_reduce)
+        adaptive = any(moe.cfg.capacity_policy == "adaptive" for _, moe in moe_layers(model))
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(step + 1, stage, ce_sum / s.grad_accum_steps, aux_sum / s.grad_accum_steps, lr, counts,
                           dropped / assignments if assignments else 0.0,
                           traffic_per_token if traffic is not None else {},
-                          *((mtp_sum / s.grad_accum_steps, mtp_lambda) if model.config.mtp_depth else ()))
+                          mtp_loss=mtp_sum / s.grad_accum_steps if model.config.mtp_depth else None,
+                          mtp_lambda=mtp_lambda if model.config.mtp_depth else None,
+                          routing_entropy=entropy_total / entropy_n if entropy_n else None,
+                          capacity=capacity_factors(model) if adaptive else [])
 
     def log_step(self, r: StepResult) -> None:
         now = time.perf_counter()
@@ -300,7 +320,9 @@ class Trainer:
                             "aux_loss": r.aux_loss, "lr": r.lr, "tokens_per_s": tps, "imbalance": loads["imbalance"],
                             "cv": loads["cv"], "dropped": r.dropped, "stage": r.stage,
                             "epoch": self.data.train.epochs_done, **r.traffic,
-                            **({"mtp_loss": r.mtp_loss, "mtp_lambda": r.mtp_lambda} if r.mtp_loss is not None else {})})
+                            **({"mtp_loss": r.mtp_loss, "mtp_lambda": r.mtp_lambda} if r.mtp_loss is not None else {}),
+                            **({"routing_entropy": r.routing_entropy} if r.routing_entropy is not None else {}),
+                            **({"capacity": r.capacity} if r.capacity else {})})
         postfix: dict[str, object] = {"loss": f"{r.ce_loss:.3f}", "tok_s": f"{tps:,.0f}", "lr": f"{r.lr:.2e}",
                                       "imb": f"{loads['imbalance']:.2f}", "drop": f"{r.dropped:.1%}",
                                       "stage": r.stage}
@@ -416,6 +438,14 @@ class _Sums:
     nll: float = 0.0  # summed cross-entropy (nats)
     n: float = 0.0  # predictions
     counts: torch.Tensor | None = None
+
+
+def _entropy_sum(model: torch.nn.Module) -> torch.Tensor:
+    """(2,) float64: the sum of the MoE layers' routing entropies in the last forward, and how many layers
+    measured one."""
+    values = [float(moe.last_stats.routing_entropy) for _, moe in moe_layers(model)
+              if moe.last_stats is not None and moe.last_stats.routing_entropy is not None]
+    return torch.tensor([sum(values), len(values)], dtype=torch.float64)
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

@@ -28,4 +28,17 @@ def routing_stage(cfg: TrainConfig, step: int) -> int:
     return 3 if step >= finetune_start else 2
 
 
-__all__ = ["lr_factor", "routing_stage"]
+def entropy_scale(cfg: TrainConfig, step: int) -> float:
+    """What multiplies MoEConfig.entropy_loss_alpha at ``step``: 1 when learned routing starts (the end of the
+    uniform warm-up), falling linearly to 0 over ``routing.entropy_decay_fraction`` of all steps, then 0; 1
+    throughout when that is None. Early is when routing can collapse before the experts differ; later, spread-out
+    routing would fight the specialisation the model is trained for."""
+    fraction = cfg.routing.entropy_decay_fraction
+    if fraction is None:
+        return 1.0
+    start, _ = cfg.routing.stage_steps(cfg.schedule.steps)
+    span = max(1, round(fraction * cfg.schedule.steps))
+    return min(1.0, max(0.0, 1.0 - (step - start) / span))
+
+
+__all__ = ["entropy_scale", "lr_factor", "routing_stage"]
