@@ -163,3 +163,22 @@ def test_mtp_on_two_processes_reproduces_one(setup: tuple[Path, list[str], Path]
     done = cli("--resume", str(resumed))
     assert done.returncode == 0, done.stderr[-4000:]
     assert_same_run(runs[1], resumed)
+
+
+def test_adaptive_capacity_and_entropy_on_two_processes_match_one(setup: tuple[Path, list[str], Path]) -> None:
+    """The adaptive factor is computed from loads summed over the processes, so two processes move it exactly as
+    one does (and drop what one drops); the entropy regulariser is per token, so it too sums to one's."""
+    tmp, args, _ = setup
+    extra = ["--set", "model.moe.capacity_policy=\"adaptive\"", "--set", "model.moe.capacity_min=0.5",
+             "--set", "model.moe.capacity_update_rate=0.5", "--set", "model.moe.entropy_loss_alpha=0.05"]
+    runs = {n: tmp / f"adaptive_{n}" for n in (1, 2)}
+    for n, out in runs.items():
+        done = cli(*args, *extra, "--out", str(out), "--nproc", str(n))
+        assert done.returncode == 0, done.stderr[-4000:]
+    assert_same_run(runs[1], runs[2])
+    one, two = train_records(runs[1]), train_records(runs[2])
+    factors = lambda records: [c for r in records for c in r["capacity"]]  # noqa: E731
+    assert factors(two) == pytest.approx(factors(one), abs=1e-12)
+    assert [r["dropped"] for r in two] == [r["dropped"] for r in one]
+    assert len({tuple(r["capacity"]) for r in one}) > 2  # the factor moved
+    assert [r.get("routing_entropy") for r in two] == pytest.approx([r.get("routing_entropy") for r in one])
