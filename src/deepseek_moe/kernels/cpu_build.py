@@ -1,4 +1,4 @@
-"""Compile our C++ kernels (``qgemm.cpp``, ``adamw.cpp``) at run time with the system C++ compiler and load them
+"""Compile our C++ kernels (``qgemm.cpp``, ``float_gemm.cpp``, ``adamw.cpp``) at run time with the system C++ compiler and load them
 with ctypes; cached, and verified before anything is loaded.
 
 Why ctypes rather than ``torch.utils.cpp_extension``: the kernels take plain pointers, so it needs neither
@@ -41,6 +41,7 @@ SOURCE = Path(__file__).with_name("qgemm.cpp")
 # build runs on any CPU of the architecture (and a cache shared between machines stays valid).
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 # -fno-math-errno: sqrtf may then be one instruction, which is what lets the optimizer's loop vectorise.
+FLOAT_GEMM_SOURCE = Path(__file__).with_name("float_gemm.cpp")  # fp32/bf16 weights, built with FLAGS
 ADAMW_SOURCE, ADAMW_FLAGS = Path(__file__).with_name("adamw.cpp"), (*FLAGS, "-march=native", "-fno-math-errno")
 
 # The quantised-matmul kernel's instruction sets, in the order of qgemm.cpp's enum.
@@ -285,6 +286,30 @@ def load_library() -> ctypes.CDLL | None:
             set_isa(lib, forced)
         except ValueError as e:
             raise ValueError(f"{env.KERNEL_ISA}={forced}: {e}") from None
+    return lib
+
+
+# float_gemm.cpp's instruction sets, in the order of its dsm_fgemm_set_isa numbers.
+FLOAT_GEMM_ISAS = ("scalar", "avx2")
+
+
+@functools.cache
+def load_float_gemm_library() -> ctypes.CDLL | None:
+    """The compiled fp32/bf16-weight matmul kernels, or None (with one warning saying why)."""
+    lib = build_library(FLOAT_GEMM_SOURCE, FLAGS, "bf16 matmuls and the fused float experts")
+    if lib is None:
+        return None
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.dsm_fgemm.argtypes = [ptr, i64, i64, i64, ptr, i64, c_int, i64, ptr, i64, c_int]
+    lib.dsm_fgemm.restype = None
+    lib.dsm_fexperts.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, ptr, ptr, ptr, ptr,
+                                 c_int]
+    lib.dsm_fexperts.restype = None
+    lib.dsm_fgemm_set_isa.argtypes = [c_int]
+    lib.dsm_fgemm_set_isa.restype = c_int
+    for name in ("dsm_fgemm_best_isa", "dsm_fgemm_get_isa"):
+        getattr(lib, name).argtypes = []
+        getattr(lib, name).restype = c_int
     return lib
 
 

@@ -1,0 +1,34 @@
+"""One switch for the inference fast paths: ``reference_paths()`` makes every layer that has a fast path (the
+float and bf16 matmul kernels, the fused routed experts, the fused absorbed-attention decode, the fused RMSNorm)
+take its plain PyTorch twin instead, in this thread, for as long as the context lasts.
+
+Why a context rather than a config field: the choice changes no result beyond rounding and no checkpoint, so it
+is not part of a model's description; tests and benchmarks run both paths side by side in one process.
+``DEEPSEEK_MOE_KERNELS=0`` turns the compiled kernels off for the whole process as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+_reference = contextvars.ContextVar("deepseek_moe_reference_paths", default=False)
+
+
+def fast_paths_enabled() -> bool:
+    """False inside :func:`reference_paths`."""
+    return not _reference.get()
+
+
+@contextlib.contextmanager
+def reference_paths(enabled: bool = True) -> Iterator[None]:
+    """Take the plain PyTorch paths inside this context (``enabled=False``: leave the choice as it is)."""
+    token = _reference.set(enabled or _reference.get())
+    try:
+        yield
+    finally:
+        _reference.reset(token)
+
+
+__all__ = ["fast_paths_enabled", "reference_paths"]
