@@ -111,8 +111,13 @@ class LocalDispatcher:
 
     def __call__(self, x_TD: torch.Tensor, routing: Routing, experts: RoutedExperts,
                  drop: DropPlan | None) -> Dispatched:
-        expert_A, gate_A, token_A = flat_assignments(routing)
         dropped = torch.zeros((), dtype=torch.int64, device=x_TD.device)
+        # A batch-1 decode step (its K experts are distinct) on float experts (quantised ones have their own call)
+        if drop is None and x_TD.shape[0] == 1 and isinstance(experts, RoutedExperts):
+            y_KD = experts.one_token(x_TD, routing.indices_TK[0], routing.weights_TK[0].to(x_TD.dtype))
+            if y_KD is not None:
+                return Dispatched(y_KD.sum(dim=0, keepdim=True), dropped)
+        expert_A, gate_A, token_A = flat_assignments(routing)
         if drop is not None:
             keep_A = drop_over_budget(routing, drop, experts.n_experts)
             dropped = (~keep_A).sum()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepseek_moe.kernels import mkl_grouped
+from deepseek_moe.kernels import float_matmul, mkl_grouped
 from deepseek_moe.nn.compute_copy import compute_dtype, compute_weight
 from deepseek_moe.nn.linear import Linear
 
@@ -79,7 +79,19 @@ class RoutedExperts(nn.Module):
         Each grouped product takes the fastest path its operands fit (:meth:`product`); ``adapter`` (per-expert
         low-rank terms, deepseek_moe/adapters/) adds its own grouped products beside the experts'.
         """
+        if self.adapter is None and _fused_kernel_fits(x_AD, self.w1):
+            y_AD = float_matmul.float_experts_kernel(x_AD, counts_E, gates_A, *local_weights(self.w1, self.w2, self.w3))
+            if y_AD is not None:
+                return y_AD
         return self._swiglu(x_AD, counts_E, gates_A, self.product)
+
+    def one_token(self, x_1D: torch.Tensor, experts_K: torch.Tensor, gates_K: torch.Tensor) -> torch.Tensor | None:
+        """One token (a batch-1 decode step) through its K selected experts, (K, D), row k gated by gates_K[k];
+        the fused kernel reads the token in place (nothing sorted or gathered). None where it does not apply
+        (autograd, an adapter, another device or dtype): then :meth:`forward` on sorted rows."""
+        if self.adapter is not None or not _fused_kernel_fits(x_1D, self.w1):
+            return None
+        return float_matmul.float_experts_one_token(x_1D, experts_K, gates_K, *local_weights(self.w1, self.w2, self.w3))
 
     def forward_loop(self, x_AD: torch.Tensor, counts_E: torch.Tensor,
                      gates_A: torch.Tensor | None = None) -> torch.Tensor:
@@ -129,6 +141,17 @@ class ExpertAdapter(Protocol):
                 product: GroupedProduct) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def down(self, h_AF: torch.Tensor, counts_E: torch.Tensor, product: GroupedProduct) -> torch.Tensor: ...
+
+
+# Assignments up to which fp32 experts take the fused kernel rather than MKL's batched GEMM (decode; bf16
+# experts always do: torch's bf16 grouped products are the slow path on CPUs without AVX512-BF16).
+FP32_FUSED_MAX_ROWS = 64
+
+
+def _fused_kernel_fits(x_AD: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the fused float experts kernel is worth asking for (it still declines under autograd)."""
+    return (x_AD.device.type == "cpu" and x_AD.dtype == w.dtype and not hasattr(w, "to_local")
+            and (w.dtype == torch.bfloat16 or (w.dtype == torch.float32 and x_AD.shape[0] <= FP32_FUSED_MAX_ROWS)))
 
 
 def _grouped_mm_fits(dtype: torch.dtype, rows: int, cols: int) -> bool:
