@@ -200,3 +200,27 @@ def test_generate_with_an_adapter_equals_the_merged_checkpoint(base, capsys):
     assert outputs[0] == outputs[1]
     assert main(["generate", str(base / "base"), *common, "--adapter", str(base)]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
+
+
+@pytest.fixture
+def mtp_base(tmp_path):
+    return _write_base(tmp_path, small_model(mtp_depth=1))
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_base_mtp_modules_train_along_and_are_kept(mtp_base, method):
+    """A BASE with an MTP module: its loss is logged and trains the module (full) or only the adapters (LoRA,
+    the module frozen as the base is); the full fine-tune's model keeps it; --no-mtp loads BASE without it."""
+    result = run(config(mtp_base, f"ft_{method}", method=method), progress=False)
+    train = [r for r in _metrics(result.run_dir) if r["kind"] == "train"]
+    assert all(r["mtp_loss"] > 0 for r in train)
+    assert [r["mtp_lambda"] for r in train] == [0.3, 0.3, 0.3, 0.1]  # V3's stages over 4 steps
+    base = from_pretrained(mtp_base / "base")
+    if method == "full":
+        tuned = from_pretrained(result.run_dir / "model")
+        assert tuned.config.mtp_depth == 1
+        assert not torch.equal(tuned.mtp[0].eh_proj.weight, base.mtp[0].eh_proj.weight)
+    lean = run(config(mtp_base, f"ft_{method}_lean", method=method, mtp=False), progress=False)
+    assert all("mtp_loss" not in r for r in _metrics(lean.run_dir))
+    if method == "full":
+        assert from_pretrained(lean.run_dir / "model").config.mtp_depth == 0

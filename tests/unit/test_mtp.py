@@ -145,3 +145,35 @@ def test_config_and_api_errors_name_the_field() -> None:
     model = _model(1)
     with pytest.raises(ValueError, match=r"depth \(2\) must be in 1..mtp_depth \(1\)"):
         model.mtp_forward(2, torch.zeros(1, 1, model.config.dim), torch.zeros(1, 1, dtype=torch.long))
+
+
+def test_packed_rows_keep_each_example_apart() -> None:
+    """Fine-tuning's packed rows (finetune/packing.py): the MTP loss over two examples and padding in one row is
+    the loss over each example run alone, its predictions pooled per depth (no target, input token or attention
+    crosses an example)."""
+    import torch.nn.functional as F
+
+    from deepseek_moe.finetune.packing import packed_forward
+
+    torch.manual_seed(6)
+    model = _model(2)
+    lengths, pad = (6, 5), 3
+    ids = torch.randint(0, model.config.vocab_size, (sum(lengths) + pad,))
+    labels = ids.clone()
+    labels[1] = -100  # a prompt token
+    labels[sum(lengths):] = -100
+    docs = torch.tensor([1] * lengths[0] + [2] * lengths[1] + [0] * pad)
+    with torch.no_grad():
+        packed = packed_forward(model, torch.stack((ids, labels, docs))[None])
+        nll, count = torch.zeros(2), torch.zeros(2)
+        start = 0
+        for n in lengths:
+            doc, lab = ids[None, start:start + n], labels[None, start:start + n]
+            hidden = model(doc).hidden
+            for k, lg in enumerate(model.mtp_train_logits(doc, hidden, torch.arange(n)[None], None), start=1):
+                for i in range(n - k - 1):
+                    if lab[0, i + k + 1] != -100:
+                        nll[k - 1] -= F.log_softmax(lg[0, i], -1)[lab[0, i + k + 1]]
+                        count[k - 1] += 1
+            start += n
+    torch.testing.assert_close(packed.mtp_loss, (nll / count).mean(), rtol=1e-5, atol=1e-5)

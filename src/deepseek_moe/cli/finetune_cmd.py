@@ -44,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per packed row")
     p.add_argument("--strict", action="store_true", help="refuse a bad line instead of reporting and skipping it")
     p.add_argument("--train-router", action="store_true", help="train the routers' weights and routing bias too")
+    p.add_argument("--no-mtp", dest="mtp", action="store_false",
+                   help="load BASE without its multi-token-prediction modules (by default they are loaded and "
+                   "their loss trains along, so they still draft for the fine-tuned model)")
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help="LoRA on BASE frozen in our int8 / int4 format (adapters in float; merge them into the "
                    "unquantised BASE)")
@@ -95,7 +98,7 @@ def build_config(args: argparse.Namespace) -> FinetuneConfig:
         return FinetuneConfig(base=args.base, data=tuple(args.data), val_data=tuple(args.val_data or ()),
                               val_fraction=args.val_fraction, out=args.out, tokenizer=args.tokenizer,
                               method=args.method, lora=lora, loss_on=args.loss_on, seq_len=args.seq_len,
-                              strict=args.strict, train_router=args.train_router, quantize=args.quantize,
+                              strict=args.strict, train_router=args.train_router, quantize=args.quantize, mtp=args.mtp,
                               train=train)
     except ValueError as e:
         raise TrainError(str(e)) from e

@@ -23,7 +23,10 @@ class FinetuneConfig:
     ``method``: "lora" (adapters only, per ``lora``) or "full". ``quantize``: "int8" / "int4" holds BASE frozen
     in our quantised format (quant/) under float adapters, LoRA only (a BASE saved quantised is held so without
     it). The routers (weights and routing bias) stay as
-    BASE has them unless ``train_router``. ``train``: the Trainer's schedule, optimizer, evaluation, checkpoint,
+    BASE has them unless ``train_router``. ``mtp``: BASE's multi-token-prediction modules (if it has any) are loaded
+    and their loss, weighted by ``train.schedule.mtp_lambda``, trains them (full) and the adapted model (both
+    methods; LoRA leaves the modules frozen), so they still draft for the fine-tuned model; False loads BASE
+    without them. ``train``: the Trainer's schedule, optimizer, evaluation, checkpoint,
     seed, device and dtype settings (its model, data and routing sections are set from the fields here).
     """
 
@@ -40,6 +43,7 @@ class FinetuneConfig:
     strict: bool = False
     train_router: bool = False
     quantize: Literal["int8", "int4"] | None = None
+    mtp: bool = True
     train: TrainConfig = field(default_factory=_default_train)
 
     def __post_init__(self) -> None:
@@ -62,6 +66,8 @@ class FinetuneConfig:
             raise ValueError(f"loss_on ({self.loss_on!r}) must be 'completion' or 'all'")
         if self.seq_len < 2:
             raise ValueError(f"seq_len ({self.seq_len}) must be >= 2")
+        if not isinstance(self.mtp, bool):
+            raise ValueError(f"mtp ({self.mtp!r}) must be true or false")
         if self.train.ep:
             raise ValueError("train.ep: fine-tuning runs on one process")
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from deepseek_moe.finetune.data import Example
 from deepseek_moe.model.causal_lm import IGNORE_INDEX, CausalLMOutput, DeepSeekMoEForCausalLM
+from deepseek_moe.model.mtp import mtp_loss
 from deepseek_moe.moe.all_layers import collect_aux_loss, moe_layers
 from deepseek_moe.train.data import PackedSequences
 
@@ -114,11 +115,17 @@ def packed_forward(model: DeepSeekMoEForCausalLM, batch: torch.Tensor) -> Causal
     token_mask = None if bool(real.all()) else real
     protected = (model.protected_sequences.draw() if any(moe.drops_tokens for _, moe in moe_layers(model))
                  else None)
-    logits = model.forward_logits(ids, positions, mask, token_mask=token_mask, protected=protected)
+    hidden = model.forward_hidden(ids, positions, mask, token_mask=token_mask, protected=protected)
+    logits = model.head(hidden).float()
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    mtp = None
+    if len(model.mtp):  # BASE's MTP modules, within each example (positions, mask and targets never cross one)
+        mtp = mtp_loss(model.mtp_train_logits(ids, hidden, positions, mask, token_mask=token_mask,
+                                              protected=protected), labels, IGNORE_INDEX, docs)
     aux = collect_aux_loss(model).to(logits.device)
-    return CausalLMOutput(logits=logits, loss=ce + aux, ce_loss=ce, aux_loss=aux)
+    loss = ce + aux if mtp is None else ce + aux + model.config.mtp_lambda * mtp
+    return CausalLMOutput(logits=logits, loss=loss, ce_loss=ce, aux_loss=aux, hidden=hidden, mtp_loss=mtp)
 
 
 def n_predictions(batch: torch.Tensor) -> int:

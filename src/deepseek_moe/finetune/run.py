@@ -135,7 +135,7 @@ class FinetuneTrainer(Trainer):
                              f"({model_cfg.vocab_size})")
         torch.manual_seed(self.cfg.seed)  # the adapters' initial A
         # quantize: streamed into codes layer by layer, so the float BASE never sits in memory whole
-        model = load_pretrained(self.base, dtype=torch.float32, quantize=self.ft.quantize)
+        model = load_pretrained(self.base, dtype=torch.float32, quantize=self.ft.quantize, mtp=self.ft.mtp)
         if self.ft.method == "full" and quant_config_of(model) is not None:
             raise TrainError(f"{self.base} is a quantised checkpoint: its codes do not train; fine-tune it with "
                              "LoRA, or fully from the unquantised checkpoint")

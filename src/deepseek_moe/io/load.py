@@ -342,7 +342,7 @@ def load_pretrained(path: str | os.PathLike[str], *, dtype: torch.dtype | str | 
     buffers (V3's correction bias) keep theirs. ``mtp``: load the multi-token-prediction modules the checkpoint
     holds (V3's layers from num_hidden_layers on, ``num_nextn_predict_layers`` of them) into ``model.mtp``, where
     they can draft and train and from where ``save_pretrained`` writes them back; False skips them and builds the
-    model without (V3: about 2% of the bytes, one MoE layer of 62). ``lm_head.weight`` may be absent only with
+    model without (V3: 1.7% of the parameters, one MoE layer of 62). ``lm_head.weight`` may be absent only with
     tied embeddings. ``hooks``: see io/streaming.py.
     ``quantize`` ("int8", "int4" or a ``deepseek_moe.quant.QuantConfig``) quantises while streaming; a
     checkpoint written quantised loads quantised without it (``deepseek_moe.quant``, plugged in through

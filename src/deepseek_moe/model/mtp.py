@@ -66,18 +66,26 @@ class MTPModule(nn.Module):
         return self.norm(self.block(x, cos, sin, mask, cache, token_mask=token_mask, protected=protected))
 
 
-def mtp_targets(labels: torch.Tensor, depth: int, ignore_index: int) -> torch.Tensor:
+def mtp_targets(labels: torch.Tensor, depth: int, ignore_index: int, docs: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """(B, T - depth) targets of MTP depth k over the truncated sequence: position i predicts t_{i+k+1}; the last
-    position has none (an empty (B, 0) when T <= depth)."""
-    return F.pad(labels[:, depth + 1:], (0, 1), value=ignore_index)[:, :max(labels.shape[1] - depth, 0)]
+    position has none (an empty (B, 0) when T <= depth). ``docs`` (B, T): for packed rows, the example each token
+    belongs to; a target in another example than position i's is ignored."""
+    n = max(labels.shape[1] - depth, 0)
+    targets = F.pad(labels[:, depth + 1:], (0, 1), value=ignore_index)[:, :n]
+    if docs is not None and n > 1:
+        other = F.pad(docs[:, depth + 1:] != docs[:, :n - 1], (0, 1), value=True)
+        targets = targets.masked_fill(other, ignore_index)
+    return targets
 
 
-def mtp_loss(logits: list[torch.Tensor], labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def mtp_loss(logits: list[torch.Tensor], labels: torch.Tensor, ignore_index: int, docs: torch.Tensor | None = None
+             ) -> torch.Tensor:
     """(1/D) Σ_k CE_k, CE_k the mean cross-entropy of depth k over its predictions (``logits[k-1]`` (B, T - k,
     vocab)); a depth with no prediction (a sequence too short, or every target ignored) adds 0, not NaN."""
     losses = []
     for k, lg in enumerate(logits, start=1):
-        targets = mtp_targets(labels, k, ignore_index).reshape(-1)
+        targets = mtp_targets(labels, k, ignore_index, docs).reshape(-1)
         total = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets, ignore_index=ignore_index, reduction="sum")
         losses.append(total / (targets != ignore_index).sum().clamp(min=1))
     return torch.stack(losses).mean()
