@@ -136,10 +136,13 @@ function drawHeatmap(stats) {
       ctx.fillStyle = shade(n / (perLayer ? top : overall));
       ctx.fillRect(label + e * cell, i * cell, cell - (cell > 6 ? 1 : 0), cell - (cell > 6 ? 1 : 0));
     });
-    ctx.fillStyle = "#6b6b75";
-    ctx.font = `${Math.min(11, cell)}px system-ui`;
-    ctx.textBaseline = "middle";
-    ctx.fillText(`L${layers[i]}`, 2, i * cell + cell / 2);
+    const every = cell >= 9 ? 1 : Math.ceil(10 / cell);  // small cells: label every few layers, legibly
+    if (i % every === 0) {
+      ctx.fillStyle = "#6b6b75";
+      ctx.font = `${Math.max(8, Math.min(11, cell))}px system-ui`;
+      ctx.textBaseline = "middle";
+      ctx.fillText(`L${layers[i]}`, 2, i * cell + cell / 2);
+    }
   });
   canvas.dataset.total = String(total);
   canvas.dataset.updates = String(Number(canvas.dataset.updates) + 1);
