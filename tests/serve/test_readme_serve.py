@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -16,9 +17,12 @@ COMMAND = 'deepseek-moe serve "$(ls -d runs/*/ | tail -1)" --port 8000'
 
 
 def serving_block() -> str:
-    """The page's shell block that starts the server and calls it (other blocks may come before it)."""
+    """The page's shell block that starts the server and calls it (other blocks may come before it), then every
+    later block that calls that server ("with the server above") without starting one of its own."""
     blocks = re.findall(r"^```bash\n(.*?)^```", PAGE.read_text(), re.DOTALL | re.MULTILINE)
-    return next(b for b in blocks if COMMAND in b and "curl" in b)
+    first = next(i for i, b in enumerate(blocks) if COMMAND in b and "curl" in b)
+    later = [b for b in blocks[first + 1:] if "127.0.0.1:8000" in b and "deepseek-moe serve" not in b]
+    return "\n".join([blocks[first], *later])
 
 
 def test_readme_serve_command_is_the_tested_one() -> None:
@@ -36,3 +40,9 @@ def test_readme_serving_block_runs(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert '"object":"text_completion"' in out.stdout.replace(" ", "")  # curl's JSON
     assert '"usage"' in out.stdout
+    assert '"expert_tokens"' in out.stdout  # the page's /stats block ran too
+    for line in out.stdout.splitlines():  # the structured-output examples: a reply that stopped parses
+        if line.startswith("{") and '"chat.completion"' in line.replace(" ", ""):
+            choice = json.loads(line)["choices"][0]
+            if choice["finish_reason"] == "stop":
+                json.loads(choice["message"]["content"])

@@ -11,11 +11,11 @@ vocabulary runs in Rust; one call per row measured faster on our 2 shared cores 
 one masked_fill for the batch (``apply_token_bitmask_reference`` is the slow obvious twin). A step without
 constrained rows does nothing more than look at each row's ``constraint`` attribute.
 
-Why llguidance (measured by random walks through a 5-field nested schema on our byte-level BPE; docs/serving.md):
-it has no dependencies (xgrammar pulls triton and apache-tvm-ffi), takes a ``tokenizers`` tokenizer as its JSON
-text (outlines-core needs a hand-built byte vocabulary), compiles a schema in milliseconds on a 32k vocabulary
-(outlines-core: 2.3 s, as it builds the whole DFA x vocabulary index up front), computes a mask in ~60 us
-(xgrammar ~70 us, outlines-core ~80 us), and reads JSON schema, regular expressions and Lark grammars alike.
+Why llguidance (``benchmarks/structured_backends.py``; table in docs/serving.md): masks cost about the same in
+llguidance, xgrammar and outlines-core (60-70 us at 32k tokens on a busy machine); llguidance has no dependencies
+(xgrammar pulls triton and apache-tvm-ffi), takes a ``tokenizers`` tokenizer as its JSON text (outlines-core
+needs a hand-built byte vocabulary), compiles a schema in milliseconds (outlines-core: 2.6 s, as it builds the
+whole regex-by-vocabulary index up front), and reads JSON schema, regular expressions and Lark grammars alike.
 
 JSON is generated compact-with-spaces (``", "`` and ``": "``, as ``json.dumps`` writes it) rather than with free
 whitespace: a grammar that allows any whitespace lets a weak model emit newlines forever.
