@@ -177,3 +177,23 @@ def test_packed_rows_keep_each_example_apart() -> None:
                         count[k - 1] += 1
             start += n
     torch.testing.assert_close(packed.mtp_loss, (nll / count).mean(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_quantised_model_keeps_its_mtp_module_through_save_and_load(tmp_path) -> None:
+    """int8 (quant/): the module's experts are quantised with the rest, it drafts as the float module does to
+    int8 accuracy, and a save in the quantised format loads back drafting the same logits."""
+    from deepseek_moe import from_pretrained, save_pretrained
+
+    torch.manual_seed(7)
+    model = _model(1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    save_pretrained(model, tmp_path / "float")
+    quant = from_pretrained(tmp_path / "float", quantize="int8")
+    assert type(quant.mtp[0].block.ffn.experts).__name__ == "QuantRoutedExperts"
+    with torch.no_grad():
+        want = model.mtp_forward(1, model(ids).hidden[:, :-1], ids[:, 1:]).logits
+        got = quant.mtp_forward(1, quant(ids).hidden[:, :-1], ids[:, 1:]).logits
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+        save_pretrained(quant, tmp_path / "int8")
+        again = from_pretrained(tmp_path / "int8")
+        assert torch.equal(again.mtp_forward(1, again(ids).hidden[:, :-1], ids[:, 1:]).logits, got)
