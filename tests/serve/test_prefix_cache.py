@@ -241,3 +241,15 @@ def test_the_scheduler_check_fires_on_a_corrupted_shared_block() -> None:
     s.pool._refs[min(shared)] -= 1  # a holder gone missing: freeing one would free it under the other
     with pytest.raises(SchedulerInvariantError, match="reference count"):
         s.step()
+
+
+def test_the_no_prefix_cache_flag_reaches_the_scheduler_config(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Any) -> None:
+    import deepseek_moe.serve.server as server
+    from deepseek_moe.cli.main import main
+
+    seen: list[SchedulerConfig] = []
+    monkeypatch.setattr(server, "serve", lambda path, **kw: seen.append(kw["config"]))
+    assert main(["serve", str(tmp_path)]) == 0
+    assert main(["serve", str(tmp_path), "--no-prefix-cache"]) == 0
+    assert [c.prefix_cache for c in seen] == [True, False]
