@@ -259,3 +259,22 @@ def test_openai_client_response_format(client: TestClient) -> None:
     chat = api.chat.completions.create(model="tiny", messages=HI, seed=5, temperature=1.0, response_format={
         "type": "json_schema", "json_schema": {"name": "tagged", "schema": schema}})
     jsonschema.validate(json.loads(chat.choices[0].message.content or ""), schema)
+
+
+def test_preempted_constrained_requests_keep_their_grammar_state(model: DeepSeekMoEForCausalLM, tokenizer: Any,
+                                                                 compiler: GrammarCompiler) -> None:
+    """A cache too small for the batch preempts requests mid-output; recomputed, each constrained request gives
+    the tokens it gives with room to spare (its matcher is not rewound: it already took the kept tokens)."""
+    prompt = tokenizer.encode("The quick brown").ids
+
+    def batch() -> list[tuple[list[int], SamplingParams, Constraint | None]]:
+        return [(prompt, SamplingParams(max_tokens=80, temperature=1.0, seed=seed, stop_token_ids=frozenset({EOS_ID})),
+                 compiler.constraint(OutputFormat("json_schema", json.dumps(schema), "schema")))
+                for seed, schema in enumerate(SCHEMAS)]
+
+    roomy = run(scheduler(model), batch())
+    bytes_per_block = scheduler(model).bytes_per_token * 4
+    tight = Scheduler(model, SchedulerConfig(max_batch_size=16, max_batch_tokens=64, block_size=4,
+                                             kv_cache_bytes=bytes_per_block * 24))
+    assert run(tight, batch()) == roomy
+    assert tight.preemptions > 0
