@@ -472,14 +472,9 @@ class PagedKVCache(KVCache):
             self._device = device
         return self.mask
 
-    def commit(self, n_kept: list[int] | None = None) -> None:
-        """Record each row's new tokens as cached; ``n_kept[i]``: only the first n of row i's (speculative
-        decoding's accepted drafts: the slots past them are written again by the next step)."""
-        n_kept = self.n_new if n_kept is None else n_kept
-        for i, (table, n, kept) in enumerate(zip(self.tables, self.n_new, n_kept, strict=True)):
-            if not 0 <= kept <= n:
-                raise ValueError(f"paged cache: row {i} keeps {kept} of its {n} new tokens")
-            table.length += kept
+    def commit(self) -> None:
+        for table, n in zip(self.tables, self.n_new, strict=True):
+            table.length += n
 
     def discard(self, rejected: torch.Tensor) -> None:
-        raise NotImplementedError("a paged cache rolls back through commit(n_kept): its rows' slots are blocks")
+        raise NotImplementedError("a paged cache rolls back through BlockPool.truncate: its rows are block tables")

@@ -132,6 +132,13 @@ class ServeMetrics:
         self.prefix_cache_hits = Counter(f"{p}_prefix_cache_hits_total",
                                          "Of those, tokens whose latent cache was reused from an earlier request "
                                          "instead of computed.")
+        self.spec_verifications = Counter(f"{p}_spec_verifications_total",
+                                          "Speculative decoding: drafts verified (one per decoding row that drafted, per step).")
+        self.spec_draft_tokens = Counter(f"{p}_spec_draft_tokens_total",
+                                         "Speculative decoding: drafted tokens verified.")
+        self.spec_accepted_tokens = Counter(f"{p}_spec_accepted_tokens_total",
+                                            "Speculative decoding: drafted tokens accepted (each verification also "
+                                            "emits one token of its own).")
         self.preemptions = Counter(f"{p}_preemptions_total", "Running requests preempted when the cache ran out "
                                    "(blocks freed, recomputed from their tokens later).")
         self.time_to_first_token = Histogram(f"{p}_time_to_first_token_seconds",
@@ -199,7 +206,8 @@ class ServeMetrics:
                        self.generation_tokens, self.steps, self.forward_seconds, self.forward_cpu_seconds,
                        self.forward_tokens, self.queue_depth, self.running, self.kv_blocks_used,
                        self.kv_blocks_total, self.kv_tokens, self.kv_blocks_cached, self.prefix_cache_queries,
-                       self.prefix_cache_hits, self.preemptions, self.time_to_first_token,
+                       self.prefix_cache_hits, self.spec_verifications, self.spec_draft_tokens,
+                       self.spec_accepted_tokens, self.preemptions, self.time_to_first_token,
                        self.time_per_output_token):
             lines += [f"# HELP {metric.name} {metric.help}", f"# TYPE {metric.name} {metric.kind}"]
             lines += metric.samples()

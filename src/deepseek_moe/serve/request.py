@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from deepseek_moe.infer.draft import Draft
+from deepseek_moe.infer.speculative import SpecStats
 from deepseek_moe.model.kv_cache import BlockTable
 
 if TYPE_CHECKING:
@@ -91,6 +93,8 @@ class Request:
     admitted: bool = False  # once admitted, a preempted request's prompt is not counted again
     block_keys: list[bytes] = field(default_factory=list)  # content keys of its full blocks (prefix caching)
     generator: torch.Generator | None = None
+    draft: Draft = field(default_factory=lambda: Draft([]))  # speculative decoding: this step's drafted tokens
+    speculative: SpecStats = field(default_factory=SpecStats)  # its counts (drafted, accepted) so far
     first_token_time: float = 0.0
     last_token_time: float = 0.0
     finished: bool = False

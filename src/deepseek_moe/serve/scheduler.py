@@ -15,7 +15,7 @@ that steps while there is work. Each step
    out, the newest running request is preempted: its blocks are freed and it goes back to the head of the
    queue, to be recomputed from its tokens (prompt + output so far) when it is admitted again, as vLLM does;
    its output is what it would have been (greedy and seeded sampling alike: its generator is kept);
-4. runs one decode forward for the decoding rows ((B, 1)) and one for the prefill chunks (right-aligned in a
+4. runs one decode forward for the decoding rows ((B, 1), or (B, 1 + drafted) with speculative decoding) and one for the prefill chunks (right-aligned in a
    (B, longest chunk) batch), each split by ``plan_gathers`` into rows of similar length so that what a step
    gathers from the cache stays within ``GATHER_BOUND`` x ``kv_cache_bytes`` (see ``model/kv_cache.py``);
 5. samples each row with its own parameters and generator (structured-output rows first masked to what their
@@ -32,6 +32,13 @@ past its length, and only whole blocks are shared); a released block with a key 
 evicted only when the pool needs a block. A preempted request is released like a finished one, so its
 recomputation mostly finds its own blocks again. Cached latents are those the same tokens would produce, so
 outputs are those without the cache (within float rounding, as for batching).
+
+Speculative decoding (``speculative``, off by default): each decoding row feeds its last token and up to
+``num_draft_tokens`` drafted ones (infer/draft.py), drawn from the step's token budget and given blocks only if
+the pool has them free (a draft never preempts); the row's logits at those positions verify the draft by
+speculative rejection sampling (infer/speculative.py), which emits 1 to k + 1 tokens distributed as plain
+sampling's, and the table is truncated past the accepted ones (``BlockPool.truncate``; only blocks of final
+tokens are ever registered for sharing, so a cut never falls in a shared block). Greedy output is plain greedy's.
 
 Decode and prefill are separate forwards so that decode rows are never padded to a prefill chunk's width. The
 padding of a prefill batch is routed to no expert (the model passes the attention mask down to the MoE layers as
@@ -60,12 +67,14 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
+from deepseek_moe.infer.draft import Draft, NgramDrafter
 from deepseek_moe.infer.sampling import sample
+from deepseek_moe.infer.speculative import accept
 from deepseek_moe.model.kv_cache import BlockPool, chain_block_hashes, plan_gathers
 from deepseek_moe.moe.layer import MoE
 from deepseek_moe.serve.metrics import ServeMetrics
@@ -95,7 +104,8 @@ class SchedulerConfig:
     """max_batch_size: sequences per step; max_batch_tokens: tokens per step, prefill included (>= batch size,
     so a prefilling sequence always gets a share); kv_cache_bytes: the block pool's size; block_size: slots per
     block; max_queue: waiting requests beyond which ``submit`` refuses; prefix_cache: share the cache blocks of
-    common prefixes between requests (see the module's docstring)."""
+    common prefixes between requests (see the module's docstring); speculative: the drafter of speculative
+    decoding ("ngram": prompt lookup; None: off), num_draft_tokens: the most it drafts per row and step."""
 
     max_batch_size: int = 32
     max_batch_tokens: int = 512
@@ -103,9 +113,13 @@ class SchedulerConfig:
     block_size: int = 16
     max_queue: int = 256
     prefix_cache: bool = True
+    speculative: Literal["ngram"] | None = None
+    num_draft_tokens: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_batch_tokens", "kv_cache_bytes", "block_size"):
+        if self.speculative not in (None, "ngram"):
+            raise ValueError(f"speculative ({self.speculative!r}) must be 'ngram' or None")
+        for name in ("max_batch_size", "max_batch_tokens", "kv_cache_bytes", "block_size", "num_draft_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1")
         if self.max_queue < 0:
@@ -137,6 +151,7 @@ class Scheduler:
         self.moe = [m for m in model.modules() if isinstance(m, MoE)]
         self.models: dict[str | None, nn.Module] = {None: self.model, **{k: m.eval() for k, m in (adapters or {}).items()}}
         self._moe_of = {k: [m for m in mod.modules() if isinstance(m, MoE)] for k, mod in self.models.items()}
+        self.drafter = NgramDrafter() if config.speculative == "ngram" else None
         self.metrics = metrics or ServeMetrics([m.layer_id for m in self.moe], model.config.moe.n_routed_experts)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -264,7 +279,9 @@ class Scheduler:
         self.step_count += 1
         self.metrics.steps.inc()
         decoding, chunks = self._plan()
-        if decoding:
+        if decoding and self.drafter is not None:
+            self._verify(decoding)
+        elif decoding:
             rows = self._run(decoding, [r.tokens(r.table.length, 1) for r in decoding])
             self._emit_rows([(r, x) for r, x in zip(decoding, rows, strict=True) if x is not None])
         if chunks:
@@ -282,6 +299,54 @@ class Scheduler:
             self._emit_rows(done)
         self._update_gauges()
         self.check_invariants()
+
+    def _verify(self, decoding: list[Request]) -> None:
+        """Speculative decoding: one forward over each row's last token and draft; a row that drafted emits what
+        speculative rejection sampling accepts, and its table forgets the rejected drafted slots; a row that did
+        not is an ordinary decoding row (``_emit_rows``)."""
+        ids = [r.tokens(r.table.length, 1) + r.draft.tokens for r in decoding]
+        rows = self._run(decoding, ids, last=max(len(x) for x in ids))
+        plain: list[tuple[Request, torch.Tensor]] = []
+        for req, logits in zip(decoding, rows, strict=True):
+            draft, req.draft = req.draft, Draft([])
+            if logits is None:
+                continue
+            logits = logits.reshape(-1, logits.shape[-1])  # (V,) when no row drafted: last was 1
+            k, p = len(draft.tokens), req.params
+            if k == 0:
+                plain.append((req, logits[-1]))
+                continue
+            try:
+                tokens = accept(logits[logits.shape[0] - k - 1:], draft, temperature=p.temperature,
+                                top_k=p.top_k if p.top_k is not None and p.top_k < logits.shape[-1] else None,
+                                top_p=p.top_p if p.top_p < 1.0 else None, generator=req.generator)
+                self.pool.truncate(req.table, req.table.length - (k - (len(tokens) - 1)))
+            except Exception as e:
+                self._fail(req, e)
+                continue
+            req.speculative.add(k, len(tokens) - 1)
+            self.metrics.spec_verifications.inc()
+            self.metrics.spec_draft_tokens.inc(k)
+            self.metrics.spec_accepted_tokens.inc(len(tokens) - 1)
+            self._push(req, tokens)
+        self._emit_rows(plain)
+
+    def _draft(self, req: Request, budget: int) -> Draft:
+        """Up to ``num_draft_tokens`` drafted tokens for decoding row ``req``: within the step's ``budget``, the
+        request's room, and the blocks free now (a draft is worth no preemption)."""
+        assert self.drafter is not None
+        p = req.params
+        room = self.max_tokens_capacity() - req.n_tokens  # its cached tokens + 1 + k stay within capacity
+        if p.max_tokens is not None:
+            room = min(room, p.max_tokens - len(req.output) - 1)  # the verification emits one token more
+        k = min(self.config.num_draft_tokens, budget, room)
+        if k <= 0 or req.constraint is not None:  # a grammar masks each position: drafts would bypass it
+            return Draft([])
+        draft = self.drafter.propose(req.tokens(0, req.n_tokens), k)
+        draft = Draft(draft.tokens[:k], None if draft.q is None else draft.q[:k])
+        if draft.tokens and not self.pool.reserve(req.table, req.table.length + 1 + len(draft.tokens)):
+            return Draft([])
+        return draft
 
     def check_invariants(self) -> None:
         """Raise SchedulerInvariantError unless every block but the padding block is either free or owned by
@@ -380,6 +445,10 @@ class Scheduler:
                 self._count_reused(req)
             prefill = req.in_prefill
             n = min(req.n_pending, budget) if prefill else 1
+            if not prefill and self.drafter is not None:
+                req.draft = self._draft(req, budget)
+                budget -= len(req.draft.tokens)
+                n += len(req.draft.tokens)
             if n > 0:
                 n = self._allocate(req, n)
                 if n == 0:  # req itself was preempted: it was the newest, nothing is left to plan
@@ -423,9 +492,10 @@ class Scheduler:
         with self._lock:
             self.waiting.appendleft(req)
 
-    def _run(self, reqs: list[Request], ids: list[list[int]]) -> list[torch.Tensor | None]:
-        """Each row's last logits, from one forward per adapter and group of rows of similar length
-        (``plan_gathers``): rows of one adapter run together through its model."""
+    def _run(self, reqs: list[Request], ids: list[list[int]], last: int = 1) -> list[torch.Tensor | None]:
+        """Each row's last logits (V,), or its last ``last`` > 1 ((<= last, V): a row's own, right-aligned), from
+        one forward per adapter and group of rows of similar length (``plan_gathers``): rows of one adapter run
+        together through its model."""
         out: list[torch.Tensor | None] = [None] * len(reqs)
         by_adapter: dict[str | None, list[int]] = {}
         for i, req in enumerate(reqs):
@@ -433,7 +503,7 @@ class Scheduler:
         for rows in by_adapter.values():
             for group in plan_gathers([reqs[j].table.length for j in rows], [len(ids[j]) for j in rows]):
                 picked = [rows[g] for g in group]
-                for j, logits in zip(picked, self._rows([ids[j] for j in picked], [reqs[j] for j in picked]),
+                for j, logits in zip(picked, self._rows([ids[j] for j in picked], [reqs[j] for j in picked], last),
                                      strict=True):
                     out[j] = logits
         return out
@@ -447,9 +517,9 @@ class Scheduler:
             self.running.remove(req)
         self.pool.release(req.table)
 
-    def _forward(self, reqs: list[Request], ids: list[list[int]]) -> torch.Tensor:
+    def _forward(self, reqs: list[Request], ids: list[list[int]], last: int = 1) -> torch.Tensor:
         """One forward of ``reqs`` (all of one adapter) appending ``ids`` (one list per row); returns each row's
-        last logits (B, V)."""
+        last logits (B, V), or its last ``last`` > 1 (B, min(last, T), V)."""
         adapter = reqs[0].adapter
         n_new = [len(x) for x in ids]
         cache = self.pool.batch([r.table for r in reqs], n_new)
@@ -459,7 +529,8 @@ class Scheduler:
             input_ids[i, T - len(x):] = torch.tensor(x, dtype=torch.long)
         mask = cache.new_token_mask.to(self.device)
         start, start_cpu = time.perf_counter(), time.thread_time()
-        logits = self.models[adapter](input_ids.to(self.device), attention_mask=mask, cache=cache).logits[:, -1]
+        logits = self.models[adapter](input_ids.to(self.device), attention_mask=mask, cache=cache).logits
+        logits = logits[:, -1] if last == 1 else logits[:, -last:]
         cache.commit()
         if self.pool.prefix_cache:
             for req in reqs:  # the blocks these tokens filled can now be shared
@@ -470,16 +541,16 @@ class Scheduler:
         self.metrics.forward_tokens.inc(sum(n_new))
         return logits
 
-    def _rows(self, ids: list[list[int]], reqs: list[Request]) -> list[torch.Tensor | None]:
+    def _rows(self, ids: list[list[int]], reqs: list[Request], last: int = 1) -> list[torch.Tensor | None]:
         """Each row's last logits from one forward. If it raises, the rows run one by one so that only a row that
         raises on its own fails (its entry None); the others still get their token this step."""
         try:
-            return list(self._forward(reqs, ids))
+            return list(self._forward(reqs, ids, last))
         except Exception:
             out: list[torch.Tensor | None] = []
             for req, x in zip(reqs, ids, strict=True):
                 try:
-                    out.append(self._forward([req], [x])[0])
+                    out.append(self._forward([req], [x], last)[0])
                 except Exception as e:
                     self._fail(req, e)
                     out.append(None)
@@ -509,8 +580,7 @@ class Scheduler:
                 self._emit(req, logits, argmax)
 
     def _emit(self, req: Request, logits_V: torch.Tensor, argmax: int | None = None) -> None:
-        """Choose ``req``'s next token (``argmax``, when given, is that of ``logits_V``), hand it to the sink, and
-        retire the request if it is done."""
+        """Choose ``req``'s next token (``argmax``, when given, is that of ``logits_V``) and ``_push`` it."""
         p = req.params
         try:
             top_k = p.top_k if p.top_k is not None and p.top_k < logits_V.shape[-1] else None
@@ -519,32 +589,44 @@ class Scheduler:
             else:
                 token = int(sample(logits_V[None], temperature=p.temperature, top_k=top_k,
                                    top_p=p.top_p if p.top_p < 1.0 else None, generator=req.generator)[0])
-            if req.constraint is not None:
-                req.constraint.consume(token)
-            req.output.append(token)
-            now = time.perf_counter()
-            if len(req.output) == 1:
-                req.first_token_time = now
-                self.metrics.time_to_first_token.observe(now - req.arrival)
-            else:
-                self.metrics.time_per_output_token.observe(now - req.last_token_time)
-            req.last_token_time = now
-            self.metrics.generation_tokens.inc()
-            req.sink(TokenEvent(token))
         except Exception as e:
             self._fail(req, e)
             return
-        if (token in p.stop_token_ids and not p.ignore_eos) or (req.constraint is not None and
-                                                                req.constraint.finished):
-            reason: str | None = "stop"
-        elif (p.max_tokens is not None and len(req.output) >= p.max_tokens) or \
-                req.n_tokens >= self.max_tokens_capacity():
-            reason = "length"
-        else:
-            reason = None
-        if reason is not None:
-            self._drop(req)
-            self._finish(req, FinishEvent(reason))
+        self._push(req, [token])
+
+    def _push(self, req: Request, tokens: list[int]) -> None:
+        """Hand ``tokens`` to ``req``'s sink in turn, and retire the request at the first that ends it (the rest,
+        speculative tokens past a stop, are dropped)."""
+        p = req.params
+        for token in tokens:
+            try:
+                if req.constraint is not None:
+                    req.constraint.consume(token)
+                req.output.append(token)
+                now = time.perf_counter()
+                if len(req.output) == 1:
+                    req.first_token_time = now
+                    self.metrics.time_to_first_token.observe(now - req.arrival)
+                else:
+                    self.metrics.time_per_output_token.observe(now - req.last_token_time)
+                req.last_token_time = now
+                self.metrics.generation_tokens.inc()
+                req.sink(TokenEvent(token))
+            except Exception as e:
+                self._fail(req, e)
+                return
+            if (token in p.stop_token_ids and not p.ignore_eos) or (req.constraint is not None and
+                                                                    req.constraint.finished):
+                reason: str | None = "stop"
+            elif (p.max_tokens is not None and len(req.output) >= p.max_tokens) or \
+                    req.n_tokens >= self.max_tokens_capacity():
+                reason = "length"
+            else:
+                reason = None
+            if reason is not None:
+                self._drop(req)
+                self._finish(req, FinishEvent(reason))
+                return
 
     def _fail(self, req: Request, error: BaseException) -> None:
         self._drop(req)
