@@ -152,6 +152,18 @@ def test_generate_accepts_run_dir_and_stops_at_eos(capsys, checkpoint: Path) -> 
     assert "[1 new tokens" in captured.err
 
 
+def test_generate_speculative_prints_the_greedy_text(capsys, checkpoint: Path) -> None:
+    argv = ["generate", str(checkpoint), "--prompt", "hello world hello world hello", "--temperature", "0",
+            "--max-new-tokens", "20"]
+    assert main(argv) == 0
+    plain = capsys.readouterr()
+    assert main([*argv, "--speculative", "ngram", "--num-draft-tokens", "3"]) == 0
+    spec = capsys.readouterr()
+    assert spec.out == plain.out
+    assert "speculative: " in spec.err and "drafted tokens accepted" in spec.err
+    expect_error(capsys, [*argv, "--speculative", "ngram", "--num-draft-tokens", "0"], "--num-draft-tokens")
+
+
 def test_text_stream_holds_back_split_characters() -> None:
     tok = tiny_tokenizer()
     byte_to_char = {b: c for b, c in zip(range(256), _bytes_to_unicode(), strict=True)}

@@ -31,6 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sample among the most likely tokens holding mass P (default 0.95; 1 disables)")
     p.add_argument("--seed", type=int, metavar="S", help="makes sampling repeatable")
     p.add_argument("--device", metavar="D", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--speculative", choices=("ngram",), metavar="DRAFTER",
+                   help="speculative decoding: 'ngram' drafts by prompt lookup (the tokens that followed the last "
+                   "match of the text's last few tokens), verified in one forward; same greedy output, same "
+                   "sampling distribution")
+    p.add_argument("--num-draft-tokens", type=int, default=4, metavar="K",
+                   help="with --speculative: the most tokens drafted per step (default 4)")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
                    help="a LoRA adapter directory (PEFT's format, e.g. a fine-tune's RUN/adapter) applied unmerged "
                    "(repeatable: each on other modules); NAME= is accepted as serve --adapter takes it, and "
@@ -119,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(f"--device {e}") from e
     check_sampling(args)
+    if args.num_draft_tokens < 1:
+        raise UsageError(f"--num-draft-tokens ({args.num_draft_tokens}) must be >= 1")
     tokenizer = load_tokenizer(path)  # before the weights: a missing tokenizer should not cost a long load
     try:
         model = load_pretrained(path, device=device)
@@ -152,12 +160,22 @@ def run(args: argparse.Namespace) -> int:
     stream = TextStream(tokenizer, sys.stdout, stops)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
+    drafter = None
+    if args.speculative == "ngram":
+        from deepseek_moe.infer.draft import NgramDrafter
+
+        drafter = NgramDrafter()
     out = generate(model, [prompt_ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, stop_tokens=sorted(stops), seed=args.seed, stream=stream)
+                   top_k=args.top_k, top_p=args.top_p, stop_tokens=sorted(stops), seed=args.seed, stream=stream,
+                   drafter=drafter, num_draft_tokens=args.num_draft_tokens)
     stream.finish()
     sys.stdout.write("\n")
     sys.stdout.flush()
     n = len(out.new_tokens[0])
     speed = f", decode {out.decode_tokens_per_s:.1f} tokens/s" if n > 1 else ""
+    spec = out.speculative
+    if spec is not None and spec.steps:
+        speed += (f"; speculative: {spec.accepted}/{spec.drafted} drafted tokens accepted, "
+                  f"{spec.mean_acceptance_length:.2f} tokens per verification")
     print(f"[{n} new tokens; prefill {out.prefill_s:.2f}s{speed}]", file=sys.stderr)
     return 0

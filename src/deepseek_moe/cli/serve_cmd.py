@@ -43,6 +43,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="compute every prompt in full: by default, cache blocks of prefixes requests share (a "
                    "system prompt, the turns of a chat) are kept after use and reused")
+    p.add_argument("--speculative", choices=("ngram",), metavar="DRAFTER",
+                   help="speculative decoding: 'ngram' drafts by prompt lookup, verified in one forward per step "
+                   "(same greedy output, same sampling distribution; counts in /metrics)")
+    p.add_argument("--num-draft-tokens", type=int, default=d.num_draft_tokens, metavar="K",
+                   help=f"with --speculative: the most tokens drafted per sequence and step "
+                   f"(default {d.num_draft_tokens})")
     p.add_argument("--max-request-bytes", default=str(MAX_BODY_BYTES), metavar="BYTES",
                    help="larger request bodies get 413: bytes or like 512KiB, 16MiB (default 4MiB)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
@@ -75,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         kv_bytes = _size(args.kv_cache_memory)
         config = SchedulerConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                                  kv_cache_bytes=kv_bytes, block_size=args.block_size, max_queue=args.max_queue,
-                                 prefix_cache=args.prefix_cache)
+                                 prefix_cache=args.prefix_cache, speculative=args.speculative,
+                                 num_draft_tokens=args.num_draft_tokens)
     except ValueError as e:
         raise UsageError(str(e).replace("max_shard_size", "--kv-cache-memory")) from e
     from deepseek_moe.cli.adapter_arg import adapter_specs
