@@ -97,9 +97,9 @@ def test_one_long_row_among_short_ones_gathers_within_the_bound() -> None:
     per_forward: list[tuple[int, int]] = []  # (gathered bytes, bytes its rows hold after it)
     forward = s._forward
 
-    def counted(reqs: list[Request], ids: list[list[int]]) -> torch.Tensor:
+    def counted(reqs: list[Request], ids: list[list[int]], *rest: int) -> torch.Tensor:
         before = s.pool.gathered_bytes
-        out = forward(reqs, ids)
+        out = forward(reqs, ids, *rest)
         held = sum(r.table.length for r in reqs) * per_token
         per_forward.append((s.pool.gathered_bytes - before, held))
         return out

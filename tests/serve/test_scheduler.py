@@ -98,9 +98,9 @@ def test_limits_batch_size_and_tokens_per_step() -> None:
     seen: list[tuple[int, int]] = []
     forward = s._forward
 
-    def spy(reqs: list[Request], ids: list[list[int]]) -> torch.Tensor:
+    def spy(reqs: list[Request], ids: list[list[int]], *rest: int) -> torch.Tensor:
         seen.append((len(reqs), sum(len(x) for x in ids)))
-        return forward(reqs, ids)
+        return forward(reqs, ids, *rest)
 
     s._forward = spy  # type: ignore[method-assign]
     cs = [submit(s, p, max_tokens=4) for p in prompts(512, (10, 3, 7))]
