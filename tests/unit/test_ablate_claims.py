@@ -52,3 +52,14 @@ def test_redundancy_and_shared_expert_claims():
     assert sens["deltas"] == pytest.approx([0.3 - 0.1, 0.4 - 0.1])  # DeepSeekMoE's increase minus GShard x1.5's
     shared = next(c for c in claims.values() if "shared expert is not" in c["claim"])
     assert shared["deltas"] == pytest.approx([0.4, 0.5])
+
+
+def test_balance_claims_pair_their_variants_by_seed():
+    analyses = {"deepseekmoe": [{"val_loss": 4.00}, {"val_loss": 3.00}],
+                "deepseekmoe_drop": [{"val_loss": 4.10}, {"val_loss": 3.20}],
+                "deepseekmoe_adaptive": [{"val_loss": 4.05}, {"val_loss": 3.10}]}
+    claims = {(c["a"], c["b"]): c for c in evaluate_claims(analyses)}
+    assert set(claims) == {("deepseekmoe_adaptive", "deepseekmoe_drop"), ("deepseekmoe_drop", "deepseekmoe")}
+    assert claims["deepseekmoe_adaptive", "deepseekmoe_drop"]["deltas"] == pytest.approx([-0.05, -0.10])
+    assert claims["deepseekmoe_drop", "deepseekmoe"]["deltas"] == pytest.approx([0.10, 0.20])
+    assert claims["deepseekmoe_drop", "deepseekmoe"]["expect"] == "equal"

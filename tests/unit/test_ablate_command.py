@@ -85,3 +85,22 @@ def test_other_settings_in_the_same_directory_are_refused(ablation, capsys):
     changed = [a if a != "4" or i != args.index("--steps") + 1 else "5" for i, a in enumerate(args)]
     assert main(changed) == 2
     assert "holds an ablation with other settings (steps differ)" in capsys.readouterr().err
+
+
+def test_balance_ablation_reports_drops_capacity_and_entropy(tmp_path, monkeypatch):
+    corpus = write_corpus(tmp_path / "corpus")
+    monkeypatch.setenv("DEEPSEEK_MOE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    tiny = [a for a in TINY if a not in ("--seeds", "0")]
+    assert main(["ablate", *tiny, "--steps", "6", "--balance", "--seeds", "0,1", "--data", str(corpus), "--out",
+                 str(out), "--quiet", "--variants", "deepseekmoe_drop,deepseekmoe_adaptive,deepseekmoe_entropy"]) == 0
+    rows = {r["variant"]: r for r in json.loads((out / "results.json").read_text())}
+    assert rows["deepseekmoe_drop"]["dropped"] > 0 and "capacity_mean" not in rows["deepseekmoe_drop"]
+    adaptive = rows["deepseekmoe_adaptive"]
+    assert 0.75 <= adaptive["capacity_final"] <= 1.5 and adaptive["capacity_final"] != 1.0  # it moved
+    assert 0 < rows["deepseekmoe_entropy"]["routing_entropy"] <= 1
+    claims = {(c["a"], c["b"]) for c in json.loads((out / "claims.json").read_text())}
+    assert ("deepseekmoe_adaptive", "deepseekmoe_drop") in claims
+    md = (out / "results.md").read_text()
+    assert "## Balance" in md and "| deepseekmoe_adaptive |" in md
+    assert (out / "routing_entropy.png").is_file() and not (out / "redundancy.png").exists()

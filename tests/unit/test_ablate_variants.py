@@ -6,7 +6,13 @@ import torch
 
 from deepseek_moe.ablate.routing import AlteredRouter, altered_routing
 from deepseek_moe.ablate.run import masked_counts
-from deepseek_moe.ablate.variants import VARIANTS, AblationShape, count_variant, variant_config
+from deepseek_moe.ablate.variants import (
+    BALANCE_VARIANTS,
+    VARIANTS,
+    AblationShape,
+    count_variant,
+    variant_config,
+)
 from deepseek_moe.config import MoEConfig
 from deepseek_moe.moe.experts import FeedForward
 from deepseek_moe.moe.layer import MoE
@@ -139,3 +145,18 @@ def test_masked_counts():
     assert masked_counts(8, 2, 8, 0.375) == [(0.0, 0), (0.125, 1), (0.25, 2), (0.375, 3)]
     assert masked_counts(31, 7, 8, 0.375) == [(0.0, 0), (0.125, 4), (0.25, 8), (0.375, 12)]
     assert masked_counts(4, 2, 4, 0.9) == [(0.0, 0), (0.25, 1), (0.5, 2)]  # K experts must remain
+
+
+def test_balance_variants_change_only_their_balance_fields():
+    shape = AblationShape()
+    base = variant_config("deepseekmoe", shape).moe.to_dict()
+    changed = {v: {k: val for k, val in variant_config(v, shape).moe.to_dict().items() if base[k] != val}
+               for v in BALANCE_VARIANTS}
+    assert changed == {
+        "deepseekmoe_drop": {"capacity_factor": 1.0, "n_expert_groups": 31},  # a budget per routed expert
+        "deepseekmoe_adaptive": {"capacity_factor": 1.0, "capacity_policy": "adaptive", "capacity_min": 0.75,
+                                 "capacity_max": 1.5, "n_expert_groups": 31},  # target drop 0.01 is the default
+        "deepseekmoe_entropy": {"entropy_loss_alpha": 0.05},
+    }
+    counts = {v: count_variant(variant_config(v, shape), seq_len=128) for v in ("deepseekmoe", *BALANCE_VARIANTS)}
+    assert len(set(counts.values())) == 1  # the same parameters and compute

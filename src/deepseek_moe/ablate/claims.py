@@ -44,6 +44,17 @@ CLAIMS = (
 )
 
 
+# The balance variants (issue 25), each against the run it changes; Δ = loss(a) - loss(b), reported whatever its
+# sign: what the design expects, not something the paper measured.
+BALANCE_CLAIMS = (
+    Claim("deepseekmoe_adaptive", "deepseekmoe_drop", "lower",
+          "an adaptive capacity factor loses less to dropping than a fixed factor of 1.0"),
+    Claim("deepseekmoe_drop", "deepseekmoe", "equal", "dropping at capacity 1.0 costs little loss (DeepSeek-V2)"),
+    Claim("deepseekmoe_entropy", "deepseekmoe", "lower",
+          "the routing-entropy regulariser (strongest early) lowers the final loss"),
+)
+
+
 def paired(deltas: list[float], expect: Literal["lower", "equal", "higher"]) -> dict[str, Any]:
     """Mean, standard error, t and a verdict for per-seed differences Δ (expected < 0, ≈ 0 or > 0)."""
     n = len(deltas)
@@ -80,7 +91,7 @@ def evaluate_claims(analyses: dict[str, list[dict[str, Any]]]) -> list[dict[str,
     ``analyses[variant]`` is one dict per seed, in the same seed order for every variant (``run._analyse_all``).
     """
     out = []
-    for c in CLAIMS:
+    for c in (*CLAIMS, *BALANCE_CLAIMS):
         if c.a not in analyses or c.b not in analyses:
             continue
         a, b = _per_seed(analyses, c.a, "val_loss"), _per_seed(analyses, c.b, "val_loss")
@@ -119,4 +130,4 @@ def claims_markdown(claims: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-__all__ = ["CLAIMS", "Claim", "claims_markdown", "evaluate_claims", "paired", "t95"]
+__all__ = ["BALANCE_CLAIMS", "CLAIMS", "Claim", "claims_markdown", "evaluate_claims", "paired", "t95"]

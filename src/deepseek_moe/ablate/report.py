@@ -23,6 +23,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
+def _mean_entropy(runs: list[dict[str, Any]]) -> float | None:
+    values = [e for r in runs for _, e in r.get("entropy_curve", [])]
+    return sum(values) / len(values) if values else None
+
+
 def result_rows(cfg: AblationConfig, counts: dict[str, Counts],
                 analyses: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One row per variant: counts, the final validation loss over seeds, speed and the final expert load."""
@@ -42,7 +47,13 @@ def result_rows(cfg: AblationConfig, counts: dict[str, Counts],
             # layers, then seeds (1.0 is perfect balance; None for dense models).
             "load_max_over_mean": mean_std(loads)[0] if loads else None,
             "load_cv": mean_std([r["load_cv"] for r in runs])[0] if loads else None,
+            # mean over training steps, then seeds: the share of assignments dropped, the routing entropy
+            "dropped": mean_std([r.get("dropped", 0.0) for r in runs])[0],
+            "routing_entropy": _mean_entropy(runs),
         }
+        if "capacity_mean" in runs[0]:
+            row["capacity_mean"] = mean_std([r["capacity_mean"] for r in runs])[0]
+            row["capacity_final"] = mean_std([r["capacity_final"] for r in runs])[0]
         if "redundancy" in runs[0]:
             row["redundancy"] = [
                 {"ratio": p[0], "masked": p[1], "val_loss": mean_std([r["redundancy"][i][2] for r in runs])[0],
@@ -89,6 +100,17 @@ def results_markdown(cfg: AblationConfig, rows: list[dict[str, Any]],
             for p in r["redundancy"]:
                 lines.append(f"| {r['variant']} | {p['ratio']:.3f} | {p['masked']} | "
                              f"{p['val_loss']:.4f} ± {p['val_loss_std']:.4f} |")
+    balance = [r for r in rows if r["variant"].startswith("deepseekmoe")]
+    if any(r["dropped"] > 0 or "capacity_mean" in r or r["variant"] == "deepseekmoe_entropy" for r in balance):
+        lines += ["", "## Balance: dropping, capacity and routing entropy (means over training steps and seeds)", "",
+                  "| variant | val loss | dropped | capacity factor mean (final) | routing entropy |",
+                  "|---|---:|---:|---:|---:|"]
+        for r in balance:
+            cap = (f"{r['capacity_mean']:.3f} ({r['capacity_final']:.3f})" if "capacity_mean" in r
+                   else "–")
+            ent = "–" if r["routing_entropy"] is None else f"{r['routing_entropy']:.3f}"
+            lines.append(f"| {r['variant']} | {r['val_loss']:.4f} ± {r['val_loss_std']:.4f} | {r['dropped']:.2%} | "
+                         f"{cap} | {ent} |")
     shared = [r for r in rows if "shared_expert_test" in r]
     for r in shared:
         t = r["shared_expert_test"]
@@ -98,7 +120,8 @@ def results_markdown(cfg: AblationConfig, rows: list[dict[str, Any]],
                   f"{t['shared_disabled_val_loss']:.4f} ± {t['shared_disabled_val_loss_std']:.4f} |"]
     if claims:
         lines += ["", *claims_markdown(claims)]
-    lines += ["", "Plots: `val_loss_curves.png`, `val_loss_vs_gshard.png`, `redundancy.png`, `shared_expert.png`.", ""]
+    lines += ["", "Plots: `val_loss_curves.png`, `val_loss_vs_gshard.png`, `redundancy.png`, `shared_expert.png`, "
+              "`routing_entropy.png` (those the variants trained allow).", ""]
     return "\n".join(lines)
 
 
@@ -151,7 +174,27 @@ def plot_relative(cfg: AblationConfig, analyses: dict[str, list[dict[str, Any]]]
         ax.set_ylim(-0.25, 0.25)  # the early steps differ by more; the end of training is what the claims are about
 
 
+def plot_entropy(cfg: AblationConfig, analyses: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Routing entropy over training (mean over seeds) of the MoE variants: where routing collapses, and whether
+    the regulariser holds it open early."""
+    curves = {v: [dict((int(s), float(e)) for s, e in r.get("entropy_curve", [])) for r in analyses[v]]
+              for v in cfg.variants}
+    curves = {v: c for v, c in curves.items() if all(c)}
+    if not curves:
+        return
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    with figure(path, figsize=(7, 4), title="Routing entropy during training (mean over seeds)",
+                xlabel="training tokens (M)", ylabel="normalised routing entropy (1: uniform)",
+                legend={"fontsize": 8}) as ax:
+        for v, runs in curves.items():
+            steps = sorted(set.intersection(*(set(c) for c in runs)))
+            ax.plot([s * tokens_per_step / 1e6 for s in steps], [sum(c[s] for c in runs) / len(runs) for s in steps],
+                    label=v, linewidth=1.2)
+
+
 def plot_redundancy(rows: list[dict[str, Any]], path: Path) -> None:
+    if not any("redundancy" in r for r in rows):
+        return
     with figure(path, figsize=(6, 4), title="Redundancy: top experts masked, next ones routed to",
                 xlabel="ratio of each token's top routed experts masked", ylabel="validation loss (nats/token)",
                 legend=True) as ax:
@@ -186,8 +229,9 @@ def write_report(cfg: AblationConfig, out: Path, counts: dict[str, Counts],
     plot_curves(cfg, analyses, out / "val_loss_curves.png")
     plot_relative(cfg, analyses, out / "val_loss_vs_gshard.png")
     plot_redundancy(rows, out / "redundancy.png")
+    plot_entropy(cfg, analyses, out / "routing_entropy.png")
     plot_shared(rows, out / "shared_expert.png")
     return rows
 
 
-__all__ = ["mean_std", "plot_curves", "plot_relative", "plot_redundancy", "plot_shared", "result_rows", "results_markdown", "write_report"]
+__all__ = ["mean_std", "plot_curves", "plot_entropy", "plot_relative", "plot_redundancy", "plot_shared", "result_rows", "results_markdown", "write_report"]

@@ -80,10 +80,18 @@ def analyse_one(cfg: AblationConfig, out: Path, variant: str, seed: int) -> dict
     if summary is None:
         raise TrainError(f"{path} has not finished training")
     records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in records if r.get("kind") == "train"]
     result: dict[str, Any] = {
         "val_loss": float(summary["val_loss"]), "tokens_per_s": float(summary["tokens_per_s"]),
         "curve": [[r["step"], r["val_loss"]] for r in records if r.get("kind") == "val"],
+        # over the training steps: the share of assignments dropped, the routing entropy, the capacity factors
+        "dropped": sum(r["dropped"] for r in train) / max(len(train), 1),
+        "entropy_curve": [[r["step"], r["routing_entropy"]] for r in train if "routing_entropy" in r],
     }
+    capacity = [sum(r["capacity"]) / len(r["capacity"]) for r in train if r.get("capacity")]
+    if capacity:
+        result["capacity_mean"] = sum(capacity) / len(capacity)
+        result["capacity_final"] = capacity[-1]
     routing_path = path / "routing.json"
     if routing_path.is_file():
         counts = torch.tensor(json.loads(routing_path.read_text())["counts"], dtype=torch.float64)

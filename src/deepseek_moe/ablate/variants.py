@@ -13,6 +13,15 @@ top-2 routing (GShard):
     dense_total        dense of width NW in the MoE layers              (activated NW, total NW)
     gshard_x1.5        top-2 of N experts of width 1.5W                 (activated 3W, total 1.5NW)
 
+Balance variants (not in the default set; ``deepseek-moe ablate --balance``), each ``deepseekmoe`` with one change:
+
+    deepseekmoe_drop      token dropping at a fixed capacity factor 1.0 (DeepSeek-V2 §2.2.4)
+    deepseekmoe_adaptive  dropping at an adaptive factor: starts at 1.0, moves within [0.75, 1.5] toward 1% drops
+    deepseekmoe_entropy   the routing-entropy regulariser, α = 0.05, decaying over the first half of training
+
+The two dropping variants give each routed expert its own group (G = E, no group limit), so the budget is per
+expert (c K T / E assignments): with the single group of the other variants nothing could ever be dropped.
+
 The MoE layers of ``dense_total`` are built as N-1 shared experts plus one routed expert that every token
 takes with gate 1 (softmax over a single expert): a SwiGLU is a sum over its hidden units, so this is exactly
 a dense FFN of width NW. It keeps the first layer identical to the others' without a second dense width in
@@ -36,6 +45,14 @@ from deepseek_moe.moe.layer import MoE
 
 VARIANTS: tuple[str, ...] = ("dense", "gshard", "shared", "fine_grained_m2", "deepseekmoe", "fine_grained_only",
                              "dense_total", "gshard_x1.5")
+BALANCE_VARIANTS: tuple[str, ...] = ("deepseekmoe_drop", "deepseekmoe_adaptive", "deepseekmoe_entropy")
+# What each balance variant changes in deepseekmoe's MoEConfig.
+_BALANCE_CHANGES: dict[str, dict[str, Any]] = {
+    "deepseekmoe_drop": {"capacity_factor": 1.0, "n_expert_groups": "E"},
+    "deepseekmoe_adaptive": {"capacity_factor": 1.0, "capacity_policy": "adaptive", "capacity_min": 0.75,
+                             "capacity_max": 1.5, "capacity_target_drop": 0.01, "n_expert_groups": "E"},
+    "deepseekmoe_entropy": {"entropy_loss_alpha": 0.05},
+}
 TOP_K = 2  # the conventional MoE every variant is derived from routes each token to 2 of N experts (GShard)
 
 
@@ -77,8 +94,8 @@ def _base(shape: AblationShape, moe: MoEConfig, *, all_dense: bool = False) -> M
 
 def variant_config(name: str, shape: AblationShape) -> ModelConfig:
     """The ModelConfig of variant ``name`` (one of VARIANTS)."""
-    if name not in VARIANTS:
-        raise ValueError(f"unknown ablation variant {name!r}; valid: {', '.join(VARIANTS)}")
+    if name not in (*VARIANTS, *BALANCE_VARIANTS):
+        raise ValueError(f"unknown ablation variant {name!r}; valid: {', '.join((*VARIANTS, *BALANCE_VARIANTS))}")
     s = shape
     common: dict[str, Any] = {"expert_loss_alpha": s.expert_loss_alpha}
 
@@ -96,6 +113,10 @@ def variant_config(name: str, shape: AblationShape) -> ModelConfig:
         return _base(s, conventional(s.expert_dim, 2, 1))
     if name == "deepseekmoe":
         return _base(s, conventional(s.expert_dim, s.segmentation, 1))
+    if name in BALANCE_VARIANTS:
+        moe = conventional(s.expert_dim, s.segmentation, 1)
+        changes = {k: moe.n_routed_experts if v == "E" else v for k, v in _BALANCE_CHANGES[name].items()}
+        return _base(s, moe.replace(**changes))
     if name == "fine_grained_only":
         return _base(s, conventional(s.expert_dim, s.segmentation, 0))
     if name == "gshard_x1.5":
@@ -147,4 +168,4 @@ def model_overrides(cfg: ModelConfig) -> dict[str, Any]:
     return data
 
 
-__all__ = ["TOP_K", "VARIANTS", "AblationShape", "Counts", "count_variant", "model_overrides", "variant_config"]
+__all__ = ["BALANCE_VARIANTS", "TOP_K", "VARIANTS", "AblationShape", "Counts", "count_variant", "model_overrides", "variant_config"]
