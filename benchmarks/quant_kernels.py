@@ -1,7 +1,8 @@
 """Weight-only matmul candidates at the model's shapes, with working sets far larger than L3.
 
 Question: which way to multiply activations by int8 / int4 weights on this CPU is fastest for decode (1-8 rows)
-and prefill (many rows), and how much each instruction-set path of our kernel (AVX-512, AVX2, scalar) gives?
+and prefill (many rows), and how much each instruction-set path of our kernel (AVX-512, AVX2, scalar) gives,
+with fp32 activations (codes widened to fp32) and with int8 activations (integer dot products), side by side?
 Each candidate cycles through enough (N, K) matrices that its weights total >= --mb megabytes, so every call
 streams from memory as in a real decode step. Reports GB/s of weight bytes (what bounds decode), us per matrix
 and the speed-up over the PyTorch reference (dequantise the matrix, then matmul); candidates are timed
@@ -15,17 +16,25 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import uptime  # noqa: E402
+
 from deepseek_moe.kernels.quant_matmul import (
+    ACTIVATIONS,
+    activations,
     kernel_isa,
+    kernel_report,
     quant_matmul,
     quant_matmul_reference,
     quant_matmul_tiled,
+    set_activations,
     set_kernel_isa,
     supported_isas,
 )
@@ -60,7 +69,8 @@ def build(N: int, K: int, n_mats: int, isas: list[str]) -> dict[str, tuple[list,
     out["int8 reference (dequantise + matmul)"] = (i8, N * K)
     out["int8 dequant tiles + matmul"] = (i8, N * K)
     for isa in isas:
-        out[f"int8 ours {isa}"] = (i8, N * K)
+        for act in ACTIVATIONS:
+            out[f"int8 ours {isa} {act}-act"] = (i8, N * K)
     i4 = []
     for w in fp32:
         p, s = pack.quantize_int4(w, 32)
@@ -69,7 +79,8 @@ def build(N: int, K: int, n_mats: int, isas: list[str]) -> dict[str, tuple[list,
     out["int4 reference (dequantise + matmul)"] = (i4, i4_bytes)
     out["int4 dequant tiles + matmul"] = (i4, i4_bytes)
     for isa in isas:
-        out[f"int4 ours {isa}"] = (i4, i4_bytes)
+        for act in ACTIVATIONS:
+            out[f"int4 ours {isa} {act}-act"] = (i4, i4_bytes)
     del fp32
     return out
 
@@ -87,8 +98,13 @@ def runner(name: str) -> Callable[[torch.Tensor, object], torch.Tensor]:
 
 
 def isa_of(name: str) -> str | None:
-    """The kernel path a candidate runs ("int8 ours avx2" -> "avx2"), or None for the others."""
-    return name.rsplit(" ", 1)[1] if " ours " in name else None
+    """The kernel path a candidate runs ("int8 ours avx2 int8-act" -> "avx2"), or None for the others."""
+    return name.split(" ")[2] if " ours " in name else None
+
+
+def act_of(name: str) -> str | None:
+    """The activations a candidate's kernel multiplies with ("int8 ours avx2 int8-act" -> "int8")."""
+    return name.rsplit(" ", 1)[1].removesuffix("-act") if " ours " in name else None
 
 
 def main() -> None:
@@ -98,6 +114,8 @@ def main() -> None:
     ap.add_argument("--rows", default="1,8,64", help="rows of x")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch (and kernel) threads; 0: torch's default")
+    ap.add_argument("--only", default="", help="comma list of substrings: time only candidates whose name has one "
+                    "(e.g. 'ours,F.linear')")
     ap.add_argument("--isa", default="best",
                     help="kernel paths to time: best (the one chosen at run time), all (every one this CPU runs), "
                          "or a comma list of scalar,avx2,avx512")
@@ -106,7 +124,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     N, K = map(int, args.shape.split("x"))
     n_mats = max(1, args.mb * 2**20 // (N * K))
-    chosen = kernel_isa()
+    chosen, chosen_act = kernel_isa(), activations()
     if chosen is None:
         isas = []
     elif args.isa == "best":
@@ -120,12 +138,15 @@ def main() -> None:
         set_kernel_isa(chosen)
     torch.manual_seed(0)
     cands = build(N, K, n_mats, isas)
+    if args.only:
+        cands = {k: v for k, v in cands.items() if any(part in k for part in args.only.split(","))}
     info = cpu()
     results = []
+    print(uptime())
     print(f"CPU {info['model']} ({', '.join(map(str, info['simd_flags']))}); kernel path chosen at run time: "
-          f"{chosen or 'none (no compiler)'}")
+          f"{chosen or 'none (no compiler)'}, activations {chosen_act if chosen else 'fp32'}")
     print(f"threads {torch.get_num_threads()}, {n_mats} matrices of {N}x{K} per candidate")
-    print(f"{'candidate':38s} {'rows':>5s} {'GB/s':>8s} {'us/matrix':>10s} {'x reference':>12s}")
+    print(f"{'candidate':38s} {'rows':>5s} {'GB/s':>8s} {'us/matrix':>10s} {'x reference':>12s} {'x fp32-act':>10s}")
     for M in map(int, args.rows.split(",")):
         x = torch.randn(M, K)
         best: dict[str, float] = {}
@@ -133,6 +154,7 @@ def main() -> None:
             for name, (ops, _) in cands.items():
                 if (isa := isa_of(name)) is not None:
                     set_kernel_isa(isa)
+                    set_activations(act_of(name))
                 fn = runner(name)
                 fn(x, ops[0])
                 t0 = time.perf_counter()
@@ -144,15 +166,22 @@ def main() -> None:
             gbs = cands[name][1] / dt / 1e9
             ref = best.get(f"{name[:4]} reference (dequantise + matmul)")
             speedup = ref / dt if ref and name[:4] in ("int8", "int4") else None
+            fp32_act = best.get(name.replace("int8-act", "fp32-act")) if act_of(name) == "int8" else None
+            vs_fp32 = fp32_act / dt if fp32_act else None
             print(f"{name:38s} {M:5d} {gbs:8.2f} {dt * 1e6:10.1f} "
-                  f"{'' if speedup is None else f'{speedup:11.1f}x':>12s}")
-            results.append({"candidate": name, "isa": isa_of(name), "rows": M, "GB_per_s": round(gbs, 2),
-                            "us": round(dt * 1e6, 1),
-                            "x_reference": None if speedup is None else round(speedup, 2)})
+                  f"{'' if speedup is None else f'{speedup:11.1f}x':>12s}"
+                  f"{'' if vs_fp32 is None else f'{vs_fp32:10.2f}x':>11s}")
+            results.append({"candidate": name, "isa": isa_of(name), "activations": act_of(name), "rows": M,
+                            "GB_per_s": round(gbs, 2), "us": round(dt * 1e6, 1),
+                            "x_reference": None if speedup is None else round(speedup, 2),
+                            "x_fp32_act": None if vs_fp32 is None else round(vs_fp32, 2)})
     if chosen is not None:
         set_kernel_isa(chosen)
+    set_activations(None)
+    print(uptime())
     print(json.dumps({"benchmark": "quant_kernels", "shape": [N, K], "threads": torch.get_num_threads(),
-                      "cpu": info, "kernel_isa": chosen, "results": results}))
+                      "cpu": info, "kernel_isa": chosen, "kernel_report": kernel_report(), "uptime": uptime(),
+                      "results": results}))
 
 
 if __name__ == "__main__":

@@ -32,14 +32,15 @@ def _cpu_flags() -> set[str]:
 
 
 # What each path needs, by /proc/cpuinfo's names: the test's own account, independent of the kernel's CPUID code.
-NEEDS = {"scalar": set(), "avx2": {"avx2", "fma", "f16c"}, "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw",
-                                                                      "avx512vl", "avx512dq"}}
+AVX512 = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"}
+NEEDS = {"scalar": set(), "avx2": {"avx2", "fma", "f16c"}, "avx512": AVX512, "avx512vnni": AVX512 | {"avx512_vnni"}}
 X86 = platform.machine() in ("x86_64", "AMD64")
 
 
 @pytest.fixture(params=ALL_ISAS)
 def isa(request: pytest.FixtureRequest) -> collections.abc.Iterator[str]:
-    """Each kernel path in turn, skipped (with the reason) where this CPU cannot run it; restored afterwards."""
+    """Each kernel path in turn with fp32 activations (the int8-activation paths: test_quant_kernels_q8.py),
+    skipped (with the reason) where this CPU cannot run it; restored afterwards."""
     name = request.param
     if load_library() is None:
         pytest.skip("no C++ compiler: the kernel cannot be built")
@@ -47,9 +48,11 @@ def isa(request: pytest.FixtureRequest) -> collections.abc.Iterator[str]:
         pytest.skip(f"this CPU cannot run the {name} path")
     before = qm.kernel_isa()
     qm.set_kernel_isa(name)
+    qm.set_activations("fp32")
     yield name
     assert before is not None
     qm.set_kernel_isa(before)
+    qm.set_activations(None)
 
 
 def _weights(bits: int, N: int, K: int, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,26 +117,34 @@ def test_env_override_forces_a_path_and_a_bad_one_is_named(monkeypatch: pytest.M
 
 
 def _check_paths_of(lib: object, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every path of ``lib`` this CPU runs against the reference: int8 and int4, odd shapes, group sizes, the
-    fused experts. Returns the paths checked."""
+    """Every path of ``lib`` this CPU runs against the reference, with fp32 and int8 activations: int8 and int4,
+    odd shapes, group sizes, the fused experts. Returns the paths checked."""
     monkeypatch.setattr(qm, "load_library", lambda: lib)
     torch.manual_seed(0)
     checked = []
-    for name in qm.supported_isas():
-        qm.set_kernel_isa(name)
-        for bits, M, N, K, group in [(8, 1, 37, 45, 32), (8, 6, 9, 200, 32), (4, 1, 37, 96, 32), (4, 5, 13, 256, 64),
-                                     (4, 3, 6, 384, 128)]:
-            q, s = _weights(bits, N, K, group)
-            x = torch.randn(M, K)
-            torch.testing.assert_close(qm.quant_matmul(x, q, s), qm.quant_matmul_reference(x, q, s), rtol=1e-5,
-                                       atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
-        w = {"w1": _stacked(4, 3, 40, 64, 32), "w3": _stacked(4, 3, 40, 64, 32), "w2": _stacked(8, 3, 64, 40, 32)}
-        counts = torch.tensor([3, 0, 2])
-        x = torch.randn(5, 64)
-        got = qm.quant_experts(x, counts, None, w, 32)
-        assert got is not None
-        torch.testing.assert_close(got, qm.experts_reference(x, counts, None, w), rtol=1e-4, atol=1e-3)
-        checked.append(name)
+    try:
+        for name in qm.supported_isas():
+            qm.set_kernel_isa(name)
+            for acts in qm.ACTIVATIONS:
+                qm.set_activations(acts)
+                ref = qm.quant_matmul_q8_reference if acts == "int8" else qm.quant_matmul_reference
+                for bits, M, N, K, group in [(8, 1, 37, 45, 32), (8, 6, 9, 200, 32), (4, 1, 37, 96, 32),
+                                             (4, 5, 13, 256, 64), (4, 3, 6, 384, 128)]:
+                    q, s = _weights(bits, N, K, group)
+                    x = torch.randn(M, K)
+                    torch.testing.assert_close(qm.quant_matmul(x, q, s), ref(x, q, s), rtol=1e-5, atol=1e-4,
+                                               msg=lambda m, name=name, acts=acts: f"{name} {acts}: {m}")
+                w = {"w1": _stacked(4, 3, 40, 64, 32), "w3": _stacked(4, 3, 40, 64, 32),
+                     "w2": _stacked(8, 3, 64, 40, 32)}
+                counts = torch.tensor([3, 0, 2])
+                x = torch.randn(5, 64)
+                got = qm.quant_experts(x, counts, None, w, 32)
+                assert got is not None
+                torch.testing.assert_close(got, qm.experts_reference(x, counts, None, w, acts), rtol=1e-3,
+                                           atol=1e-3)
+            checked.append(name)
+    finally:
+        qm.set_activations(None)
     return checked
 
 
@@ -217,6 +228,9 @@ def test_baseline_build_keeps_vector_instructions_inside_their_paths(tmp_path: P
                 zmm.add(function)
     assert zmm and all("::avx512::" in f for f in zmm), sorted(zmm)
     assert all("::avx2::" in f or "::avx512::" in f for f in vex), sorted(vex)
+    # The VNNI integer tiles are built (never run on an AVX2-only CPU) and vpdpbusd appears only in them.
+    dots = {f for f in asm.split("\n\n") if "vpdpbusd" in f}
+    assert dots and all("::avx512::vnni::tile_q8" in f.split(">:", 1)[0] for f in dots)
     assert any("::avx2::" in f for f in vex) and any("::scalar::" in f for f in asm.split(">:"))
 
 
@@ -234,7 +248,8 @@ def test_bf16_activations_come_back_bf16() -> None:
     x = torch.randn(1, 64, dtype=torch.bfloat16)
     y = qm.quant_matmul(x, q, s)
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), qm.quant_matmul_reference(x.float(), q, s), rtol=1e-2, atol=1e-2)
+    ref = qm.quant_matmul_q8_reference if qm.activations() == "int8" else qm.quant_matmul_reference
+    torch.testing.assert_close(y.float(), ref(x.float(), q, s), rtol=1e-2, atol=1e-2)
 
 
 def test_width_mismatch_is_a_clear_error() -> None:
@@ -323,9 +338,9 @@ def test_info_reports_the_path_that_runs(isa: str, capsys: pytest.CaptureFixture
 
     assert main(["info", "tiny", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)["cpu_kernels"]
-    assert report == {"quant_matmul": isa, "supported": qm.supported_isas()}
+    assert report == {"quant_matmul": isa, "activations": "fp32", "int8_dot": None, "supported": qm.supported_isas()}
     assert main(["info", "tiny"]) == 0
-    assert f"quantised matmul: {isa} (this CPU runs: " in capsys.readouterr().out
+    assert f"quantised matmul: {isa}, fp32 activations (this CPU runs: " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("case", "message"), [

@@ -153,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"source": source, **info, "cpu_kernels": kernels}))
     else:
         print(format_info(info, source))
-        print(f"  CPU kernels   quantised matmul: {kernels['quant_matmul'] or 'none (dequantise + matmul)'} "
-              f"(this CPU runs: {', '.join(kernels['supported']) or '-'})")
+        dot = f", {kernels['int8_dot']} dot products" if kernels["int8_dot"] else ""
+        print(f"  CPU kernels   quantised matmul: {kernels['quant_matmul'] or 'none (dequantise + matmul)'}, "
+              f"{kernels['activations']} activations{dot} (this CPU runs: {', '.join(kernels['supported']) or '-'})")
     return 0

@@ -45,7 +45,7 @@ FLOAT_GEMM_SOURCE = Path(__file__).with_name("float_gemm.cpp")  # fp32/bf16 weig
 ADAMW_SOURCE, ADAMW_FLAGS = Path(__file__).with_name("adamw.cpp"), (*FLAGS, "-march=native", "-fno-math-errno")
 
 # The quantised-matmul kernel's instruction sets, in the order of qgemm.cpp's enum.
-ISAS = ("scalar", "avx2", "avx512")
+ISAS = ("scalar", "avx2", "avx512", "avx512vnni")
 
 
 def _cpu_flags() -> str:
@@ -113,10 +113,20 @@ def compiler() -> str | None:
     return env.cxx() or shutil.which("g++") or shutil.which("c++")
 
 
+def _included(source: Path) -> bytes:
+    """The bytes of the files ``source`` includes by a quoted name beside it (``#include "qgemm_q8.inc"``): they
+    are part of what is compiled, so of the cache key."""
+    out = b""
+    for line in source.read_text().splitlines():
+        if line.startswith('#include "'):
+            out += (source.parent / line.split('"')[1]).read_bytes()
+    return out
+
+
 def library_path(source: Path, flags: tuple[str, ...], cxx: str) -> Path:
     """The cache path of ``source`` built with ``flags`` by ``cxx``."""
     native = any(f.startswith("-march=native") for f in flags)
-    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + cxx.encode()
+    key = hashlib.sha256(source.read_bytes() + _included(source) + " ".join(flags).encode() + cxx.encode()
                          + (_cpu_flags().encode() if native else b"")).hexdigest()[:16]
     return cache_dir() / f"{source.stem}-{key}.so"
 
@@ -252,6 +262,13 @@ def configure_qgemm(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dsm_experts.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, ptr, ptr,
                                 c_int, i64, ptr, ptr, ptr, ptr, c_int]
     lib.dsm_experts.restype = None
+    lib.dsm_quantize_rows.argtypes = [ptr, i64, i64, i64, ptr, ptr, c_int]
+    lib.dsm_quantize_rows.restype = None
+    lib.dsm_qgemm_q8.argtypes = [ptr, i64, i64, i64, c_int, ptr, ptr, i64, i64, ptr, i64, c_int]
+    lib.dsm_qgemm_q8.restype = None
+    lib.dsm_experts_q8.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, ptr, ptr,
+                                   c_int, i64, ptr, ptr, ptr, c_int]
+    lib.dsm_experts_q8.restype = None
     for name in ("dsm_isa_supported", "dsm_set_isa"):
         getattr(lib, name).argtypes = [c_int]
         getattr(lib, name).restype = c_int

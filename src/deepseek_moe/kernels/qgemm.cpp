@@ -13,6 +13,11 @@
 //
 // The readable reference is deepseek_moe/kernels/quant_layout.py (dequantise, then matmul); tests compare
 // every path this CPU can run against it.
+//
+// Integer path (dsm_qgemm_q8, dsm_experts_q8): activations are first quantised to int8, per row and block of 32
+// columns with an fp32 scale (llama.cpp's Q8_0 for activations), and each block is an exact int32 dot product
+// against the int8 / int4 codes (qgemm_q8.inc: AVX2 vpmaddubsw, AVX512-VNNI vpdpbusd; scalar loops). Its
+// readable twin is quant_matmul.quant_matmul_q8_reference.
 
 #include <atomic>
 #include <cmath>
@@ -27,6 +32,7 @@
 #include <immintrin.h>
 #define DSM_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define DSM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define DSM_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 #endif
 
 namespace {
@@ -54,6 +60,38 @@ struct Problem {
     const void* w; const void* scale; int64_t gs; int64_t N;
     float* y; int64_t ldy;
 };
+
+// Activations quantised to int8: codes (M, ldq) (each row zero-padded to nb blocks of 32), fp32 scales (M, nb).
+struct QAct { const int8_t* q; const float* d; int64_t ldq; int64_t nb; };
+
+constexpr int NBQ = 8;  // weight rows per integer micro-tile, at most (the fused gate/up tile: 4 of w1, 4 of w3)
+
+// An integer micro-tile: nn weight rows given by pointer (rows of one matrix, or of w1 and w3 together), nm
+// activation rows from m0. Row i: codes w[i], scale s[i] (int8: its fp32 scale; int4: its fp16 group scales);
+// next[i] is prefetched (the row the next tile reads); y[i][j * ldy] receives row m0 + j.
+struct QTile {
+    const QAct* a; int64_t m0; int64_t K; int64_t gs;
+    const uint8_t* w[NBQ]; const void* s[NBQ]; const char* next[NBQ];
+    float* y[NBQ]; int64_t ldy;
+};
+
+// Per row and block of 32 columns: d = max|x| / 127, q = round-half-even(x * (1/d)) clamped to [-127, 127]
+// (no -128: the sign trick needs |q| to fit a signed byte). The same IEEE operations as the PyTorch twin, so
+// the codes are equal, not close. One loop for every ISA: it is O(M K) against the matmul's O(M K N).
+void quantize_row(const float* xr, int64_t K, int8_t* qr, float* d, int64_t nb) {
+    for (int64_t b = 0; b < nb; ++b) {
+        const int64_t lo = 32 * b, hi = lo + 32 < K ? lo + 32 : K;
+        float amax = 0.0f;
+        for (int64_t k = lo; k < hi; ++k) amax = std::fmax(amax, std::fabs(xr[k]));
+        const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
+        d[b] = db;
+        for (int64_t k = lo; k < hi; ++k) {
+            const float v = std::nearbyint(xr[k] * id);  // the default rounding mode: half to even
+            qr[k] = int8_t(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
+        }
+        for (int64_t k = hi; k < lo + 32; ++k) qr[k] = 0;
+    }
+}
 
 // Each micro-tile computes y[m0:m0+nm, n0:n0+nn].
 //  int8: W (N, K) int8 codes, per-row fp32 scales (N,).
@@ -94,6 +132,35 @@ void tile_int4(const Problem& p, int64_t n0, int64_t m0) {
         }
     for (int i = 0; i < nn; ++i)
         for (int j = 0; j < nm; ++j) p.y[(m0 + j) * p.ldy + n0 + i] = sums[i][j];
+}
+
+// Column k of an int4 row in the kernel layout, as a signed code.
+inline int int4_code(const uint8_t* row, int64_t gs, int64_t k) {
+    const int64_t g = k / gs, c = k % gs, half = gs / 2;
+    const uint8_t b = row[g * half + c % half];
+    return int(c < half ? (b & 0x0f) : (b >> 4)) - 8;
+}
+
+template <int BITS, int nn, int nm>
+void tile_q8(const QTile& t) {
+    const int64_t nb = (t.K + 31) / 32;
+    for (int i = 0; i < nn; ++i)
+        for (int j = 0; j < nm; ++j) {
+            const int8_t* xq = t.a->q + (t.m0 + j) * t.a->ldq;
+            const float* xd = t.a->d + (t.m0 + j) * t.a->nb;
+            float sum = 0.0f;
+            for (int64_t b = 0; b < nb; ++b) {
+                int32_t isum = 0;
+                for (int64_t k = 32 * b; k < 32 * b + 32 && k < t.K; ++k)
+                    isum += int32_t(xq[k]) * (BITS == 8 ? int32_t(reinterpret_cast<const int8_t*>(t.w[i])[k])
+                                                        : int4_code(t.w[i], t.gs, k));
+                float f = xd[b];
+                if (BITS == 4) f *= half_to_float(static_cast<const uint16_t*>(t.s[i])[32 * b / t.gs]);
+                sum += f * float(isum);
+            }
+            if (BITS == 8) sum *= *static_cast<const float*>(t.s[i]);
+            t.y[i][j * t.ldy] = sum;
+        }
 }
 
 }  // namespace scalar
@@ -178,6 +245,12 @@ DSM_AVX2 void tile_int4(const Problem& p, int64_t n0, int64_t m0) {
         for (int j = 0; j < nm; ++j) p.y[(m0 + j) * p.ldy + n0 + i] = hsum(acc[i][j]);
 }
 
+#define DSM_Q8_TARGET DSM_AVX2
+#define DSM_Q8_DOT(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1))
+#include "qgemm_q8.inc"
+#undef DSM_Q8_TARGET
+#undef DSM_Q8_DOT
+
 }  // namespace avx2
 
 namespace avx512 {
@@ -248,6 +321,16 @@ DSM_AVX512 void tile_int4(const Problem& p, int64_t n0, int64_t m0) {
         for (int j = 0; j < nm; ++j) p.y[(m0 + j) * p.ldy + n0 + i] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
+// AVX512-VNNI: the AVX2 integer tiles with vpdpbusd for the two-instruction dot (ymm registers, so the float
+// accumulation is the AVX2 path's, instruction for instruction). Never run on the AVX2-only CI machine.
+namespace vnni {
+#define DSM_Q8_TARGET DSM_VNNI
+#define DSM_Q8_DOT(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (u), (s))
+#include "qgemm_q8.inc"
+#undef DSM_Q8_TARGET
+#undef DSM_Q8_DOT
+}  // namespace vnni
+
 }  // namespace avx512
 #endif  // DSM_X86
 
@@ -257,21 +340,33 @@ DSM_AVX512 void tile_int4(const Problem& p, int64_t n0, int64_t m0) {
 using TileFn = void (*)(const Problem&, int64_t, int64_t);
 using TileTable = TileFn[NB][MB];
 
-struct Kernels { TileTable int8; TileTable int4; };
+using QTileFn = void (*)(const QTile&);
+using QTileTable = QTileFn[NBQ][MB];
+
+// fp32-activation tiles (int8, int4 weights), then integer tiles (int8, int4 weights).
+struct Kernels { TileTable int8; TileTable int4; QTileTable q8_int8; QTileTable q8_int4; };
 
 #define DSM_ROW(ns, fn, i) {&ns::fn<i, 1>, &ns::fn<i, 2>, &ns::fn<i, 3>, &ns::fn<i, 4>}
 #define DSM_TABLE(ns, fn) {DSM_ROW(ns, fn, 1), DSM_ROW(ns, fn, 2), DSM_ROW(ns, fn, 3), DSM_ROW(ns, fn, 4)}
+#define DSM_QROW(ns, b, i) {&ns::tile_q8<b, i, 1>, &ns::tile_q8<b, i, 2>, &ns::tile_q8<b, i, 3>, &ns::tile_q8<b, i, 4>}
+#define DSM_QTABLE(ns, b) {DSM_QROW(ns, b, 1), DSM_QROW(ns, b, 2), DSM_QROW(ns, b, 3), DSM_QROW(ns, b, 4), \
+                           DSM_QROW(ns, b, 5), DSM_QROW(ns, b, 6), DSM_QROW(ns, b, 7), DSM_QROW(ns, b, 8)}
+#define DSM_KERNELS(f32ns, q8ns) \
+    {DSM_TABLE(f32ns, tile_int8), DSM_TABLE(f32ns, tile_int4), DSM_QTABLE(q8ns, 8), DSM_QTABLE(q8ns, 4)}
 
-enum Isa { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, N_ISA = 3 };
+// avx512 (F+BW without VNNI) runs the AVX2 integer tiles; avx512vnni adds vpdpbusd to avx512.
+enum Isa { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512VNNI = 3, N_ISA = 4 };
 
 const Kernels KERNELS[N_ISA] = {
-    {DSM_TABLE(scalar, tile_int8), DSM_TABLE(scalar, tile_int4)},
+    DSM_KERNELS(scalar, scalar),
 #ifdef DSM_X86
-    {DSM_TABLE(avx2, tile_int8), DSM_TABLE(avx2, tile_int4)},
-    {DSM_TABLE(avx512, tile_int8), DSM_TABLE(avx512, tile_int4)},
-#else
-    {DSM_TABLE(scalar, tile_int8), DSM_TABLE(scalar, tile_int4)},  // never selected: supported() says no
-    {DSM_TABLE(scalar, tile_int8), DSM_TABLE(scalar, tile_int4)},
+    DSM_KERNELS(avx2, avx2),
+    DSM_KERNELS(avx512, avx2),
+    DSM_KERNELS(avx512, avx512::vnni),
+#else  // never selected: supported() says no
+    DSM_KERNELS(scalar, scalar),
+    DSM_KERNELS(scalar, scalar),
+    DSM_KERNELS(scalar, scalar),
 #endif
 };
 
@@ -290,8 +385,9 @@ bool supported(int isa) {
     const bool avx2 = b & (1u << 5), avx512f = b & (1u << 16), avx512dq = b & (1u << 17),
                avx512bw = b & (1u << 30), avx512vl = b & (1u << 31);
     if (isa == ISA_AVX2) return avx2;
-    if (isa == ISA_AVX512)
-        return avx2 && avx512f && avx512dq && avx512bw && avx512vl && (xcr0_lo & 0xe0u) == 0xe0u;  // opmask, ZMM
+    const bool avx512 = avx2 && avx512f && avx512dq && avx512bw && avx512vl && (xcr0_lo & 0xe0u) == 0xe0u;  // opmask, ZMM
+    if (isa == ISA_AVX512) return avx512;
+    if (isa == ISA_AVX512VNNI) return avx512 && (c & (1u << 11));  // CPUID.7.0:ECX.AVX512_VNNI
 #endif
     return false;
 }
@@ -334,6 +430,44 @@ void run(const TileTable& tiles, const Problem& p, int n_threads) {
     }
 }
 
+// ----------------------------------------------------------------------------------------------------------
+// Integer path drivers
+
+int64_t row_bytes(int bits, int64_t K) { return bits == 8 ? K : K / 2; }
+
+// Rows n0 .. n0+nn of one weight matrix as tile rows at .. at+nn, row i writing to y0 + i.
+void set_rows(QTile& t, int at, int bits, const void* w, const void* scale, int64_t n0, int nn, float* y0) {
+    const int64_t rb = row_bytes(bits, t.K);
+    for (int i = 0; i < nn; ++i) {
+        const int64_t n = n0 + i;
+        t.w[at + i] = static_cast<const uint8_t*>(w) + n * rb;
+        t.s[at + i] = bits == 8 ? static_cast<const void*>(static_cast<const float*>(scale) + n)
+                                : static_cast<const void*>(static_cast<const uint16_t*>(scale) + n * (t.K / t.gs));
+        t.next[at + i] = reinterpret_cast<const char*>(t.w[at + i] + nn * rb);
+        t.y[at + i] = y0 + i;
+    }
+}
+
+// As run(): blocks of NB weight rows over threads, each walking a chunk of MCHUNK activation rows.
+void run_q8(const QTileTable& tiles, const QAct& a, int64_t M, int64_t K, int bits, const void* w,
+            const void* scale, int64_t gs, int64_t N, float* y, int64_t ldy, int n_threads) {
+    const int64_t n_blocks = (N + NB - 1) / NB;
+    for (int64_t m_lo = 0; m_lo < M; m_lo += MCHUNK) {
+        const int64_t m_hi = m_lo + MCHUNK < M ? m_lo + MCHUNK : M;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+        for (int64_t b = 0; b < n_blocks; ++b) {
+            const int64_t n0 = b * NB;
+            const int nn = int(N - n0 < NB ? N - n0 : NB);
+            for (int64_t m0 = m_lo; m0 < m_hi; m0 += MB) {
+                const int nm = int(m_hi - m0 < MB ? m_hi - m0 : MB);
+                QTile t{&a, m0, K, gs, {}, {}, {}, {}, ldy};
+                set_rows(t, 0, bits, w, scale, n0, nn, y + m0 * ldy + n0);
+                tiles[nn - 1][nm - 1](t);
+            }
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -347,6 +481,26 @@ int dsm_set_isa(int isa) {
     if (!dsm_isa_supported(isa)) return -1;
     g_isa.store(isa);
     return 0;
+}
+
+// x (M, K) fp32 -> q (M, nb * 32) int8 (rows zero-padded), d (M, nb) fp32; nb = ceil(K / 32).
+void dsm_quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* q, float* d, int n_threads) {
+    const int64_t nb = (K + 31) / 32;
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (M * K > (1 << 16))
+    for (int64_t m = 0; m < M; ++m) quantize_row(x + m * ldx, K, q + m * nb * 32, d + m * nb, nb);
+}
+
+// The integer path of dsm_qgemm_int8 / _int4: x quantised per row and block of 32, then integer dot products.
+// bits 8: w (N, K) int8, scale (N,) fp32; bits 4: w (N, K/2) kernel layout, scale (N, K/gs) fp16, gs % 32 == 0.
+void dsm_qgemm_q8(const float* x, int64_t ldx, int64_t M, int64_t K, int bits, const void* w, const void* scale,
+                  int64_t gs, int64_t N, float* y, int64_t ldy, int n_threads) {
+    const int64_t nb = (K + 31) / 32;
+    std::vector<int8_t> q(size_t(M * nb * 32));
+    std::vector<float> d(size_t(M * nb));
+    dsm_quantize_rows(x, ldx, M, K, q.data(), d.data(), n_threads);
+    const Kernels& ks = kernels();
+    run_q8(bits == 8 ? ks.q8_int8 : ks.q8_int4, QAct{q.data(), d.data(), nb * 32, nb}, M, K, bits, w, scale, gs, N,
+           y, ldy, n_threads);
 }
 
 // x (M, K) fp32 rows ldx apart; w (N, K) int8; scale (N,) fp32; y (M, N) fp32 rows ldy apart.
@@ -414,6 +568,77 @@ void dsm_experts(const float* x, int64_t A, int64_t D, int64_t F, int64_t n_acti
             const char* w = static_cast<const char*>(w2) + e * w2_stride;
             const char* sc = static_cast<const char*>(s2) + e * s2_stride;
             tile(Problem{h1 + start[a] * F, F, len[a], F, w, sc, gs, D, y + start[a] * D, D}, bits2, n0, item_lo[it]);
+        }
+    }
+}
+
+// dsm_experts on the integer path, with each expert's gate and up projections fused: one tile reads NB rows of
+// w1 and the same NB rows of w3 against one load of the quantised activation block and writes
+// h = silu(x w1^T) * (x w3^T) * gate for those columns at once. One parallel region, four phases: quantise x,
+// gate+up (work items: active expert x row chunk x block of F, so experts and output rows share the threads),
+// quantise h, down. h: (A, F) scratch.
+void dsm_experts_q8(const float* x, int64_t A, int64_t D, int64_t F, int64_t n_active, const int64_t* expert,
+                    const int64_t* start, const int64_t* len, const void* w1, const void* w3, const void* s1,
+                    const void* s3, int bits13, const void* w2, const void* s2, int bits2, int64_t gs,
+                    const float* gate, float* h, float* y, int n_threads) {
+    auto scale_bytes = [gs](int bits, int64_t rows, int64_t cols) {
+        return bits == 8 ? rows * 4 : rows * (cols / gs) * 2;
+    };
+    const int64_t w13_stride = F * row_bytes(bits13, D), s13_stride = scale_bytes(bits13, F, D);
+    const int64_t w2_stride = D * row_bytes(bits2, F), s2_stride = scale_bytes(bits2, D, F);
+    const int64_t up_blocks = (F + NB - 1) / NB, down_blocks = (D + NB - 1) / NB;
+    const int64_t nbD = (D + 31) / 32, nbF = (F + 31) / 32;
+    std::vector<int8_t> xq(size_t(A * nbD * 32)), hq(size_t(A * nbF * 32));
+    std::vector<float> xd(size_t(A * nbD)), hd(size_t(A * nbF));
+    const QAct ax{xq.data(), xd.data(), nbD * 32, nbD}, ah{hq.data(), hd.data(), nbF * 32, nbF};
+    std::vector<int64_t> item_a, item_lo;
+    for (int64_t a = 0; a < n_active; ++a)
+        for (int64_t lo = 0; lo < len[a]; lo += MCHUNK) { item_a.push_back(a); item_lo.push_back(lo); }
+    const int64_t n_items = int64_t(item_a.size());
+    const Kernels& ks = kernels();
+    const QTileTable& up = bits13 == 8 ? ks.q8_int8 : ks.q8_int4;
+    const QTileTable& down = bits2 == 8 ? ks.q8_int8 : ks.q8_int4;
+    auto char_at = [](const void* p, int64_t bytes) { return static_cast<const char*>(p) + bytes; };
+#pragma omp parallel num_threads(n_threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < A; ++r) quantize_row(x + r * D, D, xq.data() + r * nbD * 32, xd.data() + r * nbD, nbD);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < n_items * up_blocks; ++b) {
+            const int64_t it = b / up_blocks, a = item_a[it], e = expert[a], n0 = (b % up_blocks) * NB;
+            const int nn = int(F - n0 < NB ? F - n0 : NB);
+            const int64_t hi = item_lo[it] + MCHUNK < len[a] ? item_lo[it] + MCHUNK : len[a];
+            for (int64_t m0 = item_lo[it]; m0 < hi; m0 += MB) {
+                const int nm = int(hi - m0 < MB ? hi - m0 : MB);
+                float g1[NB * MB], g3[NB * MB];  // [j * NB + i]
+                QTile t{&ax, start[a] + m0, D, gs, {}, {}, {}, {}, NB};
+                set_rows(t, 0, bits13, char_at(w1, e * w13_stride), char_at(s1, e * s13_stride), n0, nn, g1);
+                set_rows(t, nn, bits13, char_at(w3, e * w13_stride), char_at(s3, e * s13_stride), n0, nn, g3);
+                up[2 * nn - 1][nm - 1](t);
+                for (int j = 0; j < nm; ++j) {
+                    const int64_t r = start[a] + m0 + j;
+                    const float gr = gate ? gate[r] : 1.0f;
+                    for (int i = 0; i < nn; ++i) {
+                        const float u = g1[j * NB + i];
+                        h[r * F + n0 + i] = u / (1.0f + std::exp(-u)) * g3[j * NB + i] * gr;
+                    }
+                }
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < A; ++r) quantize_row(h + r * F, F, hq.data() + r * nbF * 32, hd.data() + r * nbF, nbF);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < n_items * down_blocks; ++b) {
+            const int64_t it = b / down_blocks, a = item_a[it], e = expert[a], n0 = (b % down_blocks) * NB;
+            const int nn = int(D - n0 < NB ? D - n0 : NB);
+            const int64_t hi = item_lo[it] + MCHUNK < len[a] ? item_lo[it] + MCHUNK : len[a];
+            for (int64_t m0 = item_lo[it]; m0 < hi; m0 += MB) {
+                const int nm = int(hi - m0 < MB ? hi - m0 : MB);
+                QTile t{&ah, start[a] + m0, F, gs, {}, {}, {}, {}, D};
+                set_rows(t, 0, bits2, char_at(w2, e * w2_stride), char_at(s2, e * s2_stride), n0, nn,
+                         y + (start[a] + m0) * D + n0);
+                down[nn - 1][nm - 1](t);
+            }
         }
     }
 }

@@ -11,6 +11,13 @@ codes packed in the *kernel* layout, uint8 (N, K/2), with float16 group scales (
     :func:`set_kernel_isa` (or ``DEEPSEEK_MOE_KERNEL_ISA``) forces one;
   - otherwise (autograd, other devices, no compiler, or ``DEEPSEEK_MOE_KERNELS=0``): dequantise tiles of W to
     x's dtype and use the ordinary matmul; tiles keep a 102400-row head from being materialised whole.
+
+The kernel multiplies the weights either with the activations as they are (``"fp32"``: codes widened to fp32,
+compute-bound) or with the activations quantised to int8 per row and block of 32 (``"int8"``, as llama.cpp's
+Q8_0 x Q8_0: exact integer dot products per block, then one fp32 multiply-add per block). The int8 path's
+readable twin is :func:`quant_matmul_q8_reference` (:func:`quantize_activations` gives the very codes the kernel
+uses). :func:`set_activations` / ``DEEPSEEK_MOE_QUANT_ACTIVATIONS`` choose; ``DEFAULT_ACTIVATIONS`` is the
+default (why: docs/quantisation.md). Without the kernel, activations stay fp32.
 """
 
 from __future__ import annotations
@@ -21,9 +28,15 @@ from typing import Any, TypedDict
 import torch
 import torch.nn.functional as F
 
+from deepseek_moe import env
 from deepseek_moe.kernels import cpu_build
 from deepseek_moe.kernels.cpu_build import load_library
-from deepseek_moe.kernels.quant_layout import INT4_SCALE_DTYPE, INT8_SCALE_DTYPE, dequantize
+from deepseek_moe.kernels.quant_layout import (
+    INT4_SCALE_DTYPE,
+    INT8_SCALE_DTYPE,
+    dequantize,
+    unpack_int4_kernel_layout,
+)
 
 # Up to this many rows of x the kernel runs; beyond, dequantised tiles + GEMM. Measured at 1408x2048 on this
 # CPU (benchmarks/quant_kernels.py --rows): the kernel still matched the fp32 GEMM at 128 rows and beat
@@ -31,6 +44,63 @@ from deepseek_moe.kernels.quant_layout import INT4_SCALE_DTYPE, INT8_SCALE_DTYPE
 KERNEL_MAX_ROWS = 1 << 20
 # Rows of W dequantised at a time on the tiled path: 4096 x 2048 fp32 is 32 MB.
 TILE_ROWS = 4096
+ACTIVATIONS = ("int8", "fp32")
+DEFAULT_ACTIVATIONS = "int8"
+ACT_BLOCK = 32  # activation columns per int8 scale
+_activations: str | None = None  # set_activations()
+
+
+def activations() -> str:
+    """What the kernel multiplies the weights with: "int8" (quantised activations) or "fp32"."""
+    if _activations is not None:
+        return _activations
+    forced = env.quant_activations()
+    if forced is not None and forced not in ACTIVATIONS:
+        raise ValueError(f"{env.QUANT_ACTIVATIONS}={forced}: expected one of {', '.join(ACTIVATIONS)}")
+    return forced or DEFAULT_ACTIVATIONS
+
+
+def set_activations(mode: str | None) -> None:
+    """Use "int8" or "fp32" activations in the kernel from now on (None: back to the environment / default)."""
+    global _activations
+    if mode is not None and mode not in ACTIVATIONS:
+        raise ValueError(f"activations ({mode!r}) must be one of {', '.join(ACTIVATIONS)}")
+    _activations = mode
+
+
+def quantize_activations(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> int8 codes (M, nb * 32), each row zero-padded, and float32 scales (M, nb), nb = ceil(K / 32).
+
+    Per block: d = max|x| / 127, code = round-half-to-even(x * (1 / d)) in [-127, 127] (0 where d is 0). The
+    kernel does the same IEEE float32 operations, so its codes equal these exactly."""
+    M, K = x_MK.shape
+    nb = -(-K // ACT_BLOCK)
+    x = F.pad(x_MK.float(), (0, nb * ACT_BLOCK - K)).view(M, nb, ACT_BLOCK)
+    d = x.abs().amax(-1) / 127
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(x * inv[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.view(M, nb * ACT_BLOCK), d
+
+
+def quant_matmul_q8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The int8-activation algorithm in plain PyTorch: x (..., K) -> (..., N) in x's dtype.
+
+    Per block b of 32 columns: isum_b = the integer dot product of x's codes with the weight codes (computed in
+    float64, exact), y = sum_b d_b * isum_b * row scale (int8), or sum_b (d_b * group scale) * isum_b (int4:
+    the factor rounded to float32 as the kernel does). The kernel sums the blocks in float32, in another order."""
+    K = x.shape[-1]
+    xq, xd = quantize_activations(x.reshape(-1, K))
+    M, nb = xd.shape
+    N = q.shape[0]
+    codes = q if q.dtype == torch.int8 else unpack_int4_kernel_layout(q, _group_size(q, scale))
+    wq = F.pad(codes, (0, nb * ACT_BLOCK - K)).view(N, nb, ACT_BLOCK)
+    isum = torch.einsum("mbk,nbk->mnb", xq.view(M, nb, ACT_BLOCK).double(), wq.double())
+    if q.dtype == torch.int8:
+        y = (xd[:, None, :].double() * isum).sum(-1) * scale.double()
+    else:
+        factor = xd[:, None, :] * scale.float().repeat_interleave(_group_size(q, scale) // ACT_BLOCK, dim=1)
+        y = (factor.double() * isum).sum(-1)
+    return y.float().view(*x.shape[:-1], N).to(x.dtype)
 
 
 def quant_matmul_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -91,7 +161,11 @@ def quant_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     N = q.shape[0]
     x32 = x.reshape(M, K).float().contiguous()  # both no-ops for a contiguous fp32 x
     y = torch.empty(M, N, dtype=torch.float32)
-    if q.dtype == torch.int8:
+    if activations() == "int8":
+        bits, gs = (8, 0) if q.dtype == torch.int8 else (4, _group_size(q, scale))
+        lib.dsm_qgemm_q8(x32.data_ptr(), K, M, K, bits, q.data_ptr(), scale.data_ptr(), gs, N, y.data_ptr(), N,
+                         torch.get_num_threads())
+    elif q.dtype == torch.int8:
         lib.dsm_qgemm_int8(x32.data_ptr(), K, M, K, q.data_ptr(), scale.data_ptr(), N, y.data_ptr(), N,
                            torch.get_num_threads())
     else:
@@ -116,7 +190,8 @@ def kernel_available() -> bool:
 
 
 def kernel_isa() -> str | None:
-    """The instruction set the kernel runs ("avx512", "avx2" or "scalar"), or None when there is no kernel."""
+    """The instruction set the kernel runs ("avx512vnni", "avx512", "avx2" or "scalar"), or None when there is no
+    kernel."""
     lib = load_library()
     return None if lib is None else cpu_build.ISAS[lib.dsm_get_isa()]
 
@@ -127,15 +202,28 @@ def supported_isas() -> list[str]:
     return [] if lib is None else cpu_build.supported_isas(lib)
 
 
+# The integer dot product each instruction set's int8-activation tiles use (avx512 without VNNI runs AVX2's).
+INT8_DOT = {"scalar": "scalar", "avx2": "avx2 vpmaddubsw", "avx512": "avx2 vpmaddubsw",
+            "avx512vnni": "avx512vnni vpdpbusd"}
+
+
 class KernelReport(TypedDict):
     quant_matmul: str | None
+    activations: str
+    int8_dot: str | None
     supported: list[str]
 
 
 def kernel_report() -> KernelReport:
     """Which path the quantised matmuls take on this machine, for ``info`` and benchmarks: the instruction set
-    (None: no compiled kernel, the dequantise-then-matmul path runs) and the ones this CPU could run."""
-    return KernelReport(quant_matmul=kernel_isa(), supported=supported_isas())
+    (None: no compiled kernel, the dequantise-then-matmul path runs, with fp32 activations), the activations the
+    kernel multiplies with, the integer dot product of the int8-activation path (None with fp32 activations),
+    and the instruction sets this CPU could run."""
+    isa = kernel_isa()
+    acts = activations() if isa is not None else "fp32"
+    return KernelReport(quant_matmul=isa, activations=acts,
+                        int8_dot=INT8_DOT[isa] if isa is not None and acts == "int8" else None,
+                        supported=supported_isas())
 
 
 def set_kernel_isa(isa: str) -> None:
@@ -151,18 +239,20 @@ def set_kernel_isa(isa: str) -> None:
 
 
 def experts_reference(x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Tensor | None,
-                      w: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Readable twin of :func:`quant_experts`: per expert, SwiGLU on its rows with dequantised weights.
+                      w: dict[str, tuple[torch.Tensor, torch.Tensor]], activations: str = "fp32") -> torch.Tensor:
+    """Readable twin of :func:`quant_experts`: per expert, SwiGLU on its rows with dequantised weights
+    (``activations="int8"``: each matmul as :func:`quant_matmul_q8_reference`, so h is quantised too).
     ``w`` maps "w1"/"w2"/"w3" to stacked (codes (E, ...), scales (E, ...))."""
     y = x_AD.new_zeros(x_AD.shape[0], w["w2"][0].shape[1])
+    mm = quant_matmul_q8_reference if activations == "int8" else quant_matmul_reference
     start = 0
     for e, n in enumerate(counts_E.tolist()):
         if n:
             x = x_AD[start:start + n].float()
-            h = F.silu(x @ dequantize(w["w1"][0][e], w["w1"][1][e]).t()) * (x @ dequantize(w["w3"][0][e], w["w3"][1][e]).t())
+            h = F.silu(mm(x, w["w1"][0][e], w["w1"][1][e])) * mm(x, w["w3"][0][e], w["w3"][1][e])
             if gates_A is not None:
                 h = h * gates_A[start:start + n, None].float()
-            y[start:start + n] = (h @ dequantize(w["w2"][0][e], w["w2"][1][e]).t()).to(y.dtype)
+            y[start:start + n] = mm(h, w["w2"][0][e], w["w2"][1][e]).to(y.dtype)
         start += n
     return y
 
@@ -185,9 +275,17 @@ def quant_experts(x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Ten
     (w1, s1), (w3, s3), (w2, s2) = w["w1"], w["w3"], w["w2"]
     F_ = w1.shape[1]
     x32 = x_AD.float().contiguous()
-    h1, h3 = torch.empty(A, F_), torch.empty(A, F_)
     y = torch.empty(A, D)
     g = None if gates_A is None else gates_A.float().contiguous()
+    if activations() == "int8":
+        h = torch.empty(A, F_)
+        lib.dsm_experts_q8(x32.data_ptr(), A, D, F_, len(active), meta[0].data_ptr(), meta[1].data_ptr(),
+                           meta[2].data_ptr(), w1.data_ptr(), w3.data_ptr(), s1.data_ptr(), s3.data_ptr(),
+                           8 if w1.dtype == torch.int8 else 4, w2.data_ptr(), s2.data_ptr(),
+                           8 if w2.dtype == torch.int8 else 4, group_size, None if g is None else g.data_ptr(),
+                           h.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        return y.to(x_AD.dtype)
+    h1, h3 = torch.empty(A, F_), torch.empty(A, F_)
     lib.dsm_experts(x32.data_ptr(), A, D, F_, len(active), meta[0].data_ptr(), meta[1].data_ptr(),
                     meta[2].data_ptr(), w1.data_ptr(), w3.data_ptr(), s1.data_ptr(), s3.data_ptr(),
                     8 if w1.dtype == torch.int8 else 4, w2.data_ptr(), s2.data_ptr(),
