@@ -11,8 +11,11 @@ fraction reached.
     python benchmarks/big_model.py --model mid --bits 4 --dir /tmp/mid-int4
 
 With ``--compare`` (mid-size): one bf16 checkpoint of random weights, and side by side, interleaved in one
-process: ours fp32 / bf16 / int8 / int4 (quantised on load from that checkpoint) and transformers fp32 / bf16
-on the same checkpoint: prefill 64 tokens and decode at batch 1.
+process: ours fp32 / bf16 / int8 / int4 (quantised on load from that checkpoint; the quantised ones once per
+kernel activation format, int8 and fp32) and transformers fp32 / bf16 on the same checkpoint: prefill 64 tokens
+and decode at batch 1.
+
+    python benchmarks/big_model.py --compare --no-transformers --models int8,int4 --threads 2 --repeats 3
 """
 
 from __future__ import annotations
@@ -143,18 +146,24 @@ def compare(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
     import deepseek_moe as dm
+    from deepseek_moe.kernels.quant_matmul import kernel_report, set_activations
 
     cfg = mid_size()
     directory = Path(args.dir)
     print(uptime())
     if not (directory / "config.json").is_file():
         write_random_checkpoint(cfg, directory, bits=None, dtype="bfloat16")
-    models: dict[str, tuple[str, torch.nn.Module]] = {
-        "ours fp32": ("ours", dm.from_pretrained(directory, dtype="float32")),
-        "ours bf16": ("ours", dm.from_pretrained(directory, dtype="bfloat16")),
-        "ours int8": ("ours", dm.from_pretrained(directory, dtype="float32", quantize="int8")),
-        "ours int4": ("ours", dm.from_pretrained(directory, dtype="float32", quantize="int4")),
-    }
+    wanted = args.models.split(",")
+    models: dict[str, tuple[str, torch.nn.Module]] = {}
+    for kind in ("fp32", "bf16"):
+        if kind in wanted:
+            models[f"ours {kind}"] = ("ours", dm.from_pretrained(directory, dtype={"fp32": "float32"}.get(kind, "bfloat16")))
+    for kind in ("int8", "int4"):
+        if kind in wanted:
+            model = dm.from_pretrained(directory, dtype="float32", quantize=kind)
+            # the same model once per activation format of the kernel (quant_matmul.set_activations), interleaved
+            for act in args.activations.split(","):
+                models[f"ours {kind} {act}-act"] = (f"ours:{act}", model)
     if not args.no_transformers:
         for dtype in (torch.float32, torch.bfloat16):
             hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
@@ -163,6 +172,7 @@ def compare(args: argparse.Namespace) -> None:
     prompt = torch.randint(0, cfg.vocab_size, (1, 64), generator=g)
 
     def prefill(kind: str, model: torch.nn.Module) -> float:
+        kind = _use_activations(kind)
         t0 = time.perf_counter()
         if kind == "ours":
             model(prompt)
@@ -171,6 +181,7 @@ def compare(args: argparse.Namespace) -> None:
         return time.perf_counter() - t0
 
     def decode(kind: str, model: torch.nn.Module, n: int) -> float:
+        kind = _use_activations(kind)
         if kind == "ours":
             cache = model.new_cache()
             tok = model(prompt[:, :16], cache=cache).logits[:, -1:].argmax(-1)
@@ -200,12 +211,28 @@ def compare(args: argparse.Namespace) -> None:
     print(f"{'':20s} {'prefill (64 tokens)':>20s} {'decode':>12s} {'GB read/token':>14s}")
     rows = {}
     for name, (kind, model) in models.items():
-        gbpt = weights_read_per_token(model) / 1e9 if kind == "ours" else float("nan")
+        gbpt = weights_read_per_token(model) / 1e9 if kind.startswith("ours") else float("nan")
         print(f"{name:20s} {64 / best_p[name]:14.1f} tok/s {1 / best_d[name]:7.1f} tok/s {gbpt:14.3f}")
         rows[name] = {"prefill_tok_s": 64 / best_p[name], "decode_tok_s": 1 / best_d[name]}
+    for name in rows:
+        if name.endswith("int8-act") and (other := name.replace("int8-act", "fp32-act")) in rows:
+            print(f"{name}: x{rows[name]['prefill_tok_s'] / rows[other]['prefill_tok_s']:.2f} prefill, "
+                  f"x{rows[name]['decode_tok_s'] / rows[other]['decode_tok_s']:.2f} decode against fp32-act")
+    set_activations(None)
+    print(f"kernel: {kernel_report()}")
     print(uptime())
     print(json.dumps({"benchmark": "mid_size_decode", "threads": torch.get_num_threads(), "rows": rows,
-                      "uptime": uptime()}))
+                      "kernel_report": kernel_report(), "uptime": uptime()}))
+
+
+def _use_activations(kind: str) -> str:
+    """"ours:int8" -> set the kernel's activations to int8, return "ours"; other kinds unchanged."""
+    from deepseek_moe.kernels.quant_matmul import set_activations
+
+    if ":" in kind:
+        kind, act = kind.split(":")
+        set_activations(act)
+    return kind
 
 
 def main() -> None:
@@ -219,10 +246,18 @@ def main() -> None:
     ap.add_argument("--keep-file", action="store_true", help="do not delete the checkpoint afterwards")
     ap.add_argument("--compare", action="store_true", help="mid-size: ours vs transformers, fp32/bf16/int8/int4")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--models", default="fp32,bf16,int8,int4", help="--compare: which of ours to run")
+    ap.add_argument("--activations", default="int8,fp32",
+                    help="--compare: the quantised models once per activation format of the kernel, interleaved")
+    ap.add_argument("--threads", type=int, default=0, help="torch (and kernel) threads; 0: torch's default")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.child:
         child(args)
     elif args.compare:
