@@ -1,0 +1,248 @@
+"""Fine-tuning speed and memory: LoRA on an int8 DeepSeek-V2-Lite, and ours against PEFT on transformers.
+
+``v2lite``: the V2-Lite shape (dim 2048, 64 routed + 2 shared experts of 1408, top-6, kv-LoRA 512, vocabulary
+102400; ``--layers`` of its 27) with random weights built directly in int8, module by module (the model is
+allocated on the meta device, its targets swapped for quantised twins, then each tensor filled in place: no
+float copy of a weight ever exists), LoRA r=16 on attention + shared + routed experts, AdamW on the adapters, one
+sequence of ``--seq-len`` tokens a step. Each layer count runs in a fresh process, so its VmHWM is its own;
+given two or more counts, the per-MoE-layer cost (slope) extrapolates to all 27 layers. Tokens/s: the median of
+the timed steps after one warm-up step.
+
+``mid``: the ~400M mid-size model of benchmarks/common.py with a bf16 base, LoRA r=16 (alpha 32) on attention and
+the routed experts (the groups PEFT can target on transformers 5's DeepSeek-V2; it rewrites shared-expert names
+into the routed experts), ours against transformers' DeepseekV2ForCausalLM + PEFT (grouped_mm experts, sdpa),
+interleaved rounds on the same batch; fp32 logits of the two base models must agree before anything is timed.
+
+    python benchmarks/finetune.py v2lite --layers 2 4 [--steps 3] [--seq-len 512] [--bits 8]
+    python benchmarks/finetune.py mid [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import mid_size, uptime, v2_lite, vm_hwm_bytes  # noqa: E402
+
+import deepseek_moe as dm  # noqa: E402
+from deepseek_moe.adapters import LoRAConfig, apply_lora, mark_trainable  # noqa: E402
+
+V2_LITE_LAYERS = 27
+TARGETS = ("attention", "shared_experts", "routed_experts")
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model, its SIMD flags that matter here, and the quantised kernel's instruction set."""
+    from deepseek_moe.kernels.quant_matmul import kernel_report
+
+    model, flags = "?", set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name") and model == "?":
+            model = line.split(":", 1)[1].strip()
+        elif line.startswith("flags") and not flags:
+            flags = set(line.split(":", 1)[1].split())
+    wanted = sorted(f for f in flags if f in ("avx2", "fma", "f16c") or f.startswith(("avx512", "amx", "avx_vnni")))
+    return {"cpu": model, "flags": wanted, "quant_kernel": kernel_report()["quant_matmul"],
+            "threads": torch.get_num_threads()}
+
+
+# ---- (a) V2-Lite, int8 base ------------------------------------------------------------------------------------
+def build_quantised(cfg: dm.ModelConfig, bits: int, seed: int = 0) -> dm.DeepSeekMoEForCausalLM:
+    """cfg's model with random weights held quantised from the start: built on meta, twins swapped in, then each
+    module's tensors allocated and filled in place (codes as random integers, scales giving weights of std ~0.02)."""
+    from deepseek_moe.io.streaming import finish_runtime_state
+    from deepseek_moe.quant import QuantConfig, prepare_model
+
+    with torch.device("meta"):
+        model = dm.DeepSeekMoEForCausalLM(cfg)
+    prepare_model(model, QuantConfig(bits=bits))  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        module.to_empty(device="cpu", recurse=False)
+        with torch.no_grad():
+            for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if t.dtype == torch.int8:
+                    t.random_(-127, 128, generator=gen)
+                elif t.dtype == torch.uint8:
+                    t.random_(0, 256, generator=gen)
+                elif name.endswith("_scale"):  # codes have std ~73 (int8) / ~4.6 (int4)
+                    t.fill_(0.02 / (73.0 if t.dtype == torch.float32 else 4.6))
+                elif "norm" in type(module).__name__.lower():
+                    t.fill_(1.0)
+                else:
+                    t.normal_(0.0, 0.02, generator=gen)
+    finish_runtime_state(model, torch.device("cpu"))
+    return model
+
+
+def run_v2lite_once(layers: int, bits: int, steps: int, seq_len: int, checkpointing: bool) -> dict[str, Any]:
+    from deepseek_moe.model.block import set_activation_checkpointing
+
+    cfg = v2_lite().replace(n_layers=layers)
+    t0 = time.perf_counter()
+    model = build_quantised(cfg, bits)
+    build_s = time.perf_counter() - t0
+    built_rss = vm_hwm_bytes()
+    torch.manual_seed(0)
+    apply_lora(model, LoRAConfig(r=16, alpha=32.0, targets=TARGETS))
+    trainable = [p for n, p in model.named_parameters() if n in set(mark_trainable(model))]
+    set_activation_checkpointing(model, checkpointing)
+    model.train()
+    opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
+    ids = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(1))
+    times, losses = [], []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+        progress(f"{layers} layers: step {len(times)} {times[-1]:.1f} s, VmHWM {vm_hwm_bytes() / 1e9:.2f} GB")
+    step_s = statistics.median(times[1:])
+    return {"layers": layers, "bits": bits, "seq_len": seq_len, "steps": steps, "build_s": round(build_s, 1),
+            "rss_built_gb": round(built_rss / 1e9, 2), "vm_hwm_gb": round(vm_hwm_bytes() / 1e9, 2),
+            "trainable_m": round(sum(p.numel() for p in trainable) / 1e6, 1), "step_s": round(step_s, 2),
+            "tokens_per_s": round(seq_len / step_s, 2), "losses": [round(x, 3) for x in losses],
+            "activation_checkpointing": checkpointing}
+
+
+def v2lite(args: argparse.Namespace) -> None:
+    if args.one is not None:  # a child: one layer count in this process
+        print(json.dumps(run_v2lite_once(args.one, args.bits, args.steps, args.seq_len, args.checkpointing)))
+        return
+    rows = []
+    for layers in args.layers:
+        cmd = [sys.executable, __file__, "v2lite", "--one", str(layers), "--bits", str(args.bits), "--steps",
+               str(args.steps), "--seq-len", str(args.seq_len)] + (["--checkpointing"] if args.checkpointing else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows[-1]["uptime"] = uptime()
+    print(f"\nV2-Lite shape, int{args.bits} base, LoRA r=16 on {', '.join(TARGETS)}, seq {args.seq_len}, "
+          f"batch 1, AdamW; {cpu_info()}")
+    print(f"{'layers':>6} {'built GB':>9} {'VmHWM GB':>9} {'adapter M':>10} {'s/step':>7} {'tok/s':>7}  load")
+    for r in rows:
+        print(f"{r['layers']:>6} {r['rss_built_gb']:>9} {r['vm_hwm_gb']:>9} {r['trainable_m']:>10} "
+              f"{r['step_s']:>7} {r['tokens_per_s']:>7}  {r['uptime'].split('load average:')[-1].strip()}")
+    result: dict[str, Any] = {"benchmark": "finetune_v2lite", "runs": rows, **cpu_info()}
+    if len(rows) >= 2 and rows[-1]["layers"] != rows[0]["layers"]:
+        a, b = rows[0], rows[-1]
+        per_layer = {k: (b[k] - a[k]) / (b["layers"] - a["layers"]) for k in ("vm_hwm_gb", "step_s")}
+        more = V2_LITE_LAYERS - b["layers"]
+        hwm = b["vm_hwm_gb"] + more * per_layer["vm_hwm_gb"]
+        step = b["step_s"] + more * per_layer["step_s"]
+        result["extrapolated_27_layers"] = {"vm_hwm_gb": round(hwm, 1), "step_s": round(step, 1),
+                                            "tokens_per_s": round(args.seq_len / step, 1),
+                                            "per_moe_layer": {k: round(v, 3) for k, v in per_layer.items()}}
+        print(f"extrapolated to 27 layers (+{per_layer['vm_hwm_gb']:.2f} GB, +{per_layer['step_s']:.2f} s a MoE "
+              f"layer): VmHWM ~{hwm:.1f} GB, ~{step:.0f} s/step, ~{args.seq_len / step:.1f} tokens/s")
+    print(json.dumps(result))
+
+
+# ---- (b) mid size, bf16 base: ours against PEFT ------------------------------------------------------------------
+class Stepper:
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model.train()
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+
+    def __call__(self, batch: torch.Tensor) -> float:
+        t0 = time.perf_counter()
+        loss = self.model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def mid(args: argparse.Namespace) -> None:
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    cfg = mid_size()
+    batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(1))
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        dm.save_pretrained(dm.DeepSeekMoEForCausalLM(cfg), tmp)
+        ours = dm.from_pretrained(tmp, dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa",
+                                                  experts_implementation="grouped_mm").eval()
+    with torch.no_grad():
+        diff = (ours(batch[:1, :64]).logits - hf(batch[:1, :64]).logits).abs().max().item()
+    if diff > 1e-3:
+        raise SystemExit(f"fp32 logits disagree (max |diff| {diff:.3g}): not the same model")
+    dtype = getattr(torch, args.dtype)
+    ours.to(dtype)
+    hf.to(dtype)
+    torch.manual_seed(0)
+    apply_lora(ours, LoRAConfig(r=16, alpha=32.0, targets=("attention", "routed_experts")))
+    mark_trainable(ours)
+    attention = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+    lcfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules=attention,
+                           target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    theirs = peft.get_peft_model(hf, lcfg)
+    n_ours = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    n_theirs = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    steppers = {"ours": Stepper(ours), "peft": Stepper(theirs)}
+    for name, s in steppers.items():
+        progress(f"warm-up {name}: {s(batch):.1f} s")
+    times: dict[str, list[float]] = {k: [] for k in steppers}
+    for r in range(args.rounds):
+        for name, s in steppers.items():
+            times[name].append(s(batch))
+            progress(f"round {r + 1} {name}: {times[name][-1]:.1f} s")
+    tokens = batch.numel()
+    tps = {k: tokens / statistics.median(v) for k, v in times.items()}
+    load = uptime()
+    print(f"\nmid size ({dm.count_parameters(cfg)[0] / 1e6:.0f}M), {args.dtype} base, LoRA r=16 on attention + routed experts "
+          f"(trainable: ours {n_ours / 1e6:.1f}M, PEFT {n_theirs / 1e6:.1f}M), batch {args.batch} x {args.seq_len}, "
+          f"{args.rounds} interleaved rounds; fp32 logits agree ({diff:.1e}); {cpu_info()}")
+    print(f"{'':6} {'s/step (median)':>16} {'tokens/s':>9}")
+    for k, v in times.items():
+        print(f"{k:6} {statistics.median(v):>16.2f} {tps[k]:>9.1f}")
+    print(f"ours / PEFT: {tps['ours'] / tps['peft']:.2f}x   ({load})")
+    print(json.dumps({"benchmark": "finetune_mid_vs_peft", "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
+                      "ratio": round(tps["ours"] / tps["peft"], 2), "dtype": args.dtype, "trainable": {"ours": n_ours, "peft": n_theirs},
+                      "batch": args.batch, "seq_len": args.seq_len, "rounds": args.rounds,
+                      "step_s": {k: [round(x, 2) for x in v] for k, v in times.items()}, "uptime": load,
+                      **cpu_info()}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    a = sub.add_parser("v2lite")
+    a.add_argument("--layers", type=int, nargs="+", default=[2, 4], help="layer counts, each in its own process")
+    a.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    a.add_argument("--bits", type=int, choices=(8, 4), default=8)
+    a.add_argument("--steps", type=int, default=3)
+    a.add_argument("--seq-len", type=int, default=512)
+    a.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    b = sub.add_parser("mid")
+    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--batch", type=int, default=2)
+    b.add_argument("--seq-len", type=int, default=256)
+    b.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="the base's dtype")
+    args = p.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    (v2lite if args.what == "v2lite" else mid)(args)
+
+
+if __name__ == "__main__":
+    main()
