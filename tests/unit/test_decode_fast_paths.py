@@ -152,3 +152,18 @@ def test_training_forward_untouched_by_the_fast_paths(tiny_model: DeepSeekMoEFor
     assert torch.equal(fast, plain)
     fast.sum().backward()
     assert model.layers[-1].ffn.experts.w1.grad is not None
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_prefill_rows_leave_the_kernel_where_torch_bf16_is_native(native: bool,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where oneDNN multiplies bf16 (AVX-512, AMX) many rows stay on torch; decode rows take the kernel anywhere."""
+    monkeypatch.setattr(linear, "torch_bf16_matmul_is_native", lambda: native)
+    calls: dict[str, int] = {}
+    _spy(monkeypatch, linear, "float_matmul_kernel", calls)
+    layer = linear.Linear(64, 32, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        layer(torch.randn(1, 64).bfloat16())
+        assert calls == {"float_matmul_kernel": 1}
+        layer(torch.randn(40, 64).bfloat16())
+    assert calls == {"float_matmul_kernel": 1 if native else 2}

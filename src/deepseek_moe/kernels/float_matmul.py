@@ -17,6 +17,7 @@ measurements in docs/performance.md.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any
 
@@ -27,6 +28,16 @@ from deepseek_moe.kernels import cpu_build
 from deepseek_moe.kernels.switch import fast_paths_enabled
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def torch_bf16_matmul_is_native() -> bool:
+    """Whether torch multiplies bf16 through oneDNN on this CPU (AVX-512 / AVX512-BF16 / AMX): there the many
+    rows of a prefill may be faster in torch than in our AVX2 tiles, which were measured only where it is not."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def float_matmul_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -192,6 +203,6 @@ def set_kernel_isa(isa: str) -> None:
         raise ValueError(f"this CPU cannot run the {isa} float_gemm kernels")
 
 
-__all__ = ["float_experts_kernel", "float_experts_one_token", "float_experts_one_token_reference",
+__all__ = ["torch_bf16_matmul_is_native", "float_experts_kernel", "float_experts_one_token", "float_experts_one_token_reference",
            "float_experts_reference", "float_matmul", "float_matmul_kernel",
            "float_matmul_reference", "kernel_isa", "set_kernel_isa"]

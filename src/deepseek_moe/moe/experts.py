@@ -150,8 +150,10 @@ FP32_FUSED_MAX_ROWS = 64
 
 def _fused_kernel_fits(x_AD: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether the fused float experts kernel is worth asking for (it still declines under autograd)."""
+    few_rows = x_AD.shape[0] <= FP32_FUSED_MAX_ROWS  # bf16 beyond only where torch's bf16 is not native (oneDNN)
     return (x_AD.device.type == "cpu" and x_AD.dtype == w.dtype and not hasattr(w, "to_local")
-            and (w.dtype == torch.bfloat16 or (w.dtype == torch.float32 and x_AD.shape[0] <= FP32_FUSED_MAX_ROWS)))
+            and ((w.dtype == torch.bfloat16 and (few_rows or not float_matmul.torch_bf16_matmul_is_native()))
+                 or (w.dtype == torch.float32 and few_rows)))
 
 
 def _grouped_mm_fits(dtype: torch.dtype, rows: int, cols: int) -> bool:

@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepseek_moe.kernels.float_matmul import float_matmul_kernel
+from deepseek_moe.kernels.float_matmul import float_matmul_kernel, torch_bf16_matmul_is_native
 from deepseek_moe.nn.compute_copy import compute_dtype, compute_weight, copy_of
 
 # Rows of x up to which fp32 weights take the kernel (bf16 weights always do, torch's bf16 matmul being the slow
 # one on CPUs without AVX512-BF16). Measured on an AVX2 EPYC, 2 threads, 1024x5632 and 5632x1024: at 1 row the
 # kernel matched MKL, at 4-16 rows it took 1/3 to 1/2 of MKL's time, at 64 rows MKL was up to 1.6x faster.
+# Where torch's bf16 matmul is native (oneDNN: AVX-512, AMX) bf16 weights take the kernel up to these rows only.
 FP32_KERNEL_MAX_ROWS = 16
 
 
@@ -25,9 +26,10 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if copy_of(self.weight) is None:  # first: meta tensors (shape inference) have no autocast state to ask
+            few_rows = x.numel() <= FP32_KERNEL_MAX_ROWS * x.shape[-1]
             if x.device.type == "cpu" and x.dtype == self.weight.dtype and (
-                    x.dtype == torch.bfloat16 or (x.dtype == torch.float32
-                                                  and x.numel() <= FP32_KERNEL_MAX_ROWS * x.shape[-1])):
+                    (x.dtype == torch.bfloat16 and (few_rows or not torch_bf16_matmul_is_native()))
+                    or (x.dtype == torch.float32 and few_rows)):
                 y = float_matmul_kernel(x, self.weight)  # None under autograd, without a compiler, ...
                 if y is not None:
                     return y if self.bias is None else y + self.bias
