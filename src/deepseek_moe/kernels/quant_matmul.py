@@ -45,7 +45,11 @@ KERNEL_MAX_ROWS = 1 << 20
 # Rows of W dequantised at a time on the tiled path: 4096 x 2048 fp32 is 32 MB.
 TILE_ROWS = 4096
 ACTIVATIONS = ("int8", "fp32")
-DEFAULT_ACTIVATIONS = "fp32"  # until measured on a trained model and at the mid size (issue 22)
+# fp32 by default although int8 costs next to nothing in quality and wins for int4 weights (docs/quantisation.md,
+# "int8 activations: measured"): a row's codes move by one when its input moves by ~1e-7, so outputs then depend
+# on batching (speculative verification, prefill vs cached decode) at the 0.5% level, and int8-weight decode was
+# not shown faster on this loaded AVX2 machine.
+DEFAULT_ACTIVATIONS = "fp32"
 ACT_BLOCK = 32  # activation columns per int8 scale
 _activations: str | None = None  # set_activations()
 
