@@ -26,8 +26,9 @@ from deepseek_moe.infer.sampling import probabilities
 
 @dataclass
 class SpecStats:
-    """Counts of a speculative run: ``steps`` verification forwards, ``drafted`` tokens proposed, ``accepted``
-    of them kept."""
+    """Counts of a speculative run: ``steps`` drafts verified (per row: a step where it drafted nothing is a plain
+    decode step and not counted), ``drafted`` tokens proposed, ``accepted`` of them kept. The scheduler counts
+    the same way."""
 
     steps: int = 0
     drafted: int = 0
@@ -175,7 +176,8 @@ def decode_speculative(first: torch.Tensor, prompts: Sequence[Sequence[int]], *,
             tokens = accept(logits[i, T - 1 - k:], d, temperature=temperature, top_k=top_k, top_p=top_p,
                             generator=generator)
             n_accepted = len(tokens) - 1
-            stats.add(k, n_accepted)
+            if k:  # a row with nothing drafted took a plain decode step: no verification to count
+                stats.add(k, n_accepted)
             if n_accepted < k:
                 rejected[i, T - (k - n_accepted):] = True
             emit(i, tokens)
