@@ -128,3 +128,31 @@ def test_config_naming_an_mtp_layer_the_files_lack_loads_without_it(tmp_path: Pa
     with pytest.warns(UserWarning, match="num_nextn_predict_layers = 1 but the checkpoint holds no"):
         model = load_pretrained(tmp_path)
     assert model.config.mtp_depth == 0
+
+
+def test_fp8_mtp_layer_is_dequantised_with_its_scales(tmp_path: Path) -> None:
+    """V3 ships its MTP layer block-quantised like the rest (FP8 + weight_scale_inv): read through the same path."""
+    pytest.importorskip("accelerate")
+    from test_fp8 import to_fp8_checkpoint
+
+    src = tmp_path / "v3"
+    _, n = write_v3_with_mtp(src)
+    quantised = to_fp8_checkpoint(src, (16, 16))
+    assert f"model.layers.{n}.eh_proj.weight" in quantised
+    # V3 keeps its output heads in bf16 (§3.3.1), the MTP layer's copy too: undo the fixture's FP8 of the copy
+    tensors = load_file(src / "model.safetensors")
+    head = f"model.layers.{n}.shared_head.head.weight"
+    tensors.pop(head + "_scale_inv")
+    tensors[head] = tensors["lm_head.weight"].clone()
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    model = load_pretrained(src, dtype=torch.float32)
+    stored = load_file(src / "model.safetensors")
+
+    def dequantised(key: str) -> torch.Tensor:
+        scale = stored[key + "_scale_inv"].repeat_interleave(16, 0).repeat_interleave(16, 1)
+        q = stored[key].float()
+        return q * scale[:q.shape[0], :q.shape[1]]
+
+    torch.testing.assert_close(model.mtp[0].eh_proj.weight, dequantised(f"model.layers.{n}.eh_proj.weight"))
+    torch.testing.assert_close(model.mtp[0].block.ffn.experts.w2[3],
+                               dequantised(f"model.layers.{n}.mlp.experts.3.down_proj.weight"))
