@@ -191,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from deepseek_moe.kernels.quant_matmul import kernel_report
 
     work = args.dir or llamacpp.cache_dir() / "vs_llamacpp-mid"
+    commit = commit_of(Path(__file__).parent)  # before the long run: the tree may move under it
     tools, ggufs, checkpoint = prepare(args, work)
     torch.set_num_threads(args.threads)
     model_name, flags = cpu_info(Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else "")
@@ -216,14 +217,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                   flush=True)
     load_after = uptime()
     header = (f"{model_name}, {isa_summary(flags)}; batch 1, {args.threads} threads, best of {args.rounds} "
-              f"interleaved rounds; ours at {commit_of(Path(__file__).parent)}, quantised matmul kernel "
+              f"interleaved rounds; ours at {commit}, quantised matmul kernel "
               f"{kernel_report()['quant_matmul']}; llama.cpp {tools.bench}"
               + ("" if all(repack.values()) else
                  f" (--repack 0 for {', '.join(n for n, v in repack.items() if not v)})"))
     print(f"\nmid-size ({dm.count_parameters(mid_size())[0] / 1e6:.0f}M parameters) {header}")
     print(format_table(best, prompt=args.prompt, gen=args.gen))
     print(f"load before: {load_before}\nload after:  {load_after}")
-    print(result_json(best, commit=commit_of(Path(__file__).parent), cpu=model_name, isa_flags=flags,
+    print(result_json(best, commit=commit, cpu=model_name, isa_flags=flags,
                       threads=args.threads, rounds=args.rounds, prompt=args.prompt, gen=args.gen,
                       llama_bench=str(tools.bench), repack=repack, kernel=kernel_report(),
                       torch_threads=torch.get_num_threads(), cores=os.cpu_count(),
