@@ -64,7 +64,7 @@ HOSTILE: list[tuple[str, str, dict[str, Any] | bytes, int, str | None]] = [
     ("max_tokens 10^30", COMPLETIONS, {"prompt": "x", "max_tokens": 10**30}, 400, "max_tokens"),
     ("max_tokens 1.5", COMPLETIONS, {"prompt": "x", "max_tokens": 1.5}, 400, "max_tokens"),
     ("max_completion_tokens 0", CHAT, {"messages": HI, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
-    ("logprobs 5", COMPLETIONS, {"prompt": "x", "logprobs": 5}, 400, "logprobs"),
+    ("logprobs 21", COMPLETIONS, {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ("top_logprobs 30", CHAT, {"messages": HI, "top_logprobs": 30}, 400, "top_logprobs"),
     ("logit_bias", COMPLETIONS, {"prompt": "x", "logit_bias": {str(i): 100 for i in range(1000)}}, 400,
      "logit_bias"),

@@ -45,9 +45,9 @@ class Recording(Scheduler):
         super().__init__(*args, **kwargs)
         self.logits: dict[int, list[torch.Tensor]] = {}
 
-    def _emit(self, req: Request, logits_V: torch.Tensor, argmax: int | None = None) -> None:
+    def _choose(self, req: Request, logits_V: torch.Tensor, argmax: int | None = None) -> int | None:
         self.logits.setdefault(req.id, []).append(logits_V.float().clone())
-        super()._emit(req, logits_V, argmax)
+        return super()._choose(req, logits_V, argmax)
 
 
 class Out:

@@ -83,8 +83,8 @@ def test_logits_of_a_batched_row_match_alone_within_float_rounding() -> None:
         ref = model(torch.tensor([p_long]), cache=ref_cache).logits[0, -1]
     s = Scheduler(model, SchedulerConfig(max_batch_size=2, max_batch_tokens=8, block_size=4))
     captured: list[torch.Tensor] = []
-    emit = s._emit
-    s._emit = lambda req, logits, *rest: (captured.append(logits.clone()) if req.prompt == p_long else None,  # type: ignore[method-assign]
+    emit = s._choose
+    s._choose = lambda req, logits, *rest: (captured.append(logits.clone()) if req.prompt == p_long else None,  # type: ignore[method-assign]
                                           emit(req, logits, *rest))[1]
     submit(s, p_short, max_tokens=20)
     submit(s, p_long, max_tokens=1)

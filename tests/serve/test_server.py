@@ -240,7 +240,7 @@ BAD: list[tuple[str, bytes | dict[str, Any], int, str | None]] = [
     ("stop of the wrong type", {"prompt": "x", "stop": 3}, 400, "stop"),
     ("seed a float", {"prompt": "x", "seed": 1.5}, 400, "seed"),
     ("n > 1", {"prompt": "x", "n": 2}, 400, "n"),
-    ("logprobs", {"prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ("logprobs", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ("echo", {"prompt": "x", "echo": True}, 400, "echo"),
     ("penalty", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ("unknown field", {"prompt": "x", "frobnicate": 1}, 400, "frobnicate"),

@@ -19,6 +19,7 @@ every chunk.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import time
@@ -57,7 +58,7 @@ from deepseek_moe.serve.scheduler import (
     TokenEvent,
 )
 from deepseek_moe.serve.structured import Constraint, FormatError, GrammarCompiler
-from deepseek_moe.serve.text import ChatTemplate, TextAssembler
+from deepseek_moe.serve.text import ChatTemplate, TextAssembler, TokenBytes
 
 TEXT_THREADS = 2  # parsing, tokenizing and detokenizing; the tokenizer releases the GIL while it works
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -93,6 +94,11 @@ class ServedModel:
     @property
     def vocab_size(self) -> int:
         return self.scheduler.model.config.vocab_size
+
+    @functools.cached_property
+    def token_bytes(self) -> TokenBytes:
+        """Each token's own bytes, for logprobs (built on first use: it reads the whole vocabulary)."""
+        return TokenBytes(self.tokenizer)
 
 
 class AppState:
@@ -204,7 +210,8 @@ def _sampling(served: ServedModel, req: GenerationRequest, n_prompt: int, chat: 
     else:
         max_tokens = req.max_tokens
     return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                          seed=req.seed, stop_token_ids=served.stop_token_ids, ignore_eos=req.ignore_eos)
+                          seed=req.seed, stop_token_ids=served.stop_token_ids, ignore_eos=req.ignore_eos,
+                          logprobs=req.logprobs)
 
 
 def compile_format(served: ServedModel, req: GenerationRequest) -> Constraint | None:
@@ -228,6 +235,18 @@ def prepare(served: ServedModel, raw: bytes, parse: Callable[[Any], GenerationRe
     return req, ids, _sampling(served, req, len(ids), chat), adapter
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """A generated token's text (decoded alone, special tokens by name: U+FFFD for part of a character) and
+    bytes, its log-probability,
+    and its top alternatives' (text, bytes, log-probability)."""
+
+    token: str
+    raw: bytes
+    logprob: float
+    top: list[tuple[str, bytes, float]]
+
+
 class Generation:
     """One request in flight: its scheduler Request, the queue its events arrive on, and its text so far."""
 
@@ -241,6 +260,7 @@ class Generation:
         self.created = int(time.time())
         self.text = TextAssembler(served.tokenizer, req.stop, served.stop_token_ids)
         self.n_prompt, self.n_completion = len(ids), 0
+        self.text_offset = 0  # completions' logprobs.text_offset: where the next token's text starts
         self.finished = False
 
         def sink(event: Event) -> None:
@@ -263,45 +283,57 @@ class Generation:
             self.finished = True
             self.served.scheduler.cancel(self.request.id, reason=reason)
 
-    def _detokenize(self, tokens: list[int], last: bool) -> list[str]:
+    def _detokenize(self, events: list[TokenEvent], last: bool) -> tuple[list[str], list[Logprob | None]]:
         """Each token's text delta, stopping at a stop string (then the last delta holds what was held); with
-        ``last``, one more entry with whatever is still held. Runs on a worker thread."""
-        out = []
-        for token in tokens:
-            out.append(self.text.add(token))
+        ``last``, one more entry with whatever is still held. Beside them, each token's Logprob (None unless
+        the request asked for logprobs). Runs on a worker thread."""
+        out: list[str] = []
+        found: list[Logprob | None] = []
+        for event in events:
+            out.append(self.text.add(event.token))
+            found.append(None if event.logprob is None else self._logprob(event))
             if self.text.stopped:
-                return out
+                return out, found
         if last:
             out.append(self.text.finish())
-        return out
+        return out, found
 
-    async def deltas(self) -> AsyncIterator[tuple[str, str | None]]:
-        """(text delta, finish reason or None) per token, then a last one with the reason; raises ApiError
-        when the request failed. Events that queued up meanwhile are detokenized in one go, off the loop."""
+    def _logprob(self, event: TokenEvent) -> Logprob:
+        raw = self.served.token_bytes
+
+        def decode(token: int) -> str:  # special tokens by name, as OpenAI shows <|endoftext|>
+            return str(self.served.tokenizer.decode([token], skip_special_tokens=False))
+        return Logprob(decode(event.token), raw(event.token), event.logprob or 0.0,
+                       [(decode(t), raw(t), lp) for t, lp in event.top_logprobs])
+
+    async def deltas(self) -> AsyncIterator[tuple[str, str | None, Logprob | None]]:
+        """(text delta, finish reason or None, the token's Logprob or None) per token, then a last one with the
+        reason; raises ApiError when the request failed. Events that queued up meanwhile are detokenized in one
+        go, off the loop."""
         loop = asyncio.get_running_loop()
         while True:
             events = [await self.queue.get()]
             while not self.queue.empty():
                 events.append(self.queue.get_nowait())
-            tokens = [e.token for e in events if isinstance(e, TokenEvent)]
+            tokens = [e for e in events if isinstance(e, TokenEvent)]
             end = next((e for e in events if not isinstance(e, TokenEvent)), None)
             done = end is not None and end.reason in ("stop", "length")
-            texts = await loop.run_in_executor(self.text_pool, self._detokenize, tokens, done) \
-                if tokens or done else []
+            texts, found = await loop.run_in_executor(self.text_pool, self._detokenize, tokens, done) \
+                if tokens or done else ([], [])
             stopped = self.text.stopped
             for k, delta in enumerate(texts[:len(tokens)]):
                 self.n_completion += 1
                 if stopped and k == len(texts) - 1:  # a stop string: retire the request in the scheduler
                     self.cancel("stop")
-                    yield delta, "stop"
+                    yield delta, "stop", found[k]
                     return
-                yield delta, None
+                yield delta, None, found[k]
             if end is None:
                 continue
             self.finished = True
             if done:
                 assert isinstance(end, FinishEvent)
-                yield texts[-1] if len(texts) > len(tokens) else "", end.reason
+                yield texts[-1] if len(texts) > len(tokens) else "", end.reason, None
                 return
             if end.reason == "shutdown":
                 raise ApiError(503, "the server shut down before this request finished", code="shutting_down")
@@ -325,14 +357,34 @@ class Generation:
         return {"prompt_tokens": self.n_prompt, "completion_tokens": self.n_completion,
                 "total_tokens": self.n_prompt + self.n_completion}
 
-    def choice(self, text: str, finish: str | None, *, stream: bool) -> dict[str, Any]:
+    def choice(self, text: str, finish: str | None, *, stream: bool, logprobs: list[Logprob] | None = None,
+               texts: list[str] | None = None) -> dict[str, Any]:
+        """One choice; ``logprobs`` (with each token's own text delta in ``texts``, for completions' offsets)
+        when the request asked for them."""
+        wire = None if self.req.logprobs is None else self._wire_logprobs(logprobs or [], texts or [])
         if not self.chat:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "text": text, "logprobs": wire, "finish_reason": finish}
         if stream:
-            return {"index": 0, "delta": {"content": text} if text or finish is None else {}, "logprobs": None,
+            return {"index": 0, "delta": {"content": text} if text or finish is None else {}, "logprobs": wire,
                     "finish_reason": finish}
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": wire,
                 "finish_reason": finish}
+
+    def _wire_logprobs(self, logprobs: list[Logprob], texts: list[str]) -> dict[str, Any]:
+        """OpenAI's formats: chat's ``{content: [{token, logprob, bytes, top_logprobs}]}``, completions' legacy
+        parallel lists (``tokens``, ``token_logprobs``, ``top_logprobs`` as {token: logprob} holding the chosen
+        token too, ``text_offset`` into the completion's text, counted across a stream's chunks)."""
+        if self.chat:
+            def entry(token: str, raw: bytes, logprob: float) -> dict[str, Any]:
+                return {"token": token, "logprob": logprob, "bytes": list(raw)}
+            return {"content": [{**entry(lp.token, lp.raw, lp.logprob),
+                                 "top_logprobs": [entry(*t) for t in lp.top]} for lp in logprobs]}
+        offsets = []
+        for delta in texts:
+            offsets.append(self.text_offset)
+            self.text_offset += len(delta)
+        return {"tokens": [lp.token for lp in logprobs], "token_logprobs": [lp.logprob for lp in logprobs],
+                "top_logprobs": [{**{t: v for t, _, v in lp.top}, lp.token: lp.logprob} for lp in logprobs], "text_offset": offsets}
 
     def envelope(self, choices: list[dict[str, Any]], *, stream: bool) -> dict[str, Any]:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if stream and self.chat else "")
@@ -353,10 +405,16 @@ async def _collect(request: HttpRequest, gen: Generation) -> Response:
     try:
         text: list[str] = []
         finish: str | None = None
-        async for delta, reason in gen.deltas():
+        logprobs: list[Logprob] = []
+        texts: list[str] = []  # the text of each token that has a Logprob
+        async for delta, reason, logprob in gen.deltas():
             text.append(delta)
             finish = reason
-        body = gen.envelope([gen.choice("".join(text), finish, stream=False)], stream=False)
+            if logprob is not None:
+                logprobs.append(logprob)
+                texts.append(delta)
+        body = gen.envelope([gen.choice("".join(text), finish, stream=False, logprobs=logprobs, texts=texts)],
+                            stream=False)
         body["usage"] = gen.usage()
         return JSONResponse(body, headers=gen.timing_headers())
     finally:
@@ -383,8 +441,9 @@ async def _stream(request: HttpRequest, gen: Generation) -> AsyncIterator[bytes]
             yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
         try:
-            async for delta, finish in gen.deltas():
-                yield chunk([gen.choice(delta, finish, stream=True)])
+            async for delta, finish, logprob in gen.deltas():
+                found = [] if logprob is None else [logprob]
+                yield chunk([gen.choice(delta, finish, stream=True, logprobs=found, texts=[delta] * len(found))])
         except ApiError as e:
             yield _sse(e.body())
         else:

@@ -6,8 +6,10 @@ request needs: ``NaN``/``Infinity`` (Python's json accepts them), strings that a
 surrogate such as ``"\\ud800"`` cannot be encoded to UTF-8 for the tokenizer), and nesting deeper than
 ``MAX_DEPTH``; each error names the path to the value (``messages[0].content``).
 
-Fields common clients send with default or no-op values (``n: 1``, ``logprobs: null/false``, ``stream_options``,
-``user``, zero penalties, ``echo: false``) are accepted; a non-default value of a field we do not implement is a
+``logprobs`` (completions: an integer 0..20, the alternatives per token; chat: ``logprobs: true`` with
+``top_logprobs`` 0..20, which without ``logprobs: true`` is a 400) asks for log-probabilities (serve/logprobs.py).
+Fields common clients send with default or no-op values (``n: 1``, ``stream_options``, ``user``, zero
+penalties, ``echo: false``) are accepted; a non-default value of a field we do not implement is a
 400, never silently ignored. An unknown field is a 400 too (OpenAI ignores some): a misspelt ``max_token``
 would otherwise generate to the default length without a word. Every number is range-checked (``seed`` fits an
 int64, ``temperature`` in [0, 2], ...); ``ignore_eos`` (vLLM's name) is our extension, as is
@@ -23,6 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from deepseek_moe.serve.request import MAX_LOGPROBS
 from deepseek_moe.serve.structured import OutputFormat, json_object_format
 
 MAX_BODY_BYTES = 4 << 20  # the default limit on a request body (serve's --max-request-bytes)
@@ -123,6 +126,7 @@ class GenerationRequest:
     continuous_usage: bool = False  # usage on every chunk (vLLM's continuous_usage_stats)
     ignore_eos: bool = False
     output_format: OutputFormat | None = None  # structured output: what the text must match
+    logprobs: int | None = None  # None: no logprobs; else how many top alternatives per token (0..MAX_LOGPROBS)
 
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "stream_options",
@@ -296,10 +300,10 @@ def _max_tokens(body: dict[str, Any], name: str) -> int | None:
 
 def parse_completion(body: Any) -> GenerationRequest:
     fields = _common(body, COMPLETION_FIELDS)
-    _unsupported(body, "echo", (False, None), "the prompt is not echoed")
+    _unsupported(body, "echo", (False, None), "the prompt is not echoed, nor its logprobs computed")
     _unsupported(body, "best_of", (1, None), "one candidate per request")
     _unsupported(body, "suffix", (None, ""), "no insertion")
-    _unsupported(body, "logprobs", (None, False, 0), "no log-probabilities")
+    logprobs = None if body.get("logprobs") is False else _optional_int(body, "logprobs", 0, MAX_LOGPROBS)
     if "prompt" not in body or body["prompt"] is None:
         raise bad("prompt", "is required")
     prompt = body["prompt"]
@@ -319,13 +323,16 @@ def parse_completion(body: Any) -> GenerationRequest:
                   code="unsupported_value")
     else:
         raise bad("prompt", "must be a string or a list of token ids")
-    return GenerationRequest(prompt_text=text, prompt_ids=ids, max_tokens=_max_tokens(body, "max_tokens"), **fields)
+    return GenerationRequest(prompt_text=text, prompt_ids=ids, max_tokens=_max_tokens(body, "max_tokens"),
+                             logprobs=logprobs, **fields)
 
 
 def parse_chat(body: Any) -> GenerationRequest:
     fields = _common(body, CHAT_FIELDS)
-    _unsupported(body, "logprobs", (False, None), "no log-probabilities")
-    _unsupported(body, "top_logprobs", (0, None), "no log-probabilities")
+    wanted = _bool(body, "logprobs")
+    top = _optional_int(body, "top_logprobs", 0, MAX_LOGPROBS)
+    if top and not wanted:
+        raise bad("top_logprobs", f"{top} needs logprobs: true")
     _unsupported(body, "tools", ([], None), "no tool calls")
     _unsupported(body, "tool_choice", ("none", None), "no tool calls")
     _unsupported(body, "parallel_tool_calls", (False, True, None), "no tool calls")
@@ -360,4 +367,5 @@ def parse_chat(body: Any) -> GenerationRequest:
     max_tokens = _max_tokens(body, "max_completion_tokens")
     if max_tokens is None:
         max_tokens = _max_tokens(body, "max_tokens")
-    return GenerationRequest(messages=parsed, max_tokens=max_tokens, **fields)
+    return GenerationRequest(messages=parsed, max_tokens=max_tokens, logprobs=(top or 0) if wanted else None,
+                             **fields)

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 class SamplingParams:
     """temperature 0 is greedy; top_k None and top_p 1.0 disable them; generation stops after ``max_tokens``, at
     a token in ``stop_token_ids`` (unless ``ignore_eos``) or at the most tokens one request can hold (the
-    context, or the whole cache if smaller; the only limit when ``max_tokens`` is None)."""
+    context, or the whole cache if smaller; the only limit when ``max_tokens`` is None). ``logprobs``: None, or
+    how many of the most likely alternatives (0 to MAX_LOGPROBS) each TokenEvent carries beside the chosen
+    token's log-probability (serve/logprobs.py says which distribution)."""
 
     max_tokens: int | None = None
     temperature: float = 0.0
@@ -32,11 +34,24 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs ({self.logprobs}) must be None or in [0, {MAX_LOGPROBS}]")
+
+
+MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs (and vLLM's default max_logprobs)
 
 
 @dataclass(frozen=True)
 class TokenEvent:
+    """A generated token; with ``SamplingParams.logprobs`` set, its log-probability and the most likely
+    (token, log-probability) alternatives, most likely first."""
+
     token: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,7 @@ from deepseek_moe.infer.sampling import sample
 from deepseek_moe.infer.speculative import accept
 from deepseek_moe.model.kv_cache import BlockPool, chain_block_hashes, plan_gathers
 from deepseek_moe.moe.layer import MoE
+from deepseek_moe.serve.logprobs import TokenLogprobs, token_logprobs
 from deepseek_moe.serve.metrics import ServeMetrics
 
 # The request types live in request.py; callers import them from here, hence the explicit re-exports.
@@ -324,11 +325,19 @@ class Scheduler:
             except Exception as e:
                 self._fail(req, e)
                 continue
+            found = None
+            if p.logprobs is not None:  # position j's logits chose accepted token j
+                try:
+                    found = token_logprobs(logits[logits.shape[0] - k - 1:][:len(tokens)], tokens,
+                                           [p.logprobs] * len(tokens))
+                except Exception as e:
+                    self._fail(req, e)
+                    continue
             req.speculative.add(k, len(tokens) - 1)
             self.metrics.spec_verifications.inc()
             self.metrics.spec_draft_tokens.inc(k)
             self.metrics.spec_accepted_tokens.inc(len(tokens) - 1)
-            self._push(req, tokens)
+            self._push(req, tokens, found)
         self._emit_rows(plain)
 
     def _draft(self, req: Request, budget: int) -> Draft:
@@ -559,11 +568,15 @@ class Scheduler:
     def _emit_rows(self, rows: list[tuple[Request, torch.Tensor]]) -> None:
         """Choose and emit the next token of each (request, last logits) row. Structured-output rows are masked
         to their grammars' tokens first, all at once; greedy rows (the common case) take one argmax over the
-        batch instead of one call per row."""
+        batch instead of one call per row. Rows that asked for logprobs get them from the unmasked logits, in
+        one batched computation (serve/logprobs.py)."""
         if not rows:
             return
         reqs = [r for r, _ in rows]
         logits_BV = torch.stack([x for _, x in rows])
+        # logprobs report the unmasked distribution; constrain masks in place, so keep a copy when both meet.
+        both = any(r.params.logprobs is not None and r.constraint is not None for r in reqs)
+        raw_BV = logits_BV.clone() if both else logits_BV
         try:
             logits_BV = constrain([r.constraint for r in reqs], logits_BV)
         except Exception:  # a grammar failed: find the row it belongs to, and fail that request alone
@@ -575,30 +588,45 @@ class Scheduler:
                     self._fail(req, e)
                     masked.append(logits)
             logits_BV = torch.stack(masked)
-        for req, logits, argmax in zip(reqs, logits_BV, logits_BV.argmax(-1).tolist(), strict=True):
+        chosen: list[tuple[int, int]] = []  # (row, token)
+        for i, (req, logits, argmax) in enumerate(zip(reqs, logits_BV, logits_BV.argmax(-1).tolist(), strict=True)):
             if not req.finished:
-                self._emit(req, logits, argmax)
+                token = self._choose(req, logits, argmax)
+                if token is not None:
+                    chosen.append((i, token))
+        asking = [(i, t) for i, t in chosen if reqs[i].params.logprobs is not None]
+        found: dict[int, TokenLogprobs] = {}
+        if asking:
+            try:
+                values = token_logprobs(raw_BV[[i for i, _ in asking]], [t for _, t in asking],
+                                        [reqs[i].params.logprobs or 0 for i, _ in asking])
+                found = {i: v for (i, _), v in zip(asking, values, strict=True)}
+            except Exception as e:
+                for i, _ in asking:
+                    self._fail(reqs[i], e)
+        for i, token in chosen:
+            if not reqs[i].finished:
+                self._push(reqs[i], [token], [found[i]] if i in found else None)
 
-    def _emit(self, req: Request, logits_V: torch.Tensor, argmax: int | None = None) -> None:
-        """Choose ``req``'s next token (``argmax``, when given, is that of ``logits_V``) and ``_push`` it."""
+    def _choose(self, req: Request, logits_V: torch.Tensor, argmax: int | None = None) -> int | None:
+        """``req``'s next token (``argmax``, when given, is that of ``logits_V``); None when sampling failed
+        (the request is failed)."""
         p = req.params
         try:
             top_k = p.top_k if p.top_k is not None and p.top_k < logits_V.shape[-1] else None
             if p.temperature == 0.0 and argmax is not None:
-                token = argmax
-            else:
-                token = int(sample(logits_V[None], temperature=p.temperature, top_k=top_k,
-                                   top_p=p.top_p if p.top_p < 1.0 else None, generator=req.generator)[0])
+                return argmax
+            return int(sample(logits_V[None], temperature=p.temperature, top_k=top_k,
+                              top_p=p.top_p if p.top_p < 1.0 else None, generator=req.generator)[0])
         except Exception as e:
             self._fail(req, e)
-            return
-        self._push(req, [token])
+            return None
 
-    def _push(self, req: Request, tokens: list[int]) -> None:
-        """Hand ``tokens`` to ``req``'s sink in turn, and retire the request at the first that ends it (the rest,
-        speculative tokens past a stop, are dropped)."""
+    def _push(self, req: Request, tokens: list[int], logprobs: list[TokenLogprobs] | None = None) -> None:
+        """Hand ``tokens`` (with their ``logprobs``, when asked) to ``req``'s sink in turn, and retire the request
+        at the first that ends it (the rest, speculative tokens past a stop, are dropped)."""
         p = req.params
-        for token in tokens:
+        for n, token in enumerate(tokens):
             try:
                 if req.constraint is not None:
                     req.constraint.consume(token)
@@ -611,7 +639,7 @@ class Scheduler:
                     self.metrics.time_per_output_token.observe(now - req.last_token_time)
                 req.last_token_time = now
                 self.metrics.generation_tokens.inc()
-                req.sink(TokenEvent(token))
+                req.sink(TokenEvent(token) if logprobs is None else TokenEvent(token, *logprobs[n]))
             except Exception as e:
                 self._fail(req, e)
                 return

@@ -181,3 +181,41 @@ class TextAssembler:
         cut = max(len(self.pending) - hold, 0)
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return out
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, inverted: the printable character that stands for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+class TokenBytes:
+    """A token's own bytes (OpenAI's logprobs ``bytes``), also for a token that ends inside a multi-byte
+    character, whose decoded text alone is U+FFFD: byte-level BPE vocabularies spell each byte with one
+    character, which is undone here; other tokenizers give the UTF-8 of the token decoded alone."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.alphabet: dict[str, int] | None = None
+        self.special: dict[int, str] = {}
+        try:
+            spec = json.loads(tokenizer.to_str())
+        except Exception:  # not a tokenizers.Tokenizer: fall back to decoding
+            return
+        if (spec.get("decoder") or {}).get("type") == "ByteLevel":
+            self.alphabet = _byte_level_alphabet()
+            self.special = {int(t["id"]): str(t["content"]) for t in spec.get("added_tokens") or []}
+
+    def __call__(self, token: int) -> bytes:
+        if self.alphabet is None or token in self.special:
+            return str(self.special.get(token, self.tokenizer.decode([token]))).encode()
+        piece = self.tokenizer.id_to_token(token)
+        if piece is None or any(c not in self.alphabet for c in piece):
+            return str(self.tokenizer.decode([token])).encode()
+        return bytes(self.alphabet[c] for c in piece)
