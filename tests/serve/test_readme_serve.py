@@ -36,11 +36,12 @@ def test_readme_serving_block_runs(tmp_path: Path) -> None:
     port = str(free_port())
     script = "set -e\n" + block.replace("8000", port) + "\nkill %1\nwait\n"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    out = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert '"object":"text_completion"' in out.stdout.replace(" ", "")  # curl's JSON
     assert '"usage"' in out.stdout
     assert '"expert_tokens"' in out.stdout  # the page's /stats block ran too
+    assert '"token_logprobs"' in out.stdout  # the logprobs example ran too
     for line in out.stdout.splitlines():  # the structured-output examples: a reply that stopped parses
         if line.startswith("{") and '"chat.completion"' in line.replace(" ", ""):
             choice = json.loads(line)["choices"][0]
