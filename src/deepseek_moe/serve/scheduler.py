@@ -19,8 +19,9 @@ that steps while there is work. Each step
    (B, longest chunk) batch), each split by ``plan_gathers`` into rows of similar length so that what a step
    gathers from the cache stays within ``GATHER_BOUND`` x ``kv_cache_bytes`` (see ``model/kv_cache.py``);
 5. samples each row with its own parameters and generator (structured-output rows first masked to what their
-   grammars allow, in one batched operation: ``structured.constrain``), emits the tokens, and retires finished
-   sequences.
+   grammars allow, in one batched operation: ``structured.constrain``), emits the tokens (with the rows that
+   asked for ``logprobs`` given theirs from the unmasked logits, in one batched log-softmax and top-k:
+   ``serve/logprobs.py``), and retires finished sequences.
 
 Prefix caching (``prefix_cache``, on by default): each full block of final tokens is registered in the pool under
 a content key, the hash of its tokens chained with the key of the block before (``chain_block_hashes``, salted
