@@ -167,3 +167,18 @@ def test_bf16_prefill_rows_leave_the_kernel_where_torch_bf16_is_native(native: b
         assert calls == {"float_matmul_kernel": 1}
         layer(torch.randn(40, 64).bfloat16())
     assert calls == {"float_matmul_kernel": 1 if native else 2}
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 40])
+def test_frozen_experts_still_pass_the_router_its_gradient(tokens: int) -> None:
+    """The fused expert kernels have no backward: with the experts and the input frozen they must still decline
+    while the gates carry the router's gradient (a router-only fine-tune), at one token and at a few."""
+    from deepseek_moe.config import MoEConfig
+
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=16, moe_inter_dim=8, n_routed_experts=8, n_activated_experts=2)).train()
+    moe.experts.requires_grad_(False)
+    y = moe(torch.randn(tokens, 16))
+    assert y.requires_grad
+    y.square().sum().backward()
+    assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().sum() > 0

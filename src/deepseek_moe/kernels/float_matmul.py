@@ -103,7 +103,7 @@ def float_experts_kernel(x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: to
     """:func:`float_experts_reference` in one call to ``float_gemm.cpp`` (only the experts with rows run), or
     None where the kernel does not apply (autograd, another device or dtype, weights of different dtypes)."""
     _check_experts(x_AD, counts_E, gates_A, w1, w2, w3)
-    lib = _experts_library(x_AD, w1, w2, w3)
+    lib = _experts_library(x_AD, gates_A, w1, w2, w3)
     if lib is None:
         return None
     counts = counts_E.tolist()
@@ -132,13 +132,16 @@ def float_experts_one_token(x_1D: torch.Tensor, experts_K: torch.Tensor, gates_K
         raise ValueError(f"float_experts_one_token: x {tuple(x_1D.shape)} must be (1, D), experts "
                          f"{tuple(experts_K.shape)} and gates {tuple(gates_K.shape)} (K,)")
     _check_experts(x_1D.expand(K, -1), torch.bincount(experts_K, minlength=w1.shape[0]), gates_K, w1, w2, w3)
-    lib = _experts_library(x_1D, w1, w2, w3)
+    lib = _experts_library(x_1D, gates_K, w1, w2, w3)
     if lib is None:
         return None
     return _run_experts(lib, x_1D, experts_K.tolist(), [0] * K, list(range(K)), [1] * K, gates_K, w1, w2, w3)
 
 
-def _experts_library(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> Any:
+def _experts_library(x: torch.Tensor, gates: torch.Tensor | None, w1: torch.Tensor, w2: torch.Tensor,
+                     w3: torch.Tensor) -> Any:
+    if gates is not None and gates.requires_grad and torch.is_grad_enabled():
+        return None  # the router trains through the gates even where x and the experts are frozen
     lib = _library_for(x, w1, w2, w3)
     if lib is None or not (w1.dtype == w2.dtype == w3.dtype) or not all(w.is_contiguous() for w in (w1, w2, w3)):
         return None
