@@ -143,6 +143,10 @@ class MoEConfig:
         _require(lo <= self.capacity_factor <= hi,  # type: ignore[operator]
                  f"capacity_factor ({self.capacity_factor}) must be within [capacity_min, capacity_max] "
                  f"([{lo}, {hi}]) under capacity_policy 'adaptive'")
+        _require(all(isinstance(getattr(self, f), int | float) and not isinstance(getattr(self, f), bool)
+                     for f in ("capacity_target_drop", "capacity_update_rate")),
+                 f"capacity_target_drop ({self.capacity_target_drop!r}) and capacity_update_rate "
+                 f"({self.capacity_update_rate!r}) must be numbers")
         _require(0.0 <= self.capacity_target_drop < 1.0,
                  f"capacity_target_drop ({self.capacity_target_drop!r}) must be in [0, 1)")
         _require(0.0 < self.capacity_update_rate <= 1.0,
@@ -249,6 +253,7 @@ class ModelConfig:
                       "init_std", "mscale", "mscale_all_dim", "mtp_lambda")
         _require(isinstance(self.mtp_depth, int) and not isinstance(self.mtp_depth, bool) and self.mtp_depth >= 0,
                  f"mtp_depth ({self.mtp_depth!r}) must be an integer >= 0")
+        _require(math.isfinite(self.mtp_lambda), f"mtp_lambda ({self.mtp_lambda!r}) must be finite")
         _one_of(self, "attention", ("mla", "mha"))
         _one_of(self, "attn_impl", ("naive", "absorb"))
         _require(isinstance(self.attention_bias, bool), f"attention_bias ({self.attention_bias!r}) must be a bool")

@@ -1,6 +1,6 @@
 """Speculative decoding in the scheduler: greedy rows in a busy batch (chunked prefill, requests joining, prefix
 caching, preemption) give the plain greedy tokens of generate() alone, while drafts are accepted and rejected;
-the counts reach the request and /metrics; a draft never preempts."""
+the counts reach the request and /metrics."""
 
 from __future__ import annotations
 

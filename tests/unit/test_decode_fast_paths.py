@@ -126,6 +126,29 @@ def test_absorbed_matrices_follow_the_weight() -> None:
     torch.testing.assert_close(fast2, plain2, atol=1e-5, rtol=1e-5)
 
 
+def test_absorbed_matrices_follow_a_fused_adamw_step() -> None:
+    """torch's fused AdamW (the training default) writes parameters without moving their version counters: the
+    cache must not outlive a switch to training and back."""
+    from deepseek_moe.train.config import OptimConfig
+    from deepseek_moe.train.optim import build_optimizer
+
+    torch.manual_seed(5)
+    model = DeepSeekMoEForCausalLM(small_config(attn_impl="absorb")).eval()
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        _teacher_forced(model, ids, 4)  # builds the cached matrices
+    model.train()
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-2))
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        fast = _teacher_forced(model, ids, 4)
+        with reference_paths():
+            plain = _teacher_forced(model, ids, 4)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_moe_layer_fast_paths_equal_plain(dtype: torch.dtype, tokens: int) -> None:

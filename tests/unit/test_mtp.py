@@ -197,3 +197,30 @@ def test_a_quantised_model_keeps_its_mtp_module_through_save_and_load(tmp_path) 
         save_pretrained(quant, tmp_path / "int8")
         again = from_pretrained(tmp_path / "int8")
         assert torch.equal(again.mtp_forward(1, again(ids).hidden[:, :-1], ids[:, 1:]).logits, got)
+
+
+def test_a_depth_too_long_for_the_sequence_leaves_no_stale_balance_loss() -> None:
+    """Depth 2 cannot run on 2 tokens: its MoE must not keep the balance loss (and graph) of an earlier, longer
+    forward, which the model's aux loss would sum and a second backward would trip over."""
+    model = _model(2).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    short = torch.randint(0, model.config.vocab_size, (2, 2))
+    out = model(short, labels=short)
+    deep = model.mtp[1].block.ffn
+    assert float(deep.aux_loss) == 0.0 and deep.last_stats is None
+    out.loss.backward()  # raised "backward through the graph a second time" before
+
+
+def test_a_model_without_shared_experts_keeps_its_mtp_module_through_save_and_load(tmp_path) -> None:
+    """transformers writes zero-width shared experts when n_shared_experts == 0; the MTP layer's were read as
+    tensors the module does not have."""
+    from deepseek_moe import from_pretrained, save_pretrained
+
+    cfg = small_config(mtp_depth=1)
+    model = DeepSeekMoEForCausalLM(cfg.replace(moe=cfg.moe.replace(n_shared_experts=0)), init_seed=3).eval()
+    save_pretrained(model, tmp_path / "ckpt")
+    again = from_pretrained(tmp_path / "ckpt")
+    state, loaded = model.state_dict(), again.state_dict()
+    assert state.keys() == loaded.keys() and any(k.startswith("mtp.0.") for k in state)
+    assert all(torch.equal(state[k], loaded[k]) for k in state)

@@ -26,6 +26,7 @@ from deepseek_moe._torch_compat import clear_dispatch_cache
 from deepseek_moe.export.errors import ExportError
 from deepseek_moe.export.flat import flatten, unflatten
 from deepseek_moe.export.moe import dense_moe_layers
+from deepseek_moe.kernels.switch import reference_paths
 
 DEFAULT_OPSET = 18
 # Above this many parameter bytes the weights go to an external data file (protobuf's 2 GB limit).
@@ -224,7 +225,8 @@ def export_graph(module: nn.Module, path: Path, example_inputs: tuple[Any, ...],
     registration_log.setLevel(logging.ERROR)
     try:
         _clear_rnn_dispatch_caches()
-        with torch.no_grad(), warnings.catch_warnings():
+        # reference_paths: the inference kernels read data pointers, which the exporter's fake tensors have not
+        with torch.no_grad(), reference_paths(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if not all(isinstance(x, torch.Tensor) for x in example_inputs):
                 flat, spec = flatten(example_inputs)

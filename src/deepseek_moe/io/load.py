@@ -150,6 +150,8 @@ def hf_blocks(files: Mapping[str, SafetensorsFile], cfg: ModelConfig,
                 blocks.extend(_fused_blocks(f, key, [_in_mtp(n, cfg.n_layers) for n in fused]))
                 continue
             name, expert = mtp
+            if f.info(key).numel == 0 and cfg.moe.n_shared_experts == 0 and ".shared_experts." in name:
+                continue  # transformers' zero-width shared experts, as in the main layers below
             scale_key = _fp8_scale(files, key, f, fp8_block)
             blocks.append(Block(name, expert, f, key, 0, f.info(key).shape, scale_key,
                                 files[scale_key] if scale_key else None))

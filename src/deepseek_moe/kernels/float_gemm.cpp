@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <atomic>
 #include <vector>
 #include <omp.h>
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
@@ -161,7 +162,7 @@ template <bool BF16, int nn, int nm> struct ScalarTile { static constexpr Tile f
 template <bool BF16, int nn, int nm> struct Avx2Tile { static constexpr Tile f = avx2::tile<BF16, nn, nm>; };
 #endif
 
-int g_isa = -1;  // 0 scalar, 1 avx2; -1: not chosen yet
+std::atomic<int> g_isa{-1};  // 0 scalar, 1 avx2; -1: not chosen yet (atomic: ctypes calls come from many threads)
 
 int best_isa() {
 #ifdef DSM_X86

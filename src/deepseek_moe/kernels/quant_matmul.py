@@ -165,7 +165,7 @@ def quant_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     N = q.shape[0]
     x32 = x.reshape(M, K).float().contiguous()  # both no-ops for a contiguous fp32 x
     y = torch.empty(M, N, dtype=torch.float32)
-    if activations() == "int8":
+    if activations() == "int8" and (q.dtype == torch.int8 or _q8_steps_groups(_group_size(q, scale))):
         bits, gs = (8, 0) if q.dtype == torch.int8 else (4, _group_size(q, scale))
         lib.dsm_qgemm_q8(x32.data_ptr(), K, M, K, bits, q.data_ptr(), scale.data_ptr(), gs, N, y.data_ptr(), N,
                          torch.get_num_threads())
@@ -176,6 +176,13 @@ def quant_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
         lib.dsm_qgemm_int4(x32.data_ptr(), K, M, K, q.data_ptr(), scale.data_ptr(), _group_size(q, scale), N,
                            y.data_ptr(), N, torch.get_num_threads())
     return y.view(*x.shape[:-1], N).to(x.dtype)
+
+
+def _q8_steps_groups(group_size: int) -> bool:
+    """Whether the int8-activation tiles step through these int4 groups: they pair 32-column activation blocks
+    with a group's two nibble halves, so a group is one block or a whole number of pairs (96 is neither: it takes
+    the fp32-activation tiles)."""
+    return group_size == 32 or group_size % 64 == 0
 
 
 def _kernel_for(x: torch.Tensor) -> Any:
@@ -281,7 +288,7 @@ def quant_experts(x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Ten
     x32 = x_AD.float().contiguous()
     y = torch.empty(A, D)
     g = None if gates_A is None else gates_A.float().contiguous()
-    if activations() == "int8":
+    if activations() == "int8" and (not int4 or _q8_steps_groups(group_size)):
         h = torch.empty(A, F_)
         lib.dsm_experts_q8(x32.data_ptr(), A, D, F_, len(active), meta[0].data_ptr(), meta[1].data_ptr(),
                            meta[2].data_ptr(), w1.data_ptr(), w3.data_ptr(), s1.data_ptr(), s3.data_ptr(),

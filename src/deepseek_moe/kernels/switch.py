@@ -1,6 +1,7 @@
 """One switch for the inference fast paths: ``reference_paths()`` makes every layer that has a fast path (the
-float and bf16 matmul kernels, the fused routed experts, the fused absorbed-attention decode, the fused RMSNorm)
-take its plain PyTorch twin instead, in this thread, for as long as the context lasts.
+float and bf16 matmul kernels, the fused routed experts, the fused absorbed-attention decode) take its plain
+PyTorch twin instead, in this thread, for as long as the context lasts. Tracing (torch.compile, torch.export and
+so the ONNX exporter) always takes the plain paths: the kernels read data pointers a traced tensor has not.
 
 Why a context rather than a config field: the choice changes no result beyond rounding and no checkpoint, so it
 is not part of a model's description; tests and benchmarks run both paths side by side in one process.
@@ -13,12 +14,17 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 
+import torch
+
 _reference = contextvars.ContextVar("deepseek_moe_reference_paths", default=False)
 
 
 def fast_paths_enabled() -> bool:
-    """False inside :func:`reference_paths`."""
-    return not _reference.get()
+    """False inside :func:`reference_paths` and while torch traces (compiles or exports) a graph."""
+    if _reference.get():
+        return False
+    compiler = getattr(torch, "compiler", None)
+    return not (compiler is not None and (compiler.is_compiling() or getattr(compiler, "is_exporting", bool)()))
 
 
 @contextlib.contextmanager

@@ -213,6 +213,8 @@ class DeepSeekMoEForCausalLM(nn.Module):
             n = T - k
             if n <= 0:  # too short a sequence for this depth (and every deeper one): no prediction
                 logits.append(hidden.new_zeros(hidden.shape[0], 0, self.config.vocab_size, dtype=torch.float32))
+                for _, moe in moe_layers(module):  # it did not run: no balance loss or statistics of an old forward
+                    moe.aux_loss, moe.last_stats = hidden.new_zeros((), dtype=torch.float32), None
                 continue
             cos, sin = self.rope(positions[:, k:])
             cut = None if mask is None else mask[..., :n, :n]

@@ -76,6 +76,12 @@ class MLA(nn.Module):
         # wkv_b weight they were made from: rebuilt when the weight changes (a load, an optimizer step).
         self._absorbed_weights: tuple[tuple[int, int, torch.dtype], torch.Tensor, torch.Tensor] | None = None
 
+    def train(self, mode: bool = True) -> MLA:
+        # Writes that bump no version counter (torch's fused AdamW, ``.data`` copies) happen while training: every
+        # switch between training and evaluation starts the fused path from the weight as it is.
+        self._absorbed_weights = None
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: LayerCache | None = None) -> torch.Tensor:
         """x (B, T, dim); cos/sin (B, T, R/2); mask (B, 1, T, S) bool (True: may attend) or None for plain
@@ -93,7 +99,8 @@ class MLA(nn.Module):
         if cache is not None:
             kv, k_pe = cache.append(kv, k_pe)  # (B, S, C), (B, S, R)
             if self.attn_impl == "absorb":
-                if fast_paths_enabled() and not torch.is_grad_enabled() and type(self.wkv_b) is Linear:
+                if (fast_paths_enabled() and not torch.is_grad_enabled() and type(self.wkv_b) is Linear
+                        and kv.device.type == "cpu"):  # on a GPU the plain path keeps the model's dtype
                     return self._absorbed_fused(q_nope, q_pe, kv, k_pe, mask)
                 return self._absorbed(q_nope, q_pe, kv, k_pe, mask)
         return self._naive(q_nope, q_pe, kv, k_pe, mask)

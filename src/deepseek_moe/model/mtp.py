@@ -8,9 +8,11 @@ embedding of token t_{i+k}:
     h_i^k  = RMSNorm_k(TRM_k(h'_i^k))                               eq. 22  (RMSNorm_k: V3's shared_head.norm)
     P_{i+k+1}^k = OutHead(h_i^k)                                    eq. 23  (the main model's head, shared)
 
-Two details follow DeepSeek-V3's released weights as vLLM and transformers read them rather than the paper's
-text: the concatenation puts the embedding first, and the hidden state a depth hands on is the normed one its
-head reads (for h^0 the main model's final norm output, for h^k the module's own norm output). TRM_k is a Block
+The concatenation puts the embedding first, as DeepSeek-V3's released weights are read by vLLM and transformers.
+The hidden state a depth hands on is the normed one its head reads (for h^0 the main model's final norm output,
+for h^k the module's own norm output). For depth 1, the only one V3 ships, this is what vLLM and transformers do;
+for depths >= 2 vLLM hands on the block output before shared_head.norm (eq. 22 read literally), so a checkpoint
+trained elsewhere with D >= 2 would be fed differently here (ours train and draft consistently with each other). TRM_k is a Block
 of its own, MoE (V3's MTP layer is an MoE layer), with its own cache at inference.
 
 Training runs module k over the T - k positions whose input token t_{i+k} exists (the sequence is truncated,

@@ -36,7 +36,8 @@ outputs are those without the cache (within float rounding, as for batching).
 
 Speculative decoding (``speculative``, off by default): each decoding row feeds its last token and up to
 ``num_draft_tokens`` drafted ones (infer/draft.py), drawn from the step's token budget and given blocks only if
-the pool has them free (a draft never preempts); the row's logits at those positions verify the draft by
+the pool has them free beyond a block for each running row's next token (so a draft rarely pushes another
+row into preemption); the row's logits at those positions verify the draft by
 speculative rejection sampling (infer/speculative.py), which emits 1 to k + 1 tokens distributed as plain
 sampling's, and the table is truncated past the accepted ones (``BlockPool.truncate``; only blocks of final
 tokens are ever registered for sharing, so a cut never falls in a shared block). Greedy output is plain greedy's.
@@ -150,9 +151,11 @@ class Scheduler:
                              f"{config.block_size} tokens at {self.bytes_per_token} bytes per token; need >= 2")
         self.pool = BlockPool(len(model.layers), n_blocks, config.block_size, prefix_cache=config.prefix_cache)
         # Found by type, not through a model method, so any model holding our MoE layers is served.
-        self.moe = [m for m in model.modules() if isinstance(m, MoE)]
+        # model.layers only: an MTP module's MoE block never runs here and would show as an empty row.
+        self.moe = [m for m in model.layers.modules() if isinstance(m, MoE)]
         self.models: dict[str | None, nn.Module] = {None: self.model, **{k: m.eval() for k, m in (adapters or {}).items()}}
-        self._moe_of = {k: [m for m in mod.modules() if isinstance(m, MoE)] for k, mod in self.models.items()}
+        self._moe_of = {k: [m for m in mod.get_submodule("layers").modules() if isinstance(m, MoE)]
+                        for k, mod in self.models.items()}
         self.drafter = NgramDrafter() if config.speculative == "ngram" else None
         self.metrics = metrics or ServeMetrics([m.layer_id for m in self.moe], model.config.moe.n_routed_experts)
         self.waiting: deque[Request] = deque()
@@ -354,8 +357,14 @@ class Scheduler:
             return Draft([])
         draft = self.drafter.propose(req.tokens(0, req.n_tokens), k)
         draft = Draft(draft.tokens[:k], None if draft.q is None else draft.q[:k])
-        if draft.tokens and not self.pool.reserve(req.table, req.table.length + 1 + len(draft.tokens)):
-            return Draft([])
+        if draft.tokens:
+            # Leave a block for each running row's own next token, so a draft does not push a later row into
+            # preemption this step (a prefill chunk needing several can still find the pool short: rare, and a
+            # preempted request's output is unchanged).
+            need = self.pool.blocks_for(req.table.length + 1 + len(draft.tokens)) - len(req.table.blocks)
+            if (need > 0 and self.pool.free_blocks - need < len(self.running)) or not self.pool.reserve(
+                    req.table, req.table.length + 1 + len(draft.tokens)):
+                return Draft([])
         return draft
 
     def check_invariants(self) -> None:
