@@ -21,6 +21,15 @@ def tensor_version(t: torch.Tensor) -> int:
     return int(t._version)
 
 
+def mkldnn_bf16_supported() -> bool:
+    """Whether torch sends bf16 matmuls to oneDNN on this CPU (``torch.ops.mkldnn._is_mkldnn_bf16_supported``):
+    torch has no public question for it. False where the op is gone or fails."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def clear_dispatch_cache(op: Any) -> None:
     """Forget what ``op`` (an ``OpOverload``) resolved its kernel to last time (``OpOverload._dispatch_cache``):
     torch.onnx swaps in decompositions for an export and restores them after, but the cache keeps the first
@@ -60,4 +69,4 @@ class KeepsDtypeOnCast(nn.Module):
         return self
 
 
-__all__ = ["KeepsDtypeOnCast", "clear_dispatch_cache", "tensor_version"]
+__all__ = ["KeepsDtypeOnCast", "clear_dispatch_cache", "mkldnn_bf16_supported", "tensor_version"]

@@ -10,7 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from deepseek_moe._torch_compat import KeepsDtypeOnCast, clear_dispatch_cache, tensor_version
+from deepseek_moe._torch_compat import (
+    KeepsDtypeOnCast,
+    clear_dispatch_cache,
+    mkldnn_bf16_supported,
+    tensor_version,
+)
 from deepseek_moe.export.flat import flatten, unflatten
 
 WHY = f"torch {torch.__version__} changed what deepseek_moe/_torch_compat.py relies on: "
@@ -134,3 +139,9 @@ def test_the_private_use_check_can_fail(tmp_path: Path) -> None:
     planted.write_text("import torch\nimport torch.utils._pytree as pt\nfrom torch.distributed.tensor._utils import f\n"
                        "from torch import nn\nx = torch.ops.aten.add.Tensor._dispatch_cache\ny = nn.Module._apply\n")
     assert len(_private_torch_uses(planted)) == 4
+
+
+def test_torch_still_answers_whether_bf16_matmuls_reach_onednn() -> None:
+    answer = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert isinstance(answer, bool), WHY + "torch.ops.mkldnn._is_mkldnn_bf16_supported changed"
+    assert mkldnn_bf16_supported() is answer

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from deepseek_moe._torch_compat import mkldnn_bf16_supported
 from deepseek_moe.kernels import cpu_build
 from deepseek_moe.kernels.switch import fast_paths_enabled
 
@@ -34,10 +35,7 @@ WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 def torch_bf16_matmul_is_native() -> bool:
     """Whether torch multiplies bf16 through oneDNN on this CPU (AVX-512 / AVX512-BF16 / AMX): there the many
     rows of a prefill may be faster in torch than in our AVX2 tiles, which were measured only where it is not."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return mkldnn_bf16_supported()
 
 
 def float_matmul_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,7 @@ def routing_state(model: nn.Module) -> dict[str, Any]:
             "generator_device": None if gen is None else str(gen.device),
             "uniform_routing": moe.uniform_routing,
             "bias_counts": moe.bias_counts.detach().cpu().clone(),
-            "capacity_now": moe.capacity_now,
+            "capacity_now": torch.tensor(moe.capacity_now, dtype=torch.float64),
             "capacity_counts": moe.capacity_counts.detach().cpu().clone(),
         }
     for name, source in _protected_sources(model):
