@@ -13,11 +13,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from quant_kernel_paths import kernel_path, kernel_weights
 
 from deepseek_moe.kernels import cpu_build
 from deepseek_moe.kernels import quant_matmul as qm
 from deepseek_moe.kernels.cpu_build import load_library
-from deepseek_moe.quant import pack
 
 needs_kernel = pytest.mark.skipif(load_library() is None, reason="no C++ compiler: the kernel cannot be built")
 ALL_ISAS = list(cpu_build.ISAS)
@@ -41,26 +41,11 @@ X86 = platform.machine() in ("x86_64", "AMD64")
 def isa(request: pytest.FixtureRequest) -> collections.abc.Iterator[str]:
     """Each kernel path in turn with fp32 activations (the int8-activation paths: test_quant_kernels_q8.py),
     skipped (with the reason) where this CPU cannot run it; restored afterwards."""
-    name = request.param
-    if load_library() is None:
-        pytest.skip("no C++ compiler: the kernel cannot be built")
-    if name not in qm.supported_isas():
-        pytest.skip(f"this CPU cannot run the {name} path")
-    before = qm.kernel_isa()
-    qm.set_kernel_isa(name)
-    qm.set_activations("fp32")
-    yield name
-    assert before is not None
-    qm.set_kernel_isa(before)
-    qm.set_activations(None)
+    with kernel_path(request.param, "fp32") as name:
+        yield name
 
 
-def _weights(bits: int, N: int, K: int, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    w = torch.randn(N, K)
-    if bits == 8:
-        return pack.quantize_int8(w)
-    packed, s = pack.quantize_int4(w, group)
-    return pack.repack_int4_for_kernel(packed, group), s
+_weights = kernel_weights
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -10,11 +10,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from quant_kernel_paths import kernel_path, kernel_weights
 
 from deepseek_moe.kernels import cpu_build
 from deepseek_moe.kernels import quant_matmul as qm
 from deepseek_moe.kernels.cpu_build import load_library
-from deepseek_moe.quant import pack
 
 needs_kernel = pytest.mark.skipif(load_library() is None, reason="no C++ compiler: the kernel cannot be built")
 
@@ -22,26 +22,11 @@ needs_kernel = pytest.mark.skipif(load_library() is None, reason="no C++ compile
 @pytest.fixture(params=list(cpu_build.ISAS))
 def isa(request: pytest.FixtureRequest) -> collections.abc.Iterator[str]:
     """Each kernel path in turn with int8 activations, skipped (with the reason) where this CPU cannot run it."""
-    name = request.param
-    if load_library() is None:
-        pytest.skip("no C++ compiler: the kernel cannot be built")
-    if name not in qm.supported_isas():
-        pytest.skip(f"this CPU cannot run the {name} path (its build is checked by objdump in test_quant_kernels)")
-    before = qm.kernel_isa()
-    qm.set_kernel_isa(name)
-    qm.set_activations("int8")
-    yield name
-    assert before is not None
-    qm.set_kernel_isa(before)
-    qm.set_activations(None)
+    with kernel_path(request.param, "int8", " (its build is checked by objdump in test_quant_kernels)") as name:
+        yield name
 
 
-def _weights(bits: int, N: int, K: int, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    w = torch.randn(N, K)
-    if bits == 8:
-        return pack.quantize_int8(w)
-    packed, s = pack.quantize_int4(w, group)
-    return pack.repack_int4_for_kernel(packed, group), s
+_weights = kernel_weights
 
 
 def _stacked(bits: int, E: int, N: int, K: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:

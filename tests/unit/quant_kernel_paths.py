@@ -1,0 +1,40 @@
+"""Shared by the quantised-kernel tests: run one kernel path with one kind of activations, and make weights in
+the kernel's layout."""
+
+from __future__ import annotations
+
+import collections.abc
+import contextlib
+
+import pytest
+import torch
+
+from deepseek_moe.kernels import quant_matmul as qm
+from deepseek_moe.kernels.cpu_build import load_library
+from deepseek_moe.quant import pack
+
+
+@contextlib.contextmanager
+def kernel_path(name: str, activations: str, why_unsupported: str = "") -> collections.abc.Iterator[str]:
+    """Kernel path ``name`` with ``activations`` ("fp32" or "int8") for the body, skipped (with the reason) where
+    this CPU cannot run it; the previous path and activations are restored afterwards."""
+    if load_library() is None:
+        pytest.skip("no C++ compiler: the kernel cannot be built")
+    if name not in qm.supported_isas():
+        pytest.skip(f"this CPU cannot run the {name} path{why_unsupported}")
+    before = qm.kernel_isa()
+    qm.set_kernel_isa(name)
+    qm.set_activations(activations)
+    yield name
+    assert before is not None
+    qm.set_kernel_isa(before)
+    qm.set_activations(None)
+
+
+def kernel_weights(bits: int, N: int, K: int, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (N, K) weights quantised to ``bits`` (int4 in groups of ``group``), in the kernel's layout."""
+    w = torch.randn(N, K)
+    if bits == 8:
+        return pack.quantize_int8(w)
+    packed, s = pack.quantize_int4(w, group)
+    return pack.repack_int4_for_kernel(packed, group), s
