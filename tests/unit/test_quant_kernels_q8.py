@@ -87,6 +87,38 @@ def test_random_shapes_match_twin(isa: str, bits: int, M: int, N: int, groups: i
     _close(qm.quant_matmul(x, q, s), qm.quant_matmul_q8_reference(x, q, s))
 
 
+@pytest.mark.parametrize("M", [1, 5])
+def test_int8_code_minus_128_keeps_its_sign(isa: str, M: int) -> None:
+    """Our quantiser writes codes in [-127, 127], but a checkpoint written elsewhere may hold -128, whose negation
+    does not fit a signed byte: the sign trick must take the weight's absolute value, not negate it. Against the
+    twin and against the plain fp32 product of the dequantised weight (the same codes, no activation rounding
+    beyond 1%)."""
+    torch.manual_seed(M)
+    q, s = _weights(8, 24, 96, 32)
+    q[::2, ::3] = -128
+    x = torch.randn(M, 96)
+    x[0, :32] = -x[0, :32].abs()  # negative activations against -128: the case the trick got wrong
+    got = qm.quant_matmul(x, q, s)
+    _close(got, qm.quant_matmul_q8_reference(x, q, s))
+    exact = qm.quant_matmul_reference(x, q, s)
+    assert float((got - exact).norm() / exact.norm()) < 0.02
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_nan_in_a_block_reaches_every_output_of_its_row(isa: str, bits: int) -> None:
+    """A NaN activation makes its row's outputs NaN, as in the float product (the quantiser's max ignored it and
+    its code was undefined); the other rows stay finite and equal to the twin."""
+    torch.manual_seed(7)
+    q, s = _weights(bits, 16, 128, 32)
+    x = torch.randn(3, 128)
+    x[1, 40] = float("nan")
+    got = qm.quant_matmul(x, q, s)
+    assert bool(got[1].isnan().all()) and bool(got[[0, 2]].isfinite().all())
+    want = qm.quant_matmul_q8_reference(x, q, s)
+    assert bool(want[1].isnan().all())
+    _close(got[[0, 2]], want[[0, 2]])
+
+
 def test_twin_stays_near_the_fp32_product(isa: str) -> None:
     """Independent of the twin: on unit-normal activations, quantising them per block of 32 costs well under 2%
     relative error against the fp32-activation product (the step is max|x| / 127 per block)."""

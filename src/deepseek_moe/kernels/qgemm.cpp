@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 #include <omp.h>
 // -DDSM_NO_SIMD builds what other architectures get (the tests use it).
@@ -82,7 +83,13 @@ void quantize_row(const float* xr, int64_t K, int8_t* qr, float* d, int64_t nb) 
     for (int64_t b = 0; b < nb; ++b) {
         const int64_t lo = 32 * b, hi = lo + 32 < K ? lo + 32 : K;
         float amax = 0.0f;
-        for (int64_t k = lo; k < hi; ++k) amax = std::fmax(amax, std::fabs(xr[k]));
+        bool nan = false;
+        for (int64_t k = lo; k < hi; ++k) { amax = std::fmax(amax, std::fabs(xr[k])); nan |= std::isnan(xr[k]); }
+        if (nan) {  // a NaN block: scale NaN, codes 0, so the NaN reaches every output as in the float product
+            d[b] = std::numeric_limits<float>::quiet_NaN();
+            for (int64_t k = lo; k < lo + 32; ++k) qr[k] = 0;
+            continue;
+        }
         const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
         d[b] = db;
         for (int64_t k = lo; k < hi; ++k) {

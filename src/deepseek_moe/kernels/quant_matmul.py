@@ -75,14 +75,15 @@ def set_activations(mode: str | None) -> None:
 def quantize_activations(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) -> int8 codes (M, nb * 32), each row zero-padded, and float32 scales (M, nb), nb = ceil(K / 32).
 
-    Per block: d = max|x| / 127, code = round-half-to-even(x * (1 / d)) in [-127, 127] (0 where d is 0). The
-    kernel does the same IEEE float32 operations, so its codes equal these exactly."""
+    Per block: d = max|x| / 127, code = round-half-to-even(x * (1 / d)) in [-127, 127] (0 where d is 0); a
+    block holding a NaN gets d = NaN and codes 0. The kernel does the same IEEE float32 operations, so its codes
+    equal these exactly."""
     M, K = x_MK.shape
     nb = -(-K // ACT_BLOCK)
     x = F.pad(x_MK.float(), (0, nb * ACT_BLOCK - K)).view(M, nb, ACT_BLOCK)
-    d = x.abs().amax(-1) / 127
+    d = x.abs().amax(-1) / 127  # NaN for a block holding a NaN (amax propagates it): the product's NaN
     inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
-    q = torch.round(x * inv[..., None]).clamp(-127, 127).to(torch.int8)
+    q = torch.round(x * inv[..., None]).clamp(-127, 127).nan_to_num(0.0).to(torch.int8)  # a NaN block's codes: 0
     return q.view(M, nb * ACT_BLOCK), d
 
 
