@@ -164,8 +164,9 @@ def quant_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     if lib is None or M > KERNEL_MAX_ROWS or M == 0 or (q.dtype == torch.uint8 and _group_size(q, scale) % 32):
         return quant_matmul_tiled(x, q, scale)
     N = q.shape[0]
-    x32 = x.reshape(M, K).float().contiguous()  # both no-ops for a contiguous fp32 x
-    y = torch.empty(M, N, dtype=torch.float32)
+    # Calls are few microseconds of work at decode, so skip even the no-op conversions of a contiguous fp32 x.
+    x32 = x if x.dtype is torch.float32 and x.is_contiguous() else x.reshape(M, K).float().contiguous()
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
     if activations() == "int8" and (q.dtype == torch.int8 or _q8_steps_groups(_group_size(q, scale))):
         bits, gs = (8, 0) if q.dtype == torch.int8 else (4, _group_size(q, scale))
         lib.dsm_qgemm_q8(x32.data_ptr(), K, M, K, bits, q.data_ptr(), scale.data_ptr(), gs, N, y.data_ptr(), N,
@@ -176,7 +177,7 @@ def quant_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     else:
         lib.dsm_qgemm_int4(x32.data_ptr(), K, M, K, q.data_ptr(), scale.data_ptr(), _group_size(q, scale), N,
                            y.data_ptr(), N, torch.get_num_threads())
-    return y.view(*x.shape[:-1], N).to(x.dtype)
+    return y if x.dtype is torch.float32 else y.to(x.dtype)
 
 
 def _q8_steps_groups(group_size: int) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -16,6 +17,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is torch.float32 and self.weight.dtype is torch.float32:
+            # torch's fused op: the same float32 operations in the same order (bit-identical, tested), in one
+            # call instead of eight (a decode step runs two per layer, where per-call overhead is the cost).
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in float32: the mean of squares over thousands of bf16 values loses too many bits.
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
