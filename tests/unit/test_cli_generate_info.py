@@ -152,6 +152,25 @@ def test_generate_accepts_run_dir_and_stops_at_eos(capsys, checkpoint: Path) -> 
     assert "[1 new tokens" in captured.err
 
 
+def test_generate_chat_renders_the_checkpoints_template(capsys, checkpoint: Path, tmp_path: Path) -> None:
+    # No tokenizer_config.json: the plain default template (the one finetune trains chats in); with one, its
+    # chat_template. Either way the continuation is greedy decoding of exactly the rendered text.
+    custom = tmp_path / "custom"
+    shutil.copytree(checkpoint, custom)
+    (custom / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": "{{ bos_token }}<{{ messages[0]['content'] }}>{% if add_generation_prompt %}={% endif %}",
+         "bos_token": "<|endoftext|>"}))
+    model, tok = from_pretrained(checkpoint), tiny_tokenizer()
+    for ckpt, rendered in ((checkpoint, "User: hello world\n\nAssistant:"), (custom, "<|endoftext|><hello world>=")):
+        assert main(["generate", str(ckpt), "--chat", "--prompt", "hello world", "--temperature", "0",
+                     "--max-new-tokens", "6"]) == 0
+        out = capsys.readouterr().out
+        ids = tok.encode(rendered, add_special_tokens=False).ids
+        assert ckpt == checkpoint or ids[0] == tok.token_to_id(EOS)  # the template's special token, read as one
+        new = generate(model, [ids], max_new_tokens=6, stop_tokens=[tok.token_to_id(EOS)]).new_tokens[0]
+        assert new and out == rendered + tok.decode(new, skip_special_tokens=True) + "\n"
+
+
 def test_generate_speculative_prints_the_greedy_text(capsys, checkpoint: Path) -> None:
     argv = ["generate", str(checkpoint), "--prompt", "hello world hello world hello", "--temperature", "0",
             "--max-new-tokens", "20"]

@@ -24,6 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json) or a train "
                    "run directory (its model/ is used)")
     p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--chat", action="store_true",
+                   help="the prompt is a user's message: render it with the checkpoint's chat template "
+                   "(tokenizer_config.json's, else the plain default the server and finetune use: "
+                   "'User: PROMPT\\n\\nAssistant:') and continue from there")
     p.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="default 100")
     p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens")
@@ -102,6 +106,16 @@ def stop_tokens(cfg: Any, tokenizer: Any) -> set[int]:
     return set()
 
 
+def chat_prompt(path: Path, message: str) -> str:
+    """``message`` as a user's turn, rendered with the checkpoint's chat template and its generation prompt."""
+    from deepseek_moe.serve.text import ChatTemplate
+
+    try:
+        return str(ChatTemplate.for_checkpoint(path).render([{"role": "user", "content": message}]))
+    except ImportError as e:  # jinja2 (the serve extra), imported when the template is built
+        raise UsageError(f"--chat renders the chat template with jinja2: pip install -e '.[serve]' ({e})") from e
+
+
 def check_sampling(args: argparse.Namespace) -> None:
     """The sampling rules of infer/sampling.py, said about the flags, before any time is spent loading."""
     if args.max_new_tokens < 0:
@@ -128,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
     if args.num_draft_tokens < 1:
         raise UsageError(f"--num-draft-tokens ({args.num_draft_tokens}) must be >= 1")
     tokenizer = load_tokenizer(path)  # before the weights: a missing tokenizer should not cost a long load
+    prompt = chat_prompt(path, args.prompt) if args.chat else args.prompt
     try:
         model = load_pretrained(path, device=device)
     except CheckpointError:
@@ -145,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
                 raise UsageError(f"--adapter {adapter}: {e}") from e
     cfg = model.config
 
-    prompt_ids = tokenizer.encode(args.prompt).ids
+    # A chat prompt's template writes its own special tokens, as finetune tokenised the chats it trained on.
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=not args.chat).ids
     if not prompt_ids:
         raise UsageError("--prompt is empty (it encodes to no tokens)")
     if len(prompt_ids) >= cfg.max_seq_len:
@@ -158,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
 
     stops = stop_tokens(cfg, tokenizer)
     stream = TextStream(tokenizer, sys.stdout, stops)
-    sys.stdout.write(args.prompt)
+    sys.stdout.write(prompt)
     sys.stdout.flush()
     drafter = None
     if args.speculative == "ngram":
