@@ -224,3 +224,14 @@ def test_base_mtp_modules_train_along_and_are_kept(mtp_base, method):
     assert all("mtp_loss" not in r for r in _metrics(lean.run_dir))
     if method == "full":
         assert from_pretrained(lean.run_dir / "model").config.mtp_depth == 0
+
+
+def test_data_flags_take_several_paths_each():
+    # `--data DIR/*.md` is how a shell hands over a glob: every path it expands to is data, in order.
+    from deepseek_moe.cli.finetune_cmd import build_config
+    from deepseek_moe.cli.main import build_parser
+
+    args = build_parser().parse_args(["finetune", "base", "--data", "a.md", "b.md", "--data", "c.jsonl",
+                                      "--val-data", "v1.txt", "v2.txt", "--out", "run"])
+    cfg = build_config(args)
+    assert cfg.base == "base" and cfg.data == ("a.md", "b.md", "c.jsonl") and cfg.val_data == ("v1.txt", "v2.txt")

@@ -24,9 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     size.add_argument("--balance", action="store_true",
                       help="deepseekmoe against token dropping at a fixed and an adaptive capacity factor and the "
                            "routing-entropy regulariser: 3 seeds, 100 steps (about 15 minutes on 2 CPU cores)")
-    p.add_argument("--data", action="append", metavar="PATH",
+    p.add_argument("--data", action="extend", nargs="+", metavar="PATH",
                    help="training text, as `deepseek-moe train --data` (default: the embedded stdlib corpus)")
-    p.add_argument("--val-data", action="append", metavar="PATH",
+    p.add_argument("--val-data", action="extend", nargs="+", metavar="PATH",
                    help="validation text, as `deepseek-moe train --val-data` (default: a held-out split of --data)")
     p.add_argument("--variants", metavar="A,B,...", help="a subset of the variants (default: all)")
     p.add_argument("--seeds", metavar="S,T,...", help="seeds (default 0,1,2; --quick: 0)")

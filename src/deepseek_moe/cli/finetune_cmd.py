@@ -26,9 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="fine-tune a checkpoint (LoRA or full) on chat, prompt/completion or text",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("base", metavar="BASE", nargs="?", help="checkpoint or train run directory")
-    p.add_argument("--data", action="append", metavar="PATH", help="training data (repeatable)")
-    p.add_argument("--val-data", action="append", metavar="PATH",
-                   help="validation data (repeatable; default: every 1/--val-fraction-th record of --data)")
+    p.add_argument("--data", action="extend", nargs="+", metavar="PATH",
+                   help="training data (one or more paths, e.g. a shell glob; repeatable)")
+    p.add_argument("--val-data", action="extend", nargs="+", metavar="PATH",
+                   help="validation data (one or more; repeatable; default: every 1/--val-fraction-th record of "
+                   "--data)")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--out", metavar="RUN", help="run directory (default runs/<YYYYmmdd-HHMMSS>)")
     p.add_argument("--resume", metavar="RUN", help="continue the fine-tune in RUN from its latest checkpoint")

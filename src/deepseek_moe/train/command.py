@@ -29,10 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML or JSON file, nested like the config")
     p.add_argument("--set", dest="assignments", action="append", default=[], metavar="a.b.c=VALUE",
                    help="set any config field (repeatable); VALUE is a JSON/TOML literal or a string")
-    p.add_argument("--data", action="append", metavar="PATH",
-                   help="text file, folder or .jsonl (repeatable; default: the embedded stdlib corpus)")
-    p.add_argument("--val-data", action="append", metavar="PATH",
-                   help="validation text apart from the training text, read like --data (repeatable; default: "
+    p.add_argument("--data", action="extend", nargs="+", metavar="PATH",
+                   help="text file, folder or .jsonl (one or more; repeatable; default: the embedded stdlib corpus)")
+    p.add_argument("--val-data", action="extend", nargs="+", metavar="PATH",
+                   help="validation text apart from the training text, read like --data (one or more; repeatable; default: "
                    "data.val_fraction of the documents, chosen by name)")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch")
