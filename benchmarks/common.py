@@ -9,8 +9,13 @@ kv-LoRA 512, vocabulary 102400).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
 
 from deepseek_moe.config import ModelConfig, MoEConfig
 from deepseek_moe.presets import deepseek_v2_lite
@@ -36,6 +41,19 @@ def uptime() -> str:
         return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
     except OSError:
         return " ".join(map(str, os.getloadavg()))
+
+
+def validation_batches(run_dir: Path, tokenizer: object) -> list[torch.Tensor]:
+    """The run's whole validation split as the training loop cuts it (same corpus split, sequence length)."""
+    from deepseek_moe.train.corpus import load_corpus
+    from deepseek_moe.train.data import PackedSequences, tokenize
+
+    cfg = json.loads((run_dir / "config.json").read_text())
+    data = cfg["data"]
+    corpus = load_corpus(tuple(data["paths"]), text_field=data["text_field"], val_fraction=data["val_fraction"])
+    tokens = tokenize(corpus.val, tokenizer)  # type: ignore[arg-type]
+    seqs = PackedSequences(np.asarray(tokens), data["seq_len"], cfg.get("seed", 0))
+    return seqs.fixed_batches(cfg["schedule"]["batch_size"])
 
 
 def write_random_checkpoint(cfg: ModelConfig, path: str | os.PathLike[str], *, bits: int | None,

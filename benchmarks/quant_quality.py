@@ -25,25 +25,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import uptime, v2_lite  # noqa: E402
+from common import uptime, v2_lite, validation_batches  # noqa: E402
 
 import deepseek_moe as dm  # noqa: E402
 from deepseek_moe.kernels.quant_matmul import kernel_report, set_activations  # noqa: E402
 from deepseek_moe.moe.layer import MoE  # noqa: E402
 from deepseek_moe.quant import QuantConfig, QuantLinear, QuantRoutedExperts  # noqa: E402
-
-
-def validation_batches(run_dir: Path, tokenizer: object) -> list[torch.Tensor]:
-    """The run's whole validation split as the training loop cuts it (same corpus split, sequence length)."""
-    from deepseek_moe.train.corpus import load_corpus
-    from deepseek_moe.train.data import PackedSequences, tokenize
-
-    cfg = json.loads((run_dir / "config.json").read_text())
-    data = cfg["data"]
-    corpus = load_corpus(tuple(data["paths"]), text_field=data["text_field"], val_fraction=data["val_fraction"])
-    tokens = tokenize(corpus.val, tokenizer)  # type: ignore[arg-type]
-    seqs = PackedSequences(np.asarray(tokens), data["seq_len"], cfg.get("seed", 0))
-    return seqs.fixed_batches(cfg["schedule"]["batch_size"])
 
 
 @torch.inference_mode()
