@@ -94,13 +94,14 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
     """Rotate x (B, T, H, R) by angles given as cos/sin (B, T, R/2); returns x's shape and dtype."""
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    # Written for few aten calls (a decode step rotates twice per layer and pays per call, not per element).
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # broadcast over heads
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
     if interleave:
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        x1, x2 = xf.unflatten(-1, (-1, 2)).unbind(-1)  # the even and the odd lanes
         out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
     else:
         half = x.shape[-1] // 2
         x1, x2 = xf[..., :half], xf[..., half:]
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.type_as(x)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
