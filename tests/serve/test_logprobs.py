@@ -90,6 +90,53 @@ def test_scheduler_logprobs_equal_a_full_forward(model: DeepSeekMoEForCausalLM, 
         check_events(model, p, c, k)
 
 
+def check_prompt_logprobs(model: DeepSeekMoEForCausalLM, p: list[int], got: list[Any], k: int) -> None:
+    """Entry j is prompt token j + 1's log-probability and top k, from the logits at position j."""
+    ref = reference(model, p[:1], p[1:])  # positions 0 .. P-2
+    assert len(got) == len(p) - 1
+    for j, (logprob, top) in enumerate(got):
+        assert abs(logprob - ref[j, p[j + 1]].item()) < TOL, j
+        values, ids = ref[j].topk(k)
+        assert [t for t, _ in top] == ids.tolist()
+        torch.testing.assert_close(torch.tensor([v for _, v in top]), values, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["default", "chunked prefill", "preemption"])
+def test_scheduler_prompt_logprobs_equal_a_full_forward(model: DeepSeekMoEForCausalLM, name: str) -> None:
+    """echo's prompt logprobs: every prompt position, also where the prefix cache holds the prompt's blocks (a
+    request that wants them computes its prompt), across prefill chunks and a preemption; copied to n > 1 forks;
+    max_tokens 0 ends after the prompt without a token."""
+    config = CONFIGS[name]
+    if config is None:
+        from deepseek_moe.model.counting import kv_cache_bytes_per_token
+        config = SchedulerConfig(max_batch_size=8, max_batch_tokens=16, block_size=4,
+                                 kv_cache_bytes=kv_cache_bytes_per_token(model.config, torch.float32) * 4 * 14)
+    s = Scheduler(model, config)
+    shared = prompt(12, 11)
+    submit(s, shared + [5], max_tokens=2)
+    run_all(s)  # caches the shared blocks
+    cases = [(shared + prompt(6, 12), 3, 6), (prompt(9, 13), 0, 0), (prompt(20, 14), 5, 10), (shared, 2, 3)]
+    sinks = [Collector() for _ in cases]
+    reqs = [Request(p, SamplingParams(max_tokens=m, prompt_logprobs=k, ignore_eos=True), c)
+            for (p, k, m), c in zip(cases, sinks, strict=True)]
+    fork_sinks = [Collector(), Collector()]
+    forks = [Request(cases[0][0], reqs[0].params, c) for c in fork_sinks]
+    s.submit(reqs[0], forks=forks)
+    for r in reqs[1:]:
+        s.submit(r)
+    others = [submit(s, prompt(7 + i, 20 + i), max_tokens=8) for i in range(3)]  # rows that did not ask
+    run_all(s)
+    if name == "preemption":
+        assert s.preemptions > 0
+    for (p, k, m), r, c in zip(cases, reqs, sinks, strict=True):
+        assert c.finish is not None and c.finish.reason == "length" and len(c.tokens) == m
+        check_prompt_logprobs(model, p, r.prompt_logprobs, k)
+    assert all(f.prompt_logprobs == reqs[0].prompt_logprobs for f in forks)
+    assert all(len(c.tokens) == 6 for c in fork_sinks)
+    assert all(o.finish is not None and o.finish.reason in ("stop", "length") for o in others)
+    assert s.pool.free_blocks == s.pool.capacity_blocks
+
+
 class EvenTokens(Constraint):
     """A grammar stand-in that allows only even token ids (bit i of word i // 32 set: token i allowed)."""
 
@@ -218,6 +265,54 @@ def test_completions_logprobs_streamed_and_not(served: tuple[str, Path], client:
     assert client.completions.create(model="tiny", prompt=ids, max_tokens=3).choices[0].logprobs is None
 
 
+def test_completions_echo_streamed_and_not(served: tuple[str, Path], client: openai.OpenAI,
+                                           loaded: DeepSeekMoEForCausalLM) -> None:
+    """echo: the prompt's text before the completion's, and with logprobs the prompt tokens' first (the first
+    null, as OpenAI's), equal to log_softmax of a full forward; max_tokens 0 scores the prompt alone."""
+    url, _ = served
+    text = "The quick brown fox"
+    ids = loaded.tokenizer.encode(text, add_special_tokens=True).ids
+    plain = client.completions.create(model="tiny", prompt=text, max_tokens=5, temperature=0, logprobs=2,
+                                      extra_body={"ignore_eos": True})
+    r = client.completions.create(model="tiny", prompt=text, max_tokens=5, temperature=0, logprobs=2, echo=True,
+                                  extra_body={"ignore_eos": True})
+    got, want = r.choices[0], plain.choices[0]
+    assert got.text == text + want.text
+    lp, lp_plain = got.logprobs, want.logprobs
+    assert lp is not None and lp_plain is not None and lp.tokens is not None and lp.token_logprobs is not None
+    assert lp.top_logprobs is not None and lp.text_offset is not None and lp_plain.text_offset is not None
+    P = len(ids)
+    decode = [str(loaded.tokenizer.decode([t], skip_special_tokens=False)) for t in ids]
+    assert lp.tokens == decode + lp_plain.tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    ref = reference(loaded, ids[:1], ids[1:])
+    for j in range(1, P):
+        assert close(lp.token_logprobs[j], ref[j - 1, ids[j]].item()), j
+        values, top = ref[j - 1].topk(2)
+        want_top = {decode_one: v for decode_one, v in zip(
+            [str(loaded.tokenizer.decode([t], skip_special_tokens=False)) for t in top.tolist()], values.tolist(),
+            strict=True)}
+        want_top[decode[j]] = ref[j - 1, ids[j]].item()
+        assert lp.top_logprobs[j].keys() == want_top.keys()
+    assert lp.token_logprobs[P:] == pytest.approx(lp_plain.token_logprobs, abs=TOL)
+    assert lp.text_offset[0] == 0 and lp.text_offset[P:] == [len(text) + o for o in lp_plain.text_offset]
+    # Streamed: the prompt comes first, as one chunk with its logprobs; the whole is the same.
+    chunks = sse(url, "/v1/completions", {"model": "tiny", "prompt": text, "max_tokens": 5, "temperature": 0,
+                                          "logprobs": 2, "echo": True, "stream": True, "ignore_eos": True})
+    assert chunks[0]["choices"][0]["text"] == text and len(chunks[0]["choices"][0]["logprobs"]["tokens"]) == P
+    assert "".join(c["choices"][0]["text"] for c in chunks) == got.text
+    assert [t for c in chunks for t in c["choices"][0]["logprobs"]["tokens"]] == lp.tokens
+    # max_tokens 0: the prompt scored, nothing generated; echo without logprobs: text only.
+    score = client.completions.create(model="tiny", prompt=text, max_tokens=0, logprobs=0, echo=True)
+    assert score.choices[0].text == text and score.choices[0].finish_reason == "length"
+    assert score.usage is not None and score.usage.completion_tokens == 0
+    assert score.choices[0].logprobs is not None and score.choices[0].logprobs.token_logprobs == \
+        pytest.approx(lp.token_logprobs[:P], abs=TOL)
+    bare = client.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0, echo=True, n=2,
+                                     extra_body={"ignore_eos": True})
+    assert [c.text for c in bare.choices] == [text + want.text] * 2 and bare.choices[0].logprobs is None
+
+
 def test_chat_logprobs_streamed_and_not(served: tuple[str, Path], client: openai.OpenAI,
                                         loaded: DeepSeekMoEForCausalLM) -> None:
     url, ckpt = served
@@ -265,7 +360,8 @@ def test_chat_logprobs_streamed_and_not(served: tuple[str, Path], client: openai
     ("/v1/chat/completions", {"logprobs": 3}, "logprobs"),
     ("/v1/completions", {"logprobs": 21}, "logprobs"),
     ("/v1/completions", {"logprobs": True}, "logprobs"),
-    ("/v1/completions", {"logprobs": 2, "echo": True}, "echo"),
+    ("/v1/completions", {"logprobs": 2, "echo": 1}, "echo"),
+    ("/v1/completions", {"max_tokens": 0}, "max_tokens"),  # 0 only with echo
 ])
 def test_bad_logprobs_values_are_400s_naming_the_field(served: tuple[str, Path], path: str, body: dict[str, Any],
                                                        param: str) -> None:

@@ -106,3 +106,38 @@ def test_a_failed_forward_leaves_the_tables_as_they_were() -> None:
     with pytest.raises(ValueError, match="attention mask"):
         cache.extend_mask(torch.zeros(1, 3, dtype=torch.bool))
     assert a.length == 0  # nothing committed
+
+
+@pytest.mark.parametrize("n_tokens", [8, 10])
+def test_fork_shares_full_blocks_and_copies_a_partial_one(n_tokens: int) -> None:
+    """n > 1 choices: a fork holds its source's full blocks (one more reference each) and its own copy of a
+    partly filled last block, whose slots equal the source's; releasing both frees everything."""
+    pool = BlockPool(2, 12, 4, prefix_cache=False)
+    src, dst = BlockTable(), BlockTable()
+    assert pool.reserve(src, n_tokens)
+    with torch.inference_mode():
+        cache = pool.batch([src], [n_tokens])
+        x = torch.randn(1, n_tokens, 3)
+        for layer in cache.layers:
+            layer.append(x)
+        cache.commit()
+        assert pool.fork(src, dst)  # (the scheduler's step runs in inference mode, where the pool was written)
+    full, rest = divmod(n_tokens, 4)
+    assert dst.length == n_tokens and dst.blocks[:full] == src.blocks[:full]
+    assert len(dst.blocks) == full + (rest > 0) and (not rest or dst.blocks[-1] != src.blocks[-1])
+    assert pool.audit([src, dst]) == []  # the shared blocks' reference counts are 2
+    for layer in range(2):
+        buf = pool.storage[layer][0]
+        slots = [b * 4 + i for b in dst.blocks for i in range(4)][:n_tokens]
+        torch.testing.assert_close(buf[slots], x[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="must be empty"):
+        pool.fork(src, dst)
+    pool.release(src)
+    assert pool.audit([dst]) == []
+    pool.release(dst)
+    assert pool.free_blocks == pool.capacity_blocks and pool.audit([]) == []
+    # No block for the copy: nothing taken.
+    tight, a, b = BlockPool(1, 4, 4), BlockTable(), BlockTable()
+    assert tight.reserve(a, 10)
+    a.length = 10  # (as if written)
+    assert not tight.fork(a, b) and b.blocks == [] and b.length == 0 and tight.audit([a]) == []

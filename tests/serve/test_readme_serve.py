@@ -42,6 +42,8 @@ def test_readme_serving_block_runs(tmp_path: Path) -> None:
     assert '"usage"' in out.stdout
     assert '"expert_tokens"' in out.stdout  # the page's /stats block ran too
     assert '"token_logprobs"' in out.stdout  # the logprobs example ran too
+    assert "prompt logprob -" in out.stdout  # echo with max_tokens 0 scored the prompt
+    assert "choices [0, 1, 2] usage" in out.stdout  # n and seed: the client's asserts held
     for line in out.stdout.splitlines():  # the structured-output examples: a reply that stopped parses
         if line.startswith("{") and '"chat.completion"' in line.replace(" ", ""):
             choice = json.loads(line)["choices"][0]

@@ -163,6 +163,43 @@ def test_stop_strings_cut_the_text(server: str) -> None:
     assert metric(server, "deepseek_moe_requests_finished_total", '{reason="cancelled"}') == finished["cancelled"]
 
 
+def test_n_choices_streamed_or_not(server: str, client: openai.OpenAI) -> None:
+    """n > 1: choices indexed 0..n-1 in the body and in the chunks; greedy choices equal n = 1's; with a seed,
+    choice i is the n = 1 request seeded seed + i (docs/serving.md), streamed or not; usage counts the prompt
+    once and every choice's tokens."""
+    one = complete(server, prompt="The quick", max_tokens=6, ignore_eos=True)
+    three = complete(server, prompt="The quick", max_tokens=6, ignore_eos=True, n=3)
+    assert [c["index"] for c in three["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in three["choices"]] == [one["choices"][0]["text"]] * 3
+    assert three["usage"] == {"prompt_tokens": one["usage"]["prompt_tokens"], "completion_tokens": 18,
+                              "total_tokens": one["usage"]["prompt_tokens"] + 18}
+
+    messages = [{"role": "user", "content": "héllo"}]
+    body = {"model": "tiny", "messages": messages, "max_tokens": 5, "temperature": 1.0, "seed": 11, "n": 2,
+            "ignore_eos": True}
+    whole = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60).json()
+    assert [c["index"] for c in whole["choices"]] == [0, 1]
+    for i, c in enumerate(whole["choices"]):
+        alone = httpx.post(f"{server}/v1/chat/completions", json={**body, "n": 1, "seed": 11 + i}, timeout=60).json()
+        assert c["message"]["content"] == alone["choices"][0]["message"]["content"]
+    events = sse_events(server, "/v1/chat/completions", {**body, "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]" and events[-2]["choices"] == []
+    assert events[-2]["usage"] == whole["usage"] and whole["usage"]["completion_tokens"] == 10
+    texts: dict[int, str] = {0: "", 1: ""}
+    finishes: dict[int, str] = {}
+    for e in events[:-2]:
+        assert len(e["choices"]) == 1 and e["id"] == events[0]["id"]
+        c = e["choices"][0]
+        texts[c["index"]] += c["delta"].get("content", "")
+        if c["finish_reason"]:
+            finishes[c["index"]] = c["finish_reason"]
+    assert texts == {i: c["message"]["content"] for i, c in enumerate(whole["choices"])}
+    assert finishes == {0: "length", 1: "length"}
+    got = client.completions.create(model="tiny", prompt="The quick", max_tokens=6, temperature=0, n=2,
+                                    extra_body={"ignore_eos": True})
+    assert [c.text for c in got.choices] == [one["choices"][0]["text"]] * 2
+
+
 def test_concurrent_requests_get_what_they_get_alone(server: str) -> None:
     cases = [("def add(a, b):", 20), ("x", 5), ("The quick brown fox jumps over the lazy dog. " * 3, 12),
              ("import torch\n", 30), ("héllo wörld", 8), ("Serving many requests at once", 16)]
@@ -239,9 +276,10 @@ BAD: list[tuple[str, bytes | dict[str, Any], int, str | None]] = [
     ("stream not a bool", {"prompt": "x", "stream": "yes"}, 400, "stream"),
     ("stop of the wrong type", {"prompt": "x", "stop": 3}, 400, "stop"),
     ("seed a float", {"prompt": "x", "seed": 1.5}, 400, "seed"),
-    ("n > 1", {"prompt": "x", "n": 2}, 400, "n"),
+    ("n above its limit", {"prompt": "x", "n": 17}, 400, "n"),
+    ("n above the batch (4 rows)", {"prompt": "x", "n": 5}, 400, "n"),
     ("logprobs", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
-    ("echo", {"prompt": "x", "echo": True}, 400, "echo"),
+    ("echo not a bool", {"prompt": "x", "echo": "yes"}, 400, "echo"),
     ("penalty", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ("unknown field", {"prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
     ("stream_options without stream", {"prompt": "x", "stream_options": {"include_usage": True}}, 400,

@@ -70,7 +70,7 @@ def test_request_parsing_accepts_client_defaults_and_names_bad_fields() -> None:
                                                                  {"type": "text", "text": "b"}]}],
                        "max_completion_tokens": 5, "logprobs": False})
     assert chat.messages == [{"role": "user", "content": "ab"}] and chat.max_tokens == 5
-    for body, param in (({"prompt": "x", "n": 3}, "n"), ({"prompt": "x", "top_p": 1.5}, "top_p"),
+    for body, param in (({"prompt": "x", "n": 17}, "n"), ({"prompt": "x", "top_p": 1.5}, "top_p"),
                         ({"prompt": "x", "temperature": float("nan")}, "temperature")):
         try:
             parse_completion(body)
@@ -113,7 +113,7 @@ def test_seed_must_fit_an_int64() -> None:
     ("temperature", -0.1), ("temperature", 2.5), ("temperature", True), ("top_p", 0), ("top_p", 1.01),
     ("presence_penalty", 0.5), ("presence_penalty", 3), ("frequency_penalty", "0"), ("frequency_penalty", -2.5),
     ("max_tokens", 0), ("max_tokens", -1), ("max_tokens", 2.0), ("top_k", 0), ("top_k", -2), ("top_k", 1.5),
-    ("n", 2), ("n", 10**6), ("n", 1.0), ("n", True), ("logprobs", 21), ("logprobs", -1), ("logprobs", True), ("best_of", 3),
+    ("n", 17), ("n", 10**6), ("n", 0), ("n", 1.0), ("n", True), ("logprobs", 21), ("logprobs", -1), ("logprobs", True), ("best_of", 3),
     ("stop", ["a"] * 5), ("stop", ["x" * 513]), ("stop", [""]), ("stop", 7), ("stream", 1), ("user", 5),
     ("logit_bias", {"1": 5}), ("echo", 1),
 ])

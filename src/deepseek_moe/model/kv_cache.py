@@ -308,6 +308,30 @@ class BlockPool:
             self._unref(b)
         return n
 
+    def fork(self, src: BlockTable, dst: BlockTable) -> bool:
+        """Make the empty table ``dst`` cache what ``src`` caches without computing it again (``n`` > 1 choices
+        of one prompt): ``src``'s full blocks are shared (one more reference each; never written, as for
+        ``match``, since a table writes past its length), and a partly filled last block is copied into a block
+        of ``dst``'s own, as both will write into its free slots. Returns False, taking nothing, when no block is
+        free for that copy."""
+        if dst.blocks or dst.length:
+            raise ValueError(f"fork into a table that holds {len(dst.blocks)} blocks: it must be empty")
+        bs = self.block_size
+        full, rest = divmod(src.length, bs)
+        if rest and not self.free_blocks:
+            return False
+        for b in src.blocks[:full]:
+            self._refs[b] += 1
+        dst.blocks = src.blocks[:full]
+        if rest:
+            b, s = self._take(), src.blocks[full]
+            for layer in self.storage:
+                for buf in layer:
+                    buf[b * bs:b * bs + rest] = buf[s * bs:s * bs + rest]
+            dst.blocks.append(b)
+        dst.length, dst.registered = src.length, min(src.registered, full)
+        return True
+
     def register(self, table: BlockTable, keys: Sequence[bytes]) -> None:
         """Record the content keys of ``table``'s full cached blocks (``keys[i]`` is block i's, at most as many as
         its full blocks), so that ``match`` can share them. A key already held by another block (two requests

@@ -8,7 +8,7 @@ surrogate such as ``"\\ud800"`` cannot be encoded to UTF-8 for the tokenizer), a
 
 ``logprobs`` (completions: an integer 0..20, the alternatives per token; chat: ``logprobs: true`` with
 ``top_logprobs`` 0..20, which without ``logprobs: true`` is a 400) asks for log-probabilities (serve/logprobs.py).
-Fields common clients send with default or no-op values (``n: 1``, ``stream_options``, ``user``, zero
+``n`` (1..MAX_N) asks for that many choices of one prompt. Fields common clients send with default or no-op values (``stream_options``, ``user``, zero
 penalties, ``echo: false``) are accepted; a non-default value of a field we do not implement is a
 400, never silently ignored. An unknown field is a 400 too (OpenAI ignores some): a misspelt ``max_token``
 would otherwise generate to the default length without a word. Every number is range-checked (``seed`` fits an
@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from deepseek_moe.serve.request import MAX_LOGPROBS
+from deepseek_moe.serve.request import MAX_LOGPROBS, MAX_N
 from deepseek_moe.serve.structured import OutputFormat, json_object_format
 
 MAX_BODY_BYTES = 4 << 20  # the default limit on a request body (serve's --max-request-bytes)
@@ -127,6 +127,8 @@ class GenerationRequest:
     ignore_eos: bool = False
     output_format: OutputFormat | None = None  # structured output: what the text must match
     logprobs: int | None = None  # None: no logprobs; else how many top alternatives per token (0..MAX_LOGPROBS)
+    n: int = 1  # choices (1..MAX_N), each with its own sampling; choice i is seeded with seed + i
+    echo: bool = False  # completions: the prompt (and with logprobs its tokens' logprobs) before the completion
 
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "stream_options",
@@ -264,7 +266,6 @@ def _common(body: Any, fields: set[str]) -> dict[str, Any]:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("model", f"must be a string, got {type(model).__name__}")
-    _unsupported(body, "n", (1, None), "one choice per request; send n requests")
     _penalty(body, "presence_penalty")
     _penalty(body, "frequency_penalty")
     _unsupported(body, "logit_bias", ({}, None), "no logit bias")
@@ -290,7 +291,7 @@ def _common(body: Any, fields: set[str]) -> dict[str, Any]:
             "top_k": None if top_k in (None, -1) else top_k, "stop": _stop(body),
             "seed": _optional_int(body, "seed", *INT64), "stream": stream, "include_usage": include_usage,
             "continuous_usage": continuous, "ignore_eos": _bool(body, "ignore_eos"),
-            "output_format": _output_format(body)}
+            "output_format": _output_format(body), "n": _optional_int(body, "n", 1, MAX_N) or 1}
 
 
 def _max_tokens(body: dict[str, Any], name: str) -> int | None:
@@ -300,7 +301,7 @@ def _max_tokens(body: dict[str, Any], name: str) -> int | None:
 
 def parse_completion(body: Any) -> GenerationRequest:
     fields = _common(body, COMPLETION_FIELDS)
-    _unsupported(body, "echo", (False, None), "the prompt is not echoed, nor its logprobs computed")
+    echo = _bool(body, "echo")
     _unsupported(body, "best_of", (1, None), "one candidate per request")
     _unsupported(body, "suffix", (None, ""), "no insertion")
     logprobs = None if body.get("logprobs") is False else _optional_int(body, "logprobs", 0, MAX_LOGPROBS)
@@ -323,8 +324,10 @@ def parse_completion(body: Any) -> GenerationRequest:
                   code="unsupported_value")
     else:
         raise bad("prompt", "must be a string or a list of token ids")
-    return GenerationRequest(prompt_text=text, prompt_ids=ids, max_tokens=_max_tokens(body, "max_tokens"),
-                             logprobs=logprobs, **fields)
+    # max_tokens 0 with echo scores the prompt alone (OpenAI allows it; evaluation harnesses use it).
+    max_tokens = _optional_int(body, "max_tokens", lo=0) if echo else _max_tokens(body, "max_tokens")
+    return GenerationRequest(prompt_text=text, prompt_ids=ids, max_tokens=max_tokens, logprobs=logprobs, echo=echo,
+                             **fields)
 
 
 def parse_chat(body: Any) -> GenerationRequest:

@@ -25,7 +25,10 @@ class SamplingParams:
     a token in ``stop_token_ids`` (unless ``ignore_eos``) or at the most tokens one request can hold (the
     context, or the whole cache if smaller; the only limit when ``max_tokens`` is None). ``logprobs``: None, or
     how many of the most likely alternatives (0 to MAX_LOGPROBS) each TokenEvent carries beside the chosen
-    token's log-probability (serve/logprobs.py says which distribution)."""
+    token's log-probability (serve/logprobs.py says which distribution). ``prompt_logprobs``: None, or how many
+    alternatives each prompt token's log-probability comes with (OpenAI's ``echo`` with ``logprobs``): filled in
+    ``Request.prompt_logprobs`` before the first event. ``max_tokens`` 0 ends the request once its prompt is
+    computed, without a token (to score a prompt)."""
 
     max_tokens: int | None = None
     temperature: float = 0.0
@@ -35,13 +38,19 @@ class SamplingParams:
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs ({self.logprobs}) must be None or in [0, {MAX_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise ValueError(f"{name} ({k}) must be None or in [0, {MAX_LOGPROBS}]")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise ValueError(f"max_tokens ({self.max_tokens}) must be None or >= 0")
 
 
 MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs (and vLLM's default max_logprobs)
+MAX_N = 16  # the most choices one request may ask for (``n``); each takes a batch row
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,11 @@ class Request:
     admitted: bool = False  # once admitted, a preempted request's prompt is not counted again
     block_keys: list[bytes] = field(default_factory=list)  # content keys of its full blocks (prefix caching)
     generator: torch.Generator | None = None
+    # With params.prompt_logprobs: entry k is prompt token k + 1's (its log-probability given the tokens before it,
+    # its top alternatives); the first prompt token has none. Complete before the request's first event.
+    prompt_logprobs: list[tuple[float, tuple[tuple[int, float], ...]]] = field(default_factory=list)
+    # n > 1: the request's other choices, held until its prompt is cached and then forked from it (``submit``).
+    forks: list[Request] = field(default_factory=list)
     draft: Draft = field(default_factory=lambda: Draft([]))  # speculative decoding: this step's drafted tokens
     speculative: SpecStats = field(default_factory=SpecStats)  # its counts (drafted, accepted) so far
     first_token_time: float = 0.0

@@ -67,7 +67,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -181,9 +181,19 @@ class Scheduler:
     def adapter_names(self) -> list[str]:
         return [k for k in self.models if k is not None]
 
-    def submit(self, request: Request) -> Request:
+    def submit(self, request: Request, forks: Sequence[Request] = ()) -> Request:
+        """Queue ``request``; ``forks``: its other choices (``n`` > 1), requests of the same prompt and adapter
+        with their own parameters (seed), sinks and constraints. They are not queued: once ``request``'s prompt is
+        cached they are forked from it (``BlockPool.fork``: its blocks shared, not computed again) and sample their
+        first tokens from its last logits. A request and its forks take ``1 + len(forks)`` batch rows."""
         if not request.prompt:
             raise ValueError("prompt is empty: it needs at least one token")
+        if 1 + len(forks) > self.config.max_batch_size:
+            raise ValueError(f"{1 + len(forks)} choices (n) exceed max_batch_size ({self.config.max_batch_size}): "
+                             "each choice takes a batch row")
+        for child in forks:
+            if list(child.prompt) != list(request.prompt) or child.adapter != request.adapter:
+                raise ValueError("a fork must have its request's prompt and adapter")
         if request.adapter not in self.models:
             raise ValueError(f"adapter {request.adapter!r} is not loaded (loaded: {self.adapter_names})")
         # A request alone must always fit, or preemption could never make room for it.
@@ -197,9 +207,11 @@ class Scheduler:
             if len(self.waiting) >= self.config.max_queue:
                 raise QueueFullError(f"{len(self.waiting)} requests are waiting (max_queue "
                                      f"{self.config.max_queue})")
+            request.forks = list(forks)
             self.waiting.append(request)
-            self._live[request.id] = request
-            self.metrics.requests_received.inc()
+            for r in (request, *forks):
+                self._live[r.id] = r
+                self.metrics.requests_received.inc()
             self._wake.notify()
         return request
 
@@ -299,8 +311,16 @@ class Scheduler:
                 counted = min(req.table.length, len(req.prompt))
                 self.metrics.prompt_tokens.inc(max(counted - req.n_prefilled, 0))
                 req.n_prefilled = max(req.n_prefilled, counted)
+                if req.n_pending == 0 and req.params.max_tokens == 0:  # only its prompt was wanted (echo)
+                    for child in req.forks:
+                        child.prompt_logprobs = list(req.prompt_logprobs)
+                    self._drop(req)
+                    self._finish(req, FinishEvent("length"))
+                    continue
                 if req.n_pending == 0:  # the chunk reached the last token: its logits choose the next one
                     done.append((req, logits))
+                    if req.forks:  # n > 1: the other choices sample from the same logits
+                        done.extend((child, logits) for child in self._spawn(req))
             self._emit_rows(done)
         self._update_gauges()
         self.check_invariants()
@@ -384,6 +404,10 @@ class Scheduler:
         with self._lock:
             cancelled, self._cancelled = self._cancelled, {}
             gone = [r for r in itertools.chain(self.waiting, self.running) if r.id in cancelled]
+            forks = [(r, c) for r in itertools.chain(self.waiting, self.running) for c in r.forks if c.id in cancelled]
+        for parent, child in forks:
+            parent.forks.remove(child)
+            self._finish(child, FinishEvent(cancelled[child.id]))
         for req in gone:
             self._drop(req)
             self._finish(req, FinishEvent(cancelled[req.id]))
@@ -391,13 +415,14 @@ class Scheduler:
     def _admit(self) -> None:
         while True:
             with self._lock:
-                if not self.waiting or len(self.running) >= self.config.max_batch_size:
+                # A request's forks hold their rows from its admission: they join the batch when its prompt is in.
+                if not self.waiting or self._n_rows() + 1 + len(self.waiting[0].forks) > self.config.max_batch_size:
                     return
                 req = self.waiting[0]
                 self._match_prefix(req)
                 # A block to spare per running sequence, so that admitting does not preempt at the next step.
                 spare = self.pool.free_blocks - (self.pool.blocks_for(req.n_tokens) - len(req.table.blocks))
-                if spare < len(self.running) or not self.pool.reserve(req.table, req.n_tokens):
+                if spare < self._n_rows() + len(req.forks) or not self.pool.reserve(req.table, req.n_tokens):
                     self.pool.release(req.table)  # the prefix it matched stays cached
                     return  # first come, first served: later requests do not overtake one that waits for room
                 if not req.admitted:
@@ -414,6 +439,39 @@ class Scheduler:
             except Exception as e:
                 self._fail(req, e)
 
+    def _n_rows(self) -> int:
+        """Batch rows taken: the running requests and the forks waiting for their prompts."""
+        return sum(1 + len(r.forks) for r in self.running)
+
+    def _spawn(self, req: Request) -> list[Request]:
+        """``req``'s prompt is cached: fork its choices from it (``BlockPool.fork``) into the batch, to sample
+        from its last logits. A fork the pool has no block for (its copy of a partly filled last block) waits at
+        the head of the queue instead, to compute its prompt like any request (from the prefix cache, if on)."""
+        forks, req.forks = req.forks, []
+        spawned = []
+        for child in forks:
+            if child.finished:
+                continue
+            # Its prompt is counted once, as req's: not in the prefix-cache queries nor the prompt tokens again.
+            child.admitted, child.n_prefilled, child.block_keys = True, req.n_prefilled, list(req.block_keys)
+            child.prompt_logprobs = list(req.prompt_logprobs)
+            if not self.pool.fork(req.table, child.table):
+                with self._lock:
+                    self.waiting.appendleft(child)
+                continue
+            self.running.append(child)
+            try:
+                self._setup(child)
+            except InvalidRequestError as e:
+                self._drop(child)
+                self._finish(child, FinishEvent("invalid", str(e), param=e.param))
+                continue
+            except Exception as e:
+                self._fail(child, e)
+                continue
+            spawned.append(child)
+        return spawned
+
     def _block_keys(self, req: Request, n_tokens: int) -> list[bytes]:
         """The content keys of the full blocks among ``req``'s first ``n_tokens`` tokens (computed once, extended
         as the request grows), salted with its adapter: another adapter's latents differ for the same tokens."""
@@ -427,6 +485,8 @@ class Scheduler:
     def _match_prefix(self, req: Request) -> None:
         """Take the cached blocks of the longest prefix of ``req``'s tokens that follows what it caches, leaving at
         least its last token to compute (its logits choose the next token)."""
+        if req.params.prompt_logprobs is not None and len(req.prompt_logprobs) < len(req.prompt) - 1:
+            return  # its prompt's logits are wanted: a cached block would skip them
         if self.pool.prefix_cache and req.table.length % self.pool.block_size == 0:
             self.pool.match(req.table, self._block_keys(req, req.n_tokens - 1))
 
@@ -549,6 +609,9 @@ class Scheduler:
         mask = cache.new_token_mask.to(self.device)
         start, start_cpu = time.perf_counter(), time.thread_time()
         logits = self.models[adapter](input_ids.to(self.device), attention_mask=mask, cache=cache).logits
+        for i, req in enumerate(reqs):  # echo: each prompt token's logprobs, from the logits before it
+            if req.params.prompt_logprobs is not None and len(req.prompt_logprobs) < len(req.prompt) - 1:
+                self._add_prompt_logprobs(req, logits[i, T - n_new[i]:])
         logits = logits[:, -1] if last == 1 else logits[:, -last:]
         cache.commit()
         if self.pool.prefix_cache:
@@ -559,6 +622,20 @@ class Scheduler:
         self.metrics.forward_cpu_seconds.inc(time.thread_time() - start_cpu)
         self.metrics.forward_tokens.inc(sum(n_new))
         return logits
+
+    def _add_prompt_logprobs(self, req: Request, logits_NV: torch.Tensor) -> None:
+        """Extend ``req.prompt_logprobs`` with what this forward's rows give (row j: position ``table.length + j``,
+        whose logits predict prompt token ``table.length + j + 1``). Its prompt is computed in order, from the
+        first token it lacks, as it takes no cached blocks until the list is complete."""
+        start, have = req.table.length, len(req.prompt_logprobs)
+        if have < start:
+            raise SchedulerInvariantError(f"request {req.id}: prompt logprobs for {have} tokens, but its forward "
+                                          f"starts at position {start}")
+        positions = range(have, min(start + logits_NV.shape[0], len(req.prompt) - 1))
+        if positions:
+            k = req.params.prompt_logprobs or 0
+            req.prompt_logprobs += token_logprobs(logits_NV[positions.start - start:positions.stop - start],
+                                                  [req.prompt[p + 1] for p in positions], [k] * len(positions))
 
     def _rows(self, ids: list[list[int]], reqs: list[Request], last: int = 1) -> list[torch.Tensor | None]:
         """Each row's last logits from one forward. If it raises, the rows run one by one so that only a row that
@@ -676,11 +753,14 @@ class Scheduler:
                 return
             req.finished = True
             self._live.pop(req.id, None)
+            forks, req.forks = req.forks, []
         self.metrics.requests_finished.labels(reason=event.reason).inc()
         try:
             req.sink(event)
         except Exception:  # a sink that fails on its last event has nobody left to tell
             pass
+        for child in forks:  # choices never forked (its prompt was not in yet) end as it did
+            self._finish(child, event)
 
     def _count_routing(self, adapter: str | None) -> None:
         for moe in self._moe_of[adapter]:
