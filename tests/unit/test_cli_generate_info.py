@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,22 @@ def test_generate_speculative_prints_the_greedy_text(capsys, checkpoint: Path) -
     assert spec.out == plain.out
     assert "speculative: " in spec.err and "drafted tokens accepted" in spec.err
     expect_error(capsys, [*argv, "--speculative", "ngram", "--num-draft-tokens", "0"], "--num-draft-tokens")
+
+
+def test_generate_speculative_mtp_drafts_with_the_checkpoints_modules(capsys, checkpoint: Path,
+                                                                      tmp_path: Path) -> None:
+    argv = ["--prompt", "hello world hello", "--temperature", "0", "--max-new-tokens", "12"]
+    expect_error(capsys, ["generate", str(checkpoint), *argv, "--speculative", "mtp"], "--speculative mtp",
+                 "mtp_depth 0")
+    model = tiny_model(tiny_tokenizer().get_vocab_size())
+    with_mtp = DeepSeekMoEForCausalLM(replace(model.config, mtp_depth=1), init_seed=1)
+    with_mtp.tokenizer = tiny_tokenizer()
+    save_pretrained(with_mtp, tmp_path / "mtp")
+    assert main(["generate", str(tmp_path / "mtp"), *argv]) == 0
+    plain = capsys.readouterr()
+    assert main(["generate", str(tmp_path / "mtp"), *argv, "--speculative", "mtp", "--num-draft-tokens", "2"]) == 0
+    spec = capsys.readouterr()
+    assert spec.out == plain.out and "drafted tokens accepted" in spec.err
 
 
 def test_text_stream_holds_back_split_characters() -> None:

@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from deepseek_moe.cli.main import UsageError
 from deepseek_moe.io import CheckpointError
 from deepseek_moe.io.locate import checkpoint_dir
+
+if TYPE_CHECKING:
+    from deepseek_moe.infer.draft import BatchDrafter, Drafter
 
 TOKENIZER_FILE = "tokenizer.json"
 # End-of-text tokens of the tokenizers we meet, tried when config.json has no eos_token_id.
@@ -35,10 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sample among the most likely tokens holding mass P (default 0.95; 1 disables)")
     p.add_argument("--seed", type=int, metavar="S", help="makes sampling repeatable")
     p.add_argument("--device", metavar="D", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--speculative", choices=("ngram",), metavar="DRAFTER",
+    p.add_argument("--speculative", choices=("ngram", "mtp"), metavar="DRAFTER",
                    help="speculative decoding: 'ngram' drafts by prompt lookup (the tokens that followed the last "
-                   "match of the text's last few tokens), verified in one forward; same greedy output, same "
-                   "sampling distribution")
+                   "match of the text's last few tokens), 'mtp' with the checkpoint's multi-token-prediction "
+                   "modules (trained with model.mtp_depth >= 1); verified in one forward; same greedy output, "
+                   "same sampling distribution")
     p.add_argument("--num-draft-tokens", type=int, default=4, metavar="K",
                    help="with --speculative: the most tokens drafted per step (default 4)")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
@@ -176,11 +180,18 @@ def run(args: argparse.Namespace) -> int:
     stream = TextStream(tokenizer, sys.stdout, stops)
     sys.stdout.write(prompt)
     sys.stdout.flush()
-    drafter = None
+    drafter: Drafter | BatchDrafter | None = None
     if args.speculative == "ngram":
         from deepseek_moe.infer.draft import NgramDrafter
 
         drafter = NgramDrafter()
+    elif args.speculative == "mtp":
+        from deepseek_moe.infer.mtp_draft import MTPDrafter
+
+        try:
+            drafter = MTPDrafter(model)
+        except ValueError as e:
+            raise UsageError(f"--speculative mtp: {e} ({path})") from e
     out = generate(model, [prompt_ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, stop_tokens=sorted(stops), seed=args.seed, stream=stream,
                    drafter=drafter, num_draft_tokens=args.num_draft_tokens)

@@ -5,13 +5,18 @@ A drafter returns a ``Draft``: the tokens it guesses and the distribution q each
 deterministic drafter (n-gram lookup) leaves q as None, a point mass on its token; the acceptance rule then
 accepts token x with probability p(x) and, on rejection, draws from p with x removed, which is exactly the
 target distribution p whatever the drafter guessed.
+
+A ``Drafter`` sees only the tokens. A drafter that reads the model's hidden states (the MTP drafter,
+infer/mtp_draft.py) keeps state between steps and drafts for the whole batch at once: it is a ``BatchDrafter``,
+told the prefill's and every verification's hidden states. ``as_batch_drafter`` gives a ``Drafter`` that
+interface, so the decoding loop speaks to one kind.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -33,6 +38,57 @@ class Drafter(Protocol):
     def propose(self, context: Sequence[int], k: int) -> Draft:
         """Up to ``k`` tokens guessed to follow ``context`` (prompt + output so far; fewer, or none, is fine)."""
         ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """The transform the target's p is taken with (``infer.sampling.probabilities``); a drafter that samples
+    draws from the same transform of its own logits, so that its q is comparable (temperature 0: argmax)."""
+
+    temperature: float
+    top_k: int | None = None
+    top_p: float | None = None
+    generator: torch.Generator | None = None
+
+
+@runtime_checkable
+class BatchDrafter(Protocol):
+    """A stateful drafter over a batch of rows (fixed for one generation). Rows are those of the loop's
+    left-padded batch; ``hidden`` is the main model's last hidden state after its final norm (what its head reads,
+    ``CausalLMOutput.hidden``)."""
+
+    def begin(self, hidden: torch.Tensor, mask: torch.Tensor, sampling: SamplingParams) -> None:
+        """A new generation: the prefill's ``hidden`` (B, T, dim) and its attention ``mask`` (B, T)."""
+        ...
+
+    def propose_batch(self, contexts: Sequence[Sequence[int]], ks: Sequence[int]) -> list[Draft]:
+        """Per row, up to ``ks[i]`` tokens guessed to follow ``contexts[i]`` (0: that row drafts nothing)."""
+        ...
+
+    def observe(self, hidden: torch.Tensor, kept: torch.Tensor) -> None:
+        """After a verification forward: its ``hidden`` (B, T, dim) and ``kept`` (B, T) bool, the slots the main
+        cache keeps (the row's fed token and its accepted drafts; False for padding and rejected drafts)."""
+        ...
+
+
+@dataclass(frozen=True)
+class _PerRow:
+    """A context-only ``Drafter`` as a ``BatchDrafter``: one ``propose`` per row, hidden states unused."""
+
+    drafter: Drafter
+
+    def begin(self, hidden: torch.Tensor, mask: torch.Tensor, sampling: SamplingParams) -> None:
+        pass
+
+    def propose_batch(self, contexts: Sequence[Sequence[int]], ks: Sequence[int]) -> list[Draft]:
+        return [Draft([]) if k <= 0 else self.drafter.propose(c, k) for c, k in zip(contexts, ks, strict=True)]
+
+    def observe(self, hidden: torch.Tensor, kept: torch.Tensor) -> None:
+        pass
+
+
+def as_batch_drafter(drafter: Drafter | BatchDrafter) -> BatchDrafter:
+    return drafter if isinstance(drafter, BatchDrafter) else _PerRow(drafter)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,4 +120,4 @@ class NgramDrafter:
         return Draft([])
 
 
-__all__ = ["Draft", "Drafter", "NgramDrafter"]
+__all__ = ["BatchDrafter", "Draft", "Drafter", "NgramDrafter", "SamplingParams", "as_batch_drafter"]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from deepseek_moe.infer.draft import Drafter
+from deepseek_moe.infer.draft import BatchDrafter, Drafter
 from deepseek_moe.infer.loop import check_prompts, decode, left_padded
 from deepseek_moe.infer.sampling import check_sampling, sample
 from deepseek_moe.infer.speculative import SpecStats, decode_speculative
@@ -53,14 +53,15 @@ def generate(model: DeepSeekMoEForCausalLM, input_ids: torch.Tensor | Sequence[S
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              stop_tokens: Sequence[int] = (), seed: int | None = None,
              stream: Callable[[int, int], None] | None = None, pad_token_id: int = 0,
-             drafter: Drafter | None = None, num_draft_tokens: int = 4) -> GenerateOutput:
+             drafter: Drafter | BatchDrafter | None = None, num_draft_tokens: int = 4) -> GenerateOutput:
     """Continue each prompt (a (B, T) tensor without padding, or a list of token lists of any lengths).
 
     A row stops after emitting a token in ``stop_tokens``, after ``max_new_tokens``, or when it reaches the
     model's ``max_seq_len``. ``stream(row, token)`` is called as each token is chosen.
 
-    With a ``drafter`` (``infer.draft``), decoding is speculative: up to ``num_draft_tokens`` drafted tokens per
-    row and step, verified in one forward (``infer.speculative``). Greedy output is the same token for token;
+    With a ``drafter`` (``infer.draft.NgramDrafter``, or ``infer.mtp_draft.MTPDrafter(model)`` for a model with
+    MTP modules), decoding is speculative: up to ``num_draft_tokens`` drafted tokens per row and step, verified in
+    one forward (``infer.speculative``). Greedy output is the same token for token;
     sampled output follows the same distribution (not the same draws: the random numbers are used differently).
     """
     prompts = _as_prompts(input_ids)
@@ -92,7 +93,8 @@ def generate(model: DeepSeekMoEForCausalLM, input_ids: torch.Tensor | Sequence[S
 
     try:
         start = time.perf_counter()
-        logits = model(ids, attention_mask=mask, cache=cache).logits[:, -1]
+        out = model(ids, attention_mask=mask, cache=cache)
+        logits = out.logits[:, -1]
         prefill_s, decode_start = time.perf_counter() - start, time.perf_counter()
         stats = None
         if drafter is None:
@@ -100,11 +102,17 @@ def generate(model: DeepSeekMoEForCausalLM, input_ids: torch.Tensor | Sequence[S
                                 choose=choose, step=step, stop_tokens=stop_tokens, stream=stream)
         else:
             stats = SpecStats()
+            assert out.hidden is not None
+
+            def verify(ids: torch.Tensor, step_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                step = model(ids, attention_mask=step_mask, cache=cache)
+                assert step.hidden is not None
+                return step.logits, step.hidden
+
             new_tokens = decode_speculative(
                 logits, prompts, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len, drafter=drafter,
-                num_draft_tokens=num_draft_tokens,
-                forward=lambda ids, step_mask: model(ids, attention_mask=step_mask, cache=cache).logits,
-                discard=cache.discard, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                num_draft_tokens=num_draft_tokens, forward=verify, discard=cache.discard,
+                prefill=(out.hidden, mask), temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
                 stop_tokens=stop_tokens, stream=stream, stats=stats)
         decode_s = time.perf_counter() - decode_start
     finally:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deepseek_moe.infer.draft import Draft, Drafter
+from deepseek_moe.infer.draft import BatchDrafter, Draft, Drafter, SamplingParams, as_batch_drafter
 from deepseek_moe.infer.sampling import probabilities
 
 
@@ -100,19 +100,17 @@ class _Row:
     done: bool = False
 
 
-def _propose(drafter: Drafter, context: list[int], k: int) -> Draft:
-    if k <= 0:
-        return Draft([])
-    d = drafter.propose(context, k)
+def _capped(d: Draft, k: int) -> Draft:
     if len(d.tokens) <= k:
         return d
     return Draft(d.tokens[:k], None if d.q is None else d.q[:k])  # a drafter that ignored k
 
 
 def decode_speculative(first: torch.Tensor, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                       max_seq_len: int, drafter: Drafter, num_draft_tokens: int,
-                       forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                       discard: Callable[[torch.Tensor], None], temperature: float, top_k: int | None,
+                       max_seq_len: int, drafter: Drafter | BatchDrafter, num_draft_tokens: int,
+                       forward: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                       discard: Callable[[torch.Tensor], None], prefill: tuple[torch.Tensor, torch.Tensor],
+                       temperature: float, top_k: int | None,
                        top_p: float | None, generator: torch.Generator | None, stop_tokens: Sequence[int] = (),
                        stream: Callable[[int, int], None] | None = None,
                        stats: SpecStats | None = None) -> list[list[int]]:
@@ -121,12 +119,17 @@ def decode_speculative(first: torch.Tensor, prompts: Sequence[Sequence[int]], *,
     and step.
 
     Each step feeds, per row, the last emitted token and its draft, right-aligned in (B, T = 1 + longest
-    draft) and left-padded (mask 0): ``forward(ids, mask)`` returns logits (B, T, V) and caches the T slots;
-    ``discard(rejected)`` (B, T) bool then drops the slots of the rejected drafts from the cache.
+    draft) and left-padded (mask 0): ``forward(ids, mask)`` returns logits (B, T, V) and the main model's hidden
+    states (B, T, dim) and caches the T slots; ``discard(rejected)`` (B, T) bool then drops the slots of the
+    rejected drafts from the cache. ``prefill``: the prefill's hidden states (B, T, dim) and attention mask
+    (B, T), for a drafter that reads them (``BatchDrafter``; a plain ``Drafter`` sees only the tokens).
     """
     if num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens ({num_draft_tokens}) must be >= 1")
     stats = stats if stats is not None else SpecStats()
+    batch_drafter = as_batch_drafter(drafter)
+    batch_drafter.begin(*prefill, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                 generator=generator))
     stops = set(stop_tokens)
     rows = [_Row(list(p), min(max_new_tokens, max_seq_len - len(p))) for p in prompts]
 
@@ -157,8 +160,9 @@ def decode_speculative(first: torch.Tensor, prompts: Sequence[Sequence[int]], *,
     while not all(r.done for r in rows):
         # A draft never runs past the row's room: the step's own token is always emitted, so at most
         # limit - emitted - 1 drafted tokens can be.
-        drafts = [Draft([]) if r.done else
-                  _propose(drafter, r.context, min(num_draft_tokens, r.limit - len(r.new) - 1)) for r in rows]
+        ks = [0 if r.done else max(0, min(num_draft_tokens, r.limit - len(r.new) - 1)) for r in rows]
+        drafts = [_capped(d, k) for d, k in
+                  zip(batch_drafter.propose_batch([r.context for r in rows], ks), ks, strict=True)]
         T = 1 + max(len(d.tokens) for d in drafts)
         ids = torch.zeros(len(rows), T, dtype=torch.long)
         mask = torch.zeros(len(rows), T, dtype=torch.long)
@@ -167,7 +171,7 @@ def decode_speculative(first: torch.Tensor, prompts: Sequence[Sequence[int]], *,
             ids[i, T - len(fed):] = torch.tensor(fed)
             if not row.done:
                 mask[i, T - len(fed):] = 1
-        logits = forward(ids.to(device), mask.to(device))  # (B, T, V)
+        logits, hidden = forward(ids.to(device), mask.to(device))  # (B, T, V), (B, T, dim)
         rejected = torch.zeros(len(rows), T, dtype=torch.bool)
         for i, (row, d) in enumerate(zip(rows, drafts, strict=True)):
             if row.done:
@@ -182,6 +186,7 @@ def decode_speculative(first: torch.Tensor, prompts: Sequence[Sequence[int]], *,
                 rejected[i, T - (k - n_accepted):] = True
             emit(i, tokens)
         discard(rejected.to(device))
+        batch_drafter.observe(hidden, (mask.to(torch.bool) & ~rejected).to(device))
     return [r.new for r in rows]
 
 

@@ -1,0 +1,156 @@
+"""Drafting with the model's own multi-token-prediction modules (DeepSeek-V3 §2.2, §5.4.3: "MTP ... for
+speculative decoding").
+
+Notation: a row's context is t_0 .. t_{n-1} (t_{n-1} the last emitted token, not yet fed); the main cache holds
+positions 0 .. n-2, h_i the main model's hidden state at i (after its final norm). MTP depth j at position i takes
+h_i^{j-1} (h^0 = h) and Emb(t_{i+j}) and predicts t_{i+j+1} (model/mtp.py). So for the next verification, which
+feeds t_{n-1} and the draft d_1 .. d_k (d_m guessing t_{n-2+m+1}):
+
+* draft d_j, j <= D, is depth j at position n-2 (V3's sequential chain): h^{j-1}_{n-2} and Emb(d_{j-1})
+  (Emb(t_{n-1}) for j = 1) -> logits of t_{n-1+j};
+* draft d_j, j > D (more drafts than modules), reuses module D one position further on, its own last output
+  standing in for the hidden state it would take (EAGLE's chaining, and vLLM's reuse of DeepSeek's MTP layer
+  when num_speculative_tokens exceeds the MTP layers; for D = 1 exactly vLLM's). V3 defines no such step, and
+  its drafts are weaker than the first D.
+
+Caches. Each depth has its own KVCache (``model.new_mtp_caches``), filled like the main one: depth j's slot at
+position i is *verified* once t_{i+j} and h^{j-1}_i are (i <= n-1-j), and a depth's cache holds exactly its
+verified slots between steps. Every step runs depth j over the positions from its cache's end to n-2 (a prefill
+of the whole prompt at the first step; afterwards the positions the last verification kept, plus j-1 before
+them), so the draft at n-2 attends to every earlier position as in training; its last j-1 slots (and depth D's
+chained ones) used drafted tokens, and are discarded after drafting (``KVCache.discard``, the main cache's
+rollback). Depth 1 therefore always holds as many slots as the main cache (a test checks it); depth j, j-1 fewer.
+Hidden states a depth computed at verified positions wait in ``_pending`` until the next depth has consumed
+them.
+
+Draws: at temperature 0 each draft is its logits' argmax (q unused: greedy acceptance compares with the argmax);
+otherwise it is sampled from ``infer.sampling.probabilities`` of its logits at the request's temperature, top-k
+and top-p, and that distribution is the draft's q, so rejection sampling keeps the output exactly the target's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from deepseek_moe.infer.draft import Draft, SamplingParams
+from deepseek_moe.infer.sampling import probabilities
+from deepseek_moe.model.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+
+
+class MTPDrafter:
+    """A ``BatchDrafter`` (infer/draft.py) drafting with ``model``'s MTP modules. One instance serves one
+    generation at a time (``begin`` resets it)."""
+
+    def __init__(self, model: DeepSeekMoEForCausalLM) -> None:
+        if len(model.mtp) == 0:
+            raise ValueError("MTP drafting needs a model with MTP modules, and this model's config has mtp_depth 0: "
+                             "train with model.mtp_depth >= 1, load a checkpoint that has them (from_pretrained "
+                             "without mtp=False), or draft with NgramDrafter")
+        self.model = model
+        self.depth = len(model.mtp)
+        self.caches: list[KVCache] = []
+        # _pending[j][b]: row b's verified h^j (h^0: the main model's) at the positions depth j + 1 has not cached
+        # yet, from its cache's end on, (count, dim).
+        self._pending: list[list[torch.Tensor]] = []
+        self.sampling = SamplingParams(temperature=0.0)
+
+    def begin(self, hidden: torch.Tensor, mask: torch.Tensor, sampling: SamplingParams) -> None:
+        B, _, dim = hidden.shape
+        self.caches = self.model.new_mtp_caches()
+        real = mask.to(torch.bool)
+        empty = hidden.new_zeros(0, dim)
+        self._pending = [[hidden[b, real[b]] for b in range(B)]] + [[empty] * B for _ in range(self.depth - 1)]
+        self.sampling = sampling
+
+    def observe(self, hidden: torch.Tensor, kept: torch.Tensor) -> None:
+        for b in range(hidden.shape[0]):
+            self._pending[0][b] = torch.cat((self._pending[0][b], hidden[b, kept[b]]))
+
+    def cache_lengths(self) -> list[list[int]]:
+        """Per depth, per row: the slots its cache holds (real tokens, not padding)."""
+        return [[0] * len(self._pending[0]) if c.mask is None else c.mask.sum(dim=1).tolist() for c in self.caches]
+
+    def _choose(self, logits: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
+        """logits (B, V) -> a draft token per row and the distribution (B, V) it was drawn from (None: argmax)."""
+        s = self.sampling
+        if s.temperature == 0.0:
+            return logits.argmax(dim=-1).tolist(), None
+        q = probabilities(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+        return torch.multinomial(q, 1, generator=s.generator).squeeze(-1).tolist(), q
+
+    def _run(self, depth: int, hidden: list[torch.Tensor], tokens: list[list[int]]
+             ) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+        """Module ``depth`` over each row's positions (``hidden[b]`` (c_b, dim), ``tokens[b]`` c_b ids, c_b >= 0),
+        right-aligned and left-padded into one forward over its cache. Returns each row's outputs h^depth
+        (c_b, dim), the last column's logits (B, V) and the columns appended to the cache."""
+        B, W = len(hidden), max(len(t) for t in tokens)
+        dim = self.model.config.dim
+        ref = self._pending[0][0]
+        h = ref.new_zeros(B, W, dim)
+        ids = torch.zeros(B, W, dtype=torch.long, device=ref.device)
+        mask = torch.zeros(B, W, dtype=torch.long, device=ref.device)
+        for b, (hb, tb) in enumerate(zip(hidden, tokens, strict=True)):
+            c = len(tb)
+            if c:
+                h[b, W - c:] = hb
+                ids[b, W - c:] = torch.tensor(tb, device=ref.device)
+                mask[b, W - c:] = 1
+        out = self.model.mtp_forward(depth, h, ids, attention_mask=mask, cache=self.caches[depth - 1])
+        return [out.hidden[b, W - len(tb):] for b, tb in enumerate(tokens)], out.logits[:, -1], W
+
+    def propose_batch(self, contexts: Sequence[Sequence[int]], ks: Sequence[int]) -> list[Draft]:
+        B, D = len(contexts), self.depth
+        device = self._pending[0][0].device
+        drafts: list[list[int]] = [[] for _ in range(B)]
+        qs: list[list[torch.Tensor]] = [[] for _ in range(B)]
+        # This step's h^{j-1} at the positions past depth j-1's verified ones (they took drafted tokens), and each
+        # row's latest output (1, dim), which a chained step takes.
+        spec_tail: list[torch.Tensor] = [self._pending[0][b][:0] for b in range(B)]
+        last: list[torch.Tensor] = list(spec_tail)
+        rejected: list[list[torch.Tensor]] = [[] for _ in range(D)]  # per depth, per forward: (B, W) to discard
+        for j in range(1, max(ks, default=0) + 1):
+            active = [b for b in range(B) if ks[b] >= j]
+            m = min(j, D)
+            hidden = [spec_tail[b][:0] for b in range(B)]
+            tokens: list[list[int]] = [[] for _ in range(B)]
+            for b in active:
+                ctx, n = contexts[b], len(contexts[b])
+                if j <= D:  # depth j over its positions L_j .. n-2, which take t_{L_j+j} .. t_{n-2+j}
+                    hidden[b] = torch.cat((self._pending[j - 1][b], spec_tail[b]))
+                    start = n - 1 - hidden[b].shape[0]  # L_j
+                    tokens[b] = [ctx[i + j] if i + j < n else drafts[b][i + j - n] for i in range(start, n - 1)]
+                else:  # chained: module D one position further, on its last output and the last draft
+                    hidden[b], tokens[b] = last[b], [drafts[b][-1]]
+            outputs, logits, width = self._run(m, hidden, tokens)
+            drop = torch.zeros(B, width, dtype=torch.bool)
+            chosen, q = self._choose(logits[active])
+            for a, b in enumerate(active):
+                out, n = outputs[b], len(contexts[b])
+                last[b] = out[-1:]
+                if j <= D:
+                    n_verified = max(0, out.shape[0] - (j - 1))  # positions i <= n-1-j: all but the last j-1
+                    drop[b, width - (out.shape[0] - n_verified):] = True
+                    self._pending[j - 1][b] = self._pending[j - 1][b][n_verified:]
+                    if j < D:  # the next depth's inputs: verified ones kept, the rest for this step only
+                        self._pending[j][b] = torch.cat((self._pending[j][b], out[:n_verified]))
+                    spec_tail[b] = out[n_verified:]
+                else:
+                    drop[b] = True
+                drafts[b].append(chosen[a])
+                if q is not None:
+                    qs[b].append(q[a])
+            rejected[m - 1].append(drop)
+        # Roll every depth back to its verified slots, as the main cache is after a rejection.
+        for d in range(D):
+            if rejected[d]:
+                self.caches[d].discard(torch.cat(rejected[d], dim=1).to(device))
+        return [Draft(drafts[b], torch.stack(qs[b]) if qs[b] else None) for b in range(B)]
+
+
+__all__ = ["MTPDrafter"]

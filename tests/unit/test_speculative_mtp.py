@@ -1,0 +1,167 @@
+"""Speculative decoding with the MTP drafter (infer/mtp_draft.py): every draft equals the one an uncached
+reference computes from the whole context (so the MTP caches are filled, extended and rolled back right, for
+depths 1 and 2 and more drafts than depths); greedy output identical to plain greedy, batched and alone; at
+T > 0 each draft's q is the MTP softmax under the request's transform and the emitted pairs follow the target;
+int8 drafts and verifies; a model without MTP is a named error.
+
+The test model makes drafts often but not always right: one MoE layer, whose copy (with noise) is the MTP
+module's block, fed the next token's embedding (eh_proj takes the embedding half; embeddings of unit RMS, so
+enorm changes nothing): the module then sees what the main model sees one token later."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import pytest
+import torch
+from test_model_configs import small_config
+from test_speculative import _pair_distribution, chi2, chi2_critical
+
+from deepseek_moe.infer.draft import Draft, SamplingParams
+from deepseek_moe.infer.generate import generate
+from deepseek_moe.infer.mtp_draft import MTPDrafter
+from deepseek_moe.infer.sampling import probabilities
+from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+
+PROMPTS = [[5, 9, 2, 5, 9, 2, 5, 9], [7, 1, 3, 3, 8, 11, 4], [30]]
+
+
+def echo_model(depth: int, noise: float = 1.2, dtype: torch.dtype = torch.float64) -> DeepSeekMoEForCausalLM:
+    model = DeepSeekMoEForCausalLM(small_config(mtp_depth=depth, max_seq_len=96, n_layers=1, n_dense_layers=0),
+                                   init_seed=3).to(dtype).eval()
+    g = torch.Generator().manual_seed(0)
+    dim = model.config.dim
+    with torch.no_grad():
+        e = model.embed.weight
+        e /= e.pow(2).mean(-1, keepdim=True).sqrt()
+        for module in model.mtp:
+            module.block.load_state_dict(model.layers[0].state_dict())
+            module.norm.load_state_dict(model.norm.state_dict())
+            module.eh_proj.weight.zero_()
+            module.eh_proj.weight[:, :dim] = torch.eye(dim)
+            for p in module.block.parameters():
+                p.add_(noise * p.std() * torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype))
+    return model
+
+
+@torch.no_grad()
+def reference_logits(model: DeepSeekMoEForCausalLM, context: Sequence[int], draft: Sequence[int]) -> torch.Tensor:
+    """(k, V): the logits draft token j was chosen from, recomputed from the whole context with no cache: depth j
+    (j <= D) over positions 0 .. n-2, each taking h^{j-1}_i and t_{i+j} (drafts past the context); a token past D
+    reruns depth D over one more position each time, its last output as that position's hidden state."""
+    D, n = len(model.mtp), len(context)
+    ext = list(context) + list(draft)
+    h = model(torch.tensor([context[:-1]])).hidden  # (1, n-1, dim): positions 0 .. n-2
+    out = []
+    for j in range(1, min(len(draft), D) + 1):
+        step = model.mtp_forward(j, h, torch.tensor([ext[j:n - 1 + j]]))
+        out.append(step.logits[0, -1])
+        h = step.hidden if j < D else h
+    if len(draft) > D:
+        hidden_seq = h  # h^{D-1} over 0 .. n-2
+        last = model.mtp_forward(D, hidden_seq, torch.tensor([ext[D:n - 1 + D]])).hidden[:, -1:]
+        for j in range(D + 1, len(draft) + 1):
+            hidden_seq = torch.cat((hidden_seq, last), dim=1)  # position n-2+(j-D) takes the output before it
+            step = model.mtp_forward(D, hidden_seq, torch.tensor([ext[D:n - 1 + j]]))
+            out.append(step.logits[0, -1])
+            last = step.hidden[:, -1:]
+    return torch.stack(out)
+
+
+class Recording(MTPDrafter):
+    """An MTPDrafter that keeps every step's contexts, drafts and cache lengths."""
+
+    def __init__(self, model: DeepSeekMoEForCausalLM) -> None:
+        super().__init__(model)
+        self.log: list[tuple[list[list[int]], list[int], list[Draft], list[list[int]]]] = []
+
+    def propose_batch(self, contexts: Sequence[Sequence[int]], ks: Sequence[int]) -> list[Draft]:
+        drafts = super().propose_batch(contexts, ks)
+        self.log.append(([list(c) for c in contexts], list(ks), drafts, self.cache_lengths()))
+        return drafts
+
+
+@pytest.fixture(scope="module", params=[1, 2])
+def model(request: pytest.FixtureRequest) -> DeepSeekMoEForCausalLM:
+    return echo_model(request.param)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_greedy_mtp_drafts_equal_the_uncached_reference_and_output_equals_greedy(
+        model: DeepSeekMoEForCausalLM, k: int) -> None:
+    plain = generate(model, PROMPTS, max_new_tokens=30)
+    drafter = Recording(model)
+    spec = generate(model, PROMPTS, max_new_tokens=30, drafter=drafter, num_draft_tokens=k)
+    assert spec.new_tokens == plain.new_tokens
+    stats = spec.speculative
+    assert stats is not None and 0 < stats.accepted < stats.drafted  # both accepted and rolled-back drafts
+    D = len(model.mtp)
+    for contexts, ks, drafts, lengths in drafter.log:
+        for b, (ctx, kb, d) in enumerate(zip(contexts, ks, drafts, strict=True)):
+            if kb == 0:
+                continue
+            assert len(d.tokens) == kb and d.q is None
+            assert d.tokens == reference_logits(model, ctx, d.tokens).argmax(-1).tolist()
+            # Depth 1's cache holds as many slots as the main cache (positions 0 .. n-2), depth j, j - 1 fewer.
+            for j in range(1, min(kb, D) + 1):
+                assert lengths[j - 1][b] == len(ctx) - j, (j, b)
+    for prompt, expected in zip(PROMPTS, plain.new_tokens, strict=True):
+        assert generate(model, [prompt], max_new_tokens=30, drafter=MTPDrafter(model),
+                        num_draft_tokens=k).new_tokens[0] == expected
+
+
+def test_sampled_drafts_carry_the_mtp_distribution_under_the_same_transform(model: DeepSeekMoEForCausalLM) -> None:
+    sampling = dict(temperature=0.8, top_k=5, top_p=0.9)
+    drafter = Recording(model)
+    generate(model, PROMPTS, max_new_tokens=12, drafter=drafter, num_draft_tokens=3, seed=0, **sampling)
+    checked = 0
+    for contexts, ks, drafts, _ in drafter.log:
+        for ctx, kb, d in zip(contexts, ks, drafts, strict=True):
+            if kb == 0:
+                continue
+            q = probabilities(reference_logits(model, ctx, d.tokens), **sampling)  # type: ignore[arg-type]
+            assert d.q is not None
+            torch.testing.assert_close(d.q, q)
+            assert all(q[j, x] > 0 for j, x in enumerate(d.tokens))  # drawn from q's support
+            checked += 1
+    assert checked > 5
+
+
+def test_mtp_speculative_sampling_matches_target_pairs() -> None:
+    """As test_speculative's pair test, with the MTP drafter's own q (not a point mass)."""
+    model = echo_model(1)
+    prompt = [3, 14, 15, 9, 2, 6]
+    sampling = dict(temperature=0.7, top_k=3, top_p=0.95)
+    exact = _pair_distribution(model, prompt, **sampling)
+    cells = sorted(exact)
+    drafter = MTPDrafter(model)
+    n = 500
+    counts: Counter[tuple[int, int]] = Counter()
+    for i in range(n):
+        out = generate(model, [prompt], max_new_tokens=2, drafter=drafter, num_draft_tokens=2, seed=i, **sampling)
+        counts[(out.new_tokens[0][0], out.new_tokens[0][1])] += 1
+    assert set(counts) <= set(exact), set(counts) - set(exact)
+    p = torch.tensor([exact[c] for c in cells])
+    stat, dof = chi2(Counter({j: counts[c] for j, c in enumerate(cells)}), p, n)
+    assert stat < chi2_critical(dof), (stat, dof, counts)
+
+
+def test_an_int8_model_drafts_with_its_mtp_module_and_verifies() -> None:
+    from deepseek_moe.quant import QuantConfig, quantize_model
+
+    model = quantize_model(echo_model(1, dtype=torch.float32), QuantConfig(bits=8))
+    assert type(model.mtp[0].block.ffn.experts).__name__ == "QuantRoutedExperts"
+    plain = generate(model, PROMPTS, max_new_tokens=24)
+    spec = generate(model, PROMPTS, max_new_tokens=24, drafter=MTPDrafter(model), num_draft_tokens=2)
+    assert spec.new_tokens == plain.new_tokens
+    assert spec.speculative is not None and spec.speculative.accepted > 0
+
+
+def test_a_model_without_mtp_cannot_draft_with_it() -> None:
+    plain = DeepSeekMoEForCausalLM(small_config(), init_seed=0)
+    with pytest.raises(ValueError, match="mtp_depth 0"):
+        MTPDrafter(plain)
+    drafter = MTPDrafter(echo_model(1))
+    drafter.begin(torch.zeros(1, 3, 32, dtype=torch.float64), torch.ones(1, 3), SamplingParams(temperature=0.0))
+    assert drafter.propose_batch([[1, 2, 3, 4]], [0])[0].tokens == []
