@@ -31,7 +31,7 @@ from deepseek_moe.io.hf import (
     mtp_ours_to_hf,
     ours_to_hf,
 )
-from deepseek_moe.io.native import is_native, native_config
+from deepseek_moe.io.native import is_native, native_config, restore_capacity
 from deepseek_moe.io.safetensors_file import SafetensorsError, SafetensorsFile
 from deepseek_moe.io.shapes import HF_FIELD, explain_mismatch
 from deepseek_moe.io.streaming import (
@@ -377,8 +377,19 @@ def load_pretrained(path: str | os.PathLike[str], *, dtype: torch.dtype | str | 
             f.close()
     if cfg.tie_word_embeddings:
         model.head.weight = model.embed.weight
+    _restore_capacity(model, raw, path)
     _attach_tokenizer(model, path)
     return model.eval()
+
+
+def _restore_capacity(model: DeepSeekMoEForCausalLM, raw: Mapping[str, Any], path: Path) -> None:
+    """The adaptive capacity factors our format records (io/native.py); transformers' layouts hold no training
+    recipe (io/recipe.py), so there is nothing to restore from them."""
+    if is_native(raw):
+        try:
+            restore_capacity(model, raw, source=str(path / CONFIG_FILE))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from e
 
 
 def _stored_blocks(path: Path, raw: Mapping[str, Any], cfg: ModelConfig, files: Mapping[str, SafetensorsFile]
@@ -437,6 +448,7 @@ def load_into(model: DeepSeekMoEForCausalLM, path: str | os.PathLike[str], *,
     finally:
         for f in set(files.values()):
             f.close()
+    _restore_capacity(model, raw, path)
     if model.tokenizer is None:
         _attach_tokenizer(model, path)
 

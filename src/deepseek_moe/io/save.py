@@ -29,7 +29,7 @@ from deepseek_moe.io.formats import format_of_model
 from deepseek_moe.io.hf import MTP_SHARED_COPIES, config_to_hf, hf_model_type, mtp_ours_to_hf, ours_to_hf
 from deepseek_moe.io.hf_deepseek import config_to_deepseek, deepseek_incompatibility
 from deepseek_moe.io.load import CONFIG_FILE, DTYPES, INDEX_FILE, SINGLE_FILE, TOKENIZER_FILE
-from deepseek_moe.io.native import FORMAT, native_config_json
+from deepseek_moe.io.native import FORMAT, adapted_capacity, native_config_json
 from deepseek_moe.io.safetensors_file import SafetensorsWriter
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def checkpoint_plan(model: DeepSeekMoEForCausalLM, *, shapes: Mapping[str, tuple
     if fmt == "deepseek":
         config = config_to_deepseek(cfg, dtype=dtype)
     elif fmt == FORMAT:
-        config = native_config_json(cfg, dtype=dtype)
+        config = native_config_json(cfg, dtype=dtype, capacity_factors=adapted_capacity(model))
     else:
         config = config_to_hf(cfg, dtype=dtype)
     weights = format_of_model(model)  # a registered weight format (deepseek_moe.quant's): io/formats.py
