@@ -26,6 +26,7 @@ from deepseek_moe.serve.structured import (
     allowed_tokens_by_shifts,
     apply_token_bitmask,
     apply_token_bitmask_reference,
+    MAX_FORMAT_CHARS,
     json_object_format,
 )
 from deepseek_moe.serve.text import ChatTemplate
@@ -243,6 +244,12 @@ def test_http_json_schema_json_object_and_regex(client: TestClient) -> None:
     ({"guided_grammar": "start: missing_rule"}, "guided_grammar", "missing_rule"),
     ({"guided_grammar": ""}, "guided_grammar", "non-empty"),
     ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex", "only one"),
+    # Hostile patterns: counted repetitions whose lexer blows up (bounded by LIMITS, refused by the probe), and
+    # a pattern past MAX_FORMAT_CHARS.
+    ({"guided_regex": "a{1000000}"}, "guided_regex", "limits"),
+    ({"guided_regex": "(a{1000}){1000}"}, "guided_regex", "limits"),
+    ({"guided_grammar": "start: /((a{100}){100}){100}/"}, "guided_grammar", "limits"),
+    ({"guided_regex": "a" * (MAX_FORMAT_CHARS + 1)}, "guided_regex", f"at most {MAX_FORMAT_CHARS}"),
 ])
 def test_bad_formats_are_a_400_naming_the_field(client: TestClient, body: dict[str, Any], param: str,
                                                 words: str) -> None:
@@ -278,3 +285,36 @@ def test_preempted_constrained_requests_keep_their_grammar_state(model: DeepSeek
                                              kv_cache_bytes=bytes_per_block * 24))
     assert run(tight, batch()) == roomy
     assert tight.preemptions > 0
+
+
+class Matcher:
+    """An llguidance matcher stand-in that allows every token and refuses the first one it is given, with
+    ``error`` (what llguidance says when a grammar runs past its limits mid-output, or something else)."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+    def unsafe_compute_mask_ptr(self, ptr: int, n_bytes: int) -> None:
+        pass  # the row stays all ones: every token allowed
+
+    def consume_token(self, token: int) -> bool:
+        return False
+
+    def get_error(self) -> str:
+        return self.error
+
+    def is_stopped(self) -> bool:
+        return False
+
+
+def test_a_grammar_past_its_limits_while_generating_is_the_requests_400(model: DeepSeekMoEForCausalLM) -> None:
+    """A grammar that compiled but runs past llguidance's limits at a later token ends that request "invalid"
+    naming its field (the app's 400), not a server error; any other grammar failure stays an "error"; the
+    request beside them is untouched."""
+    s = scheduler(model)
+    params = SamplingParams(max_tokens=5)
+    out = run(s, [([5, 6, 7], params, Constraint(Matcher("lexer error: too many expressions constructed"),
+                                                  "guided_regex")),
+                  ([5, 6, 7], params, Constraint(Matcher("parser error: token not allowed"), "guided_grammar")),
+                  ([5, 6, 7], params, None)])
+    assert out[0] == ([], "invalid") and out[1] == ([], "error") and len(out[2][0]) == 5

@@ -94,7 +94,7 @@ from deepseek_moe.serve.request import (
     TokenEvent,
 )
 from deepseek_moe.serve.request import SamplingParams as SamplingParams
-from deepseek_moe.serve.structured import constrain
+from deepseek_moe.serve.structured import FormatError, constrain
 
 if TYPE_CHECKING:
     from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
@@ -745,7 +745,10 @@ class Scheduler:
 
     def _fail(self, req: Request, error: BaseException) -> None:
         self._drop(req)
-        self._finish(req, FinishEvent("error", f"{type(error).__name__}: {error}"))
+        if isinstance(error, InvalidRequestError | FormatError):  # the request's doing (a grammar past its limits)
+            self._finish(req, FinishEvent("invalid", str(error), param=error.param))
+        else:
+            self._finish(req, FinishEvent("error", f"{type(error).__name__}: {error}"))
 
     def _finish(self, req: Request, event: FinishEvent) -> None:
         with self._lock:

@@ -33,6 +33,15 @@ import numpy as np
 import torch
 
 EXTRA = "structured"  # pip install 'deepseek_moe[structured]'
+# Bounds on what one request's format may cost (a hostile pattern is a 400 naming its field, not a stalled worker):
+MAX_FORMAT_CHARS = 256 * 1024  # a schema, regex or grammar's text; a 20,000-word alternation (260k) compiles in ~0.3 s
+# llguidance's resource limits, its defaults but one: initial_lexer_fuel bounds the work of building a regex's lexer
+# before the first mask. At llguidance's 1,000,000 a counted repetition like a{1000000} or (a{1000}){1000} took
+# 1.0-2.5 s of a worker thread and ~130 MB, and then failed at its first token anyway; at 100,000 it takes 0.05-0.12
+# s and the compile-time probe (``GrammarCompiler.constraint``) refuses it. No error text echoes the grammar back.
+LIMITS = {"initial_lexer_fuel": 100_000, "verbose_errors": False}
+# What llguidance's errors say when a grammar ran past LIMITS (or its fixed ones) while a request was generating.
+LIMIT_ERRORS = ("too many", "fuel", "limit", "exceeded")
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 BITS = 32
 
@@ -67,15 +76,19 @@ def _llguidance() -> Any:
 
 
 class Constraint:
-    """One request's grammar state: which tokens may come next, advanced by each token the request emits."""
+    """One request's grammar state: which tokens may come next, advanced by each token the request emits.
+    ``param``: the request field the grammar came from, named when it runs past llguidance's limits."""
 
-    def __init__(self, matcher: Any) -> None:
-        self.matcher = matcher
+    def __init__(self, matcher: Any, param: str = "response_format") -> None:
+        self.matcher, self.param = matcher, param
 
     def consume(self, token: int) -> None:
         if not self.matcher.consume_token(token):
-            raise RuntimeError(f"structured output: token {token} is not allowed by the grammar "
-                               f"({self.matcher.get_error()})")
+            error = str(self.matcher.get_error())
+            if any(words in error for words in LIMIT_ERRORS):  # the grammar's doing: the request's 400
+                raise FormatError(self.param, "the format ran past the structured-output engine's limits "
+                                          f"while generating ({_first_line(error)}); simplify it")
+            raise RuntimeError(f"structured output: token {token} is not allowed by the grammar ({error})")
 
     @property
     def finished(self) -> bool:
@@ -94,6 +107,7 @@ class GrammarCompiler:
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_id: int | None) -> None:
         self.tokenizer, self.vocab_size, self.eos_token_id = tokenizer, vocab_size, eos_token_id
         self._lltokenizer: Any = None
+        self._limits: Any = None
         self._lock = threading.Lock()
 
     def _tokenizer(self, param: str) -> Any:
@@ -104,6 +118,7 @@ class GrammarCompiler:
             if self._lltokenizer is None:
                 self._lltokenizer = llg.LLTokenizer(self.tokenizer.to_str(), n_vocab=self.vocab_size,
                                                     eos_token=self.eos_token_id)
+                self._limits = llg.LLParserLimits(**LIMITS)
             return self._lltokenizer
 
     def grammar(self, fmt: OutputFormat) -> str:
@@ -119,22 +134,34 @@ class GrammarCompiler:
         """A fresh matcher for one request; FormatError (naming ``fmt.param``) for a format llguidance refuses
         (an unsupported JSON-schema keyword, a bad regex, a grammar that does not parse)."""
         llg = _llguidance()
+        if len(fmt.source) > MAX_FORMAT_CHARS:
+            raise FormatError(fmt.param, f"the {_what(fmt.kind)} is {len(fmt.source)} characters; at most "
+                              f"{MAX_FORMAT_CHARS} are compiled")
         tokenizer = self._tokenizer(fmt.param)
         try:
             grammar = self.grammar(fmt)
         except ValueError as e:
             raise FormatError(fmt.param, f"not a valid JSON schema: {e}") from None
-        error = llg.LLMatcher.validate_grammar(grammar, tokenizer)
+        error = llg.LLMatcher.validate_grammar(grammar, tokenizer, limits=self._limits)
         if error:
             raise FormatError(fmt.param, f"unsupported or invalid {_what(fmt.kind)}: {_first_line(error)}")
-        matcher = llg.LLMatcher(tokenizer, grammar, log_level=0)
-        constraint = Constraint(matcher)
-        # The first mask builds the lexer's states, which can take long (a regex like a{100000}: 0.6 s); here it
-        # costs this request's worker thread, not a step of the whole batch. Later masks reuse those states.
-        constraint.fill(torch.empty(bitmask_width(self.vocab_size), dtype=torch.int32))
+        matcher = llg.LLMatcher(tokenizer, grammar, log_level=0, limits=self._limits)
+        constraint = Constraint(matcher, fmt.param)
+        # The first mask builds the lexer's states, which can take long (bounded by LIMITS); here it costs this
+        # request's worker thread, not a step of the whole batch. Later masks reuse those states.
+        bitmask_W = torch.empty(bitmask_width(self.vocab_size), dtype=torch.int32)
+        constraint.fill(bitmask_W)
         if matcher.is_error():
             raise FormatError(fmt.param, f"unsupported or invalid {_what(fmt.kind)}: "
                               f"{_first_line(matcher.get_error())}")
+        # A probe: take the first allowed token on a copy. A pattern whose lexer blows up (counted repetitions
+        # past the engine's limits) fails here, before the request is queued, instead of at its first token.
+        allowed = allowed_tokens(bitmask_W[None], self.vocab_size)[0].nonzero().flatten().tolist()
+        first = next((t for t in allowed if t != self.eos_token_id), None)
+        probe = matcher.deep_copy()
+        if first is not None and (not probe.consume_token(first) or probe.is_error()):
+            raise FormatError(fmt.param, f"the {_what(fmt.kind)} runs past the structured-output engine's limits "
+                              f"({_first_line(probe.get_error())}); bound its repetitions")
         return constraint
 
 
