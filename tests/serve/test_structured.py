@@ -19,6 +19,7 @@ from deepseek_moe import DeepSeekMoEForCausalLM
 from deepseek_moe.serve.app import AppState, ServedModel, build_app
 from deepseek_moe.serve.scheduler import Request, SamplingParams, Scheduler, SchedulerConfig, TokenEvent
 from deepseek_moe.serve.structured import (
+    MAX_FORMAT_CHARS,
     Constraint,
     GrammarCompiler,
     OutputFormat,
@@ -26,7 +27,6 @@ from deepseek_moe.serve.structured import (
     allowed_tokens_by_shifts,
     apply_token_bitmask,
     apply_token_bitmask_reference,
-    MAX_FORMAT_CHARS,
     json_object_format,
 )
 from deepseek_moe.serve.text import ChatTemplate
