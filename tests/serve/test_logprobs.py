@@ -303,11 +303,11 @@ def test_completions_echo_streamed_and_not(served: tuple[str, Path], client: ope
     assert "".join(c["choices"][0]["text"] for c in chunks) == got.text
     assert [t for c in chunks for t in c["choices"][0]["logprobs"]["tokens"]] == lp.tokens
     # max_tokens 0: the prompt scored, nothing generated; echo without logprobs: text only.
-    score = client.completions.create(model="tiny", prompt=text, max_tokens=0, logprobs=0, echo=True)
-    assert score.choices[0].text == text and score.choices[0].finish_reason == "length"
+    score = client.completions.create(model="tiny", prompt=text, max_tokens=0, logprobs=0, echo=True, n=2)
+    assert [c.text for c in score.choices] == [text] * 2 and score.choices[1].finish_reason == "length"
     assert score.usage is not None and score.usage.completion_tokens == 0
-    assert score.choices[0].logprobs is not None and score.choices[0].logprobs.token_logprobs == \
-        pytest.approx(lp.token_logprobs[:P], abs=TOL)
+    for c in score.choices:  # the forks, which never ran, report their request's prompt logprobs
+        assert c.logprobs is not None and c.logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:P], abs=TOL)
     bare = client.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0, echo=True, n=2,
                                      extra_body={"ignore_eos": True})
     assert [c.text for c in bare.choices] == [text + want.text] * 2 and bare.choices[0].logprobs is None
