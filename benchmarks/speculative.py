@@ -1,4 +1,11 @@
-"""Speculative decoding at batch 1: acceptance and decode tokens/s with and without it (n-gram prompt lookup).
+"""Speculative decoding at batch 1: acceptance and decode tokens/s with and without it (MTP drafts, n-gram prompt
+lookup).
+
+With ``--checkpoint DIR`` (a model trained with MTP, e.g. ``deepseek-moe train --mtp-depth 1``): that model and
+its tokenizer, on a real text prompt (the start of the standard library's ``textwrap.py``, ``--prompt-chars``;
+the default run trains on standard-library sources, so this file may be in its training split: say so with the
+numbers), drafting with its MTP module (``--k`` tokens, and 1) and with n-gram lookup, in fp32, bf16 and int8.
+Without it:
 
 A model with random weights (the tiny preset, or the mid-size model of benchmarks/common.py) in float32, bfloat16
 and int8 (deepseek_moe.quant), greedy, on a repetitive prompt (a random 24-token phrase repeated four times). A
@@ -10,6 +17,7 @@ the plain run's own greedy continuation, each drafted token replaced by a wrong 
 tokens are checked equal to the plain run's.
 
     python benchmarks/speculative.py [--new-tokens 48] [--repeats 2] [--k 4] [--shape mid|tiny]
+    python benchmarks/speculative.py --checkpoint runs/mtp/model [--k 2]
 """
 
 from __future__ import annotations
@@ -18,13 +26,15 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from common import mid_size, uptime
 
 from deepseek_moe.config import ModelConfig
-from deepseek_moe.infer.draft import Draft, NgramDrafter
+from deepseek_moe.infer.draft import BatchDrafter, Draft, Drafter, NgramDrafter
 from deepseek_moe.infer.generate import generate
+from deepseek_moe.infer.mtp_draft import MTPDrafter
 from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
 from deepseek_moe.presets import get_preset
 from deepseek_moe.quant import QuantConfig, quantize_model
@@ -44,13 +54,15 @@ class OracleDrafter:
         return Draft([(t + 1) % self.vocab_size if w else t for t, w in zip(true, wrong.tolist(), strict=True)])
 
 
-def make(error: float | None, reference: list[int], vocab_size: int) -> NgramDrafter | OracleDrafter:
-    return NgramDrafter() if error is None else OracleDrafter(reference, error, vocab_size)
+def build(cfg: ModelConfig | str, variant: str) -> DeepSeekMoEForCausalLM:
+    """A random model of ``cfg``, or the checkpoint at path ``cfg``, in ``variant``."""
+    if isinstance(cfg, str):
+        from deepseek_moe import from_pretrained
 
-
-def build(cfg: ModelConfig, variant: str) -> DeepSeekMoEForCausalLM:
-    torch.manual_seed(0)
-    model = DeepSeekMoEForCausalLM(cfg).eval()
+        model = from_pretrained(cfg, dtype=torch.float32).eval()
+    else:
+        torch.manual_seed(0)
+        model = DeepSeekMoEForCausalLM(cfg).eval()
     if variant == "bf16":
         model = model.to(torch.bfloat16)
     elif variant == "int8":
@@ -66,36 +78,57 @@ def main() -> None:
     ap.add_argument("--shape", choices=("mid", "tiny"), default="mid")
     ap.add_argument("--variants", default="fp32,bf16,int8")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    ap.add_argument("--checkpoint", metavar="DIR", help="a trained model directory (with MTP modules for 'mtp')")
+    ap.add_argument("--prompt-chars", type=int, default=600, help="with --checkpoint: the prompt's length")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = mid_size() if args.shape == "mid" else get_preset("tiny")
-    g = torch.Generator().manual_seed(1)
-    phrase = torch.randint(1, cfg.vocab_size, (24,), generator=g).tolist()
-    prompt = phrase * 4
-    V = cfg.vocab_size
+    source: ModelConfig | str
+    if args.checkpoint:
+        import inspect
+        import textwrap
+
+        source = args.checkpoint
+        first = build(source, "fp32")
+        V = first.config.vocab_size
+        prompt = first.tokenizer.encode(inspect.getsource(textwrap)[:args.prompt_chars]).ids
+        shape = f"checkpoint {args.checkpoint} (mtp_depth {first.config.mtp_depth})"
+        del first
+    else:
+        cfg = mid_size() if args.shape == "mid" else get_preset("tiny")
+        source, V, shape = cfg, cfg.vocab_size, args.shape
+        g = torch.Generator().manual_seed(1)
+        phrase = torch.randint(1, cfg.vocab_size, (24,), generator=g).tolist()
+        prompt = phrase * 4
     load_before = uptime()
     rows = []
     for variant in args.variants.split(","):
-        model = build(cfg, variant)
+        model = build(source, variant)
         generate(model, [prompt], max_new_tokens=4)  # warm-up
         reference = prompt + generate(model, [prompt], max_new_tokens=args.new_tokens).new_tokens[0]
-        errors: dict[str, float | None] = {"ngram": None, "oracle-0.05": 0.05, "oracle-0.3": 0.3}
+        # name -> (num_draft_tokens, a fresh drafter)
+        drafters: dict[str, tuple[int, Callable[[], Drafter | BatchDrafter]]] = {
+            "ngram": (args.k, NgramDrafter)}
+        if args.checkpoint:
+            for k in sorted({1, args.k}):
+                drafters[f"mtp-k{k}"] = (k, lambda m=model: MTPDrafter(m))
+        else:
+            for error in (0.05, 0.3):
+                drafters[f"oracle-{error}"] = (args.k, lambda e=error, r=reference: OracleDrafter(r, e, V))
 
         plain_s: list[float] = []
-        spec_s: dict[str, list[float]] = {name: [] for name in errors}
+        spec_s: dict[str, list[float]] = {name: [] for name in drafters}
         stats = {}
         for _ in range(args.repeats):
             plain = generate(model, [prompt], max_new_tokens=args.new_tokens)
             plain_s.append(plain.decode_tokens_per_s)
-            for name in errors:
-                spec = generate(model, [prompt], max_new_tokens=args.new_tokens, drafter=make(errors[name], reference, V),
-                                num_draft_tokens=args.k)
+            for name, (k, make) in drafters.items():
+                spec = generate(model, [prompt], max_new_tokens=args.new_tokens, drafter=make(), num_draft_tokens=k)
                 if spec.new_tokens != plain.new_tokens:
                     raise SystemExit(f"{variant} {name}: speculative greedy differs from plain greedy")
                 spec_s[name].append(spec.decode_tokens_per_s)
                 stats[name] = spec.speculative
         p = statistics.median(plain_s)
-        for name in errors:
+        for name in drafters:
             st = stats[name]
             s_ = statistics.median(spec_s[name])
             rows.append({"variant": variant, "drafter": name, "plain_tok_s": round(p, 2), "spec_tok_s": round(s_, 2),
@@ -103,7 +136,7 @@ def main() -> None:
                          "mean_accept_len": round(st.mean_acceptance_length, 2), "drafted": st.drafted,
                          "accepted": st.accepted})
         del model
-    print(f"shape {args.shape}, batch 1, greedy, {args.new_tokens} new tokens, k={args.k}, "
+    print(f"{shape}, prompt {len(prompt)} tokens, batch 1, greedy, {args.new_tokens} new tokens, k={args.k}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved runs")
     print(f"{'variant':8} {'drafter':12} {'plain tok/s':>12} {'spec tok/s':>11} {'speedup':>8} {'accept':>7} "
           f"{'tok/verify':>11}")
@@ -113,7 +146,7 @@ def main() -> None:
     load_after = uptime()
     print("load before:", load_before)
     print("load after: ", load_after)
-    print(json.dumps({"benchmark": "speculative", "shape": args.shape, "new_tokens": args.new_tokens,
+    print(json.dumps({"benchmark": "speculative", "shape": shape, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
                       "k": args.k, "threads": torch.get_num_threads(), "rows": rows,
                       "uptime_before": load_before, "uptime_after": load_after, "time": time.strftime("%FT%TZ")}))
 

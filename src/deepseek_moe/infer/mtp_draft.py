@@ -101,7 +101,8 @@ class MTPDrafter:
                 h[b, W - c:] = hb
                 ids[b, W - c:] = torch.tensor(tb, device=ref.device)
                 mask[b, W - c:] = 1
-        out = self.model.mtp_forward(depth, h, ids, attention_mask=mask, cache=self.caches[depth - 1])
+        out = self.model.mtp_forward(depth, h, ids, attention_mask=mask, cache=self.caches[depth - 1],
+                                     last_logits_only=True)
         return [out.hidden[b, W - len(tb):] for b, tb in enumerate(tokens)], out.logits[:, -1], W
 
     def propose_batch(self, contexts: Sequence[Sequence[int]], ks: Sequence[int]) -> list[Draft]:
