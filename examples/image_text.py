@@ -9,9 +9,11 @@ images of a few coloured squares, circles and triangles on a 3x3 grid, with ques
 square", "how many circles", "is there a red triangle", "what shape is left of the blue one") and one-word answers;
 train and test scenes are disjoint.
 
-    python examples/image_text.py [--seconds 120] [--out runs/image_text]
+    python examples/image_text.py [--max-steps 300 | --seconds 120] [--threads 1] [--out runs/image_text]
 
-Trains three models for --seconds each: (a) the modality-aware MoE, (b) the same model with unrestricted routing,
+Trains three models for --max-steps steps each (or, without it, --seconds each, 120 by default; a time budget
+favours whichever model steps fastest, so compare models at equal steps): (a) the modality-aware MoE, (b) the
+same model with unrestricted routing,
 (c) a dense model whose FFN width is the MoE's activated width (shared + K routed experts), so all three spend the
 same FFN compute per token. Prints their test answer accuracy in one table and one JSON line, and writes the
 routing heatmaps by modality (per layer: the share of image and of text tokens' assignments per expert) to --out.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -320,15 +323,35 @@ def train(model: nn.Module, data: dict[str, torch.Tensor], *, seconds: float, ma
     return step, loss_value
 
 
+NO_STEP_CAP = 1_000_000
+
+
+def budget(seconds: float | None, max_steps: int | None) -> tuple[float, int]:
+    """(seconds, steps) each model trains for: --max-steps alone is a step count with no time limit (so every
+    model takes the same steps however fast it is); neither flag: 120 s each."""
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"--max-steps ({max_steps}) must be >= 1")
+    if seconds is not None and not seconds > 0:
+        raise ValueError(f"--seconds ({seconds}) must be > 0")
+    if seconds is None:
+        seconds = math.inf if max_steps is not None else 120.0
+    return seconds, NO_STEP_CAP if max_steps is None else max_steps
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=120.0, help="training time budget per model")
-    parser.add_argument("--max-steps", type=int, default=1_000_000, help="training steps cap per model")
+    parser.add_argument("--seconds", type=float, help="training time budget per model (default: 120 without "
+                        "--max-steps, none with it)")
+    parser.add_argument("--max-steps", type=int, help="training steps per model (default: as many as --seconds allow)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--scenes", type=int, default=3000, help="scenes made (80%% train, 20%% test)")
     parser.add_argument("--tiny", action="store_true", help="a few scenes and steps: for tests")
     parser.add_argument("--out", type=Path, default=Path("runs/image_text"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seconds, max_steps = budget(args.seconds, args.max_steps)
     n_scenes = 60 if args.tiny else args.scenes
     if n_scenes < 5:
         raise ValueError(f"--scenes ({n_scenes}) must be >= 5 so both splits have scenes")
@@ -347,13 +370,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                         n_activated_experts=2, n_shared_experts=1, expert_loss_alpha=0.01, seed=args.seed)
     allowed_ME = allowed_experts(n_visual, n_text, n_cross)
     activated = (moe_cfg.n_shared_experts + moe_cfg.n_activated_experts) * moe_cfg.moe_inter_dim
-    max_steps = 3 if args.tiny else args.max_steps
+    max_steps = min(max_steps, 3) if args.tiny else max_steps
     rows: dict[str, dict[str, float | int]] = {}
     heatmaps: dict[str, str] = {}
     for name, ffn in (("moe_modality", "modality"), ("moe_free", "free"), ("dense", "dense")):
         torch.manual_seed(args.seed)  # same initial stem, attention and head weights for each model
         model = VQAModel(moe_cfg, allowed_ME, ffn=ffn, dense_width=activated)
-        steps, train_loss = train(model, train_data, seconds=args.seconds, max_steps=max_steps, batch_size=128,
+        steps, train_loss = train(model, train_data, seconds=seconds, max_steps=max_steps, batch_size=128,
                                   lr=2e-3, seed=args.seed, name=name)
         rows[name] = {"test_acc": round(accuracy(model, test_data), 4),
                       "train_acc": round(accuracy(model, train_data), 4), "steps": steps,
@@ -373,7 +396,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     for name, r in rows.items():
         print(f"{name:<14}{r['test_acc']:>10.3f}{r['train_acc']:>11.3f}{r['steps']:>8}{r['params']:>9}"
               f"{r.get('disallowed_share', float('nan')):>12.3f}")
-    result: dict[str, object] = {"majority_acc": round(majority, 4), "seconds_per_model": args.seconds,
+    result: dict[str, object] = {"majority_acc": round(majority, 4),
+                                 "seconds_per_model": None if math.isinf(seconds) else seconds,
+                                 "max_steps": None if max_steps == NO_STEP_CAP else max_steps,
                                  "activated_ffn_width": activated, **rows, "heatmaps": heatmaps}
     print(json.dumps(result))
     return result

@@ -119,3 +119,21 @@ def test_main_tiny(ex, tmp_path, capsys) -> None:
     for path in result["heatmaps"].values():
         assert Path(path).stat().st_size > 1000
     assert json.loads(out.strip().splitlines()[-1]) == json.loads(json.dumps(result))
+
+
+def test_max_steps_alone_is_an_equal_step_budget(ex) -> None:
+    # --max-steps without --seconds: no time limit, so a slower model is not cut short (an equal-step comparison)
+    assert ex.budget(None, 300) == (math.inf, 300)
+    assert ex.budget(None, None) == (120.0, ex.NO_STEP_CAP)  # neither: the 120 s default
+    assert ex.budget(60.0, 300) == (60.0, 300)  # both: whichever ends first
+    with pytest.raises(ValueError, match=r"--max-steps \(0\) must be >= 1"):
+        ex.budget(None, 0)
+    with pytest.raises(ValueError, match=r"--seconds \(0.0\) must be > 0"):
+        ex.budget(0.0, None)
+
+
+def test_main_tiny_by_steps(ex, tmp_path, capsys) -> None:
+    result = ex.main(["--tiny", "--max-steps", "2", "--threads", "1", "--out", str(tmp_path)])
+    assert all(result[name]["steps"] == 2 for name in ("moe_modality", "moe_free", "dense"))
+    assert result["seconds_per_model"] is None and result["max_steps"] == 2
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(result))
