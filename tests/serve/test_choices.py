@@ -160,6 +160,30 @@ def test_a_fork_without_a_block_computes_its_prompt_itself(sharp: DeepSeekMoEFor
     assert_pool_empty(s)
 
 
+@pytest.mark.parametrize("n_prompt", [10, 12])
+def test_choices_whose_blocks_never_fit_at_once_still_run(sharp: DeepSeekMoEForCausalLM, n_prompt: int) -> None:
+    """A pool of 5 blocks, a prompt of 3 and n = 4: even empty, the pool cannot hold the prompt and a block per
+    other choice at once. Admission must not wait for that room (it never comes, and the queue behind it would
+    wait forever): a request alone in the batch is admitted, and its choices run as blocks allow (a fork without
+    a block for its copy computes its prompt later; preemption does the rest), each with n = 1's greedy tokens."""
+    from deepseek_moe.model.counting import kv_cache_bytes_per_token
+
+    ids = prompt(n_prompt, 9)
+    config = SchedulerConfig(max_batch_size=8, block_size=BS, prefix_cache=False,
+                             kv_cache_bytes=kv_cache_bytes_per_token(sharp.config, torch.float32) * BS * 6)
+    alone = Scheduler(sharp, config)
+    one = submit(alone, ids, max_tokens=4, ignore_eos=True)
+    run_all(alone)
+    s = Scheduler(sharp, config)
+    assert s.pool.capacity_blocks == 5
+    sinks = submit_n(s, ids, [SamplingParams(max_tokens=4, ignore_eos=True)] * 4)
+    later = submit(s, ids[:5], max_tokens=2, ignore_eos=True)  # queued behind it
+    run_all(s, max_steps=500)
+    assert [c.tokens for c in sinks] == [one.tokens] * 4
+    assert all(c.finish == FinishEvent("length") for c in [*sinks, later])
+    assert_pool_empty(s)
+
+
 def test_cancelled_or_failed_requests_end_their_waiting_forks(sharp: DeepSeekMoEForCausalLM) -> None:
     """A fork cancelled while its request is still in its prompt ends alone; a request that ends before its
     prompt is in (here: an invalid seed, or cancelled) ends its forks the same way. Blocks return to the pool."""

@@ -420,9 +420,14 @@ class Scheduler:
                     return
                 req = self.waiting[0]
                 self._match_prefix(req)
-                # A block to spare per running sequence, so that admitting does not preempt at the next step.
+                # A block to spare per running sequence (and per fork, for its copy of a partly filled last block),
+                # so that admitting does not preempt at the next step. Into an empty batch a request is admitted
+                # whenever its tokens fit: it may hold more forks than the pool has spare blocks for even when
+                # empty, and would otherwise wait forever (with the queue behind it); forks that find no block
+                # then wait their turn (``_spawn``).
                 spare = self.pool.free_blocks - (self.pool.blocks_for(req.n_tokens) - len(req.table.blocks))
-                if spare < self._n_rows() + len(req.forks) or not self.pool.reserve(req.table, req.n_tokens):
+                wanted = self._n_rows() + len(req.forks) if self.running else 0
+                if spare < wanted or not self.pool.reserve(req.table, req.n_tokens):
                     self.pool.release(req.table)  # the prefix it matched stays cached
                     return  # first come, first served: later requests do not overtake one that waits for room
                 if not req.admitted:
