@@ -149,8 +149,9 @@ class MTPDrafter:
             rejected[m - 1].append(drop)
         # Roll every depth back to its verified slots, as the main cache is after a rejection.
         for d in range(D):
-            if rejected[d]:
-                self.caches[d].discard(torch.cat(rejected[d], dim=1).to(device))
+            drop_d = torch.cat(rejected[d], dim=1) if rejected[d] else None
+            if drop_d is not None and bool(drop_d.any()):
+                self.caches[d].discard(drop_d.to(device))
         return [Draft(drafts[b], torch.stack(qs[b]) if qs[b] else None) for b in range(B)]
 
 
