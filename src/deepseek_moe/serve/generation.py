@@ -298,6 +298,10 @@ async def stream(request: HttpRequest, gens: list[Generation]) -> AsyncIterator[
         except ApiError as e:
             arrived.put_nowait((gen, None, e))
             return
+        except Exception as e:  # a bug: end the stream with it, or the loop below would wait for this choice forever
+            arrived.put_nowait((gen, None, ApiError(500, f"generation failed: {type(e).__name__}: {e}",
+                                                    code="generation_error")))
+            return
         arrived.put_nowait((gen, None, None))  # this choice is done
 
     def chunk(choices: list[dict[str, Any]]) -> bytes:
