@@ -269,6 +269,8 @@ def configure_qgemm(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dsm_experts_q8.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, ptr, ptr,
                                    c_int, i64, ptr, ptr, ptr, c_int]
     lib.dsm_experts_q8.restype = None
+    lib.dsm_qgrad_int8.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int]
+    lib.dsm_qgrad_int8.restype = None
     for name in ("dsm_isa_supported", "dsm_set_isa"):
         getattr(lib, name).argtypes = [c_int]
         getattr(lib, name).restype = c_int

@@ -475,6 +475,108 @@ void run_q8(const QTileTable& tiles, const QAct& a, int64_t M, int64_t K, int bi
     }
 }
 
+// ----------------------------------------------------------------------------------------------------------
+// The transposed product, for the backward of a frozen int8 layer (quant/grad.py): dx (M, K) = dy (M, N) @ W
+// = (dy * scale) (M, N) @ Q (N, K). The forward tiles walk rows of W against rows of x; here each row of Q is
+// spread over every column of dx, so the work is split over columns of K instead (no sum crosses threads):
+// a work item is one group's (expert's) panel of TPANEL columns. Its codes are widened TKB columns at a time
+// into an fp32 strip (N, TKB) that stays in L2, once for all rows of dy, and a 6 x 16 register tile runs down
+// the strip per TMB rows: reading 16 strided bytes of Q per row of a tile instead cost as much as the FMAs.
+// Twin: kernels/quant_transposed.py (input_grad_reference, the tiled dequantise-then-matmul code).
+
+constexpr int TMB = 6;              // rows of dy per micro-tile: 6 x 2 ymm accumulators
+constexpr int TKB = 16;             // columns of dx per micro-tile (and per widened strip)
+constexpr int64_t TPANEL = 64;      // columns per work item: one cache line of each row of codes
+
+// One micro-tile: rows ds[j * ldd + n] (dy * scale) against strip[n * TKB + c] (widened codes, zero past nk),
+// written to dx[j * ldx + c] for c < nk.
+struct TTile { const float* ds; int64_t ldd; int64_t N; const float* strip; float* dx; int64_t ldx; int64_t nk; };
+
+namespace scalar {
+
+void widen_int8(const int8_t* w, int64_t K, int64_t N, int64_t nk, float* strip) {  // w at column k0
+    for (int64_t n = 0; n < N; ++n)
+        for (int64_t c = 0; c < TKB; ++c) strip[n * TKB + c] = c < nk ? float(w[n * K + c]) : 0.0f;
+}
+
+template <int nm>
+void ttile(const TTile& t) {
+    float acc[nm][TKB] = {};
+    for (int64_t n = 0; n < t.N; ++n)
+        for (int j = 0; j < nm; ++j) {
+            const float d = t.ds[j * t.ldd + n];
+            for (int c = 0; c < TKB; ++c) acc[j][c] += d * t.strip[n * TKB + c];
+        }
+    for (int j = 0; j < nm; ++j)
+        for (int64_t c = 0; c < t.nk; ++c) t.dx[j * t.ldx + c] = acc[j][c];
+}
+
+}  // namespace scalar
+
+#ifdef DSM_X86
+namespace avx2 {
+
+DSM_AVX2 void widen_int8(const int8_t* w, int64_t K, int64_t N, int64_t nk, float* strip) {
+    if (nk < TKB) { scalar::widen_int8(w, K, N, nk, strip); return; }  // the last columns of an odd K
+    for (int64_t n = 0; n < N; ++n) {
+        const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + n * K));
+        _mm256_storeu_ps(strip + n * TKB, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)));
+        _mm256_storeu_ps(strip + n * TKB + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(c, c))));
+    }
+}
+
+template <int nm>
+DSM_AVX2 void ttile(const TTile& t) {
+    // Twelve named accumulators, not an array: GCC kept an array's copy on the stack, stored every iteration,
+    // which halved the speed. Rows past nm are compiled out.
+    const float* ds = t.ds;
+    const float* b = t.strip;
+    const int64_t ldd = t.ldd, N = t.N;
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+           c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+#define DSM_TROW(j, lo, hi)                                                  \
+    if constexpr (nm > j) {                                                  \
+        const __m256 d = _mm256_broadcast_ss(ds + j * ldd + n);              \
+        lo = _mm256_fmadd_ps(d, b0, lo);                                     \
+        hi = _mm256_fmadd_ps(d, b1, hi);                                     \
+    }
+    for (int64_t n = 0; n < N; ++n, b += TKB) {
+        const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+        DSM_TROW(0, c00, c01) DSM_TROW(1, c10, c11) DSM_TROW(2, c20, c21)
+        DSM_TROW(3, c30, c31) DSM_TROW(4, c40, c41) DSM_TROW(5, c50, c51)
+    }
+#undef DSM_TROW
+    alignas(32) float out[TMB][TKB];
+    const __m256 acc[TMB][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    for (int j = 0; j < nm; ++j) {
+        _mm256_store_ps(out[j], acc[j][0]);
+        _mm256_store_ps(out[j] + 8, acc[j][1]);
+        std::memcpy(t.dx + j * t.ldx, out[j], size_t(t.nk) * sizeof(float));
+    }
+}
+
+}  // namespace avx2
+#endif  // DSM_X86
+
+using WidenFn = void (*)(const int8_t*, int64_t, int64_t, int64_t, float*);
+using TTileFn = void (*)(const TTile&);
+struct TKernels { WidenFn widen; TTileFn tiles[TMB]; };
+#define DSM_TKERNELS(ns) {&ns::widen_int8, {&ns::ttile<1>, &ns::ttile<2>, &ns::ttile<3>, &ns::ttile<4>, \
+                                            &ns::ttile<5>, &ns::ttile<6>}}
+const TKernels TKERNELS_SCALAR = DSM_TKERNELS(scalar);
+#ifdef DSM_X86
+const TKernels TKERNELS_AVX2 = DSM_TKERNELS(avx2);
+#endif
+
+// The scalar loops or the AVX2 tiles (AVX-512 CPUs run the AVX2 ones: this path is not tuned for them).
+const TKernels& tkernels() {
+    kernels();  // picks the instruction set on first use
+#ifdef DSM_X86
+    if (g_isa.load(std::memory_order_relaxed) >= ISA_AVX2) return TKERNELS_AVX2;
+#endif
+    return TKERNELS_SCALAR;
+}
+
 }  // namespace
 
 extern "C" {
@@ -645,6 +747,45 @@ void dsm_experts_q8(const float* x, int64_t A, int64_t D, int64_t F, int64_t n_a
                 set_rows(t, 0, bits2, char_at(w2, e * w2_stride), char_at(s2, e * s2_stride), n0, nn,
                          y + (start[a] + m0) * D + n0);
                 down[nn - 1][nm - 1](t);
+            }
+        }
+    }
+}
+
+
+// dx = dy @ dequant(W) for G groups of rows (the routed experts of one layer; G = 1 for a dense layer): group g
+// is rows start[g] .. start[g] + len[g] of dy (A, N) and dx (A, K), both contiguous, with codes
+// w + g * N * K (int8 (N, K)) and scales scale + g * N (fp32). Rows outside every group are left as they are.
+void dsm_qgrad_int8(const float* dy, int64_t N, int64_t K, int64_t G, const int64_t* start, const int64_t* len,
+                    const int8_t* w, const float* scale, float* dx, int n_threads) {
+    int64_t A = 0;
+    for (int64_t g = 0; g < G; ++g) A = start[g] + len[g] > A ? start[g] + len[g] : A;
+    std::vector<float> ds(size_t(A * N));  // dy * scale: the tiles then only multiply
+    const int64_t panels = (K + TPANEL - 1) / TPANEL;
+    const TKernels& tk = tkernels();
+#pragma omp parallel num_threads(n_threads)
+    {
+        for (int64_t g = 0; g < G; ++g) {
+#pragma omp for schedule(static) nowait
+            for (int64_t r = start[g]; r < start[g] + len[g]; ++r)
+                for (int64_t n = 0; n < N; ++n) ds[r * N + n] = dy[r * N + n] * scale[g * N + n];
+        }
+#pragma omp barrier
+        std::vector<float> strip(size_t(N * TKB));
+        // Experts have unequal rows: items are handed out as threads free up.
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < G * panels; ++it) {
+            const int64_t g = it / panels, k_lo = (it % panels) * TPANEL;
+            if (len[g] == 0) continue;
+            const int64_t k_hi = k_lo + TPANEL < K ? k_lo + TPANEL : K;
+            for (int64_t k0 = k_lo; k0 < k_hi; k0 += TKB) {
+                const int64_t nk = k_hi - k0 < TKB ? k_hi - k0 : TKB;
+                tk.widen(w + g * N * K + k0, K, N, nk, strip.data());
+                for (int64_t m0 = 0; m0 < len[g]; m0 += TMB) {
+                    const int nm = int(len[g] - m0 < TMB ? len[g] - m0 : TMB);
+                    const int64_t r = start[g] + m0;
+                    tk.tiles[nm - 1](TTile{ds.data() + r * N, N, N, strip.data(), dx + r * K + k0, K, nk});
+                }
             }
         }
     }

@@ -4,8 +4,9 @@ The weights never train (no gradient reaches codes or scales), but the activatio
 every frozen layer to the adapters below it: dx = dy @ W. Autograd through ``quant_matmul``'s tiled path would
 keep each dequantised fp32 tile for the backward — the whole model in fp32 by the end of a forward, the memory
 the quantisation was meant to save. These functions keep only the codes and scales (already in memory) and
-dequantise again in the backward, ``TILE_ROWS`` rows of W, or one expert, at a time; the forward runs the
-no-grad path (the C++ kernel where there is one).
+multiply by them again in the backward (kernels/quant_transposed.py: int8 codes widened in registers by the C++
+kernel, all experts of a layer in one call; else dequantised tiles); the forward runs the no-grad path (the C++
+kernel where there is one).
 
 Shapes: M rows of x, N output rows of W, K its input columns; A rows sorted by expert, E experts.
 Reference: the same products with the dequantised weights as ordinary frozen fp32 tensors
@@ -18,33 +19,12 @@ from typing import Any
 
 import torch
 
-from deepseek_moe.kernels.quant_layout import dequantize
-from deepseek_moe.kernels.quant_matmul import TILE_ROWS, quant_matmul
+from deepseek_moe.kernels.quant_matmul import quant_matmul
+from deepseek_moe.kernels.quant_transposed import input_grad, input_grad_grouped
 
 
 def needs_grad(x: torch.Tensor) -> bool:
     return x.requires_grad and torch.is_grad_enabled()
-
-
-def input_grad(dy_MN: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """dy (M, N) @ dequant(W) (N, K) -> (M, K), dequantising TILE_ROWS rows of W at a time in dy's dtype.
-
-    int8 (one scale per row n): dy @ (s * Q) = (dy * s) @ Q, so the tile is only converted, not also scaled (a
-    third less time in the backward of the routed experts, whose few rows per expert make the conversion the
-    larger part)."""
-    N = q.shape[0]
-    dx_MK: torch.Tensor | None = None
-    for n0 in range(0, N, TILE_ROWS):
-        rows = slice(n0, n0 + TILE_ROWS)
-        if q.dtype == torch.int8:
-            w_nK = q[rows].to(dy_MN.dtype)
-            dy_Mn = dy_MN[:, rows] * scale[rows].to(dy_MN.dtype)
-        else:
-            w_nK = dequantize(q[rows], scale[rows], dy_MN.dtype)
-            dy_Mn = dy_MN[:, rows]
-        dx_MK = dy_Mn @ w_nK if dx_MK is None else dx_MK.addmm_(dy_Mn, w_nK)
-    assert dx_MK is not None  # N >= 1: a weight has rows
-    return dx_MK
 
 
 class _FrozenQuantMatmul(torch.autograd.Function):
@@ -82,14 +62,7 @@ class _FrozenQuantGrouped(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy_AN: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         q_E, scale_E = ctx.saved_tensors
-        K = q_E.shape[2] * (2 if q_E.dtype == torch.uint8 else 1)  # int4: two codes a byte
-        dx_AK = dy_AN.new_empty(dy_AN.shape[0], K)
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if n:  # one expert's matrix dequantised at a time
-                dx_AK[start:start + n] = input_grad(dy_AN[start:start + n], q_E[e], scale_E[e])
-            start += n
-        return dx_AK, None, None, None
+        return input_grad_grouped(dy_AN, q_E, scale_E, ctx.counts), None, None, None
 
 
 def frozen_quant_grouped(x_AK: torch.Tensor, q_E: torch.Tensor, scale_E: torch.Tensor,
