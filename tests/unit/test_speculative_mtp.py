@@ -111,6 +111,19 @@ def test_greedy_mtp_drafts_equal_the_uncached_reference_and_output_equals_greedy
                         num_draft_tokens=k).new_tokens[0] == expected
 
 
+def test_mtp_speculative_stops_and_limits_as_plain(model: DeepSeekMoEForCausalLM) -> None:
+    """A row that reaches max_seq_len (96) beside one that runs on, and a stop token inside an accepted draft."""
+    rows = [list(range(1, 60)) + [1, 2, 3], [5, 6]]
+    plain = generate(model, rows, max_new_tokens=80)
+    assert [len(t) for t in plain.new_tokens] == [34, 80]
+    assert generate(model, rows, max_new_tokens=80, drafter=MTPDrafter(model), num_draft_tokens=3).new_tokens == \
+        plain.new_tokens
+    stop = plain.new_tokens[1][5]
+    stopped = generate(model, rows, max_new_tokens=20, stop_tokens=[stop]).new_tokens
+    assert generate(model, rows, max_new_tokens=20, stop_tokens=[stop], drafter=MTPDrafter(model),
+                    num_draft_tokens=3).new_tokens == stopped
+
+
 def test_sampled_drafts_carry_the_mtp_distribution_under_the_same_transform(model: DeepSeekMoEForCausalLM) -> None:
     sampling = dict(temperature=0.8, top_k=5, top_p=0.9)
     drafter = Recording(model)
