@@ -13,8 +13,13 @@ the routed experts (the groups PEFT can target on transformers 5's DeepSeek-V2; 
 into the routed experts), ours against transformers' DeepseekV2ForCausalLM + PEFT (grouped_mm experts, sdpa),
 interleaved rounds on the same batch; fp32 logits of the two base models must agree before anything is timed.
 
+``qgrad``: the backward's dx = dy @ dequant(W) for int8 codes (what every frozen layer of a quantised base
+passes to the adapters below it), the C++ kernel against the tiled dequantise-then-matmul twin, at V2-Lite's
+expert and attention shapes, 1 thread by default, CPU time of interleaved rounds.
+
     python benchmarks/finetune.py v2lite --layers 2 4 [--steps 3] [--seq-len 512] [--bits 8]
     python benchmarks/finetune.py mid [--rounds 3]
+    python benchmarks/finetune.py qgrad [--rows 8 32 64] [--threads 1]
 """
 
 from __future__ import annotations
@@ -224,6 +229,46 @@ def mid(args: argparse.Namespace) -> None:
                       **cpu_info()}))
 
 
+# ---- (c) the backward's transposed int8 product: kernel against the tiled twin ------------------------------------
+def qgrad(args: argparse.Namespace) -> None:
+    """dx = dy @ dequant(W) at V2-Lite's expert and attention shapes: the C++ kernel (kernels/quant_transposed.py)
+    against the tiled dequantise-then-matmul twin it replaced, interleaved rounds, CPU time, median."""
+    from deepseek_moe.kernels import quant_transposed as qt
+    from deepseek_moe.quant import pack
+
+    def per_call(f: Any) -> float:
+        f()
+        t0 = time.process_time()
+        for _ in range(args.reps):
+            f()
+        return (time.process_time() - t0) / args.reps
+
+    # (N, K) of W: expert w1/w3 and w2, then MLA's q_proj, kv_b_proj, o_proj and kv_a_proj_with_mqa (V2-Lite).
+    shapes = [(1408, 2048), (2048, 1408), (3072, 2048), (4096, 512), (2048, 2048), (576, 2048)]
+    rows = []
+    for N, K in shapes:
+        q, s = pack.quantize_int8(torch.randn(N, K))
+        for M in args.rows:
+            dy = torch.randn(M, N)
+            t: dict[str, list[float]] = {"tiled": [], "kernel": []}
+            for _ in range(args.rounds):
+                t["tiled"].append(per_call(lambda dy=dy, q=q, s=s: qt.input_grad_reference(dy, q, s)))
+                t["kernel"].append(per_call(lambda dy=dy, q=q, s=s: qt.input_grad(dy, q, s)))
+            med = {k: statistics.median(v) for k, v in t.items()}
+            rows.append({"N": N, "K": K, "M": M, "tiled_us": round(med["tiled"] * 1e6), "kernel_us":
+                         round(med["kernel"] * 1e6), "kernel_gb_s": round(N * K / med["kernel"] / 1e9, 2),
+                         "speedup": round(med["tiled"] / med["kernel"], 2)})
+    load = uptime()
+    print(f"\ndx = dy (M, N) @ dequant(W (N, K)), int8, {torch.get_num_threads()} thread(s), CPU time, median of "
+          f"{args.rounds} interleaved rounds; {cpu_info()}")
+    print(f"{'N x K':>11} {'M':>4} {'tiled us':>9} {'kernel us':>10} {'GB/s codes':>11} {'speedup':>8}")
+    for r in rows:
+        print(f"{str(r['N']) + 'x' + str(r['K']):>11} {r['M']:>4} {r['tiled_us']:>9} {r['kernel_us']:>10} "
+              f"{r['kernel_gb_s']:>11} {r['speedup']:>7}x")
+    print(f"({load})")
+    print(json.dumps({"benchmark": "finetune_qgrad", "rows": rows, "uptime": load, **cpu_info()}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -239,9 +284,15 @@ def main() -> None:
     b.add_argument("--batch", type=int, default=2)
     b.add_argument("--seq-len", type=int, default=256)
     b.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="the base's dtype")
+    c = sub.add_parser("qgrad")
+    c.add_argument("--rows", type=int, nargs="+", default=[8, 32, 64, 512],
+                   help="rows of dy (an expert's tokens; 512: a dense layer's at seq 512)")
+    c.add_argument("--rounds", type=int, default=5)
+    c.add_argument("--reps", type=int, default=5)
+    c.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    (v2lite if args.what == "v2lite" else mid)(args)
+    torch.set_num_threads(args.threads if args.what == "qgrad" else min(2, torch.get_num_threads()))
+    {"v2lite": v2lite, "mid": mid, "qgrad": qgrad}[args.what](args)
 
 
 if __name__ == "__main__":
