@@ -132,7 +132,7 @@ class MTPDrafter:
             drop = torch.zeros(B, width, dtype=torch.bool)
             chosen, q = self._choose(logits[active])
             for a, b in enumerate(active):
-                out, n = outputs[b], len(contexts[b])
+                out = outputs[b]
                 last[b] = out[-1:]
                 if j <= D:
                     n_verified = max(0, out.shape[0] - (j - 1))  # positions i <= n-1-j: all but the last j-1
