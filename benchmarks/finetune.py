@@ -127,6 +127,10 @@ def v2lite(args: argparse.Namespace) -> None:
     if args.one is not None:  # a child: one layer count in this process
         print(json.dumps(run_v2lite_once(args.one, args.bits, args.steps, args.seq_len, args.checkpointing)))
         return
+    dense = v2_lite().n_dense_layers
+    if min(args.layers) <= dense:  # else the child fails after building, on a LoRA target that matches nothing
+        raise SystemExit(f"--layers {min(args.layers)}: V2-Lite's first {dense} layer(s) are dense, so LoRA on "
+                         f"{', '.join(TARGETS)} needs at least {dense + 1} layers")
     rows = []
     for layers in args.layers:
         cmd = [sys.executable, __file__, "v2lite", "--one", str(layers), "--bits", str(args.bits), "--steps",
