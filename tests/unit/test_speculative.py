@@ -175,6 +175,22 @@ def test_accepted_tokens_follow_the_target_at_temperature_1(model: DeepSeekMoEFo
 
 
 @torch.no_grad()
+def assert_pairs_follow(model: DeepSeekMoEForCausalLM, prompt: list[int], drafter: object,
+                        exact: dict[tuple[int, int], float], sampling: dict[str, object], n: int = 500) -> None:
+    """The first two tokens of ``n`` speculative generations (seeds 0..n-1, 2 drafted tokens) never leave the
+    target's support and pass a chi-square test against ``exact``, the target's pair distribution."""
+    cells = sorted(exact)
+    counts: Counter[tuple[int, int]] = Counter()
+    for i in range(n):
+        out = generate(model, [prompt], max_new_tokens=2, drafter=drafter, num_draft_tokens=2, seed=i,
+                       **sampling)  # type: ignore[arg-type]
+        counts[(out.new_tokens[0][0], out.new_tokens[0][1])] += 1
+    assert set(counts) <= set(exact), set(counts) - set(exact)
+    p = torch.tensor([exact[c] for c in cells])
+    stat, dof = chi2(Counter({j: counts[c] for j, c in enumerate(cells)}), p, n)
+    assert stat < chi2_critical(dof), (stat, dof, counts)
+
+
 def _pair_distribution(model: DeepSeekMoEForCausalLM, prompt: list[int], **sampling: object) -> dict[tuple[int, int], float]:
     """The exact distribution of the first two new tokens under the model's own sampling transform."""
     p1 = probabilities(model(torch.tensor([prompt])).logits[0, -1].float(), **sampling)  # type: ignore[arg-type]
@@ -203,15 +219,7 @@ def test_generate_speculative_sampling_matches_target_pairs(model: DeepSeekMoEFo
         q = torch.full((V,), 0.1 / V)
         q[[b for _, b in cells]] += 0.9 / len(cells)  # support overlapping the target's, weights far from it
         drafter = SampledDrafter(q / q.sum(), seed=7)
-    n = 500
-    counts: Counter[tuple[int, int]] = Counter()
-    for i in range(n):
-        out = generate(model, [prompt], max_new_tokens=2, drafter=drafter, num_draft_tokens=2, seed=i, **sampling)
-        counts[(out.new_tokens[0][0], out.new_tokens[0][1])] += 1
-    assert set(counts) <= set(exact), set(counts) - set(exact)
-    p = torch.tensor([exact[c] for c in cells])
-    stat, dof = chi2(Counter({j: counts[c] for j, c in enumerate(cells)}), p, n)
-    assert stat < chi2_critical(dof), (stat, dof, counts)
+    assert_pairs_follow(model, prompt, drafter, exact, sampling)
 
 
 def test_accept_rejects_a_draft_and_logits_that_disagree() -> None:

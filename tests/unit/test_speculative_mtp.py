@@ -10,13 +10,12 @@ enorm changes nothing): the module then sees what the main model sees one token 
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 
 import pytest
 import torch
 from test_model_configs import small_config
-from test_speculative import _pair_distribution, chi2, chi2_critical
+from test_speculative import _pair_distribution, assert_pairs_follow
 
 from deepseek_moe.infer.draft import Draft, SamplingParams
 from deepseek_moe.infer.generate import generate
@@ -147,17 +146,7 @@ def test_mtp_speculative_sampling_matches_target_pairs() -> None:
     prompt = [3, 14, 15, 9, 2, 6]
     sampling = dict(temperature=0.7, top_k=3, top_p=0.95)
     exact = _pair_distribution(model, prompt, **sampling)
-    cells = sorted(exact)
-    drafter = MTPDrafter(model)
-    n = 500
-    counts: Counter[tuple[int, int]] = Counter()
-    for i in range(n):
-        out = generate(model, [prompt], max_new_tokens=2, drafter=drafter, num_draft_tokens=2, seed=i, **sampling)
-        counts[(out.new_tokens[0][0], out.new_tokens[0][1])] += 1
-    assert set(counts) <= set(exact), set(counts) - set(exact)
-    p = torch.tensor([exact[c] for c in cells])
-    stat, dof = chi2(Counter({j: counts[c] for j, c in enumerate(cells)}), p, n)
-    assert stat < chi2_critical(dof), (stat, dof, counts)
+    assert_pairs_follow(model, prompt, MTPDrafter(model), exact, sampling)
 
 
 def test_an_int8_model_drafts_with_its_mtp_module_and_verifies() -> None:
