@@ -227,6 +227,33 @@ def test_http_json_schema_json_object_and_regex(client: TestClient) -> None:
     assert re.fullmatch("(yes|no), [0-9]{2}", "".join(chunks)), chunks
 
 
+def test_n_choices_compile_once_and_each_follows_its_own_grammar_state(client: TestClient,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # One compile (and its probe) per request, not per choice; the choices' states are copies that advance
+    # independently: a shared state would see three rows' tokens and refuse them, an unshared one from a stale
+    # copy would let a choice end mid-object.
+    calls: list[OutputFormat] = []
+    compile_once = GrammarCompiler.constraint
+
+    def counted(self: GrammarCompiler, fmt: OutputFormat) -> Constraint:
+        calls.append(fmt)
+        return compile_once(self, fmt)
+
+    monkeypatch.setattr(GrammarCompiler, "constraint", counted)
+    schema = SCHEMAS[0]
+    r = client.post(CHAT, json={"messages": HI, "n": 3, "seed": 11, "temperature": 1.0, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "person", "schema": schema}}})
+    assert r.status_code == 200, r.text
+    assert len(calls) == 1
+    choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    contents = [c["message"]["content"] for c in choices]
+    for choice, content in zip(choices, contents, strict=True):
+        assert choice["finish_reason"] == "stop", content
+        jsonschema.validate(json.loads(content), schema)
+    assert len(set(contents)) == 3, contents  # seeds 11, 12, 13 sampled different objects
+
+
 @pytest.mark.parametrize("body,param,words", [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "array", "uniqueItems": True}}}}, "response_format.json_schema.schema", "uniqueItems"),

@@ -136,6 +136,21 @@ def test_chat_only_fields_and_stream_options_are_checked() -> None:
     assert refused(parse_completion, {"prompt": "x", "max_token": 5}).param == "max_token"  # unknown: a 400
 
 
+def test_max_tokens_zero_says_it_needs_echo() -> None:
+    msgs = [{"role": "user", "content": "hi"}]
+    for parse, body, field in ((parse_completion, {"prompt": "x"}, "max_tokens"),
+                               (parse_chat, {"messages": msgs}, "max_tokens"),
+                               (parse_chat, {"messages": msgs}, "max_completion_tokens")):
+        e = refused(parse, {**body, field: 0})
+        assert e.status == 400 and e.param == field, e.message
+        assert "must be >= 1, got 0" in e.message and "only with echo" in e.message and "completions" in e.message
+    e = refused(parse_completion, {"prompt": "x", "max_tokens": -1})  # below 0, echo would not help
+    assert "must be >= 1, got -1" in e.message and "echo" not in e.message
+    e = refused(parse_completion, {"prompt": "x", "max_tokens": -1, "echo": True})
+    assert "must be >= 0, got -1" in e.message
+    assert parse_completion({"prompt": "x", "max_tokens": 0, "echo": True}).max_tokens == 0
+
+
 @pytest.mark.parametrize(("raw", "param"), [
     (b'{"prompt": "x", "temperature": NaN}', "temperature"),
     (b'{"prompt": "x", "top_p": Infinity}', "top_p"),

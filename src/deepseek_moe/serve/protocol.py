@@ -295,7 +295,11 @@ def _common(body: Any, fields: set[str]) -> dict[str, Any]:
 
 
 def _max_tokens(body: dict[str, Any], name: str) -> int | None:
-    """>= 1 here; <= what the context leaves after the prompt is checked once the prompt is tokenized."""
+    """>= 1 here; <= what the context leaves after the prompt is checked once the prompt is tokenized. 0 is a
+    completions request's with ``echo`` alone (``parse_completion``), so its error says where 0 would do."""
+    if body.get(name) == 0 and _is_int(body[name]):
+        raise bad(name, "must be >= 1, got 0 (0 is allowed only with echo: true on /v1/completions, which scores "
+                        "the prompt without generating)")
     return _optional_int(body, name, lo=1)
 
 

@@ -4,10 +4,10 @@ Lark grammar, computed by llguidance (the ``structured`` extra) and applied to a
 A request asks for a format (``OutputFormat``: OpenAI's ``response_format`` json_object / json_schema, or vLLM's
 ``guided_regex`` / ``guided_grammar``); ``GrammarCompiler.constraint`` compiles it (on the HTTP worker thread,
 so a bad schema is a 400 before the request is queued) into a ``Constraint``, which holds one llguidance matcher
-per request. At each step the scheduler calls ``constrain`` on the rows it is about to sample: one llguidance
-call per constrained row fills its row of a packed bitmask (B, ceil(V / 32)) int32 (the loop over the
-vocabulary runs in Rust; one call per row measured faster on our 2 shared cores than llguidance's thread pool,
-2.2 ms vs 1.1 ms for 8 rows), and ``apply_token_bitmask`` unpacks it and sets the disallowed logits to -inf in
+per choice (a request's ``n`` choices share one compile: ``Constraint.copy``). At each step the scheduler calls
+``constrain`` on the rows it is about to sample: one llguidance call per constrained row fills its row of a
+packed bitmask (B, ceil(V / 32)) int32 (the loop over the vocabulary runs in Rust; one call per row measured
+faster on our 2 shared cores than llguidance's thread pool, 2.2 ms vs 1.1 ms for 8 rows), and ``apply_token_bitmask`` unpacks it and sets the disallowed logits to -inf in
 one masked_fill for the batch (``apply_token_bitmask_reference`` is the slow obvious twin). A step without
 constrained rows does nothing more than look at each row's ``constraint`` attribute.
 
@@ -81,6 +81,11 @@ class Constraint:
 
     def __init__(self, matcher: Any, param: str = "response_format") -> None:
         self.matcher, self.param = matcher, param
+
+    def copy(self) -> Constraint:
+        """An independent copy of this state (llguidance's ``deep_copy``: the compiled grammar and its lexer states
+        are shared, the parser position is not), for a request's other choices: one compile serves all ``n``."""
+        return Constraint(self.matcher.deep_copy(), self.param)
 
     def consume(self, token: int) -> None:
         if not self.matcher.consume_token(token):
