@@ -62,8 +62,12 @@ def test_cli_run_uses_flags(run_dir):
     assert config["resolved_model"]["n_layers"] == 2 and (run_dir / "model" / "tokenizer.json").is_file()
 
 
-def test_bad_inputs(capsys, tmp_path):
+def test_bad_inputs(capsys, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
     expect_error(capsys, ["train", "--data", str(tmp_path / "nope.txt")], "nope.txt", "does not exist")
+    assert not any((work / "runs").glob("*"))  # the refused run left no empty runs/<timestamp>/
     binary = tmp_path / "x.bin"
     binary.write_bytes(b"\x00\x01binary\x00")
     expect_error(capsys, ["train", "--data", str(binary)], "x.bin", "binary")

@@ -13,6 +13,7 @@ what makes resume exact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -140,12 +141,19 @@ class Trainer:
         self.precision = resolve_precision(cfg.dtype, self.device)
         self.amp = self.precision.amp
         seed_everything(cfg.seed)
-        with self.strategy.main_first():  # rank 0 prepares the run directory and fills the data caches
-            if self.strategy.is_main:
-                prepare_run_dir(self.run_dir, resume=self.resume, force=self.force)
-                if self.resume:
-                    check_same_plan(self.run_dir, cfg)
-            self.data = self.load_data()
+        created = self.strategy.is_main and not self.run_dir.exists()
+        try:
+            with self.strategy.main_first():  # rank 0 prepares the run directory and fills the data caches
+                if self.strategy.is_main:
+                    prepare_run_dir(self.run_dir, resume=self.resume, force=self.force)
+                    if self.resume:
+                        check_same_plan(self.run_dir, cfg)
+                self.data = self.load_data()
+        except BaseException:
+            if created:  # a run refused for its data leaves no empty runs/<timestamp>/ behind
+                with contextlib.suppress(OSError):
+                    self.run_dir.rmdir()  # only ever removes an empty directory
+            raise
         self.val_batches = self.data.val.fixed_batches(cfg.schedule.batch_size, cfg.eval.batches)
 
         model_cfg = self.model_config()
