@@ -38,3 +38,23 @@ def kernel_weights(bits: int, N: int, K: int, group: int = 32) -> tuple[torch.Te
         return pack.quantize_int8(w)
     packed, s = pack.quantize_int4(w, group)
     return pack.repack_int4_for_kernel(packed, group), s
+
+
+def stacked_kernel_weights(bits: int, E: int, N: int, K: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """E experts' random (N, K) weights from :func:`kernel_weights`, stacked: codes (E, ...) and scales (E, ...)."""
+    pairs = [kernel_weights(bits, N, K, group) for _ in range(E)]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def fused_experts_case(bits13: int, bits2: int, with_gates: bool) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
+    """The fused-experts case both activation kinds are tested on: 6 experts (D 64, F 96, groups of 32), two of
+    which receive no rows; w1/w3 in ``bits13``, w2 in ``bits2``. Returns x, counts, gates (or None), w, group."""
+    torch.manual_seed(bits13 + bits2)
+    E, D, F_, group = 6, 64, 96, 32
+    w = {"w1": stacked_kernel_weights(bits13, E, F_, D, group), "w3": stacked_kernel_weights(bits13, E, F_, D, group),
+         "w2": stacked_kernel_weights(bits2, E, D, F_, group)}
+    counts = torch.tensor([2, 0, 5, 1, 0, 3])  # experts 1 and 4 receive nothing
+    x = torch.randn(int(counts.sum()), D)
+    gates = torch.rand(x.shape[0]) if with_gates else None
+    return x, counts, gates, w, group

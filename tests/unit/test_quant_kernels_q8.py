@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from quant_kernel_paths import kernel_path, kernel_weights
+from quant_kernel_paths import fused_experts_case, kernel_path, kernel_weights, stacked_kernel_weights
 
 from deepseek_moe.kernels import cpu_build
 from deepseek_moe.kernels import quant_matmul as qm
@@ -27,11 +27,7 @@ def isa(request: pytest.FixtureRequest) -> collections.abc.Iterator[str]:
 
 
 _weights = kernel_weights
-
-
-def _stacked(bits: int, E: int, N: int, K: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = [_weights(bits, N, K, group) for _ in range(E)]
-    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+_stacked = stacked_kernel_weights
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5) -> None:
@@ -134,13 +130,7 @@ def test_twin_stays_near_the_fp32_product(isa: str) -> None:
 @pytest.mark.parametrize(("bits13", "bits2"), [(8, 8), (4, 4), (4, 8)])
 @pytest.mark.parametrize("with_gates", [True, False])
 def test_fused_experts_match_twin(isa: str, bits13: int, bits2: int, with_gates: bool) -> None:
-    torch.manual_seed(bits13 + bits2)
-    E, D, F_, group = 6, 64, 96, 32
-    w = {"w1": _stacked(bits13, E, F_, D, group), "w3": _stacked(bits13, E, F_, D, group),
-         "w2": _stacked(bits2, E, D, F_, group)}
-    counts = torch.tensor([2, 0, 5, 1, 0, 3])  # experts 1 and 4 receive nothing
-    x = torch.randn(int(counts.sum()), D)
-    gates = torch.rand(x.shape[0]) if with_gates else None
+    x, counts, gates, w, group = fused_experts_case(bits13, bits2, with_gates)
     got = qm.quant_experts(x, counts, gates, w, group)
     assert got is not None
     # h is quantised too; the kernel's h differs from the twin's in the last bits, which can move a code by one
