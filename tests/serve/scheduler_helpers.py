@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
-from deepseek_moe.serve.scheduler import Event, FinishEvent, Request, SamplingParams, Scheduler, TokenEvent
+from torch import nn
+
+from deepseek_moe import generate
+from deepseek_moe.serve.scheduler import (
+    Event,
+    FinishEvent,
+    Request,
+    SamplingParams,
+    Scheduler,
+    SchedulerConfig,
+    TokenEvent,
+)
 
 
 class Collector:
@@ -47,3 +59,23 @@ def run_all(s: Scheduler, max_steps: int = 10_000) -> int:
             return steps
         s.step()
     raise AssertionError(f"the scheduler did not finish its work in {max_steps} steps")
+
+
+def assert_busy_batch_matches_alone(model: nn.Module, cfg: SchedulerConfig, prompts: Sequence[list[int]],
+                                    n_new: Sequence[int], join_after: int = 3) -> Scheduler:
+    """The first ``join_after`` requests submitted, two steps, the rest joining while those decode: every
+    request's greedy tokens equal generate() on its prompt alone (the dense cache, B=1), each ends on its length
+    and every block returns. Returns the scheduler, for checks of its metrics."""
+    alone = [generate(model, [p], max_new_tokens=n).new_tokens[0] for p, n in zip(prompts, n_new, strict=True)]
+    s = Scheduler(model, cfg)
+    pairs = list(zip(prompts, n_new, strict=True))
+    out = [submit(s, p, max_tokens=n) for p, n in pairs[:join_after]]
+    s.step()
+    s.step()
+    out += [submit(s, p, max_tokens=n) for p, n in pairs[join_after:]]  # join mid-flight
+    run_all(s)
+    for i, (c, want) in enumerate(zip(out, alone, strict=True)):
+        assert c.tokens == want, f"request {i}"
+        assert c.finish == FinishEvent("length")
+    assert s.pool.free_blocks == s.pool.capacity_blocks  # every block returned (cached ones count as free)
+    return s

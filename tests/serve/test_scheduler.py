@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scheduler_helpers import Collector, run_all, submit
+from scheduler_helpers import Collector, assert_busy_batch_matches_alone, run_all, submit
 from serve_fixtures import tiny_config
 
 from deepseek_moe import DeepSeekMoEForCausalLM, ModelConfig, MoEConfig, generate, get_preset
@@ -39,18 +39,8 @@ def test_busy_batch_gives_each_request_its_greedy_tokens_alone(preset: str) -> N
     vocab = model.config.vocab_size
     ps = prompts(vocab, (3, 40, 9, 70, 1, 25))
     n_new = [12, 5, 20, 8, 15, 10]
-    alone = [generate(model, [p], max_new_tokens=n).new_tokens[0] for p, n in zip(ps, n_new, strict=True)]
-    s = Scheduler(model, SchedulerConfig(max_batch_size=4, max_batch_tokens=24, block_size=4,
-                                         kv_cache_bytes=1 << 22))
-    out = [submit(s, p, max_tokens=n) for p, n in zip(ps[:3], n_new[:3], strict=True)]
-    s.step()
-    s.step()
-    out += [submit(s, p, max_tokens=n) for p, n in zip(ps[3:], n_new[3:], strict=True)]  # join mid-flight
-    run_all(s)
-    for i, (c, want) in enumerate(zip(out, alone, strict=True)):
-        assert c.tokens == want, f"request {i}"
-        assert c.finish == FinishEvent("length")
-    assert s.pool.free_blocks == s.pool.capacity_blocks  # every block returned
+    assert_busy_batch_matches_alone(model, SchedulerConfig(max_batch_size=4, max_batch_tokens=24, block_size=4,
+                                                            kv_cache_bytes=1 << 22), ps, n_new)
 
 
 def mid_size() -> ModelConfig:
