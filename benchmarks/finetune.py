@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import mid_size, uptime, v2_lite, vm_hwm_bytes  # noqa: E402
 
 import deepseek_moe as dm  # noqa: E402
-from deepseek_moe.adapters import LoRAConfig, apply_lora, mark_trainable  # noqa: E402
+from deepseek_moe.adapters import LoRAConfig, apply_lora, mark_trainable, narrow_frozen_matrices  # noqa: E402
+from deepseek_moe.kernels.float_matmul import torch_bf16_matmul_is_native  # noqa: E402
 
 V2_LITE_LAYERS = 27
 TARGETS = ("attention", "shared_experts", "routed_experts")
@@ -197,11 +198,18 @@ def mid(args: argparse.Namespace) -> None:
     if diff > 1e-3:
         raise SystemExit(f"fp32 logits disagree (max |diff| {diff:.3g}): not the same model")
     dtype = getattr(torch, args.dtype)
-    ours.to(dtype)
+    # A bf16 base: where torch's bf16 matmul is not native, ours keeps the frozen matrices in bf16 and computes in
+    # fp32 (adapters/frozen_base.py), as `finetune --quantize bf16` does; elsewhere both models are cast whole.
+    widen = dtype == torch.bfloat16 and not torch_bf16_matmul_is_native()
+    ours_base = "bf16 matrices, fp32 compute" if widen else args.dtype
+    if not widen:
+        ours.to(dtype)
     hf.to(dtype)
     torch.manual_seed(0)
     apply_lora(ours, LoRAConfig(r=16, alpha=32.0, targets=("attention", "routed_experts")))
     mark_trainable(ours)
+    if widen:
+        narrow_frozen_matrices(ours, dtype)
     attention = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
     lcfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules=attention,
                            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
@@ -219,7 +227,7 @@ def mid(args: argparse.Namespace) -> None:
     tokens = batch.numel()
     tps = {k: tokens / statistics.median(v) for k, v in times.items()}
     load = uptime()
-    print(f"\nmid size ({dm.count_parameters(cfg)[0] / 1e6:.0f}M), {args.dtype} base, LoRA r=16 on attention + routed experts "
+    print(f"\nmid size ({dm.count_parameters(cfg)[0] / 1e6:.0f}M), {args.dtype} base (ours: {ours_base}), LoRA r=16 on attention + routed experts "
           f"(trainable: ours {n_ours / 1e6:.1f}M, PEFT {n_theirs / 1e6:.1f}M), batch {args.batch} x {args.seq_len}, "
           f"{args.rounds} interleaved rounds; fp32 logits agree ({diff:.1e}); {cpu_info()}")
     print(f"{'':6} {'s/step (median)':>16} {'tokens/s':>9}")
@@ -227,7 +235,7 @@ def mid(args: argparse.Namespace) -> None:
         print(f"{k:6} {statistics.median(v):>16.2f} {tps[k]:>9.1f}")
     print(f"ours / PEFT: {tps['ours'] / tps['peft']:.2f}x   ({load})")
     print(json.dumps({"benchmark": "finetune_mid_vs_peft", "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
-                      "ratio": round(tps["ours"] / tps["peft"], 2), "dtype": args.dtype, "trainable": {"ours": n_ours, "peft": n_theirs},
+                      "ratio": round(tps["ours"] / tps["peft"], 2), "dtype": args.dtype, "ours_base": ours_base, "trainable": {"ours": n_ours, "peft": n_theirs},
                       "batch": args.batch, "seq_len": args.seq_len, "rounds": args.rounds,
                       "step_s": {k: [round(x, 2) for x in v] for k, v in times.items()}, "uptime": load,
                       **cpu_info()}))

@@ -112,9 +112,30 @@ def test_lora_on_a_quantised_base_resumes_exactly_and_merges_into_the_float_base
         torch.testing.assert_close(quantised(ids).logits, unmerged(ids).logits, rtol=0.05, atol=0.05)
 
 
+def test_lora_on_a_bf16_base_resumes_exactly_and_trains_only_fp32_adapters(base, monkeypatch):
+    import sys
+
+    finetune_run = sys.modules[FinetuneTrainer.__module__]  # the module (the package exports a function `run`)
+    held = []
+    narrow = finetune_run.narrow_frozen_matrices
+    monkeypatch.setattr(finetune_run, "narrow_frozen_matrices", lambda m, d: (held.append(m), narrow(m, d))[1])
+    ref = _check_resumes_exactly(base, monkeypatch, quantize="bf16")
+    model = held[0]  # the model the reference run trained
+    assert model.layers[1].ffn.experts.w1.dtype == torch.bfloat16 and model.embed.weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    # the adapter it wrote applies to the fp32 BASE (where it is merged) and changes what BASE computes
+    unmerged = from_pretrained(base / "base", adapters=[ref.run_dir / "adapter"]).eval()
+    plain = from_pretrained(base / "base").eval()
+    ids = torch.randint(0, 16, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.equal(unmerged(ids).logits, plain(ids).logits)
+
+
 def test_quantize_takes_lora_only(base):
     with pytest.raises(ValueError, match="quantize .'int8'. freezes BASE"):
         config(base, "q", quantize="int8", method="full")
+    with pytest.raises(ValueError, match="quantize .'bf16'. freezes BASE"):
+        config(base, "q", quantize="bf16", method="full")
     with pytest.raises(ValueError, match="quantize .'int3'."):
         config(base, "q", quantize="int3")
 

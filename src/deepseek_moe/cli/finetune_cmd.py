@@ -49,9 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-mtp", dest="mtp", action="store_false",
                    help="load BASE without its multi-token-prediction modules (by default they are loaded and "
                    "their loss trains along, so they still draft for the fine-tuned model)")
-    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+    p.add_argument("--quantize", choices=("int8", "int4", "bf16"), default=None,
                    help="LoRA on BASE frozen in our int8 / int4 format (adapters in float; merge them into the "
-                   "unquantised BASE)")
+                   "unquantised BASE), or with its matrices in bf16 under fp32 activations")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json to use where BASE has none")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)

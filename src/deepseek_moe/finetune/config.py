@@ -22,7 +22,7 @@ class FinetuneConfig:
     when BASE has none (BASE's own is used otherwise; its tokenizer_config.json gives the chat template).
     ``method``: "lora" (adapters only, per ``lora``) or "full". ``quantize``: "int8" / "int4" holds BASE frozen
     in our quantised format (quant/) under float adapters, LoRA only (a BASE saved quantised is held so without
-    it). The routers (weights and routing bias) stay as
+    it); "bf16" holds its matrices in bf16 under fp32 activations and adapters (adapters/frozen_base.py). The routers (weights and routing bias) stay as
     BASE has them unless ``train_router``. ``mtp``: BASE's multi-token-prediction modules (if it has any) are loaded
     and their loss, weighted by ``train.schedule.mtp_lambda``, trains them (full) and the adapted model (both
     methods; LoRA leaves the modules frozen), so they still draft for the fine-tuned model; False loads BASE
@@ -42,7 +42,7 @@ class FinetuneConfig:
     seq_len: int = 512
     strict: bool = False
     train_router: bool = False
-    quantize: Literal["int8", "int4"] | None = None
+    quantize: Literal["int8", "int4", "bf16"] | None = None
     mtp: bool = True
     train: TrainConfig = field(default_factory=_default_train)
 
@@ -57,10 +57,10 @@ class FinetuneConfig:
             raise ValueError(f"val_fraction ({self.val_fraction}) must be in (0, 1)")
         if self.method not in ("lora", "full"):
             raise ValueError(f"method ({self.method!r}) must be 'lora' or 'full'")
-        if self.quantize not in (None, "int8", "int4"):
-            raise ValueError(f"quantize ({self.quantize!r}) must be None, 'int8' or 'int4'")
+        if self.quantize not in (None, "int8", "int4", "bf16"):
+            raise ValueError(f"quantize ({self.quantize!r}) must be None, 'int8', 'int4' or 'bf16'")
         if self.quantize is not None and self.method != "lora":
-            raise ValueError(f"quantize ({self.quantize!r}) freezes BASE in int8/int4: it takes method 'lora', "
+            raise ValueError(f"quantize ({self.quantize!r}) freezes BASE in {self.quantize}: it takes method 'lora', "
                              f"not {self.method!r}")
         if self.loss_on not in ("completion", "all"):
             raise ValueError(f"loss_on ({self.loss_on!r}) must be 'completion' or 'all'")

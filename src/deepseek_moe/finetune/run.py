@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from deepseek_moe.adapters import apply_lora, mark_trainable
+from deepseek_moe.adapters import apply_lora, mark_trainable, narrow_frozen_matrices
 from deepseek_moe.adapters.peft import save_adapter
 from deepseek_moe.adapters.pretrained import TOKENIZER_FILES
 from deepseek_moe.config import ModelConfig
@@ -135,7 +135,9 @@ class FinetuneTrainer(Trainer):
                              f"({model_cfg.vocab_size})")
         torch.manual_seed(self.cfg.seed)  # the adapters' initial A
         # quantize: streamed into codes layer by layer, so the float BASE never sits in memory whole
-        model = load_pretrained(self.base, dtype=torch.float32, quantize=self.ft.quantize, mtp=self.ft.mtp)
+        bf16 = self.ft.quantize == "bf16"
+        model = load_pretrained(self.base, dtype=torch.float32, quantize=None if bf16 else self.ft.quantize,
+                                mtp=self.ft.mtp)
         if self.ft.method == "full" and quant_config_of(model) is not None:
             raise TrainError(f"{self.base} is a quantised checkpoint: its codes do not train; fine-tune it with "
                              "LoRA, or fully from the unquantised checkpoint")
@@ -146,6 +148,8 @@ class FinetuneTrainer(Trainer):
             except ValueError as e:  # a target matching nothing, a tied head: the person's to fix
                 raise TrainError(str(e)) from e
             mark_trainable(model, train_router=self.ft.train_router)
+            if bf16:
+                narrow_frozen_matrices(model, torch.bfloat16)
         else:
             for name, p in model.named_parameters():
                 p.requires_grad_(self.ft.train_router or ".ffn.gate." not in name)

@@ -11,6 +11,7 @@ from torch import nn
 
 from deepseek_moe.kernels.float_matmul import float_matmul_kernel, torch_bf16_matmul_is_native
 from deepseek_moe.nn.compute_copy import compute_dtype, compute_weight, copy_of
+from deepseek_moe.nn.widen import widened_linear, widens
 
 # Rows of x up to which fp32 weights take the kernel (bf16 weights always do, torch's bf16 matmul being the slow
 # one on CPUs without AVX512-BF16). Measured on an AVX2 EPYC, 2 threads, 1024x5632 and 5632x1024: at 1 row the
@@ -26,6 +27,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if copy_of(self.weight) is None:  # first: meta tensors (shape inference) have no autocast state to ask
+            if widens(x, self.weight):  # a frozen bf16 base under fp32 activations (nn/widen.py)
+                return widened_linear(x, self.weight, self.bias)
             few_rows = x.numel() <= FP32_KERNEL_MAX_ROWS * x.shape[-1]
             if x.device.type == "cpu" and x.dtype == self.weight.dtype and (
                     (x.dtype == torch.bfloat16 and (few_rows or not torch_bf16_matmul_is_native()))

@@ -1,0 +1,41 @@
+"""A LoRA base held in bf16: the frozen matrices narrowed, everything else left in fp32.
+
+LoRA reads its base and never writes it, so the base's matrices can be stored in bf16 (half of fp32's memory)
+while activations, adapters, norms, embeddings and the routers stay fp32: the products widen each weight for the
+call (nn/widen.py), which on a CPU without native bf16 runs at MKL's fp32 speed instead of torch's generic bf16
+loop. Where bf16 is native the whole model can be cast instead (``model.to(torch.bfloat16)``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deepseek_moe.moe.experts import RoutedExperts
+from deepseek_moe.nn.linear import Linear
+from deepseek_moe.nn.widen import NARROW
+
+
+def narrow_frozen_matrices(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Store every frozen matrix weight of ``model`` (Linear weights and biases, the routed experts' stacks) in
+    ``dtype``; the number of tensors narrowed. Call after :func:`mark_trainable`: a weight that still wants a
+    gradient is an error (the optimizer would step a bf16 master)."""
+    if dtype not in NARROW:
+        raise ValueError(f"dtype ({dtype}) must be one of {NARROW}: the frozen base is stored narrower than fp32")
+    narrowed = 0
+    for name, module in model.named_modules():
+        names = ("weight", "bias") if isinstance(module, Linear) else (
+            RoutedExperts.compute_copy_weights if isinstance(module, RoutedExperts) else ())
+        for attr in names:
+            p = getattr(module, attr, None)
+            if not isinstance(p, nn.Parameter) or p.dtype == dtype:
+                continue
+            if p.requires_grad:
+                raise ValueError(f"{name}.{attr} wants a gradient: only a frozen base is stored in {dtype} "
+                                 "(call mark_trainable first)")
+            p.data = p.data.to(dtype)
+            narrowed += 1
+    return narrowed
+
+
+__all__ = ["narrow_frozen_matrices"]
