@@ -7,7 +7,8 @@ BASE is a checkpoint or train run directory; the run keeps BASE's tokenizer (tok
 stay BASE's unless --train-router. RUN gets the Trainer's run directory (metrics, plots, state/ for --resume) and
 RUN/adapter (PEFT's format: deepseek-moe merge, from_pretrained(BASE, adapters=[...]), PEFT) or, with --method
 full, RUN/model. --quantize int8|int4 trains LoRA on BASE held in our quantised format (the memory of V2-Lite on
-a 24 GB machine); its adapter merges into the unquantised BASE.
+a 24 GB machine); its adapter merges into the unquantised BASE. --quantize bf16 holds BASE's matrices in bf16
+under fp32 activations (products widen each weight: fast where the CPU has no native bf16).
 """
 
 from __future__ import annotations
