@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_moe.adapters.config import LoRAConfig
+from deepseek_moe.adapters.quant_experts import compact_lora_swiglu
 from deepseek_moe.moe.experts import GroupedProduct, RoutedExperts
 from deepseek_moe.nn.compute_copy import compute_dtype
 from deepseek_moe.nn.linear import Linear
@@ -155,6 +156,7 @@ class ExpertLoRA(nn.Module):
         self.down_B = nn.Parameter(torch.zeros(E, D, down.r, dtype=dtype, device=device))
         self.scaling, self.down_scaling = cfg.scaling, down.scaling
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.compact = True  # False: autograd through the plain SwiGLU (the reference) on quantised experts
         _uniform_fan_in(self.gate_up_A, D)
         _uniform_fan_in(self.down_A, F_)
         if cfg.init == "random":
@@ -175,6 +177,16 @@ class ExpertLoRA(nn.Module):
         dtype = h_AF.dtype
         t_Ar = product(self.dropout(h_AF), self.down_A.to(dtype), counts_E)
         return product(t_Ar, self.down_B.to(dtype), counts_E) * self.down_scaling
+
+    def quantised_swiglu(self, experts: QuantRoutedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor,
+                         gates_A: torch.Tensor | None) -> torch.Tensor | None:
+        """The quantised experts' whole SwiGLU with this adapter, keeping only x, the pre-activations and the
+        gates for the backward (adapters/quant_experts.py); None where the plain path must run: ``compact`` off
+        (the reference) or dropout drawing masks."""
+        if not self.compact or (self.training and not isinstance(self.dropout, nn.Identity)):
+            return None
+        return compact_lora_swiglu(experts, x_AD, counts_E, gates_A, (self.gate_up_A, self.gate_up_B),
+                                   (self.down_A, self.down_B), self.scaling, self.down_scaling)
 
     def merge_into(self, experts: RoutedExperts | QuantRoutedExperts) -> None:
         """Fold every expert's ``scaling * B A`` into w1, w3 (gate_up's halves) and w2."""

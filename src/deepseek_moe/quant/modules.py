@@ -187,6 +187,11 @@ class QuantRoutedExperts(_KeepsScales):
     def _swiglu(self, x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Tensor | None) -> torch.Tensor:
         """RoutedExperts' SwiGLU with the adapter's terms beside each frozen quantised grouped product, and
         gradients to x, the gates and the adapter (never to the codes): LoRA training on a quantised base."""
+        # An adapter that keeps less for the backward (adapters/quant_experts.py) takes the whole product.
+        compact = getattr(self.adapter, "quantised_swiglu", None)
+        y_AD = compact(self, x_AD, counts_E, gates_A) if compact is not None else None
+        if y_AD is not None:
+            return y_AD
         counts = counts_E.tolist()
         g_AF = frozen_quant_grouped(x_AD, self.w1, self.w1_scale, counts)
         u_AF = frozen_quant_grouped(x_AD, self.w3, self.w3_scale, counts)
