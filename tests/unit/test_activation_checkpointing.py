@@ -38,12 +38,13 @@ def two_steps(m: DeepSeekMoEForCausalLM, uniform: bool) -> dict[str, object]:
             "next_draw": [torch.rand(1, generator=moe.generator(torch.device("cpu"))) for moe in moes]}
 
 
+@pytest.mark.parametrize("mode", ["full", "attention"])
 @pytest.mark.parametrize("uniform", [False, True], ids=["routed", "uniform_warmup"])
-def test_checkpointed_blocks_match_plain_ones(uniform: bool) -> None:
+def test_checkpointed_blocks_match_plain_ones(uniform: bool, mode: str) -> None:
     plain = two_steps(model(use_routing_bias=True, score_func="sigmoid"), uniform)
     ckpt_model = model(use_routing_bias=True, score_func="sigmoid")
-    set_activation_checkpointing(ckpt_model)
-    assert all(block.activation_checkpointing for block in ckpt_model.layers)
+    set_activation_checkpointing(ckpt_model, True if mode == "full" else mode)  # True: the bool configs said
+    assert all(block.activation_checkpointing == mode for block in ckpt_model.layers)
     ckpt = two_steps(ckpt_model, uniform)
     torch.testing.assert_close(ckpt["losses"], plain["losses"], rtol=0, atol=0)
     assert set(ckpt["grads"]) == set(plain["grads"])
@@ -54,3 +55,29 @@ def test_checkpointed_blocks_match_plain_ones(uniform: bool) -> None:
     assert ckpt["next_draw"] == plain["next_draw"]  # the recompute replayed the draws, not advanced them
     if not uniform:
         assert plain["counts"].sum() > 0
+
+
+def test_attention_mode_recomputes_attention_only() -> None:
+    """"attention" keeps the FFN's activations (the MoE forward runs once a step) and recomputes the attention
+    half: attention's projections run twice, the routed experts once; "full" runs both twice."""
+    calls: dict[str, dict[str, int]] = {}
+    for mode in ("none", "attention", "full"):
+        m = model()
+        set_activation_checkpointing(m, mode)
+        counts = calls[mode] = {"attn": 0, "experts": 0}
+        m.layers[1].attn.wo.register_forward_pre_hook(lambda *_, c=counts: c.__setitem__("attn", c["attn"] + 1))
+        m.layers[1].ffn.experts.register_forward_pre_hook(lambda *_, c=counts: c.__setitem__("experts", c["experts"] + 1))
+        ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+        m(ids, labels=ids).loss.backward()
+    assert calls == {"none": {"attn": 1, "experts": 1}, "attention": {"attn": 2, "experts": 1},
+                     "full": {"attn": 2, "experts": 2}}
+
+
+@pytest.mark.parametrize("bad", ["attn", "yes", 1.0])
+def test_unknown_mode_is_refused_naming_the_field(bad: object) -> None:
+    from deepseek_moe.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        set_activation_checkpointing(model(), bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        TrainConfig(activation_checkpointing=bad)  # type: ignore[arg-type]

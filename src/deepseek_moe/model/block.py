@@ -34,9 +34,12 @@ def build_ffn(cfg: ModelConfig, layer_id: int) -> FeedForward | MoE:
 
 
 class Block(nn.Module):
-    """``activation_checkpointing`` (off by default; ``set_activation_checkpointing`` switches a whole model):
-    when training, keep only the block's input and recompute its activations in the backward (torch's
-    non-reentrant checkpoint), trading about one more forward for the memory of every intermediate."""
+    """``activation_checkpointing`` (``"none"`` by default; ``set_activation_checkpointing`` switches a whole
+    model), when training: ``"full"`` keeps only the block's input and recomputes all its activations in the
+    backward (torch's non-reentrant checkpoint), about one more forward for the memory of every intermediate;
+    ``"attention"`` recomputes only the attention half (its norm, projections and scores) and keeps the FFN's,
+    so the MoE layer's expert products, most of a block's FLOPs, run once (LoRA on a quantised V2-Lite:
+    docs/finetuning.md)."""
 
     def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__()
@@ -45,7 +48,7 @@ class Block(nn.Module):
         self.attn = build_attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = build_ffn(cfg, layer_id)
-        self.activation_checkpointing = False
+        self.activation_checkpointing: str = "none"
 
     @property
     def is_moe(self) -> bool:
@@ -57,9 +60,13 @@ class Block(nn.Module):
         """x (B, T, dim) -> (B, T, dim). ``mask`` is attention's; ``token_mask`` (B, T) marks the real tokens (so
         padding never reaches the router) and ``protected`` is the forward's protected-sequence draw, both for an
         MoE FFN only."""
-        if self.activation_checkpointing and torch.is_grad_enabled() and cache is None:
+        mode = self.activation_checkpointing if torch.is_grad_enabled() and cache is None else "none"
+        if mode == "full":
             return checkpoint(self._forward, x, cos, sin, mask, None, token_mask=token_mask, protected=protected,
                               use_reentrant=False, context_fn=self._recompute_contexts)
+        if mode == "attention":
+            x = checkpoint(self._attention, x, cos, sin, mask, None, use_reentrant=False)
+            return self._ffn(x, token_mask=token_mask, protected=protected)
         return self._forward(x, cos, sin, mask, cache, token_mask=token_mask, protected=protected)
 
     def _recompute_contexts(self) -> tuple[contextlib.AbstractContextManager[None],
@@ -74,15 +81,36 @@ class Block(nn.Module):
     def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                  cache: LayerCache | None = None, *, token_mask: torch.Tensor | None = None,
                  protected: ProtectedDraw | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        return self._ffn(self._attention(x, cos, sin, mask, cache), token_mask=token_mask, protected=protected)
+
+    def _attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                   cache: LayerCache | None = None) -> torch.Tensor:
+        return x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+
+    def _ffn(self, x: torch.Tensor, *, token_mask: torch.Tensor | None = None,
+             protected: ProtectedDraw | None = None) -> torch.Tensor:
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
             return x + self.ffn(h, token_mask=token_mask, protected=protected)
         return x + self.ffn(h)
 
 
-def set_activation_checkpointing(model: nn.Module, enabled: bool = True) -> None:
-    """Switch activation checkpointing on (or off) in every Block of ``model``."""
+CHECKPOINTING_MODES = ("none", "full", "attention")
+
+
+def checkpointing_mode(mode: bool | str) -> str:
+    """One of :data:`CHECKPOINTING_MODES` (True: ``"full"``, False: ``"none"``, as configs written before the
+    modes said it)."""
+    if isinstance(mode, bool):
+        return "full" if mode else "none"
+    if mode not in CHECKPOINTING_MODES:
+        raise ValueError(f"activation_checkpointing ({mode!r}) must be a bool or one of {', '.join(CHECKPOINTING_MODES)}")
+    return mode
+
+
+def set_activation_checkpointing(model: nn.Module, mode: bool | str = True) -> None:
+    """Set every Block of ``model`` to activation checkpointing ``mode`` (see :class:`Block`; True: ``"full"``)."""
+    mode = checkpointing_mode(mode)
     for module in model.modules():
         if isinstance(module, Block):
-            module.activation_checkpointing = enabled
+            module.activation_checkpointing = mode

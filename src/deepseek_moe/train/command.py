@@ -51,9 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train D multi-token-prediction modules beside the model (DeepSeek-V3; default the preset's, "
                    "0), their loss weighted by schedule.mtp_lambda (V3's 0.3, then 0.1); they can draft for "
                    "speculative decoding")
-    p.add_argument("--activation-checkpointing", action="store_true", default=None,
-                   help="recompute each block's activations in the backward instead of keeping them (about one more "
-                   "forward per step, for the memory of long sequences)")
+    p.add_argument("--activation-checkpointing", nargs="?", const="full", default=None,
+                   choices=("none", "full", "attention"), metavar="MODE",
+                   help="recompute activations in the backward instead of keeping them: full (the flag alone) each "
+                   "whole block (about one more forward per step, for the memory of long sequences), attention only "
+                   "each block's attention half (LoRA on a quantised MoE: the expert products run once), none")
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     p.add_argument("--nproc", type=int, metavar="N",

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from deepseek_moe.config import ModelConfig, MoEConfig, _require  # one validation helper for every config
+from deepseek_moe.model.block import CHECKPOINTING_MODES
 from deepseek_moe.train.errors import TrainError
 
 
@@ -257,8 +258,9 @@ class TrainConfig:
     # Under N processes: the expert-parallel size (a divisor of N and of every n_expert_groups); 0: automatic,
     # the largest that fits. Every process is data-parallel (FSDP2) whatever ep is.
     ep: int = 0
-    # Recompute each block's activations in the backward instead of keeping them (memory at long sequences).
-    activation_checkpointing: bool = False
+    # Recompute activations in the backward instead of keeping them: "full" each whole block (memory at long
+    # sequences), "attention" only its attention half (model/block.py); true and false: "full" and "none".
+    activation_checkpointing: bool | Literal["none", "full", "attention"] = False
     # glibc malloc keeps freed memory for reuse instead of page-faulting each step's tensors in afresh
     # (deepseek_moe.device.keep_freed_memory); false: malloc's defaults
     keep_freed_memory: bool = True
@@ -268,8 +270,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _non_negative_int(self, "seed", "threads", "ep")
-        _require(isinstance(self.activation_checkpointing, bool),
-                 f"activation_checkpointing ({self.activation_checkpointing!r}) must be a bool")
+        _require(isinstance(self.activation_checkpointing, bool) or self.activation_checkpointing in
+                 CHECKPOINTING_MODES, f"activation_checkpointing ({self.activation_checkpointing!r}) must be a bool "
+                 f"or one of {', '.join(CHECKPOINTING_MODES)}")
         for name in ("keep_freed_memory", "compute_copies"):
             _require(isinstance(getattr(self, name), bool), f"{name} ({getattr(self, name)!r}) must be a bool")
         _require(self.dtype in ("auto", "fp32", "bf16"), f"dtype ({self.dtype!r}) must be one of 'auto', "
