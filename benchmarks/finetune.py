@@ -6,7 +6,10 @@ allocated on the meta device, its targets swapped for quantised twins, then each
 float copy of a weight ever exists), LoRA r=16 on attention + shared + routed experts, AdamW on the adapters, one
 sequence of ``--seq-len`` tokens a step. Each layer count runs in a fresh process, so its VmHWM is its own;
 given two or more counts, the per-MoE-layer cost (slope) extrapolates to all 27 layers. Tokens/s: the median of
-the timed steps after one warm-up step.
+the timed steps after one warm-up step. ``--checkpointing`` none | attention | full (the flag alone: full),
+``--plain-experts``: the routed experts' LoRA through plain autograd (the reference) instead of
+adapters/quant_experts.py. ``v2modes``: those settings alternated on one model in one process (time ratios under
+load).
 
 ``mid``: the ~400M mid-size model of benchmarks/common.py with a bf16 base, LoRA r=16 (alpha 32) on attention and
 the routed experts (the groups PEFT can target on transformers 5's DeepSeek-V2; it rewrites shared-expert names
@@ -17,7 +20,8 @@ interleaved rounds on the same batch; fp32 logits of the two base models must ag
 passes to the adapters below it), the C++ kernel against the tiled dequantise-then-matmul twin, at V2-Lite's
 expert and attention shapes, 1 thread by default, CPU time of interleaved rounds.
 
-    python benchmarks/finetune.py v2lite --layers 2 4 [--steps 3] [--seq-len 512] [--bits 8]
+    python benchmarks/finetune.py v2lite --layers 2 4 [--steps 3] [--seq-len 512] [--bits 8] [--checkpointing MODE]
+    python benchmarks/finetune.py v2modes --layers 3 [--rounds 2] [--modes none attention full none/plain]
     python benchmarks/finetune.py mid [--rounds 3]
     python benchmarks/finetune.py qgrad [--rows 8 32 64] [--threads 1]
 """
@@ -42,6 +46,7 @@ from common import mid_size, uptime, v2_lite, vm_hwm_bytes  # noqa: E402
 import deepseek_moe as dm  # noqa: E402
 from deepseek_moe.adapters import LoRAConfig, apply_lora, mark_trainable, narrow_frozen_matrices  # noqa: E402
 from deepseek_moe.kernels.float_matmul import torch_bf16_matmul_is_native  # noqa: E402
+from deepseek_moe.model.block import CHECKPOINTING_MODES  # noqa: E402
 
 V2_LITE_LAYERS = 27
 TARGETS = ("attention", "shared_experts", "routed_experts")
@@ -91,42 +96,66 @@ def build_quantised(cfg: dm.ModelConfig, bits: int, seed: int = 0) -> dm.DeepSee
     return model
 
 
-def run_v2lite_once(layers: int, bits: int, steps: int, seq_len: int, checkpointing: bool) -> dict[str, Any]:
-    from deepseek_moe.model.block import set_activation_checkpointing
-
+def lora_v2lite(layers: int, bits: int, seq_len: int) -> tuple[dm.DeepSeekMoEForCausalLM, list[torch.Tensor],
+                                                                  torch.Tensor]:
+    """(model with LoRA, its trainable tensors, one sequence of token ids)."""
     cfg = v2_lite().replace(n_layers=layers)
-    t0 = time.perf_counter()
     model = build_quantised(cfg, bits)
-    build_s = time.perf_counter() - t0
-    built_rss = vm_hwm_bytes()
     torch.manual_seed(0)
     apply_lora(model, LoRAConfig(r=16, alpha=32.0, targets=TARGETS))
     trainable = [p for n, p in model.named_parameters() if n in set(mark_trainable(model))]
-    set_activation_checkpointing(model, checkpointing)
-    model.train()
-    opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
     ids = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(1))
+    return model.train(), trainable, ids
+
+
+def set_compact_experts(model: torch.nn.Module, compact: bool) -> None:
+    """The routed experts' LoRA through the compact function (adapters/quant_experts.py) or plain autograd."""
+    from deepseek_moe.adapters.lora import ExpertLoRA
+
+    for m in model.modules():
+        if isinstance(m, ExpertLoRA):
+            m.compact = compact
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor) -> tuple[float, float]:
+    """(seconds, loss) of one AdamW step on ``ids``."""
+    t0 = time.perf_counter()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0, loss.item()
+
+
+def run_v2lite_once(layers: int, bits: int, steps: int, seq_len: int, checkpointing: str,
+                    compact: bool = True) -> dict[str, Any]:
+    from deepseek_moe.model.block import set_activation_checkpointing
+
+    t0 = time.perf_counter()
+    model, trainable, ids = lora_v2lite(layers, bits, seq_len)
+    build_s = time.perf_counter() - t0
+    built_rss = vm_hwm_bytes()
+    set_activation_checkpointing(model, checkpointing)
+    set_compact_experts(model, compact)
+    opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
     times, losses = [], []
     for _ in range(steps + 1):
-        t0 = time.perf_counter()
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
+        dt, loss = train_step(model, opt, ids)
+        times.append(dt)
+        losses.append(loss)
         progress(f"{layers} layers: step {len(times)} {times[-1]:.1f} s, VmHWM {vm_hwm_bytes() / 1e9:.2f} GB")
     step_s = statistics.median(times[1:])
     return {"layers": layers, "bits": bits, "seq_len": seq_len, "steps": steps, "build_s": round(build_s, 1),
             "rss_built_gb": round(built_rss / 1e9, 2), "vm_hwm_gb": round(vm_hwm_bytes() / 1e9, 2),
             "trainable_m": round(sum(p.numel() for p in trainable) / 1e6, 1), "step_s": round(step_s, 2),
             "tokens_per_s": round(seq_len / step_s, 2), "losses": [round(x, 3) for x in losses],
-            "activation_checkpointing": checkpointing}
+            "activation_checkpointing": checkpointing, "compact_experts": compact}
 
 
 def v2lite(args: argparse.Namespace) -> None:
     if args.one is not None:  # a child: one layer count in this process
-        print(json.dumps(run_v2lite_once(args.one, args.bits, args.steps, args.seq_len, args.checkpointing)))
+        print(json.dumps(run_v2lite_once(args.one, args.bits, args.steps, args.seq_len, args.checkpointing,
+                                         not args.plain_experts)))
         return
     dense = v2_lite().n_dense_layers
     if min(args.layers) <= dense:  # else the child fails after building, on a LoRA target that matches nothing
@@ -135,14 +164,16 @@ def v2lite(args: argparse.Namespace) -> None:
     rows = []
     for layers in args.layers:
         cmd = [sys.executable, __file__, "v2lite", "--one", str(layers), "--bits", str(args.bits), "--steps",
-               str(args.steps), "--seq-len", str(args.seq_len)] + (["--checkpointing"] if args.checkpointing else [])
+               str(args.steps), "--seq-len", str(args.seq_len), "--checkpointing", args.checkpointing]
+        cmd += ["--plain-experts"] if args.plain_experts else []
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         rows[-1]["uptime"] = uptime()
     print(f"\nV2-Lite shape, int{args.bits} base, LoRA r=16 on {', '.join(TARGETS)}, seq {args.seq_len}, "
-          f"batch 1, AdamW; {cpu_info()}")
+          f"batch 1, AdamW, activation checkpointing {args.checkpointing}, "
+          f"{'plain' if args.plain_experts else 'compact'} expert LoRA; {cpu_info()}")
     print(f"{'layers':>6} {'built GB':>9} {'VmHWM GB':>9} {'adapter M':>10} {'s/step':>7} {'tok/s':>7}  load")
     for r in rows:
         print(f"{r['layers']:>6} {r['rss_built_gb']:>9} {r['vm_hwm_gb']:>9} {r['trainable_m']:>10} "
@@ -160,6 +191,34 @@ def v2lite(args: argparse.Namespace) -> None:
         print(f"extrapolated to 27 layers (+{per_layer['vm_hwm_gb']:.2f} GB, +{per_layer['step_s']:.2f} s a MoE "
               f"layer): VmHWM ~{hwm:.1f} GB, ~{step:.0f} s/step, ~{args.seq_len / step:.1f} tokens/s")
     print(json.dumps(result))
+
+
+def v2modes(args: argparse.Namespace) -> None:
+    """Step time of each checkpointing mode (and plain vs compact expert LoRA) on one model in one process,
+    the modes alternated round by round, so a loaded machine slows them alike: ratios, not capacity."""
+    from deepseek_moe.model.block import set_activation_checkpointing
+
+    model, trainable, ids = lora_v2lite(args.layers, args.bits, args.seq_len)
+    opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
+    train_step(model, opt, ids)  # warm-up: AdamW's state, first-touch pages
+    times: dict[str, list[float]] = {m: [] for m in args.modes}
+    for r in range(args.rounds):
+        for mode in args.modes:
+            ckpt, _, plain = mode.partition("/")
+            set_activation_checkpointing(model, ckpt)
+            set_compact_experts(model, plain != "plain")
+            times[mode].append(train_step(model, opt, ids)[0])
+            progress(f"round {r + 1} {mode}: {times[mode][-1]:.1f} s")
+    load = uptime()
+    base = statistics.median(times[args.modes[0]])
+    print(f"\nV2-Lite shape, {args.layers} layers, int{args.bits} LoRA r=16, seq {args.seq_len}; {args.rounds} "
+          f"alternating rounds; {load}")
+    print(f"{'mode':>16} {'s/step':>8} {'vs ' + args.modes[0]:>10}")
+    for mode, t in times.items():
+        print(f"{mode:>16} {statistics.median(t):>8.2f} {statistics.median(t) / base:>10.2f}")
+    print(json.dumps({"benchmark": "finetune_v2modes", "layers": args.layers, "seq_len": args.seq_len,
+                      "step_s": {k: [round(x, 2) for x in v] for k, v in times.items()}, "uptime": load,
+                      **cpu_info()}))
 
 
 # ---- (b) mid size, bf16 base: ours against PEFT ------------------------------------------------------------------
@@ -290,7 +349,17 @@ def main() -> None:
     a.add_argument("--bits", type=int, choices=(8, 4), default=8)
     a.add_argument("--steps", type=int, default=3)
     a.add_argument("--seq-len", type=int, default=512)
-    a.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    a.add_argument("--checkpointing", nargs="?", const="full", default="none", choices=CHECKPOINTING_MODES,
+                   help="activation checkpointing mode (the flag alone: full)")
+    a.add_argument("--plain-experts", action="store_true",
+                   help="the routed experts' LoRA through plain autograd, not the compact function")
+    m = sub.add_parser("v2modes")
+    m.add_argument("--layers", type=int, default=3)
+    m.add_argument("--rounds", type=int, default=2)
+    m.add_argument("--bits", type=int, choices=(8, 4), default=8)
+    m.add_argument("--seq-len", type=int, default=512)
+    m.add_argument("--modes", nargs="+", default=["none", "attention", "full", "none/plain"],
+                   help="checkpointing modes, /plain: with the plain expert LoRA")
     b = sub.add_parser("mid")
     b.add_argument("--rounds", type=int, default=3)
     b.add_argument("--batch", type=int, default=2)
@@ -304,7 +373,7 @@ def main() -> None:
     c.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads if args.what == "qgrad" else min(2, torch.get_num_threads()))
-    {"v2lite": v2lite, "mid": mid, "qgrad": qgrad}[args.what](args)
+    {"v2lite": v2lite, "v2modes": v2modes, "mid": mid, "qgrad": qgrad}[args.what](args)
 
 
 if __name__ == "__main__":

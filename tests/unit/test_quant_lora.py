@@ -164,25 +164,32 @@ def test_merging_into_codes_is_refused_and_removal_restores_the_base():
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("counts", [[3, 0, 5, 0, 2, 4], [0, 0, 14, 0, 0, 0]], ids=["empty_experts", "one_expert_all"])
 @pytest.mark.parametrize("gated", [True, False])
-def test_compact_expert_swiglu_equals_the_plain_autograd_path(bits, counts, gated):
+@pytest.mark.parametrize("gathered", [True, False], ids=["rows_of_tokens", "sorted_rows"])
+def test_compact_expert_swiglu_equals_the_plain_autograd_path(bits, counts, gated, gathered):
     """The compact LoRA SwiGLU (adapters/quant_experts.py) against autograd through the plain SwiGLU: the output
-    and the gradients of x, the gates and all four adapter tensors."""
-    E, D, F_ = len(counts), 64, 32
+    and the gradients of x, the gates and all four adapter tensors; given the rows or the tokens and which token
+    each row is (``rows_A``: a token may feed several rows, or none)."""
+    E, D, F_, T = len(counts), 64, 32, 9
     torch.manual_seed(0)
     experts = QuantRoutedExperts.from_experts(RoutedExperts(E, D, F_), bits=bits, group_size=32)
     adapter = ExpertLoRA(experts, LoRAConfig(r=4, init="random", alpha=8.0))
     experts.adapter = adapter
-    x = torch.randn(sum(counts), D)
-    gates = torch.rand(sum(counts)) if gated else None
+    A = sum(counts)
+    rows_A = torch.randint(0, T - 1, (A,), generator=torch.Generator().manual_seed(2)) if gathered else None
+    x = torch.randn(T if gathered else A, D)
+    gates = torch.rand(A) if gated else None
     counts_E = torch.tensor(counts)
-    dy = torch.randn(sum(counts), D)
+    dy = torch.randn(A, D)
     results = {}
     for compact in (True, False):
         adapter.compact = compact
         adapter.zero_grad(set_to_none=True)
         x_ = x.clone().requires_grad_(True)
         g_ = None if gates is None else gates.clone().requires_grad_(True)
-        y = experts(x_, counts_E, g_)
+        if compact:
+            y = experts(x_, counts_E, g_, rows_A=rows_A)
+        else:  # the plain path on the gathered rows
+            y = experts(x_ if rows_A is None else x_.index_select(0, rows_A), counts_E, g_)
         y.backward(dy)
         results[compact] = [y.detach(), x_.grad, *([] if g_ is None else [g_.grad]),
                             *(p.grad for p in adapter.parameters())]
@@ -190,15 +197,18 @@ def test_compact_expert_swiglu_equals_the_plain_autograd_path(bits, counts, gate
     for got, want in zip(results[True], results[False], strict=True):
         assert want.abs().max() > 0
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    if gathered:
+        assert results[True][1][T - 1].abs().max() == 0  # no row of the last token: no gradient
 
 
 def test_compact_expert_swiglu_keeps_less_for_the_backward():
-    """What autograd keeps: x, the two pre-activations and the gates (plus the adapter's own tensors), not the
-    four and more (A, F) activations of the plain path."""
-    E, D, F_, A = 4, 64, 48, 40
+    """What autograd keeps: the tokens x (T, D) rather than their gathered rows (A, D), the two pre-activations
+    and the gates (plus the adapter's own tensors), not the four and more (A, F) activations of the plain path."""
+    E, D, F_, A, T = 4, 64, 48, 40, 20
     experts = QuantRoutedExperts.from_experts(RoutedExperts(E, D, F_), bits=8, group_size=32)
     experts.adapter = adapter = ExpertLoRA(experts, LoRAConfig(r=4))
-    x = torch.randn(A, D, requires_grad=True)
+    x = torch.randn(T, D, requires_grad=True)
+    rows_A = torch.arange(A) // 2
     gates = torch.rand(A, requires_grad=True)
     counts_E = torch.tensor([10, 10, 10, 10])
     kept = {}
@@ -207,12 +217,12 @@ def test_compact_expert_swiglu_keeps_less_for_the_backward():
         sizes: list[int] = []
 
         def pack(t: torch.Tensor, sizes: list[int] = sizes) -> torch.Tensor:
-            if t.dim() == 2 and t.shape[0] == A:  # activations, not codes or adapter weights
-                sizes.append(t.shape[1])
+            if t.dim() == 2 and t.shape[0] in (A, T):  # activations, not codes or adapter weights
+                sizes.append(t.numel())
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            experts(x, counts_E, gates)
+            experts(x, counts_E, gates, rows_A=rows_A)
         kept[compact] = sorted(sizes)
-    assert kept[True] == [F_, F_, D]
-    assert sum(kept[False]) >= D + 4 * F_
+    assert kept[True] == sorted([T * D, A * F_, A * F_])
+    assert sum(kept[False]) >= A * (D + 4 * F_)

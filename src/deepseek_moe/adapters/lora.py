@@ -178,15 +178,15 @@ class ExpertLoRA(nn.Module):
         t_Ar = product(self.dropout(h_AF), self.down_A.to(dtype), counts_E)
         return product(t_Ar, self.down_B.to(dtype), counts_E) * self.down_scaling
 
-    def quantised_swiglu(self, experts: QuantRoutedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor,
-                         gates_A: torch.Tensor | None) -> torch.Tensor | None:
-        """The quantised experts' whole SwiGLU with this adapter, keeping only x, the pre-activations and the
-        gates for the backward (adapters/quant_experts.py); None where the plain path must run: ``compact`` off
+    def quantised_swiglu(self, experts: QuantRoutedExperts, x: torch.Tensor, counts_E: torch.Tensor,
+                         gates_A: torch.Tensor | None, *, rows_A: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The quantised experts' whole SwiGLU with this adapter (x and ``rows_A`` as in RoutedExperts.forward),
+        keeping only x, the pre-activations and the gates for the backward (adapters/quant_experts.py); None where the plain path must run: ``compact`` off
         (the reference) or dropout drawing masks."""
         if not self.compact or (self.training and not isinstance(self.dropout, nn.Identity)):
             return None
-        return compact_lora_swiglu(experts, x_AD, counts_E, gates_A, (self.gate_up_A, self.gate_up_B),
-                                   (self.down_A, self.down_B), self.scaling, self.down_scaling)
+        return compact_lora_swiglu(experts, x, counts_E, gates_A, (self.gate_up_A, self.gate_up_B),
+                                   (self.down_A, self.down_B), self.scaling, self.down_scaling, rows_A=rows_A)
 
     def merge_into(self, experts: RoutedExperts | QuantRoutedExperts) -> None:
         """Fold every expert's ``scaling * B A`` into w1, w3 (gate_up's halves) and w2."""

@@ -4,8 +4,9 @@ cheaply: the compact twin of :meth:`QuantRoutedExperts._swiglu` (the reference, 
 Why: autograd through the plain SwiGLU keeps, per MoE layer, the gathered rows x (A, D) and four to five
 (A, F) activations (the gate and up pre-activations, silu(g), h, the gated h) besides the adapters' own inputs:
 ~170 MB a V2-Lite layer at 512 tokens (A = 3,072 rows), measured, 4.4 GB over its 26 MoE layers, the memory that keeps its
-LoRA run over 22 GB. This function keeps x, the pre-activations g and u (the sums of the frozen product and the
-low-rank term) and the gates: ~60 MB. The backward recomputes silu(g) * u * gate and the rank-r terms (a few
+LoRA run over 22 GB. This function keeps the layer's input x (T, D), which the router and the shared experts keep
+anyway, instead of its gathered copy, the pre-activations g and u (the sums of the frozen product and the low-rank
+term) and the gates: ~35 MB. The backward recomputes silu(g) * u * gate and the rank-r terms (a few
 hundredths of the frozen products' FLOPs) and never the frozen int8/int4 products; x's gradient through the
 frozen weights comes from their codes (quant/grad.py's kernels), the adapters' gradients from autograd over the
 recomputed low-rank terms.
@@ -44,10 +45,12 @@ def _activation(g_AF: torch.Tensor, u_AF: torch.Tensor, gates_A: torch.Tensor | 
 
 class _CompactLoRASwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x_AD: torch.Tensor, gates_A: torch.Tensor | None, gate_up_A: torch.Tensor,
-                gate_up_B: torch.Tensor, down_A: torch.Tensor, down_B: torch.Tensor, experts: QuantRoutedExperts,
-                counts_E: torch.Tensor, scaling: float, down_scaling: float) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, rows_A: torch.Tensor | None, gates_A: torch.Tensor | None,
+                gate_up_A: torch.Tensor, gate_up_B: torch.Tensor, down_A: torch.Tensor, down_B: torch.Tensor,
+                experts: QuantRoutedExperts, counts_E: torch.Tensor, scaling: float,
+                down_scaling: float) -> torch.Tensor:
         counts = counts_E.tolist()
+        x_AD = x if rows_A is None else x.index_select(0, rows_A)
         d_A2F = _gate_up_terms(x_AD, gate_up_A, gate_up_B, counts_E, scaling)
         dg_AF, du_AF = d_A2F.chunk(2, dim=1)
         g_AF = frozen_quant_grouped(x_AD, experts.w1, experts.w1_scale, counts).add_(dg_AF)
@@ -57,15 +60,17 @@ class _CompactLoRASwiGLU(torch.autograd.Function):
         y_AD = frozen_quant_grouped(h_AF, experts.w2, experts.w2_scale, counts)
         t_Ar = grouped_product(h_AF, down_A.to(h_AF.dtype), counts_E)
         y_AD += grouped_product(t_Ar, down_B.to(h_AF.dtype), counts_E) * down_scaling
-        ctx.save_for_backward(x_AD, g_AF, u_AF, gates_A, gate_up_A, gate_up_B, down_A, down_B, counts_E)
+        # x itself (kept by the layer's other users anyway), not its gathered copy: gathered again below.
+        ctx.save_for_backward(x, rows_A, g_AF, u_AF, gates_A, gate_up_A, gate_up_B, down_A, down_B, counts_E)
         ctx.experts, ctx.counts, ctx.scaling, ctx.down_scaling = experts, counts, scaling, down_scaling
         return y_AD
 
     @staticmethod
     def backward(ctx: Any, dy_AD: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x_AD, g_AF, u_AF, gates_A, gate_up_A, gate_up_B, down_A, down_B, counts_E = ctx.saved_tensors
+        x, rows_A, g_AF, u_AF, gates_A, gate_up_A, gate_up_B, down_A, down_B, counts_E = ctx.saved_tensors
         experts, counts = ctx.experts, ctx.counts
-        wants = ctx.needs_input_grad
+        # Indexed as forward's tensor arguments, rows_A dropped: x, gates, gate_up A and B, down A and B.
+        wants = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:7])
         with torch.enable_grad():
             # The activation and the down projection's low-rank term, recomputed from leaves of their own.
             g, u = g_AF.detach().requires_grad_(True), u_AF.detach().requires_grad_(True)
@@ -86,12 +91,12 @@ class _CompactLoRASwiGLU(torch.autograd.Function):
             if wants[0]:
                 dx_AD = input_grad_grouped(dg_AF, experts.w1, experts.w1_scale, counts)
                 dx_AD += input_grad_grouped(du_AF, experts.w3, experts.w3_scale, counts)
-            x = x_AD.detach().requires_grad_(wants[0])
+            x_AD = (x if rows_A is None else x.index_select(0, rows_A)).detach().requires_grad_(wants[0])
             gA, gB = gate_up_A.detach().requires_grad_(wants[2]), gate_up_B.detach().requires_grad_(wants[3])
-            up_in = [t for t in (x, gA, gB) if t.requires_grad]
+            up_in = [t for t in (x_AD, gA, gB) if t.requires_grad]
             d_up: list[torch.Tensor | None] = []
             if up_in:
-                d_A2F = _gate_up_terms(x, gA, gB, counts_E, ctx.scaling)
+                d_A2F = _gate_up_terms(x_AD, gA, gB, counts_E, ctx.scaling)
                 d_up = list(torch.autograd.grad(d_A2F, up_in, torch.cat([dg_AF, du_AF], dim=1)))
         grads = iter(d_up)
         dx_low = next(grads) if wants[0] else None
@@ -103,13 +108,17 @@ class _CompactLoRASwiGLU(torch.autograd.Function):
         d_dA = next(d_down_iter) if wants[4] else None
         d_dB = next(d_down_iter) if wants[5] else None
         d_g = d_gates[0] if d_gates else None
-        return dx_AD, d_g, d_gA, d_gB, d_dA, d_dB, None, None, None, None
+        if dx_AD is not None and rows_A is not None:  # the gather's backward: each row's gradient to its token
+            dx_AD = torch.zeros_like(x).index_add_(0, rows_A, dx_AD)
+        return dx_AD, None, d_g, d_gA, d_gB, d_dA, d_dB, None, None, None, None
 
 
-def compact_lora_swiglu(experts: QuantRoutedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor,
+def compact_lora_swiglu(experts: QuantRoutedExperts, x: torch.Tensor, counts_E: torch.Tensor,
                         gates_A: torch.Tensor | None, gate_up: tuple[torch.Tensor, torch.Tensor],
-                        down: tuple[torch.Tensor, torch.Tensor], scaling: float, down_scaling: float) -> torch.Tensor:
+                        down: tuple[torch.Tensor, torch.Tensor], scaling: float, down_scaling: float, *,
+                        rows_A: torch.Tensor | None = None) -> torch.Tensor:
     """(A, D): the routed experts' gated SwiGLU with per-expert LoRA pairs ``gate_up`` (A (E, r, D), B (E, 2F, r))
     and ``down`` (A (E, r, F), B (E, D, r)) (:class:`~deepseek_moe.adapters.lora.ExpertLoRA`'s), differentiable in
-    x, the gates and the pairs (never the codes); the plain path's values, less memory kept for the backward."""
-    return _CompactLoRASwiGLU.apply(x_AD, gates_A, *gate_up, *down, experts, counts_E, scaling, down_scaling)
+    x, the gates and the pairs (never the codes); the plain path's values, less memory kept for the backward.
+    x: the (A, D) rows sorted by expert, or with ``rows_A`` (T, D) tokens whose rows ``x[rows_A]`` they are."""
+    return _CompactLoRASwiGLU.apply(x, rows_A, gates_A, *gate_up, *down, experts, counts_E, scaling, down_scaling)

@@ -125,5 +125,5 @@ class LocalDispatcher:
         order_A = torch.argsort(expert_A, stable=True)
         token_A = token_A[order_A]  # grouped by expert, ascending token index inside each expert
         counts_E = torch.bincount(expert_A, minlength=experts.n_experts)
-        y_AD = experts(x_TD.index_select(0, token_A), counts_E, gate_A[order_A].to(x_TD.dtype))
+        y_AD = experts(x_TD, counts_E, gate_A[order_A].to(x_TD.dtype), rows_A=token_A)
         return Dispatched(combine(y_AD, token_A, x_TD.shape[0]), dropped)

@@ -73,14 +73,19 @@ class RoutedExperts(nn.Module):
         for w in (self.w1, self.w2, self.w3):
             nn.init.normal_(w, std=self.init_std)
 
-    def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Tensor | None = None, *,
+                rows_A: torch.Tensor | None = None) -> torch.Tensor:
         """Run each expert on its contiguous slice of rows.
 
-        x_AD: rows sorted by expert, ``counts_E[e]`` rows for expert e. gates_A (optional): a per-row weight,
+        x_AD: rows sorted by expert, ``counts_E[e]`` rows for expert e; with ``rows_A``, x is (T, D) and the rows
+        are ``x[rows_A]`` (the gather done here, so a path that keeps rows for the backward can keep x instead of
+        its K-fold gathered copy). gates_A (optional): a per-row weight,
         applied to the (A, F) activation before the down projection, which costs F rather than D per row.
         Each grouped product takes the fastest path its operands fit (:meth:`product`); ``adapter`` (per-expert
         low-rank terms, deepseek_moe/adapters/) adds its own grouped products beside the experts'.
         """
+        if rows_A is not None:
+            x_AD = x_AD.index_select(0, rows_A)
         if self.adapter is None and _fused_kernel_fits(x_AD, self.w1):
             y_AD = float_matmul.float_experts_kernel(x_AD, counts_E, gates_A, *local_weights(self.w1, self.w2, self.w3))
             if y_AD is not None:

@@ -161,8 +161,18 @@ class QuantRoutedExperts(_KeepsScales):
     def reset_parameters(self) -> None:
         """Nothing to draw: quantised weights only ever come from a trained model or a checkpoint."""
 
-    def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Tensor | None = None) -> torch.Tensor:
-        """x_AD rows sorted by expert, ``counts_E[e]`` of them for expert e; gates_A scales the (A, F) activation."""
+    def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Tensor | None = None, *,
+                rows_A: torch.Tensor | None = None) -> torch.Tensor:
+        """x_AD rows sorted by expert, ``counts_E[e]`` of them for expert e (with ``rows_A``: x is (T, D) and the
+        rows are ``x[rows_A]``, as RoutedExperts.forward); gates_A scales the (A, F) activation."""
+        compact = getattr(self.adapter, "quantised_swiglu", None)
+        if compact is not None and rows_A is not None:
+            # An adapter that keeps less for the backward (adapters/quant_experts.py), x itself not its gathered copy
+            y_AD = compact(self, x_AD, counts_E, gates_A, rows_A=rows_A)
+            if y_AD is not None:
+                return y_AD
+        if rows_A is not None:
+            x_AD = x_AD.index_select(0, rows_A)
         if self.adapter is not None or needs_grad(x_AD) or (gates_A is not None and needs_grad(gates_A)):
             return self._swiglu(x_AD, counts_E, gates_A)
         weights = {n: (getattr(self, n), getattr(self, f"{n}_scale")) for n in ("w1", "w2", "w3")}
