@@ -149,6 +149,40 @@ def test_mtp_speculative_sampling_matches_target_pairs() -> None:
     assert_pairs_follow(model, prompt, MTPDrafter(model), exact, sampling)
 
 
+def test_scheduler_mtp_sampling_matches_target_pairs() -> None:
+    """The server's scheduler drafting with the MTP module (serve/mtp_drafting.py, its q the module's softmax under
+    each request's transform): the first two tokens of 500 seeded requests, batched 64 at a time, the second out
+    of a verification of a one-token draft, follow the target's pair distribution."""
+    from collections import Counter
+
+    from test_speculative import chi2, chi2_critical
+
+    from deepseek_moe.serve.request import Request, TokenEvent
+    from deepseek_moe.serve.request import SamplingParams as ServeParams
+    from deepseek_moe.serve.scheduler import Scheduler, SchedulerConfig
+
+    model = echo_model(1, noise=4.0)  # drafts often rejected
+    prompt = [3, 14, 15, 9, 2, 6]
+    sampling = dict(temperature=0.7, top_k=3, top_p=0.95)
+    exact = _pair_distribution(model, prompt, **sampling)
+    s = Scheduler(model, SchedulerConfig(speculative="mtp", num_draft_tokens=2, max_batch_size=64, block_size=4,
+                                         kv_cache_bytes=1 << 24, max_queue=500))
+    n = 500
+    outs: list[list[int]] = [[] for _ in range(n)]
+    for i, out in enumerate(outs):  # max_tokens 3: the decode step after the first token drafts one
+        s.submit(Request(prompt, ServeParams(max_tokens=3, seed=i, **sampling),  # type: ignore[arg-type]
+                         lambda e, out=out: out.append(e.token) if isinstance(e, TokenEvent) else None))
+    while s.has_work():
+        s.step()
+    m = s.metrics
+    assert m.spec_draft_tokens.value >= n and 0 < m.spec_accepted_tokens.value < m.spec_draft_tokens.value
+    counts = Counter((out[0], out[1]) for out in outs)
+    assert set(counts) <= set(exact), set(counts) - set(exact)
+    cells = sorted(exact)
+    stat, dof = chi2(Counter({j: counts[c] for j, c in enumerate(cells)}), torch.tensor([exact[c] for c in cells]), n)
+    assert stat < chi2_critical(dof), (stat, dof, counts)
+
+
 def test_an_int8_model_drafts_with_its_mtp_module_and_verifies() -> None:
     from deepseek_moe.quant import QuantConfig, quantize_model
 

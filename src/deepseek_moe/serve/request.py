@@ -124,6 +124,9 @@ class Request:
     forks: list[Request] = field(default_factory=list)
     draft: Draft = field(default_factory=lambda: Draft([]))  # speculative decoding: this step's drafted tokens
     speculative: SpecStats = field(default_factory=SpecStats)  # its counts (drafted, accepted) so far
+    # speculative="mtp": (index, (D, dim)) the hidden states h^0 .. h^{D-1} at that cached index, which the MTP
+    # depths take at the next one (serve/mtp_drafting.py).
+    mtp_last: tuple[int, torch.Tensor] | None = None
     first_token_time: float = 0.0
     last_token_time: float = 0.0
     finished: bool = False

@@ -41,6 +41,13 @@ row into preemption); the row's logits at those positions verify the draft by
 speculative rejection sampling (infer/speculative.py), which emits 1 to k + 1 tokens distributed as plain
 sampling's, and the table is truncated past the accepted ones (``BlockPool.truncate``; only blocks of final
 tokens are ever registered for sharing, so a cut never falls in a shared block). Greedy output is plain greedy's.
+The drafter is prompt lookup ("ngram", drawn while planning: serve/drafting.py) or the model's MTP modules
+("mtp", drawn for all decoding rows once the step is planned: serve/mtp_drafting.py). MTP keeps each depth's keys
+and values as one more layer of the same pool, at the index of the token the entry reads, so truncation, forks,
+preemption and freeing carry them with the latents. Every forward's kept slots go through the MTP depths before
+their blocks are registered (a verification's once its accepted length is known), so a block the prefix cache
+shares holds final MTP entries too; the hidden states its last slot hands on are stashed per block, and a request
+that takes cached blocks drafts exactly as if it had computed them.
 
 Decode and prefill are separate forwards so that decode rows are never padded to a prefill chunk's width. The
 padding of a prefill batch is routed to no expert (the model passes the attention mask down to the MoE layers as
@@ -79,8 +86,10 @@ from deepseek_moe.infer.sampling import sample
 from deepseek_moe.infer.speculative import accept
 from deepseek_moe.model.kv_cache import BlockPool, chain_block_hashes, plan_gathers
 from deepseek_moe.moe.layer import MoE
+from deepseek_moe.serve.drafting import draft_room, ngram_draft, reserve_draft
 from deepseek_moe.serve.logprobs import TokenLogprobs, token_logprobs
 from deepseek_moe.serve.metrics import ServeMetrics
+from deepseek_moe.serve.mtp_drafting import PagedMTP, check_mtp
 
 # The request types live in request.py; callers import them from here, hence the explicit re-exports.
 from deepseek_moe.serve.request import Event as Event
@@ -108,7 +117,8 @@ class SchedulerConfig:
     so a prefilling sequence always gets a share); kv_cache_bytes: the block pool's size; block_size: slots per
     block; max_queue: waiting requests beyond which ``submit`` refuses; prefix_cache: share the cache blocks of
     common prefixes between requests (see the module's docstring); speculative: the drafter of speculative
-    decoding ("ngram": prompt lookup; None: off), num_draft_tokens: the most it drafts per row and step."""
+    decoding ("ngram": prompt lookup; "mtp": the model's multi-token-prediction modules, for a model with
+    mtp_depth >= 1; None: off), num_draft_tokens: the most it drafts per row and step."""
 
     max_batch_size: int = 32
     max_batch_tokens: int = 512
@@ -116,12 +126,12 @@ class SchedulerConfig:
     block_size: int = 16
     max_queue: int = 256
     prefix_cache: bool = True
-    speculative: Literal["ngram"] | None = None
+    speculative: Literal["ngram", "mtp"] | None = None
     num_draft_tokens: int = 4
 
     def __post_init__(self) -> None:
-        if self.speculative not in (None, "ngram"):
-            raise ValueError(f"speculative ({self.speculative!r}) must be 'ngram' or None")
+        if self.speculative not in (None, "ngram", "mtp"):
+            raise ValueError(f"speculative ({self.speculative!r}) must be 'ngram', 'mtp' or None")
         for name in ("max_batch_size", "max_batch_tokens", "kv_cache_bytes", "block_size", "num_draft_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1")
@@ -144,12 +154,14 @@ class Scheduler:
         self.device = model.embed.weight.device
         self.max_seq_len = model.config.max_seq_len
         dtype = model.embed.weight.dtype
-        self.bytes_per_token = kv_cache_bytes_per_token(model.config, dtype)
+        # With MTP drafting each depth is one more layer of the pool (serve/mtp_drafting.py), as large as a main one.
+        n_layers = len(model.layers) + (check_mtp(model) if config.speculative == "mtp" else 0)
+        self.bytes_per_token = kv_cache_bytes_per_token(model.config, dtype) // len(model.layers) * n_layers
         n_blocks = config.kv_cache_bytes // (self.bytes_per_token * config.block_size)
         if n_blocks < 2:
             raise ValueError(f"kv_cache_bytes ({config.kv_cache_bytes}) holds {n_blocks} blocks of "
                              f"{config.block_size} tokens at {self.bytes_per_token} bytes per token; need >= 2")
-        self.pool = BlockPool(len(model.layers), n_blocks, config.block_size, prefix_cache=config.prefix_cache)
+        self.pool = BlockPool(n_layers, n_blocks, config.block_size, prefix_cache=config.prefix_cache)
         # Found by type, not through a model method, so any model holding our MoE layers is served.
         # model.layers only: an MTP module's MoE block never runs here and would show as an empty row.
         self.moe = [m for m in model.layers.modules() if isinstance(m, MoE)]
@@ -157,6 +169,9 @@ class Scheduler:
         self._moe_of = {k: [m for m in mod.get_submodule("layers").modules() if isinstance(m, MoE)]
                         for k, mod in self.models.items()}
         self.drafter = NgramDrafter() if config.speculative == "ngram" else None
+        self.mtp = PagedMTP(model, self.pool, self.models) if config.speculative == "mtp" else None
+        self._mtp_ks: dict[int, int] = {}  # request id -> the tokens it drafts this step (planned, not yet drawn)
+        self._verified_hidden: dict[int, torch.Tensor] = {}  # request id -> its verification's hidden states
         self.metrics = metrics or ServeMetrics([m.layer_id for m in self.moe], model.config.moe.n_routed_experts)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -296,7 +311,9 @@ class Scheduler:
         self.step_count += 1
         self.metrics.steps.inc()
         decoding, chunks = self._plan()
-        if decoding and self.drafter is not None:
+        if decoding and self.mtp is not None:
+            decoding = self._mtp_draft(decoding)
+        if decoding and self.config.speculative is not None:
             self._verify(decoding)
         elif decoding:
             rows = self._run(decoding, [r.tokens(r.table.length, 1) for r in decoding])
@@ -328,10 +345,14 @@ class Scheduler:
     def _verify(self, decoding: list[Request]) -> None:
         """Speculative decoding: one forward over each row's last token and draft; a row that drafted emits what
         speculative rejection sampling accepts, and its table forgets the rejected drafted slots; a row that did
-        not is an ordinary decoding row (``_emit_rows``)."""
+        not is an ordinary decoding row (``_emit_rows``). With MTP drafting the kept slots then go through the MTP
+        depths (``_mtp_fill``) before any token is emitted (which may finish the row and free its blocks)."""
         ids = [r.tokens(r.table.length, 1) + r.draft.tokens for r in decoding]
-        rows = self._run(decoding, ids, last=max(len(x) for x in ids))
+        self._verified_hidden = {}
+        rows = self._run(decoding, ids, last=max(len(x) for x in ids), verify=True)
+        fed = {r.id: x for r, x in zip(decoding, ids, strict=True)}
         plain: list[tuple[Request, torch.Tensor]] = []
+        verified: list[tuple[Request, list[int], list[TokenLogprobs] | None, int]] = []
         for req, logits in zip(decoding, rows, strict=True):
             draft, req.draft = req.draft, Draft([])
             if logits is None:
@@ -357,6 +378,12 @@ class Scheduler:
                 except Exception as e:
                     self._fail(req, e)
                     continue
+            verified.append((req, tokens, found, k))
+        if self.mtp is not None:
+            self._mtp_fill([(r, fed[r.id][:len(t)]) for r, t, _, _ in verified] + [(r, fed[r.id]) for r, _ in plain])
+        for req, tokens, found, k in verified:
+            if req.finished:
+                continue
             req.speculative.add(k, len(tokens) - 1)
             self.metrics.spec_verifications.inc()
             self.metrics.spec_draft_tokens.inc(k)
@@ -364,28 +391,63 @@ class Scheduler:
             self._push(req, tokens, found)
         self._emit_rows(plain)
 
-    def _draft(self, req: Request, budget: int) -> Draft:
-        """Up to ``num_draft_tokens`` drafted tokens for decoding row ``req``: within the step's ``budget``, the
-        request's room, and the blocks free now (a draft is worth no preemption)."""
-        assert self.drafter is not None
-        p = req.params
-        room = self.max_tokens_capacity() - req.n_tokens  # its cached tokens + 1 + k stay within capacity
-        if p.max_tokens is not None:
-            room = min(room, p.max_tokens - len(req.output) - 1)  # the verification emits one token more
-        k = min(self.config.num_draft_tokens, budget, room)
-        if k <= 0 or req.constraint is not None:  # a grammar masks each position: drafts would bypass it
-            return Draft([])
-        draft = self.drafter.propose(req.tokens(0, req.n_tokens), k)
-        draft = Draft(draft.tokens[:k], None if draft.q is None else draft.q[:k])
-        if draft.tokens:
-            # Leave a block for each running row's own next token, so a draft does not push a later row into
-            # preemption this step (a prefill chunk needing several can still find the pool short: rare, and a
-            # preempted request's output is unchanged).
-            need = self.pool.blocks_for(req.table.length + 1 + len(draft.tokens)) - len(req.table.blocks)
-            if (need > 0 and self.pool.free_blocks - need < len(self.running)) or not self.pool.reserve(
-                    req.table, req.table.length + 1 + len(draft.tokens)):
-                return Draft([])
-        return draft
+    def _draft(self, req: Request, budget: int) -> int:
+        """How many tokens decoding row ``req`` drafts this step (serve/drafting.py: within the step's ``budget``,
+        the request's room and the blocks free now, which it reserves: a draft is worth no preemption). An n-gram
+        draft is drawn now (``req.draft``); MTP drafts are drawn for all rows once the step is planned."""
+        k = draft_room(req, budget, self.config.num_draft_tokens, self.max_tokens_capacity())
+        draft = Draft([])
+        if k > 0 and self.drafter is not None:
+            draft = ngram_draft(self.drafter, req, k)
+            k = len(draft.tokens)
+        if k <= 0 or not reserve_draft(self.pool, req, k, len(self.running)):
+            return 0
+        req.draft = draft
+        if self.mtp is not None:
+            self._mtp_ks[req.id] = k
+        return k
+
+    def _mtp_draft(self, decoding: list[Request]) -> list[Request]:
+        """Draw the planned MTP drafts of the decoding rows at once; if that raises, row by row, failing only a row
+        that raises on its own. Returns the rows still running."""
+        assert self.mtp is not None
+        ks = [self._mtp_ks.get(r.id, 0) for r in decoding]
+        try:
+            drafts = self.mtp.draft(decoding, ks)
+        except Exception:
+            drafts = []
+            for req, k in zip(decoding, ks, strict=True):
+                try:
+                    drafts += self.mtp.draft([req], [k])
+                except Exception as e:
+                    self._fail(req, e)
+                    drafts.append(Draft([]))
+        for req, draft in zip(decoding, drafts, strict=True):
+            req.draft = draft
+        return [r for r in decoding if not r.finished]
+
+    def _mtp_fill(self, rows: list[tuple[Request, list[int]]]) -> None:
+        """After verification: each (row, kept tokens) puts the hidden states of its new cached slots, those of the
+        tokens it fed and kept, through the MTP depths (``PagedMTP.fill``; if that raises, row by row, failing
+        only a row that raises on its own), then registers its full blocks for sharing, which waited for it."""
+        assert self.mtp is not None
+        hidden, self._verified_hidden = self._verified_hidden, {}
+        rows = [(r, x) for r, x in rows if not r.finished and r.id in hidden]
+        args = [(r, r.table.length - len(x), hidden[r.id][:len(x)], x) for r, x in rows]
+        try:
+            if args:
+                self.mtp.fill([a[0] for a in args], [a[1] for a in args], [a[2] for a in args],
+                              [a[3] for a in args])
+        except Exception:
+            for req, start, h, x in args:
+                try:
+                    self.mtp.fill([req], [start], [h], [x])
+                except Exception as e:
+                    self._fail(req, e)
+        if self.pool.prefix_cache:
+            for req, _ in rows:
+                if not req.finished:
+                    self.pool.register(req.table, self._block_keys(req, min(req.table.length, req.n_tokens)))
 
     def check_invariants(self) -> None:
         """Raise SchedulerInvariantError unless every block but the padding block is either free or owned by
@@ -460,6 +522,7 @@ class Scheduler:
             # Its prompt is counted once, as req's: not in the prefix-cache queries nor the prompt tokens again.
             child.admitted, child.n_prefilled, child.block_keys = True, req.n_prefilled, list(req.block_keys)
             child.prompt_logprobs = list(req.prompt_logprobs)
+            child.mtp_last = req.mtp_last  # its MTP entries are forked with the blocks (serve/mtp_drafting.py)
             if not self.pool.fork(req.table, child.table):
                 with self._lock:
                     self.waiting.appendleft(child)
@@ -519,6 +582,7 @@ class Scheduler:
         """This step's decoding rows and prefill chunks (request, tokens), oldest request first, with the blocks
         for their new tokens allocated; preempts the newest running requests when the pool runs out."""
         budget = self.config.max_batch_tokens - sum(not r.in_prefill for r in self.running)
+        self._mtp_ks = {}
         decoding: list[Request] = []
         chunks: list[tuple[Request, int]] = []
         i = 0
@@ -529,10 +593,10 @@ class Scheduler:
                 self._count_reused(req)
             prefill = req.in_prefill
             n = min(req.n_pending, budget) if prefill else 1
-            if not prefill and self.drafter is not None:
-                req.draft = self._draft(req, budget)
-                budget -= len(req.draft.tokens)
-                n += len(req.draft.tokens)
+            if not prefill and self.config.speculative is not None:
+                k = self._draft(req, budget)
+                budget -= k
+                n += k
             if n > 0:
                 n = self._allocate(req, n)
                 if n == 0:  # req itself was preempted: it was the newest, nothing is left to plan
@@ -576,10 +640,11 @@ class Scheduler:
         with self._lock:
             self.waiting.appendleft(req)
 
-    def _run(self, reqs: list[Request], ids: list[list[int]], last: int = 1) -> list[torch.Tensor | None]:
+    def _run(self, reqs: list[Request], ids: list[list[int]], last: int = 1, verify: bool = False
+             ) -> list[torch.Tensor | None]:
         """Each row's last logits (V,), or its last ``last`` > 1 ((<= last, V): a row's own, right-aligned), from
         one forward per adapter and group of rows of similar length (``plan_gathers``): rows of one adapter run
-        together through its model."""
+        together through its model. ``verify``: the rows feed drafts (``_forward``)."""
         out: list[torch.Tensor | None] = [None] * len(reqs)
         by_adapter: dict[str | None, list[int]] = {}
         for i, req in enumerate(reqs):
@@ -587,8 +652,8 @@ class Scheduler:
         for rows in by_adapter.values():
             for group in plan_gathers([reqs[j].table.length for j in rows], [len(ids[j]) for j in rows]):
                 picked = [rows[g] for g in group]
-                for j, logits in zip(picked, self._rows([ids[j] for j in picked], [reqs[j] for j in picked], last),
-                                     strict=True):
+                for j, logits in zip(picked, self._rows([ids[j] for j in picked], [reqs[j] for j in picked], last,
+                                                        verify), strict=True):
                     out[j] = logits
         return out
 
@@ -601,9 +666,12 @@ class Scheduler:
             self.running.remove(req)
         self.pool.release(req.table)
 
-    def _forward(self, reqs: list[Request], ids: list[list[int]], last: int = 1) -> torch.Tensor:
+    def _forward(self, reqs: list[Request], ids: list[list[int]], last: int = 1, verify: bool = False
+                 ) -> torch.Tensor:
         """One forward of ``reqs`` (all of one adapter) appending ``ids`` (one list per row); returns each row's
-        last logits (B, V), or its last ``last`` > 1 (B, min(last, T), V)."""
+        last logits (B, V), or its last ``last`` > 1 (B, min(last, T), V). With MTP drafting the new slots go
+        through the MTP depths before their blocks are registered; for a verification (``verify``), whose drafted
+        slots may be rejected, that waits for the accepted length (``_verify``): the hidden states are kept."""
         adapter = reqs[0].adapter
         n_new = [len(x) for x in ids]
         cache = self.pool.batch([r.table for r in reqs], n_new)
@@ -613,13 +681,20 @@ class Scheduler:
             input_ids[i, T - len(x):] = torch.tensor(x, dtype=torch.long)
         mask = cache.new_token_mask.to(self.device)
         start, start_cpu = time.perf_counter(), time.thread_time()
-        logits = self.models[adapter](input_ids.to(self.device), attention_mask=mask, cache=cache).logits
+        out = self.models[adapter](input_ids.to(self.device), attention_mask=mask, cache=cache)
+        logits = out.logits
         for i, req in enumerate(reqs):  # echo: each prompt token's logprobs, from the logits before it
             if req.params.prompt_logprobs is not None and len(req.prompt_logprobs) < len(req.prompt) - 1:
                 self._add_prompt_logprobs(req, logits[i, T - n_new[i]:])
         logits = logits[:, -1] if last == 1 else logits[:, -last:]
+        if self.mtp is not None:
+            hidden = [out.hidden[i, T - n:] for i, n in enumerate(n_new)]
+            if verify:
+                self._verified_hidden.update((r.id, h) for r, h in zip(reqs, hidden, strict=True))
+            else:
+                self.mtp.fill(reqs, [r.table.length for r in reqs], hidden, ids)
         cache.commit()
-        if self.pool.prefix_cache:
+        if self.pool.prefix_cache and not (verify and self.mtp is not None):
             for req in reqs:  # the blocks these tokens filled can now be shared
                 self.pool.register(req.table, self._block_keys(req, min(req.table.length, req.n_tokens)))
         self._count_routing(adapter)
@@ -642,16 +717,17 @@ class Scheduler:
             req.prompt_logprobs += token_logprobs(logits_NV[positions.start - start:positions.stop - start],
                                                   [req.prompt[p + 1] for p in positions], [k] * len(positions))
 
-    def _rows(self, ids: list[list[int]], reqs: list[Request], last: int = 1) -> list[torch.Tensor | None]:
+    def _rows(self, ids: list[list[int]], reqs: list[Request], last: int = 1, verify: bool = False
+              ) -> list[torch.Tensor | None]:
         """Each row's last logits from one forward. If it raises, the rows run one by one so that only a row that
         raises on its own fails (its entry None); the others still get their token this step."""
         try:
-            return list(self._forward(reqs, ids, last))
+            return list(self._forward(reqs, ids, last, verify))
         except Exception:
             out: list[torch.Tensor | None] = []
             for req, x in zip(reqs, ids, strict=True):
                 try:
-                    out.append(self._forward([req], [x], last)[0])
+                    out.append(self._forward([req], [x], last, verify)[0])
                 except Exception as e:
                     self._fail(req, e)
                     out.append(None)
