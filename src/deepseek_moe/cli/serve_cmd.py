@@ -43,9 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="compute every prompt in full: by default, cache blocks of prefixes requests share (a "
                    "system prompt, the turns of a chat) are kept after use and reused")
-    p.add_argument("--speculative", choices=("ngram",), metavar="DRAFTER",
-                   help="speculative decoding: 'ngram' drafts by prompt lookup, verified in one forward per step "
-                   "(same greedy output, same sampling distribution; counts in /metrics)")
+    p.add_argument("--speculative", choices=("ngram", "mtp"), metavar="DRAFTER",
+                   help="speculative decoding: 'ngram' drafts by prompt lookup, 'mtp' with the checkpoint's "
+                   "multi-token-prediction modules (trained with model.mtp_depth >= 1); verified in one forward "
+                   "per step (same greedy output, same sampling distribution; counts in /metrics)")
     p.add_argument("--num-draft-tokens", type=int, default=d.num_draft_tokens, metavar="K",
                    help=f"with --speculative: the most tokens drafted per sequence and step "
                    f"(default {d.num_draft_tokens})")

@@ -27,12 +27,19 @@ def default_model_name(target: str | os.PathLike[str]) -> str:
     return Path(target).resolve().name
 
 
-def check_servable(ckpt: Path) -> None:
-    """Refuse, by config.json alone, a model whose outputs would depend on the batch it is served in."""
+def check_servable(ckpt: Path, config: SchedulerConfig | None = None) -> None:
+    """Refuse, by config.json alone, a model whose outputs would depend on the batch it is served in, or one that
+    cannot serve as ``config`` asks (MTP drafting without MTP modules)."""
     from deepseek_moe.io import CheckpointError
     from deepseek_moe.io.load import read_config
 
-    moe = read_config(ckpt)[1].moe
+    model_config = read_config(ckpt)[1]
+    if config is not None and config.speculative == "mtp" and model_config.mtp_depth < 1:
+        raise CheckpointError(
+            f"{ckpt / 'config.json'}: --speculative mtp drafts with the model's multi-token-prediction modules, "
+            "and this checkpoint has mtp_depth 0 (no MTP layer): serve one trained with model.mtp_depth >= 1, or "
+            "draft with --speculative ngram")
+    moe = model_config.moe
     if moe.capacity_factor is not None and moe.drop_at_inference:
         raise CheckpointError(
             f"{ckpt / 'config.json'}: drop_at_inference is true (with capacity_factor {moe.capacity_factor}): "
@@ -55,7 +62,7 @@ def load_served_model(path: str | os.PathLike[str], *, name: str | None = None,
 
     target = Path(path)
     ckpt = checkpoint_dir(target)
-    check_servable(ckpt)
+    check_servable(ckpt, config)
     model = load_pretrained(ckpt, device=device, dtype=dtype)
     if model.tokenizer is None:
         raise CheckpointError(f"{ckpt}: no tokenizer.json; the server needs the checkpoint's tokenizer")
@@ -88,7 +95,7 @@ def serve(path: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 
 
     if threads is not None:
         torch.set_num_threads(threads)
-    check_servable(checkpoint_dir(path))  # a wrong path or an unservable model fails now, not in the loader
+    check_servable(checkpoint_dir(path), config)  # a wrong path or an unservable model fails now, not in the loader
     from deepseek_moe.serve.adapters import check_adapters
 
     check_adapters(adapters, reserved=(served_model_name or default_model_name(path),))
