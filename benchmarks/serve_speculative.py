@@ -8,7 +8,8 @@ random weights on random prompts, whose MTP drafts are almost never right: that 
 it buys nothing, not what a trained module gains.
 
 A run submits the batch's requests at once, steps until every prompt is in, then times the steps until all have
-``--new-tokens`` tokens: decode tokens/s = tokens emitted in those steps / their seconds. Modes alternate within
+``--new-tokens`` tokens; each batch size runs the same 4 prompts (batch 1: one after another, batch 4: together):
+decode tokens/s = tokens emitted in those steps / their seconds. Modes alternate within
 each repeat (interleaved, ``--repeats`` times; medians) so that the load of the shared machine falls on all alike;
 each mode's greedy tokens are checked equal to the plain run's.
 
@@ -35,8 +36,9 @@ MODES = (None, "mtp", "ngram")
 
 
 def run(model: DeepSeekMoEForCausalLM, prompts: list[list[int]], mode: str | None, k: int,
-        new_tokens: int) -> tuple[float, list[list[int]], float]:
-    """One batch through a fresh scheduler: (decode tokens/s, each request's tokens, mean tokens per verification)."""
+        new_tokens: int) -> tuple[int, float, list[list[int]], float, float]:
+    """One batch through a fresh scheduler: (decode tokens, their seconds, each request's tokens, accepted drafts,
+    verifications)."""
     s = Scheduler(model, SchedulerConfig(max_batch_size=len(prompts), max_batch_tokens=4096, speculative=mode,
                                          num_draft_tokens=k, kv_cache_bytes=1 << 28, prefix_cache=False))
     outs: list[list[int]] = [[] for _ in prompts]
@@ -53,9 +55,7 @@ def run(model: DeepSeekMoEForCausalLM, prompts: list[list[int]], mode: str | Non
         s.step()
     seconds = time.perf_counter() - start
     m = s.metrics
-    per_verify = ((m.spec_accepted_tokens.value + m.spec_verifications.value) / m.spec_verifications.value
-                  if m.spec_verifications.value else float("nan"))
-    return (sum(map(len, outs)) - done) / seconds, outs, per_verify
+    return sum(map(len, outs)) - done, seconds, outs, m.spec_accepted_tokens.value, m.spec_verifications.value
 
 
 def main() -> None:
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=2, help="drafted tokens per step")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--batches", default="1,4", help="batch sizes dividing 4")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.checkpoint:
@@ -79,13 +79,13 @@ def main() -> None:
         assert model.tokenizer is not None
         ids = model.tokenizer.encode(inspect.getsource(textwrap)).ids
         source = f"{args.checkpoint} on textwrap.py"
-        prompt_at = [i * 997 % max(len(ids) - args.prompt_tokens, 1) for i in range(8)]
+        prompt_at = [i * 997 % max(len(ids) - args.prompt_tokens, 1) for i in range(4)]
         pool = [ids[a:a + args.prompt_tokens] for a in prompt_at]
     else:
         model = DeepSeekMoEForCausalLM(get_preset("tiny").replace(mtp_depth=1), init_seed=0).eval()
         g = torch.Generator().manual_seed(0)
         pool = [torch.randint(1, model.config.vocab_size, (args.prompt_tokens,), generator=g).tolist()
-                for _ in range(8)]
+                for _ in range(4)]
         source = "tiny preset, mtp_depth=1, random weights, random prompts"
     batches = [int(b) for b in args.batches.split(",")]
     speeds: dict[tuple[int, str], list[float]] = {}
@@ -94,7 +94,14 @@ def main() -> None:
         for b in batches:
             plain_tokens = None
             for mode in MODES:
-                tps, tokens, pv = run(model, pool[:b], mode, args.k, args.new_tokens)
+                n = secs = accepted = verified = 0.0
+                tokens = []
+                for i in range(0, 4, b):
+                    got = run(model, pool[i:i + b], mode, args.k, args.new_tokens)
+                    n, secs, accepted, verified = n + got[0], secs + got[1], accepted + got[3], verified + got[4]
+                    tokens += got[2]
+                tps = n / secs
+                pv = (accepted + verified) / verified if verified else float("nan")
                 if mode is None:
                     plain_tokens = tokens
                 elif tokens != plain_tokens:

@@ -225,7 +225,7 @@ class DeepSeekMoEForCausalLM(nn.Module):
 
     def mtp_forward(self, depth: int, hidden: torch.Tensor, input_ids: torch.Tensor, *,
                     attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                    last_logits_only: bool = False) -> MTPOutput:
+                    last_logits_only: bool = False, hidden_only: bool = False) -> MTPOutput:
         """MTP depth ``depth`` (1-based) at inference, position by position as a drafter runs it.
 
         ``hidden`` (B, T, dim): h^{depth-1} at positions i (depth 1: ``forward(...).hidden`` of the main model;
@@ -235,7 +235,8 @@ class DeepSeekMoEForCausalLM(nn.Module):
         hidden state is a real token's, 0 for (left) padding (the main forward's mask without its last column). ``cache``: this depth's own KVCache of one layer (:meth:`new_mtp_caches`), extended in place,
         like the main model's (so a drafter rolls it back the same way). Returns h^depth and the logits for
         t_{i+depth+1} (B, T, vocab), or only the last position's (B, 1, vocab) with ``last_logits_only`` (a drafter
-        needs no more, and the head is the module's largest matrix). Over a whole sequence without cache it equals :meth:`mtp_train_logits`' depth 1; chaining
+        needs no more, and the head is the module's largest matrix), or none, (B, 0, vocab), with ``hidden_only`` (a
+        cache being filled with verified positions, as the server's scheduler does). Over a whole sequence without cache it equals :meth:`mtp_train_logits`' depth 1; chaining
         depth k on the outputs of depth k - 1 is V3's sequential prediction."""
         if not 1 <= depth <= len(self.mtp):
             raise ValueError(f"depth ({depth}) must be in 1..mtp_depth ({len(self.mtp)})")
@@ -253,7 +254,8 @@ class DeepSeekMoEForCausalLM(nn.Module):
         cos, sin = self.rope(positions)
         h = self.mtp[depth - 1](hidden, self.embed(input_ids), cos, sin, mask,
                                 None if cache is None else cache.layers[0], token_mask=token_mask)
-        return MTPOutput(hidden=h, logits=self.head(h[:, -1:] if last_logits_only else h).float())
+        return MTPOutput(hidden=h, logits=self.head(h[:, :0] if hidden_only else h[:, -1:] if last_logits_only
+                                                    else h).float())
 
     def new_mtp_caches(self) -> list[KVCache]:
         """One KVCache (of one layer) per MTP depth: each depth runs one position behind the previous one."""

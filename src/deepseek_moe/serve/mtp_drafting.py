@@ -110,11 +110,11 @@ class PagedMTP:
                                       f"{None if req.mtp_last is None else req.mtp_last[0]})")
 
     def _run(self, adapter: str | None, depth: int, reqs: Sequence[Request], starts: Sequence[int],
-             hidden: Sequence[torch.Tensor], tokens: Sequence[Sequence[int]]) -> tuple[list[torch.Tensor],
-                                                                                     torch.Tensor]:
+             hidden: Sequence[torch.Tensor], tokens: Sequence[Sequence[int]], logits: bool = True
+             ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Depth ``depth`` appending indices ``starts[b] ..`` (``tokens[b]``, inputs ``hidden[b]`` (c_b, dim)) to
         each row's table, right-aligned in one forward. Returns each row's outputs (c_b, dim) and the last
-        column's logits (B, V)."""
+        column's logits (B, V) (with ``logits`` False, (B, 0, V): a fill needs none)."""
         tables = []
         for req, s in zip(reqs, starts, strict=True):
             view = BlockTable()
@@ -132,8 +132,9 @@ class PagedMTP:
         mask = step.new_token_mask.to(ref.device)
         model = self.models[adapter]
         out = model.mtp_forward(depth, h, ids.to(ref.device), attention_mask=mask,  # type: ignore[operator]
-                                cache=_DepthCache(step, self.base + depth - 1, depth), last_logits_only=True)
-        return [out.hidden[b, T - c:] for b, c in enumerate(n_new)], out.logits[:, -1]
+                                cache=_DepthCache(step, self.base + depth - 1, depth), last_logits_only=True,
+                                hidden_only=not logits)
+        return [out.hidden[b, T - c:] for b, c in enumerate(n_new)], out.logits[:, -1] if logits else out.logits
 
     def _groups(self, reqs: Sequence[Request], n_new: Sequence[int]) -> list[list[int]]:
         """Row indices per forward: one adapter each, split by ``plan_gathers`` like the main forwards."""
@@ -163,7 +164,7 @@ class PagedMTP:
         for j in range(1, self.depth + 1):
             # Depth j at index k takes h^{j-1} at k - 1: the one before the new indices, then all but the last.
             inputs = [torch.cat((before[b][j - 1:j], outs[j - 1][b][:-1])) for b in range(len(reqs))]
-            got, _ = self._run(reqs[0].adapter, j, reqs, starts, inputs, tokens)
+            got, _ = self._run(reqs[0].adapter, j, reqs, starts, inputs, tokens, logits=False)
             if j < self.depth:
                 outs.append(got)
         bs = self.pool.block_size
