@@ -8,7 +8,7 @@ sequence of ``--seq-len`` tokens a step. Each layer count runs in a fresh proces
 given two or more counts, the per-MoE-layer cost (slope) extrapolates to all 27 layers. Tokens/s: the median of
 the timed steps after one warm-up step. ``--checkpointing`` none | attention | full (the flag alone: full),
 ``--plain-experts``: the routed experts' LoRA through plain autograd (the reference) instead of
-adapters/quant_experts.py. ``v2modes``: those settings alternated on one model in one process (time ratios under
+adapters/quant_experts.py; ``--expert-activations bfloat16``: that function keeping bf16 pre-activations. ``v2modes``: those settings alternated on one model in one process (time ratios under
 load).
 
 ``mid``: the ~400M mid-size model of benchmarks/common.py with a bf16 base, LoRA r=16 (alpha 32) on attention and
@@ -44,7 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import mid_size, uptime, v2_lite, vm_hwm_bytes  # noqa: E402
 
 import deepseek_moe as dm  # noqa: E402
-from deepseek_moe.adapters import LoRAConfig, apply_lora, mark_trainable, narrow_frozen_matrices  # noqa: E402
+from deepseek_moe.adapters import (  # noqa: E402
+    LoRAConfig,
+    apply_lora,
+    mark_trainable,
+    narrow_frozen_matrices,
+    set_saved_activations,
+)
 from deepseek_moe.kernels.float_matmul import torch_bf16_matmul_is_native  # noqa: E402
 from deepseek_moe.model.block import CHECKPOINTING_MODES  # noqa: E402
 
@@ -128,7 +134,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Te
 
 
 def run_v2lite_once(layers: int, bits: int, steps: int, seq_len: int, checkpointing: str,
-                    compact: bool = True) -> dict[str, Any]:
+                    compact: bool = True, expert_activations: str = "float32") -> dict[str, Any]:
     from deepseek_moe.model.block import set_activation_checkpointing
 
     t0 = time.perf_counter()
@@ -137,6 +143,7 @@ def run_v2lite_once(layers: int, bits: int, steps: int, seq_len: int, checkpoint
     built_rss = vm_hwm_bytes()
     set_activation_checkpointing(model, checkpointing)
     set_compact_experts(model, compact)
+    set_saved_activations(model, expert_activations)
     opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
     times, losses = [], []
     for _ in range(steps + 1):
@@ -149,13 +156,14 @@ def run_v2lite_once(layers: int, bits: int, steps: int, seq_len: int, checkpoint
             "rss_built_gb": round(built_rss / 1e9, 2), "vm_hwm_gb": round(vm_hwm_bytes() / 1e9, 2),
             "trainable_m": round(sum(p.numel() for p in trainable) / 1e6, 1), "step_s": round(step_s, 2),
             "tokens_per_s": round(seq_len / step_s, 2), "losses": [round(x, 3) for x in losses],
-            "activation_checkpointing": checkpointing, "compact_experts": compact}
+            "activation_checkpointing": checkpointing, "compact_experts": compact,
+            "expert_activations": expert_activations}
 
 
 def v2lite(args: argparse.Namespace) -> None:
     if args.one is not None:  # a child: one layer count in this process
         print(json.dumps(run_v2lite_once(args.one, args.bits, args.steps, args.seq_len, args.checkpointing,
-                                         not args.plain_experts)))
+                                         not args.plain_experts, args.expert_activations)))
         return
     dense = v2_lite().n_dense_layers
     if min(args.layers) <= dense:  # else the child fails after building, on a LoRA target that matches nothing
@@ -165,7 +173,7 @@ def v2lite(args: argparse.Namespace) -> None:
     for layers in args.layers:
         cmd = [sys.executable, __file__, "v2lite", "--one", str(layers), "--bits", str(args.bits), "--steps",
                str(args.steps), "--seq-len", str(args.seq_len), "--checkpointing", args.checkpointing]
-        cmd += ["--plain-experts"] if args.plain_experts else []
+        cmd += (["--plain-experts"] if args.plain_experts else []) + ["--expert-activations", args.expert_activations]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
@@ -173,7 +181,8 @@ def v2lite(args: argparse.Namespace) -> None:
         rows[-1]["uptime"] = uptime()
     print(f"\nV2-Lite shape, int{args.bits} base, LoRA r=16 on {', '.join(TARGETS)}, seq {args.seq_len}, "
           f"batch 1, AdamW, activation checkpointing {args.checkpointing}, "
-          f"{'plain' if args.plain_experts else 'compact'} expert LoRA; {cpu_info()}")
+          f"{'plain' if args.plain_experts else 'compact'} expert LoRA keeping {args.expert_activations}; "
+          f"{cpu_info()}")
     print(f"{'layers':>6} {'built GB':>9} {'VmHWM GB':>9} {'adapter M':>10} {'s/step':>7} {'tok/s':>7}  load")
     for r in rows:
         print(f"{r['layers']:>6} {r['rss_built_gb']:>9} {r['vm_hwm_gb']:>9} {r['trainable_m']:>10} "
@@ -204,9 +213,10 @@ def v2modes(args: argparse.Namespace) -> None:
     times: dict[str, list[float]] = {m: [] for m in args.modes}
     for r in range(args.rounds):
         for mode in args.modes:
-            ckpt, _, plain = mode.partition("/")
+            ckpt, _, variant = mode.partition("/")
             set_activation_checkpointing(model, ckpt)
-            set_compact_experts(model, plain != "plain")
+            set_compact_experts(model, variant != "plain")
+            set_saved_activations(model, "bfloat16" if variant == "bf16" else "float32")
             times[mode].append(train_step(model, opt, ids)[0])
             progress(f"round {r + 1} {mode}: {times[mode][-1]:.1f} s")
     load = uptime()
@@ -353,13 +363,15 @@ def main() -> None:
                    help="activation checkpointing mode (the flag alone: full)")
     a.add_argument("--plain-experts", action="store_true",
                    help="the routed experts' LoRA through plain autograd, not the compact function")
+    a.add_argument("--expert-activations", choices=("float32", "bfloat16"), default="float32",
+                   help="what the compact expert LoRA keeps its gate/up pre-activations in")
     m = sub.add_parser("v2modes")
     m.add_argument("--layers", type=int, default=3)
     m.add_argument("--rounds", type=int, default=2)
     m.add_argument("--bits", type=int, choices=(8, 4), default=8)
     m.add_argument("--seq-len", type=int, default=512)
     m.add_argument("--modes", nargs="+", default=["none", "attention", "full", "none/plain"],
-                   help="checkpointing modes, /plain: with the plain expert LoRA")
+                   help="checkpointing modes; /plain: with the plain expert LoRA, /bf16: keeping bf16 pre-activations")
     b = sub.add_parser("mid")
     b.add_argument("--rounds", type=int, default=3)
     b.add_argument("--batch", type=int, default=2)

@@ -256,3 +256,11 @@ def test_data_flags_take_several_paths_each():
                                       "--val-data", "v1.txt", "v2.txt", "--out", "run"])
     cfg = build_config(args)
     assert cfg.base == "base" and cfg.data == ("a.md", "b.md", "c.jsonl") and cfg.val_data == ("v1.txt", "v2.txt")
+
+
+def test_expert_activations_is_validated_naming_the_field():
+    from deepseek_moe.finetune.config import FinetuneConfig
+
+    with pytest.raises(ValueError, match="expert_activations"):
+        FinetuneConfig(base="b", data=("d",), expert_activations="float16")  # type: ignore[arg-type]
+    assert FinetuneConfig(base="b", data=("d",), expert_activations="bfloat16").expert_activations == "bfloat16"

@@ -226,3 +226,40 @@ def test_compact_expert_swiglu_keeps_less_for_the_backward():
         kept[compact] = sorted(sizes)
     assert kept[True] == sorted([T * D, A * F_, A * F_])
     assert sum(kept[False]) >= A * (D + 4 * F_)
+
+
+def test_bf16_kept_pre_activations_leave_the_forward_and_round_the_gradients():
+    """``set_saved_activations(model, "bfloat16")``: the gate/up pre-activations kept for the backward in bf16;
+    the output is the fp32 one bit for bit, the gradients equal the fp32 path's within bf16 rounding (and differ:
+    the option does something); an unknown dtype is refused naming the setting."""
+    from deepseek_moe.adapters.lora import set_saved_activations
+
+    counts = [3, 0, 5, 0, 2, 4]
+    E, D, F_ = len(counts), 64, 32
+    torch.manual_seed(0)
+    experts = QuantRoutedExperts.from_experts(RoutedExperts(E, D, F_), bits=8, group_size=32)
+    experts.adapter = ExpertLoRA(experts, LoRAConfig(r=4, init="random", alpha=8.0))
+    x, gates, dy = torch.randn(sum(counts), D), torch.rand(sum(counts)), torch.randn(sum(counts), D)
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        set_saved_activations(experts, dtype)
+        experts.zero_grad(set_to_none=True)
+        x_, g_ = x.clone().requires_grad_(True), gates.clone().requires_grad_(True)
+        kept: list[torch.dtype] = []
+
+        def pack(t: torch.Tensor, kept: list[torch.dtype] = kept) -> torch.Tensor:
+            kept.append(t.dtype)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = experts(x_, torch.tensor(counts), g_)
+        y.backward(dy)
+        results[dtype] = (y.detach(), [x_.grad, g_.grad, *(p.grad for p in experts.adapter.parameters())])
+        assert (torch.bfloat16 in kept) == (dtype == "bfloat16")
+    assert torch.equal(results["bfloat16"][0], results["float32"][0])
+    pairs = list(zip(results["bfloat16"][1], results["float32"][1], strict=True))
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * float(want.abs().max()))
+    assert any(not torch.equal(got, want) for got, want in pairs)
+    with pytest.raises(ValueError, match="expert_activations"):
+        set_saved_activations(experts, "float16")

@@ -157,6 +157,9 @@ class ExpertLoRA(nn.Module):
         self.scaling, self.down_scaling = cfg.scaling, down.scaling
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.compact = True  # False: autograd through the plain SwiGLU (the reference) on quantised experts
+        # What the compact path keeps the gate/up pre-activations in for the backward (None: the compute dtype;
+        # torch.bfloat16 halves that memory, gradients at bf16 rounding): set_saved_activations sets it.
+        self.saved_dtype: torch.dtype | None = None
         _uniform_fan_in(self.gate_up_A, D)
         _uniform_fan_in(self.down_A, F_)
         if cfg.init == "random":
@@ -186,7 +189,8 @@ class ExpertLoRA(nn.Module):
         if not self.compact or (self.training and not isinstance(self.dropout, nn.Identity)):
             return None
         return compact_lora_swiglu(experts, x, counts_E, gates_A, (self.gate_up_A, self.gate_up_B),
-                                   (self.down_A, self.down_B), self.scaling, self.down_scaling, rows_A=rows_A)
+                                   (self.down_A, self.down_B), self.scaling, self.down_scaling, rows_A=rows_A,
+                                   saved_dtype=self.saved_dtype)
 
     def merge_into(self, experts: RoutedExperts | QuantRoutedExperts) -> None:
         """Fold every expert's ``scaling * B A`` into w1, w3 (gate_up's halves) and w2."""
@@ -200,3 +204,17 @@ class ExpertLoRA(nn.Module):
         with torch.no_grad():
             for w, d in ((experts.w1, dw1), (experts.w3, dw3), (experts.w2, dw2)):
                 w.add_(d.to(w.dtype))
+
+
+SAVED_ACTIVATIONS = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def set_saved_activations(model: nn.Module, dtype: str) -> None:
+    """What every per-expert LoRA on quantised experts keeps its gate/up pre-activations in for the backward:
+    ``"float32"`` (the compute dtype) or ``"bfloat16"`` (half the memory; the adapters' gradients at bf16
+    rounding, the forward unchanged)."""
+    if dtype not in SAVED_ACTIVATIONS:
+        raise ValueError(f"expert_activations ({dtype!r}) must be one of {', '.join(SAVED_ACTIVATIONS)}")
+    for module in model.modules():
+        if isinstance(module, ExpertLoRA):
+            module.saved_dtype = SAVED_ACTIVATIONS[dtype]

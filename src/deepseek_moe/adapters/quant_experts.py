@@ -47,8 +47,8 @@ class _CompactLoRASwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, rows_A: torch.Tensor | None, gates_A: torch.Tensor | None,
                 gate_up_A: torch.Tensor, gate_up_B: torch.Tensor, down_A: torch.Tensor, down_B: torch.Tensor,
-                experts: QuantRoutedExperts, counts_E: torch.Tensor, scaling: float,
-                down_scaling: float) -> torch.Tensor:
+                experts: QuantRoutedExperts, counts_E: torch.Tensor, scaling: float, down_scaling: float,
+                saved_dtype: torch.dtype | None) -> torch.Tensor:
         counts = counts_E.tolist()
         x_AD = x if rows_A is None else x.index_select(0, rows_A)
         d_A2F = _gate_up_terms(x_AD, gate_up_A, gate_up_B, counts_E, scaling)
@@ -61,6 +61,8 @@ class _CompactLoRASwiGLU(torch.autograd.Function):
         t_Ar = grouped_product(h_AF, down_A.to(h_AF.dtype), counts_E)
         y_AD += grouped_product(t_Ar, down_B.to(h_AF.dtype), counts_E) * down_scaling
         # x itself (kept by the layer's other users anyway), not its gathered copy: gathered again below.
+        if saved_dtype is not None:  # opt-in: the pre-activations kept narrower (the output above is unaffected)
+            g_AF, u_AF = g_AF.to(saved_dtype), u_AF.to(saved_dtype)
         ctx.save_for_backward(x, rows_A, g_AF, u_AF, gates_A, gate_up_A, gate_up_B, down_A, down_B, counts_E)
         ctx.experts, ctx.counts, ctx.scaling, ctx.down_scaling = experts, counts, scaling, down_scaling
         return y_AD
@@ -73,7 +75,8 @@ class _CompactLoRASwiGLU(torch.autograd.Function):
         wants = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:7])
         with torch.enable_grad():
             # The activation and the down projection's low-rank term, recomputed from leaves of their own.
-            g, u = g_AF.detach().requires_grad_(True), u_AF.detach().requires_grad_(True)
+            g = g_AF.detach().to(x.dtype).requires_grad_(True)
+            u = u_AF.detach().to(x.dtype).requires_grad_(True)
             gates = None if gates_A is None else gates_A.detach().requires_grad_(wants[1])
             dA, dB = down_A.detach().requires_grad_(wants[4]), down_B.detach().requires_grad_(wants[5])
             h_AF = _activation(g, u, gates)
@@ -110,15 +113,18 @@ class _CompactLoRASwiGLU(torch.autograd.Function):
         d_g = d_gates[0] if d_gates else None
         if dx_AD is not None and rows_A is not None:  # the gather's backward: each row's gradient to its token
             dx_AD = torch.zeros_like(x).index_add_(0, rows_A, dx_AD)
-        return dx_AD, None, d_g, d_gA, d_gB, d_dA, d_dB, None, None, None, None
+        return dx_AD, None, d_g, d_gA, d_gB, d_dA, d_dB, None, None, None, None, None
 
 
 def compact_lora_swiglu(experts: QuantRoutedExperts, x: torch.Tensor, counts_E: torch.Tensor,
                         gates_A: torch.Tensor | None, gate_up: tuple[torch.Tensor, torch.Tensor],
                         down: tuple[torch.Tensor, torch.Tensor], scaling: float, down_scaling: float, *,
-                        rows_A: torch.Tensor | None = None) -> torch.Tensor:
+                        rows_A: torch.Tensor | None = None, saved_dtype: torch.dtype | None = None) -> torch.Tensor:
     """(A, D): the routed experts' gated SwiGLU with per-expert LoRA pairs ``gate_up`` (A (E, r, D), B (E, 2F, r))
     and ``down`` (A (E, r, F), B (E, D, r)) (:class:`~deepseek_moe.adapters.lora.ExpertLoRA`'s), differentiable in
     x, the gates and the pairs (never the codes); the plain path's values, less memory kept for the backward.
-    x: the (A, D) rows sorted by expert, or with ``rows_A`` (T, D) tokens whose rows ``x[rows_A]`` they are."""
-    return _CompactLoRASwiGLU.apply(x, rows_A, gates_A, *gate_up, *down, experts, counts_E, scaling, down_scaling)
+    x: the (A, D) rows sorted by expert, or with ``rows_A`` (T, D) tokens whose rows ``x[rows_A]`` they are.
+    ``saved_dtype`` (e.g. bf16; None: x's): what the pre-activations are kept in for the backward, which then
+    computes the gradients from them rounded (the forward's values are not)."""
+    return _CompactLoRASwiGLU.apply(x, rows_A, gates_A, *gate_up, *down, experts, counts_E, scaling, down_scaling,
+                                    saved_dtype)

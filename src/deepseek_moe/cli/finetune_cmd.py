@@ -54,6 +54,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="LoRA on BASE frozen in our int8 / int4 format (adapters in float; merge them into the "
                    "unquantised BASE), or with its matrices in bf16 under fp32 activations")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json to use where BASE has none")
+    p.add_argument("--activation-checkpointing", nargs="?", const="full", default="none",
+                   choices=("none", "full", "attention"), metavar="MODE",
+                   help="recompute activations in the backward: full (the flag alone) each whole block, attention "
+                   "only each block's attention half (on a quantised MoE base the expert products then run once: "
+                   "V2-Lite's int8 LoRA in 22 GB, docs/finetuning.md), none")
+    p.add_argument("--expert-activations", choices=("float32", "bfloat16"), default="float32",
+                   help="what LoRA on quantised routed experts keeps its gate/up pre-activations in for the "
+                   "backward: bfloat16 halves that memory, gradients at bf16 rounding")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)
@@ -91,7 +99,7 @@ def build_config(args: argparse.Namespace) -> FinetuneConfig:
                else DEFAULT_TARGETS)
     try:
         train = TrainConfig(optim=OptimConfig(lr=lr, weight_decay=0.0), seed=args.seed, device=args.device,
-                            dtype=args.dtype,
+                            dtype=args.dtype, activation_checkpointing=args.activation_checkpointing,
                             schedule=ScheduleConfig(steps=args.steps, batch_size=args.batch_size,
                                                     grad_accum_steps=args.grad_accum),
                             eval=EvalConfig(every=args.eval_every, sample_tokens=0),
@@ -102,7 +110,7 @@ def build_config(args: argparse.Namespace) -> FinetuneConfig:
                               val_fraction=args.val_fraction, out=args.out, tokenizer=args.tokenizer,
                               method=args.method, lora=lora, loss_on=args.loss_on, seq_len=args.seq_len,
                               strict=args.strict, train_router=args.train_router, quantize=args.quantize, mtp=args.mtp,
-                              train=train)
+                              expert_activations=args.expert_activations, train=train)
     except ValueError as e:
         raise TrainError(str(e)) from e
 

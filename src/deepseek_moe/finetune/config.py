@@ -26,7 +26,9 @@ class FinetuneConfig:
     BASE has them unless ``train_router``. ``mtp``: BASE's multi-token-prediction modules (if it has any) are loaded
     and their loss, weighted by ``train.schedule.mtp_lambda``, trains them (full) and the adapted model (both
     methods; LoRA leaves the modules frozen), so they still draft for the fine-tuned model; False loads BASE
-    without them. ``train``: the Trainer's schedule, optimizer, evaluation, checkpoint,
+    without them. ``expert_activations``: what LoRA on quantised routed experts keeps its gate/up
+    pre-activations in for the backward ("bfloat16": half that memory, gradients at bf16 rounding;
+    adapters/quant_experts.py). ``train``: the Trainer's schedule, optimizer, evaluation, checkpoint,
     seed, device and dtype settings (its model, data and routing sections are set from the fields here).
     """
 
@@ -44,6 +46,7 @@ class FinetuneConfig:
     train_router: bool = False
     quantize: Literal["int8", "int4", "bf16"] | None = None
     mtp: bool = True
+    expert_activations: Literal["float32", "bfloat16"] = "float32"
     train: TrainConfig = field(default_factory=_default_train)
 
     def __post_init__(self) -> None:
@@ -68,6 +71,8 @@ class FinetuneConfig:
             raise ValueError(f"seq_len ({self.seq_len}) must be >= 2")
         if not isinstance(self.mtp, bool):
             raise ValueError(f"mtp ({self.mtp!r}) must be true or false")
+        if self.expert_activations not in ("float32", "bfloat16"):
+            raise ValueError(f"expert_activations ({self.expert_activations!r}) must be 'float32' or 'bfloat16'")
         if self.train.ep:
             raise ValueError("train.ep: fine-tuning runs on one process")
 

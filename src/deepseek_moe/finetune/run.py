@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from deepseek_moe.adapters import apply_lora, mark_trainable, narrow_frozen_matrices
+from deepseek_moe.adapters import apply_lora, mark_trainable, narrow_frozen_matrices, set_saved_activations
 from deepseek_moe.adapters.peft import save_adapter
 from deepseek_moe.adapters.pretrained import TOKENIZER_FILES
 from deepseek_moe.config import ModelConfig
@@ -148,6 +148,7 @@ class FinetuneTrainer(Trainer):
             except ValueError as e:  # a target matching nothing, a tied head: the person's to fix
                 raise TrainError(str(e)) from e
             mark_trainable(model, train_router=self.ft.train_router)
+            set_saved_activations(model, self.ft.expert_activations)
             if bf16:
                 narrow_frozen_matrices(model, torch.bfloat16)
         else:
