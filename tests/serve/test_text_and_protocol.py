@@ -41,6 +41,22 @@ def test_without_a_template_the_plain_default_is_used(tmp_path: Path) -> None:
         assert chat.render(MESSAGES) == "System: Be brief.\n\nUser: Hi\n\nAssistant:"
 
 
+def test_the_default_templates_replies_end_with_the_token_generation_stops_on(tmp_path: Path) -> None:
+    # What a fine-tune on chats rendered by it learns to end a reply with (the end-of-text token of config.json's
+    # eos_token_id, else of the tokenizer), so that its generation stops there.
+    history = [*MESSAGES, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    tok = train_tokenizer(["User: Hi\n\nAssistant: Hello."] * 5, 300)
+    tok.add_special_tokens(["<|end|>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    for config, end in (({"eos_token_id": tok.token_to_id("<|endoftext|>")}, "<|endoftext|>"),
+                        ({}, "<|endoftext|>"), ({"eos_token_id": [tok.token_to_id("<|end|>"), 0]}, "<|end|>")):
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        assert ChatTemplate.for_checkpoint(tmp_path).render(history) == (
+            f"System: Be brief.\n\nUser: Hi\n\nAssistant: Hello.{end}\n\nUser: Bye\n\nAssistant:")
+    assert ChatTemplate.for_checkpoint(tmp_path, eos_token="</s>").render(history).count("Hello.</s>") == 1
+    assert ChatTemplate.for_checkpoint(None).render(history).count("Hello.\n\n") == 1  # no tokenizer: no token
+
+
 def test_text_is_released_per_token_without_broken_characters_or_stop_strings() -> None:
     tok = train_tokenizer(["plain ascii words and ✓ marks"] * 5, 300)
     ids = tok.encode("ab ✓ cd STOP ef").ids

@@ -264,3 +264,33 @@ def test_expert_activations_is_validated_naming_the_field():
     with pytest.raises(ValueError, match="expert_activations"):
         FinetuneConfig(base="b", data=("d",), expert_activations="float16")  # type: ignore[arg-type]
     assert FinetuneConfig(base="b", data=("d",), expert_activations="bfloat16").expert_activations == "bfloat16"
+
+
+def test_a_chat_finetune_on_the_default_template_learns_to_end_its_reply(tmp_path, capsys):
+    """A BASE without tokenizer_config.json (as the default train run writes it) renders chats with the default
+    template, whose reply ends with the eos token: trained on the replies with that token in the loss, the model
+    answers `generate --chat` with the reply and stops on its own, well before --max-new-tokens."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    from deepseek_moe.cli.main import main
+
+    words = ["<|endoftext|>", "User:", "Assistant:", "what", "is", "two", "four", "[UNK]"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"<\|endoftext\|>"), "isolated"),
+                                                 pre_tokenizers.WhitespaceSplit()])
+    model = small_model(eos_token_id=0)
+    model.tokenizer = tok
+    save_pretrained(model, tmp_path / "base")
+    assert not (tmp_path / "base" / "tokenizer_config.json").exists()
+    chat = {"messages": [{"role": "user", "content": "what is two"}, {"role": "assistant", "content": "four"}]}
+    (tmp_path / "chat.jsonl").write_text((json.dumps(chat) + "\n") * 8)
+    result = run(config(tmp_path, "tuned", method="full", train=config(tmp_path, "x").train.replace(
+        schedule=ScheduleConfig(steps=12, batch_size=2, warmup_fraction=0.0))), progress=False)
+    capsys.readouterr()
+    argv = ["--chat", "--prompt", "what is two", "--temperature", "0", "--max-new-tokens", "8"]
+    for path, stops in ((tmp_path / "base", False), (result.run_dir, True)):
+        assert main(["generate", str(path), *argv]) == 0
+        out = capsys.readouterr()
+        assert ("[2 new tokens" in out.err) == stops, out.err  # "four" and the eos
+        assert out.out.endswith("Assistant:four\n") == stops, out.out

@@ -126,10 +126,10 @@ class ChatRenderer:
         self.template = ChatTemplate(source, bos_token, eos_token)
 
     @classmethod
-    def for_checkpoint(cls, path: Path) -> ChatRenderer:
+    def for_checkpoint(cls, path: Path, eos_token: str | None = None) -> ChatRenderer:
         from deepseek_moe.serve.text import ChatTemplate
 
-        t = ChatTemplate.for_checkpoint(path)
+        t = ChatTemplate.for_checkpoint(path, eos_token)
         return cls(t.source, t.bos_token, t.eos_token)
 
     def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:

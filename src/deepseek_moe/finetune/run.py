@@ -101,7 +101,9 @@ class FinetuneTrainer(Trainer):
         eos = eos[0] if isinstance(eos, list) else eos
         eos = eos if isinstance(eos, int) else next(iter(stop_token_ids(None, tok, tok.get_vocab_size())), None)
         chat_dir = tok_dir if (tok_dir / "tokenizer_config.json").is_file() else self.base
-        tokenise = Tokenise(tok, eos, chat=_chat(chat_dir), loss_on=self.ft.loss_on)
+        # The default template ends a reply with the eos token: the one of this tokenizer, which may be --tokenizer's
+        eos_token = "" if eos is None else (tok.id_to_token(eos) or "")
+        tokenise = Tokenise(tok, eos, chat=_chat(chat_dir, eos_token), loss_on=self.ft.loss_on)
         strict, report = self.ft.strict, self.log
         every = max(2, round(1 / self.ft.val_fraction))
         held: list[Example] = []
@@ -171,9 +173,9 @@ class FinetuneTrainer(Trainer):
         return written
 
 
-def _chat(path: Path) -> ChatRenderer | None:
+def _chat(path: Path, eos_token: str) -> ChatRenderer | None:
     try:
-        return ChatRenderer.for_checkpoint(path)
+        return ChatRenderer.for_checkpoint(path, eos_token)
     except ImportError:  # jinja2 (the serve extra) missing: chat records are refused by name when met
         return None
 

@@ -3,8 +3,10 @@
 Chat prompts use the Jinja ``chat_template`` of the checkpoint's ``tokenizer_config.json`` when it has one,
 rendered as transformers renders it (sandboxed, ``trim_blocks``/``lstrip_blocks``, with ``messages``,
 ``add_generation_prompt=True``, ``bos_token``, ``eos_token`` and ``raise_exception``). Without one the plain
-default ``DEFAULT_CHAT_TEMPLATE`` is used: each message as ``Role: content`` followed by a blank line, then
-``Assistant:`` for the reply, e.g. ``"System: Be brief.\\n\\nUser: Hi\\n\\nAssistant:"``.
+default ``DEFAULT_CHAT_TEMPLATE`` is used: the messages as ``Role: content`` apart by a blank line, then
+``Assistant:`` for the reply, e.g. ``"System: Be brief.\\n\\nUser: Hi\\n\\nAssistant:"``; an assistant's message
+ends with the checkpoint's end-of-text token (``eos_token_id`` of config.json), so that a model fine-tuned on chats
+rendered this way learns to end its reply with the token generation stops on.
 """
 
 from __future__ import annotations
@@ -16,9 +18,14 @@ from typing import Any
 TOKENIZER_CONFIG = "tokenizer_config.json"
 # End-of-text tokens of the tokenizers we meet, tried when config.json has no eos_token_id.
 EOS_NAMES = ("<|endoftext|>", "<｜end▁of▁sentence｜>", "</s>", "<eos>")
+# The blank line goes before a message, not after it, so that an assistant's message rendered alone ends with its
+# eos token: the tokens a fine-tune trains on are exactly the reply and its end (finetune/data.py's segments).
+# '\n\n' is written as an expression because trim_blocks would eat a newline right after a block tag.
 DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n\n{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
+    "{% for message in messages %}{% if not loop.first %}{{ '\\n\\n' }}{% endif %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{% if messages %}{{ '\\n\\n' }}{% endif %}Assistant:{% endif %}"
 )
 
 
@@ -47,23 +54,39 @@ class ChatTemplate:
                                     eos_token=self.eos_token)
 
     @classmethod
-    def for_checkpoint(cls, path: Path | None) -> ChatTemplate:
-        """The template in ``path/tokenizer_config.json`` if there is one, else the plain default."""
+    def for_checkpoint(cls, path: Path | None, eos_token: str | None = None) -> ChatTemplate:
+        """The template in ``path/tokenizer_config.json`` if there is one, else the plain default, whose replies
+        end with ``eos_token`` (by default the end-of-text token of ``path``'s config.json and tokenizer.json)."""
         file = None if path is None else path / TOKENIZER_CONFIG
-        if file is None or not file.is_file():
-            return cls(DEFAULT_CHAT_TEMPLATE)
-        config = json.loads(file.read_text())
+        config = json.loads(file.read_text()) if file is not None and file.is_file() else {}
         source = config.get("chat_template")
         if isinstance(source, list):  # named templates: take the default one
             named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
             source = named.get("default") or next(iter(named.values()), None)
         if not isinstance(source, str):
-            return cls(DEFAULT_CHAT_TEMPLATE)
+            if eos_token is None:
+                eos_token = _token_text(config.get("eos_token")) or eos_text(path)
+            return cls(DEFAULT_CHAT_TEMPLATE, eos_token=eos_token)
         return cls(source, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")))
 
     @property
     def is_default(self) -> bool:
         return self.source == DEFAULT_CHAT_TEMPLATE
+
+
+def eos_text(path: Path | None) -> str:
+    """The text of the token generation stops on (``stop_token_ids``: ``eos_token_id`` of ``path/config.json``,
+    else one of ``EOS_NAMES``) in ``path/tokenizer.json``; "" where there is none."""
+    if path is None or not (path / "tokenizer.json").is_file():
+        return ""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    config = path / "config.json"
+    eos = json.loads(config.read_text()).get("eos_token_id") if config.is_file() else None
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    stops = stop_token_ids(eos if isinstance(eos, int) else None, tokenizer, tokenizer.get_vocab_size())
+    return next((str(tokenizer.id_to_token(i) or "") for i in stops), "")
 
 
 def stop_token_ids(eos_token_id: int | None, tokenizer: Any, vocab_size: int) -> frozenset[int]:
