@@ -13,10 +13,13 @@ Depth j has no entry at indices < j (no h^{j-1} before position 0): those slots 
 hidden state and are masked out of every query (``_DepthCache``), so depth j's cache starts at t_j as in
 training and in MTPDrafter.
 
-Invariant between steps: every depth caches exactly the indices the main cache does (from j on), so the table's
-length is theirs too. ``fill`` keeps it: after each main forward (a prefill chunk, a plain decode step, or a
-verification once its accepted length is known) it runs depth 1..D over the same new indices, each depth fed the
-previous one's outputs one index back. Blocks are registered for sharing only after that fill.
+Invariant between steps: every depth caches exactly the indices the main cache does (from j on), except the c
+slots the row's last verification kept, whose main hidden states wait on the request (``Request.mtp_pending``).
+``fill`` runs depth 1..D over a prefill chunk's new indices right after its main forward, each depth fed the
+previous one's outputs one index back; a verification's kept slots go through the depths with the row's next
+drafting, in the same forwards as its drafts (so a step costs one MTP forward per drafted token, as in
+MTPDrafter), or alone if it drafts nothing. Blocks are registered for sharing only once their MTP entries are
+written (a request's last verification leaves its last blocks unregistered).
 
 What crosses a step boundary besides the cache is h^{j-1} at the last cached index (the input of the next index's
 depth j), kept on the request (``Request.mtp_last``). After a prefix-cache match the request has not computed its
@@ -25,9 +28,10 @@ block, beside the cache), written by the fill that completes the block, before i
 resuming at a block boundary reads it there. So a prefix-cache hit, or a preempted request that finds its own
 blocks again, drafts at once with the same MTP state as if it had computed the prefix itself.
 
-Drafting (``draft``), for a decoding row whose table holds indices 0..L-1 (t_L = its last token, not yet fed):
-draft d_j, j <= D, is depth j over indices L .. L+j-1 (tokens t_L, d_1 .. d_{j-1}; the first input from
-``mtp_last``, the others the previous depth's outputs of this drafting); d_j, j > D, runs depth D one index
+Drafting (``draft``), for a decoding row whose table holds indices 0..L-1 (t_L = its last token, not yet fed),
+the MTP entries all but its c pending ones: draft d_j, j <= D, is depth j over indices L-c .. L+j-1 (the pending
+tokens, t_L, d_1 .. d_{j-1}; the first input from ``mtp_last``, the others the previous depth's outputs of this
+drafting, the pending main hidden states for depth 1); d_j, j > D, runs depth D one index
 further on its own last output (MTPDrafter's chaining). Those entries are written at indices >= L, into blocks
 reserved for the verification and owned by the row alone (a shared block is always full and below L); the
 verification's ``fill`` overwrites the kept ones, and truncation forgets the rest. Draws are MTPDrafter's: the
@@ -167,55 +171,88 @@ class PagedMTP:
             got, _ = self._run(reqs[0].adapter, j, reqs, starts, inputs, tokens, logits=False)
             if j < self.depth:
                 outs.append(got)
-        bs = self.pool.block_size
-        for b, (req, s) in enumerate(zip(reqs, starts, strict=True)):
-            e = s + hidden[b].shape[0]
-            req.mtp_last = (e - 1, torch.stack([o[b][-1] for o in outs]))
-            for k in range(s + (-(s + 1)) % bs, e, bs):  # the indices in [s, e) that end a block
-                if self.stash is None:
-                    self.stash = hidden[b].new_zeros(self.pool.n_blocks, self.depth, hidden[b].shape[-1])
-                self.stash[req.table.blocks[k // bs]] = torch.stack([o[b][k - s] for o in outs])
+        for b, (req, start) in enumerate(zip(reqs, starts, strict=True)):
+            self._filled(req, start, [o[b] for o in outs])
+
+    def _filled(self, req: Request, start: int, outs: list[torch.Tensor]) -> None:
+        """``outs[j]`` (c, dim): h^j, j < D, at the indices ``start ..`` now cached by every depth: the last index's
+        become ``req.mtp_last``, and those of an index ending a block go to the stash."""
+        bs, e = self.pool.block_size, start + outs[0].shape[0]
+        req.mtp_last = (e - 1, torch.stack([o[-1] for o in outs]))
+        for k in range(start + (-(start + 1)) % bs, e, bs):  # the indices in [start, e) that end a block
+            if self.stash is None:
+                self.stash = outs[0].new_zeros(self.pool.n_blocks, self.depth, outs[0].shape[-1])
+            self.stash[req.table.blocks[k // bs]] = torch.stack([o[k - start] for o in outs])
 
     # --- drafting ----------------------------------------------------------------------------------------------
 
     def draft(self, reqs: Sequence[Request], ks: Sequence[int]) -> list[Draft]:
         """``ks[b]`` drafted tokens for each decoding row (its blocks reserved for ``table.length + 1 + ks[b]``
-        tokens; 0: none), from its MTP modules."""
+        tokens; 0: none), from its MTP modules. A row's ``mtp_pending`` verified slots (its last verification's)
+        go through the depths in the same forwards, first: a row that drafts nothing has them filled alone."""
         out = [Draft([]) for _ in reqs]
-        rows = [i for i, k in enumerate(ks) if k > 0]
-        for group in self._groups([reqs[i] for i in rows], [ks[i] for i in rows]):
+        rows = [i for i, (r, k) in enumerate(zip(reqs, ks, strict=True)) if k > 0 or self._pending(r) is not None]
+        n_new = [ks[i] + (0 if (p := self._pending(reqs[i])) is None else p.shape[0]) for i in rows]
+        for group in self._groups([reqs[i] for i in rows], n_new):
             picked = [rows[g] for g in group]
             for i, d in zip(picked, self._draft([reqs[i] for i in picked], [ks[i] for i in picked]), strict=True):
                 out[i] = d
         return out
 
+    @staticmethod
+    def _pending(req: Request) -> torch.Tensor | None:
+        """The main hidden states (c, dim) of the row's last c cached slots, kept but not yet through the MTP
+        depths; None when there are none (or they belong to a table since rebuilt)."""
+        if req.mtp_pending is None or req.mtp_pending[0] + req.mtp_pending[1].shape[0] != req.table.length:
+            return None
+        return req.mtp_pending[1]
+
     def _draft(self, reqs: list[Request], ks: list[int]) -> list[Draft]:
         D, B = self.depth, len(reqs)
         L = [r.table.length for r in reqs]
-        last_token = [r.tokens(n, 1)[0] for r, n in zip(reqs, L, strict=True)]
-        before = [self._before(r, n, None) for r, n in zip(reqs, L, strict=True)]  # a decoding row has L >= 1
+        pend = [self._pending(r) for r in reqs]
+        c = [0 if p is None else p.shape[0] for p in pend]
+        s = [n - m for n, m in zip(L, c, strict=True)]  # the first index this drafting writes
+        before = [self._before(r, s[b], pend[b]) for b, r in enumerate(reqs)]  # a decoding row has s >= 1
+        known = [r.tokens(s[b], c[b] + 1) for b, r in enumerate(reqs)]  # the verified tokens, then t_L
         drafts: list[list[int]] = [[] for _ in range(B)]
         qs: list[list[torch.Tensor]] = [[] for _ in range(B)]
-        prev: list[torch.Tensor] = [before[b][:0] for b in range(B)]  # the previous depth's outputs at L ..
-        for j in range(1, max(ks) + 1):
-            active = [b for b in range(B) if ks[b] >= j]
-            if j <= D:  # depth j over indices L .. L+j-1
-                starts = [L[b] for b in active]
-                hidden = [torch.cat((before[b][j - 1:j], prev[b][:j - 1])) for b in active]
-                tokens = [[last_token[b], *drafts[b]] for b in active]
+        # prev[b]: h^{j-1} of this drafting from index s on (h^0: the pending main hidden states, none if c = 0);
+        # verified[b]: h^0 .. h^{j-1} at the pending indices, for mtp_last and the stash.
+        prev: list[torch.Tensor] = [before[b][:0] if p is None else p for b, p in enumerate(pend)]
+        verified: list[list[torch.Tensor]] = [[p] if p is not None else [] for p in pend]
+        for j in range(1, max(max(ks), D if any(c) else 0) + 1):
+            if j <= D:  # depth j over s .. L+j-1 for a row drafting j tokens or more; s .. L-1 for one filling
+                active = [b for b in range(B) if ks[b] >= j or c[b] > 0]
+                n = [c[b] + j if ks[b] >= j else c[b] for b in active]
+                starts = [s[b] for b in active]
+                hidden = [torch.cat((before[b][j - 1:j], prev[b][:m - 1])) for b, m in zip(active, n, strict=True)]
+                tokens = [(known[b] + drafts[b])[:m] for b, m in zip(active, n, strict=True)]
                 depth = j
             else:  # depth D one index further, on its own last output
+                active = [b for b in range(B) if ks[b] >= j]
                 starts = [L[b] + j - 1 for b in active]
                 hidden = [prev[b][-1:] for b in active]
                 tokens = [drafts[b][-1:] for b in active]
                 depth = D
-            got, logits = self._run(reqs[0].adapter, depth, [reqs[b] for b in active], starts, hidden, tokens)
+            got, logits = self._run(reqs[0].adapter, depth, [reqs[b] for b in active], starts, hidden, tokens,
+                                    logits=any(ks[b] >= j for b in active))
             for a, b in enumerate(active):
-                prev[b] = got[a] if j <= D else torch.cat((prev[b], got[a]))
-                token, q = self._choose(reqs[b], logits[a])
-                drafts[b].append(token)
-                if q is not None:
-                    qs[b].append(q)
+                if j <= D:
+                    prev[b] = got[a]
+                    if c[b] and j < D:
+                        verified[b].append(got[a][:c[b]])
+                else:
+                    prev[b] = torch.cat((prev[b], got[a]))
+                if ks[b] >= j:
+                    token, q = self._choose(reqs[b], logits[a])
+                    drafts[b].append(token)
+                    if q is not None:
+                        qs[b].append(q)
+        for b, req in enumerate(reqs):
+            if c[b]:
+                self._filled(req, s[b], verified[b])
+            req.mtp_pending = None
         return [Draft(drafts[b], torch.stack(qs[b]) if qs[b] else None) for b in range(B)]
 
     @staticmethod

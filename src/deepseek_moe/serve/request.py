@@ -127,6 +127,9 @@ class Request:
     # speculative="mtp": (index, (D, dim)) the hidden states h^0 .. h^{D-1} at that cached index, which the MTP
     # depths take at the next one (serve/mtp_drafting.py).
     mtp_last: tuple[int, torch.Tensor] | None = None
+    # ... and (start, (c, dim)) the main hidden states of its cached slots from start on that a verification kept,
+    # which the MTP depths take with its next drafting.
+    mtp_pending: tuple[int, torch.Tensor] | None = None
     first_token_time: float = 0.0
     last_token_time: float = 0.0
     finished: bool = False

@@ -45,8 +45,8 @@ The drafter is prompt lookup ("ngram", drawn while planning: serve/drafting.py) 
 ("mtp", drawn for all decoding rows once the step is planned: serve/mtp_drafting.py). MTP keeps each depth's keys
 and values as one more layer of the same pool, at the index of the token the entry reads, so truncation, forks,
 preemption and freeing carry them with the latents. Every forward's kept slots go through the MTP depths before
-their blocks are registered (a verification's once its accepted length is known), so a block the prefix cache
-shares holds final MTP entries too; the hidden states its last slot hands on are stashed per block, and a request
+their blocks are registered (a verification's with the row's next drafting, in the same forwards), so a block the
+prefix cache shares holds final MTP entries too; the hidden states its last slot hands on are stashed per block, and a request
 that takes cached blocks drafts exactly as if it had computed them.
 
 Decode and prefill are separate forwards so that decode rows are never padded to a prefill chunk's width. The
@@ -345,12 +345,11 @@ class Scheduler:
     def _verify(self, decoding: list[Request]) -> None:
         """Speculative decoding: one forward over each row's last token and draft; a row that drafted emits what
         speculative rejection sampling accepts, and its table forgets the rejected drafted slots; a row that did
-        not is an ordinary decoding row (``_emit_rows``). With MTP drafting the kept slots then go through the MTP
-        depths (``_mtp_fill``) before any token is emitted (which may finish the row and free its blocks)."""
+        not is an ordinary decoding row (``_emit_rows``). With MTP drafting the hidden states of the kept slots
+        wait on the request (``mtp_pending``) for its next drafting, which puts them through the MTP depths."""
         ids = [r.tokens(r.table.length, 1) + r.draft.tokens for r in decoding]
         self._verified_hidden = {}
         rows = self._run(decoding, ids, last=max(len(x) for x in ids), verify=True)
-        fed = {r.id: x for r, x in zip(decoding, ids, strict=True)}
         plain: list[tuple[Request, torch.Tensor]] = []
         verified: list[tuple[Request, list[int], list[TokenLogprobs] | None, int]] = []
         for req, logits in zip(decoding, rows, strict=True):
@@ -379,8 +378,11 @@ class Scheduler:
                     self._fail(req, e)
                     continue
             verified.append((req, tokens, found, k))
-        if self.mtp is not None:
-            self._mtp_fill([(r, fed[r.id][:len(t)]) for r, t, _, _ in verified] + [(r, fed[r.id]) for r, _ in plain])
+        if self.mtp is not None:  # the kept slots' hidden states wait for the row's next drafting
+            hidden, self._verified_hidden = self._verified_hidden, {}
+            for req, kept in [(r, len(t)) for r, t, _, _ in verified] + [(r, 1) for r, _ in plain]:
+                if not req.finished and req.id in hidden:
+                    req.mtp_pending = (req.table.length - kept, hidden[req.id][:kept])
         for req, tokens, found, k in verified:
             if req.finished:
                 continue
@@ -408,8 +410,9 @@ class Scheduler:
         return k
 
     def _mtp_draft(self, decoding: list[Request]) -> list[Request]:
-        """Draw the planned MTP drafts of the decoding rows at once; if that raises, row by row, failing only a row
-        that raises on its own. Returns the rows still running."""
+        """Draw the planned MTP drafts of the decoding rows at once, their last verification's kept slots going
+        through the MTP depths first (``PagedMTP.draft``), then register their full blocks for sharing; if that
+        raises, row by row, failing only a row that raises on its own. Returns the rows still running."""
         assert self.mtp is not None
         ks = [self._mtp_ks.get(r.id, 0) for r in decoding]
         try:
@@ -424,30 +427,11 @@ class Scheduler:
                     drafts.append(Draft([]))
         for req, draft in zip(decoding, drafts, strict=True):
             req.draft = draft
-        return [r for r in decoding if not r.finished]
-
-    def _mtp_fill(self, rows: list[tuple[Request, list[int]]]) -> None:
-        """After verification: each (row, kept tokens) puts the hidden states of its new cached slots, those of the
-        tokens it fed and kept, through the MTP depths (``PagedMTP.fill``; if that raises, row by row, failing
-        only a row that raises on its own), then registers its full blocks for sharing, which waited for it."""
-        assert self.mtp is not None
-        hidden, self._verified_hidden = self._verified_hidden, {}
-        rows = [(r, x) for r, x in rows if not r.finished and r.id in hidden]
-        args = [(r, r.table.length - len(x), hidden[r.id][:len(x)], x) for r, x in rows]
-        try:
-            if args:
-                self.mtp.fill([a[0] for a in args], [a[1] for a in args], [a[2] for a in args],
-                              [a[3] for a in args])
-        except Exception:
-            for req, start, h, x in args:
-                try:
-                    self.mtp.fill([req], [start], [h], [x])
-                except Exception as e:
-                    self._fail(req, e)
-        if self.pool.prefix_cache:
-            for req, _ in rows:
-                if not req.finished:
-                    self.pool.register(req.table, self._block_keys(req, min(req.table.length, req.n_tokens)))
+        decoding = [r for r in decoding if not r.finished]
+        if self.pool.prefix_cache:  # the last verification's blocks, which waited for their MTP entries
+            for req in decoding:
+                self.pool.register(req.table, self._block_keys(req, min(req.table.length, req.n_tokens)))
+        return decoding
 
     def check_invariants(self) -> None:
         """Raise SchedulerInvariantError unless every block but the padding block is either free or owned by
@@ -631,6 +615,7 @@ class Scheduler:
         """Free ``req``'s blocks and put it back at the head of the queue, to be recomputed from its tokens."""
         self.running.remove(req)
         self.pool.release(req.table)
+        req.mtp_pending = None  # it is recomputed: the prefill fills its MTP entries
         if not self.running:  # alone and still out of room: submit's check should make this impossible
             self._fail(req, RuntimeError(f"{req.n_tokens} tokens do not fit the whole cache "
                                          f"({self.max_tokens_capacity()} tokens)"))
