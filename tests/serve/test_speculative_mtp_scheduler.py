@@ -3,8 +3,9 @@ through chunked prefill, requests joining mid-flight, prefix-cache hits, preempt
 depths 1 and 2; and each request drafts exactly what generate() with the MTPDrafter drafts for it alone: the
 same accepted and drafted counts, step for step, which holds only if the paged MTP entries are those of the
 verified tokens (rolled back with the main cache on rejection, forked, restored after a prefix-cache match).
-Every block returns to the pool; seeded sampling is reproducible and drafts with its own q; a model without MTP
-is refused by name."""
+Every block returns to the pool; seeded sampling is reproducible and drafts with its own q; int8 models and LoRA
+adapter rows draft with their own modules; a model without MTP is refused by name (the statistical check of
+sampled output, through this scheduler, is tests/unit/test_speculative_mtp.py's, beside its helpers)."""
 
 from __future__ import annotations
 
@@ -205,3 +206,53 @@ def test_serve_refuses_mtp_drafting_for_a_checkpoint_without_mtp(tmp_path: Path)
            str(free_port()), "--speculative", "mtp"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--speculative mtp" in done.stderr and "mtp_depth 0" in done.stderr, done.stderr
+
+
+def test_an_int8_model_drafts_and_verifies_with_its_own_kernels() -> None:
+    """Quantised and speculative compose: the int8 model's MTP block and main layers run their quantised
+    kernels in the scheduler, with generate()'s tokens and MTPDrafter counts."""
+    from deepseek_moe.quant import QuantConfig, quantize_model
+
+    model = quantize_model(echo_mtp_model(1, dtype=torch.float32), QuantConfig(bits=8))
+    assert type(model.mtp[0].block.ffn.experts).__name__ == "QuantRoutedExperts"
+    ps = prompts((9, 20), seed=7)
+    want = [alone(model, p, 20) for p in ps]
+    s = Scheduler(model, mtp_config(max_batch_size=4, max_batch_tokens=64))
+    reqs = [s.submit(Request(p, SamplingParams(max_tokens=20), Collector())) for p in ps]
+    run_all(s)
+    for req, (tokens, stats) in zip(reqs, want, strict=True):
+        assert req.sink.tokens == tokens  # type: ignore[attr-defined]
+        assert req.speculative.as_dict() == stats
+    assert s.metrics.spec_accepted_tokens.value > 0
+
+
+def test_adapter_rows_draft_with_their_own_model(tmp_path: Path) -> None:
+    """A LoRA adapter's rows run its model's MTP modules (and their blocks share the pool but not the prefix
+    cache): each row gives the tokens and MTPDrafter counts of generate() on that model alone."""
+    import copy
+
+    from deepseek_moe.adapters import LoRAConfig, apply_lora
+    from deepseek_moe.adapters.peft import save_adapter
+    from deepseek_moe.serve.adapters import load_adapters
+
+    model = echo_mtp_model(1)
+    adapted = copy.deepcopy(model)
+    torch.manual_seed(1)
+    cfg = LoRAConfig(r=2, alpha=8.0, targets=("attention", "shared_experts", "routed_experts"), init="random")
+    apply_lora(adapted, cfg)
+    with torch.no_grad():  # an adapter strong enough to change the sharpened model's greedy tokens
+        for name, param in adapted.named_parameters():
+            if "lora" in name:
+                param.mul_(10.0)
+    path = save_adapter(adapted, tmp_path / "a", cfg)
+    p = prompts((13,), seed=8)[0]
+    rows = [("a", adapted.eval()), (None, model)]
+    want = [alone(m, p, 16) for _, m in rows]
+    assert want[0][0] != want[1][0]  # the adapter changes the output
+    s = Scheduler(model, mtp_config(max_batch_size=4, max_batch_tokens=64),
+                  adapters=load_adapters(model, [("a", path)]))
+    reqs = [s.submit(Request(p, SamplingParams(max_tokens=16), Collector(), adapter=k)) for k, _ in rows]
+    run_all(s)
+    for req, (tokens, stats) in zip(reqs, want, strict=True):
+        assert req.sink.tokens == tokens  # type: ignore[attr-defined]
+        assert req.speculative.as_dict() == stats
