@@ -6,7 +6,7 @@ freezes all but them, ``merge_lora`` folds them into the weights, ``remove_lora`
 """
 
 from deepseek_moe.adapters.config import GROUPS, LoRAConfig
-from deepseek_moe.adapters.frozen_base import narrow_frozen_matrices
+from deepseek_moe.adapters.frozen_base import narrow_frozen_embedding, narrow_frozen_matrices
 from deepseek_moe.adapters.lora import ExpertLoRA, LoRALinear, set_saved_activations
 from deepseek_moe.adapters.targets import (
     apply_lora,
@@ -18,5 +18,5 @@ from deepseek_moe.adapters.targets import (
 )
 
 __all__ = ["GROUPS", "ExpertLoRA", "LoRAConfig", "LoRALinear", "apply_lora", "lora_modules", "mark_trainable",
-           "merge_lora", "narrow_frozen_matrices", "remove_lora", "resolve_targets",
+           "merge_lora", "narrow_frozen_embedding", "narrow_frozen_matrices", "remove_lora", "resolve_targets",
            "set_saved_activations"]

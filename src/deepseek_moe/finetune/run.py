@@ -15,7 +15,13 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from deepseek_moe.adapters import apply_lora, mark_trainable, narrow_frozen_matrices, set_saved_activations
+from deepseek_moe.adapters import (
+    apply_lora,
+    mark_trainable,
+    narrow_frozen_embedding,
+    narrow_frozen_matrices,
+    set_saved_activations,
+)
 from deepseek_moe.adapters.peft import save_adapter
 from deepseek_moe.adapters.pretrained import TOKENIZER_FILES
 from deepseek_moe.config import ModelConfig
@@ -151,6 +157,8 @@ class FinetuneTrainer(Trainer):
                 raise TrainError(str(e)) from e
             mark_trainable(model, train_router=self.ft.train_router)
             set_saved_activations(model, self.ft.expert_activations)
+            if self.ft.quantize in ("int8", "int4"):  # a base held in codes: its frozen embedding table in bf16
+                narrow_frozen_embedding(model, torch.bfloat16)
             if bf16:
                 narrow_frozen_matrices(model, torch.bfloat16)
         else:

@@ -187,12 +187,18 @@ class DeepSeekMoEForCausalLM(nn.Module):
         return self.head(self.forward_hidden(input_ids, positions, mask, cache, token_mask=token_mask,
                                              protected=protected)).float()
 
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding rows, in the dtype the blocks compute in: a frozen table may be stored narrower (a LoRA
+        run keeps V2-Lite's 0.8 GB fp32 table in bf16, adapters/frozen_base.py) and is widened row by row here."""
+        h = self.embed(input_ids)
+        return h if h.dtype == self.norm.weight.dtype else h.to(self.norm.weight.dtype)
+
     def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                        cache: KVCache | None = None, *, token_mask: torch.Tensor | None = None,
                        protected: ProtectedDraw | None = None) -> torch.Tensor:
         """:meth:`forward_logits` up to the head: the last hidden state after the final norm, (B, T, dim)."""
         cos, sin = self.rope(positions)
-        h = self.embed(input_ids)
+        h = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, None if cache is None else cache.layers[i], token_mask=token_mask,
                       protected=protected)
@@ -206,7 +212,7 @@ class DeepSeekMoEForCausalLM(nn.Module):
         at those tokens' positions, with the main forward's ``mask`` (B, 1, T, T) (or None: causal) cut to them;
         ``token_mask`` (B, T) real tokens; ``protected`` the forward's protected-sequence draw."""
         T = input_ids.shape[1]
-        emb = self.embed(input_ids)
+        emb = self.embed_tokens(input_ids)
         logits: list[torch.Tensor] = []
         h = hidden
         for k, module in enumerate(self.mtp, start=1):
@@ -252,7 +258,7 @@ class DeepSeekMoEForCausalLM(nn.Module):
         mask = None if bool(key_mask.all()) else attention_mask_4d(key_mask, T)
         token_mask = None if bool(new_mask.all()) else new_mask
         cos, sin = self.rope(positions)
-        h = self.mtp[depth - 1](hidden, self.embed(input_ids), cos, sin, mask,
+        h = self.mtp[depth - 1](hidden, self.embed_tokens(input_ids), cos, sin, mask,
                                 None if cache is None else cache.layers[0], token_mask=token_mask)
         return MTPOutput(hidden=h, logits=self.head(h[:, :0] if hidden_only else h[:, -1:] if last_logits_only
                                                     else h).float())
