@@ -9,6 +9,7 @@ sampled output, through this scheduler, is tests/unit/test_speculative_mtp.py's,
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -256,3 +257,36 @@ def test_adapter_rows_draft_with_their_own_model(tmp_path: Path) -> None:
     for req, (tokens, stats) in zip(reqs, want, strict=True):
         assert req.sink.tokens == tokens  # type: ignore[attr-defined]
         assert req.speculative.as_dict() == stats
+
+
+def test_serve_drafts_with_mtp_over_http(tmp_path: Path) -> None:
+    """``deepseek-moe serve CKPT --speculative mtp`` on a checkpoint saved with its MTP module: greedy completions
+    are generate()'s, and /metrics counts the drafts."""
+    import httpx
+    from serve_fixtures import TEXTS, running_server
+
+    from deepseek_moe import from_pretrained, save_pretrained
+    from deepseek_moe.train.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(TEXTS, 400)
+    model = echo_mtp_model(1, vocab_size=tokenizer.get_vocab_size(), dtype=torch.float32)
+    model.tokenizer = tokenizer
+    save_pretrained(model, tmp_path / "mtp")
+    loaded = from_pretrained(tmp_path / "mtp").eval()
+    assert len(loaded.mtp) == 1
+    prompt = "def add(a, b):\n    return"
+    ids = tokenizer.encode(prompt).ids
+    want = generate(loaded, [ids], max_new_tokens=16, stop_tokens=[0]).new_tokens[0]
+    want_text = tokenizer.decode([t for t in want if t != 0])
+    flags = ("--speculative", "mtp", "--num-draft-tokens", "3", "--block-size", "4")
+    with running_server(tmp_path / "mtp", *flags) as (url, _):
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 16,
+                                                      "temperature": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        # The server holds back a last character whose UTF-8 bytes are not all out yet; decode() shows it as U+FFFD.
+        assert body["choices"][0]["text"] == want_text.removesuffix("\ufffd")
+        assert body["usage"]["completion_tokens"] == len(want)
+        text = httpx.get(f"{url}/metrics").text
+    drafted = re.search(r"^deepseek_moe_spec_draft_tokens_total (\S+)$", text, re.MULTILINE)
+    assert drafted is not None and float(drafted.group(1)) > 0
