@@ -110,6 +110,56 @@ def test_greedy_mtp_drafts_equal_the_uncached_reference_and_output_equals_greedy
                         num_draft_tokens=k).new_tokens[0] == expected
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_unpadded_drafts_batch_one_and_rows_alike_equal_the_reference(
+        model: DeepSeekMoEForCausalLM, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch 1, and rows of equal length, run the module without padding or mask (MTPDrafter._run's fast path):
+    the same drafts as the uncached reference, and the path is taken (it would not be, were every forward
+    padded). eh_proj here also reads the hidden half (the echo model's ignores it), so a hidden state fed out of
+    place changes drafts."""
+    model = echo_model(len(model.mtp))
+    dim = model.config.dim
+    with torch.no_grad():
+        for module in model.mtp:
+            w = torch.randn(dim, dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+            module.eh_proj.weight[:, dim:] = 0.5 * w / dim ** 0.5
+    unmasked = 0
+    forward = model.mtp_forward
+
+    def spy(*args: object, **kwargs: object) -> object:
+        nonlocal unmasked
+        unmasked += kwargs.get("attention_mask") is None
+        return forward(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model, "mtp_forward", spy)
+    for prompts in ([PROMPTS[0]], [[5, 9, 2, 5, 9, 2], [7, 1, 3, 3, 8, 11]]):
+        unmasked = 0
+        drafter = Recording(model)
+        spec = generate(model, prompts, max_new_tokens=20, drafter=drafter, num_draft_tokens=k)
+        assert spec.new_tokens == generate(model, prompts, max_new_tokens=20).new_tokens
+        assert spec.speculative is not None and 0 < spec.speculative.accepted < spec.speculative.drafted
+        assert unmasked > 0
+        for contexts, ks, drafts, _ in drafter.log:
+            for ctx, kb, d in zip(contexts, ks, drafts, strict=True):
+                if kb:
+                    assert d.tokens == reference_logits(model, ctx, d.tokens).argmax(-1).tolist()
+
+
+def test_observe_keeps_the_marked_slots_in_order_contiguous_or_not() -> None:
+    """What observe appends per row equals boolean indexing by ``kept``, for a run of columns (what the decoding
+    loop passes: the fed token and the accepted drafts), scattered columns and none."""
+    model = echo_model(1)
+    drafter = MTPDrafter(model)
+    g = torch.Generator().manual_seed(0)
+    prefill = torch.randn(3, 2, 32, generator=g, dtype=torch.float64)
+    drafter.begin(prefill, torch.ones(3, 2), SamplingParams(temperature=0.0))
+    hidden = torch.randn(3, 4, 32, generator=g, dtype=torch.float64)
+    kept = torch.tensor([[False, True, True, False], [True, False, True, True], [False] * 4])
+    drafter.observe(hidden, kept)
+    for b in range(3):
+        torch.testing.assert_close(drafter._pending[0][b], torch.cat((prefill[b], hidden[b, kept[b]])), rtol=0, atol=0)
+
+
 def test_mtp_speculative_stops_and_limits_as_plain(model: DeepSeekMoEForCausalLM) -> None:
     """A row that reaches max_seq_len (96) beside one that runs on, and a stop token inside an accepted draft."""
     rows = [list(range(1, 60)) + [1, 2, 3], [5, 6]]

@@ -69,8 +69,19 @@ class MTPDrafter:
         self.sampling = sampling
 
     def observe(self, hidden: torch.Tensor, kept: torch.Tensor) -> None:
-        for b in range(hidden.shape[0]):
-            self._pending[0][b] = torch.cat((self._pending[0][b], hidden[b, kept[b]]))
+        # The kept slots of a row are its fed token and accepted drafts, one run of columns: a slice of hidden,
+        # found in Python from one copy of the mask rather than by boolean indexing (a nonzero and a gather per
+        # row and step, which at batch 1 cost as much as the rest of this method).
+        for b, row in enumerate(kept.tolist()):
+            cols = [t for t, k in enumerate(row) if k]
+            if not cols:
+                continue
+            if cols[-1] - cols[0] + 1 == len(cols):
+                new = hidden[b, cols[0]:cols[-1] + 1]
+            else:
+                new = hidden[b, torch.tensor(cols, device=hidden.device)]
+            held = self._pending[0][b]
+            self._pending[0][b] = new if held.shape[0] == 0 else torch.cat((held, new))
 
     def cache_lengths(self) -> list[list[int]]:
         """Per depth, per row: the slots its cache holds (real tokens, not padding)."""
@@ -92,15 +103,20 @@ class MTPDrafter:
         B, W = len(hidden), max(len(t) for t in tokens)
         dim = self.model.config.dim
         ref = self._pending[0][0]
-        h = ref.new_zeros(B, W, dim)
-        ids = torch.zeros(B, W, dtype=torch.long, device=ref.device)
-        mask = torch.zeros(B, W, dtype=torch.long, device=ref.device)
-        for b, (hb, tb) in enumerate(zip(hidden, tokens, strict=True)):
-            c = len(tb)
-            if c:
-                h[b, W - c:] = hb
-                ids[b, W - c:] = torch.tensor(tb, device=ref.device)
-                mask[b, W - c:] = 1
+        mask: torch.Tensor | None = None
+        if all(len(t) == W for t in tokens):  # no padding (batch 1, or rows alike): no copies, no mask
+            h = hidden[0][None] if B == 1 else torch.stack(hidden)
+            ids = torch.tensor(tokens, dtype=torch.long, device=ref.device)
+        else:
+            h = ref.new_zeros(B, W, dim)
+            ids = torch.zeros(B, W, dtype=torch.long, device=ref.device)
+            mask = torch.zeros(B, W, dtype=torch.long, device=ref.device)
+            for b, (hb, tb) in enumerate(zip(hidden, tokens, strict=True)):
+                c = len(tb)
+                if c:
+                    h[b, W - c:] = hb
+                    ids[b, W - c:] = torch.tensor(tb, device=ref.device)
+                    mask[b, W - c:] = 1
         out = self.model.mtp_forward(depth, h, ids, attention_mask=mask, cache=self.caches[depth - 1],
                                      last_logits_only=True)
         return [out.hidden[b, W - len(tb):] for b, tb in enumerate(tokens)], out.logits[:, -1], W
@@ -112,46 +128,57 @@ class MTPDrafter:
         qs: list[list[torch.Tensor]] = [[] for _ in range(B)]
         # This step's h^{j-1} at the positions past depth j-1's verified ones (they took drafted tokens), and each
         # row's latest output (1, dim), which a chained step takes.
-        spec_tail: list[torch.Tensor] = [self._pending[0][b][:0] for b in range(B)]
+        empty = self._pending[0][0][:0]
+        spec_tail: list[torch.Tensor] = [empty] * B
         last: list[torch.Tensor] = list(spec_tail)
-        rejected: list[list[torch.Tensor]] = [[] for _ in range(D)]  # per depth, per forward: (B, W) to discard
+        # Per depth, per forward: its width and, per row, how many of its last slots took drafted tokens and are
+        # discarded after drafting (kept as numbers: a mask tensor is built only where something is dropped).
+        rejected: list[list[tuple[int, list[int]]]] = [[] for _ in range(D)]
         for j in range(1, max(ks, default=0) + 1):
             active = [b for b in range(B) if ks[b] >= j]
             m = min(j, D)
-            hidden = [spec_tail[b][:0] for b in range(B)]
+            hidden = [empty] * B
             tokens: list[list[int]] = [[] for _ in range(B)]
             for b in active:
                 ctx, n = contexts[b], len(contexts[b])
                 if j <= D:  # depth j over its positions L_j .. n-2, which take t_{L_j+j} .. t_{n-2+j}
-                    hidden[b] = torch.cat((self._pending[j - 1][b], spec_tail[b]))
+                    held, tail = self._pending[j - 1][b], spec_tail[b]
+                    hidden[b] = held if tail.shape[0] == 0 else torch.cat((held, tail))
                     start = n - 1 - hidden[b].shape[0]  # L_j
                     tokens[b] = [ctx[i + j] if i + j < n else drafts[b][i + j - n] for i in range(start, n - 1)]
                 else:  # chained: module D one position further, on its last output and the last draft
                     hidden[b], tokens[b] = last[b], [drafts[b][-1]]
             outputs, logits, width = self._run(m, hidden, tokens)
-            drop = torch.zeros(B, width, dtype=torch.bool)
-            chosen, q = self._choose(logits[active])
+            drop = [0] * B
+            chosen, q = self._choose(logits if len(active) == B else logits[active])
             for a, b in enumerate(active):
                 out = outputs[b]
                 last[b] = out[-1:]
                 if j <= D:
                     n_verified = max(0, out.shape[0] - (j - 1))  # positions i <= n-1-j: all but the last j-1
-                    drop[b, width - (out.shape[0] - n_verified):] = True
+                    drop[b] = out.shape[0] - n_verified
                     self._pending[j - 1][b] = self._pending[j - 1][b][n_verified:]
                     if j < D:  # the next depth's inputs: verified ones kept, the rest for this step only
                         self._pending[j][b] = torch.cat((self._pending[j][b], out[:n_verified]))
                     spec_tail[b] = out[n_verified:]
                 else:
-                    drop[b] = True
+                    drop[b] = width
                 drafts[b].append(chosen[a])
                 if q is not None:
                     qs[b].append(q[a])
-            rejected[m - 1].append(drop)
+            rejected[m - 1].append((width, drop))
         # Roll every depth back to its verified slots, as the main cache is after a rejection.
         for d in range(D):
-            drop_d = torch.cat(rejected[d], dim=1) if rejected[d] else None
-            if drop_d is not None and bool(drop_d.any()):
-                self.caches[d].discard(drop_d.to(device))
+            if any(any(drop) for _, drop in rejected[d]):
+                total = sum(width for width, _ in rejected[d])
+                mask = torch.zeros(B, total, dtype=torch.bool)
+                offset = 0
+                for width, drop in rejected[d]:
+                    offset += width
+                    for b, n_drop in enumerate(drop):
+                        if n_drop:
+                            mask[b, offset - n_drop:offset] = True
+                self.caches[d].discard(mask.to(device))
         return [Draft(drafts[b], torch.stack(qs[b]) if qs[b] else None) for b in range(B)]
 
 

@@ -164,15 +164,13 @@ def decode_speculative(first: torch.Tensor, prompts: Sequence[Sequence[int]], *,
         drafts = [_capped(d, k) for d, k in
                   zip(batch_drafter.propose_batch([r.context for r in rows], ks), ks, strict=True)]
         T = 1 + max(len(d.tokens) for d in drafts)
-        ids = torch.zeros(len(rows), T, dtype=torch.long)
-        mask = torch.zeros(len(rows), T, dtype=torch.long)
-        for i, (row, d) in enumerate(zip(rows, drafts, strict=True)):
-            fed = [row.context[-1]] + d.tokens
-            ids[i, T - len(fed):] = torch.tensor(fed)
-            if not row.done:
-                mask[i, T - len(fed):] = 1
-        logits, hidden = forward(ids.to(device), mask.to(device))  # (B, T, V), (B, T, dim)
-        rejected = torch.zeros(len(rows), T, dtype=torch.bool)
+        # The step's ids and mask as Python lists, one tensor each: per-row writes into a tensor cost a few
+        # dispatches per row, which at batch 1 is a visible part of a step.
+        fed = [[row.context[-1]] + d.tokens for row, d in zip(rows, drafts, strict=True)]
+        ids = torch.tensor([[0] * (T - len(f)) + f for f in fed], dtype=torch.long, device=device)
+        real = [[0] * (T - len(f)) + [0 if row.done else 1] * len(f) for row, f in zip(rows, fed, strict=True)]
+        logits, hidden = forward(ids, torch.tensor(real, dtype=torch.long, device=device))  # (B, T, V), (B, T, dim)
+        n_rejected = [0] * len(rows)
         for i, (row, d) in enumerate(zip(rows, drafts, strict=True)):
             if row.done:
                 continue
@@ -182,11 +180,17 @@ def decode_speculative(first: torch.Tensor, prompts: Sequence[Sequence[int]], *,
             n_accepted = len(tokens) - 1
             if k:  # a row with nothing drafted took a plain decode step: no verification to count
                 stats.add(k, n_accepted)
-            if n_accepted < k:
-                rejected[i, T - (k - n_accepted):] = True
+            n_rejected[i] = k - n_accepted
             emit(i, tokens)
-        discard(rejected.to(device))
-        batch_drafter.observe(hidden, (mask.to(torch.bool) & ~rejected).to(device))
+        for i, n in enumerate(n_rejected):  # the kept slots: the fed token and the accepted drafts
+            if n:
+                real[i][T - n:] = [0] * n
+        if any(n_rejected):
+            rejected = torch.zeros(len(rows), T, dtype=torch.bool)
+            for i, n in enumerate(n_rejected):
+                rejected[i, T - n:] = n > 0
+            discard(rejected.to(device))
+        batch_drafter.observe(hidden, torch.tensor(real, dtype=torch.bool, device=device))
     return [r.new for r in rows]
 
 

@@ -151,7 +151,7 @@ class DeepSeekMoEForCausalLM(nn.Module):
                              f"({self.config.max_seq_len}) of this model")
         # A mask of all ones is no mask: attention and the routers take their unmasked paths.
         mask = None if bool(key_mask.all()) else attention_mask_4d(key_mask, T)
-        token_mask = None if bool(new_mask.all()) else new_mask
+        token_mask = None if attention_mask is None or bool(new_mask.all()) else new_mask
         moes = moe_layers(self)
         protected = self.protected_sequences.draw() if any(moe.drops_tokens for _, moe in moes) else None
         hidden = self.forward_hidden(input_ids, positions, mask, cache, token_mask=token_mask, protected=protected)
@@ -256,7 +256,7 @@ class DeepSeekMoEForCausalLM(nn.Module):
         # training, where depth k runs at positions k.. of the sequence.
         positions = positions_of(key_mask, T) + depth
         mask = None if bool(key_mask.all()) else attention_mask_4d(key_mask, T)
-        token_mask = None if bool(new_mask.all()) else new_mask
+        token_mask = None if attention_mask is None or bool(new_mask.all()) else new_mask
         cos, sin = self.rope(positions)
         h = self.mtp[depth - 1](hidden, self.embed_tokens(input_ids), cos, sin, mask,
                                 None if cache is None else cache.layers[0], token_mask=token_mask)
