@@ -16,6 +16,12 @@ the plain run's own greedy continuation, each drafted token replaced by a wrong 
 ``--repeats`` times) so that the load of the shared machine falls on all alike; every speculative run's greedy
 tokens are checked equal to the plain run's.
 
+A second table gives what a step's parts cost, as multiples of one plain decode step (T = 1) at the prompt's
+cache length: a verification forward of T = 2 .. k + 1 tokens and one MTP draft (depth 1 over one position, its
+last logits, the argmax), in process CPU time, interleaved, with the caches rolled back after each call. A step of k drafts
+costs about verify(k + 1) + k * draft, so its speed-up is (tokens per verification) / that sum; with an MoE the
+verification reads the weights of every expert any of its tokens chose, which is why it is not ~1.
+
     python benchmarks/speculative.py [--new-tokens 48] [--repeats 2] [--k 4] [--shape mid|tiny]
     python benchmarks/speculative.py --checkpoint runs/mtp/model [--k 2]
 """
@@ -70,6 +76,49 @@ def build(cfg: ModelConfig | str, variant: str) -> DeepSeekMoEForCausalLM:
     return model
 
 
+def step_costs(model: DeepSeekMoEForCausalLM, prompt: list[int], k: int, repeats: int) -> dict[str, float]:
+    """Median CPU seconds of a decode step (T=1), a verification of T=2..k+1 tokens and (with MTP modules) one
+    draft, as multiples of the decode step; interleaved, each call's slots discarded so the caches keep their
+    length. CPU time, not wall: on a loaded machine a short call often runs within one time slice and a longer
+    one is preempted, which would skew wall-clock ratios between them."""
+    g = torch.Generator().manual_seed(2)
+    V = model.config.vocab_size
+    with torch.inference_mode():
+        ids = torch.tensor([prompt])
+        cache = model.new_cache()
+        out = model(ids, cache=cache)
+
+        def main_step(T: int) -> Callable[[], None]:
+            def run() -> None:
+                model(torch.randint(1, V, (1, T), generator=g), cache=cache).logits.argmax(-1).tolist()
+                cache.discard(torch.ones(1, T, dtype=torch.bool))
+            return run
+
+        calls = {f"verify T={T}" if T > 1 else "decode T=1": main_step(T) for T in range(1, k + 2)}
+        if len(model.mtp):
+            mtp_cache = model.new_mtp_caches()[0]
+            assert out.hidden is not None
+            model.mtp_forward(1, out.hidden[:, :-1], ids[:, 1:], cache=mtp_cache, last_logits_only=True)
+            h = out.hidden[:, -1:].clone()
+
+            def draft() -> None:
+                model.mtp_forward(1, h, torch.randint(1, V, (1, 1), generator=g), cache=mtp_cache,
+                                  last_logits_only=True).logits.argmax(-1).tolist()
+                mtp_cache.discard(torch.ones(1, 1, dtype=torch.bool))
+            calls["draft"] = draft
+        for run in calls.values():
+            run()
+        seconds: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(repeats):
+            for name, run in calls.items():
+                t = time.process_time()
+                run()
+                seconds[name].append(time.process_time() - t)
+    base = statistics.median(seconds["decode T=1"])
+    return {"decode_ms": round(1000 * base, 2),
+            **{name: round(statistics.median(v) / base, 3) for name, v in seconds.items() if name != "decode T=1"}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=48)
@@ -80,6 +129,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     ap.add_argument("--checkpoint", metavar="DIR", help="a trained model directory (with MTP modules for 'mtp')")
     ap.add_argument("--prompt-chars", type=int, default=600, help="with --checkpoint: the prompt's length")
+    ap.add_argument("--cost-repeats", type=int, default=10, help="interleaved repeats of the step-cost table")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     source: ModelConfig | str
@@ -94,13 +144,15 @@ def main() -> None:
         shape = f"checkpoint {args.checkpoint} (mtp_depth {first.config.mtp_depth})"
         del first
     else:
-        cfg = mid_size() if args.shape == "mid" else get_preset("tiny")
+        # With one MTP module, for the step-cost table (the rows here draft by n-gram and oracle).
+        cfg = (mid_size() if args.shape == "mid" else get_preset("tiny")).replace(mtp_depth=1)
         source, V, shape = cfg, cfg.vocab_size, args.shape
         g = torch.Generator().manual_seed(1)
         phrase = torch.randint(1, cfg.vocab_size, (24,), generator=g).tolist()
         prompt = phrase * 4
     load_before = uptime()
     rows = []
+    costs: dict[str, dict[str, float]] = {}
     for variant in args.variants.split(","):
         model = build(source, variant)
         generate(model, [prompt], max_new_tokens=4)  # warm-up
@@ -127,6 +179,7 @@ def main() -> None:
                     raise SystemExit(f"{variant} {name}: speculative greedy differs from plain greedy")
                 spec_s[name].append(spec.decode_tokens_per_s)
                 stats[name] = spec.speculative
+        costs[variant] = step_costs(model, prompt, args.k, args.cost_repeats)
         p = statistics.median(plain_s)
         for name in drafters:
             st = stats[name]
@@ -143,11 +196,15 @@ def main() -> None:
     for r in rows:
         print(f"{r['variant']:8} {r['drafter']:12} {r['plain_tok_s']:12.2f} {r['spec_tok_s']:11.2f} {r['speedup']:7.2f}x "
               f"{r['acceptance']:7.3f} {r['mean_accept_len']:11.2f}")
+    print("step parts in CPU time, as multiples of one decode step (median of interleaved repeats):")
+    for variant, c in costs.items():
+        print(f"{variant:8} decode {c['decode_ms']:.2f} ms CPU  " + "  ".join(f"{name} {v:.2f}x" for name, v in c.items()
+                                                                    if name != "decode_ms"))
     load_after = uptime()
     print("load before:", load_before)
     print("load after: ", load_after)
     print(json.dumps({"benchmark": "speculative", "shape": shape, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
-                      "k": args.k, "threads": torch.get_num_threads(), "rows": rows,
+                      "k": args.k, "threads": torch.get_num_threads(), "rows": rows, "step_costs": costs,
                       "uptime_before": load_before, "uptime_after": load_after, "time": time.strftime("%FT%TZ")}))
 
 
