@@ -103,6 +103,15 @@ def build_quantised(cfg: dm.ModelConfig, bits: int, seed: int = 0) -> dm.DeepSee
     return model
 
 
+def reset_vm_hwm() -> None:
+    """Start VmHWM afresh at the current resident set (Linux: clear_refs 5), so a later reading is the peak of
+    what ran since, not of building the model."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def lora_v2lite(layers: int, bits: int, seq_len: int) -> tuple[dm.DeepSeekMoEForCausalLM, list[torch.Tensor],
                                                                   torch.Tensor]:
     """(model with LoRA, its trainable tensors, one sequence of token ids)."""
@@ -143,6 +152,7 @@ def run_v2lite_once(layers: int, bits: int, steps: int, seq_len: int, checkpoint
     model, trainable, ids = lora_v2lite(layers, bits, seq_len)
     build_s = time.perf_counter() - t0
     built_rss = vm_hwm_bytes()
+    reset_vm_hwm()  # from here VmHWM is the training steps' peak, not the build's
     set_activation_checkpointing(model, checkpointing)
     set_compact_experts(model, compact)
     set_saved_activations(model, expert_activations)
@@ -155,7 +165,8 @@ def run_v2lite_once(layers: int, bits: int, steps: int, seq_len: int, checkpoint
         progress(f"{layers} layers: step {len(times)} {times[-1]:.1f} s, VmHWM {vm_hwm_bytes() / 1e9:.2f} GB")
     step_s = statistics.median(times[1:])
     return {"layers": layers, "bits": bits, "seq_len": seq_len, "steps": steps, "build_s": round(build_s, 1),
-            "rss_built_gb": round(built_rss / 1e9, 2), "vm_hwm_gb": round(vm_hwm_bytes() / 1e9, 2),
+            "rss_built_gb": round(built_rss / 1e9, 2), "vm_hwm_gb": round(max(built_rss, vm_hwm_bytes()) / 1e9, 2),
+            "train_hwm_gb": round(vm_hwm_bytes() / 1e9, 2),
             "trainable_m": round(sum(p.numel() for p in trainable) / 1e6, 1), "step_s": round(step_s, 2),
             "tokens_per_s": round(seq_len / step_s, 2), "losses": [round(x, 3) for x in losses],
             "activation_checkpointing": checkpointing, "compact_experts": compact,
@@ -185,21 +196,22 @@ def v2lite(args: argparse.Namespace) -> None:
           f"batch 1, AdamW, activation checkpointing {args.checkpointing}, "
           f"{'plain' if args.plain_experts else 'compact'} expert LoRA keeping {args.expert_activations}; "
           f"{cpu_info()}")
-    print(f"{'layers':>6} {'built GB':>9} {'VmHWM GB':>9} {'adapter M':>10} {'s/step':>7} {'tok/s':>7}  load")
+    print(f"{'layers':>6} {'built GB':>9} {'VmHWM GB':>9} {'steps GB':>9} {'adapter M':>10} {'s/step':>7} "
+          f"{'tok/s':>7}  load")
     for r in rows:
-        print(f"{r['layers']:>6} {r['rss_built_gb']:>9} {r['vm_hwm_gb']:>9} {r['trainable_m']:>10} "
+        print(f"{r['layers']:>6} {r['rss_built_gb']:>9} {r['vm_hwm_gb']:>9} {r['train_hwm_gb']:>9} {r['trainable_m']:>10} "
               f"{r['step_s']:>7} {r['tokens_per_s']:>7}  {r['uptime'].split('load average:')[-1].strip()}")
     result: dict[str, Any] = {"benchmark": "finetune_v2lite", "runs": rows, **cpu_info()}
     if len(rows) >= 2 and rows[-1]["layers"] != rows[0]["layers"]:
         a, b = rows[0], rows[-1]
-        per_layer = {k: (b[k] - a[k]) / (b["layers"] - a["layers"]) for k in ("vm_hwm_gb", "step_s")}
+        per_layer = {k: (b[k] - a[k]) / (b["layers"] - a["layers"]) for k in ("train_hwm_gb", "step_s")}
         more = V2_LITE_LAYERS - b["layers"]
-        hwm = b["vm_hwm_gb"] + more * per_layer["vm_hwm_gb"]
+        hwm = b["train_hwm_gb"] + more * per_layer["train_hwm_gb"]  # the steps' peak, above the build's
         step = b["step_s"] + more * per_layer["step_s"]
         result["extrapolated_27_layers"] = {"vm_hwm_gb": round(hwm, 1), "step_s": round(step, 1),
                                             "tokens_per_s": round(args.seq_len / step, 1),
                                             "per_moe_layer": {k: round(v, 3) for k, v in per_layer.items()}}
-        print(f"extrapolated to 27 layers (+{per_layer['vm_hwm_gb']:.2f} GB, +{per_layer['step_s']:.2f} s a MoE "
+        print(f"extrapolated to 27 layers (+{per_layer['train_hwm_gb']:.2f} GB, +{per_layer['step_s']:.2f} s a MoE "
               f"layer): VmHWM ~{hwm:.1f} GB, ~{step:.0f} s/step, ~{args.seq_len / step:.1f} tokens/s")
     print(json.dumps(result))
 

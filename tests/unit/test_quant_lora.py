@@ -294,3 +294,27 @@ def test_frozen_embedding_narrowed_to_bf16_gives_the_rounded_tables_logits_and_g
     tied = small_model(tie_word_embeddings=True)
     tied.requires_grad_(False)
     assert not narrow_frozen_embedding(tied) and tied.embed.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("mode", ["full", "attention"])
+def test_checkpointing_modes_give_the_plain_adapter_gradients_on_a_quantised_base(mode):
+    """The compact expert function under each activation-checkpointing mode (recomputed in the backward under
+    "full", run once under "attention") gives the loss and adapter gradients of the run without checkpointing."""
+    from deepseek_moe.model.block import set_activation_checkpointing
+
+    runs = []
+    for m in ("none", mode):
+        model = quantize_model(small_model(), QuantConfig(bits=8))
+        torch.manual_seed(5)
+        apply_lora(model, LoRAConfig(r=4, targets=("attention", "shared_experts", "routed_experts"), init="random"))
+        mark_trainable(model)
+        set_activation_checkpointing(model, m)
+        model.train()
+        out = model(ids(), labels=ids())
+        out.loss.backward()
+        runs.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss, grads), (loss_c, grads_c) = runs
+    torch.testing.assert_close(loss_c, loss, rtol=0, atol=0)
+    assert grads.keys() == grads_c.keys() and any(".adapter." in n for n in grads)
+    for n, g in grads.items():
+        torch.testing.assert_close(grads_c[n], g, rtol=1e-5, atol=1e-7, msg=n)
