@@ -47,8 +47,11 @@ def narrow_frozen_embedding(model: nn.Module, dtype: torch.dtype = torch.bfloat1
     embed = getattr(model, "embed", None)
     head = getattr(model, "head", None)
     weight = getattr(embed, "weight", None)
+    # The head's own parameter, not ``head.weight``: on a quantised head that property dequantises the whole
+    # matrix (1.7 GB transient at V2-Lite's vocabulary) just to be compared.
+    head_weight = head._parameters.get("weight") if isinstance(head, nn.Module) else None
     if (not isinstance(weight, nn.Parameter) or weight.requires_grad or weight.dtype == dtype
-            or weight is getattr(head, "weight", None)):
+            or weight is head_weight):
         return False
     weight.data = weight.data.to(dtype)
     return True
