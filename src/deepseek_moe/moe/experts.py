@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import ClassVar, Protocol
 
 import torch
@@ -133,8 +132,7 @@ def grouped_product(x_AN: torch.Tensor, w_EMN: torch.Tensor, counts_E: torch.Ten
                     grouped_mm: bool = True) -> torch.Tensor:
     """:meth:`RoutedExperts.product` as a function (quantised experts run their adapters' terms through it)."""
     if widens(x_AN, w_EMN):  # a frozen bf16 base under fp32 activations: products in fp32 (nn/widen.py)
-        return widened_grouped(x_AN, w_EMN, counts_E, partial(grouped_product, mkl_batch=mkl_batch,
-                                                              grouped_mm=grouped_mm))
+        return widened_grouped(x_AN, w_EMN, counts_E)
     if mkl_batch and mkl_grouped.fits(x_AN, w_EMN):
         return mkl_grouped.grouped_linear(x_AN, w_EMN, counts_E)
     w_EMN = compute_weight(w_EMN, x_AN.dtype)
