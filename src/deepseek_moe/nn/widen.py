@@ -17,7 +17,6 @@ gradient and has no compute copy (nn/compute_copy.py: the other direction, fp32 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from deepseek_moe.nn.compute_copy import compute_dtype
 
