@@ -97,6 +97,39 @@ def test_a_bf16_base_trains_its_adapters_as_the_fp32_model_of_its_rounded_weight
             assert p.grad is None, name
 
 
+def test_a_narrowed_lora_model_generates_as_the_fp32_model_of_its_rounded_weights():
+    """generate() takes MLA's absorbed path, which folds wkv_b's matrix() (base + LoRA update) into the query."""
+    from deepseek_moe import generate
+
+    model = _lora_model().eval()
+    reference = copy.deepcopy(model)
+    narrow_frozen_matrices(model)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+            q.copy_(p.float())
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    assert generate(model, prompts, max_new_tokens=4).new_tokens == generate(reference, prompts,
+                                                                             max_new_tokens=4).new_tokens
+
+
+def test_a_linear_widened_over_many_tiles_equals_one_product(monkeypatch):
+    import deepseek_moe.nn.widen as widen
+
+    monkeypatch.setattr(widen, "TILE_ELEMENTS", 64)  # 40 columns: one row a tile, 37 tiles
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(37, 40, generator=g).to(torch.bfloat16)
+    b = torch.randn(37, generator=g).to(torch.bfloat16)
+    x = torch.randn(2, 3, 40, generator=g).transpose(0, 1).requires_grad_(True)  # 3-D, not contiguous
+    y = widened_linear(x, w, b)
+    dy = torch.randn(y.shape, generator=g)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = F.linear(x_ref, w.float(), b.float())
+    (dx_ref,) = torch.autograd.grad(y_ref, x_ref, dy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_narrowing_a_weight_that_trains_is_refused():
     model = DeepSeekMoEForCausalLM(get_preset("tiny"), init_seed=0)
     with pytest.raises(ValueError, match="wants a gradient"):

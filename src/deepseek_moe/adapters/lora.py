@@ -24,6 +24,7 @@ from deepseek_moe.adapters.quant_experts import compact_lora_swiglu
 from deepseek_moe.moe.experts import GroupedProduct, RoutedExperts
 from deepseek_moe.nn.compute_copy import compute_dtype
 from deepseek_moe.nn.linear import Linear
+from deepseek_moe.nn.widen import NARROW
 from deepseek_moe.quant.modules import QuantLinear, QuantRoutedExperts
 
 # init="random": B small, so that the update is of the size training makes, not larger than the base's signal.
@@ -81,8 +82,12 @@ class LoRALinear(_LowRankPair, Linear):
         return Linear.forward(self, x) + self.low_rank(x)
 
     def matrix(self) -> torch.Tensor:
-        """The weight with the update added (differentiable): what MLA's absorbed attention folds in."""
-        return self.weight + (self.lora_B @ self.lora_A * self.scaling).to(self.weight.dtype)
+        """The weight with the update added (differentiable): what MLA's absorbed attention folds in. A frozen
+        base narrower than the adapters (adapters/frozen_base.py) is widened to their dtype, as its products are."""
+        delta = self.lora_B @ self.lora_A * self.scaling
+        if self.weight.dtype in NARROW and not self.weight.requires_grad and delta.dtype == torch.float32:
+            return self.weight.to(delta.dtype) + delta
+        return self.weight + delta.to(self.weight.dtype)
 
     def unwrap(self, *, merge: bool) -> Linear:
         """The plain Linear holding this module's weight (with the update folded in when ``merge``)."""

@@ -129,7 +129,7 @@ class MLA(nn.Module):
                   mask: torch.Tensor | None) -> torch.Tensor:
         B, T, H, _ = q_nope.shape
         # matrix(): the weight with any unmerged adapter's update (a quantised wkv_b dequantises its weight)
-        matrix = self.wkv_b.matrix()
+        matrix = self.wkv_b.matrix().to(q_nope.dtype)  # a no-op but for a bf16-held base under fp32 activations
         wkv_b = matrix.view(H, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = wkv_b[:, : self.qk_nope_head_dim], wkv_b[:, self.qk_nope_head_dim :]  # (H, N, C), (H, V, C)
         q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # query in latent space
