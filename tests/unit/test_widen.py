@@ -26,6 +26,16 @@ def _saved_shapes(fn):
     return out, saved
 
 
+def _check_linear_against_fp32(y, x, dy, w, b, tol):
+    """y and x's gradient (for dy) equal F.linear's with the weight and bias widened beforehand."""
+    (dx,) = torch.autograd.grad(y, x, dy)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = F.linear(x_ref, w.float(), b.float())
+    (dx_ref,) = torch.autograd.grad(y_ref, x_ref, dy)
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(dx, dx_ref, rtol=tol, atol=tol)
+
+
 def test_widened_linear_equals_fp32_with_rounded_weight_and_keeps_no_fp32_copy():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(24, 40, generator=g).to(torch.bfloat16)
@@ -33,13 +43,7 @@ def test_widened_linear_equals_fp32_with_rounded_weight_and_keeps_no_fp32_copy()
     x = torch.randn(3, 5, 40, generator=g, requires_grad=True)
     y, saved = _saved_shapes(lambda: widened_linear(x, w, b))
     assert (torch.float32, (24, 40)) not in saved and (torch.bfloat16, (24, 40)) in saved
-    dy = torch.randn_like(y)
-    (dx,) = torch.autograd.grad(y, x, dy)
-    x_ref = x.detach().clone().requires_grad_(True)
-    y_ref = F.linear(x_ref, w.float(), b.float())
-    (dx_ref,) = torch.autograd.grad(y_ref, x_ref, dy)
-    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(dx, dx_ref, rtol=1e-6, atol=1e-6)
+    _check_linear_against_fp32(y, x, torch.randn_like(y), w, b, 1e-6)
     assert w.grad is None and w.dtype == torch.bfloat16
 
 
@@ -121,13 +125,7 @@ def test_a_linear_widened_over_many_tiles_equals_one_product(monkeypatch):
     b = torch.randn(37, generator=g).to(torch.bfloat16)
     x = torch.randn(2, 3, 40, generator=g).transpose(0, 1).requires_grad_(True)  # 3-D, not contiguous
     y = widened_linear(x, w, b)
-    dy = torch.randn(y.shape, generator=g)
-    (dx,) = torch.autograd.grad(y, x, dy)
-    x_ref = x.detach().clone().requires_grad_(True)
-    y_ref = F.linear(x_ref, w.float(), b.float())
-    (dx_ref,) = torch.autograd.grad(y_ref, x_ref, dy)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    _check_linear_against_fp32(y, x, torch.randn(y.shape, generator=g), w, b, 1e-5)
 
 
 def test_narrowing_a_weight_that_trains_is_refused():
