@@ -34,9 +34,9 @@ def widens(x: torch.Tensor, weight: torch.Tensor) -> bool:
 TILE_ELEMENTS = 1 << 18
 
 
-def _row_tiles(weight: torch.Tensor) -> range:
-    rows = max(1, TILE_ELEMENTS // max(1, weight.shape[1]))
-    return range(0, weight.shape[0], rows)
+def _tile_rows(weight: torch.Tensor) -> int:
+    """Rows of ``weight`` widened at a time."""
+    return max(1, TILE_ELEMENTS // max(1, weight.shape[1]))
 
 
 class _WidenedLinear(torch.autograd.Function):
@@ -47,8 +47,8 @@ class _WidenedLinear(torch.autograd.Function):
         ctx.save_for_backward(weight)
         x2 = x.reshape(-1, x.shape[-1])
         y = x2.new_empty(x2.shape[0], weight.shape[0])
-        step = _row_tiles(weight).step
-        for n0 in _row_tiles(weight):
+        step = _tile_rows(weight)
+        for n0 in range(0, weight.shape[0], step):
             y[:, n0:n0 + step] = x2 @ weight[n0:n0 + step].to(x.dtype).t()
         if bias is not None:
             y += bias.to(x.dtype)
@@ -59,8 +59,8 @@ class _WidenedLinear(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dy2.new_zeros(dy2.shape[0], weight.shape[1])
-        step = _row_tiles(weight).step
-        for n0 in _row_tiles(weight):
+        step = _tile_rows(weight)
+        for n0 in range(0, weight.shape[0], step):
             dx.addmm_(dy2[:, n0:n0 + step], weight[n0:n0 + step].to(dy.dtype))
         return dx.view(*dy.shape[:-1], weight.shape[1]), None, None
 
