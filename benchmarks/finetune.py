@@ -20,21 +20,28 @@ interleaved rounds on the same batch; fp32 logits of the two base models must ag
 passes to the adapters below it), the C++ kernel against the tiled dequantise-then-matmul twin, at V2-Lite's
 expert and attention shapes, 1 thread by default, CPU time of interleaved rounds.
 
+``qfwd``: the forward's y = x @ dequant(W)^T for int8 codes and fp32 x at decode and training row counts, the
+kernel's decode tiles against its strip path (interleaved; 2 threads: wall time, 1 thread: CPU time), and one MoE layer's expert
+products as a per-expert loop against one grouped call.
+
     python benchmarks/finetune.py v2lite --layers 2 4 [--steps 3] [--seq-len 512] [--bits 8] [--checkpointing MODE]
     python benchmarks/finetune.py v2modes --layers 3 [--rounds 2] [--modes none attention full none/plain]
     python benchmarks/finetune.py mid [--rounds 3]
     python benchmarks/finetune.py qgrad [--rows 8 32 64] [--threads 1]
+    python benchmarks/finetune.py qfwd [--rows 1 4 8 16 48 512] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -364,6 +371,74 @@ def qgrad(args: argparse.Namespace) -> None:
     print(json.dumps({"benchmark": "finetune_qgrad", "rows": rows, "uptime": load, **cpu_info()}))
 
 
+# ---- (d) the forward's int8 product at training row counts: the strip path against the decode tiles ---------------
+def qfwd(args: argparse.Namespace) -> None:
+    """y = x @ dequant(W)^T with int8 codes and fp32 x (each frozen layer's forward), the kernel's decode tiles
+    (quant_matmul.set_strip_rows(huge)) against its strip path (set_strip_rows(1)), interleaved rounds, wall time,
+    median; each call takes the next of enough matrices (--mb) that the codes stream from memory as in a step.
+    Then one V2-Lite MoE layer's expert product (64 experts, --tokens x 6 rows routed uniformly): one
+    quant_matmul per expert (the loop quant/grad.py had) against one quant_matmul_grouped call, each at the
+    default threshold."""
+    from deepseek_moe.kernels import quant_matmul as qm
+    from deepseek_moe.quant import pack
+
+    # One thread: CPU time (what a loaded machine disturbs least); more: wall time (CPU time would count the
+    # threads' spinning at barriers).
+    clock = time.process_time if args.threads == 1 else time.perf_counter
+
+    def gflops(f: Any, flop: float) -> float:
+        f()
+        t0 = clock()
+        for _ in range(args.reps):
+            f()
+        return flop * args.reps / (clock() - t0) / 1e9
+
+    default = qm.strip_rows()
+    rows: list[dict[str, Any]] = []
+    for N, K in ((1408, 2048), (2048, 1408)):
+        mats = [pack.quantize_int8(torch.randn(N, K)) for _ in range(max(1, args.mb * 2**20 // (N * K)))]
+        turn = itertools.count()
+        for M in args.rows:
+            x = torch.randn(M, K)
+
+            def call(x: torch.Tensor = x, mats: list = mats, turn: Iterator[int] = turn) -> None:
+                q, s = mats[next(turn) % len(mats)]
+                qm.quant_matmul(x, q, s)
+
+            t: dict[str, list[float]] = {"decode": [], "strip": []}
+            for _ in range(args.rounds):
+                for name, threshold in (("decode", 1 << 40), ("strip", 1)):
+                    qm.set_strip_rows(threshold)
+                    t[name].append(gflops(call, 2 * M * N * K))
+            med = {k: statistics.median(v) for k, v in t.items()}
+            rows.append({"N": N, "K": K, "M": M, "decode_gflops": round(med["decode"], 1),
+                         "strip_gflops": round(med["strip"], 1), "ratio": round(med["strip"] / med["decode"], 2)})
+    qm.set_strip_rows(default)
+    E, N, K = 64, 1408, 2048
+    q_E = torch.randint(-127, 128, (E, N, K), dtype=torch.int8)
+    s_E = torch.rand(E, N) * 1e-2
+    counts = torch.randint(0, E, (args.tokens * 6,)).bincount(minlength=E).tolist()
+    x = torch.randn(sum(counts), K)
+    layer: dict[str, list[float]] = {"loop": [], "grouped": []}
+    for _ in range(args.rounds):
+        layer["loop"].append(gflops(lambda: qm.quant_matmul_grouped_reference(x, q_E, s_E, counts), 2 * x.shape[0] * N * K))
+        layer["grouped"].append(gflops(lambda: qm.quant_matmul_grouped(x, q_E, s_E, counts), 2 * x.shape[0] * N * K))
+    grouped = {k: round(statistics.median(v), 1) for k, v in layer.items()}
+    load = uptime()
+    print(f"\ny = x (M, K) @ dequant(W (N, K))^T, int8 codes, fp32 x, {torch.get_num_threads()} thread(s), GFLOP/s "
+          f"({'CPU' if args.threads == 1 else 'wall'} time), median of {args.rounds} interleaved rounds; strip path from {default} rows by default; {cpu_info()}")
+    print(f"{'N x K':>11} {'M':>4} {'decode tiles':>13} {'strip':>7} {'ratio':>6}")
+    for r in rows:
+        print(f"{str(r['N']) + 'x' + str(r['K']):>11} {r['M']:>4} {r['decode_gflops']:>13} {r['strip_gflops']:>7} "
+              f"{r['ratio']:>5}x")
+    print(f"one layer's experts ({E} x {N}x{K}, {x.shape[0]} rows, {min(counts)}-{max(counts)} an expert): "
+          f"per-expert loop {grouped['loop']} GFLOP/s, grouped call {grouped['grouped']} GFLOP/s")
+    print(f"({load})")
+    print(json.dumps({"benchmark": "finetune_qfwd", "rows": rows, "strip_rows": default, "layer_gflops": grouped,
+                      "clock": "cpu" if args.threads == 1 else "wall",
+                      "uptime": load, **cpu_info()}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -397,9 +472,17 @@ def main() -> None:
     c.add_argument("--rounds", type=int, default=5)
     c.add_argument("--reps", type=int, default=5)
     c.add_argument("--threads", type=int, default=1)
+    d = sub.add_parser("qfwd")
+    d.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16, 48, 512], help="rows of x")
+    d.add_argument("--rounds", type=int, default=5)
+    d.add_argument("--reps", type=int, default=5)
+    d.add_argument("--mb", type=int, default=48, help="megabytes of codes cycled through (beyond the L3 cache)")
+    d.add_argument("--tokens", type=int, default=512, help="tokens of the layer product (6 experts each)")
+    d.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    torch.set_num_threads(args.threads if args.what == "qgrad" else min(2, torch.get_num_threads()))
-    {"v2lite": v2lite, "v2modes": v2modes, "mid": mid, "qgrad": qgrad}[args.what](args)
+    threads = args.threads if args.what in ("qgrad", "qfwd") else min(2, torch.get_num_threads())
+    torch.set_num_threads(threads)
+    {"v2lite": v2lite, "v2modes": v2modes, "mid": mid, "qgrad": qgrad, "qfwd": qfwd}[args.what](args)
 
 
 if __name__ == "__main__":

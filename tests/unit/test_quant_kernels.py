@@ -4,6 +4,7 @@ instruction-set path this CPU can run, for builds at the baseline and the x86-64
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import platform
 import shutil
 import subprocess
@@ -70,6 +71,78 @@ def test_kernel_handles_widths_not_multiple_of_the_vector(isa: str, K: int) -> N
     torch.testing.assert_close(qm.quant_matmul(x, q, s), qm.quant_matmul_reference(x, q, s), rtol=1e-5, atol=1e-5)
 
 
+@contextlib.contextmanager
+def strip_rows(rows: int | None) -> collections.abc.Iterator[int]:
+    """The kernel's strip path from ``rows`` rows of x on (None: the default threshold) for the body; yields it."""
+    before = qm.set_strip_rows(rows if rows is not None else 1)
+    try:
+        if rows is None:
+            qm.set_strip_rows(before)
+        yield qm.strip_rows() or 0
+    finally:
+        qm.set_strip_rows(before)
+
+
+@pytest.mark.parametrize("M", ["threshold - 1", "threshold", 48, 130])
+@pytest.mark.parametrize(("N", "K"), [(48, 256), (70, 45), (37, 200), (16, 1416)])
+def test_int8_strip_path_matches_reference_across_its_threshold(isa: str, M: int | str, N: int, K: int) -> None:
+    """From the threshold on, int8 products take the strip path (16 rows of W widened into a panel, 6 x 16 tiles
+    over the rows of x): rows just below and at it, several tiles with a short last one, N not a multiple of the
+    16-row panel, K not a multiple of the 8-column widening step."""
+    with strip_rows(None) as threshold:
+        rows = {"threshold - 1": threshold - 1, "threshold": threshold}.get(str(M), M)
+        assert isinstance(rows, int) and 1 < threshold <= 48
+        torch.manual_seed(rows * 1000 + N + K)
+        q, s = _weights(8, N, K)
+        x = torch.randn(rows, K)
+        torch.testing.assert_close(qm.quant_matmul(x, q, s), qm.quant_matmul_reference(x, q, s), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("M", [1, 2, 5, 7, 8, 13])
+def test_int8_strip_path_serves_any_row_count_when_forced(isa: str, M: int) -> None:
+    """Every tile height (1 to 6 rows) and the split of a few rows into near-equal tiles, on the strip path."""
+    with strip_rows(1):
+        torch.manual_seed(M)
+        q, s = _weights(8, 37, 77)
+        x = torch.randn(M, 77)
+        torch.testing.assert_close(qm.quant_matmul(x, q, s), qm.quant_matmul_reference(x, q, s), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["strip", "decode"])
+def test_int8_kernel_reads_and_writes_rows_at_their_strides(isa: str, path: str) -> None:
+    """x rows ldx > K apart (the columns between hold NaN: reading them would show) and y rows ldy > N apart (the
+    columns between must keep their value), on both paths."""
+    lib = load_library()
+    M, N, K, pad = 13, 37, 45, 7
+    torch.manual_seed(3)
+    q, s = _weights(8, N, K)
+    x_wide = torch.full((M, K + pad), float("nan"))
+    x_wide[:, :K] = torch.randn(M, K)
+    y_wide = torch.full((M, N + pad), 7.0)
+    with strip_rows(1 if path == "strip" else 1 << 40):
+        lib.dsm_qgemm_int8(x_wide.data_ptr(), K + pad, M, K, q.data_ptr(), s.data_ptr(), N, y_wide.data_ptr(),
+                           N + pad, 2)
+    want = qm.quant_matmul_reference(x_wide[:, :K].contiguous(), q, s)
+    torch.testing.assert_close(y_wide[:, :N], want, rtol=1e-5, atol=1e-4)
+    assert (y_wide[:, N:] == 7.0).all()
+
+
+@pytest.mark.parametrize("rows", [None, 1, 1 << 40])  # the default threshold, the strip path only, decode only
+def test_grouped_int8_matches_one_reference_product_per_expert(isa: str, rows: int | None) -> None:
+    """One kernel call for every expert of a layer equals each expert's rows times its own dequantised weight:
+    experts with no rows, with fewer and more rows than the strip threshold, N not a multiple of 16."""
+    torch.manual_seed(5)
+    E, N, K = 6, 37, 45
+    q, s = _stacked(8, E, N, K, 32)
+    counts = [0, 3, 9, 50, 0, 14]
+    x = torch.randn(sum(counts), K)
+    want = torch.cat([qm.quant_matmul_reference(xe, q[e], s[e]) for e, xe in enumerate(x.split(counts))])
+    with strip_rows(rows):
+        torch.testing.assert_close(qm.quant_matmul_grouped(x, q, s, counts), want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="counts .sum 76, 6 experts. do not fit x .75, 45."):
+        qm.quant_matmul_grouped(x[1:], q, s, counts)
+
+
 @needs_kernel
 def test_cpuid_detection_agrees_with_proc_cpuinfo() -> None:
     flags = _cpu_flags()
@@ -114,7 +187,8 @@ def _check_paths_of(lib: object, monkeypatch: pytest.MonkeyPatch) -> list[str]:
             for acts in qm.ACTIVATIONS:
                 qm.set_activations(acts)
                 ref = qm.quant_matmul_q8_reference if acts == "int8" else qm.quant_matmul_reference
-                for bits, M, N, K, group in [(8, 1, 37, 45, 32), (8, 6, 9, 200, 32), (4, 1, 37, 96, 32),
+                for bits, M, N, K, group in [(8, 1, 37, 45, 32), (8, 6, 9, 200, 32), (8, 13, 37, 45, 32),
+                                             (4, 1, 37, 96, 32),
                                              (4, 5, 13, 256, 64), (4, 3, 6, 384, 128)]:
                     q, s = _weights(bits, N, K, group)
                     x = torch.randn(M, K)

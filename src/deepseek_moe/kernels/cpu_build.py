@@ -271,12 +271,18 @@ def configure_qgemm(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dsm_experts_q8.restype = None
     lib.dsm_qgrad_int8.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int]
     lib.dsm_qgrad_int8.restype = None
+    lib.dsm_qgemm_int8_grouped.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int]
+    lib.dsm_qgemm_int8_grouped.restype = None
     for name in ("dsm_isa_supported", "dsm_set_isa"):
         getattr(lib, name).argtypes = [c_int]
         getattr(lib, name).restype = c_int
     for name in ("dsm_best_isa", "dsm_get_isa"):
         getattr(lib, name).argtypes = []
         getattr(lib, name).restype = c_int
+    lib.dsm_set_strip_rows.argtypes = [i64]
+    lib.dsm_set_strip_rows.restype = i64
+    lib.dsm_get_strip_rows.argtypes = []
+    lib.dsm_get_strip_rows.restype = i64
     return lib
 
 

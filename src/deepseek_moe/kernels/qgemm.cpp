@@ -511,6 +511,13 @@ void ttile(const TTile& t) {
         for (int64_t c = 0; c < t.nk; ++c) t.dx[j * t.ldx + c] = acc[j][c];
 }
 
+// The forward's strip (see run_strip): rows n0 .. n0 + nn of W (w, scale at row n0) dequantised and transposed,
+// strip[k * TKB + c] = w[c][k] * scale[c], zero for c >= nn.
+void widen_rows_int8(const int8_t* w, const float* scale, int64_t K, int64_t nn, float* strip) {
+    for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = 0; c < TKB; ++c) strip[k * TKB + c] = c < nn ? float(w[c * K + k]) * scale[c] : 0.0f;
+}
+
 }  // namespace scalar
 
 #ifdef DSM_X86
@@ -555,14 +562,48 @@ DSM_AVX2 void ttile(const TTile& t) {
     }
 }
 
+// 8 columns of 8 rows, widened and scaled (one vector per row), become 8 vectors of one column each.
+DSM_AVX2 inline void transpose8(__m256 r[8]) {
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xee);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xee);
+    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20); r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20); r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31); r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31); r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+DSM_AVX2 void widen_rows_int8(const int8_t* w, const float* scale, int64_t K, int64_t nn, float* strip) {
+    if (nn < TKB) { scalar::widen_rows_int8(w, scale, K, nn, strip); return; }  // the last rows of an odd N
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8)
+        for (int h = 0; h < TKB; h += 8) {  // rows h .. h + 7 fill columns h .. h + 7 of 8 strip rows
+            __m256 r[8];
+            for (int i = 0; i < 8; ++i) {
+                const __m128i c = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + (h + i) * K + k));
+                r[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)), _mm256_broadcast_ss(scale + h + i));
+            }
+            transpose8(r);
+            for (int i = 0; i < 8; ++i) _mm256_storeu_ps(strip + (k + i) * TKB + h, r[i]);
+        }
+    for (; k < K; ++k)
+        for (int c = 0; c < TKB; ++c) strip[k * TKB + c] = float(w[c * K + k]) * scale[c];
+}
+
 }  // namespace avx2
 #endif  // DSM_X86
 
 using WidenFn = void (*)(const int8_t*, int64_t, int64_t, int64_t, float*);
+using WidenRowsFn = void (*)(const int8_t*, const float*, int64_t, int64_t, float*);
 using TTileFn = void (*)(const TTile&);
-struct TKernels { WidenFn widen; TTileFn tiles[TMB]; };
-#define DSM_TKERNELS(ns) {&ns::widen_int8, {&ns::ttile<1>, &ns::ttile<2>, &ns::ttile<3>, &ns::ttile<4>, \
-                                            &ns::ttile<5>, &ns::ttile<6>}}
+struct TKernels { WidenFn widen; WidenRowsFn widen_rows; TTileFn tiles[TMB]; };
+#define DSM_TKERNELS(ns) {&ns::widen_int8, &ns::widen_rows_int8, {&ns::ttile<1>, &ns::ttile<2>, &ns::ttile<3>, \
+                                                              &ns::ttile<4>, &ns::ttile<5>, &ns::ttile<6>}}
 const TKernels TKERNELS_SCALAR = DSM_TKERNELS(scalar);
 #ifdef DSM_X86
 const TKernels TKERNELS_AVX2 = DSM_TKERNELS(avx2);
@@ -575,6 +616,46 @@ const TKernels& tkernels() {
     if (g_isa.load(std::memory_order_relaxed) >= ISA_AVX2) return TKERNELS_AVX2;
 #endif
     return TKERNELS_SCALAR;
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// The forward at training / prefill row counts: y (M, N) = x (M, K) @ (scale * Q)^T with M >= g_strip_rows.
+// The decode tiles above widen each weight vector in registers and use it for at most MB = 4 rows of x: ~107
+// GFLOP/s at any M on 2 AVX2 cores (1408 x 2048), the widening costing as much as the FMAs. Here a panel of
+// TKB = 16 rows of W is widened, scaled and transposed ONCE into an fp32 strip (K, 16) (128 KB at K = 2048: it
+// stays in L2), and the transposed product's 6 x 16 register tile (ttile: broadcast a row of x, two strip
+// vectors, 12 named accumulators) runs down it for all M rows: y[m0 .. m0+6, n0 .. n0+16] = x[m0 .. m0+6, :]
+// @ strip. Panels are split over threads (no sum crosses threads). AVX-512 CPUs run the AVX2 tiles (as the
+// backward does: this path is not tuned for them). Same readable twin: quant_matmul_reference.
+
+// From 16 rows on: with the codes streaming from memory the strip path overtook the decode tiles between 10 and
+// 16 rows of x (1 thread, 1408 x 2048 and 2048 x 1408; benchmarks/finetune.py qfwd). dsm_set_strip_rows moves it.
+std::atomic<int64_t> g_strip_rows{16};
+
+// y[:, n0 .. n0 + 16] of p through the strip (thread-private scratch of K * TKB floats).
+void strip_panel(const TKernels& tk, const Problem& p, int64_t n0, float* strip) {
+    const int64_t nk = p.N - n0 < TKB ? p.N - n0 : TKB;
+    tk.widen_rows(static_cast<const int8_t*>(p.w) + n0 * p.K, static_cast<const float*>(p.scale) + n0, p.K, nk,
+                  strip);
+    // ceil(M / 6) tiles of near-equal height (8 rows: 4 + 4, not 6 + 2): a tile of fewer rows has fewer
+    // accumulators than the FMA units need in flight to hide their latency.
+    const int64_t n_tiles = (p.M + TMB - 1) / TMB;
+    for (int64_t i = 0, m0 = 0; i < n_tiles; ++i) {
+        const int nm = int((p.M - m0) / (n_tiles - i) + ((p.M - m0) % (n_tiles - i) != 0));
+        tk.tiles[nm - 1](TTile{p.x + m0 * p.ldx, p.ldx, p.K, strip, p.y + m0 * p.ldy + n0, p.ldy, nk});
+        m0 += nm;
+    }
+}
+
+void run_strip(const Problem& p, int n_threads) {
+    const TKernels& tk = tkernels();
+    const int64_t panels = (p.N + TKB - 1) / TKB;
+#pragma omp parallel num_threads(n_threads)
+    {
+        std::vector<float> strip(size_t(p.K * TKB));
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < panels; ++b) strip_panel(tk, p, b * TKB, strip.data());
+    }
 }
 
 }  // namespace
@@ -612,11 +693,44 @@ void dsm_qgemm_q8(const float* x, int64_t ldx, int64_t M, int64_t K, int bits, c
            y, ldy, n_threads);
 }
 
-// x (M, K) fp32 rows ldx apart; w (N, K) int8; scale (N,) fp32; y (M, N) fp32 rows ldy apart.
+// x (M, K) fp32 rows ldx apart; w (N, K) int8; scale (N,) fp32; y (M, N) fp32 rows ldy apart. Any K, N.
+// From dsm_get_strip_rows() rows of x on, the strip path (run_strip); below, the decode tiles.
 void dsm_qgemm_int8(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* w, const float* scale,
                     int64_t N, float* y, int64_t ldy, int n_threads) {
-    run(kernels().int8, Problem{x, ldx, M, K, w, scale, 0, N, y, ldy}, n_threads);
+    const Problem p{x, ldx, M, K, w, scale, 0, N, y, ldy};
+    if (M >= g_strip_rows.load(std::memory_order_relaxed)) run_strip(p, n_threads);
+    else run(kernels().int8, p, n_threads);
 }
+
+// dsm_qgemm_int8 for G groups of rows at once (the routed experts of one layer, the forward of a frozen int8
+// base in training, quant/grad.py): group g is rows start[g] .. start[g] + len[g] of x (A, K) and y (A, N), both
+// contiguous, times codes w + g * N * K (int8 (N, K)) and scales scale + g * N (fp32). One parallel region
+// instead of one call (and a copy into y) per expert; work items are (group, panel of 16 columns), handed out
+// as threads free up since experts have unequal rows. A group below dsm_get_strip_rows() rows takes the decode
+// tiles on its panel. Rows outside every group are left as they are.
+void dsm_qgemm_int8_grouped(const float* x, int64_t K, int64_t N, int64_t G, const int64_t* start,
+                            const int64_t* len, const int8_t* w, const float* scale, float* y, int n_threads) {
+    const int64_t panels = (N + TKB - 1) / TKB, strip_rows = g_strip_rows.load(std::memory_order_relaxed);
+    const TKernels& tk = tkernels();
+    const Kernels& ks = kernels();
+#pragma omp parallel num_threads(n_threads)
+    {
+        std::vector<float> strip(size_t(K * TKB));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < G * panels; ++it) {
+            const int64_t g = it / panels, n0 = (it % panels) * TKB;
+            if (len[g] == 0) continue;
+            const Problem p{x + start[g] * K, K, len[g], K, w + g * N * K, scale + g * N, 0, N, y + start[g] * N, N};
+            if (len[g] >= strip_rows) { strip_panel(tk, p, n0, strip.data()); continue; }
+            for (int64_t b = n0; b < n0 + TKB && b < N; b += NB) tile_rows(ks.int8, p, b, 0, p.M);
+        }
+    }
+}
+
+// The row count from which dsm_qgemm_int8 takes the strip path (tests and benchmarks compare the two paths in
+// one process; a huge value keeps the decode tiles everywhere). Returns the previous value.
+int64_t dsm_set_strip_rows(int64_t rows) { return g_strip_rows.exchange(rows < 1 ? 1 : rows); }
+int64_t dsm_get_strip_rows() { return g_strip_rows.load(); }
 
 // w (N, K/2) uint8 in the kernel layout; scale (N, K/gs) fp16 bits; gs a multiple of 32.
 void dsm_qgemm_int4(const float* x, int64_t ldx, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scale,

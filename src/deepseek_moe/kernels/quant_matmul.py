@@ -6,7 +6,9 @@ codes packed in the *kernel* layout, uint8 (N, K/2), with float16 group scales (
 * :func:`quant_matmul_reference` dequantises the whole matrix and calls matmul: obviously right, slow.
 * :func:`quant_matmul` picks, by the number of rows of x:
   - on the CPU without autograd: the C++ kernel of ``qgemm.cpp``, which streams the codes once per 64 rows of x
-    and never writes a dequantised matrix (decode is memory-bound: move as few bytes as possible). It has an
+    and never writes a dequantised matrix (decode is memory-bound: move as few bytes as possible); from
+    :func:`strip_rows` rows of x on (int8 codes, fp32 activations: training, prefill) it widens 16 rows of W at
+    a time into an fp32 panel that stays in cache and runs a register tile over every row of x. It has an
     AVX-512, an AVX2+FMA+F16C and a scalar path, picked from CPUID; :func:`kernel_isa` says which runs,
     :func:`set_kernel_isa` (or ``DEEPSEEK_MOE_KERNEL_ISA``) forces one;
   - otherwise (autograd, other devices, no compiler, or ``DEEPSEEK_MOE_KERNELS=0``): dequantise tiles of W to
@@ -180,6 +182,46 @@ def quant_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     return y if x.dtype is torch.float32 else y.to(x.dtype)
 
 
+def quant_matmul_grouped_reference(x_AK: torch.Tensor, q_E: torch.Tensor, scale_E: torch.Tensor,
+                                   counts: list[int]) -> torch.Tensor:
+    """(A, N): each expert's rows of x (sorted by expert, ``counts[e]`` of them) times its dequantised ``q_E[e]``
+    transposed, one :func:`quant_matmul` per expert (codes (E, N, ...) and scales (E, N, ...) stacked)."""
+    y_AN = x_AK.new_empty(x_AK.shape[0], q_E.shape[1])
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            y_AN[start:start + n] = quant_matmul(x_AK[start:start + n], q_E[e], scale_E[e])
+        start += n
+    return y_AN
+
+
+def quant_matmul_grouped(x_AK: torch.Tensor, q_E: torch.Tensor, scale_E: torch.Tensor,
+                         counts: list[int]) -> torch.Tensor:
+    """:func:`quant_matmul_grouped_reference` in one kernel call for all experts (``dsm_qgemm_int8_grouped``)
+    where it serves: int8 codes, fp32 activations, CPU, no autograd; else that loop. One parallel region instead
+    of one per expert, each waiting for its slowest thread, and no copy of each expert's output (measured:
+    benchmarks/finetune.py qfwd, "one layer's experts")."""
+    if sum(counts) != x_AK.shape[0] or len(counts) != q_E.shape[0]:
+        raise ValueError(f"quant_matmul_grouped: counts (sum {sum(counts)}, {len(counts)} experts) do not fit x "
+                         f"{tuple(x_AK.shape)} and codes {tuple(q_E.shape)}")
+    lib = _kernel_for(x_AK)
+    if (lib is None or q_E.dtype != torch.int8 or activations() != "fp32" or x_AK.shape[0] == 0
+            or max(counts) > KERNEL_MAX_ROWS):
+        return quant_matmul_grouped_reference(x_AK, q_E, scale_E, counts)
+    E, N, K = q_E.shape
+    _check(x_AK, q_E[0], scale_E[0], "quant_matmul_grouped")
+    if not q_E.is_contiguous() or not scale_E.is_contiguous() or x_AK.dim() != 2:
+        raise ValueError(f"quant_matmul_grouped: x must be (A, K) and q_E, scale_E contiguous (x "
+                         f"{tuple(x_AK.shape)}, codes strides {q_E.stride()}, scales strides {scale_E.stride()})")
+    len_E = torch.tensor(counts, dtype=torch.int64)
+    start_E = torch.cumsum(len_E, 0) - len_E
+    x32 = x_AK.float().contiguous()
+    y = torch.empty(x_AK.shape[0], N, dtype=torch.float32)
+    lib.dsm_qgemm_int8_grouped(x32.data_ptr(), K, N, E, start_E.data_ptr(), len_E.data_ptr(), q_E.data_ptr(),
+                               scale_E.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    return y if x_AK.dtype is torch.float32 else y.to(x_AK.dtype)
+
+
 def _q8_steps_groups(group_size: int) -> bool:
     """Whether the int8-activation tiles step through these int4 groups: they pair 32-column activation blocks
     with a group's two nibble halves, so a group is one block or a whole number of pairs (96 is neither: it takes
@@ -245,6 +287,22 @@ def set_kernel_isa(isa: str) -> None:
     if lib is None:
         raise ValueError("no compiled kernel (no C++ compiler, or DEEPSEEK_MOE_KERNELS=0): nothing to set")
     cpu_build.set_isa(lib, isa)
+
+
+def set_strip_rows(rows: int) -> int:
+    """From ``rows`` rows of x on, int8 products with fp32 activations take the kernel's strip path (a panel of W
+    widened once to fp32, a 6 x 16 register tile over every row) instead of the decode tiles; returns the
+    previous value. Tests and benchmarks compare the two paths in one process (a huge value: decode tiles only)."""
+    lib = load_library()
+    if lib is None:
+        raise ValueError("no compiled kernel (no C++ compiler, or DEEPSEEK_MOE_KERNELS=0): nothing to set")
+    return int(lib.dsm_set_strip_rows(rows))
+
+
+def strip_rows() -> int | None:
+    """The row count from which the kernel's int8 products take the strip path (None: no kernel)."""
+    lib = load_library()
+    return None if lib is None else int(lib.dsm_get_strip_rows())
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from deepseek_moe.kernels.quant_matmul import quant_matmul
+from deepseek_moe.kernels.quant_matmul import quant_matmul, quant_matmul_grouped
 from deepseek_moe.kernels.quant_transposed import input_grad, input_grad_grouped
 
 
@@ -51,13 +51,7 @@ class _FrozenQuantGrouped(torch.autograd.Function):
                 counts: list[int]) -> torch.Tensor:
         ctx.save_for_backward(q_E, scale_E)
         ctx.counts = counts
-        y_AN = x_AK.new_empty(x_AK.shape[0], q_E.shape[1])
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                y_AN[start:start + n] = quant_matmul(x_AK[start:start + n], q_E[e], scale_E[e])
-            start += n
-        return y_AN
+        return quant_matmul_grouped(x_AK, q_E, scale_E, counts)  # one kernel call for all experts
 
     @staticmethod
     def backward(ctx: Any, dy_AN: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
