@@ -314,6 +314,29 @@ def test_deterministic_combine_equals_index_add():
     torch.testing.assert_close(g_slots, g_fast)
 
 
+def test_combine_keeps_only_the_indices_for_the_backward():
+    # autograd's own index_add saves its (A, D) source; combine's gradient needs only token_A.
+    from deepseek_moe.moe.dispatch import combine
+
+    torch.manual_seed(0)
+    token_A = torch.randint(0, 7, (40,))
+    y_AD = torch.randn(40, 5, dtype=torch.float64, requires_grad=True)
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y_TD = combine(y_AD, token_A, 9, deterministic=False)
+    assert saved == [(40,)]
+    reference = torch.zeros(9, 5, dtype=torch.float64).index_add(0, token_A, y_AD)
+    assert torch.equal(y_TD, reference)
+    dy = torch.randn(9, 5, dtype=torch.float64)
+    assert torch.equal(torch.autograd.grad(y_TD, y_AD, dy)[0], torch.autograd.grad(reference, y_AD, dy)[0])
+    assert torch.autograd.gradcheck(lambda y: combine(y, token_A, 9, deterministic=False), (y_AD,))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_layer_matches_cpu():
     torch.manual_seed(0)

@@ -14,9 +14,9 @@ K activated, F expert width, Fs = n_shared * F, I dense FFN width, W vocabulary:
     dense FFN    FFN norm + 4 * I * c: w1's output (SiLU's input), SiLU's output, w3's output, their product
     MoE          FFN norm + router: fp32 copy of its input (4D, none when c == 4), the scores and the balance
                  loss's copy (2 * 4E)
-                 + K * (2D + 5F + 1) * c + 3 * 8K: per expert row its input, w1's, SiLU's and w3's outputs, their
-                 product, the gated product, the gate, the row's output (the weighted sum back into tokens
-                 keeps it), and three int64 indices
+                 + K * (D + 5F + 1) * c + 3 * 8K: per expert row its input, w1's, SiLU's and w3's outputs, their
+                 product, the gated product, the gate, and three int64 indices (the sum back into tokens keeps
+                 only its indices, not the rows' outputs: moe/dispatch.py)
                  + 4 * Fs * c (the shared experts, as a dense FFN)
     head         final norm + 2 * 4W + 2 * 8: log-softmax's output, the fp32 logits (held by the output, not
                  saved, but alive when the backward starts), the token ids and the targets (int64)
@@ -61,7 +61,7 @@ def ffn_bytes(cfg: ModelConfig, layer_id: int, c: int) -> int:
     moe = cfg.moe
     router = (FP32 * cfg.dim if c != FP32 else 0) + 2 * FP32 * moe.n_routed_experts
     K, F = moe.n_activated_experts, moe.moe_inter_dim
-    routed = K * (2 * cfg.dim + 5 * F + 1) * c + 3 * K * INDEX
+    routed = K * (cfg.dim + 5 * F + 1) * c + 3 * K * INDEX
     return total + router + routed + 4 * moe.n_shared_experts * F * c
 
 
