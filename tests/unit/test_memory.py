@@ -128,12 +128,12 @@ def test_activation_formula_by_hand() -> None:
     attn = norm + kv_norm + 4 * 4 + (2 * 4 * 48 + 4 * (32 + 32) + 4 * 32) * 2
     dense = norm + 4 * 768 * 2
     moe = norm + (4 * 256 + 2 * 4 * 16) + 4 * (256 + 5 * 128 + 1) * 2 + 3 * 4 * 8 + 4 * 128 * 2
-    head = norm + 2 * 4 * 4096 + 2 * 8
+    head = norm + 4 * 4096 + 4 + 1 + 2 * 8
     assert [block_bytes(cfg, i, 2) for i in range(4)] == [attn + dense] + [attn + moe] * 3
     assert head_bytes(cfg, 2) == head
     assert activation_bytes(cfg, tokens=10, compute=2, checkpointing=False) == 10 * (4 * attn + dense + 3 * moe + head)
     assert activation_bytes(cfg, tokens=10, compute=2, checkpointing=True) == 10 * (4 * 256 * 2 + attn + moe + head)
-    assert 10 * (4 * attn + dense + 3 * moe + head) == 940_120
+    assert 10 * (4 * attn + dense + 3 * moe + head) == 776_330
 
 
 def _saved_bytes(model: nn.Module, ids: torch.Tensor) -> int:
@@ -175,7 +175,7 @@ def test_activation_formula_matches_what_autograd_saves(changes: dict, dtype: to
     model = DeepSeekMoEForCausalLM(cfg).to(dtype).train()
     ids = torch.randint(0, cfg.vocab_size, (2, 64))
     # On CPU MLA pads v for SDPA's fused kernel; the formula knows. What it leaves out (cos/sin, shared by all
-    # layers; the loss's int64 targets) is a fraction of a percent here, about 1% of the checkpointed total.
+    # layers; the loss's int64 targets) is a fraction of a percent here, up to 1.7% of the checkpointed total.
     c, pads = dtype.itemsize, cfg.attention == "mla"
     formula = activation_bytes(cfg, tokens=128, compute=c, checkpointing=False, sdpa_pads_v=pads)
     assert _saved_bytes(model, ids) == pytest.approx(formula, rel=0.005)
@@ -183,7 +183,7 @@ def test_activation_formula_matches_what_autograd_saves(changes: dict, dtype: to
     set_activation_checkpointing(model)
     largest_block = max(block_bytes(cfg, i, c, sdpa_pads_v=pads) for i in range(cfg.n_layers))
     kept = activation_bytes(cfg, tokens=128, compute=c, checkpointing=True, sdpa_pads_v=pads) - 128 * largest_block
-    assert _saved_bytes(model, ids) == pytest.approx(kept, rel=0.015)
+    assert _saved_bytes(model, ids) == pytest.approx(kept, rel=0.02)
 
 
 def test_expected_ranks_by_hand_and_by_simulation() -> None:

@@ -21,6 +21,7 @@ from deepseek_moe.finetune.data import Example
 from deepseek_moe.model.causal_lm import IGNORE_INDEX, CausalLMOutput, DeepSeekMoEForCausalLM
 from deepseek_moe.model.mtp import mtp_loss
 from deepseek_moe.moe.all_layers import collect_aux_loss, moe_layers
+from deepseek_moe.nn.cross_entropy import cross_entropy
 from deepseek_moe.train.data import PackedSequences
 
 
@@ -118,7 +119,7 @@ def packed_forward(model: DeepSeekMoEForCausalLM, batch: torch.Tensor) -> Causal
     hidden = model.forward_hidden(ids, positions, mask, token_mask=token_mask, protected=protected)
     logits = model.head(hidden).float()
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    ce = cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), IGNORE_INDEX)
     mtp = None
     if len(model.mtp):  # BASE's MTP modules, within each example (positions, mask and targets never cross one)
         mtp = mtp_loss(model.mtp_train_logits(ids, hidden, positions, mask, token_mask=token_mask,

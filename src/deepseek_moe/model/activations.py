@@ -18,8 +18,9 @@ K activated, F expert width, Fs = n_shared * F, I dense FFN width, W vocabulary:
                  product, the gated product, the gate, and three int64 indices (the sum back into tokens keeps
                  only its indices, not the rows' outputs: moe/dispatch.py)
                  + 4 * Fs * c (the shared experts, as a dense FFN)
-    head         final norm + 2 * 4W + 2 * 8: log-softmax's output, the fp32 logits (held by the output, not
-                 saved, but alive when the backward starts), the token ids and the targets (int64)
+    head         final norm + 4W + 4 + 1 + 2 * 8: the fp32 logits (the loss keeps them, and no log-softmax copy:
+                 nn/cross_entropy.py), each row's log-sum-exp (fp32) and whether its target counts (bool), the
+                 token ids and the targets (int64)
 
 Expert rows assume balanced routing: under expert parallelism a rank runs, on average, as many (token, expert)
 rows as its own tokens make (K per token); an imbalanced step runs more. With activation checkpointing per block
@@ -72,7 +73,7 @@ def block_bytes(cfg: ModelConfig, layer_id: int, c: int, *, sdpa_pads_v: bool = 
 
 def head_bytes(cfg: ModelConfig, c: int) -> int:
     """Per token, the final norm, the head and the loss."""
-    return norm_bytes(cfg.dim, c) + 2 * FP32 * cfg.vocab_size + 2 * INDEX
+    return norm_bytes(cfg.dim, c) + FP32 * cfg.vocab_size + FP32 + 1 + 2 * INDEX
 
 
 def activation_bytes(cfg: ModelConfig, *, tokens: int, compute: int, checkpointing: bool,

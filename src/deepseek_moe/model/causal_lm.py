@@ -21,6 +21,7 @@ from deepseek_moe.model.rope import RotaryEmbedding
 from deepseek_moe.moe.all_layers import collect_aux_loss, moe_layers
 from deepseek_moe.moe.dropping import ProtectedDraw, ProtectedSequences
 from deepseek_moe.moe.layer import MoE, layer_seed
+from deepseek_moe.nn.cross_entropy import cross_entropy
 from deepseek_moe.nn.linear import Linear
 
 if TYPE_CHECKING:
@@ -167,8 +168,7 @@ class DeepSeekMoEForCausalLM(nn.Module):
             # zero-fills and copies a gradient of that size again (a fifth of the tiny preset's step besides
             # attention). The last position gets no label, so the mean runs over the same B * (T - 1) tokens.
             targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-            out.ce_loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1),
-                                          ignore_index=IGNORE_INDEX)
+            out.ce_loss = cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), IGNORE_INDEX)
             out.aux_loss = collect_aux_loss(self).to(logits.device)
             out.loss = out.ce_loss + out.aux_loss
             if out.mtp_loss is not None:

@@ -32,6 +32,7 @@ from deepseek_moe.model.block import Block
 from deepseek_moe.model.kv_cache import LayerCache
 from deepseek_moe.model.norm import RMSNorm
 from deepseek_moe.moe.dropping import ProtectedDraw
+from deepseek_moe.nn.cross_entropy import cross_entropy
 from deepseek_moe.nn.linear import Linear
 
 
@@ -88,7 +89,7 @@ def mtp_loss(logits: list[torch.Tensor], labels: torch.Tensor, ignore_index: int
     losses = []
     for k, lg in enumerate(logits, start=1):
         targets = mtp_targets(labels, k, ignore_index, docs).reshape(-1)
-        total = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets, ignore_index=ignore_index, reduction="sum")
+        total = cross_entropy(lg.reshape(-1, lg.shape[-1]), targets, ignore_index, "sum")
         losses.append(total / (targets != ignore_index).sum().clamp(min=1))
     return torch.stack(losses).mean()
 
