@@ -21,7 +21,7 @@ passes to the adapters below it), the C++ kernel against the tiled dequantise-th
 expert and attention shapes, 1 thread by default, CPU time of interleaved rounds.
 
 ``qfwd``: the forward's y = x @ dequant(W)^T for int8 codes and fp32 x at decode and training row counts, the
-kernel's decode tiles against its strip path (interleaved; 2 threads: wall time, 1 thread: CPU time), and one MoE layer's expert
+kernel's decode tiles against its strip path (interleaved, 2 threads, CPU time over threads or wall time), and one MoE layer's expert
 products as a per-expert loop against one grouped call.
 
     python benchmarks/finetune.py v2lite --layers 2 4 [--steps 3] [--seq-len 512] [--bits 8] [--checkpointing MODE]
@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -374,24 +375,25 @@ def qgrad(args: argparse.Namespace) -> None:
 # ---- (d) the forward's int8 product at training row counts: the strip path against the decode tiles ---------------
 def qfwd(args: argparse.Namespace) -> None:
     """y = x @ dequant(W)^T with int8 codes and fp32 x (each frozen layer's forward), the kernel's decode tiles
-    (quant_matmul.set_strip_rows(huge)) against its strip path (set_strip_rows(1)), interleaved rounds, wall time,
-    median; each call takes the next of enough matrices (--mb) that the codes stream from memory as in a step.
+    (quant_matmul.set_strip_rows(huge)) against its strip path (set_strip_rows(1)), interleaved rounds, median; each call takes the next of enough matrices (--mb) that the codes stream from memory as in a step.
     Then one V2-Lite MoE layer's expert product (64 experts, --tokens x 6 rows routed uniformly): one
     quant_matmul per expert (the loop quant/grad.py had) against one quant_matmul_grouped call, each at the
     default threshold."""
     from deepseek_moe.kernels import quant_matmul as qm
     from deepseek_moe.quant import pack
 
-    # One thread: CPU time (what a loaded machine disturbs least); more: wall time (CPU time would count the
-    # threads' spinning at barriers).
-    clock = time.process_time if args.threads == 1 else time.perf_counter
+    # --clock cpu: the process's CPU time over the thread count, threads sleeping while they wait (main() sets
+    # OMP_WAIT_POLICY=PASSIVE). On a shared machine the wall time of a 2-thread call mostly measures when the
+    # scheduler gives both threads a core at once (a call waits a time slice for a preempted thread), and a
+    # spinning thread's CPU time does the same.
+    clock, per = (time.process_time, args.threads) if args.clock == "cpu" else (time.perf_counter, 1)
 
     def gflops(f: Any, flop: float) -> float:
         f()
         t0 = clock()
         for _ in range(args.reps):
             f()
-        return flop * args.reps / (clock() - t0) / 1e9
+        return flop * args.reps / ((clock() - t0) / per) / 1e9
 
     default = qm.strip_rows()
     rows: list[dict[str, Any]] = []
@@ -426,7 +428,7 @@ def qfwd(args: argparse.Namespace) -> None:
     grouped = {k: round(statistics.median(v), 1) for k, v in layer.items()}
     load = uptime()
     print(f"\ny = x (M, K) @ dequant(W (N, K))^T, int8 codes, fp32 x, {torch.get_num_threads()} thread(s), GFLOP/s "
-          f"({'CPU' if args.threads == 1 else 'wall'} time), median of {args.rounds} interleaved rounds; strip path from {default} rows by default; {cpu_info()}")
+          f"({'CPU time / threads' if args.clock == 'cpu' else 'wall time'}), median of {args.rounds} interleaved rounds; strip path from {default} rows by default; {cpu_info()}")
     print(f"{'N x K':>11} {'M':>4} {'decode tiles':>13} {'strip':>7} {'ratio':>6}")
     for r in rows:
         print(f"{str(r['N']) + 'x' + str(r['K']):>11} {r['M']:>4} {r['decode_gflops']:>13} {r['strip_gflops']:>7} "
@@ -435,7 +437,7 @@ def qfwd(args: argparse.Namespace) -> None:
           f"per-expert loop {grouped['loop']} GFLOP/s, grouped call {grouped['grouped']} GFLOP/s")
     print(f"({load})")
     print(json.dumps({"benchmark": "finetune_qfwd", "rows": rows, "strip_rows": default, "layer_gflops": grouped,
-                      "clock": "cpu" if args.threads == 1 else "wall",
+                      "clock": args.clock,
                       "uptime": load, **cpu_info()}))
 
 
@@ -479,7 +481,12 @@ def main() -> None:
     d.add_argument("--mb", type=int, default=48, help="megabytes of codes cycled through (beyond the L3 cache)")
     d.add_argument("--tokens", type=int, default=512, help="tokens of the layer product (6 experts each)")
     d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                   help="CPU time over the threads (a shared machine) or wall time (an idle one)")
     args = p.parse_args()
+    if args.what == "qfwd" and args.clock == "cpu" and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        # Waiting threads must sleep, not spin, for CPU time to count work; OpenMP reads this when torch loads it.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     threads = args.threads if args.what in ("qgrad", "qfwd") else min(2, torch.get_num_threads())
     torch.set_num_threads(threads)
     {"v2lite": v2lite, "v2modes": v2modes, "mid": mid, "qgrad": qgrad, "qfwd": qfwd}[args.what](args)
