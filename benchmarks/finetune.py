@@ -20,15 +20,15 @@ interleaved rounds on the same batch; fp32 logits of the two base models must ag
 passes to the adapters below it), the C++ kernel against the tiled dequantise-then-matmul twin, at V2-Lite's
 expert and attention shapes, 1 thread by default, CPU time of interleaved rounds.
 
-``qfwd``: the forward's y = x @ dequant(W)^T for int8 codes and fp32 x at decode and training row counts, the
-kernel's decode tiles against its strip path (interleaved, 2 threads, CPU time over threads or wall time), and one MoE layer's expert
-products as a per-expert loop against one grouped call.
+``qfwd``: the forward's y = x @ dequant(W)^T for int8 (or int4) codes and fp32 x at decode and training row
+counts, the kernel's decode tiles against its strip path (interleaved, 2 threads, CPU time over threads or wall
+time), and one MoE layer's expert products as a per-expert loop against one grouped call.
 
     python benchmarks/finetune.py v2lite --layers 2 4 [--steps 3] [--seq-len 512] [--bits 8] [--checkpointing MODE]
     python benchmarks/finetune.py v2modes --layers 3 [--rounds 2] [--modes none attention full none/plain]
     python benchmarks/finetune.py mid [--rounds 3]
     python benchmarks/finetune.py qgrad [--rows 8 32 64] [--threads 1]
-    python benchmarks/finetune.py qfwd [--rows 1 4 8 16 48 512] [--threads 2]
+    python benchmarks/finetune.py qfwd [--rows 1 4 8 16 48 512] [--threads 2] [--bits 8] [--clock cpu]
 """
 
 from __future__ import annotations
@@ -397,8 +397,14 @@ def qfwd(args: argparse.Namespace) -> None:
 
     default = qm.strip_rows()
     rows: list[dict[str, Any]] = []
+    def codes(N: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if args.bits == 8:
+            return pack.quantize_int8(torch.randn(N, K))
+        packed, s = pack.quantize_int4(torch.randn(N, K), args.group)
+        return pack.repack_int4_for_kernel(packed, args.group), s
+
     for N, K in ((1408, 2048), (2048, 1408)):
-        mats = [pack.quantize_int8(torch.randn(N, K)) for _ in range(max(1, args.mb * 2**20 // (N * K)))]
+        mats = [codes(N, K) for _ in range(max(1, args.mb * 2**20 * 8 // (N * K * args.bits)))]
         turn = itertools.count()
         for M in args.rows:
             x = torch.randn(M, K)
@@ -427,16 +433,18 @@ def qfwd(args: argparse.Namespace) -> None:
         layer["grouped"].append(gflops(lambda: qm.quant_matmul_grouped(x, q_E, s_E, counts), 2 * x.shape[0] * N * K))
     grouped = {k: round(statistics.median(v), 1) for k, v in layer.items()}
     load = uptime()
-    print(f"\ny = x (M, K) @ dequant(W (N, K))^T, int8 codes, fp32 x, {torch.get_num_threads()} thread(s), GFLOP/s "
+    kind = "int8" if args.bits == 8 else f"int4 (groups of {args.group})"
+    print(f"\ny = x (M, K) @ dequant(W (N, K))^T, {kind} codes, fp32 x, {torch.get_num_threads()} thread(s), GFLOP/s "
           f"({'CPU time / threads' if args.clock == 'cpu' else 'wall time'}), median of {args.rounds} interleaved rounds; strip path from {default} rows by default; {cpu_info()}")
     print(f"{'N x K':>11} {'M':>4} {'decode tiles':>13} {'strip':>7} {'ratio':>6}")
     for r in rows:
         print(f"{str(r['N']) + 'x' + str(r['K']):>11} {r['M']:>4} {r['decode_gflops']:>13} {r['strip_gflops']:>7} "
               f"{r['ratio']:>5}x")
-    print(f"one layer's experts ({E} x {N}x{K}, {x.shape[0]} rows, {min(counts)}-{max(counts)} an expert): "
+    print(f"one layer's int8 experts ({E} x {N}x{K}, {x.shape[0]} rows, {min(counts)}-{max(counts)} an expert): "
           f"per-expert loop {grouped['loop']} GFLOP/s, grouped call {grouped['grouped']} GFLOP/s")
     print(f"({load})")
-    print(json.dumps({"benchmark": "finetune_qfwd", "rows": rows, "strip_rows": default, "layer_gflops": grouped,
+    print(json.dumps({"benchmark": "finetune_qfwd", "codes": kind, "rows": rows, "strip_rows": default,
+                      "layer_gflops": grouped,
                       "clock": args.clock,
                       "uptime": load, **cpu_info()}))
 
@@ -480,6 +488,8 @@ def main() -> None:
     d.add_argument("--reps", type=int, default=5)
     d.add_argument("--mb", type=int, default=48, help="megabytes of codes cycled through (beyond the L3 cache)")
     d.add_argument("--tokens", type=int, default=512, help="tokens of the layer product (6 experts each)")
+    d.add_argument("--bits", type=int, choices=(8, 4), default=8, help="codes of the per-shape table")
+    d.add_argument("--group", type=int, default=64, help="int4 group size")
     d.add_argument("--threads", type=int, default=2)
     d.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                    help="CPU time over the threads (a shared machine) or wall time (an idle one)")

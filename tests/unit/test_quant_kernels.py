@@ -84,27 +84,32 @@ def strip_rows(rows: int | None) -> collections.abc.Iterator[int]:
 
 
 @pytest.mark.parametrize("M", ["threshold - 1", "threshold", 48, 130])
-@pytest.mark.parametrize(("N", "K"), [(48, 256), (70, 45), (37, 200), (16, 1416)])
-def test_int8_strip_path_matches_reference_across_its_threshold(isa: str, M: int | str, N: int, K: int) -> None:
-    """From the threshold on, int8 products take the strip path (16 rows of W widened into a panel, 6 x 16 tiles
-    over the rows of x): rows just below and at it, several tiles with a short last one, N not a multiple of the
-    16-row panel, K not a multiple of the 8-column widening step."""
+@pytest.mark.parametrize(("bits", "N", "K", "group"), [(8, 48, 256, 32), (8, 70, 45, 32), (8, 37, 200, 32),
+                                                       (8, 16, 1416, 32), (4, 48, 256, 32), (4, 70, 96, 32),
+                                                       (4, 37, 384, 128), (4, 16, 1408, 64)])
+def test_strip_path_matches_reference_across_its_threshold(isa: str, M: int | str, bits: int, N: int, K: int,
+                                                          group: int) -> None:
+    """From the threshold on, products with fp32 activations take the strip path (16 rows of W widened into a
+    panel, 6 x 16 tiles over the rows of x): rows just below and at it, several tiles with a short last one, N not
+    a multiple of the 16-row panel, int8 K not a multiple of the 8-column widening step, int4 groups of 32-128."""
     with strip_rows(None) as threshold:
         rows = {"threshold - 1": threshold - 1, "threshold": threshold}.get(str(M), M)
         assert isinstance(rows, int) and 1 < threshold <= 48
         torch.manual_seed(rows * 1000 + N + K)
-        q, s = _weights(8, N, K)
+        q, s = _weights(bits, N, K, group)
         x = torch.randn(rows, K)
         torch.testing.assert_close(qm.quant_matmul(x, q, s), qm.quant_matmul_reference(x, q, s), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("M", [1, 2, 5, 7, 8, 13])
-def test_int8_strip_path_serves_any_row_count_when_forced(isa: str, M: int) -> None:
+def test_strip_path_serves_any_row_count_when_forced(isa: str, bits: int, M: int) -> None:
     """Every tile height (1 to 6 rows) and the split of a few rows into near-equal tiles, on the strip path."""
     with strip_rows(1):
         torch.manual_seed(M)
-        q, s = _weights(8, 37, 77)
-        x = torch.randn(M, 77)
+        K = 77 if bits == 8 else 96
+        q, s = _weights(bits, 37, K, 32)
+        x = torch.randn(M, K)
         torch.testing.assert_close(qm.quant_matmul(x, q, s), qm.quant_matmul_reference(x, q, s), rtol=1e-5, atol=1e-4)
 
 
@@ -188,7 +193,7 @@ def _check_paths_of(lib: object, monkeypatch: pytest.MonkeyPatch) -> list[str]:
                 qm.set_activations(acts)
                 ref = qm.quant_matmul_q8_reference if acts == "int8" else qm.quant_matmul_reference
                 for bits, M, N, K, group in [(8, 1, 37, 45, 32), (8, 6, 9, 200, 32), (8, 13, 37, 45, 32),
-                                             (4, 1, 37, 96, 32),
+                                             (4, 1, 37, 96, 32), (4, 19, 37, 256, 64),
                                              (4, 5, 13, 256, 64), (4, 3, 6, 384, 128)]:
                     q, s = _weights(bits, N, K, group)
                     x = torch.randn(M, K)

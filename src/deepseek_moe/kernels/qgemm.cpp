@@ -511,11 +511,23 @@ void ttile(const TTile& t) {
         for (int64_t c = 0; c < t.nk; ++c) t.dx[j * t.ldx + c] = acc[j][c];
 }
 
-// The forward's strip (see run_strip): rows n0 .. n0 + nn of W (w, scale at row n0) dequantised and transposed,
-// strip[k * TKB + c] = w[c][k] * scale[c], zero for c >= nn.
-void widen_rows_int8(const int8_t* w, const float* scale, int64_t K, int64_t nn, float* strip) {
-    for (int64_t k = 0; k < K; ++k)
-        for (int64_t c = 0; c < TKB; ++c) strip[k * TKB + c] = c < nn ? float(w[c * K + k]) * scale[c] : 0.0f;
+// The forward's strip (see run_strip): rows n0 .. n0 + nn of p's W dequantised and transposed,
+// strip[k * TKB + c] = W[n0 + c][k] (code times scale), zero for c >= nn.
+void widen_rows_int8(const Problem& p, int64_t n0, int64_t nn, float* strip) {
+    const int8_t* w = static_cast<const int8_t*>(p.w) + n0 * p.K;
+    const float* scale = static_cast<const float*>(p.scale) + n0;
+    for (int64_t k = 0; k < p.K; ++k)
+        for (int64_t c = 0; c < TKB; ++c) strip[k * TKB + c] = c < nn ? float(w[c * p.K + k]) * scale[c] : 0.0f;
+}
+
+void widen_rows_int4(const Problem& p, int64_t n0, int64_t nn, float* strip) {
+    const int64_t G = p.K / p.gs, rb = p.K / 2;
+    const uint8_t* w = static_cast<const uint8_t*>(p.w) + n0 * rb;
+    const uint16_t* scale = static_cast<const uint16_t*>(p.scale) + n0 * G;
+    for (int64_t k = 0; k < p.K; ++k)
+        for (int64_t c = 0; c < TKB; ++c)
+            strip[k * TKB + c] = c < nn ? float(int4_code(w + c * rb, p.gs, k)) * half_to_float(scale[c * G + k / p.gs])
+                                        : 0.0f;
 }
 
 }  // namespace scalar
@@ -578,8 +590,11 @@ DSM_AVX2 inline void transpose8(__m256 r[8]) {
     r[6] = _mm256_permute2f128_ps(u2, u6, 0x31); r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-DSM_AVX2 void widen_rows_int8(const int8_t* w, const float* scale, int64_t K, int64_t nn, float* strip) {
-    if (nn < TKB) { scalar::widen_rows_int8(w, scale, K, nn, strip); return; }  // the last rows of an odd N
+DSM_AVX2 void widen_rows_int8(const Problem& p, int64_t n0, int64_t nn, float* strip) {
+    if (nn < TKB) { scalar::widen_rows_int8(p, n0, nn, strip); return; }  // the last rows of an odd N
+    const int8_t* w = static_cast<const int8_t*>(p.w) + n0 * p.K;
+    const float* scale = static_cast<const float*>(p.scale) + n0;
+    const int64_t K = p.K;
     int64_t k = 0;
     for (; k + 8 <= K; k += 8)
         for (int h = 0; h < TKB; h += 8) {  // rows h .. h + 7 fill columns h .. h + 7 of 8 strip rows
@@ -595,15 +610,45 @@ DSM_AVX2 void widen_rows_int8(const int8_t* w, const float* scale, int64_t K, in
         for (int c = 0; c < TKB; ++c) strip[k * TKB + c] = float(w[c * K + k]) * scale[c];
 }
 
+// int4 (kernel layout, fp16 group scales; gs a multiple of 16): 8 bytes of a row are 8 columns of a group's low
+// half (low nibbles) and the same 8 of its high half (high nibbles); (code - 8) * s is one FMA, as in tile_int4.
+DSM_AVX2 void widen_rows_int4(const Problem& p, int64_t n0, int64_t nn, float* strip) {
+    if (nn < TKB) { scalar::widen_rows_int4(p, n0, nn, strip); return; }
+    const int64_t G = p.K / p.gs, rb = p.K / 2, half = p.gs / 2;
+    const uint8_t* w = static_cast<const uint8_t*>(p.w) + n0 * rb;
+    const uint16_t* scale = static_cast<const uint16_t*>(p.scale) + n0 * G;
+    const __m256i low4 = _mm256_set1_epi32(0x0f);
+    for (int64_t g = 0; g < G; ++g) {
+        float s[TKB], off[TKB];
+        for (int c = 0; c < TKB; ++c) { s[c] = _cvtsh_ss(scale[c * G + g]); off[c] = -8.0f * s[c]; }
+        for (int64_t jj = 0; jj < half; jj += 8)
+            for (int hi = 0; hi < 2; ++hi) {  // the low nibbles: columns g * gs + jj ..; the high: + half
+                const int64_t k = g * p.gs + hi * half + jj;
+                for (int h = 0; h < TKB; h += 8) {
+                    __m256 r[8];
+                    for (int i = 0; i < 8; ++i) {
+                        const __m256i b = _mm256_cvtepu8_epi32(
+                            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + (h + i) * rb + g * half + jj)));
+                        const __m256i code = hi ? _mm256_srli_epi32(b, 4) : _mm256_and_si256(b, low4);
+                        r[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(code), _mm256_broadcast_ss(s + h + i),
+                                               _mm256_broadcast_ss(off + h + i));
+                    }
+                    transpose8(r);
+                    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(strip + (k + i) * TKB + h, r[i]);
+                }
+            }
+    }
+}
+
 }  // namespace avx2
 #endif  // DSM_X86
 
 using WidenFn = void (*)(const int8_t*, int64_t, int64_t, int64_t, float*);
-using WidenRowsFn = void (*)(const int8_t*, const float*, int64_t, int64_t, float*);
+using WidenRowsFn = void (*)(const Problem&, int64_t, int64_t, float*);
 using TTileFn = void (*)(const TTile&);
-struct TKernels { WidenFn widen; WidenRowsFn widen_rows; TTileFn tiles[TMB]; };
-#define DSM_TKERNELS(ns) {&ns::widen_int8, &ns::widen_rows_int8, {&ns::ttile<1>, &ns::ttile<2>, &ns::ttile<3>, \
-                                                              &ns::ttile<4>, &ns::ttile<5>, &ns::ttile<6>}}
+struct TKernels { WidenFn widen; WidenRowsFn widen_rows8; WidenRowsFn widen_rows4; TTileFn tiles[TMB]; };
+#define DSM_TKERNELS(ns) {&ns::widen_int8, &ns::widen_rows_int8, &ns::widen_rows_int4,                        \
+                          {&ns::ttile<1>, &ns::ttile<2>, &ns::ttile<3>, &ns::ttile<4>, &ns::ttile<5>, &ns::ttile<6>}}
 const TKernels TKERNELS_SCALAR = DSM_TKERNELS(scalar);
 #ifdef DSM_X86
 const TKernels TKERNELS_AVX2 = DSM_TKERNELS(avx2);
@@ -619,7 +664,8 @@ const TKernels& tkernels() {
 }
 
 // ----------------------------------------------------------------------------------------------------------
-// The forward at training / prefill row counts: y (M, N) = x (M, K) @ (scale * Q)^T with M >= g_strip_rows.
+// The forward at training / prefill row counts: y (M, N) = x (M, K) @ dequant(W)^T with M >= g_strip_rows, int8
+// or int4 codes (widen_rows_int8 / _int4; the tile is the same).
 // The decode tiles above widen each weight vector in registers and use it for at most MB = 4 rows of x: ~107
 // GFLOP/s at any M on 2 AVX2 cores (1408 x 2048), the widening costing as much as the FMAs. Here a panel of
 // TKB = 16 rows of W is widened, scaled and transposed ONCE into an fp32 strip (K, 16) (128 KB at K = 2048: it
@@ -628,15 +674,15 @@ const TKernels& tkernels() {
 // @ strip. Panels are split over threads (no sum crosses threads). AVX-512 CPUs run the AVX2 tiles (as the
 // backward does: this path is not tuned for them). Same readable twin: quant_matmul_reference.
 
-// From 16 rows on: with the codes streaming from memory the strip path overtook the decode tiles between 10 and
-// 16 rows of x (1 thread, 1408 x 2048 and 2048 x 1408; benchmarks/finetune.py qfwd). dsm_set_strip_rows moves it.
+// From 16 rows on: with the codes streaming from memory the strip path overtook the decode tiles between 8 and
+// 16 rows of x (1 and 2 threads, 1408 x 2048 and 2048 x 1408, int8 and int4 in groups of 64; at 16 rows 1.0-1.3x,
+// at 48 1.4-1.7x; benchmarks/finetune.py qfwd). dsm_set_strip_rows moves it.
 std::atomic<int64_t> g_strip_rows{16};
 
-// y[:, n0 .. n0 + 16] of p through the strip (thread-private scratch of K * TKB floats).
-void strip_panel(const TKernels& tk, const Problem& p, int64_t n0, float* strip) {
+// y[:, n0 .. n0 + 16] of p through the strip (thread-private scratch of K * TKB floats); widen: the codes' kind.
+void strip_panel(const TKernels& tk, WidenRowsFn widen, const Problem& p, int64_t n0, float* strip) {
     const int64_t nk = p.N - n0 < TKB ? p.N - n0 : TKB;
-    tk.widen_rows(static_cast<const int8_t*>(p.w) + n0 * p.K, static_cast<const float*>(p.scale) + n0, p.K, nk,
-                  strip);
+    widen(p, n0, nk, strip);
     // ceil(M / 6) tiles of near-equal height (8 rows: 4 + 4, not 6 + 2): a tile of fewer rows has fewer
     // accumulators than the FMA units need in flight to hide their latency.
     const int64_t n_tiles = (p.M + TMB - 1) / TMB;
@@ -647,14 +693,15 @@ void strip_panel(const TKernels& tk, const Problem& p, int64_t n0, float* strip)
     }
 }
 
-void run_strip(const Problem& p, int n_threads) {
+void run_strip(const Problem& p, int bits, int n_threads) {
     const TKernels& tk = tkernels();
+    const WidenRowsFn widen = bits == 8 ? tk.widen_rows8 : tk.widen_rows4;
     const int64_t panels = (p.N + TKB - 1) / TKB;
 #pragma omp parallel num_threads(n_threads)
     {
         std::vector<float> strip(size_t(p.K * TKB));
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < panels; ++b) strip_panel(tk, p, b * TKB, strip.data());
+        for (int64_t b = 0; b < panels; ++b) strip_panel(tk, widen, p, b * TKB, strip.data());
     }
 }
 
@@ -698,7 +745,7 @@ void dsm_qgemm_q8(const float* x, int64_t ldx, int64_t M, int64_t K, int bits, c
 void dsm_qgemm_int8(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* w, const float* scale,
                     int64_t N, float* y, int64_t ldy, int n_threads) {
     const Problem p{x, ldx, M, K, w, scale, 0, N, y, ldy};
-    if (M >= g_strip_rows.load(std::memory_order_relaxed)) run_strip(p, n_threads);
+    if (M >= g_strip_rows.load(std::memory_order_relaxed)) run_strip(p, 8, n_threads);
     else run(kernels().int8, p, n_threads);
 }
 
@@ -722,7 +769,7 @@ void dsm_qgemm_int8_grouped(const float* x, int64_t K, int64_t N, int64_t G, con
             const int64_t g = it / panels, n0 = (it % panels) * TKB;
             if (len[g] == 0) continue;
             const Problem p{x + start[g] * K, K, len[g], K, w + g * N * K, scale + g * N, 0, N, y + start[g] * N, N};
-            if (len[g] >= strip_rows) { strip_panel(tk, p, n0, strip.data()); continue; }
+            if (len[g] >= strip_rows) { strip_panel(tk, tk.widen_rows8, p, n0, strip.data()); continue; }
             for (int64_t b = n0; b < n0 + TKB && b < N; b += NB) tile_rows(ks.int8, p, b, 0, p.M);
         }
     }
@@ -733,10 +780,13 @@ void dsm_qgemm_int8_grouped(const float* x, int64_t K, int64_t N, int64_t G, con
 int64_t dsm_set_strip_rows(int64_t rows) { return g_strip_rows.exchange(rows < 1 ? 1 : rows); }
 int64_t dsm_get_strip_rows() { return g_strip_rows.load(); }
 
-// w (N, K/2) uint8 in the kernel layout; scale (N, K/gs) fp16 bits; gs a multiple of 32.
+// w (N, K/2) uint8 in the kernel layout; scale (N, K/gs) fp16 bits; gs a multiple of 32. The strip path from
+// dsm_get_strip_rows() rows on, as dsm_qgemm_int8.
 void dsm_qgemm_int4(const float* x, int64_t ldx, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scale,
                     int64_t gs, int64_t N, float* y, int64_t ldy, int n_threads) {
-    run(kernels().int4, Problem{x, ldx, M, K, w, scale, gs, N, y, ldy}, n_threads);
+    const Problem p{x, ldx, M, K, w, scale, gs, N, y, ldy};
+    if (M >= g_strip_rows.load(std::memory_order_relaxed)) run_strip(p, 4, n_threads);
+    else run(kernels().int4, p, n_threads);
 }
 
 // The routed experts of one MoE layer on rows sorted by expert (decode, small groups): for each active

@@ -7,7 +7,7 @@ codes packed in the *kernel* layout, uint8 (N, K/2), with float16 group scales (
 * :func:`quant_matmul` picks, by the number of rows of x:
   - on the CPU without autograd: the C++ kernel of ``qgemm.cpp``, which streams the codes once per 64 rows of x
     and never writes a dequantised matrix (decode is memory-bound: move as few bytes as possible); from
-    :func:`strip_rows` rows of x on (int8 codes, fp32 activations: training, prefill) it widens 16 rows of W at
+    :func:`strip_rows` rows of x on (fp32 activations: training, prefill) it widens 16 rows of W at
     a time into an fp32 panel that stays in cache and runs a register tile over every row of x. It has an
     AVX-512, an AVX2+FMA+F16C and a scalar path, picked from CPUID; :func:`kernel_isa` says which runs,
     :func:`set_kernel_isa` (or ``DEEPSEEK_MOE_KERNEL_ISA``) forces one;
@@ -290,7 +290,7 @@ def set_kernel_isa(isa: str) -> None:
 
 
 def set_strip_rows(rows: int) -> int:
-    """From ``rows`` rows of x on, int8 products with fp32 activations take the kernel's strip path (a panel of W
+    """From ``rows`` rows of x on, products with fp32 activations take the kernel's strip path (a panel of W
     widened once to fp32, a 6 x 16 register tile over every row) instead of the decode tiles; returns the
     previous value. Tests and benchmarks compare the two paths in one process (a huge value: decode tiles only)."""
     lib = load_library()
@@ -300,7 +300,7 @@ def set_strip_rows(rows: int) -> int:
 
 
 def strip_rows() -> int | None:
-    """The row count from which the kernel's int8 products take the strip path (None: no kernel)."""
+    """The row count from which the kernel's fp32-activation products take the strip path (None: no kernel)."""
     lib = load_library()
     return None if lib is None else int(lib.dsm_get_strip_rows())
 
