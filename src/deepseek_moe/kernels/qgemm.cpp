@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 #include <omp.h>
 // -DDSM_NO_SIMD builds what other architectures get (the tests use it).
@@ -699,9 +700,9 @@ void run_strip(const Problem& p, int bits, int n_threads) {
     const int64_t panels = (p.N + TKB - 1) / TKB;
 #pragma omp parallel num_threads(n_threads)
     {
-        std::vector<float> strip(size_t(p.K * TKB));
+        const std::unique_ptr<float[]> strip(new float[size_t(p.K * TKB)]);  // widen writes all of it: no zeroing
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < panels; ++b) strip_panel(tk, widen, p, b * TKB, strip.data());
+        for (int64_t b = 0; b < panels; ++b) strip_panel(tk, widen, p, b * TKB, strip.get());
     }
 }
 
@@ -763,13 +764,13 @@ void dsm_qgemm_int8_grouped(const float* x, int64_t K, int64_t N, int64_t G, con
     const Kernels& ks = kernels();
 #pragma omp parallel num_threads(n_threads)
     {
-        std::vector<float> strip(size_t(K * TKB));
+        const std::unique_ptr<float[]> strip(new float[size_t(K * TKB)]);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < G * panels; ++it) {
             const int64_t g = it / panels, n0 = (it % panels) * TKB;
             if (len[g] == 0) continue;
             const Problem p{x + start[g] * K, K, len[g], K, w + g * N * K, scale + g * N, 0, N, y + start[g] * N, N};
-            if (len[g] >= strip_rows) { strip_panel(tk, tk.widen_rows8, p, n0, strip.data()); continue; }
+            if (len[g] >= strip_rows) { strip_panel(tk, tk.widen_rows8, p, n0, strip.get()); continue; }
             for (int64_t b = n0; b < n0 + TKB && b < N; b += NB) tile_rows(ks.int8, p, b, 0, p.M);
         }
     }
