@@ -21,6 +21,7 @@ SHORTCUTS = {
     "preset": "model.preset", "steps": "schedule.steps", "batch_size": "schedule.batch_size",
     "seq_len": "data.seq_len", "lr": "optim.lr", "device": "device", "dtype": "dtype", "seed": "seed",
     "out": "out", "ep": "ep", "activation_checkpointing": "activation_checkpointing", "mtp_depth": "model.mtp_depth",
+    "optimizer_moments": "optim.moments",
 }
 
 
@@ -38,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch")
     p.add_argument("--seq-len", type=int, help="tokens per sequence")
     p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--optimizer-moments", choices=("float32", "bfloat16"),
+                   help="dtype of AdamW's two moments between steps (default float32): bfloat16 halves their "
+                   "memory, as DeepSeek-V3 trains (needs beta2 <= 0.992; the default 0.95 is)")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<YYYYmmdd-HHMMSS>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     p.add_argument("--extend-steps", type=int, metavar="N",

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from deepseek_moe.config import ModelConfig, MoEConfig, _require  # one validation helper for every config
 from deepseek_moe.model.block import CHECKPOINTING_MODES
 from deepseek_moe.train.errors import TrainError
+from deepseek_moe.train.narrow_moments import check_betas
 
 
 def _is_int(value: Any) -> bool:
@@ -96,6 +97,9 @@ class DataConfig:
         _fraction(self, "val_fraction", closed=False)
 
 
+OPTIMIZER_MOMENTS = ("float32", "bfloat16")  # OptimConfig.moments
+
+
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
     """AdamW. Norm weights, biases and other 1-D parameters get no weight decay."""
@@ -105,6 +109,9 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # dtype AdamW keeps its two moments in between steps: "bfloat16" halves their memory as DeepSeek-V3 does
+    # (§3.3.3; train/narrow_moments.py), and needs 1 - beta >= 2^-7 for both betas (the default 0.95 qualifies)
+    moments: str = "float32"
 
     def __post_init__(self) -> None:
         _require(isinstance(self.lr, int | float) and self.lr > 0, f"lr ({self.lr!r}) must be > 0")
@@ -113,6 +120,10 @@ class OptimConfig:
         _require(self.eps > 0, f"eps ({self.eps!r}) must be > 0")
         _require(self.weight_decay >= 0, f"weight_decay ({self.weight_decay!r}) must be >= 0")
         _require(self.grad_clip >= 0, f"grad_clip ({self.grad_clip!r}) must be >= 0")
+        _require(self.moments in OPTIMIZER_MOMENTS,
+                 f"optim.moments ({self.moments!r}) must be one of {', '.join(map(repr, OPTIMIZER_MOMENTS))}")
+        if self.moments == "bfloat16":
+            check_betas(self.betas, "optim.betas (with optim.moments = 'bfloat16')")
 
 
 # DeepSeek-V3's MTP loss weight (§4.2): 0.3 for the first 10T of its 14.8T tokens, 0.1 for the rest.
