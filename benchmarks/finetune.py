@@ -24,7 +24,7 @@ expert and attention shapes, 1 thread by default, CPU time of interleaved rounds
 counts, the kernel's decode tiles against its strip path (interleaved, 2 threads, CPU time over threads or wall
 time), and one MoE layer's expert products as a per-expert loop against one grouped call.
 
-    python benchmarks/finetune.py v2lite --layers 2 4 [--steps 3] [--seq-len 512] [--bits 8] [--checkpointing MODE]
+    python benchmarks/finetune.py v2lite --layers 2 4 [--steps 3] [--seq-len 512] [--bits 8] [--checkpointing MODE] [--moments bfloat16]
     python benchmarks/finetune.py v2modes --layers 3 [--rounds 2] [--modes none attention full none/plain]
     python benchmarks/finetune.py mid [--rounds 3]
     python benchmarks/finetune.py qgrad [--rows 8 32 64] [--threads 1]
@@ -62,6 +62,7 @@ from deepseek_moe.adapters import (  # noqa: E402
 )
 from deepseek_moe.kernels.float_matmul import torch_bf16_matmul_is_native  # noqa: E402
 from deepseek_moe.model.block import CHECKPOINTING_MODES  # noqa: E402
+from deepseek_moe.train.narrow_moments import NarrowMomentsAdamW  # noqa: E402
 
 V2_LITE_LAYERS = 27
 TARGETS = ("attention", "shared_experts", "routed_experts")
@@ -153,7 +154,8 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Te
 
 
 def run_v2lite_once(layers: int, bits: int, steps: int, seq_len: int, checkpointing: str,
-                    compact: bool = True, expert_activations: str = "float32") -> dict[str, Any]:
+                    compact: bool = True, expert_activations: str = "float32",
+                    moments: str = "float32") -> dict[str, Any]:
     from deepseek_moe.model.block import set_activation_checkpointing
 
     t0 = time.perf_counter()
@@ -164,7 +166,8 @@ def run_v2lite_once(layers: int, bits: int, steps: int, seq_len: int, checkpoint
     set_activation_checkpointing(model, checkpointing)
     set_compact_experts(model, compact)
     set_saved_activations(model, expert_activations)
-    opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
+    opt = (torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0) if moments == "float32"  # betas (0.9, 0.999)
+           else NarrowMomentsAdamW(trainable, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.95)))  # 0.999 is refused
     times, losses = [], []
     for _ in range(steps + 1):
         dt, loss = train_step(model, opt, ids)
@@ -178,13 +181,13 @@ def run_v2lite_once(layers: int, bits: int, steps: int, seq_len: int, checkpoint
             "trainable_m": round(sum(p.numel() for p in trainable) / 1e6, 1), "step_s": round(step_s, 2),
             "tokens_per_s": round(seq_len / step_s, 2), "losses": [round(x, 3) for x in losses],
             "activation_checkpointing": checkpointing, "compact_experts": compact,
-            "expert_activations": expert_activations}
+            "expert_activations": expert_activations, "moments": moments}
 
 
 def v2lite(args: argparse.Namespace) -> None:
     if args.one is not None:  # a child: one layer count in this process
         print(json.dumps(run_v2lite_once(args.one, args.bits, args.steps, args.seq_len, args.checkpointing,
-                                         not args.plain_experts, args.expert_activations)))
+                                         not args.plain_experts, args.expert_activations, args.moments)))
         return
     dense = v2_lite().n_dense_layers
     if min(args.layers) <= dense:  # else the child fails after building, on a LoRA target that matches nothing
@@ -195,13 +198,15 @@ def v2lite(args: argparse.Namespace) -> None:
         cmd = [sys.executable, __file__, "v2lite", "--one", str(layers), "--bits", str(args.bits), "--steps",
                str(args.steps), "--seq-len", str(args.seq_len), "--checkpointing", args.checkpointing]
         cmd += (["--plain-experts"] if args.plain_experts else []) + ["--expert-activations", args.expert_activations]
+        cmd += ["--moments", args.moments]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         rows[-1]["uptime"] = uptime()
     print(f"\nV2-Lite shape, int{args.bits} base, LoRA r=16 on {', '.join(TARGETS)}, seq {args.seq_len}, "
-          f"batch 1, AdamW, activation checkpointing {args.checkpointing}, "
+          f"batch 1, AdamW ({'fp32 moments, betas (0.9, 0.999)' if args.moments == 'float32' else 'bf16 moments, betas (0.9, 0.95)'}), "
+          f"activation checkpointing {args.checkpointing}, "
           f"{'plain' if args.plain_experts else 'compact'} expert LoRA keeping {args.expert_activations}; "
           f"{cpu_info()}")
     print(f"{'layers':>6} {'built GB':>9} {'VmHWM GB':>9} {'steps GB':>9} {'adapter M':>10} {'s/step':>7} "
@@ -462,6 +467,8 @@ def main() -> None:
                    help="activation checkpointing mode (the flag alone: full)")
     a.add_argument("--plain-experts", action="store_true",
                    help="the routed experts' LoRA through plain autograd, not the compact function")
+    a.add_argument("--moments", choices=("float32", "bfloat16"), default="float32",
+                   help="AdamW's moments: bfloat16 as DeepSeek-V3 (train/narrow_moments.py, betas (0.9, 0.95))")
     a.add_argument("--expert-activations", choices=("float32", "bfloat16"), default="float32",
                    help="what the compact expert LoRA keeps its gate/up pre-activations in")
     m = sub.add_parser("v2modes")
