@@ -3,6 +3,8 @@
 // Decode is memory-bound: every weight byte is read once per step, so the kernels read int8 / int4 codes,
 // widen them to fp32 in registers and multiply-add against the activations; the dequantised matrix never
 // exists in memory. Up to MB rows of x share each widened weight vector (batched decode, small expert groups).
+// From dsm_get_strip_rows() rows of x on (training, prefill) the products are compute-bound instead: a panel of
+// 16 rows of W is widened once into a small fp32 strip and a register tile runs over every row (run_strip).
 // Parallel over output rows with OpenMP (the runtime torch itself loads, so one thread pool).
 //
 // One library serves every x86-64 CPU: the micro-tiles exist three times, as scalar loops (any CPU, any
