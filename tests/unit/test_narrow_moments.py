@@ -10,10 +10,19 @@ import pytest
 import torch
 from test_finetune_run import _check_resumes_exactly, base, config  # noqa: F401 (base: a fixture)
 
+from deepseek_moe.kernels.adamw import (
+    adamw_step_bf16_moments,
+    adamw_step_bf16_moments_reference,
+    bf16_moments_kernel_takes,
+)
+from deepseek_moe.kernels.cpu_build import load_adamw_library
+from deepseek_moe.kernels.switch import reference_paths
+from deepseek_moe.train import narrow_moments
 from deepseek_moe.train.config import OptimConfig, TrainConfig
 from deepseek_moe.train.narrow_moments import NarrowMomentsAdamW, check_betas
 from deepseek_moe.train.optim import build_optimizer
 
+needs_kernel = pytest.mark.skipif(load_adamw_library() is None, reason="no C++ compiler: the kernel cannot be built")
 SHAPES = [(7, 5), (3, 4, 6), (11,), (1,)]
 
 
@@ -59,9 +68,14 @@ def _narrow(groups):
 
 
 def test_equals_torch_adamw_with_moments_rounded_to_bf16_after_every_step():
-    """Bitwise: both read the same bf16-representable moments (widening is exact), apply the same fp32 operations
-    in the same order (adamw_step_reference is torch's single-tensor AdamW op for op; the bias corrections are the
-    same Python-float expressions) and round with the same round-to-nearest-even cast."""
+    """The reference path, bitwise: both read the same bf16-representable moments (widening is exact), apply the
+    same fp32 operations in the same order (adamw_step_reference is torch's single-tensor AdamW op for op; the bias
+    corrections are the same Python-float expressions) and round with the same round-to-nearest-even cast."""
+    with reference_paths():
+        _check_equals_torch_adamw_with_rounded_moments()
+
+
+def _check_equals_torch_adamw_with_rounded_moments():
     ref_params, params = _params(), _params()
     params[1] = torch.nn.Parameter(params[1].detach().transpose(0, 2).contiguous().transpose(0, 2))  # not contiguous
     ref_steps, steps = _run(_reference, ref_params, 12), _run(_narrow, params, 12)
@@ -80,6 +94,55 @@ def test_equals_torch_adamw_with_moments_rounded_to_bf16_after_every_step():
     for _ in _run(_reference, fp32_params, 12):
         pass
     assert not torch.equal(fp32_params[0], params[0])
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 7, 8, 33, 1000])
+def test_the_kernel_equals_the_reference_step_to_an_ulp(n):
+    """One step from the same state: the C++ kernel's fused multiply-adds move the weight by at most an fp32 ulp
+    and a moment by at most a bf16 ulp (where the fp32 difference tips its rounding). n: vector widths and tails."""
+    g = torch.Generator().manual_seed(n)
+    param, grad = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    m = (torch.randn(n, generator=g) * 0.1).bfloat16()
+    v = (torch.rand(n, generator=g) * 0.1).bfloat16()
+    hyper = dict(beta1=0.9, beta2=0.95, eps=1e-8, decay=1 - 1e-3 * 0.1, step_size=1e-3 / (1 - 0.9 ** 3),
+                 bc2_sqrt=(1 - 0.95 ** 3) ** 0.5)
+    old = param.clone()
+    ref = [param.clone(), grad, m.clone(), v.clone()]
+    adamw_step_bf16_moments_reference(*ref, **hyper)
+    assert bf16_moments_kernel_takes(param, grad, m, v)
+    adamw_step_bf16_moments(param, grad, m, v, **hyper)
+    # an ulp or two of the operands (the old weight, the step), not of a result that may nearly cancel them
+    assert ((param - ref[0]).abs() <= 2 ** -22 * (old.abs() + hyper["step_size"])).all()
+    for got, want in ((m, ref[2]), (v, ref[3])):
+        got, want = got.float(), want.float()
+        assert ((got - want).abs() <= 2 ** -7 * torch.maximum(got.abs(), want.abs())).all()  # a bf16 ulp
+        assert (got == want).float().mean() > 0.9  # and mostly bitwise: the same update
+    torch.testing.assert_close(param, ref[0], rtol=1e-6, atol=1e-7)
+
+
+@needs_kernel
+def test_the_optimizer_takes_the_kernel_and_stays_near_the_reference():
+    kernel_params, params = _params(), _params()
+    with reference_paths():
+        for _ in _run(_narrow, params, 8):
+            pass
+    calls = []
+    original = narrow_moments.adamw_step_bf16_moments
+
+    def counted(*a, **k):
+        calls.append(a[0].shape)
+        return original(*a, **k)
+
+    narrow_moments.adamw_step_bf16_moments = counted
+    try:
+        for _ in _run(_narrow, kernel_params, 8):
+            pass
+    finally:
+        narrow_moments.adamw_step_bf16_moments = original
+    assert len(calls) == 8 * len(SHAPES)
+    for p_kernel, p in zip(kernel_params, params, strict=True):
+        torch.testing.assert_close(p_kernel, p, rtol=1e-5, atol=1e-6)
 
 
 def test_moments_are_bf16_and_take_half_the_bytes():

@@ -22,6 +22,14 @@ inline uint16_t to_bf16(float f) {
     return (u & 0x7fffffffu) > 0x7f800000u ? static_cast<uint16_t>((u >> 16) | 0x40u) : static_cast<uint16_t>(rounded);
 }
 
+// bf16 -> fp32: exact (a bf16 value is the upper half of an fp32 one).
+inline float from_bf16(uint16_t h) {
+    const uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
 // One element's update, in place; returns the new weight.
 inline float adamw_one(float& param, float g, float& exp_avg, float& exp_avg_sq, float beta1, float beta2,
                        float one_minus_beta1, float one_minus_beta2, float eps, float decay, float step_size,
@@ -57,6 +65,22 @@ void dsm_adamw_step(float* param, const float* grad, float* exp_avg, float* exp_
         for (int64_t i = 0; i < n; ++i)
             adamw_one(param[i], grad[i], exp_avg[i], exp_avg_sq[i], beta1, beta2, one_minus_beta1, one_minus_beta2,
                       eps, decay, step_size, bc2_sqrt);
+    }
+}
+
+// The same update with exp_avg and exp_avg_sq held in bf16 (DeepSeek-V3's moments, train/narrow_moments.py):
+// widened for the update, rounded back to nearest even, all in registers. n values each; no compute copy.
+void dsm_adamw_step_bf16_moments(float* param, const float* grad, uint16_t* exp_avg, uint16_t* exp_avg_sq,
+                                 int64_t n, float beta1, float beta2, float eps, float decay, float step_size,
+                                 float bc2_sqrt) {
+    const float one_minus_beta1 = 1.0f - beta1, one_minus_beta2 = 1.0f - beta2;
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+        float m = from_bf16(exp_avg[i]), v = from_bf16(exp_avg_sq[i]);
+        adamw_one(param[i], grad[i], m, v, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay, step_size,
+                  bc2_sqrt);
+        exp_avg[i] = to_bf16(m);
+        exp_avg_sq[i] = to_bf16(v);
     }
 }
 

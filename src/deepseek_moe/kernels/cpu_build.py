@@ -347,4 +347,6 @@ def load_adamw_library() -> ctypes.CDLL | None:
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     lib.dsm_adamw_step.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, f32, f32, f32, f32, f32, f32]
     lib.dsm_adamw_step.restype = None
+    lib.dsm_adamw_step_bf16_moments.argtypes = [ptr, ptr, ptr, ptr, i64, f32, f32, f32, f32, f32, f32]
+    lib.dsm_adamw_step_bf16_moments.restype = None
     return lib

@@ -7,7 +7,10 @@ Each step widens one parameter's moments to fp32, applies torch's AdamW update t
 (:func:`deepseek_moe.kernels.adamw.adamw_step_reference`, the same operations in the same order as
 ``torch.optim.AdamW(foreach=False)``), and rounds them back to bf16 (round to nearest even). The weight itself
 moves with the fp32 moments of that step; only what is carried to the next step is rounded. So the result is
-exactly torch's AdamW with the moments rounded to bf16 after every step.
+exactly torch's AdamW with the moments rounded to bf16 after every step. That is the reference path (inside
+``kernels.switch.reference_paths()``, or for tensors the kernel does not take); by default contiguous CPU
+parameters go through ``kernels/adamw.cpp``'s one-pass kernel, equal to it up to the kernel's fused
+multiply-adds (an fp32 ulp of the weight; a bf16 ulp of a moment where that tips its rounding).
 
 Why β2 matters: bf16 keeps 8 significant bits, so a value moves only when a change exceeds half its spacing,
 2^-9..2^-8 of the value. The second moment decays by the factor β2 each step, a relative change of 1 - β2: with
@@ -25,7 +28,12 @@ from typing import Any
 
 import torch
 
-from deepseek_moe.kernels.adamw import adamw_step_reference
+from deepseek_moe.kernels.adamw import (
+    adamw_step_bf16_moments,
+    adamw_step_bf16_moments_reference,
+    bf16_moments_kernel_takes,
+)
+from deepseek_moe.kernels.switch import fast_paths_enabled
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 MIN_ONE_MINUS_BETA = 2.0 ** -7  # see the module docstring
@@ -109,11 +117,13 @@ class NarrowMomentsAdamW(torch.optim.AdamW):
                 hyper = dict(beta1=beta1, beta2=beta2, eps=float(group["eps"]),
                              decay=1.0 - lr * float(group["weight_decay"]), step_size=lr / (1.0 - beta1 ** t),
                              bc2_sqrt=(1.0 - beta2 ** t) ** 0.5)
-                for param, grad, m, v in _chunks(p, p.grad, state["exp_avg"], state["exp_avg_sq"]):
-                    exp_avg, exp_avg_sq = m.float(), v.float()  # exact: every bf16 value is an fp32 value
-                    adamw_step_reference(param, grad, exp_avg, exp_avg_sq, None, **hyper)
-                    m.copy_(exp_avg)  # round to nearest even
-                    v.copy_(exp_avg_sq)
+                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+                if fast_paths_enabled() and bf16_moments_kernel_takes(*tensors):
+                    adamw_step_bf16_moments(*tensors, **hyper)  # one pass, in registers (kernels/adamw.cpp)
+                    torch.autograd.graph.increment_version(p)  # written through a pointer: tell autograd
+                    continue
+                for chunk in _chunks(*tensors):
+                    adamw_step_bf16_moments_reference(*chunk, **hyper)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
