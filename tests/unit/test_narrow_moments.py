@@ -5,6 +5,7 @@ the CLI flags and the β check."""
 import copy
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -253,3 +254,34 @@ def test_a_finetune_with_bf16_moments_resumes_exactly(base, monkeypatch):  # noq
     moments = {path[-1]: dtype for path, (_, dtype) in dcp.stored(dcp.read_metadata(checkpoints[-1])).items()
                if path[0] == "optimizer" and path[-1] in ("exp_avg", "exp_avg_sq")}
     assert moments and set(moments.values()) == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_compute_copies_follow_its_steps(reference):
+    """NarrowMomentsAdamW is a plain AdamW to compute_copy's global step hook (no writes_compute_copies): after
+    its step the copies are stale and rebuilt at their next use, so the forward sees the new weights."""
+    from deepseek_moe.nn import compute_copy as cc
+
+    params = _params()
+    for p in params:
+        setattr(p, cc._ATTR, cc.ComputeCopy(p.detach().to(torch.bfloat16), p._version, p.data_ptr()))
+    with reference_paths(reference):
+        for _ in _run(_narrow, params, 2):
+            for p in params:
+                assert torch.equal(cc.compute_weight(p, torch.bfloat16), p.detach().to(torch.bfloat16))
+
+
+def test_a_bf16_train_run_with_bf16_moments(tmp_path):
+    """Through ``deepseek-moe train`` under bf16 autocast (the Trainer attaches compute copies): it trains, and its
+    run directory keeps the field for --resume."""
+    from test_cli_train import small_args
+
+    from deepseek_moe.cli.main import main
+    from deepseek_moe.train.rundir import read_run_config
+
+    out = tmp_path / "run"
+    assert main(small_args(tmp_path, "--out", str(out), "--dtype", "bf16", "--optimizer-moments", "bfloat16")) == 0
+    assert read_run_config(out)["optim"]["moments"] == "bfloat16"
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in records if r["kind"] == "val"]
+    assert len(val) >= 2 and all(math.isfinite(x) for x in val) and val[-1] < val[0]
