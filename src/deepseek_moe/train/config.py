@@ -272,9 +272,10 @@ class TrainConfig:
     # Recompute activations in the backward instead of keeping them: "full" each whole block (memory at long
     # sequences), "attention" only its attention half (model/block.py); true and false: "full" and "none".
     activation_checkpointing: bool | Literal["none", "full", "attention"] = False
-    # glibc malloc keeps freed memory for reuse instead of page-faulting each step's tensors in afresh
-    # (deepseek_moe.device.keep_freed_memory); false: malloc's defaults
-    keep_freed_memory: bool = True
+    # true: glibc malloc keeps freed memory for reuse instead of page-faulting each step's tensors in afresh
+    # (deepseek_moe.device.keep_freed_memory); false: malloc's defaults; "release": every block of 1 MB or more
+    # is unmapped when freed, the lowest peak memory at a page fault per page (device.release_freed_memory)
+    keep_freed_memory: bool | Literal["release"] = True
     # Under bf16 autocast, keep each matrix weight's bf16 copy from one step to the next, rewritten by the
     # optimizer's pass (deepseek_moe.nn.compute_copy); false: autocast casts every weight afresh each forward
     compute_copies: bool = True
@@ -284,8 +285,9 @@ class TrainConfig:
         _require(isinstance(self.activation_checkpointing, bool) or self.activation_checkpointing in
                  CHECKPOINTING_MODES, f"activation_checkpointing ({self.activation_checkpointing!r}) must be a bool "
                  f"or one of {', '.join(CHECKPOINTING_MODES)}")
-        for name in ("keep_freed_memory", "compute_copies"):
-            _require(isinstance(getattr(self, name), bool), f"{name} ({getattr(self, name)!r}) must be a bool")
+        _require(isinstance(self.compute_copies, bool), f"compute_copies ({self.compute_copies!r}) must be a bool")
+        _require(isinstance(self.keep_freed_memory, bool) or self.keep_freed_memory == "release",
+                 f"keep_freed_memory ({self.keep_freed_memory!r}) must be a bool or 'release'")
         _require(self.dtype in ("auto", "fp32", "bf16"), f"dtype ({self.dtype!r}) must be one of 'auto', "
                  "'fp32', 'bf16'")
         _require(isinstance(self.device, str) and bool(self.device), f"device ({self.device!r}) must be a string")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
-from deepseek_moe.device import keep_freed_memory, resolve_device
+from deepseek_moe.device import keep_freed_memory, release_freed_memory, resolve_device
 from deepseek_moe.moe.all_layers import (
     load_routing_state,
     moe_layers,
@@ -127,7 +127,9 @@ class Trainer:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        kept = keep_freed_memory() if cfg.keep_freed_memory else False
+        malloc = (", malloc keeps freed memory" if cfg.keep_freed_memory is True and keep_freed_memory() else
+                  ", malloc releases freed memory" if cfg.keep_freed_memory == "release" and release_freed_memory()
+                  else "")
         try:
             device = resolve_device(cfg.device)
         except ValueError as e:
@@ -179,7 +181,7 @@ class Trainer:
         self.log(f"{self.model_name}: {n_params / 1e6:.2f}M parameters, vocab {self.data.vocab_size}; data "
                  f"{self.data.corpus.source}: {self.data.n_train_tokens:,} train / {self.data.n_val_tokens:,} val "
                  f"tokens; device {self.device}, {self.precision.reason}"
-                 f"{f', {copies} weights keep bf16 copies' if copies else ''}{', malloc keeps freed memory' if kept else ''}; "
+                 f"{f', {copies} weights keep bf16 copies' if copies else ''}{malloc}; "
                  f"run dir {self.run_dir}")
 
     # The parts a fine-tune (deepseek_moe/finetune/run.py) replaces: its data, its model, how a batch is run and
