@@ -25,6 +25,7 @@ counts, the kernel's decode tiles against its strip path (interleaved, 2 threads
 time), and one MoE layer's expert products as a per-expert loop against one grouped call.
 
     python benchmarks/finetune.py v2lite --layers 2 4 [--steps 3] [--seq-len 512] [--bits 8] [--checkpointing MODE] [--moments bfloat16]
+        [--malloc release]
     python benchmarks/finetune.py v2modes --layers 3 [--rounds 2] [--modes none attention full none/plain]
     python benchmarks/finetune.py mid [--rounds 3]
     python benchmarks/finetune.py qgrad [--rows 8 32 64] [--threads 1]
@@ -155,9 +156,12 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Te
 
 def run_v2lite_once(layers: int, bits: int, steps: int, seq_len: int, checkpointing: str,
                     compact: bool = True, expert_activations: str = "float32",
-                    moments: str = "float32") -> dict[str, Any]:
+                    moments: str = "float32", malloc: str = "default") -> dict[str, Any]:
+    from deepseek_moe.device import keep_freed_memory, release_freed_memory
     from deepseek_moe.model.block import set_activation_checkpointing
 
+    if malloc != "default":  # as the Trainer's keep_freed_memory sets it, before anything is allocated
+        (release_freed_memory if malloc == "release" else keep_freed_memory)()
     t0 = time.perf_counter()
     model, trainable, ids = lora_v2lite(layers, bits, seq_len)
     build_s = time.perf_counter() - t0
@@ -181,13 +185,15 @@ def run_v2lite_once(layers: int, bits: int, steps: int, seq_len: int, checkpoint
             "trainable_m": round(sum(p.numel() for p in trainable) / 1e6, 1), "step_s": round(step_s, 2),
             "tokens_per_s": round(seq_len / step_s, 2), "losses": [round(x, 3) for x in losses],
             "activation_checkpointing": checkpointing, "compact_experts": compact,
-            "expert_activations": expert_activations, "moments": moments}
+            "expert_activations": expert_activations, "moments": moments, "malloc": malloc,
+            "thp": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"}
 
 
 def v2lite(args: argparse.Namespace) -> None:
     if args.one is not None:  # a child: one layer count in this process
         print(json.dumps(run_v2lite_once(args.one, args.bits, args.steps, args.seq_len, args.checkpointing,
-                                         not args.plain_experts, args.expert_activations, args.moments)))
+                                         not args.plain_experts, args.expert_activations, args.moments,
+                                         args.malloc)))
         return
     dense = v2_lite().n_dense_layers
     if min(args.layers) <= dense:  # else the child fails after building, on a LoRA target that matches nothing
@@ -198,15 +204,18 @@ def v2lite(args: argparse.Namespace) -> None:
         cmd = [sys.executable, __file__, "v2lite", "--one", str(layers), "--bits", str(args.bits), "--steps",
                str(args.steps), "--seq-len", str(args.seq_len), "--checkpointing", args.checkpointing]
         cmd += (["--plain-experts"] if args.plain_experts else []) + ["--expert-activations", args.expert_activations]
-        cmd += ["--moments", args.moments]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        cmd += ["--moments", args.moments, "--malloc", args.malloc]
+        # Released blocks are faulted in afresh each step: torch asks for 2 MB pages for its large ones with this
+        # (read once, when the child's torch first allocates).
+        env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1"} if args.malloc == "release" else None
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if out.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         rows[-1]["uptime"] = uptime()
     print(f"\nV2-Lite shape, int{args.bits} base, LoRA r=16 on {', '.join(TARGETS)}, seq {args.seq_len}, "
           f"batch 1, AdamW ({'fp32 moments, betas (0.9, 0.999)' if args.moments == 'float32' else 'bf16 moments, betas (0.9, 0.95)'}), "
-          f"activation checkpointing {args.checkpointing}, "
+          f"activation checkpointing {args.checkpointing}, malloc {args.malloc}, "
           f"{'plain' if args.plain_experts else 'compact'} expert LoRA keeping {args.expert_activations}; "
           f"{cpu_info()}")
     print(f"{'layers':>6} {'built GB':>9} {'VmHWM GB':>9} {'steps GB':>9} {'adapter M':>10} {'s/step':>7} "
@@ -467,6 +476,9 @@ def main() -> None:
                    help="activation checkpointing mode (the flag alone: full)")
     a.add_argument("--plain-experts", action="store_true",
                    help="the routed experts' LoRA through plain autograd, not the compact function")
+    a.add_argument("--malloc", choices=("default", "keep", "release"), default="default",
+                   help="glibc malloc's freed memory: its defaults, kept (the Trainer's default) or released at once "
+                   "(device.release_freed_memory; the children get THP_MEM_ALLOC_ENABLE=1)")
     a.add_argument("--moments", choices=("float32", "bfloat16"), default="float32",
                    help="AdamW's moments: bfloat16 as DeepSeek-V3 (train/narrow_moments.py, betas (0.9, 0.95))")
     a.add_argument("--expert-activations", choices=("float32", "bfloat16"), default="float32",
