@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from deepseek_moe.train.errors import TrainError
 
 if TYPE_CHECKING:
     from deepseek_moe.finetune.config import FinetuneConfig
 
+
+
+# --malloc's choices as TrainConfig.keep_freed_memory values
+MALLOC_POLICIES: dict[str, bool | Literal["release"]] = {"keep": True, "release": "release", "default": False}
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="fine-tune a checkpoint (LoRA or full) on chat, prompt/completion or text",
@@ -107,7 +111,7 @@ def build_config(args: argparse.Namespace) -> FinetuneConfig:
     try:
         train = TrainConfig(optim=OptimConfig(lr=lr, weight_decay=0.0, moments=args.optimizer_moments), seed=args.seed, device=args.device,
                             dtype=args.dtype, activation_checkpointing=args.activation_checkpointing,
-                            keep_freed_memory={"keep": True, "release": "release", "default": False}[args.malloc],
+                            keep_freed_memory=MALLOC_POLICIES[args.malloc],
                             schedule=ScheduleConfig(steps=args.steps, batch_size=args.batch_size,
                                                     grad_accum_steps=args.grad_accum),
                             eval=EvalConfig(every=args.eval_every, sample_tokens=0),
