@@ -5,6 +5,7 @@ the paths it cannot run (AVX512-VNNI on an AVX2 machine) skip with the reason.""
 from __future__ import annotations
 
 import collections.abc
+import itertools
 
 import pytest
 import torch
@@ -150,7 +151,19 @@ def test_fused_experts_random_routing(isa: str, E: int, data: st.DataObject, D: 
     x = torch.randn(sum(counts), D)
     got = qm.quant_experts(x, torch.tensor(counts), None, w, 32)
     assert got is not None
-    _close(got, qm.experts_reference(x, torch.tensor(counts), None, w, "int8"), rtol=2e-3)
+    want = qm.experts_reference(x, torch.tensor(counts), None, w, "int8")
+    # The kernel's h differs from the twin's in the last bits, which can move an h code by one where h sits on a
+    # rounding boundary: an output then moves by that block's scale (max |h| / 127) times a w2 weight, which the
+    # relative tolerance does not always cover (a 2-expert case here moved one element by 3.5 against 2.4).
+    step = 0.0
+    for e, (start, n) in enumerate(zip(itertools.accumulate(counts, initial=0), counts, strict=False)):
+        if n:
+            rows = x[start:start + n]
+            h = (torch.nn.functional.silu(qm.quant_matmul_q8_reference(rows, *(t[e] for t in w["w1"])))
+                 * qm.quant_matmul_q8_reference(rows, *(t[e] for t in w["w3"])))
+            w2 = qm.quant_matmul_reference(torch.eye(F_), *(t[e] for t in w["w2"]))  # (F, D): W2^T dequantised
+            step = max(step, float(h.abs().max()) / 127 * float(w2.abs().max()))
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * float(want.abs().max().clamp_min(1)) + 2 * step)
 
 
 @needs_kernel
