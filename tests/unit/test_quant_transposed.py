@@ -54,6 +54,21 @@ def test_grouped_kernel_equals_a_per_expert_loop(isa: str, counts: list[int], N:
                                    atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_over_several_calls_are_summed(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weight of more than CHUNK_ROWS rows (a vocabulary's head) goes through the kernel a slice at a time."""
+    monkeypatch.setattr(qt, "CHUNK_ROWS", 16)
+    with kernel_path("avx2", "fp32"):
+        torch.manual_seed(0)
+        q, s = kernel_weights(8, 53, 40)  # three full slices and a short one
+        dy = torch.randn(9, 53).to(dtype)
+        dx = qt.input_grad(dy, q, s)
+        assert dx.dtype == dtype
+        want = _float64(dy.float(), q, s)
+        tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 2e-2}
+        torch.testing.assert_close(dx.float(), want, **tol)
+
+
 def test_v2_lite_expert_shape_and_bf16_gradients() -> None:
     """A V2-Lite expert (1408 x 2048) with its rows across several panels; bf16 dy comes back bf16."""
     with kernel_path("avx2", "fp32"):
