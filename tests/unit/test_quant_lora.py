@@ -319,3 +319,44 @@ def test_checkpointing_modes_give_the_plain_adapter_gradients_on_a_quantised_bas
     assert grads.keys() == grads_c.keys() and any(".adapter." in n for n in grads)
     for n, g in grads.items():
         torch.testing.assert_close(grads_c[n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_shared_experts_keep_bf16_pre_activations_and_round_only_the_gradients():
+    """``set_saved_activations`` reaches a MoE layer's shared experts: they keep w1's and w3's outputs in bf16 (two
+    (T, F) tensors, no silu(g)), the output is the plain SwiGLU's bit for bit, the gradients equal autograd's
+    through ``w2(silu(w1 x) * w3 x)`` within bf16 rounding; float32 restores autograd's own path."""
+    from deepseek_moe.adapters.lora import set_saved_activations
+    from deepseek_moe.config import MoEConfig
+    from deepseek_moe.moe.layer import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=24, moe_inter_dim=16, n_routed_experts=4, n_activated_experts=2, n_shared_experts=2,
+                        n_expert_groups=1, n_limited_groups=1))
+    ffn = moe.shared_experts
+    assert ffn is not None
+    x, dy = torch.randn(7, 24), torch.randn(7, 24)
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        set_saved_activations(moe, dtype)
+        ffn.zero_grad(set_to_none=True)
+        x_ = x.clone().requires_grad_(True)
+        kept: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+        def pack(t: torch.Tensor, kept: list = kept) -> torch.Tensor:
+            kept.append((tuple(t.shape), t.dtype))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = ffn(x_)
+        y.backward(dy)
+        results[dtype] = (y.detach(), [x_.grad, *(p.grad for p in ffn.parameters())])
+        wide = [k for k in kept if k[0] == (7, 32)]  # (T, F): F = 2 shared experts x 16
+        dtypes = sorted(str(d) for _, d in wide)  # bf16 g and u, and w2's input h; else g, silu(g), u and h
+        assert dtypes == (["torch.bfloat16"] * 2 + ["torch.float32"] if dtype == "bfloat16" else ["torch.float32"] * 4)
+    assert torch.equal(results["bfloat16"][0], results["float32"][0])
+    pairs = list(zip(results["bfloat16"][1], results["float32"][1], strict=True))
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * float(want.abs().max()))
+    assert any(not torch.equal(got, want) for got, want in pairs)
+    set_saved_activations(moe, "float32")
+    assert ffn.saved_dtype is None

@@ -21,7 +21,8 @@ from torch import nn
 
 from deepseek_moe.adapters.config import LoRAConfig
 from deepseek_moe.adapters.quant_experts import compact_lora_swiglu
-from deepseek_moe.moe.experts import GroupedProduct, RoutedExperts
+from deepseek_moe.moe.experts import FeedForward, GroupedProduct, RoutedExperts
+from deepseek_moe.moe.layer import MoE
 from deepseek_moe.nn.compute_copy import compute_dtype
 from deepseek_moe.nn.linear import Linear
 from deepseek_moe.nn.widen import NARROW
@@ -215,11 +216,13 @@ SAVED_ACTIVATIONS = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 def set_saved_activations(model: nn.Module, dtype: str) -> None:
-    """What every per-expert LoRA on quantised experts keeps its gate/up pre-activations in for the backward:
-    ``"float32"`` (the compute dtype) or ``"bfloat16"`` (half the memory; the adapters' gradients at bf16
-    rounding, the forward unchanged)."""
+    """What every per-expert LoRA on quantised experts, and every MoE layer's shared experts, keep their gate/up
+    pre-activations in for the backward: ``"float32"`` (the compute dtype) or ``"bfloat16"`` (half the memory;
+    the gradients at bf16 rounding, the forward unchanged)."""
     if dtype not in SAVED_ACTIVATIONS:
         raise ValueError(f"expert_activations ({dtype!r}) must be one of {', '.join(SAVED_ACTIVATIONS)}")
     for module in model.modules():
         if isinstance(module, ExpertLoRA):
             module.saved_dtype = SAVED_ACTIVATIONS[dtype]
+        elif isinstance(module, MoE) and isinstance(module.shared_experts, FeedForward):
+            module.shared_experts.saved_dtype = SAVED_ACTIVATIONS[dtype]
