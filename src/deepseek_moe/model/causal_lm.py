@@ -21,7 +21,7 @@ from deepseek_moe.model.rope import RotaryEmbedding
 from deepseek_moe.moe.all_layers import collect_aux_loss, moe_layers
 from deepseek_moe.moe.dropping import ProtectedDraw, ProtectedSequences
 from deepseek_moe.moe.layer import MoE, layer_seed
-from deepseek_moe.nn.cross_entropy import cross_entropy
+from deepseek_moe.nn.cross_entropy import head_cross_entropy
 from deepseek_moe.nn.linear import Linear
 
 if TYPE_CHECKING:
@@ -156,7 +156,16 @@ class DeepSeekMoEForCausalLM(nn.Module):
         moes = moe_layers(self)
         protected = self.protected_sequences.draw() if any(moe.drops_tokens for _, moe in moes) else None
         hidden = self.forward_hidden(input_ids, positions, mask, cache, token_mask=token_mask, protected=protected)
-        logits = self.head(hidden).float()
+        if labels is None:
+            logits, ce_loss = self.head(hidden).float(), None
+        else:
+            # Shift the labels, not the logits: slicing (B, T, vocab) copies it, and the slice's backward
+            # zero-fills and copies a gradient of that size again (a fifth of the tiny preset's step besides
+            # attention). The last position gets no label, so the mean runs over the same B * (T - 1) tokens.
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+            logits_NV, ce_loss = head_cross_entropy(self.head, hidden.reshape(-1, hidden.shape[-1]),
+                                                    targets.reshape(-1), IGNORE_INDEX)
+            logits = logits_NV.view(B, T, -1)
 
         out = CausalLMOutput(logits=logits, cache=cache, hidden=hidden)
         if labels is not None:
@@ -164,11 +173,7 @@ class DeepSeekMoEForCausalLM(nn.Module):
                 mtp_logits = self.mtp_train_logits(input_ids, hidden, positions, mask, token_mask=token_mask,
                                                    protected=protected)
                 out.mtp_loss = mtp_loss(mtp_logits, labels, IGNORE_INDEX)
-            # Shift the labels, not the logits: slicing (B, T, vocab) copies it, and the slice's backward
-            # zero-fills and copies a gradient of that size again (a fifth of the tiny preset's step besides
-            # attention). The last position gets no label, so the mean runs over the same B * (T - 1) tokens.
-            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-            out.ce_loss = cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), IGNORE_INDEX)
+            out.ce_loss = ce_loss
             out.aux_loss = collect_aux_loss(self).to(logits.device)
             out.loss = out.ce_loss + out.aux_loss
             if out.mtp_loss is not None:

@@ -73,4 +73,65 @@ def cross_entropy(logits_NV: torch.Tensor, targets_N: torch.Tensor, ignore_index
     return _CrossEntropy.apply(logits_NV, targets_N, ignore_index, reduction == "mean")
 
 
-__all__ = ["cross_entropy"]
+# Rows of a frozen head (vocabulary entries) per slice of the fused loss's gradient: the (N, slice) softmax block
+# (8 MB at 512 tokens) and, for int8 codes, the transposed kernel's L2-sized call (kernels/quant_transposed.py).
+HEAD_SLICE_ROWS = 4096
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """The mean cross-entropy of ``head(hidden)`` whose gradient in ``hidden`` is computed in the forward, a slice
+    of the vocabulary at a time: (softmax - one-hot)[:, slice] @ W[slice] summed, W read through the head's
+    ``input_grad_rows``. The backward only scales it: the loss is linear in its upstream gradient. Kept: that
+    (N, D) gradient, not the (N, V) logits; no (N, V) gradient ever exists."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden_ND: torch.Tensor, targets_N: torch.Tensor, ignore_index: int, head: Any,
+                logits_NV: torch.Tensor) -> torch.Tensor:
+        N, V = logits_NV.shape
+        step = max(1, SLAB_ELEMENTS // max(V, 1))
+        lse_N = torch.empty(N, dtype=torch.float32, device=logits_NV.device)
+        for s in _slabs(N, V):
+            lse_N[s:s + step] = torch.logsumexp(logits_NV[s:s + step].float(), dim=1)
+        valid_N = targets_N != ignore_index
+        safe_N = torch.where(valid_N, targets_N, 0)
+        picked_N = logits_NV.gather(1, safe_N.unsqueeze(1)).squeeze(1).float()
+        count = valid_N.sum()
+        loss = torch.where(valid_N, lse_N - picked_N, 0.0).sum() / count  # all ignored: NaN, as torch gives
+        weight_N = valid_N.float().unsqueeze(1)
+        d_hidden = torch.zeros(N, hidden_ND.shape[1], dtype=torch.float32, device=hidden_ND.device)
+        for v0 in range(0, V, HEAD_SLICE_ROWS):
+            rows = slice(v0, min(v0 + HEAD_SLICE_ROWS, V))
+            g_Nv = torch.sub(logits_NV[:, rows].float(), lse_N[:, None]).exp_()
+            hit_N = valid_N & (safe_N >= rows.start) & (safe_N < rows.stop)
+            g_Nv[hit_N, safe_N[hit_N] - rows.start] -= 1.0
+            d_hidden += head.input_grad_rows(g_Nv.mul_(weight_N), rows).float()
+        ctx.save_for_backward(d_hidden, count)
+        ctx.dtype = hidden_ND.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, dloss: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
+        d_hidden, count = ctx.saved_tensors
+        return (d_hidden * (dloss.float() / count)).to(ctx.dtype), None, None, None, None
+
+
+def head_cross_entropy(head: torch.nn.Module, hidden_ND: torch.Tensor, targets_N: torch.Tensor,
+                       ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, V) fp32, the mean cross-entropy of ``head(hidden)``) as :func:`cross_entropy` gives them. A
+    frozen head whose class defines ``input_grad_rows(dy (N, v), rows) -> (N, D)`` (dy @ W[rows]: QuantLinear,
+    Linear) under a gradient to ``hidden`` takes the fused path, whose backward keeps neither the logits
+    nor an (N, V) gradient (0.42 GB at the start of a V2-Lite LoRA step's backward, its peak); the logits come
+    back without a graph. Else ``head`` then :func:`cross_entropy`."""
+    # input_grad_rows of the head's own class: a subclass that changes what the layer applies (an unmerged LoRA
+    # pair) would inherit one that leaves its change out.
+    fused = (torch.is_grad_enabled() and hidden_ND.requires_grad and "input_grad_rows" in type(head).__dict__
+             and not any(p.requires_grad for p in head.parameters()))
+    if not fused:
+        logits_NV = head(hidden_ND).float()
+        return logits_NV, cross_entropy(logits_NV, targets_N, ignore_index)
+    with torch.no_grad():
+        logits_NV = head(hidden_ND).float()
+    return logits_NV, _FrozenHeadCrossEntropy.apply(hidden_ND, targets_N, ignore_index, head, logits_NV)
+
+
+__all__ = ["cross_entropy", "head_cross_entropy"]

@@ -42,6 +42,10 @@ class Linear(nn.Linear):
             return super().forward(x)
         return F.linear(x, compute_weight(self.weight, dtype), self.bias)
 
+    def input_grad_rows(self, dy_Mn: torch.Tensor, rows: slice) -> torch.Tensor:
+        """dy (M, n) @ W[rows] (n, K): the fused loss's gradient through a frozen head (nn/cross_entropy.py)."""
+        return dy_Mn @ self.weight[rows].to(dy_Mn.dtype)
+
     def matrix(self) -> torch.Tensor:
         """The (out, in) matrix this layer applies, for code that uses it other than through forward (MLA's
         absorbed attention folds wkv_b into the query and output): the weight, plus any update a subclass adds

@@ -13,6 +13,7 @@ from torch import nn
 
 from deepseek_moe._torch_compat import KeepsDtypeOnCast
 from deepseek_moe.kernels.quant_matmul import dequantize, quant_experts, quant_matmul
+from deepseek_moe.kernels.quant_transposed import input_grad
 from deepseek_moe.moe.experts import ExpertAdapter, RoutedExperts, grouped_product
 from deepseek_moe.quant import pack
 from deepseek_moe.quant.grad import frozen_quant_grouped, frozen_quant_matmul, needs_grad
@@ -94,6 +95,11 @@ class QuantLinear(_KeepsScales):
     def matrix(self) -> torch.Tensor:
         """The (out, in) matrix this layer applies (``Linear.matrix``'s twin: MLA's absorbed attention)."""
         return self.weight
+
+    def input_grad_rows(self, dy_Mn: torch.Tensor, rows: slice) -> torch.Tensor:
+        """dy (M, n) @ W[rows] (n, K) from the codes: the fused loss's gradient through a quantised head
+        (nn/cross_entropy.py), a slice of the vocabulary at a time."""
+        return input_grad(dy_Mn, self.qweight[rows], self.weight_scale[rows])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # With autograd (LoRA on a quantised base), x's gradient is computed from the codes in the backward
