@@ -173,9 +173,10 @@ class DeepSeekMoEForCausalLM(nn.Module):
                 mtp_logits = self.mtp_train_logits(input_ids, hidden, positions, mask, token_mask=token_mask,
                                                    protected=protected)
                 out.mtp_loss = mtp_loss(mtp_logits, labels, IGNORE_INDEX)
+            assert ce_loss is not None  # computed with the logits above
             out.ce_loss = ce_loss
             out.aux_loss = collect_aux_loss(self).to(logits.device)
-            out.loss = out.ce_loss + out.aux_loss
+            out.loss = ce_loss + out.aux_loss
             if out.mtp_loss is not None:
                 weight = self.config.mtp_lambda if mtp_lambda is None else mtp_lambda
                 out.loss = out.loss + weight * out.mtp_loss
