@@ -151,3 +151,19 @@ def test_lora_gradients_through_the_fused_loss_equal_the_plain_loss() -> None:
     assert grads[True].keys() == grads[False].keys() and grads[True]
     for name, g in grads[True].items():
         torch.testing.assert_close(g, grads[False][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_every_target_ignored_gives_zero_gradients_as_torch() -> None:
+    from deepseek_moe.nn.cross_entropy import head_cross_entropy
+    from deepseek_moe.nn.linear import Linear
+
+    targets = torch.full((3,), -100)
+    logits = torch.randn(3, 5, requires_grad=True)
+    cross_entropy(logits, targets).backward()
+    assert torch.equal(logits.grad, torch.zeros(3, 5))
+    head = Linear(4, 5, bias=False).requires_grad_(False)
+    hidden = torch.randn(3, 4, requires_grad=True)
+    _, loss = head_cross_entropy(head, hidden, targets)
+    assert torch.isnan(loss)
+    loss.backward()
+    assert torch.equal(hidden.grad, torch.zeros(3, 4))

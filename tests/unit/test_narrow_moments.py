@@ -285,3 +285,13 @@ def test_a_bf16_train_run_with_bf16_moments(tmp_path):
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in records if r["kind"] == "val"]
     assert len(val) >= 2 and all(math.isfinite(x) for x in val) and val[-1] < val[0]
+
+
+def test_a_loaded_state_with_a_refused_beta2_is_refused():
+    # torch's load_state_dict takes the saved groups' hyper-parameters: a run saved with beta2 = 0.999 must not
+    # resume with the moments this class keeps in bf16.
+    params = _params()
+    saved = torch.optim.AdamW(params, lr=1e-3).state_dict()  # betas (0.9, 0.999)
+    opt = NarrowMomentsAdamW(params, lr=1e-3)
+    with pytest.raises(ValueError, match="beta"):
+        opt.load_state_dict(saved)

@@ -54,11 +54,11 @@ def adamw_step_bf16_moments_reference(param: torch.Tensor, grad: torch.Tensor, e
 
 def bf16_moments_kernel_takes(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                               exp_avg_sq: torch.Tensor) -> bool:
-    """Whether :func:`adamw_step_bf16_moments` runs the compiled kernel on these tensors: contiguous CPU fp32
-    weight and gradient, bf16 moments of the same size, the kernel built."""
+    """Whether :func:`adamw_step_bf16_moments` runs the compiled kernel on these tensors: plain (not DTensor)
+    contiguous CPU fp32 weight and gradient, bf16 moments of the same size, the kernel built."""
     n = param.numel()
     return (load_adamw_library() is not None
-            and all(t.device.type == "cpu" and t.is_contiguous() and t.numel() == n
+            and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.is_contiguous() and t.numel() == n
                     for t in (param, grad, exp_avg, exp_avg_sq))
             and param.dtype == grad.dtype == torch.float32 and exp_avg.dtype == exp_avg_sq.dtype == torch.bfloat16)
 

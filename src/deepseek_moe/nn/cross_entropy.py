@@ -44,8 +44,10 @@ class _CrossEntropy(torch.autograd.Function):
         return loss.to(logits_NV.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dloss: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         logits_NV, targets_N, lse_N, valid_N, count = ctx.saved_tensors
+        count = count.clamp(min=1)  # every target ignored: a NaN loss (as torch) but zero gradients (as torch)
         N, V = logits_NV.shape
         step = max(1, SLAB_ELEMENTS // max(V, 1))
         acc = lse_N.dtype
@@ -110,9 +112,10 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # d_hidden is a constant here: no second derivative
     def backward(ctx: Any, dloss: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         d_hidden, count = ctx.saved_tensors
-        return (d_hidden * (dloss.float() / count)).to(ctx.dtype), None, None, None, None
+        return (d_hidden * (dloss.float() / count.clamp(min=1))).to(ctx.dtype), None, None, None, None
 
 
 def head_cross_entropy(head: torch.nn.Module, hidden_ND: torch.Tensor, targets_N: torch.Tensor,
@@ -124,8 +127,10 @@ def head_cross_entropy(head: torch.nn.Module, hidden_ND: torch.Tensor, targets_N
     back without a graph. Else ``head`` then :func:`cross_entropy`."""
     # input_grad_rows of the head's own class: a subclass that changes what the layer applies (an unmerged LoRA
     # pair) would inherit one that leaves its change out.
+    # Not for a sharded head (FSDP2): its weight is a DTensor shard again by the time the slices read it.
     fused = (torch.is_grad_enabled() and hidden_ND.requires_grad and "input_grad_rows" in type(head).__dict__
-             and not any(p.requires_grad for p in head.parameters()))
+             and not any(p.requires_grad for p in head.parameters())
+             and not any(hasattr(t, "to_local") for t in (*head.parameters(), *head.buffers())))
     if not fused:
         logits_NV = head(hidden_ND).float()
         return logits_NV, cross_entropy(logits_NV, targets_N, ignore_index)

@@ -280,9 +280,10 @@ class Trainer:
             if out.mtp_loss is not None:  # the schedule's λ, not the model config's
                 loss = out.ce_loss + out.aux_loss + mtp_lambda * out.mtp_loss
                 mtp_sum += float(out.mtp_loss.detach())
-            (loss / s.grad_accum_steps).backward()
             ce_sum += float(out.ce_loss.detach())
             aux_sum += float(out.aux_loss.detach())
+            del out  # its (B, T, vocab) logits, which nothing below reads, not held through the backward
+            (loss / s.grad_accum_steps).backward()
             counts = _add(counts, routing_counts(model))
             drops += drop_counts(model)
             entropy += _entropy_sum(model)

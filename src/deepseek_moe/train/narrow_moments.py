@@ -117,7 +117,10 @@ class NarrowMomentsAdamW(torch.optim.AdamW):
                 hyper = dict(beta1=beta1, beta2=beta2, eps=float(group["eps"]),
                              decay=1.0 - lr * float(group["weight_decay"]), step_size=lr / (1.0 - beta1 ** t),
                              bc2_sqrt=(1.0 - beta2 ** t) ** 0.5)
-                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+                # Under FSDP2 each is a DTensor sharded alike: the update is elementwise, so it runs on the local
+                # shards (a DTensor's data_ptr is not its shard's: the kernel would write through null).
+                tensors = tuple(t.to_local() if hasattr(t, "to_local") else t
+                                for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"]))
                 if fast_paths_enabled() and bf16_moments_kernel_takes(*tensors):
                     adamw_step_bf16_moments(*tensors, **hyper)  # one pass, in registers (kernels/adamw.cpp)
                     torch.autograd.graph.increment_version(p)  # written through a pointer: tell autograd
@@ -134,6 +137,8 @@ class NarrowMomentsAdamW(torch.optim.AdamW):
         rest = {**state_dict, "state": {pid: {k: v for k, v in entry.items() if k not in MOMENTS}
                                         for pid, entry in state_dict["state"].items()}}
         super().load_state_dict(rest)  # validates the groups' sizes
+        for group in self.param_groups:  # torch's load takes the saved groups' betas: a β2 this class refuses too
+            check_betas(group["betas"])
         # torch's mapping from saved ids to parameters: the groups' parameters in order
         params = dict(zip(chain.from_iterable(g["params"] for g in state_dict["param_groups"]),
                           chain.from_iterable(g["params"] for g in self.param_groups), strict=True))
