@@ -20,24 +20,32 @@ import torch
 SLAB_ELEMENTS = 1 << 22  # logits per slab of rows (16 MB in fp32): the forward's and backward's temporaries
 
 
-def _slabs(n_rows: int, width: int) -> range:
-    return range(0, n_rows, max(1, SLAB_ELEMENTS // max(width, 1)))
+def _slabs(n_rows: int, width: int) -> list[slice]:
+    """Row ranges of about SLAB_ELEMENTS logits each."""
+    step = max(1, SLAB_ELEMENTS // max(width, 1))
+    return [slice(s, s + step) for s in range(0, n_rows, step)]
+
+
+def _row_terms(logits_NV: torch.Tensor, targets_N: torch.Tensor, ignore_index: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse (N,), valid (N,) bool, safe targets (N,): 0 where ignored, the summed loss, the valid count), the
+    sums in fp32 at least (bf16 logits): what both losses below compute their values and gradients from."""
+    N, V = logits_NV.shape
+    acc = torch.promote_types(logits_NV.dtype, torch.float32)
+    lse_N = torch.empty(N, dtype=acc, device=logits_NV.device)
+    for s in _slabs(N, V):
+        lse_N[s] = torch.logsumexp(logits_NV[s].to(acc), dim=1)
+    valid_N = targets_N != ignore_index
+    safe_N = torch.where(valid_N, targets_N, 0)
+    picked_N = logits_NV.gather(1, safe_N.unsqueeze(1)).squeeze(1).to(acc)
+    return lse_N, valid_N, safe_N, torch.where(valid_N, lse_N - picked_N, 0.0).sum(), valid_N.sum()
 
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits_NV: torch.Tensor, targets_N: torch.Tensor, ignore_index: int,
                 mean: bool) -> torch.Tensor:
-        N, V = logits_NV.shape
-        step = max(1, SLAB_ELEMENTS // max(V, 1))
-        acc = torch.promote_types(logits_NV.dtype, torch.float32)  # bf16 logits: their sums in fp32
-        lse_N = torch.empty(N, dtype=acc, device=logits_NV.device)
-        for s in _slabs(N, V):
-            lse_N[s:s + step] = torch.logsumexp(logits_NV[s:s + step].to(acc), dim=1)
-        valid_N = targets_N != ignore_index
-        picked_N = logits_NV.gather(1, torch.where(valid_N, targets_N, 0).unsqueeze(1)).squeeze(1).to(acc)
-        total = torch.where(valid_N, lse_N - picked_N, 0.0).sum()
-        count = valid_N.sum()
+        lse_N, valid_N, _, total, count = _row_terms(logits_NV, targets_N, ignore_index)
         ctx.save_for_backward(logits_NV, targets_N, lse_N, valid_N, count)
         ctx.mean = mean
         loss = total / count if mean else total  # every target ignored: 0 / 0, NaN, as F.cross_entropy gives
@@ -49,14 +57,12 @@ class _CrossEntropy(torch.autograd.Function):
         logits_NV, targets_N, lse_N, valid_N, count = ctx.saved_tensors
         count = count.clamp(min=1)  # every target ignored: a NaN loss (as torch) but zero gradients (as torch)
         N, V = logits_NV.shape
-        step = max(1, SLAB_ELEMENTS // max(V, 1))
         acc = lse_N.dtype
         weight_N = valid_N.to(acc) * (dloss.to(acc) / count if ctx.mean else dloss.to(acc))
         rows_N = torch.arange(N, device=logits_NV.device)
         grad_NV = torch.empty_like(logits_NV)
         for s in _slabs(N, V):
-            g = grad_NV[s:s + step]
-            torch.sub(logits_NV[s:s + step].to(acc), lse_N[s:s + step, None], out=g).exp_()
+            torch.sub(logits_NV[s].to(acc), lse_N[s, None], out=grad_NV[s]).exp_()
         safe_N = torch.where(valid_N, targets_N, 0)
         grad_NV[rows_N, safe_N] -= valid_N.to(grad_NV.dtype)
         grad_NV.mul_(weight_N.to(grad_NV.dtype).unsqueeze(1))
@@ -89,16 +95,9 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden_ND: torch.Tensor, targets_N: torch.Tensor, ignore_index: int, head: Any,
                 logits_NV: torch.Tensor) -> torch.Tensor:
-        N, V = logits_NV.shape
-        step = max(1, SLAB_ELEMENTS // max(V, 1))
-        lse_N = torch.empty(N, dtype=torch.float32, device=logits_NV.device)
-        for s in _slabs(N, V):
-            lse_N[s:s + step] = torch.logsumexp(logits_NV[s:s + step].float(), dim=1)
-        valid_N = targets_N != ignore_index
-        safe_N = torch.where(valid_N, targets_N, 0)
-        picked_N = logits_NV.gather(1, safe_N.unsqueeze(1)).squeeze(1).float()
-        count = valid_N.sum()
-        loss = torch.where(valid_N, lse_N - picked_N, 0.0).sum() / count  # all ignored: NaN, as torch gives
+        N, V = logits_NV.shape  # fp32 logits (head_cross_entropy widens them)
+        lse_N, valid_N, safe_N, total, count = _row_terms(logits_NV, targets_N, ignore_index)
+        loss = total / count  # all ignored: NaN, as torch gives
         weight_N = valid_N.float().unsqueeze(1)
         d_hidden = torch.zeros(N, hidden_ND.shape[1], dtype=torch.float32, device=hidden_ND.device)
         for v0 in range(0, V, HEAD_SLICE_ROWS):
