@@ -25,6 +25,7 @@ default (why: docs/quantisation.md). Without the kernel, activations stay fp32.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any, TypedDict
 
 import torch
@@ -182,17 +183,24 @@ def quant_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     return y if x.dtype is torch.float32 else y.to(x.dtype)
 
 
+def per_expert(product: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], x_AK: torch.Tensor,
+               q_E: torch.Tensor, scale_E: torch.Tensor, counts: list[int], width: int) -> torch.Tensor:
+    """(A, width): ``product(rows, q_E[e], scale_E[e])`` for each expert's rows of x (sorted by expert,
+    ``counts[e]`` of them), one call an expert: the grouped products' readable twins, forward and transposed."""
+    y_AW = x_AK.new_empty(x_AK.shape[0], width)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            y_AW[start:start + n] = product(x_AK[start:start + n], q_E[e], scale_E[e])
+        start += n
+    return y_AW
+
+
 def quant_matmul_grouped_reference(x_AK: torch.Tensor, q_E: torch.Tensor, scale_E: torch.Tensor,
                                    counts: list[int]) -> torch.Tensor:
     """(A, N): each expert's rows of x (sorted by expert, ``counts[e]`` of them) times its dequantised ``q_E[e]``
     transposed, one :func:`quant_matmul` per expert (codes (E, N, ...) and scales (E, N, ...) stacked)."""
-    y_AN = x_AK.new_empty(x_AK.shape[0], q_E.shape[1])
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            y_AN[start:start + n] = quant_matmul(x_AK[start:start + n], q_E[e], scale_E[e])
-        start += n
-    return y_AN
+    return per_expert(quant_matmul, x_AK, q_E, scale_E, counts, q_E.shape[1])
 
 
 def quant_matmul_grouped(x_AK: torch.Tensor, q_E: torch.Tensor, scale_E: torch.Tensor,

@@ -47,13 +47,7 @@ def input_grad_grouped_reference(dy_AN: torch.Tensor, q_E: torch.Tensor, scale_E
                                  counts: list[int]) -> torch.Tensor:
     """(A, K): each expert's rows of dy times its dequantised ``q_E[e]``, one expert at a time."""
     K = q_E.shape[2] * (2 if q_E.dtype == torch.uint8 else 1)  # int4: two codes a byte
-    dx_AK = dy_AN.new_empty(dy_AN.shape[0], K)
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            dx_AK[start:start + n] = input_grad_reference(dy_AN[start:start + n], q_E[e], scale_E[e])
-        start += n
-    return dx_AK
+    return quant_matmul.per_expert(input_grad_reference, dy_AN, q_E, scale_E, counts, K)
 
 
 def _kernel(dy: torch.Tensor, q: torch.Tensor) -> Any:
