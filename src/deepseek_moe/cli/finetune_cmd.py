@@ -23,9 +23,9 @@ if TYPE_CHECKING:
     from deepseek_moe.finetune.config import FinetuneConfig
 
 
-
 # --malloc's choices as TrainConfig.keep_freed_memory values
 MALLOC_POLICIES: dict[str, bool | Literal["release"]] = {"keep": True, "release": "release", "default": False}
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="fine-tune a checkpoint (LoRA or full) on chat, prompt/completion or text",
@@ -109,8 +109,8 @@ def build_config(args: argparse.Namespace) -> FinetuneConfig:
     targets = (tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets is not None
                else DEFAULT_TARGETS)
     try:
-        train = TrainConfig(optim=OptimConfig(lr=lr, weight_decay=0.0, moments=args.optimizer_moments), seed=args.seed, device=args.device,
-                            dtype=args.dtype, activation_checkpointing=args.activation_checkpointing,
+        train = TrainConfig(optim=OptimConfig(lr=lr, weight_decay=0.0, moments=args.optimizer_moments),
+                            seed=args.seed, device=args.device, dtype=args.dtype, activation_checkpointing=args.activation_checkpointing,
                             keep_freed_memory=MALLOC_POLICIES[args.malloc],
                             schedule=ScheduleConfig(steps=args.steps, batch_size=args.batch_size,
                                                     grad_accum_steps=args.grad_accum),
