@@ -266,11 +266,14 @@ def test_bf16_kept_pre_activations_leave_the_forward_and_round_the_gradients():
         set_saved_activations(experts, "float16")
 
 
-def test_frozen_embedding_narrowed_to_bf16_gives_the_rounded_tables_logits_and_grads():
-    """A frozen embedding table stored in bf16 (0.42 GB instead of 0.84 at V2-Lite's vocabulary) widens its rows
-    on lookup: the loss and adapter gradients equal the fp32 model's whose table holds the same bf16-rounded
-    values, bit for bit; a table that trains, or is the head's weight, stays as it is."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+def test_frozen_embedding_narrowed_gives_the_rounded_tables_logits_and_grads(dtype: torch.dtype):
+    """A frozen embedding table stored in bf16 (0.42 GB instead of 0.84 at V2-Lite's vocabulary) or in int8 codes
+    with a scale per row (0.21 GB) widens its rows on lookup: the loss and adapter gradients equal the fp32
+    model's whose table holds the same rounded values (bf16; codes x scale), bit for bit; a table that trains,
+    or is the head's weight, stays as it is."""
     from deepseek_moe.adapters import narrow_frozen_embedding
+    from deepseek_moe.quant.pack import quantize_int8
 
     models = []
     for narrow in (True, False):
@@ -278,11 +281,16 @@ def test_frozen_embedding_narrowed_to_bf16_gives_the_rounded_tables_logits_and_g
         torch.manual_seed(5)
         apply_lora(model, LoRAConfig(r=4, targets=("attention", "routed_experts"), init="random"))
         mark_trainable(model)
+        table = model.embed.weight.detach().clone()
         if narrow:
-            assert narrow_frozen_embedding(model) and model.embed.weight.dtype == torch.bfloat16
+            assert narrow_frozen_embedding(model, dtype) and model.embed.weight.dtype == dtype
+            assert not narrow_frozen_embedding(model, dtype)  # already narrowed: nothing is rounded twice
         else:
+            codes, scale = quantize_int8(table)
+            rounded = table.to(torch.bfloat16).float() if dtype == torch.bfloat16 else codes.float() * scale[:, None]
+            assert not torch.equal(rounded, table)  # the comparison would prove nothing otherwise
             with torch.no_grad():
-                model.embed.weight.copy_(model.embed.weight.to(torch.bfloat16).float())
+                model.embed.weight.copy_(rounded)
         model.train()
         out = model(ids(), labels=ids())
         out.loss.backward()
@@ -291,10 +299,12 @@ def test_frozen_embedding_narrowed_to_bf16_gives_the_rounded_tables_logits_and_g
     assert torch.equal(loss_n, loss_r)
     assert grads_n.keys() == grads_r.keys() and all(torch.equal(grads_n[k], grads_r[k]) for k in grads_n)
     trains = small_model()
-    assert not narrow_frozen_embedding(trains) and trains.embed.weight.dtype == torch.float32
+    assert not narrow_frozen_embedding(trains, dtype) and trains.embed.weight.dtype == torch.float32
     tied = small_model(tie_word_embeddings=True)
     tied.requires_grad_(False)
-    assert not narrow_frozen_embedding(tied) and tied.embed.weight.dtype == torch.float32
+    assert not narrow_frozen_embedding(tied, dtype) and tied.embed.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype"):
+        narrow_frozen_embedding(small_model().requires_grad_(False), torch.int16)
 
 
 @pytest.mark.parametrize("mode", ["full", "attention"])

@@ -157,8 +157,8 @@ class FinetuneTrainer(Trainer):
                 raise TrainError(str(e)) from e
             mark_trainable(model, train_router=self.ft.train_router)
             set_saved_activations(model, self.ft.expert_activations)
-            if self.ft.quantize in ("int8", "int4"):  # a base held in codes: its frozen embedding table in bf16
-                narrow_frozen_embedding(model, torch.bfloat16)
+            if self.ft.quantize in ("int8", "int4"):  # a base held in codes: its frozen embedding table too
+                narrow_frozen_embedding(model, torch.int8)
             if bf16:
                 narrow_frozen_matrices(model, torch.bfloat16)
         else:

@@ -195,9 +195,13 @@ class DeepSeekMoEForCausalLM(nn.Module):
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The embedding rows, in the dtype the blocks compute in: a frozen table may be stored narrower (a LoRA
-        run keeps V2-Lite's 0.8 GB fp32 table in bf16, adapters/frozen_base.py) and is widened row by row here."""
-        h = self.embed(input_ids)
-        return h if h.dtype == self.norm.weight.dtype else h.to(self.norm.weight.dtype)
+        run keeps V2-Lite's 0.8 GB fp32 table in bf16, or in int8 codes with a scale per row, adapters/frozen_base.py)
+        and is widened row by row here."""
+        h, dtype = self.embed(input_ids), self.norm.weight.dtype
+        scale = getattr(self.embed, "weight_scale", None)
+        if scale is not None:  # int8 codes: each looked-up row times its own scale
+            return h.to(dtype) * scale[input_ids].unsqueeze(-1).to(dtype)
+        return h if h.dtype == dtype else h.to(dtype)
 
     def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                        cache: KVCache | None = None, *, token_mask: torch.Tensor | None = None,
