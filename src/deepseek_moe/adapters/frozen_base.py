@@ -39,6 +39,9 @@ def narrow_frozen_matrices(model: nn.Module, dtype: torch.dtype = torch.bfloat16
     return narrowed
 
 
+_ROWS_PER_BLOCK = 4096  # rows of the table quantised at a time
+
+
 def narrow_frozen_embedding(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Store ``model.embed``'s table in ``dtype`` when it is frozen and not the head's weight too (a lookup
     widens its rows: ``DeepSeekMoEForCausalLM.embed_tokens``); True when it was narrowed. Released checkpoints
@@ -57,8 +60,13 @@ def narrow_frozen_embedding(model: nn.Module, dtype: torch.dtype = torch.bfloat1
     if (not isinstance(embed, nn.Module) or not isinstance(weight, nn.Parameter) or weight.requires_grad
             or weight.dtype == dtype or weight is head_weight or hasattr(embed, "weight_scale")):
         return False
-    if dtype == torch.int8:
-        codes, scale = pack.quantize_int8(weight.detach())
+    if dtype == torch.int8:  # by blocks of rows: whole-table temporaries would be 4x the fp32 table at once
+        table = weight.detach()
+        codes = torch.empty(table.shape, dtype=torch.int8, device=table.device)
+        scale = torch.empty(table.shape[0], dtype=pack.INT8_SCALE_DTYPE, device=table.device)
+        for first in range(0, table.shape[0], _ROWS_PER_BLOCK):
+            block = slice(first, first + _ROWS_PER_BLOCK)
+            codes[block], scale[block] = pack.quantize_int8(table[block])
         weight.data = codes
         embed.register_buffer("weight_scale", scale)
     else:
