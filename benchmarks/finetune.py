@@ -25,7 +25,7 @@ counts, the kernel's decode tiles against its strip path (interleaved, 2 threads
 time), and one MoE layer's expert products as a per-expert loop against one grouped call.
 
     python benchmarks/finetune.py v2lite --layers 2 4 [--steps 3] [--seq-len 512] [--bits 8] [--checkpointing MODE] [--moments bfloat16]
-        [--malloc release]
+        [--malloc keep|default|release]
     python benchmarks/finetune.py v2modes --layers 3 [--rounds 2] [--modes none attention full none/plain]
     python benchmarks/finetune.py mid [--rounds 3]
     python benchmarks/finetune.py qgrad [--rows 8 32 64] [--threads 1]
@@ -476,9 +476,10 @@ def main() -> None:
                    help="activation checkpointing mode (the flag alone: full)")
     a.add_argument("--plain-experts", action="store_true",
                    help="the routed experts' LoRA through plain autograd, not the compact function")
-    a.add_argument("--malloc", choices=("default", "keep", "release"), default="default",
-                   help="glibc malloc's freed memory: its defaults, kept (the Trainer's default) or released at once "
-                   "(device.release_freed_memory; the children get THP_MEM_ALLOC_ENABLE=1)")
+    a.add_argument("--malloc", choices=("default", "keep", "release"), default="keep",
+                   help="glibc malloc's freed memory: kept in the heap (default, as the Trainer and deepseek-moe "
+                   "finetune keep it), its own defaults, or released at once (device.release_freed_memory; the "
+                   "children get THP_MEM_ALLOC_ENABLE=1)")
     a.add_argument("--moments", choices=("float32", "bfloat16"), default="float32",
                    help="AdamW's moments: bfloat16 as DeepSeek-V3 (train/narrow_moments.py, betas (0.9, 0.95))")
     a.add_argument("--expert-activations", choices=("float32", "bfloat16"), default="float32",
