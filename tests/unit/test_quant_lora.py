@@ -308,6 +308,21 @@ def test_frozen_embedding_narrowed_gives_the_rounded_tables_logits_and_grads(dty
         narrow_frozen_embedding(small_model().requires_grad_(False), torch.int16)
 
 
+def test_int8_embedding_codes_keep_the_fused_adamw():
+    """A frozen parameter holding int8 codes is never stepped, so it must not send the adapters' AdamW from the
+    fused kernel (one pass a tensor) back to foreach's several."""
+    from deepseek_moe.adapters import narrow_frozen_embedding
+    from deepseek_moe.train.config import OptimConfig
+    from deepseek_moe.train.optim import build_optimizer
+
+    model = quantize_model(small_model(), QuantConfig(bits=8))
+    apply_lora(model, LoRAConfig(r=4, targets=("attention",)))
+    mark_trainable(model)
+    assert narrow_frozen_embedding(model, torch.int8)
+    opt = build_optimizer(model, OptimConfig())
+    assert opt.defaults["fused"] and not opt.defaults["foreach"]
+
+
 @pytest.mark.parametrize("mode", ["full", "attention"])
 def test_checkpointing_modes_give_the_plain_adapter_gradients_on_a_quantised_base(mode):
     """The compact expert function under each activation-checkpointing mode (recomputed in the backward under
