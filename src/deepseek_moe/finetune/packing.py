@@ -15,13 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from deepseek_moe.finetune.data import Example
 from deepseek_moe.model.causal_lm import IGNORE_INDEX, CausalLMOutput, DeepSeekMoEForCausalLM
 from deepseek_moe.model.mtp import mtp_loss
 from deepseek_moe.moe.all_layers import collect_aux_loss, moe_layers
-from deepseek_moe.nn.cross_entropy import head_cross_entropy
 from deepseek_moe.train.data import PackedSequences
 
 
@@ -117,10 +115,7 @@ def packed_forward(model: DeepSeekMoEForCausalLM, batch: torch.Tensor) -> Causal
     protected = (model.protected_sequences.draw() if any(moe.drops_tokens for _, moe in moe_layers(model))
                  else None)
     hidden = model.forward_hidden(ids, positions, mask, token_mask=token_mask, protected=protected)
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    logits_NV, ce = head_cross_entropy(model.head, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1),
-                                       IGNORE_INDEX)
-    logits = logits_NV.view(*hidden.shape[:-1], -1)
+    logits, ce = model.next_token_loss(hidden, labels)
     mtp = None
     if len(model.mtp):  # BASE's MTP modules, within each example (positions, mask and targets never cross one)
         mtp = mtp_loss(model.mtp_train_logits(ids, hidden, positions, mask, token_mask=token_mask,

@@ -159,13 +159,7 @@ class DeepSeekMoEForCausalLM(nn.Module):
         if labels is None:
             logits, ce_loss = self.head(hidden).float(), None
         else:
-            # Shift the labels, not the logits: slicing (B, T, vocab) copies it, and the slice's backward
-            # zero-fills and copies a gradient of that size again (a fifth of the tiny preset's step besides
-            # attention). The last position gets no label, so the mean runs over the same B * (T - 1) tokens.
-            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-            logits_NV, ce_loss = head_cross_entropy(self.head, hidden.reshape(-1, hidden.shape[-1]),
-                                                    targets.reshape(-1), IGNORE_INDEX)
-            logits = logits_NV.view(B, T, -1)
+            logits, ce_loss = self.next_token_loss(hidden, labels)
 
         out = CausalLMOutput(logits=logits, cache=cache, hidden=hidden)
         if labels is not None:
@@ -181,6 +175,17 @@ class DeepSeekMoEForCausalLM(nn.Module):
                 weight = self.config.mtp_lambda if mtp_lambda is None else mtp_lambda
                 out.loss = out.loss + weight * out.mtp_loss
         return out
+
+    def next_token_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, T, vocab) float32, the mean cross-entropy of each position against the next one's label)
+        from ``hidden`` (B, T, dim) and unshifted ``labels`` (B, T) (IGNORE_INDEX ignored). The labels are shifted,
+        not the logits: slicing (B, T, vocab) copies it, and the slice's backward zero-fills and copies a gradient
+        of that size again (a fifth of the tiny preset's step besides attention). The last position gets no label,
+        so the mean runs over the same B * (T - 1) tokens."""
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        logits_NV, ce = head_cross_entropy(self.head, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1),
+                                           IGNORE_INDEX)
+        return logits_NV.view(*hidden.shape[:-1], -1), ce
 
     def forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                        cache: KVCache | None = None, *, token_mask: torch.Tensor | None = None,

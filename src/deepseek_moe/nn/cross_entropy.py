@@ -45,8 +45,8 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits_NV: torch.Tensor, targets_N: torch.Tensor, ignore_index: int,
                 mean: bool) -> torch.Tensor:
-        lse_N, valid_N, _, total, count = _row_terms(logits_NV, targets_N, ignore_index)
-        ctx.save_for_backward(logits_NV, targets_N, lse_N, valid_N, count)
+        lse_N, valid_N, safe_N, total, count = _row_terms(logits_NV, targets_N, ignore_index)
+        ctx.save_for_backward(logits_NV, safe_N, lse_N, valid_N, count)
         ctx.mean = mean
         loss = total / count if mean else total  # every target ignored: 0 / 0, NaN, as F.cross_entropy gives
         return loss.to(logits_NV.dtype)
@@ -54,7 +54,7 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dloss: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        logits_NV, targets_N, lse_N, valid_N, count = ctx.saved_tensors
+        logits_NV, safe_N, lse_N, valid_N, count = ctx.saved_tensors
         count = count.clamp(min=1)  # every target ignored: a NaN loss (as torch) but zero gradients (as torch)
         N, V = logits_NV.shape
         acc = lse_N.dtype
@@ -63,7 +63,6 @@ class _CrossEntropy(torch.autograd.Function):
         grad_NV = torch.empty_like(logits_NV)
         for s in _slabs(N, V):
             torch.sub(logits_NV[s].to(acc), lse_N[s, None], out=grad_NV[s]).exp_()
-        safe_N = torch.where(valid_N, targets_N, 0)
         grad_NV[rows_N, safe_N] -= valid_N.to(grad_NV.dtype)
         grad_NV.mul_(weight_N.to(grad_NV.dtype).unsqueeze(1))
         return grad_NV, None, None, None
