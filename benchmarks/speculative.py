@@ -16,6 +16,9 @@ the plain run's own greedy continuation, each drafted token replaced by a wrong 
 ``--repeats`` times) so that the load of the shared machine falls on all alike; every speculative run's greedy
 tokens are checked equal to the plain run's.
 
+Decode tokens/s leave out the prefill, as plain decoding's do; the MTP modules' pass over the prompt is prefill
+work (``MTPDrafter.begin``), shown beside it in the last column (prefill ms, plain / speculative).
+
 A second table gives what a step's parts cost, as multiples of one plain decode step (T = 1) at the prompt's
 cache length: a verification forward of T = 2 .. k + 1 tokens and one MTP draft (depth 1 over one position, its
 last logits, the argmax), in process CPU time, interleaved, with the caches rolled back after each call. A step of k drafts
@@ -168,16 +171,20 @@ def main() -> None:
                 drafters[f"oracle-{error}"] = (args.k, lambda e=error, r=reference: OracleDrafter(r, e, V))
 
         plain_s: list[float] = []
+        plain_prefill: list[float] = []
         spec_s: dict[str, list[float]] = {name: [] for name in drafters}
+        spec_prefill: dict[str, list[float]] = {name: [] for name in drafters}
         stats = {}
         for _ in range(args.repeats):
             plain = generate(model, [prompt], max_new_tokens=args.new_tokens)
             plain_s.append(plain.decode_tokens_per_s)
+            plain_prefill.append(plain.prefill_s)
             for name, (k, make) in drafters.items():
                 spec = generate(model, [prompt], max_new_tokens=args.new_tokens, drafter=make(), num_draft_tokens=k)
                 if spec.new_tokens != plain.new_tokens:
                     raise SystemExit(f"{variant} {name}: speculative greedy differs from plain greedy")
                 spec_s[name].append(spec.decode_tokens_per_s)
+                spec_prefill[name].append(spec.prefill_s)
                 stats[name] = spec.speculative
         costs[variant] = step_costs(model, prompt, args.k, args.cost_repeats)
         p = statistics.median(plain_s)
@@ -187,15 +194,17 @@ def main() -> None:
             rows.append({"variant": variant, "drafter": name, "plain_tok_s": round(p, 2), "spec_tok_s": round(s_, 2),
                          "speedup": round(s_ / p, 2), "acceptance": round(st.acceptance_rate, 3),
                          "mean_accept_len": round(st.mean_acceptance_length, 2), "drafted": st.drafted,
-                         "accepted": st.accepted})
+                         "accepted": st.accepted,
+                         "plain_prefill_ms": round(1000 * statistics.median(plain_prefill), 1),
+                         "spec_prefill_ms": round(1000 * statistics.median(spec_prefill[name]), 1)})
         del model
     print(f"{shape}, prompt {len(prompt)} tokens, batch 1, greedy, {args.new_tokens} new tokens, k={args.k}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved runs")
     print(f"{'variant':8} {'drafter':12} {'plain tok/s':>12} {'spec tok/s':>11} {'speedup':>8} {'accept':>7} "
-          f"{'tok/verify':>11}")
+          f"{'tok/verify':>11} {'prefill ms plain/spec':>22}")
     for r in rows:
         print(f"{r['variant']:8} {r['drafter']:12} {r['plain_tok_s']:12.2f} {r['spec_tok_s']:11.2f} {r['speedup']:7.2f}x "
-              f"{r['acceptance']:7.3f} {r['mean_accept_len']:11.2f}")
+              f"{r['acceptance']:7.3f} {r['mean_accept_len']:11.2f} {r['plain_prefill_ms']:11.1f} /{r['spec_prefill_ms']:8.1f}")
     print("step parts in CPU time, as multiples of one decode step (median of interleaved repeats):")
     for variant, c in costs.items():
         print(f"{variant:8} decode {c['decode_ms']:.2f} ms CPU  " + "  ".join(f"{name} {v:.2f}x" for name, v in c.items()

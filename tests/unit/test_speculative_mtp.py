@@ -19,6 +19,7 @@ from test_speculative import _pair_distribution, assert_pairs_follow
 
 from deepseek_moe.infer.draft import Draft, SamplingParams
 from deepseek_moe.infer.generate import generate
+from deepseek_moe.infer.loop import left_padded
 from deepseek_moe.infer.mtp_draft import MTPDrafter
 from deepseek_moe.infer.sampling import probabilities
 from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
@@ -143,6 +144,31 @@ def test_unpadded_drafts_batch_one_and_rows_alike_equal_the_reference(
             for ctx, kb, d in zip(contexts, ks, drafts, strict=True):
                 if kb:
                     assert d.tokens == reference_logits(model, ctx, d.tokens).argmax(-1).tolist()
+
+
+def test_begin_runs_each_depth_over_the_prompt_so_the_first_draft_runs_j_positions(
+        model: DeepSeekMoEForCausalLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given the prompts, ``begin`` (timed as prefill by ``generate``) caches depth j over positions 0 .. P-1-j,
+    all the prompt alone determines; the first draft then runs depth j over j positions, not the whole prompt.
+    (That its drafts are right is the reference test above, which runs through ``generate`` and so this path.)"""
+    D = len(model.mtp)
+    ids, mask = left_padded(PROMPTS, 0)
+    out = model(torch.tensor(ids), attention_mask=torch.tensor(mask))
+    drafter = MTPDrafter(model)
+    drafter.begin(out.hidden, torch.tensor(mask), SamplingParams(temperature=0.0), PROMPTS)
+    assert drafter.cache_lengths() == [[max(0, len(p) - j) for p in PROMPTS] for j in range(1, D + 1)]
+    widths: list[int] = []
+    forward = model.mtp_forward
+
+    def spy(depth: int, hidden: torch.Tensor, input_ids: torch.Tensor, **kwargs: object) -> object:
+        widths.append(input_ids.shape[1])
+        return forward(depth, hidden, input_ids, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model, "mtp_forward", spy)
+    first = out.logits[:, -1].argmax(-1).tolist()
+    drafter.propose_batch([p + [t] for p, t in zip(PROMPTS, first, strict=True)], [D] * len(PROMPTS))
+    assert widths == list(range(1, D + 1))
+    assert drafter.cache_lengths() == [[len(p) + 1 - j for p in PROMPTS] for j in range(1, D + 1)]
 
 
 def test_observe_keeps_the_marked_slots_in_order_contiguous_or_not() -> None:

@@ -57,8 +57,11 @@ class BatchDrafter(Protocol):
     left-padded batch; ``hidden`` is the main model's last hidden state after its final norm (what its head reads,
     ``CausalLMOutput.hidden``)."""
 
-    def begin(self, hidden: torch.Tensor, mask: torch.Tensor, sampling: SamplingParams) -> None:
-        """A new generation: the prefill's ``hidden`` (B, T, dim) and its attention ``mask`` (B, T)."""
+    def begin(self, hidden: torch.Tensor, mask: torch.Tensor, sampling: SamplingParams,
+              prompts: Sequence[Sequence[int]] | None = None) -> None:
+        """A new generation: the prefill's ``hidden`` (B, T, dim) and its attention ``mask`` (B, T). With
+        ``prompts`` (each row's tokens, unpadded), the drafter may do its work on them now, as part of the
+        prefill (``generate`` times it there), rather than in the first draft."""
         ...
 
     def propose_batch(self, contexts: Sequence[Sequence[int]], ks: Sequence[int]) -> list[Draft]:
@@ -77,7 +80,8 @@ class _PerRow:
 
     drafter: Drafter
 
-    def begin(self, hidden: torch.Tensor, mask: torch.Tensor, sampling: SamplingParams) -> None:
+    def begin(self, hidden: torch.Tensor, mask: torch.Tensor, sampling: SamplingParams,
+              prompts: Sequence[Sequence[int]] | None = None) -> None:
         pass
 
     def propose_batch(self, contexts: Sequence[Sequence[int]], ks: Sequence[int]) -> list[Draft]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from deepseek_moe.infer.draft import BatchDrafter, Drafter
+from deepseek_moe.infer.draft import BatchDrafter, Drafter, SamplingParams, as_batch_drafter
 from deepseek_moe.infer.loop import check_prompts, decode, left_padded
 from deepseek_moe.infer.sampling import check_sampling, sample
 from deepseek_moe.infer.speculative import SpecStats, decode_speculative
@@ -95,14 +95,20 @@ def generate(model: DeepSeekMoEForCausalLM, input_ids: torch.Tensor | Sequence[S
         start = time.perf_counter()
         out = model(ids, attention_mask=mask, cache=cache)
         logits = out.logits[:, -1]
+        batch_drafter = None
+        if drafter is not None:
+            # The drafter's own work on the prompt (an MTP module's forward over it) is prefill work.
+            assert out.hidden is not None
+            batch_drafter = as_batch_drafter(drafter)
+            batch_drafter.begin(out.hidden, mask, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                                 generator=generator), prompts)
         prefill_s, decode_start = time.perf_counter() - start, time.perf_counter()
         stats = None
-        if drafter is None:
+        if batch_drafter is None:
             new_tokens = decode(logits, prompts, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len,
                                 choose=choose, step=step, stop_tokens=stop_tokens, stream=stream)
         else:
             stats = SpecStats()
-            assert out.hidden is not None
 
             def verify(ids: torch.Tensor, step_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 step = model(ids, attention_mask=step_mask, cache=cache)
@@ -110,10 +116,9 @@ def generate(model: DeepSeekMoEForCausalLM, input_ids: torch.Tensor | Sequence[S
                 return step.logits, step.hidden
 
             new_tokens = decode_speculative(
-                logits, prompts, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len, drafter=drafter,
-                num_draft_tokens=num_draft_tokens, forward=verify, discard=cache.discard,
-                prefill=(out.hidden, mask), temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                stop_tokens=stop_tokens, stream=stream, stats=stats)
+                logits, prompts, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len, drafter=batch_drafter,
+                num_draft_tokens=num_draft_tokens, forward=verify, discard=cache.discard, temperature=temperature,
+                top_k=top_k, top_p=top_p, generator=generator, stop_tokens=stop_tokens, stream=stream, stats=stats)
         decode_s = time.perf_counter() - decode_start
     finally:
         model.train(was_training)

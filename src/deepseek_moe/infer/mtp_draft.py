@@ -15,9 +15,9 @@ feeds t_{n-1} and the draft d_1 .. d_k (d_m guessing t_{n-2+m+1}):
 
 Caches. Each depth has its own KVCache (``model.new_mtp_caches``), filled like the main one: depth j's slot at
 position i is *verified* once t_{i+j} and h^{j-1}_i are (i <= n-1-j), and a depth's cache holds exactly its
-verified slots between steps. Every step runs depth j over the positions from its cache's end to n-2 (a prefill
-of the whole prompt at the first step; afterwards the positions the last verification kept, plus j-1 before
-them), so the draft at n-2 attends to every earlier position as in training; its last j-1 slots (and depth D's
+verified slots between steps. ``begin``, given the prompts, runs depth j over the prompt positions 0 .. P-1-j
+as part of the prefill. Every step runs depth j over the positions from its cache's end to n-2 (at the first
+step the last j; afterwards the positions the last verification kept, plus j-1 before them), so the draft at n-2 attends to every earlier position as in training; its last j-1 slots (and depth D's
 chained ones) used drafted tokens, and are discarded after drafting (``KVCache.discard``, the main cache's
 rollback). Depth 1 therefore always holds as many slots as the main cache (a test checks it); depth j, j-1 fewer.
 Hidden states a depth computed at verified positions wait in ``_pending`` until the next depth has consumed
@@ -60,13 +60,37 @@ class MTPDrafter:
         self._pending: list[list[torch.Tensor]] = []
         self.sampling = SamplingParams(temperature=0.0)
 
-    def begin(self, hidden: torch.Tensor, mask: torch.Tensor, sampling: SamplingParams) -> None:
+    def begin(self, hidden: torch.Tensor, mask: torch.Tensor, sampling: SamplingParams,
+              prompts: Sequence[Sequence[int]] | None = None) -> None:
         B, _, dim = hidden.shape
         self.caches = self.model.new_mtp_caches()
         real = mask.to(torch.bool)
         empty = hidden.new_zeros(0, dim)
         self._pending = [[hidden[b, real[b]] for b in range(B)]] + [[empty] * B for _ in range(self.depth - 1)]
         self.sampling = sampling
+        if prompts is not None:
+            self._fill(prompts)
+
+    def _fill(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Each depth over the prompt positions whose inputs the prompt alone gives: depth j at i <= P-1-j (P the
+        row's prompt length) takes t_{i+j}, a prompt token, and h^{j-1}_i, which the prefill or depth j-1 just
+        computed. These are verified slots, kept; the first draft then runs each depth over the last j positions
+        only. Without this the first draft does the same work (a prompt-length forward of every depth), counted
+        as decoding."""
+        if len(prompts) != len(self._pending[0]):
+            raise ValueError(f"{len(prompts)} prompts for a prefill of {len(self._pending[0])} rows")
+        for j in range(1, self.depth + 1):
+            counts = [max(0, len(p) - j) for p in prompts]  # positions 0 .. P-1-j; the pending ones start at 0
+            if not any(counts):
+                return
+            held = self._pending[j - 1]
+            outputs, _, _ = self._run(j, [h[:c] for h, c in zip(held, counts, strict=True)],
+                                      [list(p[j:j + c]) for p, c in zip(prompts, counts, strict=True)],
+                                      logits=False)
+            for b, c in enumerate(counts):
+                held[b] = held[b][c:]
+                if j < self.depth:
+                    self._pending[j][b] = outputs[b]
 
     def observe(self, hidden: torch.Tensor, kept: torch.Tensor) -> None:
         # The kept slots of a row are its fed token and accepted drafts, one run of columns: a slice of hidden,
@@ -95,11 +119,12 @@ class MTPDrafter:
         q = probabilities(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
         return torch.multinomial(q, 1, generator=s.generator).squeeze(-1).tolist(), q
 
-    def _run(self, depth: int, hidden: list[torch.Tensor], tokens: list[list[int]]
+    def _run(self, depth: int, hidden: list[torch.Tensor], tokens: list[list[int]], *, logits: bool = True
              ) -> tuple[list[torch.Tensor], torch.Tensor, int]:
         """Module ``depth`` over each row's positions (``hidden[b]`` (c_b, dim), ``tokens[b]`` c_b ids, c_b >= 0),
         right-aligned and left-padded into one forward over its cache. Returns each row's outputs h^depth
-        (c_b, dim), the last column's logits (B, V) and the columns appended to the cache."""
+        (c_b, dim), the last column's logits (B, V) (B, 0 without ``logits``: the head is not run) and the columns
+        appended to the cache."""
         B, W = len(hidden), max(len(t) for t in tokens)
         dim = self.model.config.dim
         ref = self._pending[0][0]
@@ -118,8 +143,9 @@ class MTPDrafter:
                     ids[b, W - c:] = torch.tensor(tb, device=ref.device)
                     mask[b, W - c:] = 1
         out = self.model.mtp_forward(depth, h, ids, attention_mask=mask, cache=self.caches[depth - 1],
-                                     last_logits_only=True)
-        return [out.hidden[b, W - len(tb):] for b, tb in enumerate(tokens)], out.logits[:, -1], W
+                                     last_logits_only=logits, hidden_only=not logits)
+        last = out.logits[:, -1] if logits else out.logits.new_empty(B, 0)
+        return [out.hidden[b, W - len(tb):] for b, tb in enumerate(tokens)], last, W
 
     def propose_batch(self, contexts: Sequence[Sequence[int]], ks: Sequence[int]) -> list[Draft]:
         B, D = len(contexts), self.depth

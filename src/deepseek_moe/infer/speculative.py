@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deepseek_moe.infer.draft import BatchDrafter, Draft, Drafter, SamplingParams, as_batch_drafter
+from deepseek_moe.infer.draft import BatchDrafter, Draft
 from deepseek_moe.infer.sampling import probabilities
 
 
@@ -107,10 +107,9 @@ def _capped(d: Draft, k: int) -> Draft:
 
 
 def decode_speculative(first: torch.Tensor, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                       max_seq_len: int, drafter: Drafter | BatchDrafter, num_draft_tokens: int,
+                       max_seq_len: int, drafter: BatchDrafter, num_draft_tokens: int,
                        forward: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                       discard: Callable[[torch.Tensor], None], prefill: tuple[torch.Tensor, torch.Tensor],
-                       temperature: float, top_k: int | None,
+                       discard: Callable[[torch.Tensor], None], temperature: float, top_k: int | None,
                        top_p: float | None, generator: torch.Generator | None, stop_tokens: Sequence[int] = (),
                        stream: Callable[[int, int], None] | None = None,
                        stats: SpecStats | None = None) -> list[list[int]]:
@@ -121,15 +120,13 @@ def decode_speculative(first: torch.Tensor, prompts: Sequence[Sequence[int]], *,
     Each step feeds, per row, the last emitted token and its draft, right-aligned in (B, T = 1 + longest
     draft) and left-padded (mask 0): ``forward(ids, mask)`` returns logits (B, T, V) and the main model's hidden
     states (B, T, dim) and caches the T slots; ``discard(rejected)`` (B, T) bool then drops the slots of the
-    rejected drafts from the cache. ``prefill``: the prefill's hidden states (B, T, dim) and attention mask
-    (B, T), for a drafter that reads them (``BatchDrafter``; a plain ``Drafter`` sees only the tokens).
+    rejected drafts from the cache. ``drafter``: begun on the prefill (``BatchDrafter.begin``, which
+    ``as_batch_drafter`` gives a plain ``Drafter``) with the sampling parameters given here.
     """
     if num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens ({num_draft_tokens}) must be >= 1")
     stats = stats if stats is not None else SpecStats()
-    batch_drafter = as_batch_drafter(drafter)
-    batch_drafter.begin(*prefill, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                                                 generator=generator))
+    batch_drafter = drafter
     stops = set(stop_tokens)
     rows = [_Row(list(p), min(max_new_tokens, max_seq_len - len(p))) for p in prompts]
 
