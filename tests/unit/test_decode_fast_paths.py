@@ -205,3 +205,28 @@ def test_frozen_experts_still_pass_the_router_its_gradient(tokens: int) -> None:
     assert y.requires_grad
     y.square().sum().backward()
     assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantised_one_token_path_runs_and_keeps_greedy_decoding(tiny_model: DeepSeekMoEForCausalLM, bits: int,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quantised model's batch-1 decode steps take the experts' one-token kernel call (QuantRoutedExperts.
+    one_token), and decode the plain path's tokens with logits as close as the plain path's own (the reference
+    switch also turns the quantised products into dequantise-and-multiply)."""
+    from deepseek_moe.quant import QuantConfig, quantize_model
+    from deepseek_moe.quant import modules as quant_modules
+
+    model = quantize_model(copy.deepcopy(tiny_model), QuantConfig(bits=bits))
+    calls: dict[str, int] = {}
+    _spy(monkeypatch, quant_modules, "quant_experts_one_token", calls)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        fast_tokens, fast_logits = _greedy(model, prompt, 12), _teacher_forced(model, ids, 5)
+        ran = calls.get("quant_experts_one_token", 0)
+        with reference_paths():
+            plain_tokens, plain_logits = _greedy(model, prompt, 12), _teacher_forced(model, ids, 5)
+    n_moe = sum(isinstance(m, MoE) for m in model.modules())
+    assert ran >= n_moe * (11 + 11), calls  # every decode step of both runs, in every MoE layer
+    assert fast_tokens == plain_tokens
+    torch.testing.assert_close(fast_logits, plain_logits, atol=1e-3, rtol=1e-3)

@@ -441,3 +441,38 @@ def test_fused_experts_with_one_expert_taking_every_row_or_none(isa: str, counts
     got = qm.quant_experts(x, torch.tensor(counts), None, w, 32)
     assert got is not None and got.shape == (sum(counts), 64)
     torch.testing.assert_close(got, qm.experts_reference(x, torch.tensor(counts), None, w), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("path", ALL_ISAS)
+@pytest.mark.parametrize("activations", ["fp32", "int8"])
+@pytest.mark.parametrize(("bits13", "bits2"), [(8, 8), (4, 4), (4, 8)])
+@pytest.mark.parametrize("experts", [[2, 0, 5, 3], [5, 5, 1]])  # distinct (a decode step), and one repeated
+def test_one_token_equals_the_fused_experts_on_its_sorted_rows(path: str, activations: str, bits13: int, bits2: int,
+                                                                experts: list[int]) -> None:
+    """quant_experts_one_token (a decode step: the token read as K items, no sort) gives what quant_experts gives
+    the token's row repeated K times and sorted by expert, row for row in the selection's order; and, with fp32
+    activations, the fp32 reference's values."""
+    _, _, _, w, group = fused_experts_case(bits13, bits2, True)
+    D = w["w1"][0].shape[2] * (2 if bits13 == 4 else 1)
+    torch.manual_seed(11)
+    x = torch.randn(1, D)
+    experts_K = torch.tensor(experts)
+    gates_K = torch.rand(len(experts))
+    order = torch.argsort(experts_K, stable=True)
+    counts = torch.bincount(experts_K, minlength=w["w1"][0].shape[0])
+    with kernel_path(path, activations):
+        got = qm.quant_experts_one_token(x, experts_K, gates_K, w, group)
+        sorted_rows = qm.quant_experts(x.expand(len(experts), -1), counts, gates_K[order], w, group)
+    assert got is not None and sorted_rows is not None
+    want = torch.empty_like(sorted_rows).index_copy_(0, order, sorted_rows)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    if activations == "fp32":
+        reference = qm.experts_reference(x.expand(len(experts), -1), counts, gates_K[order], w)
+        torch.testing.assert_close(got, torch.empty_like(reference).index_copy_(0, order, reference),
+                                   rtol=1e-4, atol=1e-3)
+
+
+def test_one_token_refuses_an_expert_index_out_of_range() -> None:
+    _, _, _, w, group = fused_experts_case(8, 8, False)
+    with pytest.raises(ValueError, match=r"expert index 6 outside 0\.\.5"):
+        qm.quant_experts_one_token(torch.randn(1, 64), torch.tensor([1, 6]), torch.rand(2), w, group)

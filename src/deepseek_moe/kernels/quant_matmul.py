@@ -348,13 +348,46 @@ def quant_experts(x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Ten
         return None
     active = [(e, n) for e, n in enumerate(counts) if n]
     starts = list(itertools.accumulate(counts, initial=0))
-    meta = torch.tensor([[e for e, _ in active], [starts[e] for e, _ in active], [n for _, n in active]],
-                        dtype=torch.int64)
-    A, D = x_AD.shape
+    items = [[e for e, _ in active], [starts[e] for e, _ in active], [n for _, n in active]]
+    return _run_experts(lib, x_AD.float().contiguous(), items, gates_A, w, group_size, int4).to(x_AD.dtype)
+
+
+def quant_experts_one_token(x_1D: torch.Tensor, experts_K: torch.Tensor, gates_K: torch.Tensor,
+                            w: dict[str, tuple[torch.Tensor, torch.Tensor]], group_size: int) -> torch.Tensor | None:
+    """One token (a batch-1 decode step) through its K selected experts in one kernel call: row k of the (K, D)
+    result is expert ``experts_K[k]``'s output gated by ``gates_K[k]``, what :func:`quant_experts` gives the
+    token's row repeated K times and sorted by expert, without the sort, counts, gather and scatter around it
+    (about twenty small tensor operations a MoE layer, at decode a cost comparable to the products). None where
+    the kernel does not apply."""
+    K = experts_K.shape[0] if experts_K.dim() == 1 else -1
+    if x_1D.dim() != 2 or x_1D.shape[0] != 1 or K < 0 or gates_K.shape != (K,):
+        raise ValueError(f"quant_experts_one_token: x {tuple(x_1D.shape)} must be (1, D), experts "
+                         f"{tuple(experts_K.shape)} and gates {tuple(gates_K.shape)} (K,)")
+    experts = experts_K.tolist()
+    counts = [0] * w["w1"][0].shape[0]
+    for e in experts:
+        if not 0 <= e < len(counts):
+            raise ValueError(f"quant_experts_one_token: expert index {e} outside 0..{len(counts) - 1}")
+        counts[e] += 1
+    x_KD = x_1D.float().expand(K, -1).contiguous()  # K rows of one token: a few KB, and the kernel's items stay simple
+    _check_experts(x_KD, counts, gates_K, w, group_size)
+    lib = _kernel_for(x_1D)
+    int4 = any(w[n][0].dtype == torch.uint8 for n in ("w1", "w2"))
+    if lib is None or (int4 and group_size % 32):
+        return None
+    # Item k: expert experts[k] on row k alone (the kernel needs no sorting; a repeated expert is two items).
+    return _run_experts(lib, x_KD, [experts, list(range(K)), [1] * K], gates_K, w, group_size, int4).to(x_1D.dtype)
+
+
+def _run_experts(lib: Any, x32: torch.Tensor, items: list[list[int]], gates_A: torch.Tensor | None,
+                 w: dict[str, tuple[torch.Tensor, torch.Tensor]], group_size: int, int4: bool) -> torch.Tensor:
+    """dsm_experts(_q8) over ``items`` (expert, first row, rows) of x32 (A, D) fp32 contiguous -> (A, D) fp32."""
+    meta = torch.tensor(items, dtype=torch.int64)
+    A, D = x32.shape
     (w1, s1), (w3, s3), (w2, s2) = w["w1"], w["w3"], w["w2"]
     F_ = w1.shape[1]
-    x32 = x_AD.float().contiguous()
     y = torch.empty(A, D)
+    active = items[0]
     g = None if gates_A is None else gates_A.float().contiguous()
     if activations() == "int8" and (not int4 or _q8_steps_groups(group_size)):
         h = torch.empty(A, F_)
@@ -363,14 +396,14 @@ def quant_experts(x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Ten
                            8 if w1.dtype == torch.int8 else 4, w2.data_ptr(), s2.data_ptr(),
                            8 if w2.dtype == torch.int8 else 4, group_size, None if g is None else g.data_ptr(),
                            h.data_ptr(), y.data_ptr(), torch.get_num_threads())
-        return y.to(x_AD.dtype)
+        return y
     h1, h3 = torch.empty(A, F_), torch.empty(A, F_)
     lib.dsm_experts(x32.data_ptr(), A, D, F_, len(active), meta[0].data_ptr(), meta[1].data_ptr(),
                     meta[2].data_ptr(), w1.data_ptr(), w3.data_ptr(), s1.data_ptr(), s3.data_ptr(),
                     8 if w1.dtype == torch.int8 else 4, w2.data_ptr(), s2.data_ptr(),
                     8 if w2.dtype == torch.int8 else 4, group_size, None if g is None else g.data_ptr(),
                     h1.data_ptr(), h3.data_ptr(), y.data_ptr(), torch.get_num_threads())
-    return y.to(x_AD.dtype)
+    return y
 
 
 def _check_experts(x_AD: torch.Tensor, counts: list[int], gates_A: torch.Tensor | None,

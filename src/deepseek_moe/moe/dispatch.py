@@ -134,9 +134,11 @@ class LocalDispatcher:
     def __call__(self, x_TD: torch.Tensor, routing: Routing, experts: RoutedExperts,
                  drop: DropPlan | None) -> Dispatched:
         dropped = torch.zeros((), dtype=torch.int64, device=x_TD.device)
-        # A batch-1 decode step (its K experts are distinct) on float experts (quantised ones have their own call)
-        if drop is None and x_TD.shape[0] == 1 and isinstance(experts, RoutedExperts):
-            y_KD = experts.one_token(x_TD, routing.indices_TK[0], routing.weights_TK[0].to(x_TD.dtype))
+        # A batch-1 decode step through the experts' one-token call (RoutedExperts', QuantRoutedExperts'): no sort,
+        # count, gather or scatter; None where their fused kernel does not apply.
+        one_token = getattr(experts, "one_token", None)
+        if drop is None and x_TD.shape[0] == 1 and one_token is not None:
+            y_KD = one_token(x_TD, routing.indices_TK[0], routing.weights_TK[0].to(x_TD.dtype))
             if y_KD is not None:
                 return Dispatched(y_KD.sum(dim=0, keepdim=True), dropped)
         expert_A, gate_A, token_A = flat_assignments(routing)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_moe._torch_compat import KeepsDtypeOnCast
-from deepseek_moe.kernels.quant_matmul import dequantize, quant_experts, quant_matmul
+from deepseek_moe.kernels.quant_matmul import dequantize, quant_experts, quant_experts_one_token, quant_matmul
 from deepseek_moe.kernels.quant_transposed import input_grad
 from deepseek_moe.moe.experts import ExpertAdapter, RoutedExperts, grouped_product
 from deepseek_moe.quant import pack
@@ -199,6 +199,15 @@ class QuantRoutedExperts(_KeepsScales):
             y_AD[rows] = quant_matmul(h_nF, self.w2[e], self.w2_scale[e])
             start += n  # experts with no rows are skipped above: only the selected experts run
         return y_AD
+
+    def one_token(self, x_1D: torch.Tensor, experts_K: torch.Tensor, gates_K: torch.Tensor) -> torch.Tensor | None:
+        """As RoutedExperts.one_token: one token (1, D) through its K selected experts, (K, D), row k gated by
+        gates_K[k], in one kernel call; None where that does not apply (an adapter, autograd, no kernel): then
+        :meth:`forward` on sorted rows."""
+        if self.adapter is not None or needs_grad(x_1D) or needs_grad(gates_K):
+            return None
+        weights = {n: (getattr(self, n), getattr(self, f"{n}_scale")) for n in ("w1", "w2", "w3")}
+        return quant_experts_one_token(x_1D, experts_K, gates_K, weights, self.group_size)
 
     def _swiglu(self, x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Tensor | None) -> torch.Tensor:
         """RoutedExperts' SwiGLU with the adapter's terms beside each frozen quantised grouped product, and
