@@ -116,3 +116,50 @@ def test_rotation_is_relative() -> None:
         return (apply_rotary(q, cq, sq, True) * apply_rotary(k, ck, sk, True)).sum()
 
     torch.testing.assert_close(score(5, 2), score(13, 10))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(("R", "offset"), [(64, 128), (16, 0), (6, 2), (10, 4)])  # 3 and 5 pairs: vector tails
+def test_inference_rotation_as_complex_product_equals_the_plain_one(dtype: torch.dtype, R: int, offset: int) -> None:
+    """At inference the interleaved rotation multiplies complex pairs (5 aten calls instead of 11); it must give
+    the plain lines' values exactly, on a view into a wider tensor as MLA's q_pe and k_pe are, and the plain
+    lines must still run where the pairs cannot be viewed as complex (an odd offset) and under autograd."""
+    from deepseek_moe.kernels.switch import reference_paths
+    from deepseek_moe.model import rope
+
+    g = torch.Generator().manual_seed(R)
+    wide = torch.randn(2, 3, 4, offset + R + 2, generator=g).to(dtype)
+    x = wide[..., offset:offset + R]
+    angles = torch.rand(2, 3, R // 2, generator=g) * 50
+    cos, sin = angles.cos() * 1.07, angles.sin() * 1.07
+    calls = {"complex": 0}
+    real_complex = torch.complex
+
+    def counted(*args: torch.Tensor) -> torch.Tensor:
+        calls["complex"] += 1
+        return real_complex(*args)
+
+    with torch.inference_mode():
+        with reference_paths():
+            want = rope.apply_rotary(x, cos, sin, interleave=True)
+        torch.complex = counted  # type: ignore[assignment]
+        try:
+            got = rope.apply_rotary(x, cos, sin, interleave=True)
+            odd = rope.apply_rotary(wide[..., 1:1 + R], cos, sin, interleave=True)  # odd offset: the plain lines
+        finally:
+            torch.complex = real_complex  # type: ignore[assignment]
+    # bf16 is widened into a fresh tensor first, whose pairs always view as complex; fp32/fp64 are read in place
+    assert calls["complex"] == (2 if dtype is torch.bfloat16 else 1)
+    assert got.dtype == dtype
+    # The same products and sums; torch's scalar loop for a row's last pairs (not a whole vector of them) may fuse
+    # a multiply-add, so exact equality is asked only where the pairs fill vectors (R/2 a multiple of 8: every
+    # DeepSeek model's 64, the tiny preset's 16).
+    if (R // 2) % 8 == 0:
+        assert torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    if dtype is not torch.bfloat16:  # read in place at an odd offset: the plain lines, so exactly their values
+        with reference_paths():
+            assert torch.equal(odd, rope.apply_rotary(wide[..., 1:1 + R], cos, sin, interleave=True))
+    trained = x.detach().float().requires_grad_()
+    rope.apply_rotary(trained, cos, sin, interleave=True).sum().backward()  # autograd: the plain lines
+    assert trained.grad is not None

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from deepseek_moe.config import ModelConfig
+from deepseek_moe.kernels.switch import fast_paths_enabled
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -97,6 +98,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     # Written for few aten calls (a decode step rotates twice per layer and pays per call, not per element).
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # broadcast over heads
     xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    if interleave and fast_paths_enabled() and not (torch.is_grad_enabled() and x.requires_grad) and _pairs_view(xf):
+        # At inference: each adjacent pair as one complex number times cos + i sin, 5 aten calls instead of 11, the
+        # same products and sums (ac - bd, ad + bc): equal to the lines below, bit for bit where the pairs fill
+        # whole vectors (torch's scalar tail may fuse a multiply-add; tested).
+        rotated = torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * torch.complex(cos, sin)
+        out = torch.view_as_real(rotated).flatten(-2)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
     if interleave:
         x1, x2 = xf.unflatten(-1, (-1, 2)).unbind(-1)  # the even and the odd lanes
         out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
@@ -105,3 +113,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
         x1, x2 = xf[..., :half], xf[..., half:]
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def _pairs_view(x: torch.Tensor) -> bool:
+    """Whether x's adjacent pairs of the last dimension can be viewed as complex numbers (view_as_complex needs the
+    pairs contiguous and every other stride and the offset even)."""
+    return (x.stride(-1) == 1 and x.storage_offset() % 2 == 0 and all(st % 2 == 0 for st in x.stride()[:-1])
+            and x.device.type == "cpu")
