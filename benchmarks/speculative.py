@@ -17,7 +17,8 @@ the plain run's own greedy continuation, each drafted token replaced by a wrong 
 tokens are checked equal to the plain run's.
 
 Decode tokens/s leave out the prefill, as plain decoding's do; the MTP modules' pass over the prompt is prefill
-work (``MTPDrafter.begin``), shown beside it in the last column (prefill ms, plain / speculative).
+work (``MTPDrafter.fill_prompts``), shown beside it (prefill ms, plain / speculative), and the last column is the
+whole generation's speed-up, prefill included (the median of each repeat's ratio).
 
 A second table gives what a step's parts cost, as multiples of one plain decode step (T = 1) at the prompt's
 cache length: a verification forward of T = 2 .. k + 1 tokens and one MTP draft (depth 1 over one position, its
@@ -174,6 +175,7 @@ def main() -> None:
         plain_prefill: list[float] = []
         spec_s: dict[str, list[float]] = {name: [] for name in drafters}
         spec_prefill: dict[str, list[float]] = {name: [] for name in drafters}
+        whole: dict[str, list[float]] = {name: [] for name in drafters}  # (prefill + decode) plain / speculative
         stats = {}
         for _ in range(args.repeats):
             plain = generate(model, [prompt], max_new_tokens=args.new_tokens)
@@ -185,6 +187,7 @@ def main() -> None:
                     raise SystemExit(f"{variant} {name}: speculative greedy differs from plain greedy")
                 spec_s[name].append(spec.decode_tokens_per_s)
                 spec_prefill[name].append(spec.prefill_s)
+                whole[name].append((plain.prefill_s + plain.decode_s) / (spec.prefill_s + spec.decode_s))
                 stats[name] = spec.speculative
         costs[variant] = step_costs(model, prompt, args.k, args.cost_repeats)
         p = statistics.median(plain_s)
@@ -196,15 +199,17 @@ def main() -> None:
                          "mean_accept_len": round(st.mean_acceptance_length, 2), "drafted": st.drafted,
                          "accepted": st.accepted,
                          "plain_prefill_ms": round(1000 * statistics.median(plain_prefill), 1),
-                         "spec_prefill_ms": round(1000 * statistics.median(spec_prefill[name]), 1)})
+                         "spec_prefill_ms": round(1000 * statistics.median(spec_prefill[name]), 1),
+                         "speedup_with_prefill": round(statistics.median(whole[name]), 2)})
         del model
     print(f"{shape}, prompt {len(prompt)} tokens, batch 1, greedy, {args.new_tokens} new tokens, k={args.k}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved runs")
     print(f"{'variant':8} {'drafter':12} {'plain tok/s':>12} {'spec tok/s':>11} {'speedup':>8} {'accept':>7} "
-          f"{'tok/verify':>11} {'prefill ms plain/spec':>22}")
+          f"{'tok/verify':>11} {'prefill ms plain/spec':>22} {'with prefill':>13}")
     for r in rows:
-        print(f"{r['variant']:8} {r['drafter']:12} {r['plain_tok_s']:12.2f} {r['spec_tok_s']:11.2f} {r['speedup']:7.2f}x "
-              f"{r['acceptance']:7.3f} {r['mean_accept_len']:11.2f} {r['plain_prefill_ms']:11.1f} /{r['spec_prefill_ms']:8.1f}")
+        print(f"{r['variant']:8} {r['drafter']:12} {r['plain_tok_s']:12.2f} {r['spec_tok_s']:11.2f} "
+              f"{r['speedup']:7.2f}x {r['acceptance']:7.3f} {r['mean_accept_len']:11.2f} "
+              f"{r['plain_prefill_ms']:12.1f} /{r['spec_prefill_ms']:8.1f} {r['speedup_with_prefill']:12.2f}x")
     print("step parts in CPU time, as multiples of one decode step (median of interleaved repeats):")
     for variant, c in costs.items():
         print(f"{variant:8} decode {c['decode_ms']:.2f} ms CPU  " + "  ".join(f"{name} {v:.2f}x" for name, v in c.items()

@@ -211,22 +211,29 @@ def test_frozen_experts_still_pass_the_router_its_gradient(tokens: int) -> None:
 def test_quantised_one_token_path_runs_and_keeps_greedy_decoding(tiny_model: DeepSeekMoEForCausalLM, bits: int,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A quantised model's batch-1 decode steps take the experts' one-token kernel call (QuantRoutedExperts.
-    one_token), and decode the plain path's tokens with logits as close as the plain path's own (the reference
-    switch also turns the quantised products into dequantise-and-multiply)."""
+    one_token), and decode what the sorted path (one_token refused, so the dispatcher sorts, gathers and scatters
+    around the same fused kernel) decodes, token for token, with the same logits up to rounding."""
     from deepseek_moe.quant import QuantConfig, quantize_model
     from deepseek_moe.quant import modules as quant_modules
 
     model = quantize_model(copy.deepcopy(tiny_model), QuantConfig(bits=bits))
-    calls: dict[str, int] = {}
-    _spy(monkeypatch, quant_modules, "quant_experts_one_token", calls)
+    results: list[bool] = []
+    real = quant_modules.quant_experts_one_token
+
+    def counted(*args: object, **kwargs: object) -> object:
+        y = real(*args, **kwargs)  # type: ignore[arg-type]
+        results.append(y is not None)
+        return y
+
+    monkeypatch.setattr(quant_modules, "quant_experts_one_token", counted)
     prompt = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(5))
     ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(6))
     with torch.inference_mode():
         fast_tokens, fast_logits = _greedy(model, prompt, 12), _teacher_forced(model, ids, 5)
-        ran = calls.get("quant_experts_one_token", 0)
-        with reference_paths():
-            plain_tokens, plain_logits = _greedy(model, prompt, 12), _teacher_forced(model, ids, 5)
+        ran = sum(results)
+        monkeypatch.setattr(quant_modules.QuantRoutedExperts, "one_token", lambda self, *args: None)
+        sorted_tokens, sorted_logits = _greedy(model, prompt, 12), _teacher_forced(model, ids, 5)
     n_moe = sum(isinstance(m, MoE) for m in model.modules())
-    assert ran >= n_moe * (11 + 11), calls  # every decode step of both runs, in every MoE layer
-    assert fast_tokens == plain_tokens
-    torch.testing.assert_close(fast_logits, plain_logits, atol=1e-3, rtol=1e-3)
+    assert ran == len(results) >= n_moe * (11 + 11), results  # every decode step, every MoE layer, a result
+    assert fast_tokens == sorted_tokens
+    torch.testing.assert_close(fast_logits, sorted_logits, atol=1e-5, rtol=1e-5)

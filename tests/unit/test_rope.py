@@ -161,5 +161,26 @@ def test_inference_rotation_as_complex_product_equals_the_plain_one(dtype: torch
         with reference_paths():
             assert torch.equal(odd, rope.apply_rotary(wide[..., 1:1 + R], cos, sin, interleave=True))
     trained = x.detach().float().requires_grad_()
-    rope.apply_rotary(trained, cos, sin, interleave=True).sum().backward()  # autograd: the plain lines
-    assert trained.grad is not None
+    calls["complex"] = 0
+    torch.complex = counted  # type: ignore[assignment]
+    try:
+        rope.apply_rotary(trained, cos, sin, interleave=True).sum().backward()  # autograd: the plain lines
+    finally:
+        torch.complex = real_complex  # type: ignore[assignment]
+    assert calls["complex"] == 0 and trained.grad is not None
+
+
+def test_rotation_traces_as_one_graph_in_training_and_at_inference() -> None:
+    """torch.compile (fullgraph, dynamo only: the eager backend) traces the rotation without a break: the fast
+    path's guard asks whether torch traces before reading the reference switch, which dynamo cannot trace, and a
+    traced rotation takes the plain lines."""
+    from deepseek_moe.model.rope import apply_rotary
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 4, 64, generator=g)
+    cos, sin = torch.rand(1, 3, 32, generator=g), torch.rand(1, 3, 32, generator=g)
+    compiled = torch.compile(lambda t: apply_rotary(t, cos, sin, True), backend="eager", fullgraph=True)
+    trained = x.clone().requires_grad_()
+    assert torch.equal(compiled(trained), apply_rotary(x, cos, sin, True))
+    with torch.inference_mode():
+        assert torch.equal(compiled(x), apply_rotary(x, cos, sin, True))

@@ -146,17 +146,24 @@ def test_unpadded_drafts_batch_one_and_rows_alike_equal_the_reference(
                     assert d.tokens == reference_logits(model, ctx, d.tokens).argmax(-1).tolist()
 
 
-def test_begin_runs_each_depth_over_the_prompt_so_the_first_draft_runs_j_positions(
-        model: DeepSeekMoEForCausalLM, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Given the prompts, ``begin`` (timed as prefill by ``generate``) caches depth j over positions 0 .. P-1-j,
-    all the prompt alone determines; the first draft then runs depth j over j positions, not the whole prompt.
-    (That its drafts are right is the reference test above, which runs through ``generate`` and so this path.)"""
+@pytest.mark.parametrize("k", [1, 2])
+def test_fill_prompts_runs_each_depth_over_the_prompt_so_the_first_draft_runs_j_positions(
+        model: DeepSeekMoEForCausalLM, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fill_prompts`` (timed as prefill by ``generate``) caches depth j over positions 0 .. P-1-j, all the prompt
+    alone determines, for the depths k drafts use; the first draft then runs depth j over j positions, not the
+    whole prompt. (That its drafts are right is the reference test above, which runs through ``generate`` and so
+    this path.) A prompt that does not match the prefill is refused by name."""
     D = len(model.mtp)
     ids, mask = left_padded(PROMPTS, 0)
     out = model(torch.tensor(ids), attention_mask=torch.tensor(mask))
     drafter = MTPDrafter(model)
-    drafter.begin(out.hidden, torch.tensor(mask), SamplingParams(temperature=0.0), PROMPTS)
-    assert drafter.cache_lengths() == [[max(0, len(p) - j) for p in PROMPTS] for j in range(1, D + 1)]
+    drafter.begin(out.hidden, torch.tensor(mask), SamplingParams(temperature=0.0))
+    with pytest.raises(ValueError, match="prompt 1 has 6 tokens, its prefill 7 real positions"):
+        drafter.fill_prompts([PROMPTS[0], PROMPTS[1][:-1], PROMPTS[2]], k)
+    drafter.fill_prompts(PROMPTS, k)
+    used = min(D, k)
+    assert drafter.cache_lengths() == [[max(0, len(p) - j) if j <= used else 0 for p in PROMPTS]
+                                       for j in range(1, D + 1)]
     widths: list[int] = []
     forward = model.mtp_forward
 
@@ -166,9 +173,24 @@ def test_begin_runs_each_depth_over_the_prompt_so_the_first_draft_runs_j_positio
 
     monkeypatch.setattr(model, "mtp_forward", spy)
     first = out.logits[:, -1].argmax(-1).tolist()
-    drafter.propose_batch([p + [t] for p, t in zip(PROMPTS, first, strict=True)], [D] * len(PROMPTS))
-    assert widths == list(range(1, D + 1))
-    assert drafter.cache_lengths() == [[len(p) + 1 - j for p in PROMPTS] for j in range(1, D + 1)]
+    drafter.propose_batch([p + [t] for p, t in zip(PROMPTS, first, strict=True)], [used] * len(PROMPTS))
+    assert widths == list(range(1, used + 1))
+    assert drafter.cache_lengths()[:used] == [[len(p) + 1 - j for p in PROMPTS] for j in range(1, used + 1)]
+
+
+def test_a_drafter_without_fill_prompts_still_drafts(model: DeepSeekMoEForCausalLM) -> None:
+    """``fill_prompts`` is optional: a BatchDrafter written without it (here MTPDrafter with it removed, which then
+    runs its modules over the prompt in the first draft instead) gives the same drafts and output."""
+
+    class Plain(MTPDrafter):
+        fill_prompts = None  # type: ignore[assignment]
+
+    plain = generate(model, PROMPTS, max_new_tokens=12)
+    spec = generate(model, PROMPTS, max_new_tokens=12, drafter=Plain(model), num_draft_tokens=2)
+    filled = generate(model, PROMPTS, max_new_tokens=12, drafter=MTPDrafter(model), num_draft_tokens=2)
+    assert spec.new_tokens == plain.new_tokens == filled.new_tokens
+    assert spec.speculative is not None and filled.speculative is not None
+    assert spec.speculative.as_dict() == filled.speculative.as_dict()
 
 
 def test_observe_keeps_the_marked_slots_in_order_contiguous_or_not() -> None:

@@ -57,11 +57,13 @@ class BatchDrafter(Protocol):
     left-padded batch; ``hidden`` is the main model's last hidden state after its final norm (what its head reads,
     ``CausalLMOutput.hidden``)."""
 
-    def begin(self, hidden: torch.Tensor, mask: torch.Tensor, sampling: SamplingParams,
-              prompts: Sequence[Sequence[int]] | None = None) -> None:
-        """A new generation: the prefill's ``hidden`` (B, T, dim) and its attention ``mask`` (B, T). With
-        ``prompts`` (each row's tokens, unpadded), the drafter may do its work on them now, as part of the
-        prefill (``generate`` times it there), rather than in the first draft."""
+    def begin(self, hidden: torch.Tensor, mask: torch.Tensor, sampling: SamplingParams) -> None:
+        """A new generation: the prefill's ``hidden`` (B, T, dim) and its attention ``mask`` (B, T).
+
+        A drafter may also define ``fill_prompts(prompts, num_draft_tokens)`` (optional, looked up by name so
+        that drafters written without it keep working): ``generate`` calls it after ``begin`` with each row's
+        prompt tokens, unpadded, so that the drafter's own work on the prompt is done and timed as prefill
+        rather than in the first draft (``MTPDrafter`` runs its modules over the prompt there)."""
         ...
 
     def propose_batch(self, contexts: Sequence[Sequence[int]], ks: Sequence[int]) -> list[Draft]:
@@ -80,8 +82,7 @@ class _PerRow:
 
     drafter: Drafter
 
-    def begin(self, hidden: torch.Tensor, mask: torch.Tensor, sampling: SamplingParams,
-              prompts: Sequence[Sequence[int]] | None = None) -> None:
+    def begin(self, hidden: torch.Tensor, mask: torch.Tensor, sampling: SamplingParams) -> None:
         pass
 
     def propose_batch(self, contexts: Sequence[Sequence[int]], ks: Sequence[int]) -> list[Draft]:

@@ -101,7 +101,10 @@ def generate(model: DeepSeekMoEForCausalLM, input_ids: torch.Tensor | Sequence[S
             assert out.hidden is not None
             batch_drafter = as_batch_drafter(drafter)
             batch_drafter.begin(out.hidden, mask, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                                                                 generator=generator), prompts)
+                                                                 generator=generator))
+            fill = getattr(batch_drafter, "fill_prompts", None)  # optional (infer/draft.py's BatchDrafter)
+            if fill is not None:
+                fill(prompts, num_draft_tokens)
         prefill_s, decode_start = time.perf_counter() - start, time.perf_counter()
         stats = None
         if batch_drafter is None:

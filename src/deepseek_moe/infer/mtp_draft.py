@@ -15,10 +15,11 @@ feeds t_{n-1} and the draft d_1 .. d_k (d_m guessing t_{n-2+m+1}):
 
 Caches. Each depth has its own KVCache (``model.new_mtp_caches``), filled like the main one: depth j's slot at
 position i is *verified* once t_{i+j} and h^{j-1}_i are (i <= n-1-j), and a depth's cache holds exactly its
-verified slots between steps. ``begin``, given the prompts, runs depth j over the prompt positions 0 .. P-1-j
-as part of the prefill. Every step runs depth j over the positions from its cache's end to n-2 (at the first
-step the last j; afterwards the positions the last verification kept, plus j-1 before them), so the draft at n-2 attends to every earlier position as in training; its last j-1 slots (and depth D's
-chained ones) used drafted tokens, and are discarded after drafting (``KVCache.discard``, the main cache's
+verified slots between steps. ``fill_prompts`` (called by ``generate`` in the prefill) runs depth j over the
+prompt positions 0 .. P-1-j. Every step runs depth j over the positions from its cache's end to n-2 (at the
+first step the last j; afterwards the positions the last verification kept, plus j-1 before them), so the draft
+at n-2 attends to every earlier position as in training; its last j-1 slots (and depth D's chained ones) used
+drafted tokens, and are discarded after drafting (``KVCache.discard``, the main cache's
 rollback). Depth 1 therefore always holds as many slots as the main cache (a test checks it); depth j, j-1 fewer.
 Hidden states a depth computed at verified positions wait in ``_pending`` until the next depth has consumed
 them.
@@ -60,26 +61,29 @@ class MTPDrafter:
         self._pending: list[list[torch.Tensor]] = []
         self.sampling = SamplingParams(temperature=0.0)
 
-    def begin(self, hidden: torch.Tensor, mask: torch.Tensor, sampling: SamplingParams,
-              prompts: Sequence[Sequence[int]] | None = None) -> None:
+    def begin(self, hidden: torch.Tensor, mask: torch.Tensor, sampling: SamplingParams) -> None:
         B, _, dim = hidden.shape
         self.caches = self.model.new_mtp_caches()
         real = mask.to(torch.bool)
         empty = hidden.new_zeros(0, dim)
         self._pending = [[hidden[b, real[b]] for b in range(B)]] + [[empty] * B for _ in range(self.depth - 1)]
         self.sampling = sampling
-        if prompts is not None:
-            self._fill(prompts)
 
-    def _fill(self, prompts: Sequence[Sequence[int]]) -> None:
-        """Each depth over the prompt positions whose inputs the prompt alone gives: depth j at i <= P-1-j (P the
-        row's prompt length) takes t_{i+j}, a prompt token, and h^{j-1}_i, which the prefill or depth j-1 just
-        computed. These are verified slots, kept; the first draft then runs each depth over the last j positions
-        only. Without this the first draft does the same work (a prompt-length forward of every depth), counted
-        as decoding."""
-        if len(prompts) != len(self._pending[0]):
-            raise ValueError(f"{len(prompts)} prompts for a prefill of {len(self._pending[0])} rows")
-        for j in range(1, self.depth + 1):
+    def fill_prompts(self, prompts: Sequence[Sequence[int]], num_draft_tokens: int) -> None:
+        """After ``begin``: each depth a generation of ``num_draft_tokens`` drafts uses (1 .. min(D, k)) over the
+        prompt positions whose inputs the prompt alone gives: depth j at i <= P-1-j (P the row's prompt length)
+        takes t_{i+j}, a prompt token, and h^{j-1}_i, which the prefill or depth j-1 just computed. These are
+        verified slots, kept; the first draft then runs each depth over its last j positions only. Without this
+        the first draft does the same work (a prompt-length forward of every depth), counted as decoding."""
+        held0 = self._pending[0] if self._pending else []
+        if len(prompts) != len(held0):
+            raise ValueError(f"fill_prompts: {len(prompts)} prompts for a prefill of {len(held0)} rows (call "
+                             "begin with the prefill first)")
+        for b, (p, h) in enumerate(zip(prompts, held0, strict=True)):
+            if len(p) != h.shape[0]:
+                raise ValueError(f"fill_prompts: prompt {b} has {len(p)} tokens, its prefill {h.shape[0]} real "
+                                 "positions")
+        for j in range(1, min(self.depth, num_draft_tokens) + 1):
             counts = [max(0, len(p) - j) for p in prompts]  # positions 0 .. P-1-j; the pending ones start at 0
             if not any(counts):
                 return

@@ -126,7 +126,6 @@ def decode_speculative(first: torch.Tensor, prompts: Sequence[Sequence[int]], *,
     if num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens ({num_draft_tokens}) must be >= 1")
     stats = stats if stats is not None else SpecStats()
-    batch_drafter = drafter
     stops = set(stop_tokens)
     rows = [_Row(list(p), min(max_new_tokens, max_seq_len - len(p))) for p in prompts]
 
@@ -159,7 +158,7 @@ def decode_speculative(first: torch.Tensor, prompts: Sequence[Sequence[int]], *,
         # limit - emitted - 1 drafted tokens can be.
         ks = [0 if r.done else max(0, min(num_draft_tokens, r.limit - len(r.new) - 1)) for r in rows]
         drafts = [_capped(d, k) for d, k in
-                  zip(batch_drafter.propose_batch([r.context for r in rows], ks), ks, strict=True)]
+                  zip(drafter.propose_batch([r.context for r in rows], ks), ks, strict=True)]
         T = 1 + max(len(d.tokens) for d in drafts)
         # The step's ids and mask as Python lists, one tensor each: per-row writes into a tensor cost a few
         # dispatches per row, which at batch 1 is a visible part of a step.
@@ -187,7 +186,7 @@ def decode_speculative(first: torch.Tensor, prompts: Sequence[Sequence[int]], *,
             for i, n in enumerate(n_rejected):
                 rejected[i, T - n:] = n > 0
             discard(rejected.to(device))
-        batch_drafter.observe(hidden, torch.tensor(real, dtype=torch.bool, device=device))
+        drafter.observe(hidden, torch.tensor(real, dtype=torch.bool, device=device))
     return [r.new for r in rows]
 
 

@@ -363,18 +363,18 @@ def quant_experts_one_token(x_1D: torch.Tensor, experts_K: torch.Tensor, gates_K
     if x_1D.dim() != 2 or x_1D.shape[0] != 1 or K < 0 or gates_K.shape != (K,):
         raise ValueError(f"quant_experts_one_token: x {tuple(x_1D.shape)} must be (1, D), experts "
                          f"{tuple(experts_K.shape)} and gates {tuple(gates_K.shape)} (K,)")
+    lib = _kernel_for(x_1D)
+    int4 = any(w[n][0].dtype == torch.uint8 for n in ("w1", "w2"))
+    if lib is None or (int4 and group_size % 32):
+        return None  # before any copy or device sync: the caller's sorted path runs instead
     experts = experts_K.tolist()
     counts = [0] * w["w1"][0].shape[0]
     for e in experts:
         if not 0 <= e < len(counts):
             raise ValueError(f"quant_experts_one_token: expert index {e} outside 0..{len(counts) - 1}")
         counts[e] += 1
-    x_KD = x_1D.float().expand(K, -1).contiguous()  # K rows of one token: a few KB, and the kernel's items stay simple
+    x_KD = x_1D.float().expand(K, -1).contiguous()  # the token's row K times (a few KB): each item reads its own
     _check_experts(x_KD, counts, gates_K, w, group_size)
-    lib = _kernel_for(x_1D)
-    int4 = any(w[n][0].dtype == torch.uint8 for n in ("w1", "w2"))
-    if lib is None or (int4 and group_size % 32):
-        return None
     # Item k: expert experts[k] on row k alone (the kernel needs no sorting; a repeated expert is two items).
     return _run_experts(lib, x_KD, [experts, list(range(K)), [1] * K], gates_K, w, group_size, int4).to(x_1D.dtype)
 

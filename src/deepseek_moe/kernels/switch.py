@@ -22,10 +22,11 @@ _reference = contextvars.ContextVar("deepseek_moe_reference_paths", default=Fals
 
 def fast_paths_enabled() -> bool:
     """False inside :func:`reference_paths` and while torch traces (compiles or exports) a graph."""
-    if _reference.get():
-        return False
+    # Tracing first: dynamo reads is_compiling() as a constant, while the ContextVar would break its graph.
     compiler = getattr(torch, "compiler", None)
-    return not (compiler is not None and (compiler.is_compiling() or getattr(compiler, "is_exporting", bool)()))
+    if compiler is not None and (compiler.is_compiling() or getattr(compiler, "is_exporting", bool)()):
+        return False
+    return not _reference.get()
 
 
 @contextlib.contextmanager

@@ -98,7 +98,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     # Written for few aten calls (a decode step rotates twice per layer and pays per call, not per element).
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # broadcast over heads
     xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    if interleave and fast_paths_enabled() and not (torch.is_grad_enabled() and x.requires_grad) and _pairs_view(xf):
+    inference = not (torch.is_grad_enabled() and x.requires_grad)
+    if interleave and inference and fast_paths_enabled() and _pairs_as_complex(xf):
         # At inference: each adjacent pair as one complex number times cos + i sin, 5 aten calls instead of 11, the
         # same products and sums (ac - bd, ad + bc): equal to the lines below, bit for bit where the pairs fill
         # whole vectors (torch's scalar tail may fuse a multiply-add; tested).
@@ -115,7 +116,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-def _pairs_view(x: torch.Tensor) -> bool:
+def _pairs_as_complex(x: torch.Tensor) -> bool:
     """Whether x's adjacent pairs of the last dimension can be viewed as complex numbers (view_as_complex needs the
     pairs contiguous and every other stride and the offset even)."""
     return (x.stride(-1) == 1 and x.storage_offset() % 2 == 0 and all(st % 2 == 0 for st in x.stride()[:-1])
