@@ -476,3 +476,21 @@ def test_one_token_refuses_an_expert_index_out_of_range() -> None:
     _, _, _, w, group = fused_experts_case(8, 8, False)
     with pytest.raises(ValueError, match=r"expert index 6 outside 0\.\.5"):
         qm.quant_experts_one_token(torch.randn(1, 64), torch.tensor([1, 6]), torch.rand(2), w, group)
+
+
+def test_reference_paths_turn_the_quantised_kernels_off() -> None:
+    """Inside ``reference_paths()`` the quantised products take their dequantise-and-multiply twins, as every
+    other fast path does (a test comparing a model's fast and plain decoding relies on it): the fused experts
+    decline, and a product equals the tiled reference exactly."""
+    from deepseek_moe.kernels.switch import reference_paths
+
+    if load_library() is None:
+        pytest.skip("no C++ compiler: the kernel cannot be built")
+    x, counts, gates, w, group = fused_experts_case(8, 8, True)
+    q, s = _weights(8, 40, 64)
+    xm = torch.randn(2, 64)
+    assert qm.quant_experts(x, counts, gates, w, group) is not None
+    with reference_paths():
+        assert qm.quant_experts(x, counts, gates, w, group) is None
+        assert qm.quant_experts_one_token(x[:1], torch.tensor([0, 2]), torch.rand(2), w, group) is None
+        assert torch.equal(qm.quant_matmul(xm, q, s), qm.quant_matmul_tiled(xm, q, s))

@@ -40,6 +40,7 @@ from deepseek_moe.kernels.quant_layout import (
     dequantize,
     unpack_int4_kernel_layout,
 )
+from deepseek_moe.kernels.switch import fast_paths_enabled
 
 # Up to this many rows of x the kernel runs; beyond, dequantised tiles + GEMM. Measured at 1408x2048 on this
 # CPU (benchmarks/quant_kernels.py --rows): the kernel still matched the fp32 GEMM at 128 rows and beat
@@ -238,8 +239,9 @@ def _q8_steps_groups(group_size: int) -> bool:
 
 
 def _kernel_for(x: torch.Tensor) -> Any:
-    """The compiled library when it can serve x (CPU, no autograd), else None."""
-    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+    """The compiled library when it can serve x (CPU, no autograd, not inside ``reference_paths()`` or a trace),
+    else None: then the dequantise-and-multiply twins run, as the float kernels' plain paths do."""
+    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) or not fast_paths_enabled():
         return None
     return load_library()
 

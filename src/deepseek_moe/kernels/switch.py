@@ -1,6 +1,6 @@
 """One switch for the inference fast paths: ``reference_paths()`` makes every layer that has a fast path (the
-float and bf16 matmul kernels, the fused routed experts, the fused absorbed-attention decode, the rotation as a
-complex product) take its plain PyTorch twin instead, in this thread, for as long as the context lasts. Tracing
+float, bf16 and quantised matmul kernels, the fused routed experts, the fused absorbed-attention decode, the
+rotation as a complex product) take its plain PyTorch twin instead, in this thread, for as long as the context lasts. Tracing
 (torch.compile, torch.export and so the ONNX exporter) always takes the plain paths: the kernels read data
 pointers a traced tensor has not.
 
