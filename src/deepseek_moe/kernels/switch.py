@@ -1,8 +1,8 @@
 """One switch for the inference fast paths: ``reference_paths()`` makes every layer that has a fast path (the
 float, bf16 and quantised matmul kernels, the fused routed experts, the fused absorbed-attention decode, the
-rotation as a complex product) take its plain PyTorch twin instead, in this thread, for as long as the context lasts. Tracing
-(torch.compile, torch.export and so the ONNX exporter) always takes the plain paths: the kernels read data
-pointers a traced tensor has not.
+rotation as a complex product) take its plain PyTorch twin instead, in this thread, for as long as the context
+lasts. Tracing (torch.compile, torch.export and so the ONNX exporter) always takes the plain paths: the kernels
+read data pointers a traced tensor has not.
 
 Why a context rather than a config field: the choice changes no result beyond rounding and no checkpoint, so it
 is not part of a model's description; tests and benchmarks run both paths side by side in one process.
