@@ -344,14 +344,13 @@ def quant_experts(x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Ten
     or an expert with more than KERNEL_MAX_ROWS rows, or int4 groups the SIMD paths cannot step through)."""
     counts = counts_E.tolist()
     _check_experts(x_AD, counts, gates_A, w, group_size)
-    lib = _kernel_for(x_AD)
-    int4 = any(w[n][0].dtype == torch.uint8 for n in ("w1", "w2"))
-    if lib is None or max(counts, default=0) > KERNEL_MAX_ROWS or (int4 and group_size % 32):
+    lib = _experts_kernel(x_AD, w, group_size)
+    if lib is None or max(counts, default=0) > KERNEL_MAX_ROWS:
         return None
     active = [(e, n) for e, n in enumerate(counts) if n]
     starts = list(itertools.accumulate(counts, initial=0))
     items = [[e for e, _ in active], [starts[e] for e, _ in active], [n for _, n in active]]
-    return _run_experts(lib, x_AD.float().contiguous(), items, gates_A, w, group_size, int4).to(x_AD.dtype)
+    return _run_experts(lib, x_AD.float().contiguous(), items, gates_A, w, group_size).to(x_AD.dtype)
 
 
 def quant_experts_one_token(x_1D: torch.Tensor, experts_K: torch.Tensor, gates_K: torch.Tensor,
@@ -365,9 +364,8 @@ def quant_experts_one_token(x_1D: torch.Tensor, experts_K: torch.Tensor, gates_K
     if x_1D.dim() != 2 or x_1D.shape[0] != 1 or K < 0 or gates_K.shape != (K,):
         raise ValueError(f"quant_experts_one_token: x {tuple(x_1D.shape)} must be (1, D), experts "
                          f"{tuple(experts_K.shape)} and gates {tuple(gates_K.shape)} (K,)")
-    lib = _kernel_for(x_1D)
-    int4 = any(w[n][0].dtype == torch.uint8 for n in ("w1", "w2"))
-    if lib is None or (int4 and group_size % 32):
+    lib = _experts_kernel(x_1D, w, group_size)
+    if lib is None:
         return None  # before any copy or device sync: the caller's sorted path runs instead
     experts = experts_K.tolist()
     counts = [0] * w["w1"][0].shape[0]
@@ -378,12 +376,24 @@ def quant_experts_one_token(x_1D: torch.Tensor, experts_K: torch.Tensor, gates_K
     x_KD = x_1D.float().expand(K, -1).contiguous()  # the token's row K times (a few KB): each item reads its own
     _check_experts(x_KD, counts, gates_K, w, group_size)
     # Item k: expert experts[k] on row k alone (the kernel needs no sorting; a repeated expert is two items).
-    return _run_experts(lib, x_KD, [experts, list(range(K)), [1] * K], gates_K, w, group_size, int4).to(x_1D.dtype)
+    return _run_experts(lib, x_KD, [experts, list(range(K)), [1] * K], gates_K, w, group_size).to(x_1D.dtype)
+
+
+def _int4(w: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    return any(w[n][0].dtype == torch.uint8 for n in ("w1", "w2"))
+
+
+def _experts_kernel(x: torch.Tensor, w: dict[str, tuple[torch.Tensor, torch.Tensor]], group_size: int) -> Any:
+    """The library when the fused experts can serve x and w (``_kernel_for``, and int4 groups the SIMD paths
+    step through), else None."""
+    lib = _kernel_for(x)
+    return None if lib is None or (_int4(w) and group_size % 32) else lib
 
 
 def _run_experts(lib: Any, x32: torch.Tensor, items: list[list[int]], gates_A: torch.Tensor | None,
-                 w: dict[str, tuple[torch.Tensor, torch.Tensor]], group_size: int, int4: bool) -> torch.Tensor:
+                 w: dict[str, tuple[torch.Tensor, torch.Tensor]], group_size: int) -> torch.Tensor:
     """dsm_experts(_q8) over ``items`` (expert, first row, rows) of x32 (A, D) fp32 contiguous -> (A, D) fp32."""
+    int4 = _int4(w)
     meta = torch.tensor(items, dtype=torch.int64)
     A, D = x32.shape
     (w1, s1), (w3, s3), (w2, s2) = w["w1"], w["w3"], w["w2"]
