@@ -465,7 +465,10 @@ def test_one_token_equals_the_fused_experts_on_its_sorted_rows(path: str, activa
         sorted_rows = qm.quant_experts(x.expand(len(experts), -1), counts, gates_K[order], w, group)
     assert got is not None and sorted_rows is not None
     want = torch.empty_like(sorted_rows).index_copy_(0, order, sorted_rows)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    if activations == "int8":  # the same integer sums, each row's fp32 additions in the same order
+        assert torch.equal(got, want)
+    else:  # a row alone is summed in another order than rows sharing a tile (outputs ~10, fp32 rounding)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
     if activations == "fp32":
         reference = qm.experts_reference(x.expand(len(experts), -1), counts, gates_K[order], w)
         torch.testing.assert_close(got, torch.empty_like(reference).index_copy_(0, order, reference),

@@ -186,11 +186,38 @@ DSM_AVX2 inline float hsum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+// One row of x (decode): the tile's rows one after another, each a single sequential stream with four
+// accumulators, instead of nn rows side by side. Side by side, a tile reads nn 1 KB streams at once, which the
+// hardware prefetcher follows poorly: over 704 x 1024 int8 matrices streaming from memory (AMD EPYC, AVX2, a
+// standalone harness) 14-16 GB/s at 2 threads against 18.5 one row at a time and ~23 for a plain sum of the bytes.
+DSM_AVX2 inline __m256 widen8(const int8_t* w) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+}
+
+DSM_AVX2 void row_int8(const int8_t* w, const float* x, int64_t K, float scale, float* y) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        a0 = _mm256_fmadd_ps(widen8(w + k), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(widen8(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+        a2 = _mm256_fmadd_ps(widen8(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+        a3 = _mm256_fmadd_ps(widen8(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+    }
+    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(widen8(w + k), _mm256_loadu_ps(x + k), a0);
+    float sum = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < K; ++k) sum += float(w[k]) * x[k];
+    *y = sum * scale;
+}
+
 template <int nn, int nm>
 DSM_AVX2 void tile_int8(const Problem& p, int64_t n0, int64_t m0) {
     const int8_t* w = static_cast<const int8_t*>(p.w) + n0 * p.K;
     const float* scale = static_cast<const float*>(p.scale) + n0;
     const float* x = p.x + m0 * p.ldx;
+    if constexpr (nm == 1) {
+        for (int i = 0; i < nn; ++i) row_int8(w + i * p.K, x, p.K, scale[i], p.y + m0 * p.ldy + n0 + i);
+        return;
+    }
     __m256 acc[nn][nm];
     for (int i = 0; i < nn; ++i) for (int j = 0; j < nm; ++j) acc[i][j] = _mm256_setzero_ps();
     int64_t k = 0;
