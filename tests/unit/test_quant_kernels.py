@@ -63,11 +63,12 @@ def test_kernel_matches_reference(isa: str, bits: int, M: int, N: int, K: int, g
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("M", [1, 2])  # a row alone (decode: the rows of W one after another) and a tile of rows
 @pytest.mark.parametrize("K", [45, 7, 23])  # a vector step + a 13-column tail; shorter than any vector
-def test_kernel_handles_widths_not_multiple_of_the_vector(isa: str, K: int) -> None:
+def test_kernel_handles_widths_not_multiple_of_the_vector(isa: str, K: int, M: int) -> None:
     torch.manual_seed(K)
     q, s = _weights(8, 7, K)
-    x = torch.randn(2, K)
+    x = torch.randn(M, K)
     torch.testing.assert_close(qm.quant_matmul(x, q, s), qm.quant_matmul_reference(x, q, s), rtol=1e-5, atol=1e-5)
 
 
