@@ -1,5 +1,5 @@
-"""Compile our C++ kernels (``qgemm.cpp``, ``float_gemm.cpp``, ``adamw.cpp``) at run time with the system C++ compiler and load them
-with ctypes; cached, and verified before anything is loaded.
+"""Compile our C++ kernels (``qgemm.cpp``, ``float_gemm.cpp``, ``mla_decode.cpp``, ``adamw.cpp``) at run time
+with the system C++ compiler and load them with ctypes; cached, and verified before anything is loaded.
 
 Why ctypes rather than ``torch.utils.cpp_extension``: the kernels take plain pointers, so it needs neither
 pybind11 nor torch's headers, and builds in about a second instead of a minute (this matters on 2 cores and in
@@ -42,6 +42,7 @@ SOURCE = Path(__file__).with_name("qgemm.cpp")
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 # -fno-math-errno: sqrtf may then be one instruction, which is what lets the optimizer's loop vectorise.
 FLOAT_GEMM_SOURCE = Path(__file__).with_name("float_gemm.cpp")  # fp32/bf16 weights, built with FLAGS
+MLA_DECODE_SOURCE = Path(__file__).with_name("mla_decode.cpp")  # absorbed MLA at decode, built with FLAGS
 ADAMW_SOURCE, ADAMW_FLAGS = Path(__file__).with_name("adamw.cpp"), (*FLAGS, "-march=native", "-fno-math-errno")
 
 # The quantised-matmul kernel's instruction sets, in the order of qgemm.cpp's enum.
@@ -335,6 +336,19 @@ def load_float_gemm_library() -> ctypes.CDLL | None:
     for name in ("dsm_fgemm_best_isa", "dsm_fgemm_get_isa"):
         getattr(lib, name).argtypes = []
         getattr(lib, name).restype = c_int
+    return lib
+
+
+@functools.cache
+def load_mla_decode_library() -> ctypes.CDLL | None:
+    """The compiled absorbed-MLA decode step, or None (with one warning saying why)."""
+    lib = build_library(MLA_DECODE_SOURCE, FLAGS, "MLA decode steps")
+    if lib is None:
+        return None
+    i64, ptr, c_int, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.dsm_mla_decode.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64, ptr, i64, i64, ptr, i64, i64, i64,
+                                   ptr, ptr, ptr, f32, ptr, ptr, c_int]
+    lib.dsm_mla_decode.restype = None
     return lib
 
 

@@ -1,0 +1,91 @@
+"""kernels/mla_decode.cpp: absorbed MLA attention for one new token per row, against the obvious einsums."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepseek_moe.kernels import cpu_build
+from deepseek_moe.kernels.mla_decode import absorbed_decode
+from deepseek_moe.kernels.switch import reference_paths
+
+pytestmark = pytest.mark.skipif(cpu_build.load_mla_decode_library() is None, reason="no C++ compiler for the kernel")
+
+
+def reference(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
+              mask: torch.Tensor | None, w_uk: torch.Tensor, w_uv_t: torch.Tensor, scale: float) -> torch.Tensor:
+    """DeepSeek-V2's absorbed attention in float64 einsums: (B, 1, H, V)."""
+    qn, qp, kv, k_pe = q_nope[:, 0].double(), q_pe[:, 0].double(), kv.double(), k_pe.double()
+    q_lat = torch.einsum("bhn,hnc->bhc", qn, w_uk.double())
+    scores = (torch.einsum("bhc,bsc->bhs", q_lat, kv) + torch.einsum("bhr,bsr->bhs", qp, k_pe)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, 0], float("-inf"))
+    o_lat = torch.einsum("bhs,bsc->bhc", scores.softmax(-1), kv)
+    return torch.einsum("bhc,hcv->bhv", o_lat, w_uv_t.double())[:, None].float()
+
+
+def case(B: int, H: int, N: int, R: int, C: int, V: int, S: int, spare: int = 0, seed: int = 0):
+    """Operands laid out as the model has them: q_nope and q_pe split from one projection, the cache's slots a
+    view of a longer buffer (``spare`` slots past S)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, 1, H, N + R, generator=g)
+    q_nope, q_pe = q.split([N, R], dim=-1)
+    kv = torch.randn(B, S + spare, C, generator=g)[:, :S]
+    k_pe = torch.randn(B, S + spare, R, generator=g)[:, :S]
+    w_uk = torch.randn(H, N, C, generator=g) / N ** 0.5
+    w_uv_t = torch.randn(H, C, V, generator=g) / C ** 0.5
+    return q_nope, q_pe, kv, k_pe, w_uk, w_uv_t
+
+
+@pytest.mark.parametrize(("B", "H", "N", "R", "C", "V", "S"), [
+    (1, 8, 128, 64, 256, 128, 1),   # the mid-size model's shapes, one cached slot
+    (1, 8, 128, 64, 256, 128, 75),  # ... slots not a multiple of the kernel's groups of 4 and chunks of 16
+    (2, 16, 32, 16, 64, 32, 300),   # full head and column tiles, two rows
+    (3, 3, 20, 6, 40, 12, 17),      # edge tiles only: 3 heads, 40 latent columns, odd widths
+    (1, 1, 8, 4, 8, 8, 2),          # a single head
+])
+@pytest.mark.parametrize("spare", [0, 5])
+def test_matches_the_einsum_reference(B: int, H: int, N: int, R: int, C: int, V: int, S: int, spare: int) -> None:
+    ops = case(B, H, N, R, C, V, S, spare)
+    with torch.inference_mode():
+        got = absorbed_decode(*ops[:4], None, *ops[4:], 0.3)
+    assert got is not None and got.shape == (B, 1, H, V)
+    torch.testing.assert_close(got, reference(*ops[:4], None, *ops[4:], 0.3), rtol=1e-4, atol=1e-5)
+
+
+def test_a_mask_hides_slots_per_row() -> None:
+    """Padding in a batch: masked slots get no weight; a row may see a different set than its neighbour."""
+    B, S = 3, 23
+    ops = case(B, 5, 16, 8, 48, 16, S, spare=3, seed=1)
+    mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    mask[0, ..., :7] = False  # left padding
+    mask[2, ..., 1::3] = False
+    with torch.inference_mode():
+        got = absorbed_decode(*ops[:4], mask, *ops[4:], 0.2)
+        unmasked = absorbed_decode(*ops[:4], None, *ops[4:], 0.2)
+    assert got is not None and unmasked is not None
+    torch.testing.assert_close(got, reference(*ops[:4], mask, *ops[4:], 0.2), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1], unmasked[1])  # row 1 sees everything either way
+    assert not torch.allclose(got[0], unmasked[0])  # the mask mattered (the comparison above proves something)
+
+
+def test_declines_what_it_does_not_serve() -> None:
+    """None (the caller's PyTorch path runs) for two new tokens, bf16, autograd, and inside reference_paths()."""
+    ops = case(1, 4, 16, 8, 32, 16, 9)
+    q_nope, q_pe, kv, k_pe, w_uk, w_uv_t = ops
+    with torch.inference_mode():
+        two = (torch.cat([q_nope, q_nope], 1), torch.cat([q_pe, q_pe], 1))
+        assert absorbed_decode(*two, kv, k_pe, None, w_uk, w_uv_t, 0.1) is None
+        assert absorbed_decode(q_nope.bfloat16(), q_pe, kv, k_pe, None, w_uk, w_uv_t, 0.1) is None
+        with reference_paths():
+            assert absorbed_decode(*ops[:4], None, *ops[4:], 0.1) is None
+    assert absorbed_decode(*ops[:4], None, *ops[4:], 0.1) is None  # gradients enabled
+
+
+def test_shapes_that_do_not_fit_are_named() -> None:
+    q_nope, q_pe, kv, k_pe, w_uk, w_uv_t = case(1, 4, 16, 8, 32, 16, 9)
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match=r"w_uk \(4, 16, 31\)"):
+            absorbed_decode(q_nope, q_pe, kv, k_pe, None, w_uk[..., :31].contiguous(), w_uv_t, 0.1)
+        with pytest.raises(ValueError, match=r"mask \(1, 1, 1, 8\)"):
+            absorbed_decode(q_nope, q_pe, kv, k_pe, torch.ones(1, 1, 1, 8, dtype=torch.bool), w_uk, w_uv_t, 0.1)
