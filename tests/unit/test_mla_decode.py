@@ -1,4 +1,4 @@
-"""kernels/mla_decode.cpp: absorbed MLA attention for one new token per row, against the obvious einsums."""
+"""kernels/mla_decode.cpp: absorbed MLA attention for a few new tokens per row, against the obvious einsums."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deepseek_moe.kernels import cpu_build
-from deepseek_moe.kernels.mla_decode import absorbed_decode
+from deepseek_moe.kernels.mla_decode import MAX_NEW_TOKENS, absorbed_decode
 from deepseek_moe.kernels.switch import reference_paths
 
 pytestmark = pytest.mark.skipif(cpu_build.load_mla_decode_library() is None, reason="no C++ compiler for the kernel")
@@ -14,21 +14,23 @@ pytestmark = pytest.mark.skipif(cpu_build.load_mla_decode_library() is None, rea
 
 def reference(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
               mask: torch.Tensor | None, w_uk: torch.Tensor, w_uv_t: torch.Tensor, scale: float) -> torch.Tensor:
-    """DeepSeek-V2's absorbed attention in float64 einsums: (B, 1, H, V)."""
-    qn, qp, kv, k_pe = q_nope[:, 0].double(), q_pe[:, 0].double(), kv.double(), k_pe.double()
-    q_lat = torch.einsum("bhn,hnc->bhc", qn, w_uk.double())
-    scores = (torch.einsum("bhc,bsc->bhs", q_lat, kv) + torch.einsum("bhr,bsr->bhs", qp, k_pe)) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, 0], float("-inf"))
-    o_lat = torch.einsum("bhs,bsc->bhc", scores.softmax(-1), kv)
-    return torch.einsum("bhc,hcv->bhv", o_lat, w_uv_t.double())[:, None].float()
+    """DeepSeek-V2's absorbed attention in float64 einsums: (B, T, H, V). mask None: the T new tokens are the last
+    T slots, each seeing itself and every slot before it."""
+    T, S = q_nope.shape[1], kv.shape[1]
+    qn, qp, kv, k_pe = q_nope.double(), q_pe.double(), kv.double(), k_pe.double()
+    q_lat = torch.einsum("bthn,hnc->bthc", qn, w_uk.double())
+    scores = (torch.einsum("bthc,bsc->bhts", q_lat, kv) + torch.einsum("bthr,bsr->bhts", qp, k_pe)) * scale
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None]
+    o_lat = torch.einsum("bhts,bsc->bthc", scores.masked_fill(~mask, float("-inf")).softmax(-1), kv)
+    return torch.einsum("bthc,hcv->bthv", o_lat, w_uv_t.double()).float()
 
 
-def case(B: int, H: int, N: int, R: int, C: int, V: int, S: int, spare: int = 0, seed: int = 0):
-    """Operands laid out as the model has them: q_nope and q_pe split from one projection, the cache's slots a
-    view of a longer buffer (``spare`` slots past S)."""
+def case(B: int, H: int, N: int, R: int, C: int, V: int, S: int, spare: int = 0, seed: int = 0, T: int = 1):
+    """Operands laid out as the model has them: q_nope and q_pe split from one projection of T new tokens, the
+    cache's slots a view of a longer buffer (``spare`` slots past S)."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, 1, H, N + R, generator=g)
+    q = torch.randn(B, T, H, N + R, generator=g)
     q_nope, q_pe = q.split([N, R], dim=-1)
     kv = torch.randn(B, S + spare, C, generator=g)[:, :S]
     k_pe = torch.randn(B, S + spare, R, generator=g)[:, :S]
@@ -45,24 +47,43 @@ def case(B: int, H: int, N: int, R: int, C: int, V: int, S: int, spare: int = 0,
     (1, 1, 8, 4, 8, 8, 2),          # a single head
 ])
 @pytest.mark.parametrize("spare", [0, 5])
-def test_matches_the_einsum_reference(B: int, H: int, N: int, R: int, C: int, V: int, S: int, spare: int) -> None:
-    ops = case(B, H, N, R, C, V, S, spare)
+@pytest.mark.parametrize("T", [1, 3])  # a decode step; a speculative verification (causal among the new tokens)
+def test_matches_the_einsum_reference(B: int, H: int, N: int, R: int, C: int, V: int, S: int, spare: int,
+                                      T: int) -> None:
+    S = max(S, T)
+    ops = case(B, H, N, R, C, V, S, spare, T=T)
     with torch.inference_mode():
         got = absorbed_decode(*ops[:4], None, *ops[4:], 0.3)
-    assert got is not None and got.shape == (B, 1, H, V)
+    assert got is not None and got.shape == (B, T, H, V)
     torch.testing.assert_close(got, reference(*ops[:4], None, *ops[4:], 0.3), rtol=1e-4, atol=1e-5)
 
 
-def test_a_mask_hides_slots_per_row() -> None:
+def test_the_causal_default_is_what_an_explicit_causal_mask_gives() -> None:
+    """No mask at T > 1 means causal among the new tokens: the first new token must not see the later ones."""
+    B, T, S = 2, 4, 11
+    ops = case(B, 6, 16, 8, 32, 16, S, T=T, seed=3)
+    causal = torch.ones(T, S, dtype=torch.bool).tril(S - T).expand(B, 1, T, S)
+    with torch.inference_mode():
+        default = absorbed_decode(*ops[:4], None, *ops[4:], 0.25)
+        explicit = absorbed_decode(*ops[:4], causal, *ops[4:], 0.25)
+        everything = absorbed_decode(*ops[:4], torch.ones(B, 1, T, S, dtype=torch.bool), *ops[4:], 0.25)
+    assert default is not None and explicit is not None and everything is not None
+    torch.testing.assert_close(default, explicit)
+    torch.testing.assert_close(default[:, -1], everything[:, -1])  # the last new token sees every slot anyway
+    assert not torch.allclose(default[:, 0], everything[:, 0])
+
+
+@pytest.mark.parametrize("T", [1, 2])
+def test_a_mask_hides_slots_per_row(T: int) -> None:
     """Padding in a batch: masked slots get no weight; a row may see a different set than its neighbour."""
     B, S = 3, 23
-    ops = case(B, 5, 16, 8, 48, 16, S, spare=3, seed=1)
-    mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    ops = case(B, 5, 16, 8, 48, 16, S, spare=3, seed=1, T=T)
+    mask = torch.ones(B, 1, T, S, dtype=torch.bool).tril(S - T)
     mask[0, ..., :7] = False  # left padding
     mask[2, ..., 1::3] = False
     with torch.inference_mode():
         got = absorbed_decode(*ops[:4], mask, *ops[4:], 0.2)
-        unmasked = absorbed_decode(*ops[:4], None, *ops[4:], 0.2)
+        unmasked = absorbed_decode(*ops[:4], None, *ops[4:], 0.2)  # causal only
     assert got is not None and unmasked is not None
     torch.testing.assert_close(got, reference(*ops[:4], mask, *ops[4:], 0.2), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got[1], unmasked[1])  # row 1 sees everything either way
@@ -70,12 +91,13 @@ def test_a_mask_hides_slots_per_row() -> None:
 
 
 def test_declines_what_it_does_not_serve() -> None:
-    """None (the caller's PyTorch path runs) for two new tokens, bf16, autograd, and inside reference_paths()."""
-    ops = case(1, 4, 16, 8, 32, 16, 9)
+    """None (the caller's PyTorch path runs) for more new tokens than MAX_NEW_TOKENS (a prefill), bf16, autograd,
+    and inside reference_paths()."""
+    ops = case(1, 4, 16, 8, 32, 16, 40)
     q_nope, q_pe, kv, k_pe, w_uk, w_uv_t = ops
     with torch.inference_mode():
-        two = (torch.cat([q_nope, q_nope], 1), torch.cat([q_pe, q_pe], 1))
-        assert absorbed_decode(*two, kv, k_pe, None, w_uk, w_uv_t, 0.1) is None
+        many = (q_nope.expand(1, MAX_NEW_TOKENS + 1, -1, -1), q_pe.expand(1, MAX_NEW_TOKENS + 1, -1, -1))
+        assert absorbed_decode(*many, kv, k_pe, None, w_uk, w_uv_t, 0.1) is None
         assert absorbed_decode(q_nope.bfloat16(), q_pe, kv, k_pe, None, w_uk, w_uv_t, 0.1) is None
         with reference_paths():
             assert absorbed_decode(*ops[:4], None, *ops[4:], 0.1) is None
@@ -87,5 +109,5 @@ def test_shapes_that_do_not_fit_are_named() -> None:
     with torch.inference_mode():
         with pytest.raises(ValueError, match=r"w_uk \(4, 16, 31\)"):
             absorbed_decode(q_nope, q_pe, kv, k_pe, None, w_uk[..., :31].contiguous(), w_uv_t, 0.1)
-        with pytest.raises(ValueError, match=r"mask \(1, 1, 1, 8\)"):
+        with pytest.raises(ValueError, match=r"mask \(1, 1, 1, 8\) torch.bool must be \(B, 1, T, S\)"):
             absorbed_decode(q_nope, q_pe, kv, k_pe, torch.ones(1, 1, 1, 8, dtype=torch.bool), w_uk, w_uv_t, 0.1)

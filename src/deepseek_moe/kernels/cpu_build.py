@@ -42,7 +42,7 @@ SOURCE = Path(__file__).with_name("qgemm.cpp")
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 # -fno-math-errno: sqrtf may then be one instruction, which is what lets the optimizer's loop vectorise.
 FLOAT_GEMM_SOURCE = Path(__file__).with_name("float_gemm.cpp")  # fp32/bf16 weights, built with FLAGS
-MLA_DECODE_SOURCE = Path(__file__).with_name("mla_decode.cpp")  # absorbed MLA at decode, built with FLAGS
+MLA_DECODE_SOURCE = Path(__file__).with_name("mla_decode.cpp")  # absorbed MLA, a few new tokens; FLAGS
 ADAMW_SOURCE, ADAMW_FLAGS = Path(__file__).with_name("adamw.cpp"), (*FLAGS, "-march=native", "-fno-math-errno")
 
 # The quantised-matmul kernel's instruction sets, in the order of qgemm.cpp's enum.
@@ -346,8 +346,8 @@ def load_mla_decode_library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     i64, ptr, c_int, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.dsm_mla_decode.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64, ptr, i64, i64, ptr, i64, i64, i64,
-                                   ptr, ptr, ptr, f32, ptr, ptr, c_int]
+    lib.dsm_mla_decode.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64, i64, ptr, i64, i64, ptr, i64, i64,
+                                   i64, ptr, ptr, ptr, f32, ptr, ptr, c_int]
     lib.dsm_mla_decode.restype = None
     return lib
 

@@ -1,15 +1,18 @@
-// Absorbed Multi-head Latent Attention for one new token per batch row (a decode step), fp32, in one call.
+// Absorbed Multi-head Latent Attention for a few new tokens per batch row (a decode step, a speculative
+// verification), fp32, in one call.
 //
-// For each row b and head h (DeepSeek-V2 §2.1 with wkv_b folded into the query and the output):
-//   q_lat[c]   = sum_n q_nope[b,h,n] * w_uk[h,n,c]
-//   score[s]   = scale * (sum_c q_lat[c] * kv[b,s,c] + sum_r q_pe[b,h,r] * k_pe[b,s,r])   (masked slot: -inf)
+// For each new token of row b and head h (DeepSeek-V2 §2.1 with wkv_b folded into the query and the output):
+//   q_lat[c]   = sum_n q_nope[b,t,h,n] * w_uk[h,n,c]
+//   score[s]   = scale * (sum_c q_lat[c] * kv[b,s,c] + sum_r q_pe[b,t,h,r] * k_pe[b,s,r])   (unseen slot: -inf)
 //   p          = softmax(score)
 //   o_lat[c]   = sum_s p[s] * kv[b,s,c]
-//   out[b,h,v] = sum_c o_lat[c] * w_uv_t[h,c,v]
-// In PyTorch this is four batched products, a softmax and ~20 reshapes, transposes and casts a layer; at decode
-// those small calls cost more than the arithmetic (issue 22). Here: one parallel region, four phases split
-// between the threads (the absorbed products by head, the scores by cache slot, the softmax by row, the value
-// sum by latent column), each reading the cache once for all heads.
+//   out[b,t,h,v] = sum_c o_lat[c] * w_uv_t[h,c,v]
+// In PyTorch this is four batched products, a softmax and ~20 reshapes, transposes and casts a layer (and at
+// T > 1 a causal mask built in every layer); at decode those small calls cost more than the arithmetic (issue
+// 22). Here: one parallel region whose phases split the work between the threads (the absorbed products by
+// head, the scores by cache slot, the softmax by row, the value sum by tile of heads and latent columns), the
+// scores reading each cached slot once for all heads and new tokens. Meant for a few new tokens: the scores
+// are dot products, not a GEMM, so a prefill leaves it to torch (kernels/mla_decode.py: MAX_NEW_TOKENS).
 //
 // The loops are plain C++ vectorised by the compiler (`omp simd`), built twice through `target_clones`
 // (AVX2+FMA and the baseline), so the library loads on any x86-64 CPU. The readable reference is
@@ -54,34 +57,39 @@ inline void dot4(const float* __restrict a, const float* __restrict b0, const fl
 
 extern "C" {
 
-// q_nope row (b, h) at q_nope + (b * H + h) * ld_qn, N values; q_pe likewise (ld_qp, R values).
-// kv (b, s) at kv + b * kv_bs + s * kv_ss, C values; k_pe likewise (pe_bs, pe_ss, R values); S slots per row.
-// mask: (B, S) bytes, nonzero where slot s may be attended, or null (every slot). w_uk (H, N, C), w_uv_t (H, C, V)
-// contiguous. out (B, H, V) contiguous. scratch: B * H * (2 * C + S) floats.
+// T new tokens per batch row, query row q = b * T + t. q_nope row (q, h) at q_nope + (q * H + h) * ld_qn, N values;
+// q_pe likewise (ld_qp, R values). kv (b, s) at kv + b * kv_bs + s * kv_ss, C values; k_pe likewise (pe_bs, pe_ss,
+// R values); S slots per row, the T new ones last. mask: (B * T, S) bytes, nonzero where query row q may attend
+// slot s, or null: causal (new token t sees slots 0 .. S - T + t). w_uk (H, N, C), w_uv_t (H, C, V) contiguous.
+// out (B * T, H, V) contiguous. scratch: B * T * H * (2 * C + S) floats.
 DSM_CLONES
-void dsm_mla_decode(const float* q_nope, int64_t ld_qn, const float* q_pe, int64_t ld_qp, int64_t B, int64_t H,
-                    int64_t N, int64_t R, int64_t C, int64_t V, const float* kv, int64_t kv_bs, int64_t kv_ss,
-                    const float* k_pe, int64_t pe_bs, int64_t pe_ss, int64_t S, const uint8_t* mask,
+void dsm_mla_decode(const float* q_nope, int64_t ld_qn, const float* q_pe, int64_t ld_qp, int64_t B, int64_t T,
+                    int64_t H, int64_t N, int64_t R, int64_t C, int64_t V, const float* kv, int64_t kv_bs,
+                    int64_t kv_ss, const float* k_pe, int64_t pe_bs, int64_t pe_ss, int64_t S, const uint8_t* mask,
                     const float* w_uk, const float* w_uv_t, float scale, float* out, float* scratch, int n_threads) {
-    const int64_t BH = B * H;
-    float* q_lat = scratch;            // (B*H, C)
-    float* o_lat = scratch + BH * C;   // (B*H, C)
-    float* score = scratch + 2 * BH * C;  // (B*H, S)
+    const int64_t Q = B * T, QH = Q * H;
+    float* q_lat = scratch;               // (Q*H, C)
+    float* o_lat = scratch + QH * C;      // (Q*H, C)
+    float* score = scratch + 2 * QH * C;  // (Q*H, S)
     constexpr int HT = 4, CT = 16;  // the value sum's register tile: heads x latent columns
     const int64_t n_htiles = (H + HT - 1) / HT, n_ctiles = (C + CT - 1) / CT;
     const int64_t s_chunk = 16, n_schunks = (S + s_chunk - 1) / s_chunk;
+    auto visible = [=](int64_t q, int64_t s) {
+        return mask != nullptr ? mask[q * S + s] != 0 : s <= S - T + q % T;
+    };
 #pragma omp parallel num_threads(n_threads)
     {
-        // q_lat = q_nope @ w_uk[h], by head: w_uk[h] (N x C) is read once for every row b.
+        // q_lat = q_nope @ w_uk[h], by head: w_uk[h] (N x C) is read once for every query row.
 #pragma omp for schedule(static)
         for (int64_t h = 0; h < H; ++h)
-            for (int64_t b = 0; b < B; ++b) {
-                float* ql = q_lat + (b * H + h) * C;
-                const float* qn = q_nope + (b * H + h) * ld_qn;
+            for (int64_t q = 0; q < Q; ++q) {
+                float* ql = q_lat + (q * H + h) * C;
+                const float* qn = q_nope + (q * H + h) * ld_qn;
                 for (int64_t c = 0; c < C; ++c) ql[c] = 0.0f;
                 for (int64_t n = 0; n < N; ++n) axpy(ql, qn[n], w_uk + (h * N + n) * C, C);
             }
-        // Scores by chunk of cache slots: each slot's latent and rotary key are read once for all heads.
+        // Scores by chunk of cache slots: each slot's latent and rotary key are read once for all heads and new
+        // tokens of its row.
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < B * n_schunks; ++item) {
             const int64_t b = item / n_schunks, s0 = (item % n_schunks) * s_chunk;
@@ -93,19 +101,20 @@ void dsm_mla_decode(const float* q_nope, int64_t ld_qn, const float* q_pe, int64
                     k[j] = kv + b * kv_bs + sj * kv_ss;
                     p[j] = k_pe + b * pe_bs + sj * pe_ss;
                 }
-                for (int64_t h = 0; h < H; ++h) {
-                    float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                    dot4(q_lat + (b * H + h) * C, k[0], k[1], k[2], k[3], C, sums);
-                    dot4(q_pe + (b * H + h) * ld_qp, p[0], p[1], p[2], p[3], R, sums);
-                    for (int j = 0; j < 4 && s + j < s1; ++j)
-                        score[(b * H + h) * S + s + j] = mask == nullptr || mask[b * S + s + j] != 0
-                            ? scale * sums[j] : -std::numeric_limits<float>::infinity();
-                }
+                for (int64_t q = b * T; q < (b + 1) * T; ++q)
+                    for (int64_t h = 0; h < H; ++h) {
+                        float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                        dot4(q_lat + (q * H + h) * C, k[0], k[1], k[2], k[3], C, sums);
+                        dot4(q_pe + (q * H + h) * ld_qp, p[0], p[1], p[2], p[3], R, sums);
+                        for (int j = 0; j < 4 && s + j < s1; ++j)
+                            score[(q * H + h) * S + s + j] = visible(q, s + j) ? scale * sums[j]
+                                                                                : -std::numeric_limits<float>::infinity();
+                    }
             }
         }
-        // Softmax by row (b, h). A row whose every slot is masked gives NaN, as softmax over all -inf does.
+        // Softmax by row (q, h). A row whose every slot is masked gives NaN, as softmax over all -inf does.
 #pragma omp for schedule(static)
-        for (int64_t row = 0; row < BH; ++row) {
+        for (int64_t row = 0; row < QH; ++row) {
             float* sc = score + row * S;
             float m = -std::numeric_limits<float>::infinity();
             for (int64_t s = 0; s < S; ++s) m = sc[s] > m ? sc[s] : m;
@@ -117,12 +126,12 @@ void dsm_mla_decode(const float* q_nope, int64_t ld_qn, const float* q_pe, int64
         // o_lat = p @ kv by tiles of 4 heads x 16 latent columns, summed in registers over every slot (adding
         // into memory slot by slot was 2.5x slower at 4,000 slots).
 #pragma omp for schedule(static)
-        for (int64_t item = 0; item < B * n_htiles * n_ctiles; ++item) {
-            const int64_t b = item / (n_htiles * n_ctiles), rest = item % (n_htiles * n_ctiles);
+        for (int64_t item = 0; item < Q * n_htiles * n_ctiles; ++item) {
+            const int64_t q = item / (n_htiles * n_ctiles), rest = item % (n_htiles * n_ctiles), b = q / T;
             const int64_t h0 = (rest / n_ctiles) * HT, c0 = (rest % n_ctiles) * CT;
             if (h0 + HT <= H && c0 + CT <= C) {
                 float acc[HT][CT] = {};
-                const float* pr = score + (b * H + h0) * S;
+                const float* pr = score + (q * H + h0) * S;
                 for (int64_t s = 0; s < S; ++s) {
                     const float* kvs = kv + b * kv_bs + s * kv_ss + c0;
                     for (int hh = 0; hh < HT; ++hh) {
@@ -132,23 +141,23 @@ void dsm_mla_decode(const float* q_nope, int64_t ld_qn, const float* q_pe, int64
                     }
                 }
                 for (int hh = 0; hh < HT; ++hh)
-                    for (int c = 0; c < CT; ++c) o_lat[(b * H + h0 + hh) * C + c0 + c] = acc[hh][c];
+                    for (int c = 0; c < CT; ++c) o_lat[(q * H + h0 + hh) * C + c0 + c] = acc[hh][c];
                 continue;
             }
             // An edge tile (H not a multiple of 4, C not of 16): the same sums, one row at a time.
             const int64_t h1 = h0 + HT < H ? h0 + HT : H, nc = c0 + CT < C ? CT : C - c0;
             for (int64_t h = h0; h < h1; ++h) {
-                float* o = o_lat + (b * H + h) * C + c0;
+                float* o = o_lat + (q * H + h) * C + c0;
                 for (int64_t c = 0; c < nc; ++c) o[c] = 0.0f;
-                for (int64_t s = 0; s < S; ++s) axpy(o, score[(b * H + h) * S + s], kv + b * kv_bs + s * kv_ss + c0, nc);
+                for (int64_t s = 0; s < S; ++s) axpy(o, score[(q * H + h) * S + s], kv + b * kv_bs + s * kv_ss + c0, nc);
             }
         }
         // out = o_lat @ w_uv_t[h], by head.
 #pragma omp for schedule(static)
         for (int64_t h = 0; h < H; ++h)
-            for (int64_t b = 0; b < B; ++b) {
-                float* o = out + (b * H + h) * V;
-                const float* ol = o_lat + (b * H + h) * C;
+            for (int64_t q = 0; q < Q; ++q) {
+                float* o = out + (q * H + h) * V;
+                const float* ol = o_lat + (q * H + h) * C;
                 for (int64_t v = 0; v < V; ++v) o[v] = 0.0f;
                 for (int64_t c = 0; c < C; ++c) axpy(o, ol[c], w_uv_t + (h * C + c) * V, V);
             }

@@ -1,9 +1,10 @@
-"""Absorbed MLA attention for one new token per row (a decode step) in one C++ call (``mla_decode.cpp``).
+"""Absorbed MLA attention for a few new tokens per row (a decode step, a speculative verification) in one C++
+call (``mla_decode.cpp``).
 
 At decode, MLA's absorbed attention is a few thousand multiply-adds per head, and as PyTorch calls (four batched
 products, a softmax and ~20 reshapes, transposes and casts a layer) it cost more in calls than in arithmetic.
 The readable reference is :meth:`deepseek_moe.model.mla.MLA._absorbed`; :func:`absorbed_decode` returns None
-wherever the kernel does not apply (no compiler, autograd, not fp32, more than one new token, inside
+wherever the kernel does not apply (no compiler, autograd, not fp32, more than MAX_NEW_TOKENS new tokens, inside
 ``reference_paths()``), and the caller's PyTorch path runs.
 """
 
@@ -14,27 +15,33 @@ import torch
 from deepseek_moe.kernels import cpu_build
 from deepseek_moe.kernels.switch import fast_paths_enabled
 
+# New tokens per row up to which the kernel runs: its scores are dot products, fine for a decode step or the
+# k + 1 tokens of a speculative verification; a prefill's (T, S) scores are a GEMM, which torch does better.
+MAX_NEW_TOKENS = 16
+
 
 def absorbed_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
                     mask: torch.Tensor | None, w_uk: torch.Tensor, w_uv_t: torch.Tensor,
                     scale: float) -> torch.Tensor | None:
-    """q_nope (B, 1, H, N), q_pe (B, 1, H, R), kv (B, S, C), k_pe (B, S, R), mask (B, 1, 1, S) bool (True: may
-    attend) or None, w_uk (H, N, C), w_uv_t (H, C, V): the attention output (B, 1, H, V) in fp32, or None where
-    the kernel does not apply. Operands must be fp32 with unit stride in their last dimension."""
+    """q_nope (B, T, H, N), q_pe (B, T, H, R) for T new tokens, the last T of S slots; kv (B, S, C), k_pe (B, S, R);
+    mask (B, 1, T, S) bool (True: may attend) or None (causal: new token t sees slots 0 .. S - T + t); w_uk
+    (H, N, C), w_uv_t (H, C, V): the attention output (B, T, H, V) in fp32, or None where the kernel does not
+    apply. Operands must be fp32 with unit stride in their last dimension."""
     if not fast_paths_enabled() or torch.is_grad_enabled():
         return None
     B, T, H, N = q_nope.shape
     S, C = kv.shape[1], kv.shape[2]
     R, V = q_pe.shape[-1], w_uv_t.shape[-1]
-    if T != 1 or S == 0:
+    if not 0 < T <= min(S, MAX_NEW_TOKENS):
         return None
     tensors = (q_nope, q_pe, kv, k_pe, w_uk, w_uv_t)
     if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in tensors):
         return None
-    if w_uk.shape != (H, N, C) or w_uv_t.shape != (H, C, V) or k_pe.shape != (B, S, R) or kv.shape[0] != B:
+    if (w_uk.shape != (H, N, C) or w_uv_t.shape != (H, C, V) or k_pe.shape != (B, S, R) or kv.shape[0] != B
+            or q_pe.shape[:3] != (B, T, H)):
         raise ValueError(f"absorbed_decode: q_nope {tuple(q_nope.shape)}, q_pe {tuple(q_pe.shape)}, kv "
                          f"{tuple(kv.shape)}, k_pe {tuple(k_pe.shape)}, w_uk {tuple(w_uk.shape)}, w_uv_t "
-                         f"{tuple(w_uv_t.shape)} do not fit (B, 1, H, N), (B, 1, H, R), (B, S, C), (B, S, R), "
+                         f"{tuple(w_uv_t.shape)} do not fit (B, T, H, N), (B, T, H, R), (B, S, C), (B, S, R), "
                          "(H, N, C), (H, C, V)")
     if not (w_uk.is_contiguous() and w_uv_t.is_contiguous()):
         return None
@@ -45,13 +52,13 @@ def absorbed_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, 
     q_pe, ld_qp = _query_rows(q_pe)
     mask_bytes = None
     if mask is not None:
-        if mask.shape != (B, 1, 1, S) or mask.dtype != torch.bool:
-            raise ValueError(f"absorbed_decode: mask {tuple(mask.shape)} {mask.dtype} must be (B, 1, 1, S) bool "
-                             f"for B={B}, S={S}")
-        mask_bytes = mask.reshape(B, S).contiguous().view(torch.uint8)
-    out = torch.empty(B, 1, H, V)
-    scratch = torch.empty(B * H * (2 * C + S))
-    lib.dsm_mla_decode(q_nope.data_ptr(), ld_qn, q_pe.data_ptr(), ld_qp, B, H, N, R, C, V, kv.data_ptr(),
+        if mask.shape != (B, 1, T, S) or mask.dtype != torch.bool:
+            raise ValueError(f"absorbed_decode: mask {tuple(mask.shape)} {mask.dtype} must be (B, 1, T, S) bool "
+                             f"for B={B}, T={T}, S={S}")
+        mask_bytes = mask.reshape(B * T, S).contiguous().view(torch.uint8)
+    out = torch.empty(B, T, H, V)
+    scratch = torch.empty(B * T * H * (2 * C + S))
+    lib.dsm_mla_decode(q_nope.data_ptr(), ld_qn, q_pe.data_ptr(), ld_qp, B, T, H, N, R, C, V, kv.data_ptr(),
                        kv.stride(0), kv.stride(1), k_pe.data_ptr(), k_pe.stride(0), k_pe.stride(1), S,
                        None if mask_bytes is None else mask_bytes.data_ptr(), w_uk.data_ptr(), w_uv_t.data_ptr(),
                        scale, out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
@@ -59,10 +66,10 @@ def absorbed_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, 
 
 
 def _query_rows(q: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(q, ld) with query row (b, h) of q (B, 1, H, width) at (b * H + h) * ld: the kernel walks the rows at one
-    stride, which the head-split views of one (B, 1, H, ...) projection already have (no copy)."""
-    B, _, H, width = q.shape
-    ld = q.stride(2) if H > 1 else q.stride(0)
-    if B > 1 and H > 1 and q.stride(0) != H * ld:
+    """(q, ld) with query row (b, t, h) of q (B, T, H, width) at ((b * T + t) * H + h) * ld: the kernel walks the
+    rows at one stride, which the head-split views of one (B, T, H, ...) projection already have (no copy)."""
+    B, T, H, width = q.shape
+    ld = q.stride(2) if H > 1 else q.stride(1) if T > 1 else q.stride(0)
+    if (T > 1 and q.stride(1) != H * ld) or (B > 1 and q.stride(0) != T * H * ld):
         return q.contiguous(), width
     return q, ld

@@ -15,7 +15,8 @@ The absorbed path has a fused twin for inference (:meth:`MLA._absorbed_fused`, t
 ``deepseek_moe.kernels.switch.reference_paths()`` is on): four batched products on the absorbed matrices kept
 contiguous between steps, fp32 whatever the model's dtype (a bf16 bmm over the cache runs a generic loop on CPUs
 without AVX512-BF16: 4 ms against 0.1 ms in fp32 at 1,024 slots), no mask where a single new token sees every slot;
-for one new token per row (decode) all of it is one C++ call (``kernels/mla_decode.cpp``).
+for a few new tokens per row (decode, speculative verification) all of it is one C++ call
+(``kernels/mla_decode.cpp``).
 
 Shapes: B batch, T new tokens, S cached + new slots, H heads, C kv_lora_rank, R qk_rope_head_dim,
 N qk_nope_head_dim, V v_head_dim.
@@ -29,7 +30,7 @@ from torch import nn
 
 from deepseek_moe._torch_compat import tensor_version
 from deepseek_moe.config import ModelConfig
-from deepseek_moe.kernels.mla_decode import absorbed_decode
+from deepseek_moe.kernels.mla_decode import MAX_NEW_TOKENS, absorbed_decode
 from deepseek_moe.kernels.switch import fast_paths_enabled
 from deepseek_moe.model.kv_cache import LayerCache
 from deepseek_moe.model.norm import RMSNorm
@@ -153,7 +154,7 @@ class MLA(nn.Module):
         S, C = kv.shape[1], self.kv_lora_rank
         dtype = torch.promote_types(kv.dtype, torch.float32)
         w_uk, w_uv_t = self._absorbed_matrices(dtype)  # (H, N, C), (H, C, V)
-        if T == 1 and dtype == torch.float32:  # one C++ call instead of the ~25 tensor operations below
+        if T <= MAX_NEW_TOKENS and dtype == torch.float32:  # one C++ call instead of the ~25 operations below
             out = absorbed_decode(q_nope.to(dtype), q_pe.to(dtype), kv.to(dtype), k_pe.to(dtype), mask, w_uk, w_uv_t,
                                   self.softmax_scale)
             if out is not None:
