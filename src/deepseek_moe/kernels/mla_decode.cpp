@@ -38,6 +38,12 @@ inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_
     for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+// y[0..m) = x[0..k) @ w (k rows of m, contiguous): a head's absorbed product, read row by row.
+inline void vecmat(float* __restrict y, const float* __restrict x, const float* __restrict w, int64_t k, int64_t m) {
+    for (int64_t i = 0; i < m; ++i) y[i] = 0.0f;
+    for (int64_t r = 0; r < k; ++r) axpy(y, x[r], w + r * m, m);
+}
+
 // a . b[j] for four vectors b[j] at once: four independent chains of multiply-adds (one alone waits on the
 // latency of each add: 2x slower over 4,000 cache slots).
 inline void dot4(const float* __restrict a, const float* __restrict b0, const float* __restrict b1,
@@ -82,12 +88,8 @@ void dsm_mla_decode(const float* q_nope, int64_t ld_qn, const float* q_pe, int64
         // q_lat = q_nope @ w_uk[h], by head: w_uk[h] (N x C) is read once for every query row.
 #pragma omp for schedule(static)
         for (int64_t h = 0; h < H; ++h)
-            for (int64_t q = 0; q < Q; ++q) {
-                float* ql = q_lat + (q * H + h) * C;
-                const float* qn = q_nope + (q * H + h) * ld_qn;
-                for (int64_t c = 0; c < C; ++c) ql[c] = 0.0f;
-                for (int64_t n = 0; n < N; ++n) axpy(ql, qn[n], w_uk + (h * N + n) * C, C);
-            }
+            for (int64_t q = 0; q < Q; ++q)
+                vecmat(q_lat + (q * H + h) * C, q_nope + (q * H + h) * ld_qn, w_uk + h * N * C, N, C);
         // Scores by chunk of cache slots: each slot's latent and rotary key are read once for all heads and new
         // tokens of its row.
 #pragma omp for schedule(static)
@@ -107,8 +109,8 @@ void dsm_mla_decode(const float* q_nope, int64_t ld_qn, const float* q_pe, int64
                         dot4(q_lat + (q * H + h) * C, k[0], k[1], k[2], k[3], C, sums);
                         dot4(q_pe + (q * H + h) * ld_qp, p[0], p[1], p[2], p[3], R, sums);
                         for (int j = 0; j < 4 && s + j < s1; ++j)
-                            score[(q * H + h) * S + s + j] = visible(q, s + j) ? scale * sums[j]
-                                                                                : -std::numeric_limits<float>::infinity();
+                            score[(q * H + h) * S + s + j] =
+                                visible(q, s + j) ? scale * sums[j] : -std::numeric_limits<float>::infinity();
                     }
             }
         }
@@ -149,18 +151,15 @@ void dsm_mla_decode(const float* q_nope, int64_t ld_qn, const float* q_pe, int64
             for (int64_t h = h0; h < h1; ++h) {
                 float* o = o_lat + (q * H + h) * C + c0;
                 for (int64_t c = 0; c < nc; ++c) o[c] = 0.0f;
-                for (int64_t s = 0; s < S; ++s) axpy(o, score[(q * H + h) * S + s], kv + b * kv_bs + s * kv_ss + c0, nc);
+                for (int64_t s = 0; s < S; ++s)
+                    axpy(o, score[(q * H + h) * S + s], kv + b * kv_bs + s * kv_ss + c0, nc);
             }
         }
         // out = o_lat @ w_uv_t[h], by head.
 #pragma omp for schedule(static)
         for (int64_t h = 0; h < H; ++h)
-            for (int64_t q = 0; q < Q; ++q) {
-                float* o = out + (q * H + h) * V;
-                const float* ol = o_lat + (q * H + h) * C;
-                for (int64_t v = 0; v < V; ++v) o[v] = 0.0f;
-                for (int64_t c = 0; c < C; ++c) axpy(o, ol[c], w_uv_t + (h * C + c) * V, V);
-            }
+            for (int64_t q = 0; q < Q; ++q)
+                vecmat(out + (q * H + h) * V, o_lat + (q * H + h) * C, w_uv_t + h * C * V, C, V);
     }
 }
 
