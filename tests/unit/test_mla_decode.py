@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -111,3 +114,47 @@ def test_shapes_that_do_not_fit_are_named() -> None:
             absorbed_decode(q_nope, q_pe, kv, k_pe, None, w_uk[..., :31].contiguous(), w_uv_t, 0.1)
         with pytest.raises(ValueError, match=r"mask \(1, 1, 1, 8\) torch.bool must be \(B, 1, T, S\)"):
             absorbed_decode(q_nope, q_pe, kv, k_pe, torch.ones(1, 1, 1, 8, dtype=torch.bool), w_uk, w_uv_t, 0.1)
+
+
+def test_declines_more_new_tokens_than_slots_and_a_fully_masked_row_is_nan() -> None:
+    """T > S cannot be T new tokens among S slots: None, the caller's path decides. A row that may see no slot
+    gives NaN, as softmax over nothing but -inf does in torch."""
+    q_nope, q_pe, kv, k_pe, w_uk, w_uv_t = case(2, 4, 16, 8, 32, 16, 2, T=3)
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    mask[1] = False
+    with torch.inference_mode():
+        assert absorbed_decode(q_nope, q_pe, kv, k_pe, None, w_uk, w_uv_t, 0.1) is None
+        ops = case(2, 4, 16, 8, 32, 16, 6)
+        got = absorbed_decode(*ops[:4], mask, *ops[4:], 0.1)
+    assert got is not None and bool(got[1].isnan().all()) and not bool(got[0].isnan().any())
+
+
+def test_the_baseline_build_matches_the_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """-DDSM_NO_SIMD builds what a CPU without the AVX2 clone (or another compiler) runs: the same answers."""
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++")
+    monkeypatch.setenv("DEEPSEEK_MOE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", shutil.which("g++") or "g++")
+    monkeypatch.delenv("DEEPSEEK_MOE_KERNELS", raising=False)  # this test builds on purpose
+    lib = cpu_build.build_library(cpu_build.MLA_DECODE_SOURCE, (*cpu_build.FLAGS, "-DDSM_NO_SIMD"), "test")
+    assert lib is not None
+    monkeypatch.setattr(cpu_build, "load_mla_decode_library", lambda: cpu_build.configure_mla_decode(lib))
+    ops = case(2, 6, 20, 8, 40, 12, 19, spare=2, T=2, seed=5)
+    with torch.inference_mode():
+        got = absorbed_decode(*ops[:4], None, *ops[4:], 0.3)
+    assert got is not None
+    torch.testing.assert_close(got, reference(*ops[:4], None, *ops[4:], 0.3), rtol=1e-4, atol=1e-5)
+
+
+def test_buffers_are_fp32_whatever_torch_default_dtype_is() -> None:
+    """The kernel writes fp32: its output and scratch must not follow ``torch.set_default_dtype``."""
+    ops = case(1, 4, 16, 8, 32, 16, 7)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.inference_mode():
+            got = absorbed_decode(*ops[:4], None, *ops[4:], 0.3)
+    finally:
+        torch.set_default_dtype(before)
+    assert got is not None and got.dtype == torch.float32
+    torch.testing.assert_close(got, reference(*ops[:4], None, *ops[4:], 0.3), rtol=1e-4, atol=1e-5)

@@ -343,8 +343,11 @@ def load_float_gemm_library() -> ctypes.CDLL | None:
 def load_mla_decode_library() -> ctypes.CDLL | None:
     """The compiled absorbed-MLA decode step, or None (with one warning saying why)."""
     lib = build_library(MLA_DECODE_SOURCE, FLAGS, "MLA decode steps")
-    if lib is None:
-        return None
+    return None if lib is None else configure_mla_decode(lib)
+
+
+def configure_mla_decode(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare mla_decode.cpp's entry point on a loaded library."""
     i64, ptr, c_int, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.dsm_mla_decode.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64, i64, ptr, i64, i64, ptr, i64, i64,
                                    i64, ptr, ptr, ptr, f32, ptr, ptr, c_int]

@@ -15,16 +15,17 @@
 // are dot products, not a GEMM, so a prefill leaves it to torch (kernels/mla_decode.py: MAX_NEW_TOKENS).
 //
 // The loops are plain C++ vectorised by the compiler (`omp simd`), built twice through `target_clones`
-// (AVX2+FMA and the baseline), so the library loads on any x86-64 CPU. The readable reference is
+// (AVX2+FMA and the baseline) where GCC and glibc allow, so the library loads on any x86-64 CPU. The readable reference is
 // deepseek_moe/model/mla.py's MLA._absorbed, which tests compare against.
 
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <vector>
-#include <omp.h>
 
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__) && !defined(DSM_NO_SIMD)
+// target_clones with "arch=" needs GCC 11 and the loader's ifunc (glibc); elsewhere (clang, older GCC, musl,
+// -DDSM_NO_SIMD) one baseline build.
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && \
+    defined(__GLIBC__) && !defined(DSM_NO_SIMD)
 #define DSM_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define DSM_CLONES

@@ -52,12 +52,16 @@ def absorbed_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, 
     q_pe, ld_qp = _query_rows(q_pe)
     mask_bytes = None
     if mask is not None:
-        if mask.shape != (B, 1, T, S) or mask.dtype != torch.bool:
+        try:
+            if mask.dtype != torch.bool:
+                raise RuntimeError
+            mask = mask.expand(B, 1, T, S)  # a (1, 1, T, S) mask is one for every row, as for the batched products
+        except RuntimeError:
             raise ValueError(f"absorbed_decode: mask {tuple(mask.shape)} {mask.dtype} must be (B, 1, T, S) bool "
-                             f"for B={B}, T={T}, S={S}")
+                             f"(or broadcast to it) for B={B}, T={T}, S={S}") from None
         mask_bytes = mask.reshape(B * T, S).contiguous().view(torch.uint8)
-    out = torch.empty(B, T, H, V)
-    scratch = torch.empty(B * T * H * (2 * C + S))
+    out = torch.empty(B, T, H, V, dtype=torch.float32)  # whatever torch's default dtype is
+    scratch = torch.empty(B * T * H * (2 * C + S), dtype=torch.float32)
     lib.dsm_mla_decode(q_nope.data_ptr(), ld_qn, q_pe.data_ptr(), ld_qp, B, T, H, N, R, C, V, kv.data_ptr(),
                        kv.stride(0), kv.stride(1), k_pe.data_ptr(), k_pe.stride(0), k_pe.stride(1), S,
                        None if mask_bytes is None else mask_bytes.data_ptr(), w_uk.data_ptr(), w_uv_t.data_ptr(),

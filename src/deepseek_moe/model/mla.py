@@ -154,14 +154,14 @@ class MLA(nn.Module):
         S, C = kv.shape[1], self.kv_lora_rank
         dtype = torch.promote_types(kv.dtype, torch.float32)
         w_uk, w_uv_t = self._absorbed_matrices(dtype)  # (H, N, C), (H, C, V)
+        kv_c = kv.to(dtype)
         if T <= MAX_NEW_TOKENS and dtype == torch.float32:  # one C++ call instead of the ~25 operations below
-            out = absorbed_decode(q_nope.to(dtype), q_pe.to(dtype), kv.to(dtype), k_pe.to(dtype), mask, w_uk, w_uv_t,
+            out = absorbed_decode(q_nope.to(dtype), q_pe.to(dtype), kv_c, k_pe.to(dtype), mask, w_uk, w_uv_t,
                                   self.softmax_scale)
             if out is not None:
                 return self.wo(out.view(B, T, H * self.v_head_dim).to(kv.dtype))
         q_latent = torch.bmm(q_nope.reshape(B * T, H, N).transpose(0, 1).to(dtype), w_uk)  # (H, B*T, C)
         q_latent = q_latent.transpose(0, 1).reshape(B, T * H, C)
-        kv_c = kv.to(dtype)
         scores = torch.baddbmm(torch.bmm(q_latent, kv_c.transpose(1, 2)), q_pe.reshape(B, T * H, -1).to(dtype),
                                k_pe.to(dtype).transpose(1, 2), beta=self.softmax_scale, alpha=self.softmax_scale)
         if mask is not None:  # (B, 1, T, S) -> rows (t, h)
