@@ -11,9 +11,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# benchmarks/ on sys.path only while importing (the script adds itself too): left there, benchmarks/onnx.py
+# shadowed the onnx package for every later test that exports (test_readme's docs/export.md after this file).
+_saved_path = list(sys.path)
 sys.path.insert(0, str(ROOT / "benchmarks"))
-vs = importlib.import_module("vs_llamacpp")
-lc = importlib.import_module("llamacpp")
+try:
+    vs = importlib.import_module("vs_llamacpp")
+    lc = importlib.import_module("llamacpp")
+finally:
+    sys.path[:] = _saved_path
 
 
 def test_arguments() -> None:
