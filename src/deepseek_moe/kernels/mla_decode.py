@@ -20,6 +20,11 @@ from deepseek_moe.kernels.switch import fast_paths_enabled
 MAX_NEW_TOKENS = 16
 
 
+def kernel_available() -> bool:
+    """Whether the compiled kernel serves MLA's decode steps here (for ``info`` and benchmarks)."""
+    return cpu_build.load_mla_decode_library() is not None
+
+
 def absorbed_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
                     mask: torch.Tensor | None, w_uk: torch.Tensor, w_uv_t: torch.Tensor,
                     scale: float) -> torch.Tensor | None:
