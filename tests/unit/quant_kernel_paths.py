@@ -1,14 +1,18 @@
-"""Shared by the quantised-kernel tests: run one kernel path with one kind of activations, and make weights in
-the kernel's layout."""
+"""Shared by the kernel tests: run one kernel path with one kind of activations, make weights in the kernel's
+layout, and build a kernel library with flags of the test's own."""
 
 from __future__ import annotations
 
 import collections.abc
 import contextlib
+import ctypes
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
+from deepseek_moe.kernels import cpu_build
 from deepseek_moe.kernels import quant_matmul as qm
 from deepseek_moe.kernels.cpu_build import load_library
 from deepseek_moe.quant import pack
@@ -58,3 +62,13 @@ def fused_experts_case(bits13: int, bits2: int, with_gates: bool) -> tuple[
     x = torch.randn(int(counts.sum()), D)
     gates = torch.rand(x.shape[0]) if with_gates else None
     return x, counts, gates, w, group
+
+
+def build_with(source: Path, flags: tuple[str, ...], tmp_path: Path,
+               monkeypatch: pytest.MonkeyPatch) -> ctypes.CDLL | None:
+    """``source`` built with ``flags`` by g++ into a fresh cache under ``tmp_path`` (DEEPSEEK_MOE_KERNELS=0
+    ignored: these tests build on purpose), loaded; None where the build fails."""
+    monkeypatch.setenv("DEEPSEEK_MOE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", shutil.which("g++") or "g++")
+    monkeypatch.delenv("DEEPSEEK_MOE_KERNELS", raising=False)
+    return cpu_build.build_library(source, flags, "test")

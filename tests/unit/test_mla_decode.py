@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from quant_kernel_paths import build_with
 
 from deepseek_moe.kernels import cpu_build
 from deepseek_moe.kernels.mla_decode import MAX_NEW_TOKENS, absorbed_decode
@@ -133,10 +134,7 @@ def test_the_baseline_build_matches_the_reference(tmp_path: Path, monkeypatch: p
     """-DDSM_NO_SIMD builds what a CPU without the AVX2 clone (or another compiler) runs: the same answers."""
     if shutil.which("g++") is None:
         pytest.skip("needs g++")
-    monkeypatch.setenv("DEEPSEEK_MOE_CACHE", str(tmp_path))
-    monkeypatch.setenv("CXX", shutil.which("g++") or "g++")
-    monkeypatch.delenv("DEEPSEEK_MOE_KERNELS", raising=False)  # this test builds on purpose
-    lib = cpu_build.build_library(cpu_build.MLA_DECODE_SOURCE, (*cpu_build.FLAGS, "-DDSM_NO_SIMD"), "test")
+    lib = build_with(cpu_build.MLA_DECODE_SOURCE, (*cpu_build.FLAGS, "-DDSM_NO_SIMD"), tmp_path, monkeypatch)
     assert lib is not None
     monkeypatch.setattr(cpu_build, "load_mla_decode_library", lambda: cpu_build.configure_mla_decode(lib))
     ops = case(2, 6, 20, 8, 40, 12, 19, spare=2, T=2, seed=5)

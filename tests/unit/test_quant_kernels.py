@@ -14,7 +14,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from quant_kernel_paths import fused_experts_case, kernel_path, kernel_weights, stacked_kernel_weights
+from quant_kernel_paths import (
+    build_with,
+    fused_experts_case,
+    kernel_path,
+    kernel_weights,
+    stacked_kernel_weights,
+)
 
 from deepseek_moe.kernels import cpu_build, mla_decode
 from deepseek_moe.kernels import quant_matmul as qm
@@ -226,10 +232,7 @@ def test_source_builds_for_each_march_and_every_path_it_can_run_matches(
         pytest.skip("needs x86-64 and g++")
     if march == "x86-64-v3" and not V3 <= _cpu_flags():
         pytest.skip(f"this CPU lacks {sorted(V3 - _cpu_flags())}: an x86-64-v3 build cannot run here")
-    monkeypatch.setenv("DEEPSEEK_MOE_CACHE", str(tmp_path))
-    monkeypatch.setenv("CXX", shutil.which("g++") or "g++")
-    monkeypatch.delenv("DEEPSEEK_MOE_KERNELS", raising=False)  # these tests build on purpose
-    lib = cpu_build.build_library(cpu_build.SOURCE, (*cpu_build.FLAGS, f"-march={march}"), "test")
+    lib = build_with(cpu_build.SOURCE, (*cpu_build.FLAGS, f"-march={march}"), tmp_path, monkeypatch)
     if lib is None:
         pytest.skip(f"g++ cannot build for -march={march}")
     cpu_build.configure_qgemm(lib)
@@ -248,10 +251,7 @@ def test_build_without_simd_paths_offers_only_scalar(tmp_path: Path, monkeypatch
     asking for another is a clear error."""
     if shutil.which("g++") is None:
         pytest.skip("needs g++")
-    monkeypatch.setenv("DEEPSEEK_MOE_CACHE", str(tmp_path))
-    monkeypatch.setenv("CXX", shutil.which("g++") or "g++")
-    monkeypatch.delenv("DEEPSEEK_MOE_KERNELS", raising=False)  # these tests build on purpose
-    lib = cpu_build.build_library(cpu_build.SOURCE, (*cpu_build.FLAGS, "-DDSM_NO_SIMD"), "test")
+    lib = build_with(cpu_build.SOURCE, (*cpu_build.FLAGS, "-DDSM_NO_SIMD"), tmp_path, monkeypatch)
     assert lib is not None
     cpu_build.configure_qgemm(lib)
     assert cpu_build.supported_isas(lib) == ["scalar"] and cpu_build.ISAS[lib.dsm_get_isa()] == "scalar"
@@ -274,11 +274,8 @@ def test_baseline_build_keeps_vector_instructions_inside_their_paths(tmp_path: P
     VEX code and this check fails.)"""
     if not X86 or shutil.which("g++") is None or shutil.which("objdump") is None:
         pytest.skip("needs x86-64, g++ and objdump")
-    monkeypatch.setenv("DEEPSEEK_MOE_CACHE", str(tmp_path))
-    monkeypatch.setenv("CXX", shutil.which("g++") or "g++")
-    monkeypatch.delenv("DEEPSEEK_MOE_KERNELS", raising=False)  # these tests build on purpose
     flags = (*cpu_build.FLAGS, "-march=x86-64")
-    assert cpu_build.build_library(cpu_build.SOURCE, flags, "test") is not None
+    assert build_with(cpu_build.SOURCE, flags, tmp_path, monkeypatch) is not None
     lib = cpu_build.library_path(cpu_build.SOURCE, flags, shutil.which("g++") or "g++")
     asm = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", str(lib)], check=True, capture_output=True,
                          text=True).stdout
