@@ -33,6 +33,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 from deepseek_moe import env
 
@@ -272,6 +273,10 @@ def configure_qgemm(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dsm_experts_q8.restype = None
     lib.dsm_qgrad_int8.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int]
     lib.dsm_qgrad_int8.restype = None
+    experts: list[Any] = [i64, ptr, ptr, ptr, ptr, c_int, ptr, ptr, c_int, i64, c_int]  # F, w1, w3, s1, s3, ... q8
+    lib.dsm_moe_one_token.argtypes = [ptr, i64, ptr, i64, ptr, c_int, i64, i64, c_int, i64, c_int, ctypes.c_float,
+                                      *experts, *experts, ptr, ptr, ptr, ptr, c_int]
+    lib.dsm_moe_one_token.restype = None
     lib.dsm_qgemm_int8_grouped.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int]
     lib.dsm_qgemm_int8_grouped.restype = None
     for name in ("dsm_isa_supported", "dsm_set_isa"):

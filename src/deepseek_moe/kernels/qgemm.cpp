@@ -948,6 +948,96 @@ void dsm_experts_q8(const float* x, int64_t A, int64_t D, int64_t F, int64_t n_a
 }
 
 
+// A whole MoE layer for one token (a batch-1 decode step) in one call: the router's selection from the logits
+// u^T e_i, the K routed experts gated, the shared experts, and the sum, where in Python these were ~60 small tensor
+// operations around the products (~300 us a layer of the mid-size model, a third of the layer). The selection is
+// the Router's (moe/router.py), in the same order: scores s = softmax or sigmoid of the logits; choice = s + bias;
+// with n_limited < n_groups only the n_limited groups ranked best by their top choice (V2) or the sum of their
+// two top choices (V3) stay candidates; the K best candidates (ties: the lower index); gates = s of those,
+// normalised to sum 1 if norm_topk, times route_scale. The routed experts run as dsm_experts(_q8) with one item per
+// selected expert; the shared experts (Fs > 0) as one expert of width Fs with gate 1 (an FFN is an expert), on
+// the integer path when sq8. Outputs: idx (K,) and gates (K,) in selection order, counts (E,) the
+// assignments per expert (the layer's statistics), y (D,) = sum_k expert_k(x) g_k + shared(x).
+void dsm_moe_one_token(const float* x, int64_t D, const float* logits, int64_t E, const float* bias, int softmax,
+                       int64_t n_groups, int64_t n_limited, int top2_sum, int64_t K, int norm_topk, float route_scale,
+                       int64_t F, const void* w1, const void* w3, const void* s1, const void* s3, int bits13,
+                       const void* w2, const void* s2, int bits2, int64_t gs, int q8,
+                       int64_t Fs, const void* sw1, const void* sw3, const void* ss1, const void* ss3, int sbits13,
+                       const void* sw2, const void* ss2, int sbits2, int64_t sgs, int sq8,
+                       int64_t* idx, float* gates, int64_t* counts, float* y, int n_threads) {
+    std::vector<float> s(static_cast<size_t>(E)), c(static_cast<size_t>(E));
+    if (softmax) {
+        float mx = -std::numeric_limits<float>::infinity(), sum = 0.0f;
+        for (int64_t e = 0; e < E; ++e) mx = std::fmax(mx, logits[e]);
+        for (int64_t e = 0; e < E; ++e) { s[e] = std::exp(logits[e] - mx); sum += s[e]; }
+        for (int64_t e = 0; e < E; ++e) s[e] /= sum;
+    } else {
+        for (int64_t e = 0; e < E; ++e) s[e] = 1.0f / (1.0f + std::exp(-logits[e]));
+    }
+    for (int64_t e = 0; e < E; ++e) c[e] = bias ? s[e] + bias[e] : s[e];
+    const float ninf = -std::numeric_limits<float>::infinity();
+    // The best of c among the experts not yet taken (the lower index on ties); -1 when none is left.
+    auto best_of = [](const float* v, int64_t n, const std::vector<char>& taken) {
+        int64_t b = -1;
+        for (int64_t i = 0; i < n; ++i)
+            if (!taken[size_t(i)] && (b < 0 || v[i] > v[b])) b = i;
+        return b;
+    };
+    if (n_limited < n_groups) {
+        const int64_t per = E / n_groups;
+        std::vector<float> score(static_cast<size_t>(n_groups));
+        for (int64_t g = 0; g < n_groups; ++g) {
+            const float* cg = c.data() + g * per;
+            std::vector<char> none(size_t(per), 0);
+            const int64_t a = best_of(cg, per, none);
+            score[size_t(g)] = cg[a];
+            if (top2_sum) { none[size_t(a)] = 1; score[size_t(g)] += cg[best_of(cg, per, none)]; }
+        }
+        std::vector<char> kept(size_t(n_groups), 0);
+        for (int64_t m = 0; m < n_limited; ++m) kept[size_t(best_of(score.data(), n_groups, kept))] = 1;
+        for (int64_t g = 0; g < n_groups; ++g)
+            if (!kept[size_t(g)]) for (int64_t i = 0; i < per; ++i) c[size_t(g * per + i)] = ninf;
+    }
+    std::vector<char> taken(size_t(E), 0);
+    float total = 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+        const int64_t e = best_of(c.data(), E, taken);
+        taken[size_t(e)] = 1;
+        idx[k] = e;
+        gates[k] = s[size_t(e)];
+        total += gates[k];
+    }
+    for (int64_t k = 0; k < K; ++k) gates[k] = (norm_topk ? gates[k] / (total + 1e-20f) : gates[k]) * route_scale;
+    for (int64_t e = 0; e < E; ++e) counts[e] = 0;
+    for (int64_t k = 0; k < K; ++k) ++counts[idx[k]];
+
+    // Item k: expert idx[k] on row k, a copy of x (each item writes its own row of h and of the output).
+    std::vector<float> xs(static_cast<size_t>(K * D)), ys(static_cast<size_t>(K * D)),
+        h(static_cast<size_t>(2 * K * (F > Fs ? F : Fs)));
+    std::vector<int64_t> start(static_cast<size_t>(K)), len(static_cast<size_t>(K), 1), zero(1, 0), one(1, 1);
+    for (int64_t k = 0; k < K; ++k) { std::memcpy(xs.data() + k * D, x, size_t(D) * 4); start[size_t(k)] = k; }
+    if (q8)
+        dsm_experts_q8(xs.data(), K, D, F, K, idx, start.data(), len.data(), w1, w3, s1, s3, bits13, w2, s2, bits2,
+                       gs, gates, h.data(), ys.data(), n_threads);
+    else
+        dsm_experts(xs.data(), K, D, F, K, idx, start.data(), len.data(), w1, w3, s1, s3, bits13, w2, s2, bits2,
+                    gs, gates, h.data(), h.data() + K * F, ys.data(), n_threads);
+    for (int64_t d = 0; d < D; ++d) {
+        float acc = 0.0f;
+        for (int64_t k = 0; k < K; ++k) acc += ys[size_t(k * D + d)];
+        y[d] = acc;
+    }
+    if (Fs > 0) {
+        if (sq8)
+            dsm_experts_q8(x, 1, D, Fs, 1, zero.data(), zero.data(), one.data(), sw1, sw3, ss1, ss3, sbits13, sw2,
+                           ss2, sbits2, sgs, nullptr, h.data(), ys.data(), n_threads);
+        else
+            dsm_experts(x, 1, D, Fs, 1, zero.data(), zero.data(), one.data(), sw1, sw3, ss1, ss3, sbits13, sw2, ss2,
+                        sbits2, sgs, nullptr, h.data(), h.data() + Fs, ys.data(), n_threads);
+        for (int64_t d = 0; d < D; ++d) y[d] += ys[size_t(d)];
+    }
+}
+
 // dx = dy @ dequant(W) for G groups of rows (the routed experts of one layer; G = 1 for a dense layer): group g
 // is rows start[g] .. start[g] + len[g] of dy (A, N) and dx (A, K), both contiguous, with codes
 // w + g * N * K (int8 (N, K)) and scales scale + g * N (fp32). Rows outside every group are left as they are.

@@ -153,8 +153,7 @@ class DeepSeekMoEForCausalLM(nn.Module):
         # A mask of all ones is no mask: attention and the routers take their unmasked paths.
         mask = None if bool(key_mask.all()) else attention_mask_4d(key_mask, T)
         token_mask = None if attention_mask is None or bool(new_mask.all()) else new_mask
-        moes = moe_layers(self)
-        protected = self.protected_sequences.draw() if any(moe.drops_tokens for _, moe in moes) else None
+        protected = self.protected_sequences.draw() if self._may_drop() else None
         hidden = self.forward_hidden(input_ids, positions, mask, cache, token_mask=token_mask, protected=protected)
         if labels is None:
             logits, ce_loss = self.head(hidden).float(), None
@@ -175,6 +174,15 @@ class DeepSeekMoEForCausalLM(nn.Module):
                 weight = self.config.mtp_lambda if mtp_lambda is None else mtp_lambda
                 out.loss = out.loss + weight * out.mtp_loss
         return out
+
+    def _may_drop(self) -> bool:
+        """Whether a MoE layer drops tokens in this forward. Every layer of ours is built from ``config.moe``, so a
+        config that never drops (no capacity factor; or evaluation without ``drop_at_inference``) answers without
+        walking the module tree (~100 us a decode step of the mid-size model, for an answer evaluation knew)."""
+        moe_cfg = self.config.moe
+        if moe_cfg.capacity_factor is None or not (self.training or moe_cfg.drop_at_inference):
+            return False
+        return any(moe.drops_tokens for _, moe in moe_layers(self))
 
     def next_token_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, T, vocab) float32, the mean cross-entropy of each position against the next one's label)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -125,6 +126,17 @@ class MoE(nn.Module):
         # so asked once, and only when a draw needs it).
         span = self.dispatcher.batch_span(B, n_real) if self.uniform_routing or dropping else None
 
+        call = self._one_token_call() if B * S == 1 and real_T is None and span is None and not self.training else None
+        if call is not None:
+            # A batch-1 decode step: the whole layer in one kernel call where the experts offer one
+            # (QuantRoutedExperts.layer_one_token: selection, experts, shared experts and sum in C++).
+            layer = call(x_TD, self.gate, self.shared_experts)
+            if layer is not None:
+                self.aux_loss = x.new_zeros((), dtype=torch.float32)
+                self.last_stats = MoEStats(layer.tokens_per_expert, torch.zeros((), dtype=torch.int64),
+                                           cfg.n_activated_experts)
+                return layer.y_1D.view(x.shape)
+
         if span is not None and self.uniform_routing:
             # Drawn over the whole batch and sliced, as for the protected sequences: under expert parallelism
             # the ranks' tokens get the draws one process would give them, not all the same ones.
@@ -169,6 +181,12 @@ class MoE(nn.Module):
         self.last_stats = MoEStats(tokens_per_expert.detach(), dispatched.dropped, routing.indices_TK.numel(),
                                    entropy)
         return y_TD.view(x.shape)
+
+    def _one_token_call(self) -> Callable[..., Any] | None:
+        """The experts' one-call layer (``layer_one_token``), if they offer one and the dispatcher is the local
+        one (expert parallelism replaces it with an all-to-all one, which the call does not know)."""
+        call = getattr(self.experts, "layer_one_token", None)
+        return call if callable(call) and type(self.dispatcher) is LocalDispatcher else None
 
     def replay(self) -> Replay:
         """For activation checkpointing: contexts that make a recompute of a forward repeat it exactly."""

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_moe._torch_compat import KeepsDtypeOnCast
+from deepseek_moe.kernels.moe_one_token import OneTokenLayer, moe_one_token
 from deepseek_moe.kernels.quant_matmul import dequantize, quant_experts, quant_experts_one_token, quant_matmul
 from deepseek_moe.kernels.quant_transposed import input_grad
-from deepseek_moe.moe.experts import ExpertAdapter, RoutedExperts, grouped_product
+from deepseek_moe.moe.experts import ExpertAdapter, FeedForward, RoutedExperts, grouped_product
+from deepseek_moe.moe.router import Router
 from deepseek_moe.quant import pack
 from deepseek_moe.quant.grad import frozen_quant_grouped, frozen_quant_matmul, needs_grad
 
@@ -40,6 +42,25 @@ def quantize_rows(w_NK: torch.Tensor, bits: int, group_size: int) -> tuple[torch
         return pack.quantize_int8(w_NK)
     packed, scale = pack.quantize_int4(w_NK, group_size)
     return pack.repack_int4_for_kernel(packed, group_size), scale
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether forward hooks are registered on ``module`` (a fused call would skip them)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _fusable_ffn(ffn: nn.Module | None) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int] | None:
+    """(codes and scales as one expert (1, ...), group size) of a FeedForward whose three products are QuantLinear
+    in one format, with no bias and no hook; None for anything else."""
+    if type(ffn) is not FeedForward or _hooked(ffn):
+        return None
+    linears = [getattr(ffn, n) for n in ("w1", "w2", "w3")]
+    if not all(type(q) is QuantLinear and q.bias is None and not _hooked(q) for q in linears):
+        return None
+    if linears[0].bits != linears[2].bits or linears[0].group_size != linears[1].group_size:
+        return None
+    return ({n: (q.qweight.unsqueeze(0), q.weight_scale.unsqueeze(0)) for n, q in zip(("w1", "w2", "w3"), linears, strict=True)},
+            linears[0].group_size)
 
 
 class _KeepsScales(KeepsDtypeOnCast):
@@ -208,6 +229,23 @@ class QuantRoutedExperts(_KeepsScales):
             return None
         weights = {n: (getattr(self, n), getattr(self, f"{n}_scale")) for n in ("w1", "w2", "w3")}
         return quant_experts_one_token(x_1D, experts_K, gates_K, weights, self.group_size)
+
+    def layer_one_token(self, x_1D: torch.Tensor, router: nn.Module, shared: nn.Module | None) -> OneTokenLayer | None:
+        """The whole MoE layer for one fp32 token, these experts with ``router`` (the layer's Router) and ``shared``
+        (its shared experts, or None), in one kernel call (kernels/moe_one_token.py). Shared experts kept in float
+        (QuantConfig.keep), or quantised with a bias or a hook, run as their own module after the call. None
+        where the call does not apply: an adapter or a hook on the experts or router, autograd, not fp32, a router
+        that is not ours, expert parallelism (an offset); then the layer runs as before."""
+        if (self.adapter is not None or self.offset or x_1D.dtype != torch.float32 or needs_grad(x_1D)
+                or type(router) is not Router or _hooked(self) or _hooked(router)):
+            return None
+        fused = _fusable_ffn(shared)
+        weights = {n: (getattr(self, n), getattr(self, f"{n}_scale")) for n in ("w1", "w2", "w3")}
+        layer = moe_one_token(x_1D, router.weight, router.e_score_correction_bias, router.cfg, weights,
+                              self.group_size, *(fused or (None, 0)))
+        if layer is not None and shared is not None and fused is None:
+            return layer._replace(y_1D=layer.y_1D + shared(x_1D))
+        return layer
 
     def _swiglu(self, x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Tensor | None) -> torch.Tensor:
         """RoutedExperts' SwiGLU with the adapter's terms beside each frozen quantised grouped product, and

@@ -1,0 +1,112 @@
+"""A whole quantised MoE layer for one token (a batch-1 decode step) in one kernel call.
+
+At T = 1 the MoE layer's products are a third of its time: the router's softmax, top-K, gather and
+normalisation, the experts' call, the shared experts' three products and ~40 more small tensor operations and
+module calls around them took ~300 us a layer of the mid-size int8 model, ~1.5 ms of a ~17 ms decode step.
+``dsm_moe_one_token`` (qgemm.cpp) does the selection, the K routed experts, the shared experts (as one expert of
+their whole width: an FFN is an expert) and the sum in C++. The router's logits are computed here with the same
+``F.linear`` the Router uses, so the selection sees the very logits the plain path ranks.
+
+The readable twin is the layer itself: ``MoE.forward`` under ``reference_paths()`` (the Router, the dispatcher's
+one-token call, the shared FeedForward), which the tests compare this against.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from deepseek_moe.kernels.quant_matmul import (
+    _check_experts,
+    _experts_kernel,
+    _int4,
+    _q8_steps_groups,
+    activations,
+)
+
+Weights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # "w1"/"w2"/"w3" -> (codes (E, ...), scales (E, ...))
+
+
+class SelectionRule(Protocol):
+    """The router's selection rule: MoEConfig's fields of these names."""
+
+    @property
+    def score_func(self) -> str: ...
+    @property
+    def n_expert_groups(self) -> int: ...
+    @property
+    def n_limited_groups(self) -> int: ...
+    @property
+    def group_score_func(self) -> str: ...
+    @property
+    def n_activated_experts(self) -> int: ...
+    @property
+    def norm_topk_prob(self) -> bool: ...
+    @property
+    def route_scale(self) -> float: ...
+
+
+class OneTokenLayer(NamedTuple):
+    y_1D: torch.Tensor  # the layer's output (1, D) fp32: routed experts gated and summed, plus the shared ones
+    indices_K: torch.Tensor  # the selected experts (K,) int64, in selection order (best first)
+    gates_K: torch.Tensor  # their gate values (K,) fp32
+    tokens_per_expert: torch.Tensor  # (E,) int64: 1 for each selected expert (the layer's statistics)
+
+
+def _q8(w: Weights, group_size: int) -> bool:
+    """Whether these weights take the integer path (int8 activations) now, as ``_run_experts`` decides."""
+    return activations() == "int8" and (not _int4(w) or _q8_steps_groups(group_size))
+
+
+def moe_one_token(x_1D: torch.Tensor, router_weight: torch.Tensor, bias_E: torch.Tensor | None,
+                  rule: SelectionRule, experts: Weights, group_size: int, shared: Weights | None = None,
+                  shared_group_size: int = 0) -> OneTokenLayer | None:
+    """x (1, D) fp32 through the MoE layer whose router has ``router_weight`` (E, D) (its logits in fp32, as the
+    Router computes them) and ``bias_E`` (the V3 selection bias, or None), routed experts ``experts`` (stacked
+    codes and scales, as :func:`quant_experts` takes them) and shared experts ``shared`` (one expert (1, Fs, ...)
+    of their whole width, or None). None where the kernel does not serve it (no kernel, autograd, inside
+    ``reference_paths()``, int4 groups the SIMD paths cannot step through): the caller runs the plain layer."""
+    lib = _experts_kernel(x_1D, experts, group_size)
+    if lib is None or (shared is not None and _experts_kernel(x_1D, shared, shared_group_size) is None):
+        return None
+    if x_1D.dim() != 2 or x_1D.shape[0] != 1 or x_1D.dtype != torch.float32:
+        raise ValueError(f"moe_one_token: x must be one fp32 token (1, D), got {tuple(x_1D.shape)} {x_1D.dtype}")
+    E_w, D = experts["w1"][0].shape[0], x_1D.shape[1]
+    if router_weight.dim() != 2 or router_weight.shape[1] != D:
+        raise ValueError(f"moe_one_token: router weight {tuple(router_weight.shape)} must be (E, {D})")
+    E, K, G, M = router_weight.shape[0], rule.n_activated_experts, rule.n_expert_groups, rule.n_limited_groups
+    if E != E_w:
+        raise ValueError(f"moe_one_token: the router scores {E} experts, the expert weights hold {E_w}")
+    if not 0 < K <= E or G <= 0 or E % G or not 0 < M <= G:
+        raise ValueError(f"moe_one_token: top-{K} of {E} experts in {M} of {G} groups is not a selection")
+    if bias_E is not None and (bias_E.shape != (E,) or bias_E.dtype != torch.float32):
+        raise ValueError(f"moe_one_token: bias must be ({E},) fp32, got {tuple(bias_E.shape)} {bias_E.dtype}")
+    one = [1] + [0] * (E - 1)  # shapes only: the checks need counts that add up to x's one row
+    _check_experts(x_1D, one, None, experts, group_size)
+    if shared is not None:
+        _check_experts(x_1D, [1], None, shared, shared_group_size)
+    x = x_1D.contiguous()
+    logits = F.linear(x, router_weight.float())  # the Router's logits, the same op
+    bias = None if bias_E is None else bias_E.contiguous()
+    idx, gates = torch.empty(K, dtype=torch.int64), torch.empty(K)
+    counts, y = torch.empty(E, dtype=torch.int64), torch.empty(1, D)
+
+    def args(w: Weights | None, gs: int) -> list[object]:
+        if w is None:
+            return [0, None, None, None, None, 8, None, None, 8, 0, 0]
+        (w1, s1), (w3, s3), (w2, s2) = w["w1"], w["w3"], w["w2"]
+        return [w1.shape[1], w1.data_ptr(), w3.data_ptr(), s1.data_ptr(), s3.data_ptr(),
+                8 if w1.dtype == torch.int8 else 4, w2.data_ptr(), s2.data_ptr(), 8 if w2.dtype == torch.int8 else 4,
+                gs, int(_q8(w, gs))]
+
+    lib.dsm_moe_one_token(x.data_ptr(), D, logits.data_ptr(), E, None if bias is None else bias.data_ptr(),
+                          int(rule.score_func == "softmax"), G, M, int(rule.group_score_func == "top2_sum"), K,
+                          int(rule.norm_topk_prob), float(rule.route_scale), *args(experts, group_size),
+                          *args(shared, shared_group_size), idx.data_ptr(), gates.data_ptr(), counts.data_ptr(),
+                          y.data_ptr(), torch.get_num_threads())
+    return OneTokenLayer(y, idx, gates, counts)
+
+
+__all__ = ["OneTokenLayer", "SelectionRule", "moe_one_token"]

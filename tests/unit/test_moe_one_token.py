@@ -1,0 +1,171 @@
+"""The quantised MoE layer's one-call decode step (kernels/moe_one_token.py, qgemm.cpp dsm_moe_one_token) against
+the layer's own paths: the same layer with the call switched off (the Router, the experts' one-token kernel, the
+shared FeedForward's three products: the same kernels, so equal to rounding) and under ``reference_paths()``
+(dequantised weights in plain PyTorch). Every kernel path this CPU runs, both kinds of activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from deepseek_moe.config import MoEConfig
+from deepseek_moe.kernels.moe_one_token import moe_one_token
+from deepseek_moe.kernels.switch import reference_paths
+from deepseek_moe.moe.layer import MoE
+from deepseek_moe.quant.modules import QuantLinear, QuantRoutedExperts
+from tests.unit.quant_kernel_paths import kernel_path
+
+ROUTING = {
+    "v2 softmax": dict(score_func="softmax"),
+    "v2 groups": dict(score_func="softmax", n_expert_groups=4, n_limited_groups=2, group_score_func="max",
+                      route_scale=2.5),
+    "v3 sigmoid": dict(score_func="sigmoid", use_routing_bias=True, n_expert_groups=4, n_limited_groups=2,
+                       group_score_func="top2_sum", norm_topk_prob=True, route_scale=2.5),
+}
+
+
+def quantised_layer(bits: int, group: int, *, dim: int = 64, inter: int = 32, shared: bool = True,
+                    quantise_shared: bool = True, seed: int = 0, **routing: object) -> MoE:
+    """A random MoE layer (16 experts, top-3, 2 shared) with quantised routed (and shared) experts, in eval mode;
+    the V3 bias drawn so that it changes the selection."""
+    torch.manual_seed(seed)
+    cfg = MoEConfig(dim=dim, moe_inter_dim=inter, n_routed_experts=16, n_activated_experts=3,
+                    n_shared_experts=2 if shared else 0, **routing)  # type: ignore[arg-type]
+    moe = MoE(cfg).eval()
+    nn.init.normal_(moe.gate.weight, std=0.5)  # spread-out logits: no near-ties between the K-th and next expert
+    if moe.gate.e_score_correction_bias is not None:
+        moe.gate.e_score_correction_bias.normal_(std=0.1)
+    with torch.no_grad():
+        for p in moe.experts.parameters():
+            p.normal_(std=0.2)
+    moe.experts = QuantRoutedExperts.from_experts(moe.experts, bits=bits, group_size=group)  # type: ignore[assignment]
+    if shared and quantise_shared:
+        ffn = moe.shared_experts
+        assert ffn is not None
+        for name in ("w1", "w2", "w3"):
+            setattr(ffn, name, QuantLinear.from_linear(getattr(ffn, name), bits=bits, group_size=group))
+    return moe
+
+
+def plain(moe: MoE, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
+    """The layer with the one-call path switched off."""
+    with monkeypatch.context() as m:
+        m.setattr(MoE, "_one_token_call", lambda self: None)
+        return moe(x)
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512vnni"])
+@pytest.mark.parametrize("activations", ["fp32", "int8"])
+@pytest.mark.parametrize("bits,group", [(8, 32), (4, 32), (4, 64)])
+@pytest.mark.parametrize("routing", list(ROUTING))
+def test_one_call_equals_the_layer(isa: str, activations: str, bits: int, group: int, routing: str,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # int4 in groups of 64 over F = 32: w2 falls back to int8 (a layer whose products are in two formats).
+    moe = quantised_layer(bits, group, **ROUTING[routing])
+    for x in torch.randn(6, 1, 1, 64):  # several tokens: the group rankings differ between V2 and V3 on some
+        with kernel_path(isa, activations), torch.inference_mode():
+            layer = moe.experts.layer_one_token(x.view(1, 64), moe.gate, moe.shared_experts)  # type: ignore[operator]
+            assert layer is not None, "the one-call path declined a layer it serves"
+            routing_ref = moe.gate(x.view(1, 64))
+            y = moe(x)
+            stats = moe.last_stats
+            y_plain = plain(moe, x, monkeypatch)
+            stats_plain = moe.last_stats
+            with reference_paths():
+                y_ref = moe(x)
+        assert torch.equal(layer.indices_K, routing_ref.indices_TK[0])  # best first, as topk sorts
+        torch.testing.assert_close(layer.gates_K, routing_ref.weights_TK[0], rtol=1e-6, atol=1e-7)
+        assert torch.equal(layer.y_1D, y.view(1, 64))
+        assert stats is not None and stats_plain is not None
+        assert torch.equal(stats.tokens_per_expert, stats_plain.tokens_per_expert)
+        assert stats.n_assignments == stats_plain.n_assignments == 3 and int(stats.dropped) == 0
+        torch.testing.assert_close(y, y_plain, rtol=1e-5, atol=1e-5)  # the same kernels, summed in another order
+        if activations == "fp32":  # int8 activations round x and h: the dequantised reference does not
+            torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 32), (4, 32)])
+def test_odd_widths_and_no_shared_experts(bits: int, group: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """D and F not multiples of the SIMD widths (int8; int4 needs whole groups: D 96, F 32), no shared experts."""
+    dim, inter = (40, 24) if bits == 8 else (96, 32)
+    for shared in (False, True):
+        moe = quantised_layer(bits, group, dim=dim, inter=inter, shared=shared, **ROUTING["v3 sigmoid"])
+        x = torch.randn(1, 1, dim)
+        with kernel_path("avx2" if "avx2" in _isas() else "scalar", "fp32"), torch.inference_mode():
+            assert moe.experts.layer_one_token(x.view(1, dim), moe.gate, moe.shared_experts) is not None  # type: ignore[operator]
+            y = moe(x)
+            with reference_paths():
+                y_ref = moe(x)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
+def _isas() -> list[str]:
+    from deepseek_moe.kernels import quant_matmul as qm
+
+    return qm.supported_isas()
+
+
+def test_shared_experts_kept_in_float_run_after_the_call() -> None:
+    moe = quantised_layer(8, 32, quantise_shared=False, **ROUTING["v2 groups"])
+    x = torch.randn(1, 1, 64)
+    with kernel_path("scalar", "fp32"), torch.inference_mode():
+        layer = moe.experts.layer_one_token(x.view(1, 64), moe.gate, moe.shared_experts)  # type: ignore[operator]
+        y = moe(x)
+        with reference_paths():
+            y_ref = moe(x)
+    assert layer is not None
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_the_layer_takes_the_call_only_for_one_token_at_inference(monkeypatch: pytest.MonkeyPatch) -> None:
+    moe = quantised_layer(8, 32, **ROUTING["v2 softmax"])
+    calls: list[int] = []
+    real = QuantRoutedExperts.layer_one_token
+
+    def spy(self: QuantRoutedExperts, *args: object) -> object:
+        calls.append(1)
+        return real(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(QuantRoutedExperts, "layer_one_token", spy)
+    with kernel_path("scalar", "fp32"), torch.inference_mode():
+        moe(torch.randn(1, 1, 64))
+        assert len(calls) == 1
+        moe(torch.randn(1, 2, 64))  # two tokens: the dispatcher's path
+        moe(torch.randn(1, 1, 64), token_mask=torch.tensor([[False]]))  # padding: routed nowhere
+        moe.train()
+        moe(torch.randn(1, 1, 64))  # training: balance losses and counts need the Router's scores
+        moe.eval()
+    assert len(calls) == 1
+
+
+def test_declines_what_it_does_not_serve() -> None:
+    moe = quantised_layer(8, 32, **ROUTING["v2 softmax"])
+    x = torch.randn(1, 64)
+    call = moe.experts.layer_one_token  # type: ignore[operator]
+    with kernel_path("scalar", "fp32"), torch.inference_mode():
+        assert call(x.bfloat16(), moe.gate, moe.shared_experts) is None  # not fp32
+        with reference_paths():
+            assert call(x, moe.gate, moe.shared_experts) is None
+        handle = moe.gate.register_forward_hook(lambda *a: None)
+        assert call(x, moe.gate, moe.shared_experts) is None  # a hook the call would skip
+        handle.remove()
+        assert call(x, moe.gate, moe.shared_experts) is not None
+    assert call(x.requires_grad_(), moe.gate, moe.shared_experts) is None  # autograd
+
+
+def test_bad_arguments_are_named() -> None:
+    moe = quantised_layer(8, 32, **ROUTING["v3 sigmoid"])
+    experts = moe.experts
+    w = {n: (getattr(experts, n), getattr(experts, f"{n}_scale")) for n in ("w1", "w2", "w3")}
+    x = torch.randn(1, 64)
+    cfg = moe.cfg
+    with kernel_path("scalar", "fp32"), torch.inference_mode():
+        with pytest.raises(ValueError, match="router weight"):
+            moe_one_token(x, torch.randn(16, 63), None, cfg, w, 32)
+        with pytest.raises(ValueError, match="router scores 8 experts"):
+            moe_one_token(x, torch.randn(8, 64), None, cfg, w, 32)
+        with pytest.raises(ValueError, match="bias must be"):
+            moe_one_token(x, torch.randn(16, 64), torch.zeros(16, dtype=torch.float64), cfg, w, 32)
+        with pytest.raises(ValueError, match="one fp32 token"):
+            moe_one_token(torch.randn(2, 64), torch.randn(16, 64), None, cfg, w, 32)
