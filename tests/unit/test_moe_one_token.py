@@ -169,3 +169,43 @@ def test_bad_arguments_are_named() -> None:
             moe_one_token(x, torch.randn(16, 64), torch.zeros(16, dtype=torch.float64), cfg, w, 32)
         with pytest.raises(ValueError, match="one fp32 token"):
             moe_one_token(torch.randn(2, 64), torch.randn(16, 64), None, cfg, w, 32)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_quantised_model_decodes_through_the_call_as_without_it(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Greedy decoding of a quantised tiny model: every MoE layer of every decode step takes the call, and the
+    tokens and logits are those of the same model with the call off."""
+    from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+    from deepseek_moe.presets import tiny
+    from deepseek_moe.quant import QuantConfig, quantize_model
+    from deepseek_moe.quant import modules as quant_modules
+
+    torch.manual_seed(0)
+    model = quantize_model(DeepSeekMoEForCausalLM(tiny()).eval(), QuantConfig(bits=bits))
+    served: list[bool] = []
+    real = quant_modules.moe_one_token
+
+    def counted(*args: object, **kwargs: object) -> object:
+        out = real(*args, **kwargs)  # type: ignore[arg-type]
+        served.append(out is not None)
+        return out
+
+    def greedy() -> tuple[list[int], torch.Tensor]:
+        cache = model.new_cache()
+        logits = [model(torch.arange(3, 10)[None], cache=cache).logits[:, -1]]
+        tokens = [int(logits[-1].argmax())]
+        for _ in range(10):
+            logits.append(model(torch.tensor([[tokens[-1]]]), cache=cache).logits[:, -1])
+            tokens.append(int(logits[-1].argmax()))
+        return tokens, torch.cat(logits)
+
+    monkeypatch.setattr(quant_modules, "moe_one_token", counted)
+    with torch.inference_mode():
+        tokens, logits = greedy()
+        with monkeypatch.context() as m:
+            m.setattr(MoE, "_one_token_call", lambda self: None)
+            tokens_off, logits_off = greedy()
+    n_moe = sum(isinstance(m, MoE) for m in model.modules())
+    assert len(served) == n_moe * 10 and all(served)  # the 10 one-token steps, not the prefill
+    assert tokens == tokens_off
+    torch.testing.assert_close(logits, logits_off, rtol=1e-4, atol=1e-4)
