@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch
 
     import deepseek_moe as dm
-    from deepseek_moe.kernels import mla_decode
+    from deepseek_moe.kernels import mla_decode, rms_norm
     from deepseek_moe.kernels.quant_matmul import kernel_report
 
     work = args.dir or llamacpp.cache_dir() / "vs_llamacpp-mid"
@@ -220,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     header = (f"{model_name}, {isa_summary(flags)}; batch 1, {args.threads} threads, best of {args.rounds} "
               f"interleaved rounds; ours at {commit}, quantised matmul kernel "
               f"{kernel_report()['quant_matmul']}, MLA decode "
-              f"{'one C++ call' if mla_decode.kernel_available() else 'batched products'}; llama.cpp {tools.bench}"
+              f"{'one C++ call' if mla_decode.kernel_available() else 'batched products'}, decode RMSNorm "
+              f"{'one C++ call' if rms_norm.kernel_available() else 'torch'}; llama.cpp {tools.bench}"
               + ("" if all(repack.values()) else
                  f" (--repack 0 for {', '.join(n for n, v in repack.items() if not v)})"))
     print(f"\nmid-size ({dm.count_parameters(mid_size())[0] / 1e6:.0f}M parameters) {header}")
@@ -229,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(result_json(best, commit=commit, cpu=model_name, isa_flags=flags,
                       threads=args.threads, rounds=args.rounds, prompt=args.prompt, gen=args.gen,
                       llama_bench=str(tools.bench), repack=repack,
-                      kernel={**kernel_report(), "mla_decode": mla_decode.kernel_available()},
+                      kernel={**kernel_report(), "mla_decode": mla_decode.kernel_available(),
+                              "rms_norm": rms_norm.kernel_available()},
                       torch_threads=torch.get_num_threads(), cores=os.cpu_count(),
                       uptime=[load_before, load_after]))
 

@@ -22,7 +22,7 @@ from quant_kernel_paths import (
     stacked_kernel_weights,
 )
 
-from deepseek_moe.kernels import cpu_build, mla_decode
+from deepseek_moe.kernels import cpu_build, mla_decode, rms_norm
 from deepseek_moe.kernels import quant_matmul as qm
 from deepseek_moe.kernels.cpu_build import load_library
 
@@ -391,7 +391,8 @@ def test_info_reports_the_path_that_runs(isa: str, capsys: pytest.CaptureFixture
     assert main(["info", "tiny", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)["cpu_kernels"]
     assert report == {"quant_matmul": isa, "activations": "fp32", "int8_dot": None, "supported": qm.supported_isas(),
-                      "mla_decode": mla_decode.kernel_available()}
+                      "mla_decode": mla_decode.kernel_available(),
+                      "rms_norm": rms_norm.kernel_available()}
     assert main(["info", "tiny"]) == 0
     assert f"quantised matmul: {isa}, fp32 activations (this CPU runs: " in capsys.readouterr().out
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from quant_kernel_paths import fused_experts_case, kernel_path, kernel_weights, stacked_kernel_weights
 
-from deepseek_moe.kernels import cpu_build, mla_decode
+from deepseek_moe.kernels import cpu_build, mla_decode, rms_norm
 from deepseek_moe.kernels import quant_matmul as qm
 from deepseek_moe.kernels.cpu_build import load_library
 
@@ -210,6 +210,7 @@ def test_info_reports_the_integer_path(isa: str, capsys: pytest.CaptureFixture[s
     assert main(["info", "tiny", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)["cpu_kernels"]
     assert report == {"quant_matmul": isa, "activations": "int8", "int8_dot": qm.INT8_DOT[isa],
-                      "supported": qm.supported_isas(), "mla_decode": mla_decode.kernel_available()}
+                      "supported": qm.supported_isas(), "mla_decode": mla_decode.kernel_available(),
+                      "rms_norm": rms_norm.kernel_available()}
     assert main(["info", "tiny"]) == 0
     assert f"quantised matmul: {isa}, int8 activations, {qm.INT8_DOT[isa]} dot products" in capsys.readouterr().out

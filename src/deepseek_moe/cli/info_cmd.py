@@ -144,19 +144,21 @@ def format_info(info: dict[str, Any], source: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deepseek_moe.kernels import mla_decode
+    from deepseek_moe.kernels import mla_decode, rms_norm
     from deepseek_moe.kernels.quant_matmul import kernel_report
 
     cfg, source = load_config(args.target)
     info = model_info(cfg, args.context)
     kernels = kernel_report()
-    mla_kernel = mla_decode.kernel_available()
+    mla_kernel, norm_kernel = mla_decode.kernel_available(), rms_norm.kernel_available()
     if args.json:
-        print(json.dumps({"source": source, **info, "cpu_kernels": {**kernels, "mla_decode": mla_kernel}}))
+        print(json.dumps({"source": source, **info,
+                          "cpu_kernels": {**kernels, "mla_decode": mla_kernel, "rms_norm": norm_kernel}}))
     else:
         print(format_info(info, source))
         dot = f", {kernels['int8_dot']} dot products" if kernels["int8_dot"] else ""
         print(f"  CPU kernels   quantised matmul: {kernels['quant_matmul'] or 'none (dequantise + matmul)'}, "
               f"{kernels['activations']} activations{dot} (this CPU runs: {', '.join(kernels['supported']) or '-'}); "
-              f"MLA decode: {'one C++ call' if mla_kernel else 'batched products (no compiled kernel)'}")
+              f"MLA decode: {'one C++ call' if mla_kernel else 'batched products (no compiled kernel)'}; "
+              f"decode RMSNorm: {'one C++ call' if norm_kernel else 'torch'}")
     return 0

@@ -1,5 +1,6 @@
-"""Compile our C++ kernels (``qgemm.cpp``, ``float_gemm.cpp``, ``mla_decode.cpp``, ``adamw.cpp``) at run time
-with the system C++ compiler and load them with ctypes; cached, and verified before anything is loaded.
+"""Compile our C++ kernels (``qgemm.cpp``, ``float_gemm.cpp``, ``mla_decode.cpp``, ``rms_norm.cpp``,
+``adamw.cpp``) at run time with the system C++ compiler and load them with ctypes; cached, and verified before
+anything is loaded.
 
 Why ctypes rather than ``torch.utils.cpp_extension``: the kernels take plain pointers, so it needs neither
 pybind11 nor torch's headers, and builds in about a second instead of a minute (this matters on 2 cores and in
@@ -44,6 +45,7 @@ FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 # -fno-math-errno: sqrtf may then be one instruction, which is what lets the optimizer's loop vectorise.
 FLOAT_GEMM_SOURCE = Path(__file__).with_name("float_gemm.cpp")  # fp32/bf16 weights, built with FLAGS
 MLA_DECODE_SOURCE = Path(__file__).with_name("mla_decode.cpp")  # absorbed MLA, a few new tokens; FLAGS
+RMS_NORM_SOURCE = Path(__file__).with_name("rms_norm.cpp")  # RMSNorm of a few rows; FLAGS
 ADAMW_SOURCE, ADAMW_FLAGS = Path(__file__).with_name("adamw.cpp"), (*FLAGS, "-march=native", "-fno-math-errno")
 
 # The quantised-matmul kernel's instruction sets, in the order of qgemm.cpp's enum.
@@ -357,6 +359,18 @@ def configure_mla_decode(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dsm_mla_decode.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64, i64, ptr, i64, i64, ptr, i64, i64,
                                    i64, ptr, ptr, ptr, f32, ptr, ptr, c_int]
     lib.dsm_mla_decode.restype = None
+    return lib
+
+
+@functools.cache
+def load_rms_norm_library() -> ctypes.CDLL | None:
+    """The compiled RMSNorm of a few rows, or None (with one warning saying why)."""
+    lib = build_library(RMS_NORM_SOURCE, FLAGS, "RMSNorm of decode steps")
+    if lib is None:
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.dsm_rms_norm.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, ptr, i64]
+    lib.dsm_rms_norm.restype = None
     return lib
 
 
