@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import torch
 from quant_kernel_paths import build_with
 
 from deepseek_moe.kernels import cpu_build
-from deepseek_moe.kernels.mla_decode import MAX_NEW_TOKENS, absorbed_decode
+from deepseek_moe.kernels.mla_decode import MAX_NEW_TOKENS, absorbed_decode, prepare
 from deepseek_moe.kernels.switch import reference_paths
+from deepseek_moe.model.rope import apply_rotary
 
 pytestmark = pytest.mark.skipif(cpu_build.load_mla_decode_library() is None, reason="no C++ compiler for the kernel")
 
@@ -156,3 +158,110 @@ def test_buffers_are_fp32_whatever_torch_default_dtype_is() -> None:
         torch.set_default_dtype(before)
     assert got is not None and got.dtype == torch.float32
     torch.testing.assert_close(got, reference(*ops[:4], None, *ops[4:], 0.3), rtol=1e-4, atol=1e-5)
+
+
+def prepare_reference(q_pe: torch.Tensor, kv_raw: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      w: torch.Tensor, eps: float, interleave: bool) -> tuple[torch.Tensor, ...]:
+    """The model's own modules' formulas: (rotated q_pe, normalised latent, rotated key)."""
+    C = w.shape[0]
+    kv, k_pe = kv_raw[..., :C], kv_raw[..., C:]
+    with reference_paths():
+        rotated_key = apply_rotary(k_pe[:, :, None], cos, sin, interleave)[:, :, 0]
+        rotated_q = apply_rotary(q_pe, cos, sin, interleave)
+    return rotated_q, w * (kv * torch.rsqrt(kv.pow(2).mean(-1, keepdim=True) + eps)), rotated_key
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+@pytest.mark.parametrize(("B", "T", "H", "C", "R"), [(1, 1, 8, 256, 64), (2, 3, 3, 40, 6), (3, 2, 1, 8, 2)])
+@pytest.mark.parametrize("build", ["clones", "baseline"])
+def test_prepare_norms_rotates_and_writes_the_new_slots(interleave: bool, B: int, T: int, H: int, C: int, R: int,
+                                                        build: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernels/mla_decode.py ``prepare``: the latent's RMSNorm and the key's rotation into the cache's new slots
+    (strided views of a longer buffer), the query's rotation returned, against RMSNorm's formula and apply_rotary
+    (both layouts of the rotary pairs; the -DDSM_NO_SIMD build too); slots outside the new ones untouched."""
+    if build == "baseline":
+        if shutil.which("g++") is None:
+            pytest.skip("needs g++")
+        lib = build_with(cpu_build.MLA_DECODE_SOURCE, (*cpu_build.FLAGS, "-DDSM_NO_SIMD"), tmp_path, monkeypatch)
+        assert lib is not None
+        monkeypatch.setattr(cpu_build, "load_mla_decode_library", lambda: cpu_build.configure_mla_decode(lib))
+    g = torch.Generator().manual_seed(B * 100 + T * 10 + C)
+    q = torch.randn(B, T, H, 16 + R, generator=g)
+    q_pe = q[..., 16:]  # the split view MLA passes: rows H * (16 + R) apart
+    kv_raw = torch.randn(B, T, C + R, generator=g) * 2
+    angles = torch.rand(B, T, R // 2, generator=g) * 6
+    cos, sin = angles.cos(), angles.sin()
+    w = torch.rand(C, generator=g) + 0.5
+    kv_buf, pe_buf = torch.full((B, T + 5, C), 7.0), torch.full((B, T + 5, R), 7.0)  # 2 slots before, 3 after
+    with torch.inference_mode():
+        got = prepare(q_pe, kv_raw, cos, sin, w, 0.5, interleave, kv_buf[:, 2:2 + T], pe_buf[:, 2:2 + T])
+    assert got is not None
+    want_q, want_kv, want_pe = prepare_reference(q_pe, kv_raw, cos, sin, w, 0.5, interleave)  # an eps that shows
+    torch.testing.assert_close(got, want_q, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kv_buf[:, 2:2 + T], want_kv, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(pe_buf[:, 2:2 + T], want_pe, rtol=1e-6, atol=1e-6)
+    for buf in (kv_buf, pe_buf):
+        assert bool((buf[:, :2] == 7).all()) and bool((buf[:, 2 + T:] == 7).all())
+
+
+def test_prepare_names_shapes_that_do_not_fit_and_declines_autograd() -> None:
+    q_pe, kv_raw = torch.randn(1, 1, 2, 4), torch.randn(1, 1, 12)
+    cs = torch.randn(1, 1, 2)
+    with torch.inference_mode(), pytest.raises(ValueError, match="mla prepare"):
+        prepare(q_pe, kv_raw, cs, cs, torch.ones(8), 1e-6, True, torch.empty(1, 1, 7), torch.empty(1, 1, 4))
+    assert prepare(q_pe, kv_raw, cs, cs, torch.ones(8), 1e-6, True, torch.empty(1, 1, 8), torch.empty(1, 1, 4)) is None
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_mla_decodes_through_prepare_as_through_its_modules(interleave: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An MLA layer over a cache, decode steps (T = 1) and a verification (T = 3), with left padding in one row:
+    with the prepare call, each step's output and the cache's contents are those of the same layer with it off;
+    and where the kernel declines after the cache grew, the cache is rolled back and the plain path runs."""
+    from deepseek_moe.model import mla as mla_module
+    from deepseek_moe.model.causal_lm import attention_mask_4d, positions_of
+    from deepseek_moe.model.kv_cache import LayerCache
+    from deepseek_moe.model.rope import RotaryEmbedding
+    from deepseek_moe.presets import tiny
+
+    cfg = dataclasses.replace(tiny(), rope_interleave=interleave)
+    torch.manual_seed(0)
+    layer = mla_module.MLA(cfg).eval()
+    rope = RotaryEmbedding(cfg)
+    calls: list[bool] = []
+    real = mla_module.prepare
+
+    def counted(*args: object) -> object:
+        out = real(*args)  # type: ignore[arg-type]
+        calls.append(out is not None)
+        return out
+
+    def run(on: bool, decline: bool = False) -> tuple[list[torch.Tensor], LayerCache]:
+        cache = LayerCache()
+        key_mask = torch.tensor([[False, True, True, True], [True, True, True, True]])  # row 0 left-padded
+        outs = []
+        g = torch.Generator().manual_seed(1)
+        with monkeypatch.context() as m:
+            if not on:
+                m.setattr(mla_module.MLA, "_prepares_in_cpp", lambda self, c, k: False)
+            m.setattr(mla_module, "prepare", (lambda *a: None) if decline else counted)
+            with torch.inference_mode():
+                for T in (4, 1, 1, 3):
+                    if T != 4:
+                        key_mask = torch.cat([key_mask, torch.ones(2, T, dtype=torch.bool)], dim=1)
+                    positions = positions_of(key_mask, T)
+                    cos, sin = rope(positions)
+                    x = torch.randn(2, T, cfg.dim, generator=g)
+                    outs.append(layer(x, cos, sin, attention_mask_4d(key_mask, T), cache))
+        return outs, cache
+
+    got, cache = run(True)
+    assert calls == [True] * 4, calls  # a short prefill, two decode steps, a verification
+    want, cache_off = run(False)
+    declined, cache_declined = run(True, decline=True)
+    for a, b, c in zip(got, want, declined, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-5)
+    assert cache.length == cache_off.length == cache_declined.length == 9
+    for a, b in zip(cache.grow(0)[1], cache_off.grow(0)[1], strict=True):  # views of every slot
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

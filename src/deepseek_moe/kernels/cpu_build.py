@@ -354,11 +354,14 @@ def load_mla_decode_library() -> ctypes.CDLL | None:
 
 
 def configure_mla_decode(lib: ctypes.CDLL) -> ctypes.CDLL:
-    """Declare mla_decode.cpp's entry point on a loaded library."""
+    """Declare mla_decode.cpp's entry points on a loaded library."""
     i64, ptr, c_int, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.dsm_mla_decode.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64, i64, ptr, i64, i64, ptr, i64, i64,
                                    i64, ptr, ptr, ptr, f32, ptr, ptr, c_int]
     lib.dsm_mla_decode.restype = None
+    lib.dsm_mla_prepare.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, f32, ptr, ptr, c_int, ptr, i64, i64, ptr,
+                                    i64, i64, ptr, i64, i64, i64, i64, ptr]
+    lib.dsm_mla_prepare.restype = None
     return lib
 
 

@@ -164,4 +164,45 @@ void dsm_mla_decode(const float* q_nope, int64_t ld_qn, const float* q_pe, int64
     }
 }
 
+// Before the attention, for the T new tokens of each row b (query row q = b * T + t): what MLA.forward does to the
+// projections' outputs between wkv_a / wq_b and the cache, in PyTorch ~25 operations a layer (two rotations, the
+// latent's RMSNorm, the cache append):
+//   kv_out[q]  = RMSNorm(kv_raw[q][0 .. C)) * norm_w            (the latent c_kv, into its cache slot)
+//   pe_out[q]  = rotate(kv_raw[q][C .. C + R), cos[q], sin[q])  (the shared rotary key, into its cache slot)
+//   q_pe_out[q, h] = rotate(q_pe[q, h], cos[q], sin[q])         (contiguous (B * T, H, R))
+// rotate: pairs (x[2i], x[2i+1]) when interleave (V2/V3 checkpoints), else halves (x[i], x[i + R/2]), turned by
+// angle i: (x1 cos - x2 sin, x2 cos + x1 sin). cos/sin: (B * T, R / 2) contiguous. kv_raw row q at b * kv_b + t *
+// kv_t; q_pe row (q, h) at b * q_b + t * q_t + h * q_h; kv_out / pe_out rows at b * out_b + t * out_t (the cache's
+// strides, offset to its first new slot). The references are model/norm.py and model/rope.py, which tests compare.
+DSM_CLONES
+void dsm_mla_prepare(const float* kv_raw, int64_t kv_b, int64_t kv_t, int64_t B, int64_t T, int64_t C, int64_t R,
+                     const float* norm_w, float eps, const float* cos, const float* sin, int interleave,
+                     float* kv_out, int64_t kvo_b, int64_t kvo_t, float* pe_out, int64_t peo_b, int64_t peo_t,
+                     const float* q_pe, int64_t q_b, int64_t q_t, int64_t q_h, int64_t H, float* q_pe_out) {
+    const int64_t half = R / 2;
+    auto rotate = [=](const float* x, const float* c, const float* sn, float* y) {
+        for (int64_t i = 0; i < half; ++i) {
+            const int64_t i1 = interleave ? 2 * i : i, i2 = interleave ? 2 * i + 1 : i + half;
+            const float x1 = x[i1], x2 = x[i2];
+            y[i1] = x1 * c[i] - x2 * sn[i];
+            y[i2] = x2 * c[i] + x1 * sn[i];
+        }
+    };
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < T; ++t) {
+            const int64_t q = b * T + t;
+            const float* xr = kv_raw + b * kv_b + t * kv_t;
+            float* yr = kv_out + b * kvo_b + t * kvo_t;
+            float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+            for (int64_t c = 0; c < C; ++c) ss += xr[c] * xr[c];
+            const float r = 1.0f / std::sqrt(ss / static_cast<float>(C) + eps);
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] * r * norm_w[c];
+            rotate(xr + C, cos + q * half, sin + q * half, pe_out + b * peo_b + t * peo_t);
+            for (int64_t h = 0; h < H; ++h)
+                rotate(q_pe + b * q_b + t * q_t + h * q_h, cos + q * half, sin + q * half, q_pe_out + (q * H + h) * R);
+        }
+}
+
 }  // extern "C"

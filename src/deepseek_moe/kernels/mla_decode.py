@@ -74,6 +74,38 @@ def absorbed_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, 
     return out
 
 
+def prepare(q_pe: torch.Tensor, kv_raw: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm_weight: torch.Tensor,
+            eps: float, interleave: bool, kv_slots: torch.Tensor, pe_slots: torch.Tensor) -> torch.Tensor | None:
+    """What MLA does between its projections and the cache, for T new tokens: the latent RMSNorm(kv_raw[..., :C])
+    * norm_weight written into ``kv_slots`` (B, T, C), the rotary key rotate(kv_raw[..., C:]) into ``pe_slots``
+    (B, T, R) (the cache's new slots, :meth:`LayerCache.grow`), and the rotated query q_pe (B, T, H, R) returned
+    (contiguous fp32), in one C++ call instead of ~25 operations. kv_raw: wkv_a's output (B, T, C + R); cos/sin
+    (B, T, R/2). None where the kernel does not apply (the caller's PyTorch path runs, nothing written)."""
+    if not fast_paths_enabled() or torch.is_grad_enabled():
+        return None
+    B, T, H, R = q_pe.shape
+    C = kv_slots.shape[-1]
+    tensors = (q_pe, kv_raw, cos, sin, norm_weight, kv_slots, pe_slots)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in tensors) or R % 2:
+        return None
+    if (kv_raw.shape != (B, T, C + R) or kv_slots.shape != (B, T, C) or pe_slots.shape != (B, T, R)
+            or cos.shape != (B, T, R // 2) or sin.shape != cos.shape or norm_weight.shape != (C,)):
+        raise ValueError(f"mla prepare: q_pe {tuple(q_pe.shape)}, kv_raw {tuple(kv_raw.shape)}, cos "
+                         f"{tuple(cos.shape)}, sin {tuple(sin.shape)}, norm weight {tuple(norm_weight.shape)}, slots "
+                         f"{tuple(kv_slots.shape)} / {tuple(pe_slots.shape)} do not fit (B, T, H, R), (B, T, C + R), "
+                         "(B, T, R/2), (C,), (B, T, C) / (B, T, R)")
+    lib = cpu_build.load_mla_decode_library()
+    if lib is None:
+        return None
+    cos, sin, norm_weight = cos.contiguous(), sin.contiguous(), norm_weight.contiguous()
+    out = torch.empty(B, T, H, R, dtype=torch.float32)
+    lib.dsm_mla_prepare(kv_raw.data_ptr(), kv_raw.stride(0), kv_raw.stride(1), B, T, C, R, norm_weight.data_ptr(), eps,
+                        cos.data_ptr(), sin.data_ptr(), int(interleave), kv_slots.data_ptr(), kv_slots.stride(0),
+                        kv_slots.stride(1), pe_slots.data_ptr(), pe_slots.stride(0), pe_slots.stride(1),
+                        q_pe.data_ptr(), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2), H, out.data_ptr())
+    return out
+
+
 def _query_rows(q: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(q, ld) with query row (b, t, h) of q (B, T, H, width) at ((b * T + t) * H + h) * ld: the kernel walks the
     rows at one stride, which the head-split views of one (B, T, H, ...) projection already have (no copy)."""

@@ -27,9 +27,23 @@ class LayerCache:
 
     def append(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Write ``new`` (each (B, T, ...)) after the cached slots; return views of all slots, (B, S, ...)."""
-        t = new[0].shape[1]
+        slots, cached = self.grow(new[0].shape[1], *new)
+        for slot, x in zip(slots, new, strict=True):
+            slot.copy_(x)
+        return cached
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """What the storage holds (None before the first write)."""
+        return self._buffers[0].dtype if self._buffers else None
+
+    def grow(self, t: int, *like: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Count ``t`` more slots as cached, for tensors shaped like ``like`` (each (B, t, ...), read for shapes and
+        dtype only), and return (views of the t new slots, for the caller to write; views of all slots (B, S, ...)).
+        :meth:`append` is this and a copy; a kernel that computes the new slots writes them in place
+        (kernels/mla_decode.py ``prepare``)."""
         if not self._buffers:
-            self._buffers = [x.new_empty(x.shape[0], max(t, 16), *x.shape[2:]) for x in new]
+            self._buffers = [x.new_empty(x.shape[0], max(t, 16), *x.shape[2:]) for x in like]
         needed = self.length + t
         capacity = self._buffers[0].shape[1]
         if needed > capacity:
@@ -40,10 +54,8 @@ class LayerCache:
                 bigger[:, : self.length] = buf[:, : self.length]
                 grown.append(bigger)
             self._buffers = grown
-        for buf, x in zip(self._buffers, new, strict=True):
-            buf[:, self.length : needed] = x
-        self.length = needed
-        return tuple(buf[:, :needed] for buf in self._buffers)
+        start, self.length = self.length, needed
+        return (tuple(buf[:, start:needed] for buf in self._buffers), tuple(buf[:, :needed] for buf in self._buffers))
 
     def truncate(self, length: int) -> None:
         """Forget every slot from ``length`` on (the storage is kept and written again by the next append)."""

@@ -30,7 +30,7 @@ from torch import nn
 
 from deepseek_moe._torch_compat import tensor_version
 from deepseek_moe.config import ModelConfig
-from deepseek_moe.kernels.mla_decode import MAX_NEW_TOKENS, absorbed_decode
+from deepseek_moe.kernels.mla_decode import MAX_NEW_TOKENS, absorbed_decode, prepare
 from deepseek_moe.kernels.switch import fast_paths_enabled
 from deepseek_moe.model.kv_cache import LayerCache
 from deepseek_moe.model.norm import RMSNorm
@@ -93,9 +93,14 @@ class MLA(nn.Module):
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, T, self.n_heads, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        kv_raw = self.wkv_a(x)  # (B, T, C + R)
+        if cache is not None and self._prepares_in_cpp(cache, kv_raw):
+            out = self._prepared_decode(q_nope, q_pe, kv_raw, cos, sin, mask, cache)
+            if out is not None:
+                return out
         q_pe = apply_rotary(q_pe, cos, sin, self.rope_interleave)  # (B, T, H, R)
 
-        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv, k_pe = kv_raw.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kv = self.kv_norm(kv)  # (B, T, C)
         k_pe = apply_rotary(k_pe[:, :, None, :], cos, sin, self.rope_interleave)[:, :, 0]  # (B, T, R)
 
@@ -107,6 +112,28 @@ class MLA(nn.Module):
                     return self._absorbed_fused(q_nope, q_pe, kv, k_pe, mask)
                 return self._absorbed(q_nope, q_pe, kv, k_pe, mask)
         return self._naive(q_nope, q_pe, kv, k_pe, mask)
+
+    def _prepares_in_cpp(self, cache: LayerCache, kv_raw: torch.Tensor) -> bool:
+        """Whether a step of a few new tokens takes the C++ path from the projections on: the latent norm, both
+        rotations and the cache write in one call (kernels/mla_decode.py ``prepare``), then the absorbed attention's
+        call. Our own cache type only (a paged one gathers its slots), fp32, no autograd, no hook on the norm."""
+        return (self.attn_impl == "absorb" and kv_raw.shape[1] <= MAX_NEW_TOKENS and kv_raw.dtype == torch.float32
+                and type(cache) is LayerCache and cache.dtype in (None, torch.float32) and kv_raw.device.type == "cpu"
+                and type(self.wkv_b) is Linear and type(self.kv_norm) is RMSNorm
+                and not (self.kv_norm._forward_hooks or self.kv_norm._forward_pre_hooks)
+                and not torch.is_grad_enabled() and fast_paths_enabled())
+
+    def _prepared_decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_raw: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, mask: torch.Tensor | None, cache: LayerCache) -> torch.Tensor | None:
+        """:meth:`forward` from the projections on, with the norm, rotations and cache write as one C++ call (the
+        cache's new slots are written in place); None, the cache as it was, where the kernel declines."""
+        T, C = kv_raw.shape[1], self.kv_lora_rank
+        slots, (kv, k_pe) = cache.grow(T, kv_raw[..., :C], kv_raw[..., C:])
+        q_rot = prepare(q_pe, kv_raw, cos, sin, self.kv_norm.weight, self.kv_norm.eps, self.rope_interleave, *slots)
+        if q_rot is None:
+            cache.truncate(cache.length - T)
+            return None
+        return self._absorbed_fused(q_nope, q_rot, kv, k_pe, mask)
 
     def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
                mask: torch.Tensor | None) -> torch.Tensor:
