@@ -27,9 +27,11 @@ def kernel_available() -> bool:
 def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """x (..., D) fp32 normalised over its last dimension and scaled by ``weight`` (D,) fp32, or None where the
     kernel does not apply."""
+    if not fast_paths_enabled():  # first: under tracing, the shape test below would become a guard
+        return None
     D = x.shape[-1]
     if (x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
-            or x.numel() > MAX_ROWS * D or D == 0 or not fast_paths_enabled()
+            or x.numel() > MAX_ROWS * D or D == 0
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return None
     if weight.shape != (D,):

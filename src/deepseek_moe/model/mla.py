@@ -117,11 +117,12 @@ class MLA(nn.Module):
         """Whether a step of a few new tokens takes the C++ path from the projections on: the latent norm, both
         rotations and the cache write in one call (kernels/mla_decode.py ``prepare``), then the absorbed attention's
         call. Our own cache type only (a paged one gathers its slots), fp32, no autograd, no hook on the norm."""
-        return (self.attn_impl == "absorb" and kv_raw.shape[1] <= MAX_NEW_TOKENS and kv_raw.dtype == torch.float32
-                and type(cache) is LayerCache and cache.dtype in (None, torch.float32) and kv_raw.device.type == "cpu"
+        # Tracing (an export) is asked first: a shape test before it would become a guard of the traced graph.
+        return (fast_paths_enabled() and not torch.is_grad_enabled() and type(cache) is LayerCache
+                and self.attn_impl == "absorb" and kv_raw.shape[1] <= MAX_NEW_TOKENS and kv_raw.dtype == torch.float32
+                and cache.dtype in (None, torch.float32) and kv_raw.device.type == "cpu"
                 and type(self.wkv_b) is Linear and type(self.kv_norm) is RMSNorm
-                and not (self.kv_norm._forward_hooks or self.kv_norm._forward_pre_hooks)
-                and not torch.is_grad_enabled() and fast_paths_enabled())
+                and not (self.kv_norm._forward_hooks or self.kv_norm._forward_pre_hooks))
 
     def _prepared_decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_raw: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor, mask: torch.Tensor | None, cache: LayerCache) -> torch.Tensor | None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from deepseek_moe.config import MoEConfig
+from deepseek_moe.kernels.switch import fast_paths_enabled
 from deepseek_moe.moe import balance
 from deepseek_moe.moe.dispatch import Dispatcher, DropPlan, LocalDispatcher
 from deepseek_moe.moe.dropping import ProtectedDraw
@@ -126,8 +127,8 @@ class MoE(nn.Module):
         # so asked once, and only when a draw needs it).
         span = self.dispatcher.batch_span(B, n_real) if self.uniform_routing or dropping else None
 
-        call = self._one_token_call() if B * S == 1 and real_T is None and span is None and not self.training else None
-        if call is not None:
+        call = None if self.training else self._one_token_call()
+        if call is not None and B * S == 1 and real_T is None and span is None:
             # A batch-1 decode step: the whole layer in one kernel call where the experts offer one
             # (QuantRoutedExperts.layer_one_token: selection, experts, shared experts and sum in C++).
             layer = call(x_TD, self.gate, self.shared_experts)
@@ -183,10 +184,13 @@ class MoE(nn.Module):
         return y_TD.view(x.shape)
 
     def _one_token_call(self) -> Callable[..., Any] | None:
-        """The experts' one-call layer (``layer_one_token``), if they offer one and the dispatcher is the local
-        one (expert parallelism replaces it with an all-to-all one, which the call does not know)."""
+        """The experts' one-call layer (``layer_one_token``), if they offer one, the dispatcher is the local one
+        (expert parallelism replaces it with an all-to-all one, which the call does not know) and nothing traces
+        the forward (asked before any shape test, which would become a guard of the traced graph)."""
         call = getattr(self.experts, "layer_one_token", None)
-        return call if callable(call) and type(self.dispatcher) is LocalDispatcher else None
+        if not callable(call) or type(self.dispatcher) is not LocalDispatcher or not fast_paths_enabled():
+            return None
+        return call
 
     def replay(self) -> Replay:
         """For activation checkpointing: contexts that make a recompute of a forward repeat it exactly."""
