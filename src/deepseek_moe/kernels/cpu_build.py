@@ -279,6 +279,11 @@ def configure_qgemm(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dsm_moe_one_token.argtypes = [ptr, i64, ptr, i64, ptr, c_int, i64, i64, c_int, i64, c_int, ctypes.c_float,
                                       *experts, *experts, ptr, ptr, ptr, ptr, c_int]
     lib.dsm_moe_one_token.restype = None
+    f32 = ctypes.c_float
+    lib.dsm_mla_one_token.argtypes = [ptr, i64, i64, i64, ptr, ptr, f32, i64, i64, i64, i64, i64, ptr, f32, ptr, ptr,
+                                      c_int, ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, f32, ptr, ptr, ptr, ptr,
+                                      c_int]
+    lib.dsm_mla_one_token.restype = None
     lib.dsm_qgemm_int8_grouped.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int]
     lib.dsm_qgemm_int8_grouped.restype = None
     for name in ("dsm_isa_supported", "dsm_set_isa"):

@@ -55,16 +55,7 @@ def absorbed_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, 
         return None
     q_nope, ld_qn = _query_rows(q_nope)
     q_pe, ld_qp = _query_rows(q_pe)
-    mask_bytes = None
-    if mask is not None:
-        try:
-            if mask.dtype != torch.bool:
-                raise RuntimeError
-            mask = mask.expand(B, 1, T, S)  # a (1, 1, T, S) mask is one for every row, as for the batched products
-        except RuntimeError:
-            raise ValueError(f"absorbed_decode: mask {tuple(mask.shape)} {mask.dtype} must be (B, 1, T, S) bool "
-                             f"(or broadcast to it) for B={B}, T={T}, S={S}") from None
-        mask_bytes = mask.reshape(B * T, S).contiguous().view(torch.uint8)
+    mask_bytes = mask_rows(mask, B, T, S, "absorbed_decode")
     out = torch.empty(B, T, H, V, dtype=torch.float32)  # whatever torch's default dtype is
     scratch = torch.empty(B * T * H * (2 * C + S), dtype=torch.float32)
     lib.dsm_mla_decode(q_nope.data_ptr(), ld_qn, q_pe.data_ptr(), ld_qp, B, T, H, N, R, C, V, kv.data_ptr(),
@@ -104,6 +95,20 @@ def prepare(q_pe: torch.Tensor, kv_raw: torch.Tensor, cos: torch.Tensor, sin: to
                         kv_slots.stride(1), pe_slots.data_ptr(), pe_slots.stride(0), pe_slots.stride(1),
                         q_pe.data_ptr(), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2), H, out.data_ptr())
     return out
+
+
+def mask_rows(mask: torch.Tensor | None, B: int, T: int, S: int, what: str) -> torch.Tensor | None:
+    """An attention mask (B, 1, T, S) bool (or one that broadcasts to it) as the kernel reads it: (B * T, S) bytes."""
+    if mask is None:
+        return None
+    try:
+        if mask.dtype != torch.bool:
+            raise RuntimeError
+        mask = mask.expand(B, 1, T, S)  # a (1, 1, T, S) mask is one for every row, as for the batched products
+    except RuntimeError:
+        raise ValueError(f"{what}: mask {tuple(mask.shape)} {mask.dtype} must be (B, 1, T, S) bool "
+                         f"(or broadcast to it) for B={B}, T={T}, S={S}") from None
+    return mask.reshape(B * T, S).contiguous().view(torch.uint8)
 
 
 def _query_rows(q: torch.Tensor) -> tuple[torch.Tensor, int]:

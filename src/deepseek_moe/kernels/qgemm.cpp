@@ -1038,6 +1038,73 @@ void dsm_moe_one_token(const float* x, int64_t D, const float* logits, int64_t E
     }
 }
 
+// One quantised projection for dsm_mla_one_token: y (M, N) = x (M, K, rows ldx apart) @ dequant(W)^T, with
+// d = {codes, scales, bits, group size, N, K, integer activations (0/1)}.
+static void mla_projection(const int64_t* d, const float* x, int64_t ldx, int64_t M, float* y, int n_threads) {
+    const void* w = reinterpret_cast<const void*>(d[0]);
+    const void* s = reinterpret_cast<const void*>(d[1]);
+    const int bits = int(d[2]);
+    const int64_t gs = d[3], N = d[4], K = d[5];
+    if (d[6]) dsm_qgemm_q8(x, ldx, M, K, bits, w, s, gs, N, y, N, n_threads);
+    else if (bits == 8) dsm_qgemm_int8(x, ldx, M, K, static_cast<const int8_t*>(w), static_cast<const float*>(s), N, y, N, n_threads);
+    else dsm_qgemm_int4(x, ldx, M, K, static_cast<const uint8_t*>(w), static_cast<const uint16_t*>(s), gs, N, y, N, n_threads);
+}
+
+// mla_decode.cpp's entry points, passed in as addresses: the two libraries are built apart (that one with
+// target_clones), and this call strings their steps together without returning to Python between them.
+typedef void (*MlaPrepare)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, float,
+                           const float*, const float*, int, float*, int64_t, int64_t, float*, int64_t, int64_t,
+                           const float*, int64_t, int64_t, int64_t, int64_t, float*);
+typedef void (*MlaDecode)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                          int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
+                          const uint8_t*, const float*, const float*, float, float*, float*, int);
+
+// A whole MLA layer for T new tokens of B rows (a decode step, a verification) with quantised projections, in one
+// call, where MLA.forward ran four products, two norms, two rotations, the cache write and the absorbed attention
+// as ~15 Python-level calls (~600 us a mid-size layer beyond its kernels' work, inside a decode step):
+//   q = wq_b(RMSNorm(wq_a(x)) * q_norm) (or wq(x) when wq_a is absent), kv_raw = wkv_a(x);
+//   dsm_mla_prepare: the latent's norm and the rotary key into the cache's slots start .. start + T, q's rotary
+//   half rotated; dsm_mla_decode over the S = start + T cached slots; y = wo(attention).
+// proj: 5 descriptors of 7 (mla_projection's d) for wq_a, wq_b, wq, wkv_a, wo (codes 0: absent). kv_cache /
+// pe_cache: the cache's storage (rows kv_b / pe_b apart, slots kv_s / pe_s apart). scratch: dsm_mla_decode's.
+// The readable reference is MLA.forward's own path, which the tests compare against.
+void dsm_mla_one_token(const float* x, int64_t B, int64_t T, int64_t D, const int64_t* proj, const float* q_norm_w,
+                       float q_eps, int64_t H, int64_t N, int64_t R, int64_t C, int64_t V, const float* kv_norm_w,
+                       float kv_eps, const float* cos, const float* sin, int interleave, float* kv_cache, int64_t kv_b,
+                       int64_t kv_s, float* pe_cache, int64_t pe_b, int64_t pe_s, int64_t start, const uint8_t* mask,
+                       const float* w_uk, const float* w_uv_t, float scale, void* prepare_fn, void* decode_fn,
+                       float* scratch, float* y, int n_threads) {
+    const int64_t M = B * T, QW = N + R, S = start + T;
+    std::vector<float> q(static_cast<size_t>(M * H * QW)), kvr(static_cast<size_t>(M * (C + R)));
+    std::vector<float> q_pe(static_cast<size_t>(M * H * R)), att(static_cast<size_t>(M * H * V));
+    const int64_t *wq_a = proj, *wq_b = proj + 7, *wq = proj + 14, *wkv_a = proj + 21, *wo = proj + 28;
+    if (wq_a[0]) {
+        const int64_t L = wq_a[4];
+        std::vector<float> a(static_cast<size_t>(M * L));
+        mla_projection(wq_a, x, D, M, a.data(), n_threads);
+        for (int64_t m = 0; m < M; ++m) {  // RMSNorm as rms_norm.cpp computes it
+            float* ar = a.data() + m * L;
+            float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+            for (int64_t i = 0; i < L; ++i) ss += ar[i] * ar[i];
+            const float r = 1.0f / std::sqrt(ss / static_cast<float>(L) + q_eps);
+#pragma omp simd
+            for (int64_t i = 0; i < L; ++i) ar[i] = ar[i] * r * q_norm_w[i];
+        }
+        mla_projection(wq_b, a.data(), L, M, q.data(), n_threads);
+    } else {
+        mla_projection(wq, x, D, M, q.data(), n_threads);
+    }
+    mla_projection(wkv_a, x, D, M, kvr.data(), n_threads);
+    reinterpret_cast<MlaPrepare>(prepare_fn)(kvr.data(), T * (C + R), C + R, B, T, C, R, kv_norm_w, kv_eps, cos, sin,
+                                             interleave, kv_cache + start * kv_s, kv_b, kv_s, pe_cache + start * pe_s,
+                                             pe_b, pe_s, q.data() + N, T * H * QW, H * QW, QW, H, q_pe.data());
+    reinterpret_cast<MlaDecode>(decode_fn)(q.data(), QW, q_pe.data(), R, B, T, H, N, R, C, V, kv_cache, kv_b, kv_s,
+                                           pe_cache, pe_b, pe_s, S, mask, w_uk, w_uv_t, scale, att.data(), scratch,
+                                           n_threads);
+    mla_projection(wo, att.data(), H * V, M, y, n_threads);
+}
+
 // dx = dy @ dequant(W) for G groups of rows (the routed experts of one layer; G = 1 for a dense layer): group g
 // is rows start[g] .. start[g] + len[g] of dy (A, N) and dx (A, K), both contiguous, with codes
 // w + g * N * K (int8 (N, K)) and scales scale + g * N (fp32). Rows outside every group are left as they are.

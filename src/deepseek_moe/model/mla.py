@@ -31,6 +31,7 @@ from torch import nn
 from deepseek_moe._torch_compat import tensor_version
 from deepseek_moe.config import ModelConfig
 from deepseek_moe.kernels.mla_decode import MAX_NEW_TOKENS, absorbed_decode, prepare
+from deepseek_moe.kernels.mla_one_token import PROJECTIONS, mla_one_token
 from deepseek_moe.kernels.switch import fast_paths_enabled
 from deepseek_moe.model.kv_cache import LayerCache
 from deepseek_moe.model.norm import RMSNorm
@@ -90,6 +91,10 @@ class MLA(nn.Module):
         """x (B, T, dim); cos/sin (B, T, R/2); mask (B, 1, T, S) bool (True: may attend) or None for plain
         causal attention without a cache. Returns (B, T, dim)."""
         B, T, _ = x.shape
+        if cache is not None and self._one_call_applies(cache, x):
+            out = self._one_call(x, cos, sin, mask, cache)
+            if out is not None:
+                return out
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, T, self.n_heads, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
@@ -112,6 +117,42 @@ class MLA(nn.Module):
                     return self._absorbed_fused(q_nope, q_pe, kv, k_pe, mask)
                 return self._absorbed(q_nope, q_pe, kv, k_pe, mask)
         return self._naive(q_nope, q_pe, kv, k_pe, mask)
+
+    def _one_call_applies(self, cache: LayerCache, x: torch.Tensor) -> bool:
+        """Whether a step of a few new tokens may run as one C++ call, projections included
+        (kernels/mla_one_token.py): as :meth:`_prepares_in_cpp`, with norms that are plain RMSNorms."""
+        return (self._prepares_in_cpp(cache, x) and all(
+            type(n) is RMSNorm and not (n._forward_hooks or n._forward_pre_hooks)
+            for n in (self.kv_norm, *([] if self.q_lora_rank == 0 else [self.q_norm]))))
+
+    def _one_call(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                  cache: LayerCache) -> torch.Tensor | None:
+        """:meth:`forward` as one C++ call where every projection is a plain quantised product (``plain_codes``:
+        a QuantLinear without bias, hook or adapter); None, the cache as it was, otherwise."""
+        codes: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        for name in PROJECTIONS:
+            module = self._modules.get(name)
+            plain = getattr(module, "plain_codes", None)
+            got = plain() if callable(plain) else None
+            if module is not None and got is None:
+                return None
+            codes[name] = got
+        B, T, _ = x.shape
+        C, R = self.kv_lora_rank, self.qk_rope_head_dim
+        w_uk, w_uv_t = self._absorbed_matrices(torch.float32)
+        column = x[..., :1]
+        _, (kv, k_pe) = cache.grow(T, column.expand(B, T, C), column.expand(B, T, R))  # the call writes them
+        try:
+            y = mla_one_token(x, codes, None if self.q_lora_rank == 0 else (self.q_norm.weight, self.q_norm.eps),
+                              (self.kv_norm.weight, self.kv_norm.eps), cos, sin, self.rope_interleave,
+                              (self.n_heads, self.qk_nope_head_dim, R, C, self.v_head_dim), kv, k_pe, mask, w_uk,
+                              w_uv_t, self.softmax_scale)
+        except BaseException:
+            cache.truncate(cache.length - T)
+            raise
+        if y is None:
+            cache.truncate(cache.length - T)
+        return y
 
     def _prepares_in_cpp(self, cache: LayerCache, kv_raw: torch.Tensor) -> bool:
         """Whether a step of a few new tokens takes the C++ path from the projections on: the latent norm, both

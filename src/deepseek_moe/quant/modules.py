@@ -117,6 +117,13 @@ class QuantLinear(_KeepsScales):
         """The (out, in) matrix this layer applies (``Linear.matrix``'s twin: MLA's absorbed attention)."""
         return self.weight
 
+    def plain_codes(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(codes, scales) where this layer is exactly x @ dequant(codes)^T: no bias, no hook, not a subclass (a
+        LoRA pair adds its own term); None otherwise. A fused caller (MLA's one-call decode) reads them."""
+        if type(self) is not QuantLinear or self.bias is not None or _hooked(self):
+            return None
+        return self.qweight, self.weight_scale
+
     def input_grad_rows(self, dy_Mn: torch.Tensor, rows: slice) -> torch.Tensor:
         """dy (M, n) @ W[rows] (n, K) from the codes: the fused loss's gradient through a quantised head
         (nn/cross_entropy.py), a slice of the vocabulary at a time."""

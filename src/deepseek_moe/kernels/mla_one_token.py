@@ -1,0 +1,102 @@
+"""A whole MLA layer with quantised projections for a few new tokens (a decode step, a speculative verification)
+in one C++ call (qgemm.cpp ``dsm_mla_one_token``).
+
+At decode, each of MLA's ~15 Python-level steps (four quantised products, two norms, two rotations, the cache
+write, the absorbed attention and the glue between) costs far more inside a decode step than its work: a
+mid-size layer took ~900 us for ~300 us of kernels. This call runs the products (``dsm_qgemm_*``), the norm,
+rotations and cache write (mla_decode.cpp ``dsm_mla_prepare``) and the attention (``dsm_mla_decode``) back to
+back. The readable reference is MLA.forward's own path (``reference_paths()``), which the tests compare against.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from deepseek_moe.kernels import cpu_build
+from deepseek_moe.kernels.mla_decode import MAX_NEW_TOKENS, mask_rows
+from deepseek_moe.kernels.quant_matmul import _kernel_for, _q8_steps_groups, activations
+
+Codes = tuple[torch.Tensor, torch.Tensor]  # a quantised matrix: codes (N, K) int8 or (N, K/2) uint8, scales
+PROJECTIONS = ("wq_a", "wq_b", "wq", "wkv_a", "wo")
+
+
+def _descriptor(w: Codes | None, K: int, N: int, name: str) -> list[int]:
+    """{codes, scales, bits, group size, N, K, integer activations} as dsm_mla_one_token reads a projection; zeros
+    for an absent one. ValueError naming the projection unless it maps K inputs to N outputs."""
+    if w is None:
+        return [0] * 7
+    codes, scales = w
+    bits = 8 if codes.dtype == torch.int8 else 4
+    width = codes.shape[1] * (1 if bits == 8 else 2)
+    gs = 0 if bits == 8 else width // scales.shape[1]
+    if codes.shape[0] != N or width != K or not (codes.is_contiguous() and scales.is_contiguous()):
+        raise ValueError(f"mla_one_token: {name} codes {tuple(codes.shape)} {codes.dtype} do not map {K} inputs to "
+                         f"{N} outputs (or are not contiguous)")
+    q8 = activations() == "int8" and (bits == 8 or _q8_steps_groups(gs))
+    return [codes.data_ptr(), scales.data_ptr(), bits, gs, N, K, int(q8)]
+
+
+def mla_one_token(x: torch.Tensor, projections: dict[str, Codes | None], q_norm: tuple[torch.Tensor, float] | None,
+                  kv_norm: tuple[torch.Tensor, float], cos: torch.Tensor, sin: torch.Tensor, interleave: bool,
+                  heads: tuple[int, int, int, int, int], kv_all: torch.Tensor, pe_all: torch.Tensor,
+                  mask: torch.Tensor | None, w_uk: torch.Tensor, w_uv_t: torch.Tensor,
+                  scale: float) -> torch.Tensor | None:
+    """x (B, T, D) fp32 through an MLA layer: ``projections`` maps wq_a, wq_b (or wq), wkv_a, wo to their codes
+    and scales (None: absent); ``q_norm`` / ``kv_norm`` (weight, eps); cos/sin (B, T, R/2); ``heads`` (H, N, R, C,
+    V); ``kv_all`` (B, S, C) / ``pe_all`` (B, S, R): views of every cache slot, the last T not yet written (the
+    call writes them: LayerCache.grow); mask (B, 1, T, S) bool or None (causal); w_uk (H, N, C), w_uv_t (H, C, V)
+    fp32 contiguous. Returns (B, T, D) fp32, or None where the call does not apply (then nothing was written).
+    """
+    lib = _kernel_for(x)
+    mla = cpu_build.load_mla_decode_library()
+    B, T, D = x.shape
+    H, N, R, C, V = heads
+    if lib is None or mla is None or torch.is_grad_enabled() or not 0 < T <= MAX_NEW_TOKENS:
+        return None
+    codes = [w for w in projections.values() if w is not None]
+    if any(c.dtype == torch.uint8 and (2 * c.shape[1] // s.shape[1]) % 32 for c, s in codes):
+        return None  # int4 groups the SIMD paths cannot step through
+    S = kv_all.shape[1]
+    operands = (x, cos, sin, kv_all, pe_all, w_uk, w_uv_t, kv_norm[0], *([] if q_norm is None else [q_norm[0]]))
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in operands):
+        return None
+    if (kv_all.shape != (B, S, C) or pe_all.shape != (B, S, R) or cos.shape != (B, T, R // 2) or sin.shape != cos.shape
+            or w_uk.shape != (H, N, C) or w_uv_t.shape != (H, C, V) or S < T or not w_uk.is_contiguous()
+            or not w_uv_t.is_contiguous()):
+        raise ValueError(f"mla_one_token: x {tuple(x.shape)}, cache {tuple(kv_all.shape)} / {tuple(pe_all.shape)}, "
+                         f"cos {tuple(cos.shape)}, w_uk {tuple(w_uk.shape)}, w_uv_t {tuple(w_uv_t.shape)} do not fit "
+                         f"heads (H, N, R, C, V) = {heads}")
+    L = 0 if q_norm is None else q_norm[0].shape[0]
+    desc = [*_descriptor(projections.get("wq_a"), D, L, "wq_a"),
+            *_descriptor(projections.get("wq_b"), L, H * (N + R), "wq_b"),
+            *_descriptor(projections.get("wq"), D, H * (N + R), "wq"),
+            *_descriptor(projections["wkv_a"], D, C + R, "wkv_a"),
+            *_descriptor(projections["wo"], H * V, D, "wo")]
+    if (q_norm is None) == (projections.get("wq") is None):
+        raise ValueError("mla_one_token: give wq alone, or wq_a and wq_b with q_norm")
+    mask_bytes = mask_rows(mask, B, T, S, "mla_one_token")
+    desc_t = torch.tensor(desc, dtype=torch.int64)
+    x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+    y = torch.empty(B, T, D, dtype=torch.float32)
+    scratch = torch.empty(B * T * H * (2 * C + S), dtype=torch.float32)
+    lib.dsm_mla_one_token(
+        x.data_ptr(), B, T, D, desc_t.data_ptr(), None if q_norm is None else q_norm[0].data_ptr(),
+        0.0 if q_norm is None else q_norm[1], H, N, R, C, V, kv_norm[0].data_ptr(), kv_norm[1], cos.data_ptr(),
+        sin.data_ptr(), int(interleave), kv_all.data_ptr(), kv_all.stride(0), kv_all.stride(1), pe_all.data_ptr(),
+        pe_all.stride(0), pe_all.stride(1), S - T, None if mask_bytes is None else mask_bytes.data_ptr(),
+        w_uk.data_ptr(), w_uv_t.data_ptr(), scale, *_entry_points(mla), scratch.data_ptr(), y.data_ptr(),
+        torch.get_num_threads())
+    return y
+
+
+@functools.cache
+def _entry_points(mla: ctypes.CDLL) -> tuple[int | None, int | None]:
+    """The addresses of mla_decode.cpp's prepare and decode steps, which the one call calls in turn."""
+    return (ctypes.cast(mla.dsm_mla_prepare, ctypes.c_void_p).value,
+            ctypes.cast(mla.dsm_mla_decode, ctypes.c_void_p).value)
+
+
+__all__ = ["PROJECTIONS", "mla_one_token"]

@@ -1,0 +1,121 @@
+"""A quantised MLA layer's decode step as one C++ call (kernels/mla_one_token.py, qgemm.cpp dsm_mla_one_token)
+against the same layer with the call off (its projections, then the prepare and attention calls) and under
+``reference_paths()`` (plain PyTorch): a short prefill, decode steps and a verification, with left padding in one
+row, q-LoRA and a direct wq, every kernel path this CPU runs, both kinds of activations."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from deepseek_moe.kernels.switch import reference_paths
+from deepseek_moe.model import mla as mla_module
+from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
+from deepseek_moe.presets import tiny
+from deepseek_moe.quant import QuantConfig, quantize_model
+from tests.unit.quant_kernel_paths import kernel_path
+
+
+def quantised_tiny(bits: int, q_lora_rank: int, interleave: bool = True) -> DeepSeekMoEForCausalLM:
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny(), q_lora_rank=q_lora_rank, rope_interleave=interleave, n_layers=2)
+    return quantize_model(DeepSeekMoEForCausalLM(cfg).eval(), QuantConfig(bits=bits))
+
+
+def decode(model: DeepSeekMoEForCausalLM) -> torch.Tensor:
+    """Logits of a left-padded batch of 2: a prefill of 5, three decode steps, a verification of 3."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, model.config.vocab_size, (2, 11), generator=g)
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[0, :2] = 0  # row 0 starts with two padding tokens
+    cache = model.new_cache()
+    outs, done = [], 0
+    for T in (5, 1, 1, 1, 3):
+        outs.append(model(ids[:, done:done + T], attention_mask=mask[:, done:done + T], cache=cache).logits)
+        done += T
+    return torch.cat(outs, dim=1)
+
+
+def served_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    calls: list[bool] = []
+    real = mla_module.mla_one_token
+
+    def counted(*args: object, **kwargs: object) -> object:
+        out = real(*args, **kwargs)  # type: ignore[arg-type]
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(mla_module, "mla_one_token", counted)
+    return calls
+
+
+def without_call(model: DeepSeekMoEForCausalLM, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
+    with monkeypatch.context() as m:
+        m.setattr(mla_module.MLA, "_one_call_applies", lambda self, cache, x: False)
+        return decode(model)
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512vnni"])
+@pytest.mark.parametrize("activations", ["fp32", "int8"])
+@pytest.mark.parametrize("bits,q_lora_rank", [(8, 0), (8, 48), (4, 64)])
+def test_one_call_equals_the_layer(isa: str, activations: str, bits: int, q_lora_rank: int,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    model = quantised_tiny(bits, q_lora_rank, interleave=q_lora_rank != 48)  # 48: the halves layout of rotary pairs
+    calls = served_calls(monkeypatch)
+    with kernel_path(isa, activations), torch.inference_mode():
+        got = decode(model)
+        assert calls == [True] * (2 * 5), calls  # every layer of every step, the prefill of 5 included
+        plain = without_call(model, monkeypatch)
+        with reference_paths():
+            ref = decode(model)
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)  # the same kernels: rounding only
+    if activations == "fp32":  # int8 activations round x: the dequantised reference does not
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_declines_adapters_hooks_and_rolls_the_cache_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepseek_moe.adapters.config import LoRAConfig
+    from deepseek_moe.adapters.lora import QuantLoRALinear
+
+    model = quantised_tiny(8, 48)
+    with torch.inference_mode():
+        want = decode(model)
+    calls = served_calls(monkeypatch)
+    attn = model.layers[1].attn
+    handle = attn.wo.register_forward_hook(lambda *a: None)
+    with torch.inference_mode():
+        torch.testing.assert_close(decode(model), want, rtol=1e-5, atol=1e-5)
+    handle.remove()
+    assert calls == [True] * 5, calls  # layer 1 took the plain path at every step
+    calls.clear()
+    base = attn.wq_b
+    attn.wq_b = QuantLoRALinear(base, LoRAConfig(r=2, alpha=4.0, init="random"))
+    try:
+        with torch.inference_mode():
+            got = decode(model)
+            plain = without_call(model, monkeypatch)
+    finally:
+        attn.wq_b = base
+    assert calls == [True] * 5, calls  # the adapted layer took its modules' path
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, want, atol=1e-3)  # the adapter's term is there
+    calls.clear()
+    with monkeypatch.context() as m:  # the kernel declines after the cache grew: rolled back, the plain path runs
+        m.setattr(mla_module, "mla_one_token", lambda *a, **k: None)
+        with torch.inference_mode():
+            torch.testing.assert_close(decode(model), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_projection_that_does_not_fit_is_named_and_the_cache_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = quantised_tiny(8, 48)
+    attn = model.layers[0].attn
+    cache = model.new_cache()
+    with torch.inference_mode():
+        model(torch.tensor([[5, 6, 7]]), cache=cache)
+        monkeypatch.setattr(attn.wo, "qweight", attn.wo.qweight[:, :-1].contiguous())
+        length = cache.layers[0].length
+        with pytest.raises(ValueError, match="mla_one_token: wo codes"):
+            model(torch.tensor([[8]]), cache=cache)
+    assert cache.layers[0].length == length
