@@ -72,3 +72,18 @@ def build_with(source: Path, flags: tuple[str, ...], tmp_path: Path,
     monkeypatch.setenv("CXX", shutil.which("g++") or "g++")
     monkeypatch.delenv("DEEPSEEK_MOE_KERNELS", raising=False)
     return cpu_build.build_library(source, flags, "test")
+
+
+def served_calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[bool]:
+    """Wrap ``owner.name`` (a fast path that returns None where it declines) for the test: the list it returns
+    grows by one entry a call, True where the call served."""
+    served: list[bool] = []
+    real = getattr(owner, name)
+
+    def counted(*args: object, **kwargs: object) -> object:
+        out = real(*args, **kwargs)
+        served.append(out is not None)
+        return out
+
+    monkeypatch.setattr(owner, name, counted)
+    return served

@@ -15,7 +15,7 @@ from deepseek_moe.model import mla as mla_module
 from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
 from deepseek_moe.presets import tiny
 from deepseek_moe.quant import QuantConfig, quantize_model
-from tests.unit.quant_kernel_paths import kernel_path
+from tests.unit.quant_kernel_paths import kernel_path, served_calls
 
 
 def quantised_tiny(bits: int, q_lora_rank: int, interleave: bool = True) -> DeepSeekMoEForCausalLM:
@@ -38,19 +38,6 @@ def decode(model: DeepSeekMoEForCausalLM) -> torch.Tensor:
     return torch.cat(outs, dim=1)
 
 
-def served_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    calls: list[bool] = []
-    real = mla_module.mla_one_token
-
-    def counted(*args: object, **kwargs: object) -> object:
-        out = real(*args, **kwargs)  # type: ignore[arg-type]
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(mla_module, "mla_one_token", counted)
-    return calls
-
-
 def without_call(model: DeepSeekMoEForCausalLM, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
     with monkeypatch.context() as m:
         m.setattr(mla_module.MLA, "_one_call_applies", lambda self, cache, x: False)
@@ -63,7 +50,7 @@ def without_call(model: DeepSeekMoEForCausalLM, monkeypatch: pytest.MonkeyPatch)
 def test_one_call_equals_the_layer(isa: str, activations: str, bits: int, q_lora_rank: int,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     model = quantised_tiny(bits, q_lora_rank, interleave=q_lora_rank != 48)  # 48: the halves layout of rotary pairs
-    calls = served_calls(monkeypatch)
+    calls = served_calls(monkeypatch, mla_module, "mla_one_token")
     with kernel_path(isa, activations), torch.inference_mode():
         got = decode(model)
         assert calls == [True] * (2 * 5), calls  # every layer of every step, the prefill of 5 included
@@ -82,7 +69,7 @@ def test_declines_adapters_hooks_and_rolls_the_cache_back(monkeypatch: pytest.Mo
     model = quantised_tiny(8, 48)
     with torch.inference_mode():
         want = decode(model)
-    calls = served_calls(monkeypatch)
+    calls = served_calls(monkeypatch, mla_module, "mla_one_token")
     attn = model.layers[1].attn
     handle = attn.wo.register_forward_hook(lambda *a: None)
     with torch.inference_mode():

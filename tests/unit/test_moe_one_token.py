@@ -14,7 +14,7 @@ from deepseek_moe.kernels.moe_one_token import moe_one_token
 from deepseek_moe.kernels.switch import reference_paths
 from deepseek_moe.moe.layer import MoE
 from deepseek_moe.quant.modules import QuantLinear, QuantRoutedExperts
-from tests.unit.quant_kernel_paths import kernel_path
+from tests.unit.quant_kernel_paths import kernel_path, served_calls
 
 ROUTING = {
     "v2 softmax": dict(score_func="softmax"),
@@ -182,14 +182,6 @@ def test_a_quantised_model_decodes_through_the_call_as_without_it(bits: int, mon
 
     torch.manual_seed(0)
     model = quantize_model(DeepSeekMoEForCausalLM(tiny()).eval(), QuantConfig(bits=bits))
-    served: list[bool] = []
-    real = quant_modules.moe_one_token
-
-    def counted(*args: object, **kwargs: object) -> object:
-        out = real(*args, **kwargs)  # type: ignore[arg-type]
-        served.append(out is not None)
-        return out
-
     def greedy() -> tuple[list[int], torch.Tensor]:
         cache = model.new_cache()
         logits = [model(torch.arange(3, 10)[None], cache=cache).logits[:, -1]]
@@ -199,7 +191,7 @@ def test_a_quantised_model_decodes_through_the_call_as_without_it(bits: int, mon
             tokens.append(int(logits[-1].argmax()))
         return tokens, torch.cat(logits)
 
-    monkeypatch.setattr(quant_modules, "moe_one_token", counted)
+    served = served_calls(monkeypatch, quant_modules, "moe_one_token")
     with torch.inference_mode():
         tokens, logits = greedy()
         with monkeypatch.context() as m:

@@ -22,6 +22,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "rms_row.inc"
+
 // target_clones with "arch=" needs GCC 11 and the loader's ifunc (glibc); elsewhere (clang, older GCC, musl,
 // -DDSM_NO_SIMD) one baseline build.
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && \
@@ -192,13 +194,7 @@ void dsm_mla_prepare(const float* kv_raw, int64_t kv_b, int64_t kv_t, int64_t B,
         for (int64_t t = 0; t < T; ++t) {
             const int64_t q = b * T + t;
             const float* xr = kv_raw + b * kv_b + t * kv_t;
-            float* yr = kv_out + b * kvo_b + t * kvo_t;
-            float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-            for (int64_t c = 0; c < C; ++c) ss += xr[c] * xr[c];
-            const float r = 1.0f / std::sqrt(ss / static_cast<float>(C) + eps);
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] * r * norm_w[c];
+            rms_row(xr, C, norm_w, eps, kv_out + b * kvo_b + t * kvo_t);
             rotate(xr + C, cos + q * half, sin + q * half, pe_out + b * peo_b + t * peo_t);
             for (int64_t h = 0; h < H; ++h)
                 rotate(q_pe + b * q_b + t * q_t + h * q_h, cos + q * half, sin + q * half, q_pe_out + (q * H + h) * R);

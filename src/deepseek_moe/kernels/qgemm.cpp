@@ -29,6 +29,8 @@
 #include <memory>
 #include <vector>
 #include <omp.h>
+
+#include "rms_row.inc"
 // -DDSM_NO_SIMD builds what other architectures get (the tests use it).
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && !defined(DSM_NO_SIMD)
 #define DSM_X86 1
@@ -1082,15 +1084,7 @@ void dsm_mla_one_token(const float* x, int64_t B, int64_t T, int64_t D, const in
         const int64_t L = wq_a[4];
         std::vector<float> a(static_cast<size_t>(M * L));
         mla_projection(wq_a, x, D, M, a.data(), n_threads);
-        for (int64_t m = 0; m < M; ++m) {  // RMSNorm as rms_norm.cpp computes it
-            float* ar = a.data() + m * L;
-            float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-            for (int64_t i = 0; i < L; ++i) ss += ar[i] * ar[i];
-            const float r = 1.0f / std::sqrt(ss / static_cast<float>(L) + q_eps);
-#pragma omp simd
-            for (int64_t i = 0; i < L; ++i) ar[i] = ar[i] * r * q_norm_w[i];
-        }
+        for (int64_t m = 0; m < M; ++m) rms_row(a.data() + m * L, L, q_norm_w, q_eps, a.data() + m * L);
         mla_projection(wq_b, a.data(), L, M, q.data(), n_threads);
     } else {
         mla_projection(wq, x, D, M, q.data(), n_threads);

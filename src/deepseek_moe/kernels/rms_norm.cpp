@@ -9,16 +9,9 @@
 #include <cmath>
 #include <cstdint>
 
+#include "rms_row.inc"
+
 extern "C" void dsm_rms_norm(const float* x, int64_t ldx, int64_t M, int64_t D, const float* w, float eps,
                              float* y, int64_t ldy) {
-    for (int64_t m = 0; m < M; ++m) {
-        const float* xr = x + m * ldx;
-        float* yr = y + m * ldy;
-        float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-        for (int64_t d = 0; d < D; ++d) ss += xr[d] * xr[d];
-        const float r = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) yr[d] = xr[d] * r * w[d];
-    }
+    for (int64_t m = 0; m < M; ++m) rms_row(x + m * ldx, D, w, eps, y + m * ldy);
 }
