@@ -106,3 +106,56 @@ def test_a_projection_that_does_not_fit_is_named_and_the_cache_kept(monkeypatch:
         with pytest.raises(ValueError, match="mla_one_token: wo codes"):
             model(torch.tensor([[8]]), cache=cache)
     assert cache.layers[0].length == length
+
+
+def test_unpadded_steps_and_one_rotary_table_for_every_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No mask (causal among a verification's new tokens) through the call, against the layer with it off; and an
+    MLA layer given one (1, T, R/2) rotary table for a batch of 2, which the plain path broadcasts."""
+    from deepseek_moe.model.kv_cache import LayerCache
+    from deepseek_moe.model.rope import RotaryEmbedding
+
+    model = quantised_tiny(8, 48)
+    calls = served_calls(monkeypatch, mla_module, "mla_one_token")
+    ids = torch.randint(1, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(4))
+
+    def steps() -> torch.Tensor:
+        cache = model.new_cache()
+        return torch.cat([model(ids[:, a:b], cache=cache).logits for a, b in ((0, 4), (4, 5), (5, 6), (6, 9))], 1)
+
+    with torch.inference_mode():
+        got = steps()
+        assert calls and all(calls)
+        with monkeypatch.context() as m:
+            m.setattr(mla_module.MLA, "_one_call_applies", lambda self, cache, x: False)
+            torch.testing.assert_close(got, steps(), rtol=1e-5, atol=1e-5)
+        attn = model.layers[0].attn
+        cos, sin = RotaryEmbedding(model.config)(torch.arange(3)[None])  # (1, 3, R/2) for both rows
+        x = torch.randn(2, 3, model.config.dim)
+        outs = []
+        for on in (True, False):
+            with monkeypatch.context() as m:
+                if not on:
+                    m.setattr(mla_module.MLA, "_one_call_applies", lambda self, c, x: False)
+                    m.setattr(mla_module.MLA, "_prepares_in_cpp", lambda self, c, k: False)
+                outs.append(attn(x, cos, sin, None, LayerCache()))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_mla_one_token_names_what_does_not_fit() -> None:
+    from deepseek_moe.kernels.mla_one_token import mla_one_token
+
+    model = quantised_tiny(8, 48)
+    attn = model.layers[0].attn
+    codes = {n: getattr(attn, n).plain_codes() for n in ("wq_a", "wq_b", "wkv_a", "wo")}
+    H, N, R, C, V = 4, 32, 16, 64, 32
+    x, cs = torch.randn(1, 1, 256), torch.randn(1, 1, R // 2)
+    kv, pe = torch.zeros(1, 1, C), torch.zeros(1, 1, R)
+    w_uk, w_uv_t = torch.randn(H, N, C), torch.randn(H, C, V)
+    norms = ((attn.q_norm.weight, 1e-6), (attn.kv_norm.weight, 1e-6))
+    with torch.inference_mode():
+        bad_scale = {**codes, "wo": (codes["wo"][0], codes["wo"][1].half())}
+        with pytest.raises(ValueError, match="wo codes .*fp32 scales a row"):
+            mla_one_token(x, bad_scale, *norms, cs, cs, True, (H, N, R, C, V), kv, pe, None, w_uk, w_uv_t, 0.1)
+        missing = {**codes, "wkv_a": None}
+        with pytest.raises(ValueError, match="give wq alone, or wq_a and wq_b with q_norm"):
+            mla_one_token(x, missing, *norms, cs, cs, True, (H, N, R, C, V), kv, pe, None, w_uk, w_uv_t, 0.1)

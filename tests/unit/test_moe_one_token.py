@@ -166,7 +166,9 @@ def test_bad_arguments_are_named() -> None:
         with pytest.raises(ValueError, match="router scores 8 experts"):
             moe_one_token(x, torch.randn(8, 64), None, cfg, w, 32)
         with pytest.raises(ValueError, match="bias must be"):
-            moe_one_token(x, torch.randn(16, 64), torch.zeros(16, dtype=torch.float64), cfg, w, 32)
+            moe_one_token(x, torch.randn(16, 64), torch.zeros(15), cfg, w, 32)
+        # a bias cast with the model: declined, the Router adds it in its own dtype
+        assert moe_one_token(x, torch.randn(16, 64), torch.zeros(16, dtype=torch.float64), cfg, w, 32) is None
         with pytest.raises(ValueError, match="one fp32 token"):
             moe_one_token(torch.randn(2, 64), torch.randn(16, 64), None, cfg, w, 32)
 
@@ -201,3 +203,66 @@ def test_a_quantised_model_decodes_through_the_call_as_without_it(bits: int, mon
     assert len(served) == n_moe * 10 and all(served)  # the 10 one-token steps, not the prefill
     assert tokens == tokens_off
     torch.testing.assert_close(logits, logits_off, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("routing", list(ROUTING))
+def test_a_tie_at_the_cut_leaves_the_choice_to_the_router(routing: str) -> None:
+    """A zero router gives every expert (and group) the same score: torch.topk breaks that tie its own way, so the
+    call declines and the layer's output is the Router's choice."""
+    moe = quantised_layer(8, 32, **ROUTING[routing])
+    with torch.no_grad():
+        moe.gate.weight.zero_()
+        if moe.gate.e_score_correction_bias is not None:
+            moe.gate.e_score_correction_bias.zero_()
+    x = torch.randn(1, 1, 64)
+    with kernel_path("scalar", "fp32"), torch.inference_mode():
+        assert moe.experts.layer_one_token(x.view(1, 64), moe.gate, moe.shared_experts) is None  # type: ignore[operator]
+        y = moe(x)
+        with reference_paths():
+            y_ref = moe(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_declines_expert_parallel_experts_adapters_and_hooks() -> None:
+    from deepseek_moe.moe.dispatch import LocalDispatcher
+
+    moe = quantised_layer(8, 32, **ROUTING["v2 softmax"])
+    x = torch.randn(1, 64)
+    experts = moe.experts
+    assert isinstance(experts, QuantRoutedExperts)
+    with kernel_path("scalar", "fp32"), torch.inference_mode():
+        assert experts.layer_one_token(x, moe.gate, moe.shared_experts) is not None
+        experts.offset = 16  # a rank's slice under expert parallelism
+        assert experts.layer_one_token(x, moe.gate, moe.shared_experts) is None
+        experts.offset = 0
+        handle = experts.register_forward_pre_hook(lambda *a: None)
+        assert experts.layer_one_token(x, moe.gate, moe.shared_experts) is None
+        handle.remove()
+
+        class OtherDispatcher(LocalDispatcher):
+            pass
+
+        moe.dispatcher = OtherDispatcher()
+        assert moe._one_token_call() is None  # an all-to-all dispatcher is not the local one
+        moe.dispatcher = LocalDispatcher()
+        assert moe._one_token_call() is not None
+    assert torch.is_grad_enabled() and moe.gate.weight.requires_grad
+    assert experts.layer_one_token(x, moe.gate, moe.shared_experts) is None  # the router's gradient is the Router's
+    with torch.no_grad():
+        assert experts.layer_one_token(x, moe.gate, moe.shared_experts) is not None
+
+
+def test_a_hooked_shared_ffn_runs_as_its_module_after_the_call() -> None:
+    moe = quantised_layer(8, 32, **ROUTING["v3 sigmoid"])
+    shared = moe.shared_experts
+    assert shared is not None
+    seen: list[int] = []
+    shared.register_forward_hook(lambda *a: seen.append(1))
+    x = torch.randn(1, 1, 64)
+    with kernel_path("scalar", "fp32"), torch.inference_mode():
+        assert moe.experts.layer_one_token(x.view(1, 64), moe.gate, shared) is not None  # type: ignore[operator]
+        assert seen == [1]
+        y = moe(x)
+        with reference_paths():
+            y_ref = moe(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)

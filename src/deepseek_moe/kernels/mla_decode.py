@@ -76,6 +76,8 @@ def prepare(q_pe: torch.Tensor, kv_raw: torch.Tensor, cos: torch.Tensor, sin: to
         return None
     B, T, H, R = q_pe.shape
     C = kv_slots.shape[-1]
+    if cos.dim() == 3 and cos.shape[0] == 1 and sin.shape == cos.shape:  # one table for every row, as rotary takes
+        cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)
     tensors = (q_pe, kv_raw, cos, sin, norm_weight, kv_slots, pe_slots)
     if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in tensors) or R % 2:
         return None

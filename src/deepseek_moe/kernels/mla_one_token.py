@@ -17,6 +17,7 @@ import torch
 
 from deepseek_moe.kernels import cpu_build
 from deepseek_moe.kernels.mla_decode import MAX_NEW_TOKENS, mask_rows
+from deepseek_moe.kernels.quant_layout import INT4_SCALE_DTYPE, INT8_SCALE_DTYPE
 from deepseek_moe.kernels.quant_matmul import _kernel_for, _q8_steps_groups, activations
 
 Codes = tuple[torch.Tensor, torch.Tensor]  # a quantised matrix: codes (N, K) int8 or (N, K/2) uint8, scales
@@ -30,11 +31,15 @@ def _descriptor(w: Codes | None, K: int, N: int, name: str) -> list[int]:
         return [0] * 7
     codes, scales = w
     bits = 8 if codes.dtype == torch.int8 else 4
-    width = codes.shape[1] * (1 if bits == 8 else 2)
-    gs = 0 if bits == 8 else width // scales.shape[1]
-    if codes.shape[0] != N or width != K or not (codes.is_contiguous() and scales.is_contiguous()):
-        raise ValueError(f"mla_one_token: {name} codes {tuple(codes.shape)} {codes.dtype} do not map {K} inputs to "
-                         f"{N} outputs (or are not contiguous)")
+    width = codes.shape[1] * (1 if bits == 8 else 2) if codes.dim() == 2 else -1
+    gs = 0 if bits == 8 or scales.dim() != 2 or not scales.shape[1] else width // scales.shape[1]
+    scale_ok = ((scales.dtype, tuple(scales.shape)) == (INT8_SCALE_DTYPE, (N,)) if bits == 8 else
+                (scales.dtype, tuple(scales.shape)) == (INT4_SCALE_DTYPE, (N, K // gs if gs else -1)))
+    if (codes.dtype not in (torch.int8, torch.uint8) or codes.dim() != 2 or codes.shape[0] != N or width != K
+            or not scale_ok or not (codes.is_contiguous() and scales.is_contiguous())):
+        raise ValueError(f"mla_one_token: {name} codes {tuple(codes.shape)} {codes.dtype} with scales "
+                         f"{tuple(scales.shape)} {scales.dtype} do not map {K} inputs to {N} outputs as int8 (fp32 "
+                         "scales a row) or int4 (fp16 scales a group), contiguous")
     q8 = activations() == "int8" and (bits == 8 or _q8_steps_groups(gs))
     return [codes.data_ptr(), scales.data_ptr(), bits, gs, N, K, int(q8)]
 
@@ -60,6 +65,8 @@ def mla_one_token(x: torch.Tensor, projections: dict[str, Codes | None], q_norm:
     if any(c.dtype == torch.uint8 and (2 * c.shape[1] // s.shape[1]) % 32 for c, s in codes):
         return None  # int4 groups the SIMD paths cannot step through
     S = kv_all.shape[1]
+    if cos.dim() == 3 and cos.shape[0] == 1 and sin.shape == cos.shape:  # one table for every row, as rotary takes
+        cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)
     operands = (x, cos, sin, kv_all, pe_all, w_uk, w_uv_t, kv_norm[0], *([] if q_norm is None else [q_norm[0]]))
     if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in operands):
         return None
@@ -69,14 +76,16 @@ def mla_one_token(x: torch.Tensor, projections: dict[str, Codes | None], q_norm:
         raise ValueError(f"mla_one_token: x {tuple(x.shape)}, cache {tuple(kv_all.shape)} / {tuple(pe_all.shape)}, "
                          f"cos {tuple(cos.shape)}, w_uk {tuple(w_uk.shape)}, w_uv_t {tuple(w_uv_t.shape)} do not fit "
                          f"heads (H, N, R, C, V) = {heads}")
+    direct = projections.get("wq") is not None
+    lora = all(projections.get(n) is not None for n in ("wq_a", "wq_b")) and q_norm is not None
+    if direct == lora or any(projections.get(n) is None for n in ("wkv_a", "wo")):
+        raise ValueError("mla_one_token: give wq alone, or wq_a and wq_b with q_norm; and wkv_a and wo")
     L = 0 if q_norm is None else q_norm[0].shape[0]
     desc = [*_descriptor(projections.get("wq_a"), D, L, "wq_a"),
             *_descriptor(projections.get("wq_b"), L, H * (N + R), "wq_b"),
             *_descriptor(projections.get("wq"), D, H * (N + R), "wq"),
             *_descriptor(projections["wkv_a"], D, C + R, "wkv_a"),
             *_descriptor(projections["wo"], H * V, D, "wo")]
-    if (q_norm is None) == (projections.get("wq") is None):
-        raise ValueError("mla_one_token: give wq alone, or wq_a and wq_b with q_norm")
     mask_bytes = mask_rows(mask, B, T, S, "mla_one_token")
     desc_t = torch.tensor(desc, dtype=torch.int64)
     x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()

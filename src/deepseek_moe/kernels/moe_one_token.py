@@ -67,7 +67,8 @@ def moe_one_token(x_1D: torch.Tensor, router_weight: torch.Tensor, bias_E: torch
     Router computes them) and ``bias_E`` (the V3 selection bias, or None), routed experts ``experts`` (stacked
     codes and scales, as :func:`quant_experts` takes them) and shared experts ``shared`` (one expert (1, Fs, ...)
     of their whole width, or None). None where the kernel does not serve it (no kernel, autograd, inside
-    ``reference_paths()``, int4 groups the SIMD paths cannot step through): the caller runs the plain layer."""
+    ``reference_paths()``, int4 groups the SIMD paths cannot step through, a bias not in fp32, an exact tie at the
+    cut of the groups or the experts, which the Router breaks as torch.topk does): the caller runs the plain layer."""
     lib = _experts_kernel(x_1D, experts, group_size)
     if lib is None or (shared is not None and _experts_kernel(x_1D, shared, shared_group_size) is None):
         return None
@@ -79,10 +80,15 @@ def moe_one_token(x_1D: torch.Tensor, router_weight: torch.Tensor, bias_E: torch
     E, K, G, M = router_weight.shape[0], rule.n_activated_experts, rule.n_expert_groups, rule.n_limited_groups
     if E != E_w:
         raise ValueError(f"moe_one_token: the router scores {E} experts, the expert weights hold {E_w}")
-    if not 0 < K <= E or G <= 0 or E % G or not 0 < M <= G:
-        raise ValueError(f"moe_one_token: top-{K} of {E} experts in {M} of {G} groups is not a selection")
-    if bias_E is not None and (bias_E.shape != (E,) or bias_E.dtype != torch.float32):
-        raise ValueError(f"moe_one_token: bias must be ({E},) fp32, got {tuple(bias_E.shape)} {bias_E.dtype}")
+    top2 = rule.group_score_func == "top2_sum"
+    if (not 0 < K <= E or G <= 0 or E % G or not 0 < M <= G or K > M * (E // G)
+            or (M < G and top2 and E // G < 2)):
+        raise ValueError(f"moe_one_token: top-{K} of {E} experts in {M} of {G} groups "
+                         f"({rule.group_score_func} group scores) is not a selection")
+    if bias_E is not None and bias_E.shape != (E,):
+        raise ValueError(f"moe_one_token: bias must be ({E},), got {tuple(bias_E.shape)}")
+    if bias_E is not None and bias_E.dtype != torch.float32:
+        return None  # a bias cast with the model: the Router adds it in its own dtype
     one = [1] + [0] * (E - 1)  # shapes only: the checks need counts that add up to x's one row
     _check_experts(x_1D, one, None, experts, group_size)
     if shared is not None:
@@ -101,11 +107,13 @@ def moe_one_token(x_1D: torch.Tensor, router_weight: torch.Tensor, bias_E: torch
                 8 if w1.dtype == torch.int8 else 4, w2.data_ptr(), s2.data_ptr(), 8 if w2.dtype == torch.int8 else 4,
                 gs, int(_q8(w, gs))]
 
-    lib.dsm_moe_one_token(x.data_ptr(), D, logits.data_ptr(), E, None if bias is None else bias.data_ptr(),
-                          int(rule.score_func == "softmax"), G, M, int(rule.group_score_func == "top2_sum"), K,
-                          int(rule.norm_topk_prob), float(rule.route_scale), *args(experts, group_size),
-                          *args(shared, shared_group_size), idx.data_ptr(), gates.data_ptr(), counts.data_ptr(),
-                          y.data_ptr(), torch.get_num_threads())
+    tie = lib.dsm_moe_one_token(x.data_ptr(), D, logits.data_ptr(), E, None if bias is None else bias.data_ptr(),
+                                int(rule.score_func == "softmax"), G, M, int(top2), K,
+                                int(rule.norm_topk_prob), float(rule.route_scale), *args(experts, group_size),
+                                *args(shared, shared_group_size), idx.data_ptr(), gates.data_ptr(), counts.data_ptr(),
+                                y.data_ptr(), torch.get_num_threads())
+    if tie:  # an exact tie at a cut: the Router breaks it as torch.topk does
+        return None
     return OneTokenLayer(y, idx, gates, counts)
 
 

@@ -953,20 +953,22 @@ void dsm_experts_q8(const float* x, int64_t A, int64_t D, int64_t F, int64_t n_a
 // A whole MoE layer for one token (a batch-1 decode step) in one call: the router's selection from the logits
 // u^T e_i, the K routed experts gated, the shared experts, and the sum, where in Python these were ~60 small tensor
 // operations around the products (~300 us a layer of the mid-size model, a third of the layer). The selection is
-// the Router's (moe/router.py), in the same order: scores s = softmax or sigmoid of the logits; choice = s + bias;
+// the Router's (moe/router.py): scores s = softmax or sigmoid of the logits; choice = s + bias;
 // with n_limited < n_groups only the n_limited groups ranked best by their top choice (V2) or the sum of their
-// two top choices (V3) stay candidates; the K best candidates (ties: the lower index); gates = s of those,
-// normalised to sum 1 if norm_topk, times route_scale. The routed experts run as dsm_experts(_q8) with one item per
-// selected expert; the shared experts (Fs > 0) as one expert of width Fs with gate 1 (an FFN is an expert), on
-// the integer path when sq8. Outputs: idx (K,) and gates (K,) in selection order, counts (E,) the
-// assignments per expert (the layer's statistics), y (D,) = sum_k expert_k(x) g_k + shared(x).
-void dsm_moe_one_token(const float* x, int64_t D, const float* logits, int64_t E, const float* bias, int softmax,
-                       int64_t n_groups, int64_t n_limited, int top2_sum, int64_t K, int norm_topk, float route_scale,
-                       int64_t F, const void* w1, const void* w3, const void* s1, const void* s3, int bits13,
-                       const void* w2, const void* s2, int bits2, int64_t gs, int q8,
-                       int64_t Fs, const void* sw1, const void* sw3, const void* ss1, const void* ss3, int sbits13,
-                       const void* sw2, const void* ss2, int sbits2, int64_t sgs, int sq8,
-                       int64_t* idx, float* gates, int64_t* counts, float* y, int n_threads) {
+// two top choices (V3) stay candidates; the K best candidates; gates = s of those, normalised to sum 1 if
+// norm_topk, times route_scale. An exact tie at either cut (the M-th group's score equals the next group's, the
+// K-th choice the next expert's: a zero hidden state, a fresh router, saturated sigmoids) returns 1 with nothing
+// computed: torch.topk breaks ties its own way, so the caller lets the Router decide; 0 otherwise. The routed
+// experts run as dsm_experts(_q8) with one item per selected expert; the shared experts (Fs > 0) as one expert of
+// width Fs with gate 1 (an FFN is an expert), on the integer path when sq8. Outputs: idx (K,) and gates (K,) best
+// first, counts (E,) the assignments per expert (the layer's statistics), y (D,) = sum_k expert_k(x) g_k + shared(x).
+int dsm_moe_one_token(const float* x, int64_t D, const float* logits, int64_t E, const float* bias, int softmax,
+                      int64_t n_groups, int64_t n_limited, int top2_sum, int64_t K, int norm_topk, float route_scale,
+                      int64_t F, const void* w1, const void* w3, const void* s1, const void* s3, int bits13,
+                      const void* w2, const void* s2, int bits2, int64_t gs, int q8,
+                      int64_t Fs, const void* sw1, const void* sw3, const void* ss1, const void* ss3, int sbits13,
+                      const void* sw2, const void* ss2, int sbits2, int64_t sgs, int sq8,
+                      int64_t* idx, float* gates, int64_t* counts, float* y, int n_threads) {
     std::vector<float> s(static_cast<size_t>(E)), c(static_cast<size_t>(E));
     if (softmax) {
         float mx = -std::numeric_limits<float>::infinity(), sum = 0.0f;
@@ -996,7 +998,9 @@ void dsm_moe_one_token(const float* x, int64_t D, const float* logits, int64_t E
             if (top2_sum) { none[size_t(a)] = 1; score[size_t(g)] += cg[best_of(cg, per, none)]; }
         }
         std::vector<char> kept(size_t(n_groups), 0);
-        for (int64_t m = 0; m < n_limited; ++m) kept[size_t(best_of(score.data(), n_groups, kept))] = 1;
+        int64_t last = -1;
+        for (int64_t m = 0; m < n_limited; ++m) kept[size_t(last = best_of(score.data(), n_groups, kept))] = 1;
+        if (score[size_t(best_of(score.data(), n_groups, kept))] == score[size_t(last)]) return 1;  // a tie at the cut
         for (int64_t g = 0; g < n_groups; ++g)
             if (!kept[size_t(g)]) for (int64_t i = 0; i < per; ++i) c[size_t(g * per + i)] = ninf;
     }
@@ -1009,6 +1013,8 @@ void dsm_moe_one_token(const float* x, int64_t D, const float* logits, int64_t E
         gates[k] = s[size_t(e)];
         total += gates[k];
     }
+    const int64_t next = best_of(c.data(), E, taken);
+    if (next >= 0 && c[size_t(next)] == c[size_t(idx[K - 1])]) return 1;  // a tie at the cut
     for (int64_t k = 0; k < K; ++k) gates[k] = (norm_topk ? gates[k] / (total + 1e-20f) : gates[k]) * route_scale;
     for (int64_t e = 0; e < E; ++e) counts[e] = 0;
     for (int64_t k = 0; k < K; ++k) ++counts[idx[k]];
@@ -1038,6 +1044,7 @@ void dsm_moe_one_token(const float* x, int64_t D, const float* logits, int64_t E
                         sbits2, sgs, nullptr, h.data(), h.data() + Fs, ys.data(), n_threads);
         for (int64_t d = 0; d < D; ++d) y[d] += ys[size_t(d)];
     }
+    return 0;
 }
 
 // One quantised projection for dsm_mla_one_token: y (M, N) = x (M, K, rows ldx apart) @ dequant(W)^T, with

@@ -178,7 +178,9 @@ class DeepSeekMoEForCausalLM(nn.Module):
     def _may_drop(self) -> bool:
         """Whether a MoE layer drops tokens in this forward. Every layer of ours is built from ``config.moe``, so a
         config that never drops (no capacity factor; or evaluation without ``drop_at_inference``) answers without
-        walking the module tree (~100 us a decode step of the mid-size model, for an answer evaluation knew)."""
+        walking the module tree (~100 us a decode step of the mid-size model, for an answer evaluation knew). The
+        model's own mode decides: a layer switched to training inside an evaluating model draws its own protected
+        sequences."""
         moe_cfg = self.config.moe
         if moe_cfg.capacity_factor is None or not (self.training or moe_cfg.drop_at_inference):
             return False

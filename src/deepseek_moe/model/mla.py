@@ -171,7 +171,12 @@ class MLA(nn.Module):
         cache's new slots are written in place); None, the cache as it was, where the kernel declines."""
         T, C = kv_raw.shape[1], self.kv_lora_rank
         slots, (kv, k_pe) = cache.grow(T, kv_raw[..., :C], kv_raw[..., C:])
-        q_rot = prepare(q_pe, kv_raw, cos, sin, self.kv_norm.weight, self.kv_norm.eps, self.rope_interleave, *slots)
+        try:
+            q_rot = prepare(q_pe, kv_raw, cos, sin, self.kv_norm.weight, self.kv_norm.eps, self.rope_interleave,
+                            *slots)
+        except BaseException:
+            cache.truncate(cache.length - T)
+            raise
         if q_rot is None:
             cache.truncate(cache.length - T)
             return None

@@ -23,8 +23,9 @@ class RMSNorm(nn.Module):
             y = rms_norm_rows(x, self.weight, self.eps)  # a decode step's few rows: one C++ call
             if y is not None:
                 return y
-            # torch's fused op: the same float32 operations in the same order (bit-identical, tested), in one
-            # call instead of eight (a decode step runs two per layer, where per-call overhead is the cost).
+            # More rows, autograd or reference_paths(): torch's fused op, the same float32 operations in the same
+            # order as the formula below (bit-identical, tested), in one call instead of eight. (The C++ call above
+            # sums the squares in another order: equal to rounding.)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in float32: the mean of squares over thousands of bf16 values loses too many bits.
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))

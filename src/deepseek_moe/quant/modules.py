@@ -57,10 +57,11 @@ def _fusable_ffn(ffn: nn.Module | None) -> tuple[dict[str, tuple[torch.Tensor, t
     linears = [getattr(ffn, n) for n in ("w1", "w2", "w3")]
     if not all(type(q) is QuantLinear and q.bias is None and not _hooked(q) for q in linears):
         return None
-    if linears[0].bits != linears[2].bits or linears[0].group_size != linears[1].group_size:
+    w1, w2, w3 = linears
+    if w1.bits != w3.bits or not w1.group_size == w2.group_size == w3.group_size:
         return None
-    return ({n: (q.qweight.unsqueeze(0), q.weight_scale.unsqueeze(0)) for n, q in zip(("w1", "w2", "w3"), linears, strict=True)},
-            linears[0].group_size)
+    named = {"w1": w1, "w2": w2, "w3": w3}
+    return {n: (q.qweight.unsqueeze(0), q.weight_scale.unsqueeze(0)) for n, q in named.items()}, w1.group_size
 
 
 class _KeepsScales(KeepsDtypeOnCast):
@@ -244,7 +245,8 @@ class QuantRoutedExperts(_KeepsScales):
         where the call does not apply: an adapter or a hook on the experts or router, autograd, not fp32, a router
         that is not ours, expert parallelism (an offset); then the layer runs as before."""
         if (self.adapter is not None or self.offset or x_1D.dtype != torch.float32 or needs_grad(x_1D)
-                or type(router) is not Router or _hooked(self) or _hooked(router)):
+                or type(router) is not Router or _hooked(self) or _hooked(router)
+                or (torch.is_grad_enabled() and router.weight.requires_grad)):  # the router's gradient: the Router's
             return None
         fused = _fusable_ffn(shared)
         weights = {n: (getattr(self, n), getattr(self, f"{n}_scale")) for n in ("w1", "w2", "w3")}
