@@ -63,23 +63,27 @@ def test_one_call_equals_the_layer(isa: str, activations: str, bits: int, group:
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     # int4 in groups of 64 over F = 32: w2 falls back to int8 (a layer whose products are in two formats).
     moe = quantised_layer(bits, group, **ROUTING[routing])
-    for x in torch.randn(6, 1, 1, 64):  # several tokens: the group rankings differ between V2 and V3 on some
+    # Decode steps (the group rankings differ between V2 and V3 on some), a verification of 3, two rows of 2.
+    g = torch.Generator().manual_seed(1)
+    for x in [*torch.randn(4, 1, 1, 64, generator=g), torch.randn(1, 3, 64, generator=g),
+              torch.randn(2, 2, 64, generator=g)]:
+        T = x.shape[0] * x.shape[1]
         with kernel_path(isa, activations), torch.inference_mode():
-            layer = moe.experts.layer_one_token(x.view(1, 64), moe.gate, moe.shared_experts)  # type: ignore[operator]
+            layer = moe.experts.layer_one_token(x.view(T, 64), moe.gate, moe.shared_experts)  # type: ignore[operator]
             assert layer is not None, "the one-call path declined a layer it serves"
-            routing_ref = moe.gate(x.view(1, 64))
+            routing_ref = moe.gate(x.view(T, 64))
             y = moe(x)
             stats = moe.last_stats
             y_plain = plain(moe, x, monkeypatch)
             stats_plain = moe.last_stats
             with reference_paths():
                 y_ref = moe(x)
-        assert torch.equal(layer.indices_K, routing_ref.indices_TK[0])  # best first, as topk sorts
-        torch.testing.assert_close(layer.gates_K, routing_ref.weights_TK[0], rtol=1e-6, atol=1e-7)
-        assert torch.equal(layer.y_1D, y.view(1, 64))
+        assert torch.equal(layer.indices_K, routing_ref.indices_TK)  # each token's best first, as topk sorts
+        torch.testing.assert_close(layer.gates_K, routing_ref.weights_TK, rtol=1e-6, atol=1e-7)
+        assert torch.equal(layer.y_1D, y.view(T, 64))
         assert stats is not None and stats_plain is not None
         assert torch.equal(stats.tokens_per_expert, stats_plain.tokens_per_expert)
-        assert stats.n_assignments == stats_plain.n_assignments == 3 and int(stats.dropped) == 0
+        assert stats.n_assignments == stats_plain.n_assignments == 3 * T and int(stats.dropped) == 0
         torch.testing.assert_close(y, y_plain, rtol=1e-5, atol=1e-5)  # the same kernels, summed in another order
         if activations == "fp32":  # int8 activations round x and h: the dequantised reference does not
             torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
@@ -118,7 +122,7 @@ def test_shared_experts_kept_in_float_run_after_the_call() -> None:
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
 
 
-def test_the_layer_takes_the_call_only_for_one_token_at_inference(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_layer_takes_the_call_only_for_a_few_tokens_at_inference(monkeypatch: pytest.MonkeyPatch) -> None:
     moe = quantised_layer(8, 32, **ROUTING["v2 softmax"])
     calls: list[int] = []
     real = QuantRoutedExperts.layer_one_token
@@ -130,13 +134,14 @@ def test_the_layer_takes_the_call_only_for_one_token_at_inference(monkeypatch: p
     monkeypatch.setattr(QuantRoutedExperts, "layer_one_token", spy)
     with kernel_path("scalar", "fp32"), torch.inference_mode():
         moe(torch.randn(1, 1, 64))
-        assert len(calls) == 1
-        moe(torch.randn(1, 2, 64))  # two tokens: the dispatcher's path
+        moe(torch.randn(2, 8, 64))  # 16 tokens: still a few
+        assert len(calls) == 2
+        moe(torch.randn(1, 17, 64))  # more: the dispatcher's sorted grouped products
         moe(torch.randn(1, 1, 64), token_mask=torch.tensor([[False]]))  # padding: routed nowhere
         moe.train()
         moe(torch.randn(1, 1, 64))  # training: balance losses and counts need the Router's scores
         moe.eval()
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 def test_declines_what_it_does_not_serve() -> None:
@@ -169,8 +174,8 @@ def test_bad_arguments_are_named() -> None:
             moe_one_token(x, torch.randn(16, 64), torch.zeros(15), cfg, w, 32)
         # a bias cast with the model: declined, the Router adds it in its own dtype
         assert moe_one_token(x, torch.randn(16, 64), torch.zeros(16, dtype=torch.float64), cfg, w, 32) is None
-        with pytest.raises(ValueError, match="one fp32 token"):
-            moe_one_token(torch.randn(2, 64), torch.randn(16, 64), None, cfg, w, 32)
+        with pytest.raises(ValueError, match="1 to 16 fp32 tokens"):
+            moe_one_token(torch.randn(17, 64), torch.randn(16, 64), None, cfg, w, 32)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -200,7 +205,7 @@ def test_a_quantised_model_decodes_through_the_call_as_without_it(bits: int, mon
             m.setattr(MoE, "_one_token_call", lambda self: None)
             tokens_off, logits_off = greedy()
     n_moe = sum(isinstance(m, MoE) for m in model.modules())
-    assert len(served) == n_moe * 10 and all(served)  # the 10 one-token steps, not the prefill
+    assert len(served) == n_moe * 11 and all(served)  # the prefill of 7 and the 10 one-token steps
     assert tokens == tokens_off
     torch.testing.assert_close(logits, logits_off, rtol=1e-4, atol=1e-4)
 

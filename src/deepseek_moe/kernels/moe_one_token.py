@@ -1,4 +1,4 @@
-"""A whole quantised MoE layer for one token (a batch-1 decode step) in one kernel call.
+"""A whole quantised MoE layer for a few tokens (a decode step, a speculative verification) in one kernel call.
 
 At T = 1 the MoE layer's products are a third of its time: the router's softmax, top-K, gather and
 normalisation, the experts' call, the shared experts' three products and ~40 more small tensor operations and
@@ -26,6 +26,9 @@ from deepseek_moe.kernels.quant_matmul import (
     activations,
 )
 
+# Tokens up to which the call runs: a decode step's one, a speculative verification's k + 1 (more: the dispatcher,
+# whose sorted grouped products read each expert's weights once for all its rows).
+MAX_TOKENS = 16
 Weights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # "w1"/"w2"/"w3" -> (codes (E, ...), scales (E, ...))
 
 
@@ -49,10 +52,10 @@ class SelectionRule(Protocol):
 
 
 class OneTokenLayer(NamedTuple):
-    y_1D: torch.Tensor  # the layer's output (1, D) fp32: routed experts gated and summed, plus the shared ones
-    indices_K: torch.Tensor  # the selected experts (K,) int64, in selection order (best first)
-    gates_K: torch.Tensor  # their gate values (K,) fp32
-    tokens_per_expert: torch.Tensor  # (E,) int64: 1 for each selected expert (the layer's statistics)
+    y_1D: torch.Tensor  # the layer's output (T, D) fp32: routed experts gated and summed, plus the shared ones
+    indices_K: torch.Tensor  # the selected experts (T, K) int64, each token's best first
+    gates_K: torch.Tensor  # their gate values (T, K) fp32
+    tokens_per_expert: torch.Tensor  # (E,) int64: the tokens that chose each expert (the layer's statistics)
 
 
 def _q8(w: Weights, group_size: int) -> bool:
@@ -63,7 +66,7 @@ def _q8(w: Weights, group_size: int) -> bool:
 def moe_one_token(x_1D: torch.Tensor, router_weight: torch.Tensor, bias_E: torch.Tensor | None,
                   rule: SelectionRule, experts: Weights, group_size: int, shared: Weights | None = None,
                   shared_group_size: int = 0) -> OneTokenLayer | None:
-    """x (1, D) fp32 through the MoE layer whose router has ``router_weight`` (E, D) (its logits in fp32, as the
+    """x (T, D) fp32, T <= MAX_TOKENS (a decode step's token, a verification's few), through the MoE layer whose router has ``router_weight`` (E, D) (its logits in fp32, as the
     Router computes them) and ``bias_E`` (the V3 selection bias, or None), routed experts ``experts`` (stacked
     codes and scales, as :func:`quant_experts` takes them) and shared experts ``shared`` (one expert (1, Fs, ...)
     of their whole width, or None). None where the kernel does not serve it (no kernel, autograd, inside
@@ -72,9 +75,10 @@ def moe_one_token(x_1D: torch.Tensor, router_weight: torch.Tensor, bias_E: torch
     lib = _experts_kernel(x_1D, experts, group_size)
     if lib is None or (shared is not None and _experts_kernel(x_1D, shared, shared_group_size) is None):
         return None
-    if x_1D.dim() != 2 or x_1D.shape[0] != 1 or x_1D.dtype != torch.float32:
-        raise ValueError(f"moe_one_token: x must be one fp32 token (1, D), got {tuple(x_1D.shape)} {x_1D.dtype}")
-    E_w, D = experts["w1"][0].shape[0], x_1D.shape[1]
+    if x_1D.dim() != 2 or not 0 < x_1D.shape[0] <= MAX_TOKENS or x_1D.dtype != torch.float32:
+        raise ValueError(f"moe_one_token: x must be 1 to {MAX_TOKENS} fp32 tokens (T, D), got {tuple(x_1D.shape)} "
+                         f"{x_1D.dtype}")
+    (T, D), E_w = x_1D.shape, experts["w1"][0].shape[0]
     if router_weight.dim() != 2 or router_weight.shape[1] != D:
         raise ValueError(f"moe_one_token: router weight {tuple(router_weight.shape)} must be (E, {D})")
     E, K, G, M = router_weight.shape[0], rule.n_activated_experts, rule.n_expert_groups, rule.n_limited_groups
@@ -89,15 +93,15 @@ def moe_one_token(x_1D: torch.Tensor, router_weight: torch.Tensor, bias_E: torch
         raise ValueError(f"moe_one_token: bias must be ({E},), got {tuple(bias_E.shape)}")
     if bias_E is not None and bias_E.dtype != torch.float32:
         return None  # a bias cast with the model: the Router adds it in its own dtype
-    one = [1] + [0] * (E - 1)  # shapes only: the checks need counts that add up to x's one row
-    _check_experts(x_1D, one, None, experts, group_size)
+    rows = [T] + [0] * (E - 1)  # shapes only: the checks need counts that add up to x's rows
+    _check_experts(x_1D, rows, None, experts, group_size)
     if shared is not None:
-        _check_experts(x_1D, [1], None, shared, shared_group_size)
+        _check_experts(x_1D, [T], None, shared, shared_group_size)
     x = x_1D.contiguous()
     logits = F.linear(x, router_weight.float())  # the Router's logits, the same op
     bias = None if bias_E is None else bias_E.contiguous()
-    idx, gates = torch.empty(K, dtype=torch.int64), torch.empty(K)
-    counts, y = torch.empty(E, dtype=torch.int64), torch.empty(1, D)
+    idx, gates = torch.empty(T, K, dtype=torch.int64), torch.empty(T, K)
+    counts, y = torch.empty(E, dtype=torch.int64), torch.empty(T, D)
 
     def args(w: Weights | None, gs: int) -> list[object]:
         if w is None:
@@ -107,7 +111,7 @@ def moe_one_token(x_1D: torch.Tensor, router_weight: torch.Tensor, bias_E: torch
                 8 if w1.dtype == torch.int8 else 4, w2.data_ptr(), s2.data_ptr(), 8 if w2.dtype == torch.int8 else 4,
                 gs, int(_q8(w, gs))]
 
-    tie = lib.dsm_moe_one_token(x.data_ptr(), D, logits.data_ptr(), E, None if bias is None else bias.data_ptr(),
+    tie = lib.dsm_moe_one_token(x.data_ptr(), T, D, logits.data_ptr(), E, None if bias is None else bias.data_ptr(),
                                 int(rule.score_func == "softmax"), G, M, int(top2), K,
                                 int(rule.norm_topk_prob), float(rule.route_scale), *args(experts, group_size),
                                 *args(shared, shared_group_size), idx.data_ptr(), gates.data_ptr(), counts.data_ptr(),
@@ -117,4 +121,4 @@ def moe_one_token(x_1D: torch.Tensor, router_weight: torch.Tensor, bias_E: torch
     return OneTokenLayer(y, idx, gates, counts)
 
 
-__all__ = ["OneTokenLayer", "SelectionRule", "moe_one_token"]
+__all__ = ["MAX_TOKENS", "OneTokenLayer", "SelectionRule", "moe_one_token"]

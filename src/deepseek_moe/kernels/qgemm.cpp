@@ -950,25 +950,10 @@ void dsm_experts_q8(const float* x, int64_t A, int64_t D, int64_t F, int64_t n_a
 }
 
 
-// A whole MoE layer for one token (a batch-1 decode step) in one call: the router's selection from the logits
-// u^T e_i, the K routed experts gated, the shared experts, and the sum, where in Python these were ~60 small tensor
-// operations around the products (~300 us a layer of the mid-size model, a third of the layer). The selection is
-// the Router's (moe/router.py): scores s = softmax or sigmoid of the logits; choice = s + bias;
-// with n_limited < n_groups only the n_limited groups ranked best by their top choice (V2) or the sum of their
-// two top choices (V3) stay candidates; the K best candidates; gates = s of those, normalised to sum 1 if
-// norm_topk, times route_scale. An exact tie at either cut (the M-th group's score equals the next group's, the
-// K-th choice the next expert's: a zero hidden state, a fresh router, saturated sigmoids) returns 1 with nothing
-// computed: torch.topk breaks ties its own way, so the caller lets the Router decide; 0 otherwise. The routed
-// experts run as dsm_experts(_q8) with one item per selected expert; the shared experts (Fs > 0) as one expert of
-// width Fs with gate 1 (an FFN is an expert), on the integer path when sq8. Outputs: idx (K,) and gates (K,) best
-// first, counts (E,) the assignments per expert (the layer's statistics), y (D,) = sum_k expert_k(x) g_k + shared(x).
-int dsm_moe_one_token(const float* x, int64_t D, const float* logits, int64_t E, const float* bias, int softmax,
-                      int64_t n_groups, int64_t n_limited, int top2_sum, int64_t K, int norm_topk, float route_scale,
-                      int64_t F, const void* w1, const void* w3, const void* s1, const void* s3, int bits13,
-                      const void* w2, const void* s2, int bits2, int64_t gs, int q8,
-                      int64_t Fs, const void* sw1, const void* sw3, const void* ss1, const void* ss3, int sbits13,
-                      const void* sw2, const void* ss2, int sbits2, int64_t sgs, int sq8,
-                      int64_t* idx, float* gates, int64_t* counts, float* y, int n_threads) {
+// The Router's selection for one token (dsm_moe_one_token's first step): 1 on an exact tie at a cut, else 0.
+static int route_token(const float* logits, int64_t E, const float* bias, int softmax, int64_t n_groups,
+                       int64_t n_limited, int top2_sum, int64_t K, int norm_topk, float route_scale, int64_t* idx,
+                       float* gates) {
     std::vector<float> s(static_cast<size_t>(E)), c(static_cast<size_t>(E));
     if (softmax) {
         float mx = -std::numeric_limits<float>::infinity(), sum = 0.0f;
@@ -1016,33 +1001,62 @@ int dsm_moe_one_token(const float* x, int64_t D, const float* logits, int64_t E,
     const int64_t next = best_of(c.data(), E, taken);
     if (next >= 0 && c[size_t(next)] == c[size_t(idx[K - 1])]) return 1;  // a tie at the cut
     for (int64_t k = 0; k < K; ++k) gates[k] = (norm_topk ? gates[k] / (total + 1e-20f) : gates[k]) * route_scale;
-    for (int64_t e = 0; e < E; ++e) counts[e] = 0;
-    for (int64_t k = 0; k < K; ++k) ++counts[idx[k]];
+    return 0;
+}
 
-    // Item k: expert idx[k] on row k, a copy of x (each item writes its own row of h and of the output).
-    std::vector<float> xs(static_cast<size_t>(K * D)), ys(static_cast<size_t>(K * D)),
-        h(static_cast<size_t>(2 * K * (F > Fs ? F : Fs)));
-    std::vector<int64_t> start(static_cast<size_t>(K)), len(static_cast<size_t>(K), 1), zero(1, 0), one(1, 1);
-    for (int64_t k = 0; k < K; ++k) { std::memcpy(xs.data() + k * D, x, size_t(D) * 4); start[size_t(k)] = k; }
+// A whole MoE layer for a few tokens (a decode step's, a speculative verification's) in one call: the router's
+// selection from the logits u^T e_i, the K routed experts gated, the shared experts, and the sum, where in Python these were ~60 small tensor
+// operations around the products (~300 us a layer of the mid-size model, a third of the layer). The selection is
+// the Router's (moe/router.py): scores s = softmax or sigmoid of the logits; choice = s + bias;
+// with n_limited < n_groups only the n_limited groups ranked best by their top choice (V2) or the sum of their
+// two top choices (V3) stay candidates; the K best candidates; gates = s of those, normalised to sum 1 if
+// norm_topk, times route_scale. An exact tie at either cut (the M-th group's score equals the next group's, the
+// K-th choice the next expert's: a zero hidden state, a fresh router, saturated sigmoids) returns 1 with nothing
+// computed: torch.topk breaks ties its own way, so the caller lets the Router decide; 0 otherwise. The routed
+// experts run as dsm_experts(_q8) with one item per selected expert; the shared experts (Fs > 0) as one expert of
+// width Fs with gate 1 (an FFN is an expert), on the integer path when sq8. Outputs: idx and gates (T, K),
+// each token's best first; counts (E,) the assignments per expert (the layer's statistics); y (T, D), a token's
+// sum_k expert_k(x) g_k + shared(x). x (T, D) and logits (T, E) contiguous.
+int dsm_moe_one_token(const float* x, int64_t T, int64_t D, const float* logits, int64_t E, const float* bias,
+                      int softmax, int64_t n_groups, int64_t n_limited, int top2_sum, int64_t K, int norm_topk,
+                      float route_scale, int64_t F, const void* w1, const void* w3, const void* s1, const void* s3,
+                      int bits13, const void* w2, const void* s2, int bits2, int64_t gs, int q8,
+                      int64_t Fs, const void* sw1, const void* sw3, const void* ss1, const void* ss3, int sbits13,
+                      const void* sw2, const void* ss2, int sbits2, int64_t sgs, int sq8,
+                      int64_t* idx, float* gates, int64_t* counts, float* y, int n_threads) {
+    for (int64_t t = 0; t < T; ++t)
+        if (route_token(logits + t * E, E, bias, softmax, n_groups, n_limited, top2_sum, K, norm_topk, route_scale,
+                        idx + t * K, gates + t * K))
+            return 1;
+    for (int64_t e = 0; e < E; ++e) counts[e] = 0;
+    for (int64_t a = 0; a < T * K; ++a) ++counts[idx[a]];
+
+    // Item a = t * K + k: expert idx[a] on row a, a copy of token t (each item writes its own row of h and y).
+    const int64_t A = T * K;
+    std::vector<float> xs(static_cast<size_t>(A * D)), ys(static_cast<size_t>(A * D)),
+        h(static_cast<size_t>(2 * (A * F > T * Fs ? A * F : T * Fs)));
+    std::vector<int64_t> start(static_cast<size_t>(A)), len(static_cast<size_t>(A), 1), zero(1, 0), rows(1, T);
+    for (int64_t a = 0; a < A; ++a) { std::memcpy(xs.data() + a * D, x + (a / K) * D, size_t(D) * 4); start[size_t(a)] = a; }
     if (q8)
-        dsm_experts_q8(xs.data(), K, D, F, K, idx, start.data(), len.data(), w1, w3, s1, s3, bits13, w2, s2, bits2,
+        dsm_experts_q8(xs.data(), A, D, F, A, idx, start.data(), len.data(), w1, w3, s1, s3, bits13, w2, s2, bits2,
                        gs, gates, h.data(), ys.data(), n_threads);
     else
-        dsm_experts(xs.data(), K, D, F, K, idx, start.data(), len.data(), w1, w3, s1, s3, bits13, w2, s2, bits2,
-                    gs, gates, h.data(), h.data() + K * F, ys.data(), n_threads);
-    for (int64_t d = 0; d < D; ++d) {
-        float acc = 0.0f;
-        for (int64_t k = 0; k < K; ++k) acc += ys[size_t(k * D + d)];
-        y[d] = acc;
-    }
-    if (Fs > 0) {
+        dsm_experts(xs.data(), A, D, F, A, idx, start.data(), len.data(), w1, w3, s1, s3, bits13, w2, s2, bits2,
+                    gs, gates, h.data(), h.data() + A * F, ys.data(), n_threads);
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t d = 0; d < D; ++d) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < K; ++k) acc += ys[size_t((t * K + k) * D + d)];
+            y[t * D + d] = acc;
+        }
+    if (Fs > 0) {  // one item: the shared "expert" on all T rows
         if (sq8)
-            dsm_experts_q8(x, 1, D, Fs, 1, zero.data(), zero.data(), one.data(), sw1, sw3, ss1, ss3, sbits13, sw2,
+            dsm_experts_q8(x, T, D, Fs, 1, zero.data(), zero.data(), rows.data(), sw1, sw3, ss1, ss3, sbits13, sw2,
                            ss2, sbits2, sgs, nullptr, h.data(), ys.data(), n_threads);
         else
-            dsm_experts(x, 1, D, Fs, 1, zero.data(), zero.data(), one.data(), sw1, sw3, ss1, ss3, sbits13, sw2, ss2,
-                        sbits2, sgs, nullptr, h.data(), h.data() + Fs, ys.data(), n_threads);
-        for (int64_t d = 0; d < D; ++d) y[d] += ys[size_t(d)];
+            dsm_experts(x, T, D, Fs, 1, zero.data(), zero.data(), rows.data(), sw1, sw3, ss1, ss3, sbits13, sw2, ss2,
+                        sbits2, sgs, nullptr, h.data(), h.data() + T * Fs, ys.data(), n_threads);
+        for (int64_t a = 0; a < T * D; ++a) y[a] += ys[size_t(a)];
     }
     return 0;
 }

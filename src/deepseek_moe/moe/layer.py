@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from deepseek_moe.config import MoEConfig
+from deepseek_moe.kernels.moe_one_token import MAX_TOKENS as ONE_CALL_TOKENS
 from deepseek_moe.kernels.switch import fast_paths_enabled
 from deepseek_moe.moe import balance
 from deepseek_moe.moe.dispatch import Dispatcher, DropPlan, LocalDispatcher
@@ -128,14 +129,14 @@ class MoE(nn.Module):
         span = self.dispatcher.batch_span(B, n_real) if self.uniform_routing or dropping else None
 
         call = None if self.training else self._one_token_call()
-        if call is not None and B * S == 1 and real_T is None and span is None:
-            # A batch-1 decode step: the whole layer in one kernel call where the experts offer one
+        if call is not None and B * S <= ONE_CALL_TOKENS and real_T is None and span is None:
+            # A decode step or a verification: the whole layer in one kernel call where the experts offer one
             # (QuantRoutedExperts.layer_one_token: selection, experts, shared experts and sum in C++).
             layer = call(x_TD, self.gate, self.shared_experts)
             if layer is not None:
                 self.aux_loss = x.new_zeros((), dtype=torch.float32)
                 self.last_stats = MoEStats(layer.tokens_per_expert, torch.zeros((), dtype=torch.int64),
-                                           cfg.n_activated_experts)
+                                           layer.indices_K.numel())
                 return layer.y_1D.view(x.shape)
 
         if span is not None and self.uniform_routing:
