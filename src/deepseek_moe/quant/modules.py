@@ -239,11 +239,11 @@ class QuantRoutedExperts(_KeepsScales):
         return quant_experts_one_token(x_1D, experts_K, gates_K, weights, self.group_size)
 
     def layer_one_token(self, x_1D: torch.Tensor, router: nn.Module, shared: nn.Module | None) -> OneTokenLayer | None:
-        """The whole MoE layer for a few fp32 tokens (T, D), T <= 16, these experts with ``router`` (the layer's Router) and ``shared``
-        (its shared experts, or None), in one kernel call (kernels/moe_one_token.py). Shared experts kept in float
-        (QuantConfig.keep), or quantised with a bias or a hook, run as their own module after the call. None
-        where the call does not apply: an adapter or a hook on the experts or router, autograd, not fp32, a router
-        that is not ours, expert parallelism (an offset); then the layer runs as before."""
+        """The whole MoE layer for a few fp32 tokens (T, D), T <= 16, these experts with ``router`` (the layer's
+        Router) and ``shared`` (its shared experts, or None), in one kernel call (kernels/moe_one_token.py). Shared
+        experts kept in float (QuantConfig.keep), or quantised with a bias or a hook, run as their own module after
+        the call. None where the call does not apply: an adapter or a hook on the experts or router, autograd, not
+        fp32, a router that is not ours, expert parallelism (an offset); then the layer runs as before."""
         if (self.adapter is not None or self.offset or x_1D.dtype != torch.float32 or needs_grad(x_1D)
                 or type(router) is not Router or _hooked(self) or _hooked(router)
                 or (torch.is_grad_enabled() and router.weight.requires_grad)):  # the router's gradient: the Router's
