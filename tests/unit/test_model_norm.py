@@ -5,6 +5,7 @@ from deepseek_moe.kernels import rms_norm
 from deepseek_moe.kernels.switch import reference_paths
 from deepseek_moe.model import norm as norm_module
 from deepseek_moe.model.norm import RMSNorm
+from tests.unit.quant_kernel_paths import served_calls
 
 
 def test_rmsnorm_matches_formula() -> None:
@@ -49,15 +50,7 @@ def test_a_few_rows_take_the_kernel_and_match_the_formula(monkeypatch: pytest.Mo
     more rows, autograd or reference_paths() keep torch's op and its exact bits."""
     if not rms_norm.kernel_available():
         pytest.skip("no C++ compiler: the kernel cannot be built")
-    served: list[bool] = []
-    real = norm_module.rms_norm_rows
-
-    def counted(*args: object) -> object:
-        y = real(*args)  # type: ignore[arg-type]
-        served.append(y is not None)
-        return y
-
-    monkeypatch.setattr(norm_module, "rms_norm_rows", counted)
+    served = served_calls(monkeypatch, norm_module, "rms_norm_rows")
     torch.manual_seed(2)
     for dim, eps in ((1, 1e-5), (7, 0.5), (33, 1e-5), (100, 1e-6), (1024, 1e-6), (5120, 1e-6)):
         norm = RMSNorm(dim, eps=eps)

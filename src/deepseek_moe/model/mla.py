@@ -24,6 +24,8 @@ N qk_nope_head_dim, V v_head_dim.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,6 +47,22 @@ LATENT_NORM_EPS = 1e-6
 def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
     """(T, S) bool: the T new tokens are the last T of S slots; each sees itself and everything before."""
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+
+
+def _in_new_slots(cache: LayerCache, T: int, like: tuple[torch.Tensor, ...],
+                  write: Callable[[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]], torch.Tensor | None],
+                  ) -> torch.Tensor | None:
+    """``write(new slots, all slots)`` after the cache grew by T slots shaped like ``like`` (a kernel fills the new
+    ones in place); the cache rolled back where it returns None (the kernel declined) or raises."""
+    slots, cached = cache.grow(T, *like)
+    try:
+        out = write(slots, cached)
+    except BaseException:
+        cache.truncate(cache.length - T)
+        raise
+    if out is None:
+        cache.truncate(cache.length - T)
+    return out
 
 
 class MLA(nn.Module):
@@ -141,18 +159,15 @@ class MLA(nn.Module):
         C, R = self.kv_lora_rank, self.qk_rope_head_dim
         w_uk, w_uv_t = self._absorbed_matrices(torch.float32)
         column = x[..., :1]
-        _, (kv, k_pe) = cache.grow(T, column.expand(B, T, C), column.expand(B, T, R))  # the call writes them
-        try:
-            y = mla_one_token(x, codes, None if self.q_lora_rank == 0 else (self.q_norm.weight, self.q_norm.eps),
-                              (self.kv_norm.weight, self.kv_norm.eps), cos, sin, self.rope_interleave,
-                              (self.n_heads, self.qk_nope_head_dim, R, C, self.v_head_dim), kv, k_pe, mask, w_uk,
-                              w_uv_t, self.softmax_scale)
-        except BaseException:
-            cache.truncate(cache.length - T)
-            raise
-        if y is None:
-            cache.truncate(cache.length - T)
-        return y
+
+        def write(slots: tuple[torch.Tensor, ...], cached: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+            kv, k_pe = cached  # the call writes the new slots itself
+            return mla_one_token(x, codes, None if self.q_lora_rank == 0 else (self.q_norm.weight, self.q_norm.eps),
+                                 (self.kv_norm.weight, self.kv_norm.eps), cos, sin, self.rope_interleave,
+                                 (self.n_heads, self.qk_nope_head_dim, R, C, self.v_head_dim), kv, k_pe, mask, w_uk,
+                                 w_uv_t, self.softmax_scale)
+
+        return _in_new_slots(cache, T, (column.expand(B, T, C), column.expand(B, T, R)), write)
 
     def _prepares_in_cpp(self, cache: LayerCache, kv_raw: torch.Tensor) -> bool:
         """Whether a step of a few new tokens takes the C++ path from the projections on: the latent norm, both
@@ -170,17 +185,14 @@ class MLA(nn.Module):
         """:meth:`forward` from the projections on, with the norm, rotations and cache write as one C++ call (the
         cache's new slots are written in place); None, the cache as it was, where the kernel declines."""
         T, C = kv_raw.shape[1], self.kv_lora_rank
-        slots, (kv, k_pe) = cache.grow(T, kv_raw[..., :C], kv_raw[..., C:])
-        try:
+
+        def write(slots: tuple[torch.Tensor, ...], cached: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
             q_rot = prepare(q_pe, kv_raw, cos, sin, self.kv_norm.weight, self.kv_norm.eps, self.rope_interleave,
                             *slots)
-        except BaseException:
-            cache.truncate(cache.length - T)
-            raise
-        if q_rot is None:
-            cache.truncate(cache.length - T)
-            return None
-        return self._absorbed_fused(q_nope, q_rot, kv, k_pe, mask)
+            kv, k_pe = cached
+            return None if q_rot is None else self._absorbed_fused(q_nope, q_rot, kv, k_pe, mask)
+
+        return _in_new_slots(cache, T, (kv_raw[..., :C], kv_raw[..., C:]), write)
 
     def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
                mask: torch.Tensor | None) -> torch.Tensor:
