@@ -159,3 +159,25 @@ def test_mla_one_token_names_what_does_not_fit() -> None:
         missing = {**codes, "wkv_a": None}
         with pytest.raises(ValueError, match="give wq alone, or wq_a and wq_b with q_norm"):
             mla_one_token(x, missing, *norms, cs, cs, True, (H, N, R, C, V), kv, pe, None, w_uk, w_uv_t, 0.1)
+
+
+def test_remembered_descriptors_follow_the_activations_and_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The call remembers each layer's checked projections by their layout (kernels/mla_one_token.py
+    ``_descriptors``): one model decoded with fp32 activations, then int8 ones, then with its codes rewritten in
+    place and with a projection swapped for a copy elsewhere in memory, each time as with the call off."""
+    model = quantised_tiny(8, 48)
+    calls = served_calls(monkeypatch, mla_module, "mla_one_token")
+    wq_b = model.layers[0].attn.wq_b
+    with torch.inference_mode():
+        for activations in ("fp32", "int8", "int8", "fp32"):
+            with kernel_path("scalar", activations):
+                got, plain = decode(model), without_call(model, monkeypatch)
+            torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+            if activations == "int8":  # codes rewritten in place: same layout, new values
+                wq_b.qweight.copy_(torch.flip(wq_b.qweight, dims=(0,)))
+        before = decode(model)
+        monkeypatch.setattr(wq_b, "qweight", torch.zeros_like(wq_b.qweight))  # another address, zero codes
+        got = decode(model)
+        torch.testing.assert_close(got, without_call(model, monkeypatch), rtol=1e-5, atol=1e-5)
+    assert calls and all(calls)
+    assert not torch.allclose(got, before)

@@ -271,3 +271,38 @@ def test_a_hooked_shared_ffn_runs_as_its_module_after_the_call() -> None:
         with reference_paths():
             y_ref = moe(x)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_remembered_arguments_follow_the_activations_weights_and_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The call remembers each layer's checked arguments by the weights' layout and the rule
+    (kernels/moe_one_token.py ``_layer_arguments``): one layer run with fp32 activations, then int8 ones, with its
+    expert codes rewritten in place, with the shared experts' codes swapped for a copy elsewhere in memory, and
+    with another rule over the same weights, each time as with the call off."""
+    from dataclasses import replace
+
+    from deepseek_moe.quant import modules as quant_modules
+
+    moe = quantised_layer(4, 32, **ROUTING["v2 groups"])
+    experts, ffn = moe.experts, moe.shared_experts
+    assert ffn is not None
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(5))
+    served = served_calls(monkeypatch, quant_modules, "moe_one_token")
+    outs = []
+    with torch.inference_mode():
+        for activations in ("fp32", "int8", "fp32"):
+            with kernel_path("scalar", activations):
+                got = moe(x)
+                torch.testing.assert_close(got, plain(moe, x, monkeypatch), rtol=1e-5, atol=1e-5)
+                outs.append(got)
+        assert not torch.allclose(outs[0], outs[1])  # int8 activations round x
+        with kernel_path("scalar", "fp32"):
+            experts.w2.copy_(torch.flip(experts.w2, dims=(1,)))  # in place: the same layout
+            torch.testing.assert_close(moe(x), plain(moe, x, monkeypatch), rtol=1e-5, atol=1e-5)
+            monkeypatch.setattr(ffn.w2, "qweight", torch.flip(ffn.w2.qweight, dims=(0,)).contiguous())
+            torch.testing.assert_close(moe(x), plain(moe, x, monkeypatch), rtol=1e-5, atol=1e-5)
+            before = moe(x)
+            moe.cfg = moe.gate.cfg = replace(moe.cfg, n_limited_groups=1)
+            got = moe(x)
+            torch.testing.assert_close(got, plain(moe, x, monkeypatch), rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(got, before)
+    assert served and all(served)

@@ -61,33 +61,19 @@ def mla_one_token(x: torch.Tensor, projections: dict[str, Codes | None], q_norm:
     H, N, R, C, V = heads
     if lib is None or mla is None or torch.is_grad_enabled() or not 0 < T <= MAX_NEW_TOKENS:
         return None
-    codes = [w for w in projections.values() if w is not None]
-    if any(c.dtype == torch.uint8 and (2 * c.shape[1] // s.shape[1]) % 32 for c, s in codes):
-        return None  # int4 groups the SIMD paths cannot step through
     S = kv_all.shape[1]
     if cos.dim() == 3 and cos.shape[0] == 1 and sin.shape == cos.shape:  # one table for every row, as rotary takes
         cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)
-    operands = (x, cos, sin, kv_all, pe_all, w_uk, w_uv_t, kv_norm[0], *([] if q_norm is None else [q_norm[0]]))
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in operands):
+    if any(t.dtype != torch.float32 or not t.is_cpu or t.stride(-1) != 1 for t in (x, cos, sin, kv_all, pe_all)):
         return None
     if (kv_all.shape != (B, S, C) or pe_all.shape != (B, S, R) or cos.shape != (B, T, R // 2) or sin.shape != cos.shape
-            or w_uk.shape != (H, N, C) or w_uv_t.shape != (H, C, V) or S < T or not w_uk.is_contiguous()
-            or not w_uv_t.is_contiguous()):
+            or S < T):
         raise ValueError(f"mla_one_token: x {tuple(x.shape)}, cache {tuple(kv_all.shape)} / {tuple(pe_all.shape)}, "
-                         f"cos {tuple(cos.shape)}, w_uk {tuple(w_uk.shape)}, w_uv_t {tuple(w_uv_t.shape)} do not fit "
-                         f"heads (H, N, R, C, V) = {heads}")
-    direct = projections.get("wq") is not None
-    lora = all(projections.get(n) is not None for n in ("wq_a", "wq_b")) and q_norm is not None
-    if direct == lora or any(projections.get(n) is None for n in ("wkv_a", "wo")):
-        raise ValueError("mla_one_token: give wq alone, or wq_a and wq_b with q_norm; and wkv_a and wo")
-    L = 0 if q_norm is None else q_norm[0].shape[0]
-    desc = [*_descriptor(projections.get("wq_a"), D, L, "wq_a"),
-            *_descriptor(projections.get("wq_b"), L, H * (N + R), "wq_b"),
-            *_descriptor(projections.get("wq"), D, H * (N + R), "wq"),
-            *_descriptor(projections["wkv_a"], D, C + R, "wkv_a"),
-            *_descriptor(projections["wo"], H * V, D, "wo")]
+                         f"cos {tuple(cos.shape)} do not fit heads (H, N, R, C, V) = {heads}")
+    desc_t = _descriptors(D, projections, q_norm, kv_norm, heads, w_uk, w_uv_t)
+    if desc_t is None:
+        return None
     mask_bytes = mask_rows(mask, B, T, S, "mla_one_token")
-    desc_t = torch.tensor(desc, dtype=torch.int64)
     x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
     y = torch.empty(B, T, D, dtype=torch.float32)
     scratch = torch.empty(B * T * H * (2 * C + S), dtype=torch.float32)
@@ -99,6 +85,55 @@ def mla_one_token(x: torch.Tensor, projections: dict[str, Codes | None], q_norm:
         w_uk.data_ptr(), w_uv_t.data_ptr(), scale, *_entry_points(mla), scratch.data_ptr(), y.data_ptr(),
         torch.get_num_threads())
     return y
+
+
+# The projections' descriptors as the call reads them, by everything their checks and contents depend on: the
+# codes' and scales' addresses, dtypes, shapes and strides (a tensor allocated where a freed one was, alike in
+# all of these, gets the same descriptor, rightly), the layer's sizes and the activation format. Checking and
+# packing them took ~100 us of a ~250 us call on the default model; a lookup takes a few.
+_DESCRIPTORS: dict[tuple[object, ...], torch.Tensor | None] = {}
+_MAX_DESCRIPTORS = 1024  # layers (and MTP modules) of the models a process holds; cleared when full
+
+
+def _layout(t: torch.Tensor) -> tuple[object, ...]:
+    return t.data_ptr(), t.dtype, t.shape, t.stride(), t.is_cpu
+
+
+def _descriptors(D: int, projections: dict[str, Codes | None], q_norm: tuple[torch.Tensor, float] | None,
+                 kv_norm: tuple[torch.Tensor, float], heads: tuple[int, int, int, int, int], w_uk: torch.Tensor,
+                 w_uv_t: torch.Tensor) -> torch.Tensor | None:
+    """The descriptor tensor of ``dsm_mla_one_token`` (:func:`_descriptor` of each projection, in PROJECTIONS'
+    order), or None where the call does not apply (int4 groups the SIMD paths cannot step through, weights not
+    fp32 on the CPU); ValueError for projections or weights that do not fit ``heads``. Memoised (above)."""
+    weights = (w_uk, w_uv_t, kv_norm[0], *([] if q_norm is None else [q_norm[0]]))
+    key = (activations(), D, heads, *(None if (w := projections.get(n)) is None else (_layout(w[0]), _layout(w[1]))
+                                      for n in PROJECTIONS), *(_layout(t) for t in weights))
+    if key in _DESCRIPTORS:
+        return _DESCRIPTORS[key]
+    H, N, R, C, V = heads
+    codes = [w for w in projections.values() if w is not None]
+    desc_t: torch.Tensor | None = None
+    if not (any(c.dtype == torch.uint8 and (2 * c.shape[1] // s.shape[1]) % 32 for c, s in codes)  # int4 groups
+            or any(t.dtype != torch.float32 or not t.is_cpu or t.stride(-1) != 1 for t in weights)):
+        if (w_uk.shape != (H, N, C) or w_uv_t.shape != (H, C, V) or not w_uk.is_contiguous()
+                or not w_uv_t.is_contiguous()):
+            raise ValueError(f"mla_one_token: w_uk {tuple(w_uk.shape)}, w_uv_t {tuple(w_uv_t.shape)} do not fit "
+                             f"heads (H, N, R, C, V) = {heads}")
+        direct = projections.get("wq") is not None
+        lora = all(projections.get(n) is not None for n in ("wq_a", "wq_b")) and q_norm is not None
+        if direct == lora or any(projections.get(n) is None for n in ("wkv_a", "wo")):
+            raise ValueError("mla_one_token: give wq alone, or wq_a and wq_b with q_norm; and wkv_a and wo")
+        L = 0 if q_norm is None else q_norm[0].shape[0]
+        desc = [*_descriptor(projections.get("wq_a"), D, L, "wq_a"),
+                *_descriptor(projections.get("wq_b"), L, H * (N + R), "wq_b"),
+                *_descriptor(projections.get("wq"), D, H * (N + R), "wq"),
+                *_descriptor(projections["wkv_a"], D, C + R, "wkv_a"),
+                *_descriptor(projections["wo"], H * V, D, "wo")]
+        desc_t = torch.tensor(desc, dtype=torch.int64)
+    if len(_DESCRIPTORS) >= _MAX_DESCRIPTORS:
+        _DESCRIPTORS.clear()
+    _DESCRIPTORS[key] = desc_t
+    return desc_t
 
 
 @functools.cache

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from deepseek_moe.kernels.quant_matmul import (
     _check_experts,
-    _experts_kernel,
     _int4,
+    _kernel_for,
     _q8_steps_groups,
     activations,
 )
@@ -72,13 +72,68 @@ def moe_one_token(x_1D: torch.Tensor, router_weight: torch.Tensor, bias_E: torch
     of their whole width, or None). None where the kernel does not serve it (no kernel, autograd, inside
     ``reference_paths()``, int4 groups the SIMD paths cannot step through, a bias not in fp32, an exact tie at the
     cut of the groups or the experts, which the Router breaks as torch.topk does): the caller runs the plain layer."""
-    lib = _experts_kernel(x_1D, experts, group_size)
-    if lib is None or (shared is not None and _experts_kernel(x_1D, shared, shared_group_size) is None):
+    lib = _kernel_for(x_1D)
+    if lib is None:
         return None
     if x_1D.dim() != 2 or not 0 < x_1D.shape[0] <= MAX_TOKENS or x_1D.dtype != torch.float32:
         raise ValueError(f"moe_one_token: x must be 1 to {MAX_TOKENS} fp32 tokens (T, D), got {tuple(x_1D.shape)} "
                          f"{x_1D.dtype}")
-    (T, D), E_w = x_1D.shape, experts["w1"][0].shape[0]
+    (T, D) = x_1D.shape
+    layer = _layer_arguments(D, router_weight, bias_E, rule, experts, group_size, shared, shared_group_size)
+    if layer is None:
+        return None
+    E, K, selection, weights = layer
+    x = x_1D.contiguous()
+    logits = F.linear(x, router_weight.float())  # the Router's logits, the same op
+    idx, gates = torch.empty(T, K, dtype=torch.int64), torch.empty(T, K)
+    counts, y = torch.empty(E, dtype=torch.int64), torch.empty(T, D)
+    tie = lib.dsm_moe_one_token(x.data_ptr(), T, D, logits.data_ptr(), *selection, *weights, idx.data_ptr(),
+                                gates.data_ptr(), counts.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    if tie:  # an exact tie at a cut: the Router breaks it as torch.topk does
+        return None
+    return OneTokenLayer(y, idx, gates, counts)
+
+
+# What the call takes besides the tokens, by everything its checks and contents depend on: the weights' addresses,
+# dtypes, shapes and strides (a tensor allocated where a freed one was, alike in all of these, gets the same
+# arguments, rightly), the selection rule, the group sizes and the activation format. Checking and packing them
+# took ~80 us of a decode step's MoE call on the default model; a lookup takes a few.
+_LAYERS: dict[tuple[object, ...], tuple[int, int, tuple[object, ...], tuple[object, ...]] | None] = {}
+_MAX_LAYERS = 1024  # MoE layers (and MTP modules) of the models a process holds; cleared when full
+
+
+def _layout(t: torch.Tensor | None) -> tuple[object, ...] | None:
+    return None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride(), t.is_cpu)
+
+
+def _layer_arguments(D: int, router_weight: torch.Tensor, bias_E: torch.Tensor | None, rule: SelectionRule,
+                     experts: Weights, group_size: int, shared: Weights | None, shared_group_size: int
+                     ) -> tuple[int, int, tuple[object, ...], tuple[object, ...]] | None:
+    """(E, K, the selection's arguments of dsm_moe_one_token from ``E`` on, the routed and shared experts'
+    arguments) for tokens of width D, or None where the kernel does not serve these weights (int4 groups the SIMD
+    paths cannot step through, a bias not in fp32); ValueError for weights or a rule that do not fit. Memoised
+    (above)."""
+    rule_fields = (rule.score_func, rule.n_expert_groups, rule.n_limited_groups, rule.group_score_func,
+                   rule.n_activated_experts, rule.norm_topk_prob, rule.route_scale)
+    key = (activations(), D, _layout(router_weight), _layout(bias_E), rule_fields, group_size, shared_group_size,
+           *(_layout(t) for n in ("w1", "w2", "w3") for t in experts[n]),
+           *(() if shared is None else (_layout(t) for n in ("w1", "w2", "w3") for t in shared[n])))
+    if key in _LAYERS:
+        return _LAYERS[key]
+    value = _check_layer(D, router_weight, bias_E, rule, experts, group_size, shared, shared_group_size)
+    if len(_LAYERS) >= _MAX_LAYERS:
+        _LAYERS.clear()
+    _LAYERS[key] = value
+    return value
+
+
+def _check_layer(D: int, router_weight: torch.Tensor, bias_E: torch.Tensor | None, rule: SelectionRule,
+                 experts: Weights, group_size: int, shared: Weights | None, shared_group_size: int
+                 ) -> tuple[int, int, tuple[object, ...], tuple[object, ...]] | None:
+    """:func:`_layer_arguments` without the memo."""
+    if (_int4(experts) and group_size % 32) or (shared is not None and _int4(shared) and shared_group_size % 32):
+        return None
+    E_w = experts["w1"][0].shape[0]
     if router_weight.dim() != 2 or router_weight.shape[1] != D:
         raise ValueError(f"moe_one_token: router weight {tuple(router_weight.shape)} must be (E, {D})")
     E, K, G, M = router_weight.shape[0], rule.n_activated_experts, rule.n_expert_groups, rule.n_limited_groups
@@ -91,34 +146,24 @@ def moe_one_token(x_1D: torch.Tensor, router_weight: torch.Tensor, bias_E: torch
                          f"({rule.group_score_func} group scores) is not a selection")
     if bias_E is not None and bias_E.shape != (E,):
         raise ValueError(f"moe_one_token: bias must be ({E},), got {tuple(bias_E.shape)}")
-    if bias_E is not None and bias_E.dtype != torch.float32:
+    if bias_E is not None and (bias_E.dtype != torch.float32 or not bias_E.is_contiguous()):
         return None  # a bias cast with the model: the Router adds it in its own dtype
-    rows = [T] + [0] * (E - 1)  # shapes only: the checks need counts that add up to x's rows
-    _check_experts(x_1D, rows, None, experts, group_size)
+    x_shape = torch.empty(1, D)  # shapes only: the checks need counts that add up to x's rows
+    _check_experts(x_shape, [1] + [0] * (E - 1), None, experts, group_size)
     if shared is not None:
-        _check_experts(x_1D, [T], None, shared, shared_group_size)
-    x = x_1D.contiguous()
-    logits = F.linear(x, router_weight.float())  # the Router's logits, the same op
-    bias = None if bias_E is None else bias_E.contiguous()
-    idx, gates = torch.empty(T, K, dtype=torch.int64), torch.empty(T, K)
-    counts, y = torch.empty(E, dtype=torch.int64), torch.empty(T, D)
+        _check_experts(x_shape, [1], None, shared, shared_group_size)
 
-    def args(w: Weights | None, gs: int) -> list[object]:
+    def args(w: Weights | None, gs: int) -> tuple[object, ...]:
         if w is None:
-            return [0, None, None, None, None, 8, None, None, 8, 0, 0]
+            return 0, None, None, None, None, 8, None, None, 8, 0, 0
         (w1, s1), (w3, s3), (w2, s2) = w["w1"], w["w3"], w["w2"]
-        return [w1.shape[1], w1.data_ptr(), w3.data_ptr(), s1.data_ptr(), s3.data_ptr(),
+        return (w1.shape[1], w1.data_ptr(), w3.data_ptr(), s1.data_ptr(), s3.data_ptr(),
                 8 if w1.dtype == torch.int8 else 4, w2.data_ptr(), s2.data_ptr(), 8 if w2.dtype == torch.int8 else 4,
-                gs, int(_q8(w, gs))]
+                gs, int(_q8(w, gs)))
 
-    tie = lib.dsm_moe_one_token(x.data_ptr(), T, D, logits.data_ptr(), E, None if bias is None else bias.data_ptr(),
-                                int(rule.score_func == "softmax"), G, M, int(top2), K,
-                                int(rule.norm_topk_prob), float(rule.route_scale), *args(experts, group_size),
-                                *args(shared, shared_group_size), idx.data_ptr(), gates.data_ptr(), counts.data_ptr(),
-                                y.data_ptr(), torch.get_num_threads())
-    if tie:  # an exact tie at a cut: the Router breaks it as torch.topk does
-        return None
-    return OneTokenLayer(y, idx, gates, counts)
+    selection = (E, None if bias_E is None else bias_E.data_ptr(), int(rule.score_func == "softmax"), G, M, int(top2),
+                 K, int(rule.norm_topk_prob), float(rule.route_scale))
+    return E, K, selection, (*args(experts, group_size), *args(shared, shared_group_size))
 
 
 __all__ = ["MAX_TOKENS", "OneTokenLayer", "SelectionRule", "moe_one_token"]
