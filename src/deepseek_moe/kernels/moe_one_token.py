@@ -68,8 +68,8 @@ def moe_one_token(x_1D: torch.Tensor, router_weight: torch.Tensor, bias_E: torch
                   shared_group_size: int = 0) -> OneTokenLayer | None:
     """x (T, D) fp32, T <= MAX_TOKENS (a decode step's token, a verification's few), through the MoE layer whose router has ``router_weight`` (E, D) (its logits in fp32, as the
     Router computes them) and ``bias_E`` (the V3 selection bias, or None), routed experts ``experts`` (stacked
-    codes and scales, as :func:`quant_experts` takes them) and shared experts ``shared`` (one expert (1, Fs, ...)
-    of their whole width, or None). None where the kernel does not serve it (no kernel, autograd, inside
+    codes and scales, as :func:`quant_experts` takes them) and shared experts ``shared`` (one expert of their whole
+    width, its codes and scales (1, Fs, ...) or (Fs, ...), or None). None where the kernel does not serve it (no kernel, autograd, inside
     ``reference_paths()``, int4 groups the SIMD paths cannot step through, a bias not in fp32, an exact tie at the
     cut of the groups or the experts, which the Router breaks as torch.topk does): the caller runs the plain layer."""
     lib = _kernel_for(x_1D)
@@ -150,7 +150,8 @@ def _check_layer(D: int, router_weight: torch.Tensor, bias_E: torch.Tensor | Non
         return None  # a bias cast with the model: the Router adds it in its own dtype
     x_shape = torch.empty(1, D)  # shapes only: the checks need counts that add up to x's rows
     _check_experts(x_shape, [1] + [0] * (E - 1), None, experts, group_size)
-    if shared is not None:
+    if shared is not None:  # one expert: a FeedForward's matrices, stacked as one
+        shared = {n: (c[None], sc[None]) if c.dim() == 2 else (c, sc) for n, (c, sc) in shared.items()}
         _check_experts(x_shape, [1], None, shared, shared_group_size)
 
     def args(w: Weights | None, gs: int) -> tuple[object, ...]:

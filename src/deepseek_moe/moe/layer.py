@@ -58,6 +58,7 @@ class MoE(nn.Module):
         self.uniform_routing = cfg.uniform_routing
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_stats: MoEStats | None = None
+        self._zeros: tuple[torch.Tensor, torch.Tensor] | None = None  # _inference_zeros
         # Selection counts since the last routing-bias update (all micro-batches of one optimizer step).
         self.bias_counts: torch.Tensor
         self.register_buffer("bias_counts", torch.zeros(cfg.n_routed_experts), persistent=False)
@@ -134,9 +135,9 @@ class MoE(nn.Module):
             # (QuantRoutedExperts.layer_one_token: selection, experts, shared experts and sum in C++).
             layer = call(x_TD, self.gate, self.shared_experts)
             if layer is not None:
-                self.aux_loss = x.new_zeros((), dtype=torch.float32)
-                self.last_stats = MoEStats(layer.tokens_per_expert, torch.zeros((), dtype=torch.int64),
-                                           layer.indices_K.numel())
+                no_loss, no_drops = self._inference_zeros(x)
+                self.aux_loss = no_loss
+                self.last_stats = MoEStats(layer.tokens_per_expert, no_drops, layer.indices_K.numel())
                 return layer.y_1D.view(x.shape)
 
         if span is not None and self.uniform_routing:
@@ -183,6 +184,14 @@ class MoE(nn.Module):
         self.last_stats = MoEStats(tokens_per_expert.detach(), dispatched.dropped, routing.indices_TK.numel(),
                                    entropy)
         return y_TD.view(x.shape)
+
+    def _inference_zeros(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The zero loss (fp32) and zero drops (int64) an inference forward reports, made once on x's device
+        rather than twice a decode step (nothing writes them in place)."""
+        zeros = self._zeros
+        if zeros is None or zeros[0].device != x.device:
+            zeros = self._zeros = (x.new_zeros((), dtype=torch.float32), x.new_zeros((), dtype=torch.int64))
+        return zeros
 
     def _one_token_call(self) -> Callable[..., Any] | None:
         """The experts' one-call layer (``layer_one_token``), if they offer one, the dispatcher is the local one

@@ -50,8 +50,8 @@ def _hooked(module: nn.Module) -> bool:
 
 
 def _fusable_ffn(ffn: nn.Module | None) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int] | None:
-    """(codes and scales as one expert (1, ...), group size) of a FeedForward whose three products are QuantLinear
-    in one format, with no bias and no hook; None for anything else."""
+    """(codes and scales of each product, group size) of a FeedForward whose three products are QuantLinear in
+    one format, with no bias and no hook (the MoE call takes them as one expert); None for anything else."""
     if type(ffn) is not FeedForward or _hooked(ffn):
         return None
     linears = [getattr(ffn, n) for n in ("w1", "w2", "w3")]
@@ -61,7 +61,7 @@ def _fusable_ffn(ffn: nn.Module | None) -> tuple[dict[str, tuple[torch.Tensor, t
     if w1.bits != w3.bits or not w1.group_size == w2.group_size == w3.group_size:
         return None
     named = {"w1": w1, "w2": w2, "w3": w3}
-    return {n: (q.qweight.unsqueeze(0), q.weight_scale.unsqueeze(0)) for n, q in named.items()}, w1.group_size
+    return {n: (q.qweight, q.weight_scale) for n, q in named.items()}, w1.group_size
 
 
 class _KeepsScales(KeepsDtypeOnCast):
