@@ -25,6 +25,15 @@ ROUTING = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _the_layers_own_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are of the layer's own call: a whole block's call (test_block_one_token.py), which takes an
+    unpadded step first, is off."""
+    from deepseek_moe.model.block import Block
+
+    monkeypatch.setattr(Block, "_one_call", lambda self, *args: None)
+
+
 def quantised_layer(bits: int, group: int, *, dim: int = 64, inter: int = 32, shared: bool = True,
                     quantise_shared: bool = True, seed: int = 0, **routing: object) -> MoE:
     """A random MoE layer (16 experts, top-3, 2 shared) with quantised routed (and shared) experts, in eval mode;

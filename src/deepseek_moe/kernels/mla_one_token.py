@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from typing import Any
 
 import torch
 
@@ -55,6 +56,27 @@ def mla_one_token(x: torch.Tensor, projections: dict[str, Codes | None], q_norm:
     call writes them: LayerCache.grow); mask (B, 1, T, S) bool or None (causal); w_uk (H, N, C), w_uv_t (H, C, V)
     fp32 contiguous. Returns (B, T, D) fp32, or None where the call does not apply (then nothing was written).
     """
+    call = mla_call(x, projections, q_norm, kv_norm, cos, sin, interleave, heads, kv_all, pe_all, mask, w_uk, w_uv_t,
+                    scale)
+    if call is None:
+        return None
+    lib, args, _ = call
+    B, T, D = x.shape
+    x = x.contiguous()
+    y = torch.empty(B, T, D, dtype=torch.float32)
+    lib.dsm_mla_one_token(x.data_ptr(), B, T, D, *args, y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+def mla_call(x: torch.Tensor, projections: dict[str, Codes | None], q_norm: tuple[torch.Tensor, float] | None,
+             kv_norm: tuple[torch.Tensor, float], cos: torch.Tensor, sin: torch.Tensor, interleave: bool,
+             heads: tuple[int, int, int, int, int], kv_all: torch.Tensor, pe_all: torch.Tensor,
+             mask: torch.Tensor | None, w_uk: torch.Tensor, w_uv_t: torch.Tensor, scale: float
+             ) -> tuple[Any, list[object], list[torch.Tensor]] | None:
+    """:func:`mla_one_token`'s checks and arguments (its own, x (B, T, D) read for its shape and kind only): the
+    library, ``dsm_mla_one_token``'s arguments from ``proj`` to ``scratch``, and the tensors they point into that
+    must live through the call; None where the call does not apply. A whole block's call takes the same
+    (kernels/block_one_token.py)."""
     lib = _kernel_for(x)
     mla = cpu_build.load_mla_decode_library()
     B, T, D = x.shape
@@ -74,17 +96,15 @@ def mla_one_token(x: torch.Tensor, projections: dict[str, Codes | None], q_norm:
     if desc_t is None:
         return None
     mask_bytes = mask_rows(mask, B, T, S, "mla_one_token")
-    x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
-    y = torch.empty(B, T, D, dtype=torch.float32)
+    cos, sin = cos.contiguous(), sin.contiguous()
     scratch = torch.empty(B * T * H * (2 * C + S), dtype=torch.float32)
-    lib.dsm_mla_one_token(
-        x.data_ptr(), B, T, D, desc_t.data_ptr(), None if q_norm is None else q_norm[0].data_ptr(),
-        0.0 if q_norm is None else q_norm[1], H, N, R, C, V, kv_norm[0].data_ptr(), kv_norm[1], cos.data_ptr(),
-        sin.data_ptr(), int(interleave), kv_all.data_ptr(), kv_all.stride(0), kv_all.stride(1), pe_all.data_ptr(),
-        pe_all.stride(0), pe_all.stride(1), S - T, None if mask_bytes is None else mask_bytes.data_ptr(),
-        w_uk.data_ptr(), w_uv_t.data_ptr(), scale, *_entry_points(mla), scratch.data_ptr(), y.data_ptr(),
-        torch.get_num_threads())
-    return y
+    args: list[object] = [
+        desc_t.data_ptr(), None if q_norm is None else q_norm[0].data_ptr(), 0.0 if q_norm is None else q_norm[1],
+        H, N, R, C, V, kv_norm[0].data_ptr(), kv_norm[1], cos.data_ptr(), sin.data_ptr(), int(interleave),
+        kv_all.data_ptr(), kv_all.stride(0), kv_all.stride(1), pe_all.data_ptr(), pe_all.stride(0), pe_all.stride(1),
+        S - T, None if mask_bytes is None else mask_bytes.data_ptr(), w_uk.data_ptr(), w_uv_t.data_ptr(), scale,
+        *_entry_points(mla), scratch.data_ptr()]
+    return lib, args, [desc_t, cos, sin, scratch, *([] if mask_bytes is None else [mask_bytes])]
 
 
 # The projections' descriptors as the call reads them, by everything their checks and contents depend on: the
@@ -143,4 +163,4 @@ def _entry_points(mla: ctypes.CDLL) -> tuple[int | None, int | None]:
             ctypes.cast(mla.dsm_mla_decode, ctypes.c_void_p).value)
 
 
-__all__ = ["PROJECTIONS", "mla_one_token"]
+__all__ = ["PROJECTIONS", "mla_call", "mla_one_token"]

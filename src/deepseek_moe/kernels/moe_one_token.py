@@ -106,17 +106,19 @@ def _layout(t: torch.Tensor | None) -> tuple[object, ...] | None:
     return None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride(), t.is_cpu)
 
 
-def _layer_arguments(D: int, router_weight: torch.Tensor, bias_E: torch.Tensor | None, rule: SelectionRule,
-                     experts: Weights, group_size: int, shared: Weights | None, shared_group_size: int
-                     ) -> tuple[int, int, tuple[object, ...], tuple[object, ...]] | None:
+def _layer_arguments(D: int, router_weight: torch.Tensor | None, bias_E: torch.Tensor | None,
+                     rule: SelectionRule | None, experts: Weights | None, group_size: int, shared: Weights | None,
+                     shared_group_size: int) -> tuple[int, int, tuple[object, ...], tuple[object, ...]] | None:
     """(E, K, the selection's arguments of dsm_moe_one_token from ``E`` on, the routed and shared experts'
     arguments) for tokens of width D, or None where the kernel does not serve these weights (int4 groups the SIMD
-    paths cannot step through, a bias not in fp32); ValueError for weights or a rule that do not fit. Memoised
-    (above)."""
-    rule_fields = (rule.score_func, rule.n_expert_groups, rule.n_limited_groups, rule.group_score_func,
-                   rule.n_activated_experts, rule.norm_topk_prob, rule.route_scale)
+    paths cannot step through, a bias not in fp32); ValueError for weights or a rule that do not fit. Without a
+    router (``router_weight``, ``rule`` and ``experts`` None) the layer is a dense FFN given as ``shared``: E = K =
+    0 (a whole block's call, kernels/block_one_token.py). Memoised (above)."""
+    rule_fields = None if rule is None else (rule.score_func, rule.n_expert_groups, rule.n_limited_groups,
+                                             rule.group_score_func, rule.n_activated_experts, rule.norm_topk_prob,
+                                             rule.route_scale)
     key = (activations(), D, _layout(router_weight), _layout(bias_E), rule_fields, group_size, shared_group_size,
-           *(_layout(t) for n in ("w1", "w2", "w3") for t in experts[n]),
+           *(() if experts is None else (_layout(t) for n in ("w1", "w2", "w3") for t in experts[n])),
            *(() if shared is None else (_layout(t) for n in ("w1", "w2", "w3") for t in shared[n])))
     if key in _LAYERS:
         return _LAYERS[key]
@@ -127,11 +129,20 @@ def _layer_arguments(D: int, router_weight: torch.Tensor, bias_E: torch.Tensor |
     return value
 
 
-def _check_layer(D: int, router_weight: torch.Tensor, bias_E: torch.Tensor | None, rule: SelectionRule,
-                 experts: Weights, group_size: int, shared: Weights | None, shared_group_size: int
-                 ) -> tuple[int, int, tuple[object, ...], tuple[object, ...]] | None:
+def _check_layer(D: int, router_weight: torch.Tensor | None, bias_E: torch.Tensor | None,
+                 rule: SelectionRule | None, experts: Weights | None, group_size: int, shared: Weights | None,
+                 shared_group_size: int) -> tuple[int, int, tuple[object, ...], tuple[object, ...]] | None:
     """:func:`_layer_arguments` without the memo."""
-    if (_int4(experts) and group_size % 32) or (shared is not None and _int4(shared) and shared_group_size % 32):
+    if shared is not None and _int4(shared) and shared_group_size % 32:
+        return None
+    if shared is not None:  # one expert: a FeedForward's matrices, stacked as one
+        shared = {n: (c[None], sc[None]) if c.dim() == 2 else (c, sc) for n, (c, sc) in shared.items()}
+        _check_experts(torch.empty(1, D), [1], None, shared, shared_group_size)
+    if router_weight is None or rule is None or experts is None:
+        if shared is None or router_weight is not None or rule is not None or experts is not None:
+            raise ValueError("moe_one_token: give a router, its rule and the routed experts, or a dense FFN alone")
+        return 0, 0, (0, None, 0, 1, 1, 0, 0, 0, 1.0), (*_arguments(None, 0), *_arguments(shared, shared_group_size))
+    if _int4(experts) and group_size % 32:
         return None
     E_w = experts["w1"][0].shape[0]
     if router_weight.dim() != 2 or router_weight.shape[1] != D:
@@ -148,23 +159,21 @@ def _check_layer(D: int, router_weight: torch.Tensor, bias_E: torch.Tensor | Non
         raise ValueError(f"moe_one_token: bias must be ({E},), got {tuple(bias_E.shape)}")
     if bias_E is not None and (bias_E.dtype != torch.float32 or not bias_E.is_contiguous()):
         return None  # a bias cast with the model: the Router adds it in its own dtype
-    x_shape = torch.empty(1, D)  # shapes only: the checks need counts that add up to x's rows
-    _check_experts(x_shape, [1] + [0] * (E - 1), None, experts, group_size)
-    if shared is not None:  # one expert: a FeedForward's matrices, stacked as one
-        shared = {n: (c[None], sc[None]) if c.dim() == 2 else (c, sc) for n, (c, sc) in shared.items()}
-        _check_experts(x_shape, [1], None, shared, shared_group_size)
-
-    def args(w: Weights | None, gs: int) -> tuple[object, ...]:
-        if w is None:
-            return 0, None, None, None, None, 8, None, None, 8, 0, 0
-        (w1, s1), (w3, s3), (w2, s2) = w["w1"], w["w3"], w["w2"]
-        return (w1.shape[1], w1.data_ptr(), w3.data_ptr(), s1.data_ptr(), s3.data_ptr(),
-                8 if w1.dtype == torch.int8 else 4, w2.data_ptr(), s2.data_ptr(), 8 if w2.dtype == torch.int8 else 4,
-                gs, int(_q8(w, gs)))
-
+    # shapes only: the checks need counts that add up to x's rows
+    _check_experts(torch.empty(1, D), [1] + [0] * (E - 1), None, experts, group_size)
     selection = (E, None if bias_E is None else bias_E.data_ptr(), int(rule.score_func == "softmax"), G, M, int(top2),
                  K, int(rule.norm_topk_prob), float(rule.route_scale))
-    return E, K, selection, (*args(experts, group_size), *args(shared, shared_group_size))
+    return E, K, selection, (*_arguments(experts, group_size), *_arguments(shared, shared_group_size))
+
+
+def _arguments(w: Weights | None, gs: int) -> tuple[object, ...]:
+    """One set of experts as dsm_moe_one_token takes it: F, w1, w3, s1, s3, bits13, w2, s2, bits2, gs, q8."""
+    if w is None:
+        return 0, None, None, None, None, 8, None, None, 8, 0, 0
+    (w1, s1), (w3, s3), (w2, s2) = w["w1"], w["w3"], w["w2"]
+    return (w1.shape[1], w1.data_ptr(), w3.data_ptr(), s1.data_ptr(), s3.data_ptr(),
+            8 if w1.dtype == torch.int8 else 4, w2.data_ptr(), s2.data_ptr(), 8 if w2.dtype == torch.int8 else 4,
+            gs, int(_q8(w, gs)))
 
 
 __all__ = ["MAX_TOKENS", "OneTokenLayer", "SelectionRule", "moe_one_token"]

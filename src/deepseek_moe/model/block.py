@@ -14,6 +14,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from deepseek_moe.config import ModelConfig
+from deepseek_moe.kernels.block_one_token import BlockStep, FFNOperands, block_one_token
+from deepseek_moe.kernels.moe_one_token import MAX_TOKENS as BLOCK_CALL_TOKENS
 from deepseek_moe.model.kv_cache import LayerCache
 from deepseek_moe.model.mha import MHA
 from deepseek_moe.model.mla import MLA
@@ -81,7 +83,47 @@ class Block(nn.Module):
     def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                  cache: LayerCache | None = None, *, token_mask: torch.Tensor | None = None,
                  protected: ProtectedDraw | None = None) -> torch.Tensor:
+        if cache is not None and token_mask is None:
+            y = self._one_call(x, cos, sin, mask, cache, protected)
+            if y is not None:
+                return y
         return self._ffn(self._attention(x, cos, sin, mask, cache), token_mask=token_mask, protected=protected)
+
+    def _one_call(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                  cache: LayerCache, protected: ProtectedDraw | None) -> torch.Tensor | None:
+        """The block as one C++ call (kernels/block_one_token.py) for a few unpadded new tokens, where its
+        attention is an MLA layer taking its own one call, its FFN a MoE layer taking the experts' one call or a
+        dense FFN of plain quantised products, its norms plain RMSNorms and nothing hooks them; None otherwise
+        (nothing done). A tie at the router's cut leaves the MoE layer to its own forward."""
+        B, T, _ = x.shape
+        if B * T > BLOCK_CALL_TOKENS or not isinstance(self.attn, MLA) or not self.attn._one_call_applies(cache, x):
+            return None
+        if (any(type(n) is not RMSNorm for n in (self.attn_norm, self.ffn_norm))
+                or any(m._forward_hooks or m._forward_pre_hooks for m in (self.attn_norm, self.ffn_norm, self.attn))):
+            return None
+        mla = self.attn.one_call_operands()
+        if isinstance(self.ffn, MoE):
+            ffn = self.ffn.one_call_operands()
+        else:
+            codes = self.ffn.quantised_codes() if type(self.ffn) is FeedForward else None
+            ffn = None if codes is None else FFNOperands(None, None, None, None, 0, *codes)
+        if mla is None or ffn is None:
+            return None
+        attn_norm, ffn_norm = (self.attn_norm.weight, self.attn_norm.eps), (self.ffn_norm.weight, self.ffn_norm.eps)
+
+        def write(slots: tuple[torch.Tensor, ...], cached: tuple[torch.Tensor, ...]) -> BlockStep | None:
+            kv, k_pe = cached  # the call writes the new slots itself
+            return block_one_token(x, attn_norm, mla, ffn_norm, ffn, cos, sin, kv, k_pe, mask)
+
+        step = self.attn.in_new_slots(cache, T, x[..., :1], write)
+        if step is None:
+            return None
+        if step.tied:  # the attention half is done (its cache written); the router decides the tie
+            return step.y + self.ffn(step.normed, protected=protected)
+        if isinstance(self.ffn, MoE):
+            assert step.tokens_per_expert is not None
+            self.ffn.record_one_call(step.tokens_per_expert, step.n_assignments, x)
+        return step.y
 
     def _attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                    cache: LayerCache | None = None) -> torch.Tensor:

@@ -25,6 +25,7 @@ N qk_nope_head_dim, V v_head_dim.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from torch import nn
 
 from deepseek_moe._torch_compat import tensor_version
 from deepseek_moe.config import ModelConfig
+from deepseek_moe.kernels.block_one_token import MLAOperands
 from deepseek_moe.kernels.mla_decode import MAX_NEW_TOKENS, absorbed_decode, prepare
 from deepseek_moe.kernels.mla_one_token import PROJECTIONS, mla_one_token
 from deepseek_moe.kernels.switch import fast_paths_enabled
@@ -49,9 +51,11 @@ def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
 
 
+Out = TypeVar("Out")
+
+
 def _in_new_slots(cache: LayerCache, T: int, like: tuple[torch.Tensor, ...],
-                  write: Callable[[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]], torch.Tensor | None],
-                  ) -> torch.Tensor | None:
+                  write: Callable[[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]], Out | None]) -> Out | None:
     """``write(new slots, all slots)`` after the cache grew by T slots shaped like ``like`` (a kernel fills the new
     ones in place); the cache rolled back where it returns None (the kernel declined) or raises."""
     slots, cached = cache.grow(T, *like)
@@ -147,6 +151,32 @@ class MLA(nn.Module):
                   cache: LayerCache) -> torch.Tensor | None:
         """:meth:`forward` as one C++ call where every projection is a plain quantised product (``plain_codes``:
         a QuantLinear without bias, hook or adapter); None, the cache as it was, otherwise."""
+        ops = self.one_call_operands()
+        if ops is None:
+            return None
+        B, T, _ = x.shape
+        column = x[..., :1]
+
+        def write(slots: tuple[torch.Tensor, ...], cached: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+            kv, k_pe = cached  # the call writes the new slots itself
+            return mla_one_token(x, ops.projections, ops.q_norm, ops.kv_norm, cos, sin, ops.interleave, ops.heads, kv,
+                                 k_pe, mask, ops.w_uk, ops.w_uv_t, ops.scale)
+
+        return self.in_new_slots(cache, T, column, write)
+
+    def in_new_slots(self, cache: LayerCache, T: int, column: torch.Tensor,
+                     write: Callable[[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]], Out | None]) -> Out | None:
+        """``write(new slots, all slots)`` with the cache grown by this layer's T slots (latent and rotary key,
+        shaped from ``column`` (B, T, 1), any tensor of the step's), rolled back where it returns None or raises:
+        a C++ call that writes the new slots itself (this layer's, or a whole block's)."""
+        B = column.shape[0]
+        C, Rk = self.kv_lora_rank, self.qk_rope_head_dim
+        return _in_new_slots(cache, T, (column.expand(B, T, C), column.expand(B, T, Rk)), write)
+
+    def one_call_operands(self) -> MLAOperands | None:
+        """This layer as the one-call decode takes it, where every projection is a plain quantised product
+        (``plain_codes``: a QuantLinear without bias, hook or adapter); None otherwise. Ask :meth:`_one_call_applies`
+        first (the cache, the norms, tracing)."""
         codes: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
         for name in PROJECTIONS:
             module = self._modules.get(name)
@@ -155,19 +185,11 @@ class MLA(nn.Module):
             if module is not None and got is None:
                 return None
             codes[name] = got
-        B, T, _ = x.shape
-        C, R = self.kv_lora_rank, self.qk_rope_head_dim
         w_uk, w_uv_t = self._absorbed_matrices(torch.float32)
-        column = x[..., :1]
-
-        def write(slots: tuple[torch.Tensor, ...], cached: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
-            kv, k_pe = cached  # the call writes the new slots itself
-            return mla_one_token(x, codes, None if self.q_lora_rank == 0 else (self.q_norm.weight, self.q_norm.eps),
-                                 (self.kv_norm.weight, self.kv_norm.eps), cos, sin, self.rope_interleave,
-                                 (self.n_heads, self.qk_nope_head_dim, R, C, self.v_head_dim), kv, k_pe, mask, w_uk,
-                                 w_uv_t, self.softmax_scale)
-
-        return _in_new_slots(cache, T, (column.expand(B, T, C), column.expand(B, T, R)), write)
+        return MLAOperands(codes, None if self.q_lora_rank == 0 else (self.q_norm.weight, self.q_norm.eps),
+                           (self.kv_norm.weight, self.kv_norm.eps), self.rope_interleave,
+                           (self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank,
+                            self.v_head_dim), w_uk, w_uv_t, self.softmax_scale)
 
     def _prepares_in_cpp(self, cache: LayerCache, kv_raw: torch.Tensor) -> bool:
         """Whether a step of a few new tokens takes the C++ path from the projections on: the latent norm, both

@@ -56,6 +56,25 @@ class FeedForward(nn.Module):
             return self.w2(_SwiGLU.apply(self.w1(x), self.w3(x), self.saved_dtype))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
+    def quantised_codes(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int] | None:
+        """(codes and scales of w1, w2, w3, group size) where all three are plain quantised products in one format
+        (``plain_codes``: a QuantLinear without bias, hook or adapter; w1 and w3 of one width) and nothing hooks
+        this module: a fused call (the MoE layer's, a dense block's) may then run it as one expert. Else None."""
+        if self._forward_hooks or self._forward_pre_hooks:
+            return None
+        codes = {}
+        for name in ("w1", "w2", "w3"):
+            plain = getattr(getattr(self, name), "plain_codes", None)
+            got = plain() if callable(plain) else None
+            if got is None:
+                return None
+            codes[name] = got
+        sizes = {getattr(getattr(self, name), "group_size", None) for name in ("w1", "w2", "w3")}
+        if len(sizes) != 1 or codes["w1"][0].dtype != codes["w3"][0].dtype:
+            return None
+        (size,) = sizes
+        return (codes, size) if isinstance(size, int) else None
+
 
 def local_weights(*ws: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The experts held here: under expert parallelism the weights are DTensors sharded on the expert dim, and

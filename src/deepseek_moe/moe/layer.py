@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from deepseek_moe.config import MoEConfig
+from deepseek_moe.kernels.block_one_token import FFNOperands
 from deepseek_moe.kernels.moe_one_token import MAX_TOKENS as ONE_CALL_TOKENS
 from deepseek_moe.kernels.switch import fast_paths_enabled
 from deepseek_moe.moe import balance
@@ -184,6 +185,21 @@ class MoE(nn.Module):
         self.last_stats = MoEStats(tokens_per_expert.detach(), dispatched.dropped, routing.indices_TK.numel(),
                                    entropy)
         return y_TD.view(x.shape)
+
+    def one_call_operands(self) -> FFNOperands | None:
+        """This layer as a whole block's call takes it (kernels/block_one_token.py): where a forward would take
+        the experts' one call (inference, the local dispatcher, no uniform routing, no dropping), nothing hooks
+        this layer and the experts offer their operands; None otherwise."""
+        if (self.training or self.uniform_routing or self.drops_tokens or self._forward_hooks
+                or self._forward_pre_hooks or self._one_token_call() is None):
+            return None
+        operands = getattr(self.experts, "one_call_operands", None)
+        return operands(self.gate, self.shared_experts) if callable(operands) else None
+
+    def record_one_call(self, tokens_per_expert: torch.Tensor, n_assignments: int, x: torch.Tensor) -> None:
+        """What a forward leaves behind (``aux_loss``, ``last_stats``), for a step a whole block's call served."""
+        self.aux_loss, no_drops = self._inference_zeros(x)
+        self.last_stats = MoEStats(tokens_per_expert, no_drops, n_assignments)
 
     def _inference_zeros(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The zero loss (fp32) and zero drops (int64) an inference forward reports, made once on x's device

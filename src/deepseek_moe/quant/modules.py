@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_moe._torch_compat import KeepsDtypeOnCast
+from deepseek_moe.kernels.block_one_token import FFNOperands
 from deepseek_moe.kernels.moe_one_token import OneTokenLayer, moe_one_token
 from deepseek_moe.kernels.quant_matmul import dequantize, quant_experts, quant_experts_one_token, quant_matmul
 from deepseek_moe.kernels.quant_transposed import input_grad
@@ -52,16 +53,7 @@ def _hooked(module: nn.Module) -> bool:
 def _fusable_ffn(ffn: nn.Module | None) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int] | None:
     """(codes and scales of each product, group size) of a FeedForward whose three products are QuantLinear in
     one format, with no bias and no hook (the MoE call takes them as one expert); None for anything else."""
-    if type(ffn) is not FeedForward or _hooked(ffn):
-        return None
-    linears = [getattr(ffn, n) for n in ("w1", "w2", "w3")]
-    if not all(type(q) is QuantLinear and q.bias is None and not _hooked(q) for q in linears):
-        return None
-    w1, w2, w3 = linears
-    if w1.bits != w3.bits or not w1.group_size == w2.group_size == w3.group_size:
-        return None
-    named = {"w1": w1, "w2": w2, "w3": w3}
-    return {n: (q.qweight, q.weight_scale) for n, q in named.items()}, w1.group_size
+    return ffn.quantised_codes() if type(ffn) is FeedForward else None
 
 
 class _KeepsScales(KeepsDtypeOnCast):
@@ -255,6 +247,20 @@ class QuantRoutedExperts(_KeepsScales):
         if layer is not None and shared is not None and fused is None:
             return layer._replace(y_1D=layer.y_1D + shared(x_1D))
         return layer
+
+    def one_call_operands(self, router: nn.Module, shared: nn.Module | None) -> FFNOperands | None:
+        """The MoE layer of these experts, ``router`` and ``shared`` as a whole block's call takes it
+        (kernels/block_one_token.py), under the conditions of :meth:`layer_one_token` (the tokens' own aside) and
+        with shared experts that fuse; None otherwise."""
+        if (self.adapter is not None or self.offset or type(router) is not Router or _hooked(self) or _hooked(router)
+                or torch.is_grad_enabled()):
+            return None
+        fused = _fusable_ffn(shared)
+        if shared is not None and fused is None:
+            return None
+        weights = {n: (getattr(self, n), getattr(self, f"{n}_scale")) for n in ("w1", "w2", "w3")}
+        return FFNOperands(router.weight, router.e_score_correction_bias, router.cfg, weights, self.group_size,
+                           *(fused or (None, 0)))
 
     def _swiglu(self, x_AD: torch.Tensor, counts_E: torch.Tensor, gates_A: torch.Tensor | None) -> torch.Tensor:
         """RoutedExperts' SwiGLU with the adapter's terms beside each frozen quantised grouped product, and
