@@ -11,6 +11,7 @@ import dataclasses
 import pytest
 import torch
 
+from deepseek_moe.kernels.block_one_token import BlockCall
 from deepseek_moe.kernels.switch import reference_paths
 from deepseek_moe.model import block as block_module
 from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
@@ -58,7 +59,7 @@ def without_call(model: DeepSeekMoEForCausalLM, monkeypatch: pytest.MonkeyPatch)
 def test_one_call_equals_the_blocks_layers(isa: str, activations: str, bits: int, q_lora_rank: int, v3: bool,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     model = quantised_tiny(bits, q_lora_rank, v3)
-    calls = served_calls(monkeypatch, block_module, "block_one_token")
+    calls = served_calls(monkeypatch, BlockCall, "__call__")
     with kernel_path(isa, activations), torch.inference_mode():
         got = steps(model)
         assert calls == [True] * (3 * 5), calls  # every block of every step, the prefill of 5 included
@@ -74,7 +75,7 @@ def test_a_batch_of_rows_and_the_moe_statistics(monkeypatch: pytest.MonkeyPatch)
     """Two unpadded rows go through the call together (B * T tokens routed each on its own); each MoE layer's
     statistics after a step are those its own forward leaves."""
     model = quantised_tiny(8)
-    calls = served_calls(monkeypatch, block_module, "block_one_token")
+    calls = served_calls(monkeypatch, BlockCall, "__call__")
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     with torch.inference_mode():
         got = steps(model, (4, 2, 1), rows=2)
@@ -104,13 +105,13 @@ def test_a_tie_at_the_routers_cut_leaves_the_moe_layer_to_the_router(v3: bool,
                 m.gate.weight.zero_()
                 if m.gate.e_score_correction_bias is not None:
                     m.gate.e_score_correction_bias.zero_()
-    calls = served_calls(monkeypatch, block_module, "block_one_token")
+    calls = served_calls(monkeypatch, BlockCall, "__call__")
     with torch.inference_mode():
         got = steps(model)
+        assert calls == [True] * (3 * 5), calls
         plain = without_call(model, monkeypatch)
         with reference_paths():
             ref = steps(model)
-    assert len(calls) == 3 * 5 and all(calls)
     torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
@@ -160,7 +161,7 @@ def test_the_cache_is_rolled_back_where_the_kernel_declines_or_raises(monkeypatc
     with torch.inference_mode():
         want = steps(model)
         with monkeypatch.context() as m:  # declined after the cache grew: rolled back, the layers' calls run
-            m.setattr(block_module, "block_one_token", lambda *a, **k: None)
+            m.setattr(BlockCall, "__call__", lambda *a, **k: None)
             torch.testing.assert_close(steps(model), want, rtol=1e-5, atol=1e-5)
         cache = model.new_cache()
         model(torch.tensor([[5, 6, 7]]), cache=cache)
@@ -170,7 +171,64 @@ def test_the_cache_is_rolled_back_where_the_kernel_declines_or_raises(monkeypatc
             raise RuntimeError("kernel failed")
 
         with monkeypatch.context() as m:
-            m.setattr(block_module, "block_one_token", broken)
+            m.setattr(BlockCall, "__call__", broken)
             with pytest.raises(RuntimeError, match="kernel failed"):
                 model(torch.tensor([[8]]), cache=cache)
     assert [layer.length for layer in cache.layers] == lengths
+
+
+def test_the_kept_arguments_follow_every_change_to_the_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block keeps its call's arguments between steps (model/call_plan.py): after each change below, a decode
+    still equals the model with the call off, and the call serves again once the block may take it."""
+    from deepseek_moe.adapters.config import LoRAConfig
+    from deepseek_moe.adapters.lora import QuantLoRALinear
+
+    model = quantised_tiny(8, 48, v3=True)
+    served = served_calls(monkeypatch, block_module.Block, "_one_call")
+    block = model.layers[2]
+    attn, moe = block.attn, block.ffn
+    assert isinstance(moe, MoE) and moe.shared_experts is not None
+
+    def check(takes_call: bool) -> None:
+        served.clear()
+        with torch.inference_mode():
+            got = steps(model)
+        assert served.count(False) == (0 if takes_call else 5), served
+        with torch.inference_mode():
+            torch.testing.assert_close(got, without_call(model, monkeypatch), rtol=1e-5, atol=1e-5)
+
+    check(True)
+    handle = moe.gate.register_forward_hook(lambda *a: None)
+    check(False)
+    handle.remove()
+    check(True)
+    with torch.no_grad():
+        attn.wkv_b.weight.mul_(0.5)  # in place: the absorbed matrices are remade
+    check(True)
+    with torch.no_grad():
+        block.ffn_norm.weight.data = torch.rand_like(block.ffn_norm.weight) + 1  # new storage, same parameter
+    check(True)
+    moe.shared_experts.w2.qweight = torch.flip(moe.shared_experts.w2.qweight, dims=(0,)).contiguous()  # new buffer
+    check(True)
+    block.attn_norm.eps = 0.5
+    check(True)
+    moe.cfg = moe.gate.cfg = dataclasses.replace(moe.cfg, n_limited_groups=1)
+    check(True)
+    moe.train()  # this layer alone: it routes as in training, by its own forward
+    check(False)
+    moe.eval()
+    check(True)
+    for activations in ("int8", "fp32"):
+        with kernel_path("scalar", activations):
+            check(True)
+    base = attn.wq_b
+    attn.wq_b = QuantLoRALinear(base, LoRAConfig(r=2, alpha=4.0, init="random"))
+    check(False)
+    attn.wq_b = base
+    model.train()
+    served.clear()
+    with torch.no_grad():
+        model(torch.tensor([[5, 6]]), cache=model.new_cache())
+    assert served == [True, False, False], served  # the MoE layers train: their own forward; the dense one may
+    model.eval()
+    check(True)

@@ -17,8 +17,10 @@ from typing import NamedTuple
 
 import torch
 
-from deepseek_moe.kernels.mla_one_token import Codes, mla_call
+from deepseek_moe.kernels import cpu_build
+from deepseek_moe.kernels.mla_one_token import Codes, _descriptors, _entry_points, step_tensors
 from deepseek_moe.kernels.moe_one_token import MAX_TOKENS, SelectionRule, Weights, _layer_arguments
+from deepseek_moe.kernels.quant_matmul import _kernel_for
 
 
 class MLAOperands(NamedTuple):
@@ -61,33 +63,75 @@ def block_one_token(x: torch.Tensor, attn_norm: tuple[torch.Tensor, float], mla:
     """x (B, T, D) fp32, B * T <= MAX_TOKENS, through a block: ``attn_norm`` / ``ffn_norm`` (weight, eps), the MLA
     layer ``mla`` over the cache views ``kv_all`` / ``pe_all`` (their last T slots written by the call, as
     mla_one_token's), cos/sin and mask as there, then ``ffn``. None where the call does not apply (nothing
-    written): the caller runs the block's modules."""
-    B, T, D = x.shape
-    if not 0 < B * T <= MAX_TOKENS:
-        return None
-    norms = (attn_norm[0], ffn_norm[0], *([] if ffn.router_weight is None else [ffn.router_weight]))
-    if any(w.dtype != torch.float32 or not w.is_cpu or not w.is_contiguous() or w.shape[-1] != D for w in norms):
-        return None
-    call = mla_call(x, mla.projections, mla.q_norm, mla.kv_norm, cos, sin, mla.interleave, mla.heads, kv_all, pe_all,
-                    mask, mla.w_uk, mla.w_uv_t, mla.scale)
-    if call is None:
-        return None
-    layer = _layer_arguments(D, ffn.router_weight, ffn.bias_E, ffn.rule, ffn.experts, ffn.group_size, ffn.shared,
-                             ffn.shared_group_size)
-    if layer is None:
-        return None
-    lib, mla_args, _keep = call
-    E, K, selection, weights = layer
-    M = B * T
-    x = x.contiguous()
-    y, normed = torch.empty(B, T, D), torch.empty(B, T, D)
-    idx, gates, counts = torch.empty(M, K, dtype=torch.int64), torch.empty(M, K), torch.empty(E, dtype=torch.int64)
-    router = ffn.router_weight
-    tied = lib.dsm_block_one_token(
-        x.data_ptr(), B, T, D, attn_norm[0].data_ptr(), attn_norm[1], *mla_args, ffn_norm[0].data_ptr(), ffn_norm[1],
-        None if router is None else router.data_ptr(), *selection, *weights, idx.data_ptr(), gates.data_ptr(),
-        counts.data_ptr(), normed.data_ptr(), y.data_ptr(), torch.get_num_threads())
-    return BlockStep(y, bool(tied), normed, None if router is None or tied else counts, M * K)
+    written): the caller runs the block's modules. :class:`BlockCall` keeps the part that does not change from one
+    step to the next."""
+    call = BlockCall.build(x.shape[-1], attn_norm, mla, ffn_norm, ffn)
+    return None if call is None else call(x, cos, sin, kv_all, pe_all, mask)
 
 
-__all__ = ["BlockStep", "FFNOperands", "MLAOperands", "block_one_token"]
+class BlockCall:
+    """One block's arguments of ``dsm_block_one_token`` that do not change from step to step (the weights'
+    addresses and formats, the sizes, the selection rule), checked once: a step then checks and passes only its
+    own tensors. Valid while the weights it was built from are (model/call_plan.py tells)."""
+
+    def __init__(self, D: int, mla: MLAOperands, front: tuple[object, ...], mla_static: tuple[object, ...],
+                 mla_tail: tuple[object, ...], ffn_static: tuple[object, ...], E: int, K: int,
+                 keep: tuple[object, ...]) -> None:
+        self.D, self.mla, self.E, self.K = D, mla, E, K
+        self._front, self._mla_static, self._mla_tail, self._ffn_static = front, mla_static, mla_tail, ffn_static
+        self._keep = keep  # the tensors the addresses point into
+
+    @classmethod
+    def build(cls, D: int, attn_norm: tuple[torch.Tensor, float], mla: MLAOperands,
+              ffn_norm: tuple[torch.Tensor, float], ffn: FFNOperands) -> BlockCall | None:
+        """None where the call does not serve these weights; ValueError (naming them) where they do not fit."""
+        norms = (attn_norm[0], ffn_norm[0], *([] if ffn.router_weight is None else [ffn.router_weight]))
+        if any(w.dtype != torch.float32 or not w.is_cpu or not w.is_contiguous() or w.shape[-1] != D for w in norms):
+            return None
+        mla_lib = cpu_build.load_mla_decode_library()
+        desc_t = _descriptors(D, mla.projections, mla.q_norm, mla.kv_norm, mla.heads, mla.w_uk, mla.w_uv_t)
+        if mla_lib is None or desc_t is None:
+            return None
+        layer = _layer_arguments(D, ffn.router_weight, ffn.bias_E, ffn.rule, ffn.experts, ffn.group_size, ffn.shared,
+                                 ffn.shared_group_size)
+        if layer is None:
+            return None
+        E, K, selection, weights = layer
+        H, N, R, C, V = mla.heads
+        q_norm, kv_norm = mla.q_norm, mla.kv_norm
+        mla_static = (desc_t.data_ptr(), None if q_norm is None else q_norm[0].data_ptr(),
+                      0.0 if q_norm is None else q_norm[1], H, N, R, C, V, kv_norm[0].data_ptr(), kv_norm[1])
+        router = ffn.router_weight
+        ffn_static = (ffn_norm[0].data_ptr(), ffn_norm[1], None if router is None else router.data_ptr(), *selection,
+                      *weights)
+        front = (attn_norm[0].data_ptr(), attn_norm[1])
+        tail = (mla.w_uk.data_ptr(), mla.w_uv_t.data_ptr(), mla.scale, *_entry_points(mla_lib))
+        return cls(D, mla, front, mla_static, tail, ffn_static, E, K, (desc_t, attn_norm, ffn_norm, mla, ffn))
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_all: torch.Tensor,
+                 pe_all: torch.Tensor, mask: torch.Tensor | None) -> BlockStep | None:
+        """The block over x (B, T, D) with this step's rotary tables, cache views and mask (as block_one_token's);
+        None where the step does not take the call (nothing written)."""
+        B, T, D = x.shape
+        lib = _kernel_for(x)
+        if lib is None or not 0 < B * T <= MAX_TOKENS or D != self.D:
+            return None
+        step = step_tensors(x, cos, sin, kv_all, pe_all, mask, self.mla.heads, "block_one_token")
+        if step is None:
+            return None
+        x, cos, sin, mask_bytes, scratch = step
+        M, K, S = B * T, self.K, kv_all.shape[1]
+        y, normed = torch.empty(B, T, D), torch.empty(B, T, D)
+        idx, gates = torch.empty(M, K, dtype=torch.int64), torch.empty(M, K)
+        counts = torch.empty(self.E, dtype=torch.int64)
+        tied = lib.dsm_block_one_token(
+            x.data_ptr(), B, T, D, *self._front, *self._mla_static, cos.data_ptr(), sin.data_ptr(),
+            int(self.mla.interleave), kv_all.data_ptr(), kv_all.stride(0), kv_all.stride(1), pe_all.data_ptr(),
+            pe_all.stride(0), pe_all.stride(1), S - T, None if mask_bytes is None else mask_bytes.data_ptr(),
+            *self._mla_tail, scratch.data_ptr(), *self._ffn_static, idx.data_ptr(), gates.data_ptr(),
+            counts.data_ptr(), normed.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        routed = self._ffn_static[2] is not None
+        return BlockStep(y, bool(tied), normed, counts if routed and not tied else None, M * K)
+
+
+__all__ = ["BlockCall", "BlockStep", "FFNOperands", "MLAOperands", "block_one_token"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from typing import Any
 
 import torch
 
@@ -56,32 +55,40 @@ def mla_one_token(x: torch.Tensor, projections: dict[str, Codes | None], q_norm:
     call writes them: LayerCache.grow); mask (B, 1, T, S) bool or None (causal); w_uk (H, N, C), w_uv_t (H, C, V)
     fp32 contiguous. Returns (B, T, D) fp32, or None where the call does not apply (then nothing was written).
     """
-    call = mla_call(x, projections, q_norm, kv_norm, cos, sin, interleave, heads, kv_all, pe_all, mask, w_uk, w_uv_t,
-                    scale)
-    if call is None:
-        return None
-    lib, args, _ = call
-    B, T, D = x.shape
-    x = x.contiguous()
-    y = torch.empty(B, T, D, dtype=torch.float32)
-    lib.dsm_mla_one_token(x.data_ptr(), B, T, D, *args, y.data_ptr(), torch.get_num_threads())
-    return y
-
-
-def mla_call(x: torch.Tensor, projections: dict[str, Codes | None], q_norm: tuple[torch.Tensor, float] | None,
-             kv_norm: tuple[torch.Tensor, float], cos: torch.Tensor, sin: torch.Tensor, interleave: bool,
-             heads: tuple[int, int, int, int, int], kv_all: torch.Tensor, pe_all: torch.Tensor,
-             mask: torch.Tensor | None, w_uk: torch.Tensor, w_uv_t: torch.Tensor, scale: float
-             ) -> tuple[Any, list[object], list[torch.Tensor]] | None:
-    """:func:`mla_one_token`'s checks and arguments (its own, x (B, T, D) read for its shape and kind only): the
-    library, ``dsm_mla_one_token``'s arguments from ``proj`` to ``scratch``, and the tensors they point into that
-    must live through the call; None where the call does not apply. A whole block's call takes the same
-    (kernels/block_one_token.py)."""
     lib = _kernel_for(x)
     mla = cpu_build.load_mla_decode_library()
     B, T, D = x.shape
+    if lib is None or mla is None:
+        return None
+    step = step_tensors(x, cos, sin, kv_all, pe_all, mask, heads, "mla_one_token")
+    if step is None:
+        return None
+    desc_t = _descriptors(D, projections, q_norm, kv_norm, heads, w_uk, w_uv_t)
+    if desc_t is None:
+        return None
+    x, cos, sin, mask_bytes, scratch = step
     H, N, R, C, V = heads
-    if lib is None or mla is None or torch.is_grad_enabled() or not 0 < T <= MAX_NEW_TOKENS:
+    y = torch.empty(B, T, D, dtype=torch.float32)
+    lib.dsm_mla_one_token(
+        x.data_ptr(), B, T, D, desc_t.data_ptr(), None if q_norm is None else q_norm[0].data_ptr(),
+        0.0 if q_norm is None else q_norm[1], H, N, R, C, V, kv_norm[0].data_ptr(), kv_norm[1], cos.data_ptr(),
+        sin.data_ptr(), int(interleave), kv_all.data_ptr(), kv_all.stride(0), kv_all.stride(1), pe_all.data_ptr(),
+        pe_all.stride(0), pe_all.stride(1), kv_all.shape[1] - T, None if mask_bytes is None else mask_bytes.data_ptr(),
+        w_uk.data_ptr(), w_uv_t.data_ptr(), scale, *_entry_points(mla), scratch.data_ptr(), y.data_ptr(),
+        torch.get_num_threads())
+    return y
+
+
+def step_tensors(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_all: torch.Tensor, pe_all: torch.Tensor,
+                 mask: torch.Tensor | None, heads: tuple[int, int, int, int, int], what: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+    """A step's own operands of the one-call attention (this layer's, or a whole block's: kernels/block_one_token.py)
+    checked against ``heads``: (x, cos, sin contiguous, the mask as the kernel reads it, the attention's scratch),
+    or None where the step does not take the call (autograd, too many tokens, not fp32 on the CPU); ValueError
+    naming ``what`` for a cache or rotary table that does not fit."""
+    B, T, _ = x.shape
+    H, N, R, C, V = heads
+    if torch.is_grad_enabled() or not 0 < T <= MAX_NEW_TOKENS:
         return None
     S = kv_all.shape[1]
     if cos.dim() == 3 and cos.shape[0] == 1 and sin.shape == cos.shape:  # one table for every row, as rotary takes
@@ -90,21 +97,11 @@ def mla_call(x: torch.Tensor, projections: dict[str, Codes | None], q_norm: tupl
         return None
     if (kv_all.shape != (B, S, C) or pe_all.shape != (B, S, R) or cos.shape != (B, T, R // 2) or sin.shape != cos.shape
             or S < T):
-        raise ValueError(f"mla_one_token: x {tuple(x.shape)}, cache {tuple(kv_all.shape)} / {tuple(pe_all.shape)}, "
+        raise ValueError(f"{what}: x {tuple(x.shape)}, cache {tuple(kv_all.shape)} / {tuple(pe_all.shape)}, "
                          f"cos {tuple(cos.shape)} do not fit heads (H, N, R, C, V) = {heads}")
-    desc_t = _descriptors(D, projections, q_norm, kv_norm, heads, w_uk, w_uv_t)
-    if desc_t is None:
-        return None
-    mask_bytes = mask_rows(mask, B, T, S, "mla_one_token")
-    cos, sin = cos.contiguous(), sin.contiguous()
+    mask_bytes = mask_rows(mask, B, T, S, what)
     scratch = torch.empty(B * T * H * (2 * C + S), dtype=torch.float32)
-    args: list[object] = [
-        desc_t.data_ptr(), None if q_norm is None else q_norm[0].data_ptr(), 0.0 if q_norm is None else q_norm[1],
-        H, N, R, C, V, kv_norm[0].data_ptr(), kv_norm[1], cos.data_ptr(), sin.data_ptr(), int(interleave),
-        kv_all.data_ptr(), kv_all.stride(0), kv_all.stride(1), pe_all.data_ptr(), pe_all.stride(0), pe_all.stride(1),
-        S - T, None if mask_bytes is None else mask_bytes.data_ptr(), w_uk.data_ptr(), w_uv_t.data_ptr(), scale,
-        *_entry_points(mla), scratch.data_ptr()]
-    return lib, args, [desc_t, cos, sin, scratch, *([] if mask_bytes is None else [mask_bytes])]
+    return x.contiguous(), cos.contiguous(), sin.contiguous(), mask_bytes, scratch
 
 
 # The projections' descriptors as the call reads them, by everything their checks and contents depend on: the
@@ -163,4 +160,4 @@ def _entry_points(mla: ctypes.CDLL) -> tuple[int | None, int | None]:
             ctypes.cast(mla.dsm_mla_decode, ctypes.c_void_p).value)
 
 
-__all__ = ["PROJECTIONS", "mla_call", "mla_one_token"]
+__all__ = ["PROJECTIONS", "mla_one_token", "step_tensors"]

@@ -8,14 +8,18 @@ the residual is added here.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from deepseek_moe.config import ModelConfig
-from deepseek_moe.kernels.block_one_token import BlockStep, FFNOperands, block_one_token
+from deepseek_moe.kernels.block_one_token import BlockCall, BlockStep, FFNOperands
 from deepseek_moe.kernels.moe_one_token import MAX_TOKENS as BLOCK_CALL_TOKENS
+from deepseek_moe.kernels.quant_matmul import activations
+from deepseek_moe.kernels.switch import fast_paths_enabled
+from deepseek_moe.model.call_plan import Snapshot
 from deepseek_moe.model.kv_cache import LayerCache
 from deepseek_moe.model.mha import MHA
 from deepseek_moe.model.mla import MLA
@@ -94,14 +98,47 @@ class Block(nn.Module):
         """The block as one C++ call (kernels/block_one_token.py) for a few unpadded new tokens, where its
         attention is an MLA layer taking its own one call, its FFN a MoE layer taking the experts' one call or a
         dense FFN of plain quantised products, its norms plain RMSNorms and nothing hooks them; None otherwise
-        (nothing done). A tie at the router's cut leaves the MoE layer to its own forward."""
+        (nothing done). The call's arguments are built once and kept while the block is as it was (_BlockPlan).
+        A tie at the router's cut leaves the MoE layer to its own forward."""
+        # Tracing (an export) is asked first: a shape test before it would become a guard of the traced graph.
+        if not fast_paths_enabled() or type(cache) is not LayerCache or cache.dtype not in (None, torch.float32):
+            return None
         B, T, _ = x.shape
-        if B * T > BLOCK_CALL_TOKENS or not isinstance(self.attn, MLA) or not self.attn._one_call_applies(cache, x):
+        if B * T > BLOCK_CALL_TOKENS:
+            return None
+        plan = _PLANS.get(self)
+        if plan is None or not plan.holds(self):
+            plan = self._plan(cache, x)
+            if plan is None:
+                _PLANS.pop(self, None)
+                return None
+            _PLANS[self] = plan
+        call = plan.call
+
+        def write(slots: tuple[torch.Tensor, ...], cached: tuple[torch.Tensor, ...]) -> BlockStep | None:
+            kv, k_pe = cached  # the call writes the new slots itself
+            return call(x, cos, sin, kv, k_pe, mask)
+
+        step = plan.attn.in_new_slots(cache, T, x[..., :1], write)
+        if step is None:
+            return None
+        if step.tied:  # the attention half is done (its cache written); the router decides the tie
+            return step.y + self.ffn(step.normed, protected=protected)
+        if step.tokens_per_expert is not None:
+            assert isinstance(self.ffn, MoE)
+            self.ffn.record_one_call(step.tokens_per_expert, step.n_assignments, x)
+        return step.y
+
+    def _plan(self, cache: LayerCache, x: torch.Tensor) -> _BlockPlan | None:
+        """The call's arguments, through every check of the layers' own calls; None where the block does not take
+        the call now."""
+        attn = self.attn
+        if not isinstance(attn, MLA) or not attn._one_call_applies(cache, x):
             return None
         if (any(type(n) is not RMSNorm for n in (self.attn_norm, self.ffn_norm))
-                or any(m._forward_hooks or m._forward_pre_hooks for m in (self.attn_norm, self.ffn_norm, self.attn))):
+                or any(m._forward_hooks or m._forward_pre_hooks for m in (self.attn_norm, self.ffn_norm, attn))):
             return None
-        mla = self.attn.one_call_operands()
+        mla = attn.one_call_operands()
         if isinstance(self.ffn, MoE):
             ffn = self.ffn.one_call_operands()
         else:
@@ -109,21 +146,9 @@ class Block(nn.Module):
             ffn = None if codes is None else FFNOperands(None, None, None, None, 0, *codes)
         if mla is None or ffn is None:
             return None
-        attn_norm, ffn_norm = (self.attn_norm.weight, self.attn_norm.eps), (self.ffn_norm.weight, self.ffn_norm.eps)
-
-        def write(slots: tuple[torch.Tensor, ...], cached: tuple[torch.Tensor, ...]) -> BlockStep | None:
-            kv, k_pe = cached  # the call writes the new slots itself
-            return block_one_token(x, attn_norm, mla, ffn_norm, ffn, cos, sin, kv, k_pe, mask)
-
-        step = self.attn.in_new_slots(cache, T, x[..., :1], write)
-        if step is None:
-            return None
-        if step.tied:  # the attention half is done (its cache written); the router decides the tie
-            return step.y + self.ffn(step.normed, protected=protected)
-        if isinstance(self.ffn, MoE):
-            assert step.tokens_per_expert is not None
-            self.ffn.record_one_call(step.tokens_per_expert, step.n_assignments, x)
-        return step.y
+        call = BlockCall.build(x.shape[-1], (self.attn_norm.weight, self.attn_norm.eps), mla,
+                               (self.ffn_norm.weight, self.ffn_norm.eps), ffn)
+        return None if call is None else _BlockPlan(self, call)
 
     def _attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                    cache: LayerCache | None = None) -> torch.Tensor:
@@ -135,6 +160,35 @@ class Block(nn.Module):
         if isinstance(self.ffn, MoE):
             return x + self.ffn(h, token_mask=token_mask, protected=protected)
         return x + self.ffn(h)
+
+
+class _BlockPlan:
+    """A block's call (BlockCall) with what it was built from: valid while the block's modules, weights, modes,
+    hooks and the attributes the call reads are as they were (model/call_plan.py), the kernel's activation format
+    is, and the attention's absorbed matrices (fp32 copies of wkv_b, remade when it changes) are the ones it holds."""
+
+    def __init__(self, block: Block, call: BlockCall) -> None:
+        attn, ffn = block.attn, block.ffn
+        assert isinstance(attn, MLA)
+        self.attn, self.call, self.activations = attn, call, activations()
+        watched: list[tuple[object, str]] = [(block.attn_norm, "eps"), (block.ffn_norm, "eps")]
+        watched += [(attn, n) for n in ("attn_impl", "rope_interleave", "softmax_scale")]
+        watched += [(n, "eps") for n in (attn.kv_norm, getattr(attn, "q_norm", None)) if n is not None]
+        if isinstance(ffn, MoE):
+            watched += [(ffn, n) for n in ("cfg", "uniform_routing", "dispatcher")] + [(ffn.gate, "cfg")]
+            watched += [(ffn.experts, n) for n in ("adapter", "offset", "group_size")]
+        watched += [(m, "group_size") for m in ffn.modules() if hasattr(m, "plain_codes")]
+        self.snapshot = Snapshot(block, watched)
+
+    def holds(self, block: Block) -> bool:
+        if activations() != self.activations or not self.snapshot.holds():
+            return False
+        w_uk, w_uv_t = self.attn._absorbed_matrices(torch.float32)
+        return w_uk is self.call.mla.w_uk and w_uv_t is self.call.mla.w_uv_t
+
+
+# Each block's plan, kept beside the module (not in it: nothing of it is saved, copied or moved with the model).
+_PLANS: weakref.WeakKeyDictionary[Block, _BlockPlan] = weakref.WeakKeyDictionary()
 
 
 CHECKPOINTING_MODES = ("none", "full", "attention")
