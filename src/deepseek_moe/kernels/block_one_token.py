@@ -50,9 +50,8 @@ class FFNOperands(NamedTuple):
 
 
 class BlockStep(NamedTuple):
-    y: torch.Tensor  # (B, T, D): the block's output, or where tied, x + attention (the MoE layer still to add)
-    tied: bool  # an exact tie at the router's cut: the caller runs the MoE layer on ``normed`` and adds it to y
-    normed: torch.Tensor  # (B, T, D): RMSNorm(x + attention) * ffn_norm, the FFN's input
+    y: torch.Tensor  # (B, T, D): the block's output, or where tied, x + attention (the FFN half still to run)
+    tied: bool  # an exact tie at the router's cut: the caller runs the FFN norm and the MoE layer on y and adds
     tokens_per_expert: torch.Tensor | None  # (E,) int64 for a MoE layer served, else None
     n_assignments: int
 
@@ -119,19 +118,16 @@ class BlockCall:
         step = step_tensors(x, cos, sin, kv_all, pe_all, mask, self.mla.heads, "block_one_token")
         if step is None:
             return None
-        x, cos, sin, mask_bytes, scratch = step
-        M, K, S = B * T, self.K, kv_all.shape[1]
-        y, normed = torch.empty(B, T, D), torch.empty(B, T, D)
-        idx, gates = torch.empty(M, K, dtype=torch.int64), torch.empty(M, K)
-        counts = torch.empty(self.E, dtype=torch.int64)
+        x, cos, sin, mask_bytes = step
+        S = kv_all.shape[1]
+        y, counts = torch.empty(B, T, D), torch.empty(self.E, dtype=torch.int64)
         tied = lib.dsm_block_one_token(
             x.data_ptr(), B, T, D, *self._front, *self._mla_static, cos.data_ptr(), sin.data_ptr(),
             int(self.mla.interleave), kv_all.data_ptr(), kv_all.stride(0), kv_all.stride(1), pe_all.data_ptr(),
             pe_all.stride(0), pe_all.stride(1), S - T, None if mask_bytes is None else mask_bytes.data_ptr(),
-            *self._mla_tail, scratch.data_ptr(), *self._ffn_static, idx.data_ptr(), gates.data_ptr(),
-            counts.data_ptr(), normed.data_ptr(), y.data_ptr(), torch.get_num_threads())
+            *self._mla_tail, *self._ffn_static, counts.data_ptr(), y.data_ptr(), torch.get_num_threads())
         routed = self._ffn_static[2] is not None
-        return BlockStep(y, bool(tied), normed, counts if routed and not tied else None, M * K)
+        return BlockStep(y, bool(tied), counts if routed and not tied else None, B * T * self.K)
 
 
 __all__ = ["BlockCall", "BlockStep", "FFNOperands", "MLAOperands", "block_one_token"]

@@ -284,9 +284,9 @@ def configure_qgemm(lib: ctypes.CDLL) -> ctypes.CDLL:
                                       c_int, ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, f32, ptr, ptr, ptr, ptr,
                                       c_int]
     lib.dsm_mla_one_token.restype = None
-    mla_args = lib.dsm_mla_one_token.argtypes[4:-2]  # proj .. scratch
+    mla_args = lib.dsm_mla_one_token.argtypes[4:-3]  # proj .. decode_fn
     lib.dsm_block_one_token.argtypes = [ptr, i64, i64, i64, ptr, f32, *mla_args, ptr, f32, ptr,
-                                        *lib.dsm_moe_one_token.argtypes[4:-5], ptr, ptr, ptr, ptr, ptr, c_int]
+                                        *lib.dsm_moe_one_token.argtypes[4:-5], ptr, ptr, c_int]
     lib.dsm_block_one_token.restype = c_int
     lib.dsm_qgemm_int8_grouped.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int]
     lib.dsm_qgemm_int8_grouped.restype = None

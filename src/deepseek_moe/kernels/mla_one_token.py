@@ -66,8 +66,9 @@ def mla_one_token(x: torch.Tensor, projections: dict[str, Codes | None], q_norm:
     desc_t = _descriptors(D, projections, q_norm, kv_norm, heads, w_uk, w_uv_t)
     if desc_t is None:
         return None
-    x, cos, sin, mask_bytes, scratch = step
+    x, cos, sin, mask_bytes = step
     H, N, R, C, V = heads
+    scratch = torch.empty(B * T * H * (2 * C + kv_all.shape[1]), dtype=torch.float32)
     y = torch.empty(B, T, D, dtype=torch.float32)
     lib.dsm_mla_one_token(
         x.data_ptr(), B, T, D, desc_t.data_ptr(), None if q_norm is None else q_norm[0].data_ptr(),
@@ -81,9 +82,9 @@ def mla_one_token(x: torch.Tensor, projections: dict[str, Codes | None], q_norm:
 
 def step_tensors(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_all: torch.Tensor, pe_all: torch.Tensor,
                  mask: torch.Tensor | None, heads: tuple[int, int, int, int, int], what: str
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """A step's own operands of the one-call attention (this layer's, or a whole block's: kernels/block_one_token.py)
-    checked against ``heads``: (x, cos, sin contiguous, the mask as the kernel reads it, the attention's scratch),
+    checked against ``heads``: (x, cos, sin contiguous, the mask as the kernel reads it),
     or None where the step does not take the call (autograd, too many tokens, not fp32 on the CPU); ValueError
     naming ``what`` for a cache or rotary table that does not fit."""
     B, T, _ = x.shape
@@ -99,9 +100,7 @@ def step_tensors(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_all: 
             or S < T):
         raise ValueError(f"{what}: x {tuple(x.shape)}, cache {tuple(kv_all.shape)} / {tuple(pe_all.shape)}, "
                          f"cos {tuple(cos.shape)} do not fit heads (H, N, R, C, V) = {heads}")
-    mask_bytes = mask_rows(mask, B, T, S, what)
-    scratch = torch.empty(B * T * H * (2 * C + S), dtype=torch.float32)
-    return x.contiguous(), cos.contiguous(), sin.contiguous(), mask_bytes, scratch
+    return x.contiguous(), cos.contiguous(), sin.contiguous(), mask_rows(mask, B, T, S, what)
 
 
 # The projections' descriptors as the call reads them, by everything their checks and contents depend on: the

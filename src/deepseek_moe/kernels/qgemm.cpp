@@ -1123,33 +1123,37 @@ void dsm_mla_one_token(const float* x, int64_t B, int64_t T, int64_t D, const in
 // A whole decoder block for T new tokens of B rows (M = B * T <= 16: a decode step, a verification) in one call,
 // where Block.forward ran two norms, the MLA layer's call, the router's logits, the MoE layer's call and two residual
 // adds as ~25 Python-level steps (~400 us a mid-size block beyond its kernels' work, inside a decode step):
-//   x1 = x + MLA(RMSNorm(x) * attn_norm_w)             dsm_mla_one_token, its arguments as there (proj .. scratch)
+//   x1 = x + MLA(RMSNorm(x) * attn_norm_w)             dsm_mla_one_token, its arguments as there (proj .. decode_fn)
 //   h = RMSNorm(x1) * ffn_norm_w
 //   y = x1 + MoE(h): logits = h router_w^T, then dsm_moe_one_token (its arguments as there, E .. sq8);
 //       with no router (router_w null), y = x1 + FFN(h), the FFN given as the shared expert (Fs > 0)
 // The router's logits are summed in double per row: every row as a row alone is summed (a verification's k + 1
 // tokens get the logits each would get in a decode step), equal to torch's fp32 product to rounding.
-// Returns 0 with y (M, D) written; 1 on an exact tie at the router's cut: then y holds x1, h the normed x1 (M, D),
-// the cache its new slots, and the caller runs the MoE layer itself. x, y, h contiguous (M, D); y may not be x.
+// Returns 0 with y (M, D) and, for a MoE layer, counts (E,) (the assignments per expert) written; 1 on an exact tie
+// at the router's cut: then y holds x1, the cache its new slots, and the caller runs the FFN norm and the MoE layer
+// itself. x, y contiguous (M, D); y may not be x.
 int dsm_block_one_token(const float* x, int64_t B, int64_t T, int64_t D, const float* attn_norm_w, float attn_eps,
                         const int64_t* proj, const float* q_norm_w, float q_eps, int64_t H, int64_t N, int64_t R,
                         int64_t C, int64_t V, const float* kv_norm_w, float kv_eps, const float* cos,
                         const float* sin, int interleave, float* kv_cache, int64_t kv_b, int64_t kv_s,
                         float* pe_cache, int64_t pe_b, int64_t pe_s, int64_t start, const uint8_t* mask,
                         const float* w_uk, const float* w_uv_t, float scale, void* prepare_fn, void* decode_fn,
-                        float* scratch, const float* ffn_norm_w, float ffn_eps, const float* router_w, int64_t E,
+                        const float* ffn_norm_w, float ffn_eps, const float* router_w, int64_t E,
                         const float* bias, int softmax, int64_t n_groups, int64_t n_limited, int top2_sum, int64_t K,
                         int norm_topk, float route_scale, int64_t F, const void* w1, const void* w3, const void* s1,
                         const void* s3, int bits13, const void* w2, const void* s2, int bits2, int64_t gs, int q8,
                         int64_t Fs, const void* sw1, const void* sw3, const void* ss1, const void* ss3, int sbits13,
-                        const void* sw2, const void* ss2, int sbits2, int64_t sgs, int sq8, int64_t* idx,
-                        float* gates, int64_t* counts, float* h, float* y, int n_threads) {
-    const int64_t M = B * T;
-    std::vector<float> a(static_cast<size_t>(M * D));
+                        const void* sw2, const void* ss2, int sbits2, int64_t sgs, int sq8, int64_t* counts,
+                        float* y, int n_threads) {
+    const int64_t M = B * T, S = start + T;
+    std::vector<float> a(static_cast<size_t>(M * D)), hv(static_cast<size_t>(M * D));
+    std::vector<float> scratch(static_cast<size_t>(M * H * (2 * C + S))), gates(static_cast<size_t>(M * (K > 0 ? K : 1)));
+    std::vector<int64_t> idx(static_cast<size_t>(M * (K > 0 ? K : 1)));
+    float* h = hv.data();
     for (int64_t m = 0; m < M; ++m) rms_row(x + m * D, D, attn_norm_w, attn_eps, h + m * D);
     dsm_mla_one_token(h, B, T, D, proj, q_norm_w, q_eps, H, N, R, C, V, kv_norm_w, kv_eps, cos, sin, interleave,
                       kv_cache, kv_b, kv_s, pe_cache, pe_b, pe_s, start, mask, w_uk, w_uv_t, scale, prepare_fn,
-                      decode_fn, scratch, a.data(), n_threads);
+                      decode_fn, scratch.data(), a.data(), n_threads);
     for (int64_t i = 0; i < M * D; ++i) y[i] = x[i] + a[i];
     for (int64_t m = 0; m < M; ++m) rms_row(y + m * D, D, ffn_norm_w, ffn_eps, h + m * D);
     if (router_w) {
@@ -1165,7 +1169,8 @@ int dsm_block_one_token(const float* x, int64_t B, int64_t T, int64_t D, const f
             }
         if (dsm_moe_one_token(h, M, D, logits.data(), E, bias, softmax, n_groups, n_limited, top2_sum, K, norm_topk,
                               route_scale, F, w1, w3, s1, s3, bits13, w2, s2, bits2, gs, q8, Fs, sw1, sw3, ss1, ss3,
-                              sbits13, sw2, ss2, sbits2, sgs, sq8, idx, gates, counts, a.data(), n_threads))
+                              sbits13, sw2, ss2, sbits2, sgs, sq8, idx.data(), gates.data(), counts, a.data(),
+                              n_threads))
             return 1;
     } else {  // a dense block: its FFN is one expert of width Fs on every row, gate 1
         std::vector<float> hh(static_cast<size_t>(2 * M * Fs));

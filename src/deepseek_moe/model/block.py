@@ -119,14 +119,14 @@ class Block(nn.Module):
             kv, k_pe = cached  # the call writes the new slots itself
             return call(x, cos, sin, kv, k_pe, mask)
 
-        step = plan.attn.in_new_slots(cache, T, x[..., :1], write)
+        step = plan.attn.in_new_slots(cache, T, x, write)
         if step is None:
             return None
         if step.tied:  # the attention half is done (its cache written); the router decides the tie
-            return step.y + self.ffn(step.normed, protected=protected)
+            return step.y + self.ffn(self.ffn_norm(step.y), protected=protected)
         if step.tokens_per_expert is not None:
             assert isinstance(self.ffn, MoE)
-            self.ffn.record_one_call(step.tokens_per_expert, step.n_assignments, x)
+            self.ffn.record_one_call(step.tokens_per_expert, step.n_assignments)
         return step.y
 
     def _plan(self, cache: LayerCache, x: torch.Tensor) -> _BlockPlan | None:

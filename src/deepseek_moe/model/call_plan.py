@@ -29,29 +29,28 @@ class Snapshot:
 
     def __init__(self, root: nn.Module, attributes: Iterable[tuple[object, str]] = ()) -> None:
         self.modules = tuple(root.modules())
-        # Every module's children, parameters and buffers (their dicts are the modules' own for life) and hooks.
-        self.slots = tuple(d for m in self.modules for d in (m._modules, m._parameters, m._buffers))
+        # Live views of every module's children, parameters and buffers (the dicts are the modules' own for life).
+        self.slots = tuple(d.values() for m in self.modules for d in (m._modules, m._parameters, m._buffers))
         self.hooks = tuple(d for m in self.modules for d in (m._forward_hooks, m._forward_pre_hooks))
-        self.entries = self._entries()
+        self.entries = tuple(chain.from_iterable(self.slots))
         self.tensors = tuple(t for t in self.entries if isinstance(t, torch.Tensor))
-        self.addresses = self._addresses()
+        self.addresses = tuple(map(_address, self.tensors))
         self.hook_counts = tuple(map(len, self.hooks))
-        self.training = tuple(m.training for m in self.modules)
+        self.training = tuple(map(_training, self.modules))
         self.attributes = tuple((obj, name, getattr(obj, name)) for obj, name in attributes)
-
-    def _entries(self) -> tuple[object, ...]:
-        return tuple(chain.from_iterable(d.values() for d in self.slots))
-
-    def _addresses(self) -> tuple[int, ...]:
-        return tuple(t.data_ptr() for t in self.tensors)
 
     def holds(self) -> bool:
         """Whether every recorded module, tensor, hook count, mode and attribute is as it was."""
-        entries = self._entries()
+        entries = tuple(chain.from_iterable(self.slots))
         return (len(entries) == len(self.entries) and all(map(operator.is_, entries, self.entries))
-                and self._addresses() == self.addresses and tuple(map(len, self.hooks)) == self.hook_counts
-                and tuple(m.training for m in self.modules) == self.training
+                and tuple(map(_address, self.tensors)) == self.addresses
+                and tuple(map(len, self.hooks)) == self.hook_counts
+                and tuple(map(_training, self.modules)) == self.training
                 and all(getattr(obj, name) is value for obj, name, value in self.attributes))
+
+
+_address = torch.Tensor.data_ptr
+_training = operator.attrgetter("training")
 
 
 __all__ = ["Snapshot"]

@@ -154,24 +154,25 @@ class MLA(nn.Module):
         ops = self.one_call_operands()
         if ops is None:
             return None
-        B, T, _ = x.shape
-        column = x[..., :1]
+        T = x.shape[1]
 
         def write(slots: tuple[torch.Tensor, ...], cached: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
             kv, k_pe = cached  # the call writes the new slots itself
             return mla_one_token(x, ops.projections, ops.q_norm, ops.kv_norm, cos, sin, ops.interleave, ops.heads, kv,
                                  k_pe, mask, ops.w_uk, ops.w_uv_t, ops.scale)
 
-        return self.in_new_slots(cache, T, column, write)
+        return self.in_new_slots(cache, T, x, write)
 
-    def in_new_slots(self, cache: LayerCache, T: int, column: torch.Tensor,
+    def in_new_slots(self, cache: LayerCache, T: int, x: torch.Tensor,
                      write: Callable[[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]], Out | None]) -> Out | None:
-        """``write(new slots, all slots)`` with the cache grown by this layer's T slots (latent and rotary key,
-        shaped from ``column`` (B, T, 1), any tensor of the step's), rolled back where it returns None or raises:
-        a C++ call that writes the new slots itself (this layer's, or a whole block's)."""
-        B = column.shape[0]
-        C, Rk = self.kv_lora_rank, self.qk_rope_head_dim
-        return _in_new_slots(cache, T, (column.expand(B, T, C), column.expand(B, T, Rk)), write)
+        """``write(new slots, all slots)`` with the cache grown by this layer's T slots (latent and rotary key, of
+        x's rows and dtype), rolled back where it returns None or raises: a C++ call that writes the new slots
+        itself (this layer's, or a whole block's)."""
+        if cache.dtype is not None:  # storage there: the shapes are its own
+            return _in_new_slots(cache, T, (), write)
+        column, B = x[..., :1], x.shape[0]
+        return _in_new_slots(cache, T, (column.expand(B, T, self.kv_lora_rank),
+                                        column.expand(B, T, self.qk_rope_head_dim)), write)
 
     def one_call_operands(self) -> MLAOperands | None:
         """This layer as the one-call decode takes it, where every projection is a plain quantised product

@@ -196,9 +196,10 @@ class MoE(nn.Module):
         operands = getattr(self.experts, "one_call_operands", None)
         return operands(self.gate, self.shared_experts) if callable(operands) else None
 
-    def record_one_call(self, tokens_per_expert: torch.Tensor, n_assignments: int, x: torch.Tensor) -> None:
-        """What a forward leaves behind (``aux_loss``, ``last_stats``), for a step a whole block's call served."""
-        self.aux_loss, no_drops = self._inference_zeros(x)
+    def record_one_call(self, tokens_per_expert: torch.Tensor, n_assignments: int) -> None:
+        """What a forward leaves behind (``aux_loss``, ``last_stats``), for a step a whole block's call served
+        (on the CPU)."""
+        self.aux_loss, no_drops = self._inference_zeros(tokens_per_expert)
         self.last_stats = MoEStats(tokens_per_expert, no_drops, n_assignments)
 
     def _inference_zeros(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
