@@ -87,3 +87,23 @@ def served_calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> l
 
     monkeypatch.setattr(owner, name, counted)
     return served
+
+
+def assert_call_matches(run: collections.abc.Callable[[], torch.Tensor],
+                        call_off: collections.abc.Callable[[], torch.Tensor], calls: list[bool], n_calls: int,
+                        isa: str, activations: str) -> None:
+    """A fused call's test on one kernel path: ``run()`` (logits of some steps) takes the call ``n_calls`` times
+    (``calls``: served_calls' list), equals ``call_off()`` (the same steps with the call off: the same kernels,
+    so to rounding) and, with fp32 activations, the plain PyTorch of ``reference_paths()`` (int8 activations
+    round x, which the dequantised reference does not)."""
+    from deepseek_moe.kernels.switch import reference_paths
+
+    with kernel_path(isa, activations), torch.inference_mode():
+        got = run()
+        assert calls == [True] * n_calls, calls
+        plain = call_off()
+        with reference_paths():
+            ref = run()
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+    if activations == "fp32":
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

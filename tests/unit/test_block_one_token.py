@@ -18,7 +18,7 @@ from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
 from deepseek_moe.moe.layer import MoE
 from deepseek_moe.presets import tiny
 from deepseek_moe.quant import QuantConfig, quantize_model
-from tests.unit.quant_kernel_paths import kernel_path, served_calls
+from tests.unit.quant_kernel_paths import assert_call_matches, kernel_path, served_calls
 
 V3_ROUTING = dict(score_func="sigmoid", use_routing_bias=True, n_expert_groups=4, n_limited_groups=2,
                   group_score_func="top2_sum", norm_topk_prob=True, route_scale=2.5)
@@ -60,15 +60,9 @@ def test_one_call_equals_the_blocks_layers(isa: str, activations: str, bits: int
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     model = quantised_tiny(bits, q_lora_rank, v3)
     calls = served_calls(monkeypatch, BlockCall, "__call__")
-    with kernel_path(isa, activations), torch.inference_mode():
-        got = steps(model)
-        assert calls == [True] * (3 * 5), calls  # every block of every step, the prefill of 5 included
-        plain = without_call(model, monkeypatch)
-        with reference_paths():
-            ref = steps(model)
-    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)  # the same kernels: rounding only
-    if activations == "fp32":  # int8 activations round x: the dequantised reference does not
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # every block of every step, the prefill of 5 included
+    assert_call_matches(lambda: steps(model), lambda: without_call(model, monkeypatch), calls, 3 * 5, isa,
+                        activations)
 
 
 def test_a_batch_of_rows_and_the_moe_statistics(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,12 +10,11 @@ import dataclasses
 import pytest
 import torch
 
-from deepseek_moe.kernels.switch import reference_paths
 from deepseek_moe.model import mla as mla_module
 from deepseek_moe.model.causal_lm import DeepSeekMoEForCausalLM
 from deepseek_moe.presets import tiny
 from deepseek_moe.quant import QuantConfig, quantize_model
-from tests.unit.quant_kernel_paths import kernel_path, served_calls
+from tests.unit.quant_kernel_paths import assert_call_matches, kernel_path, served_calls
 
 
 @pytest.fixture(autouse=True)
@@ -60,15 +59,9 @@ def test_one_call_equals_the_layer(isa: str, activations: str, bits: int, q_lora
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     model = quantised_tiny(bits, q_lora_rank, interleave=q_lora_rank != 48)  # 48: the halves layout of rotary pairs
     calls = served_calls(monkeypatch, mla_module, "mla_one_token")
-    with kernel_path(isa, activations), torch.inference_mode():
-        got = decode(model)
-        assert calls == [True] * (2 * 5), calls  # every layer of every step, the prefill of 5 included
-        plain = without_call(model, monkeypatch)
-        with reference_paths():
-            ref = decode(model)
-    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)  # the same kernels: rounding only
-    if activations == "fp32":  # int8 activations round x: the dequantised reference does not
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # every layer of every step, the prefill of 5 included
+    assert_call_matches(lambda: decode(model), lambda: without_call(model, monkeypatch), calls, 2 * 5, isa,
+                        activations)
 
 
 def test_declines_adapters_hooks_and_rolls_the_cache_back(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -950,6 +950,20 @@ void dsm_experts_q8(const float* x, int64_t A, int64_t D, int64_t F, int64_t n_a
 }
 
 
+// A SwiGLU FFN of width Fs on all M rows of x as one expert with gate 1 (an FFN is an expert): the MoE layer's
+// shared experts, a dense block's FFN. h: 2 * M * Fs floats of scratch; y (M, D) written.
+static void ffn_as_expert(const float* x, int64_t M, int64_t D, int64_t Fs, const void* w1, const void* w3,
+                          const void* s1, const void* s3, int bits13, const void* w2, const void* s2, int bits2,
+                          int64_t gs, int q8, float* h, float* y, int n_threads) {
+    std::vector<int64_t> zero(1, 0), rows(1, M);
+    if (q8)
+        dsm_experts_q8(x, M, D, Fs, 1, zero.data(), zero.data(), rows.data(), w1, w3, s1, s3, bits13, w2, s2, bits2,
+                       gs, nullptr, h, y, n_threads);
+    else
+        dsm_experts(x, M, D, Fs, 1, zero.data(), zero.data(), rows.data(), w1, w3, s1, s3, bits13, w2, s2, bits2, gs,
+                    nullptr, h, h + M * Fs, y, n_threads);
+}
+
 // The Router's selection for one token (dsm_moe_one_token's first step): 1 on an exact tie at a cut, else 0.
 static int route_token(const float* logits, int64_t E, const float* bias, int softmax, int64_t n_groups,
                        int64_t n_limited, int top2_sum, int64_t K, int norm_topk, float route_scale, int64_t* idx,
@@ -1035,7 +1049,7 @@ int dsm_moe_one_token(const float* x, int64_t T, int64_t D, const float* logits,
     const int64_t A = T * K;
     std::vector<float> xs(static_cast<size_t>(A * D)), ys(static_cast<size_t>(A * D)),
         h(static_cast<size_t>(2 * (A * F > T * Fs ? A * F : T * Fs)));
-    std::vector<int64_t> start(static_cast<size_t>(A)), len(static_cast<size_t>(A), 1), zero(1, 0), rows(1, T);
+    std::vector<int64_t> start(static_cast<size_t>(A)), len(static_cast<size_t>(A), 1);
     for (int64_t a = 0; a < A; ++a) { std::memcpy(xs.data() + a * D, x + (a / K) * D, size_t(D) * 4); start[size_t(a)] = a; }
     if (q8)
         dsm_experts_q8(xs.data(), A, D, F, A, idx, start.data(), len.data(), w1, w3, s1, s3, bits13, w2, s2, bits2,
@@ -1049,13 +1063,9 @@ int dsm_moe_one_token(const float* x, int64_t T, int64_t D, const float* logits,
             for (int64_t k = 0; k < K; ++k) acc += ys[size_t((t * K + k) * D + d)];
             y[t * D + d] = acc;
         }
-    if (Fs > 0) {  // one item: the shared "expert" on all T rows
-        if (sq8)
-            dsm_experts_q8(x, T, D, Fs, 1, zero.data(), zero.data(), rows.data(), sw1, sw3, ss1, ss3, sbits13, sw2,
-                           ss2, sbits2, sgs, nullptr, h.data(), ys.data(), n_threads);
-        else
-            dsm_experts(x, T, D, Fs, 1, zero.data(), zero.data(), rows.data(), sw1, sw3, ss1, ss3, sbits13, sw2, ss2,
-                        sbits2, sgs, nullptr, h.data(), h.data() + T * Fs, ys.data(), n_threads);
+    if (Fs > 0) {  // the shared experts on all T rows
+        ffn_as_expert(x, T, D, Fs, sw1, sw3, ss1, ss3, sbits13, sw2, ss2, sbits2, sgs, sq8, h.data(), ys.data(),
+                      n_threads);
         for (int64_t a = 0; a < T * D; ++a) y[a] += ys[size_t(a)];
     }
     return 0;
@@ -1172,15 +1182,10 @@ int dsm_block_one_token(const float* x, int64_t B, int64_t T, int64_t D, const f
                               sbits13, sw2, ss2, sbits2, sgs, sq8, idx.data(), gates.data(), counts, a.data(),
                               n_threads))
             return 1;
-    } else {  // a dense block: its FFN is one expert of width Fs on every row, gate 1
+    } else {  // a dense block: its FFN
         std::vector<float> hh(static_cast<size_t>(2 * M * Fs));
-        std::vector<int64_t> zero(1, 0), rows(1, M);
-        if (sq8)
-            dsm_experts_q8(h, M, D, Fs, 1, zero.data(), zero.data(), rows.data(), sw1, sw3, ss1, ss3, sbits13, sw2,
-                           ss2, sbits2, sgs, nullptr, hh.data(), a.data(), n_threads);
-        else
-            dsm_experts(h, M, D, Fs, 1, zero.data(), zero.data(), rows.data(), sw1, sw3, ss1, ss3, sbits13, sw2, ss2,
-                        sbits2, sgs, nullptr, hh.data(), hh.data() + M * Fs, a.data(), n_threads);
+        ffn_as_expert(h, M, D, Fs, sw1, sw3, ss1, ss3, sbits13, sw2, ss2, sbits2, sgs, sq8, hh.data(), a.data(),
+                      n_threads);
     }
     for (int64_t i = 0; i < M * D; ++i) y[i] += a[i];
     return 0;
