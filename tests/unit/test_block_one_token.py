@@ -226,3 +226,60 @@ def test_the_kept_arguments_follow_every_change_to_the_block(monkeypatch: pytest
     assert served == [True, False, False], served  # the MoE layers train: their own forward; the dense one may
     model.eval()
     check(True)
+
+
+def test_a_block_and_its_kept_arguments_are_freed_with_the_model() -> None:
+    """The kept arguments live beside the block (model/call_plan.py PLANS, a weak mapping): they must not keep
+    it, its weights or the model alive once the model is dropped."""
+    import gc
+    import weakref
+
+    from deepseek_moe.model.call_plan import PLANS
+
+    model = quantised_tiny(8)
+    with torch.inference_mode():
+        steps(model)
+    block = weakref.ref(model.layers[1])
+    assert block() in PLANS
+    before = len(PLANS)
+    del model
+    gc.collect()
+    assert block() is None and len(PLANS) == before - 3
+
+
+def test_as_many_tokens_as_the_call_takes_and_one_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    """B * T = 16 (2 rows of 8, 1 of 16) takes the call; 17 does not, and both equal the model with it off."""
+    model = quantised_tiny(8)
+    calls = served_calls(monkeypatch, BlockCall, "__call__")
+    for rows, sizes in ((2, (8,)), (1, (16,)), (1, (17,))):
+        calls.clear()
+        with torch.inference_mode():
+            got = steps(model, sizes, rows=rows)
+            with monkeypatch.context() as m:
+                m.setattr(block_module.Block, "_one_call", lambda self, *args: None)
+                plain = steps(model, sizes, rows=rows)
+        assert calls == ([True] * 3 if rows * sum(sizes) <= 16 else []), (rows, sizes, calls)
+        torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_declines_a_forward_replaced_on_an_instance_and_hooks_for_every_module(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model = quantised_tiny(8)
+    served = served_calls(monkeypatch, block_module.Block, "_one_call")
+    with torch.inference_mode():
+        want = steps(model)
+    norm = model.layers[1].ffn_norm
+    norm.forward = lambda x: torch.zeros_like(x)  # type: ignore[method-assign]  # a wrapper's patch
+    served.clear()
+    with torch.inference_mode():
+        patched = steps(model)
+    del norm.forward
+    assert served.count(False) == 5 and not torch.allclose(patched, want)  # the patch ran: the block declined
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    served.clear()
+    try:
+        with torch.inference_mode():
+            torch.testing.assert_close(steps(model), want, rtol=1e-5, atol=1e-5)
+    finally:
+        handle.remove()
+    assert served and not any(served), served

@@ -165,8 +165,9 @@ def test_mla_one_token_names_what_does_not_fit() -> None:
 
 def test_remembered_descriptors_follow_the_activations_and_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     """The call remembers each layer's checked projections by their layout (kernels/mla_one_token.py
-    ``_descriptors``): one model decoded with fp32 activations, then int8 ones, then with its codes rewritten in
-    place and with a projection swapped for a copy elsewhere in memory, each time as with the call off."""
+    ``projection_descriptors``): one model decoded with fp32 activations, then int8 ones, then with its codes
+    rewritten in place and with a projection swapped for a copy elsewhere in memory, each time as with the call
+    off."""
     model = quantised_tiny(8, 48)
     calls = served_calls(monkeypatch, mla_module, "mla_one_token")
     wq_b = model.layers[0].attn.wq_b

@@ -284,7 +284,7 @@ def test_a_hooked_shared_ffn_runs_as_its_module_after_the_call() -> None:
 
 def test_remembered_arguments_follow_the_activations_weights_and_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     """The call remembers each layer's checked arguments by the weights' layout and the rule
-    (kernels/moe_one_token.py ``_layer_arguments``): one layer run with fp32 activations, then int8 ones, with its
+    (kernels/moe_one_token.py ``layer_arguments``): one layer run with fp32 activations, then int8 ones, with its
     expert codes rewritten in place, with the shared experts' codes swapped for a copy elsewhere in memory, and
     with another rule over the same weights, each time as with the call off."""
     from dataclasses import replace

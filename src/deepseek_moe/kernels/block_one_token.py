@@ -4,8 +4,11 @@ in one C++ call (qgemm.cpp ``dsm_block_one_token``).
 After the MLA and MoE layers each became one call (kernels/mla_one_token.py, kernels/moe_one_token.py), what was
 left of a block at decode was Python: two norms, the router's product, two residual adds, the module calls and the
 two calls' own checks, ~0.45 ms a block of the mid-size int8 model beside ~1.05 ms of kernels. This call runs the
-block's steps back to back: attention norm, the MLA call, the residual, the FFN norm, the router's logits (summed
-per row in C++), the MoE call (or a dense FFN as one expert), the residual.
+block's steps back to back: attention norm, the MLA call, the residual, the FFN norm, the router's logits, the MoE
+call (or a dense FFN as one expert), the residual. The logits are summed in C++, in double, row by row (a
+verification's tokens get the logits each would get in a decode step): equal to the Router's fp32 product to
+rounding, so at a near-tie within rounding the block's call may rank the other expert first, as any other order
+of summation would; an exact tie at the cut is left to the Router.
 
 The readable reference is the block's own path, module by module (``Block._ffn(Block._attention(...))``), and under
 ``reference_paths()`` plain PyTorch; the tests compare against both.
@@ -18,8 +21,8 @@ from typing import NamedTuple
 import torch
 
 from deepseek_moe.kernels import cpu_build
-from deepseek_moe.kernels.mla_one_token import Codes, _descriptors, _entry_points, step_tensors
-from deepseek_moe.kernels.moe_one_token import MAX_TOKENS, SelectionRule, Weights, _layer_arguments
+from deepseek_moe.kernels.mla_one_token import Codes, entry_points, projection_descriptors, step_tensors
+from deepseek_moe.kernels.moe_one_token import MAX_TOKENS, SelectionRule, Weights, layer_arguments
 from deepseek_moe.kernels.quant_matmul import _kernel_for
 
 
@@ -88,10 +91,10 @@ class BlockCall:
         if any(w.dtype != torch.float32 or not w.is_cpu or not w.is_contiguous() or w.shape[-1] != D for w in norms):
             return None
         mla_lib = cpu_build.load_mla_decode_library()
-        desc_t = _descriptors(D, mla.projections, mla.q_norm, mla.kv_norm, mla.heads, mla.w_uk, mla.w_uv_t)
+        desc_t = projection_descriptors(D, mla.projections, mla.q_norm, mla.kv_norm, mla.heads, mla.w_uk, mla.w_uv_t)
         if mla_lib is None or desc_t is None:
             return None
-        layer = _layer_arguments(D, ffn.router_weight, ffn.bias_E, ffn.rule, ffn.experts, ffn.group_size, ffn.shared,
+        layer = layer_arguments(D, ffn.router_weight, ffn.bias_E, ffn.rule, ffn.experts, ffn.group_size, ffn.shared,
                                  ffn.shared_group_size)
         if layer is None:
             return None
@@ -104,7 +107,7 @@ class BlockCall:
         ffn_static = (ffn_norm[0].data_ptr(), ffn_norm[1], None if router is None else router.data_ptr(), *selection,
                       *weights)
         front = (attn_norm[0].data_ptr(), attn_norm[1])
-        tail = (mla.w_uk.data_ptr(), mla.w_uv_t.data_ptr(), mla.scale, *_entry_points(mla_lib))
+        tail = (mla.w_uk.data_ptr(), mla.w_uv_t.data_ptr(), mla.scale, *entry_points(mla_lib))
         return cls(D, mla, front, mla_static, tail, ffn_static, E, K, (desc_t, attn_norm, ffn_norm, mla, ffn))
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_all: torch.Tensor,

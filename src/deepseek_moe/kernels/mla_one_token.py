@@ -18,7 +18,7 @@ import torch
 from deepseek_moe.kernels import cpu_build
 from deepseek_moe.kernels.mla_decode import MAX_NEW_TOKENS, mask_rows
 from deepseek_moe.kernels.quant_layout import INT4_SCALE_DTYPE, INT8_SCALE_DTYPE
-from deepseek_moe.kernels.quant_matmul import _kernel_for, _q8_steps_groups, activations
+from deepseek_moe.kernels.quant_matmul import _kernel_for, _q8_steps_groups, activations, layout_key
 
 Codes = tuple[torch.Tensor, torch.Tensor]  # a quantised matrix: codes (N, K) int8 or (N, K/2) uint8, scales
 PROJECTIONS = ("wq_a", "wq_b", "wq", "wkv_a", "wo")
@@ -63,7 +63,7 @@ def mla_one_token(x: torch.Tensor, projections: dict[str, Codes | None], q_norm:
     step = step_tensors(x, cos, sin, kv_all, pe_all, mask, heads, "mla_one_token")
     if step is None:
         return None
-    desc_t = _descriptors(D, projections, q_norm, kv_norm, heads, w_uk, w_uv_t)
+    desc_t = projection_descriptors(D, projections, q_norm, kv_norm, heads, w_uk, w_uv_t)
     if desc_t is None:
         return None
     x, cos, sin, mask_bytes = step
@@ -75,7 +75,7 @@ def mla_one_token(x: torch.Tensor, projections: dict[str, Codes | None], q_norm:
         0.0 if q_norm is None else q_norm[1], H, N, R, C, V, kv_norm[0].data_ptr(), kv_norm[1], cos.data_ptr(),
         sin.data_ptr(), int(interleave), kv_all.data_ptr(), kv_all.stride(0), kv_all.stride(1), pe_all.data_ptr(),
         pe_all.stride(0), pe_all.stride(1), kv_all.shape[1] - T, None if mask_bytes is None else mask_bytes.data_ptr(),
-        w_uk.data_ptr(), w_uv_t.data_ptr(), scale, *_entry_points(mla), scratch.data_ptr(), y.data_ptr(),
+        w_uk.data_ptr(), w_uv_t.data_ptr(), scale, *entry_points(mla), scratch.data_ptr(), y.data_ptr(),
         torch.get_num_threads())
     return y
 
@@ -111,25 +111,24 @@ _DESCRIPTORS: dict[tuple[object, ...], torch.Tensor | None] = {}
 _MAX_DESCRIPTORS = 1024  # layers (and MTP modules) of the models a process holds; cleared when full
 
 
-def _layout(t: torch.Tensor) -> tuple[object, ...]:
-    return t.data_ptr(), t.dtype, t.shape, t.stride(), t.is_cpu
-
-
-def _descriptors(D: int, projections: dict[str, Codes | None], q_norm: tuple[torch.Tensor, float] | None,
-                 kv_norm: tuple[torch.Tensor, float], heads: tuple[int, int, int, int, int], w_uk: torch.Tensor,
-                 w_uv_t: torch.Tensor) -> torch.Tensor | None:
+def projection_descriptors(D: int, projections: dict[str, Codes | None],
+                           q_norm: tuple[torch.Tensor, float] | None, kv_norm: tuple[torch.Tensor, float],
+                           heads: tuple[int, int, int, int, int], w_uk: torch.Tensor,
+                           w_uv_t: torch.Tensor) -> torch.Tensor | None:
     """The descriptor tensor of ``dsm_mla_one_token`` (:func:`_descriptor` of each projection, in PROJECTIONS'
     order), or None where the call does not apply (int4 groups the SIMD paths cannot step through, weights not
     fp32 on the CPU); ValueError for projections or weights that do not fit ``heads``. Memoised (above)."""
     weights = (w_uk, w_uv_t, kv_norm[0], *([] if q_norm is None else [q_norm[0]]))
-    key = (activations(), D, heads, *(None if (w := projections.get(n)) is None else (_layout(w[0]), _layout(w[1]))
-                                      for n in PROJECTIONS), *(_layout(t) for t in weights))
+    key = (activations(), D, heads,
+           *(None if (w := projections.get(n)) is None else (layout_key(w[0]), layout_key(w[1])) for n in PROJECTIONS),
+           *(layout_key(t) for t in weights))
     if key in _DESCRIPTORS:
         return _DESCRIPTORS[key]
     H, N, R, C, V = heads
     codes = [w for w in projections.values() if w is not None]
     desc_t: torch.Tensor | None = None
     if not (any(c.dtype == torch.uint8 and (2 * c.shape[1] // s.shape[1]) % 32 for c, s in codes)  # int4 groups
+            or any(not c.is_cpu or not s.is_cpu for c, s in codes)
             or any(t.dtype != torch.float32 or not t.is_cpu or t.stride(-1) != 1 for t in weights)):
         if (w_uk.shape != (H, N, C) or w_uv_t.shape != (H, C, V) or not w_uk.is_contiguous()
                 or not w_uv_t.is_contiguous()):
@@ -153,10 +152,10 @@ def _descriptors(D: int, projections: dict[str, Codes | None], q_norm: tuple[tor
 
 
 @functools.cache
-def _entry_points(mla: ctypes.CDLL) -> tuple[int | None, int | None]:
+def entry_points(mla: ctypes.CDLL) -> tuple[int | None, int | None]:
     """The addresses of mla_decode.cpp's prepare and decode steps, which the one call calls in turn."""
     return (ctypes.cast(mla.dsm_mla_prepare, ctypes.c_void_p).value,
             ctypes.cast(mla.dsm_mla_decode, ctypes.c_void_p).value)
 
 
-__all__ = ["PROJECTIONS", "mla_one_token", "step_tensors"]
+__all__ = ["PROJECTIONS", "entry_points", "mla_one_token", "projection_descriptors", "step_tensors"]

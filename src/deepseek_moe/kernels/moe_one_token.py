@@ -24,6 +24,7 @@ from deepseek_moe.kernels.quant_matmul import (
     _kernel_for,
     _q8_steps_groups,
     activations,
+    layout_key,
 )
 
 # Tokens up to which the call runs: a decode step's one, a speculative verification's k + 1 (more: the dispatcher,
@@ -66,8 +67,8 @@ def _q8(w: Weights, group_size: int) -> bool:
 def moe_one_token(x_1D: torch.Tensor, router_weight: torch.Tensor, bias_E: torch.Tensor | None,
                   rule: SelectionRule, experts: Weights, group_size: int, shared: Weights | None = None,
                   shared_group_size: int = 0) -> OneTokenLayer | None:
-    """x (T, D) fp32, T <= MAX_TOKENS (a decode step's token, a verification's few), through the MoE layer whose router has ``router_weight`` (E, D) (its logits in fp32, as the
-    Router computes them) and ``bias_E`` (the V3 selection bias, or None), routed experts ``experts`` (stacked
+    """x (T, D) fp32, T <= MAX_TOKENS (a decode step's token, a verification's few), through the MoE layer whose
+    router has ``router_weight`` (E, D) (its logits in fp32, as the Router computes them) and ``bias_E`` (the V3 selection bias, or None), routed experts ``experts`` (stacked
     codes and scales, as :func:`quant_experts` takes them) and shared experts ``shared`` (one expert of their whole
     width, its codes and scales (1, Fs, ...) or (Fs, ...), or None). None where the kernel does not serve it (no kernel, autograd, inside
     ``reference_paths()``, int4 groups the SIMD paths cannot step through, a bias not in fp32, an exact tie at the
@@ -79,7 +80,7 @@ def moe_one_token(x_1D: torch.Tensor, router_weight: torch.Tensor, bias_E: torch
         raise ValueError(f"moe_one_token: x must be 1 to {MAX_TOKENS} fp32 tokens (T, D), got {tuple(x_1D.shape)} "
                          f"{x_1D.dtype}")
     (T, D) = x_1D.shape
-    layer = _layer_arguments(D, router_weight, bias_E, rule, experts, group_size, shared, shared_group_size)
+    layer = layer_arguments(D, router_weight, bias_E, rule, experts, group_size, shared, shared_group_size)
     if layer is None:
         return None
     E, K, selection, weights = layer
@@ -102,11 +103,7 @@ _LAYERS: dict[tuple[object, ...], tuple[int, int, tuple[object, ...], tuple[obje
 _MAX_LAYERS = 1024  # MoE layers (and MTP modules) of the models a process holds; cleared when full
 
 
-def _layout(t: torch.Tensor | None) -> tuple[object, ...] | None:
-    return None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride(), t.is_cpu)
-
-
-def _layer_arguments(D: int, router_weight: torch.Tensor | None, bias_E: torch.Tensor | None,
+def layer_arguments(D: int, router_weight: torch.Tensor | None, bias_E: torch.Tensor | None,
                      rule: SelectionRule | None, experts: Weights | None, group_size: int, shared: Weights | None,
                      shared_group_size: int) -> tuple[int, int, tuple[object, ...], tuple[object, ...]] | None:
     """(E, K, the selection's arguments of dsm_moe_one_token from ``E`` on, the routed and shared experts'
@@ -117,9 +114,9 @@ def _layer_arguments(D: int, router_weight: torch.Tensor | None, bias_E: torch.T
     rule_fields = None if rule is None else (rule.score_func, rule.n_expert_groups, rule.n_limited_groups,
                                              rule.group_score_func, rule.n_activated_experts, rule.norm_topk_prob,
                                              rule.route_scale)
-    key = (activations(), D, _layout(router_weight), _layout(bias_E), rule_fields, group_size, shared_group_size,
-           *(() if experts is None else (_layout(t) for n in ("w1", "w2", "w3") for t in experts[n])),
-           *(() if shared is None else (_layout(t) for n in ("w1", "w2", "w3") for t in shared[n])))
+    key = (activations(), D, layout_key(router_weight), layout_key(bias_E), rule_fields, group_size, shared_group_size,
+           *(() if experts is None else (layout_key(t) for n in ("w1", "w2", "w3") for t in experts[n])),
+           *(() if shared is None else (layout_key(t) for n in ("w1", "w2", "w3") for t in shared[n])))
     if key in _LAYERS:
         return _LAYERS[key]
     value = _check_layer(D, router_weight, bias_E, rule, experts, group_size, shared, shared_group_size)
@@ -132,8 +129,9 @@ def _layer_arguments(D: int, router_weight: torch.Tensor | None, bias_E: torch.T
 def _check_layer(D: int, router_weight: torch.Tensor | None, bias_E: torch.Tensor | None,
                  rule: SelectionRule | None, experts: Weights | None, group_size: int, shared: Weights | None,
                  shared_group_size: int) -> tuple[int, int, tuple[object, ...], tuple[object, ...]] | None:
-    """:func:`_layer_arguments` without the memo."""
-    if shared is not None and _int4(shared) and shared_group_size % 32:
+    """:func:`layer_arguments` without the memo."""
+    tensors = [t for w in (experts, shared) if w is not None for pair in w.values() for t in pair]
+    if (shared is not None and _int4(shared) and shared_group_size % 32) or any(not t.is_cpu for t in tensors):
         return None
     if shared is not None:  # one expert: a FeedForward's matrices, stacked as one
         shared = {n: (c[None], sc[None]) if c.dim() == 2 else (c, sc) for n, (c, sc) in shared.items()}
@@ -157,7 +155,7 @@ def _check_layer(D: int, router_weight: torch.Tensor | None, bias_E: torch.Tenso
                          f"({rule.group_score_func} group scores) is not a selection")
     if bias_E is not None and bias_E.shape != (E,):
         raise ValueError(f"moe_one_token: bias must be ({E},), got {tuple(bias_E.shape)}")
-    if bias_E is not None and (bias_E.dtype != torch.float32 or not bias_E.is_contiguous()):
+    if bias_E is not None and (bias_E.dtype != torch.float32 or not bias_E.is_contiguous() or not bias_E.is_cpu):
         return None  # a bias cast with the model: the Router adds it in its own dtype
     # shapes only: the checks need counts that add up to x's rows
     _check_experts(torch.empty(1, D), [1] + [0] * (E - 1), None, experts, group_size)
@@ -176,4 +174,4 @@ def _arguments(w: Weights | None, gs: int) -> tuple[object, ...]:
             gs, int(_q8(w, gs)))
 
 
-__all__ = ["MAX_TOKENS", "OneTokenLayer", "SelectionRule", "moe_one_token"]
+__all__ = ["MAX_TOKENS", "OneTokenLayer", "SelectionRule", "layer_arguments", "moe_one_token"]

@@ -246,6 +246,13 @@ def _kernel_for(x: torch.Tensor) -> Any:
     return load_library()
 
 
+def layout_key(t: torch.Tensor | None) -> tuple[object, ...] | None:
+    """What a fused call's remembered arguments depend on in a tensor (kernels/mla_one_token.py, moe_one_token.py):
+    its address, dtype, shape, strides and device kind. A tensor allocated where a freed one was, alike in all of
+    these, gets the same arguments, rightly: they hold addresses and formats, never values."""
+    return None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride(), t.is_cpu)
+
+
 def _group_size(q: torch.Tensor, scale: torch.Tensor) -> int:
     return 2 * q.shape[1] // scale.shape[1]  # the kernel's SIMD paths need a multiple of 32
 

@@ -8,7 +8,6 @@ the residual is added here.
 from __future__ import annotations
 
 import contextlib
-import weakref
 
 import torch
 from torch import nn
@@ -17,9 +16,8 @@ from torch.utils.checkpoint import checkpoint
 from deepseek_moe.config import ModelConfig
 from deepseek_moe.kernels.block_one_token import BlockCall, BlockStep, FFNOperands
 from deepseek_moe.kernels.moe_one_token import MAX_TOKENS as BLOCK_CALL_TOKENS
-from deepseek_moe.kernels.quant_matmul import activations
 from deepseek_moe.kernels.switch import fast_paths_enabled
-from deepseek_moe.model.call_plan import Snapshot
+from deepseek_moe.model.call_plan import PLANS, BlockPlan, global_hooks
 from deepseek_moe.model.kv_cache import LayerCache
 from deepseek_moe.model.mha import MHA
 from deepseek_moe.model.mla import MLA
@@ -106,13 +104,13 @@ class Block(nn.Module):
         B, T, _ = x.shape
         if B * T > BLOCK_CALL_TOKENS:
             return None
-        plan = _PLANS.get(self)
+        plan = PLANS.get(self)
         if plan is None or not plan.holds(self):
             plan = self._plan(cache, x)
             if plan is None:
-                _PLANS.pop(self, None)
+                PLANS.pop(self, None)
                 return None
-            _PLANS[self] = plan
+            PLANS[self] = plan
         call = plan.call
 
         def write(slots: tuple[torch.Tensor, ...], cached: tuple[torch.Tensor, ...]) -> BlockStep | None:
@@ -129,26 +127,30 @@ class Block(nn.Module):
             self.ffn.record_one_call(step.tokens_per_expert, step.n_assignments)
         return step.y
 
-    def _plan(self, cache: LayerCache, x: torch.Tensor) -> _BlockPlan | None:
+    def _plan(self, cache: LayerCache, x: torch.Tensor) -> BlockPlan | None:
         """The call's arguments, through every check of the layers' own calls; None where the block does not take
         the call now."""
         attn = self.attn
-        if not isinstance(attn, MLA) or not attn._one_call_applies(cache, x):
+        # Quantised projections first: a float model asks this once a block and step, and goes no further.
+        if (not isinstance(attn, MLA) or getattr(attn._modules.get("wkv_a"), "plain_codes", None) is None
+                or not attn._one_call_applies(cache, x)):
             return None
         if (any(type(n) is not RMSNorm for n in (self.attn_norm, self.ffn_norm))
-                or any(m._forward_hooks or m._forward_pre_hooks for m in (self.attn_norm, self.ffn_norm, attn))):
+                or any(m._forward_hooks or m._forward_pre_hooks for m in (self.attn_norm, self.ffn_norm, attn))
+                or global_hooks() or any("forward" in m.__dict__ for m in self.modules())):
             return None
         mla = attn.one_call_operands()
         if isinstance(self.ffn, MoE):
             ffn = self.ffn.one_call_operands()
         else:
             codes = self.ffn.quantised_codes() if type(self.ffn) is FeedForward else None
-            ffn = None if codes is None else FFNOperands(None, None, None, None, 0, *codes)
+            ffn = None if codes is None else FFNOperands(router_weight=None, bias_E=None, rule=None, experts=None,
+                                                         group_size=0, shared=codes[0], shared_group_size=codes[1])
         if mla is None or ffn is None:
             return None
         call = BlockCall.build(x.shape[-1], (self.attn_norm.weight, self.attn_norm.eps), mla,
                                (self.ffn_norm.weight, self.ffn_norm.eps), ffn)
-        return None if call is None else _BlockPlan(self, call)
+        return None if call is None else BlockPlan(self, call)
 
     def _attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                    cache: LayerCache | None = None) -> torch.Tensor:
@@ -160,35 +162,6 @@ class Block(nn.Module):
         if isinstance(self.ffn, MoE):
             return x + self.ffn(h, token_mask=token_mask, protected=protected)
         return x + self.ffn(h)
-
-
-class _BlockPlan:
-    """A block's call (BlockCall) with what it was built from: valid while the block's modules, weights, modes,
-    hooks and the attributes the call reads are as they were (model/call_plan.py), the kernel's activation format
-    is, and the attention's absorbed matrices (fp32 copies of wkv_b, remade when it changes) are the ones it holds."""
-
-    def __init__(self, block: Block, call: BlockCall) -> None:
-        attn, ffn = block.attn, block.ffn
-        assert isinstance(attn, MLA)
-        self.attn, self.call, self.activations = attn, call, activations()
-        watched: list[tuple[object, str]] = [(block.attn_norm, "eps"), (block.ffn_norm, "eps")]
-        watched += [(attn, n) for n in ("attn_impl", "rope_interleave", "softmax_scale")]
-        watched += [(n, "eps") for n in (attn.kv_norm, getattr(attn, "q_norm", None)) if n is not None]
-        if isinstance(ffn, MoE):
-            watched += [(ffn, n) for n in ("cfg", "uniform_routing", "dispatcher")] + [(ffn.gate, "cfg")]
-            watched += [(ffn.experts, n) for n in ("adapter", "offset", "group_size")]
-        watched += [(m, "group_size") for m in ffn.modules() if hasattr(m, "plain_codes")]
-        self.snapshot = Snapshot(block, watched)
-
-    def holds(self, block: Block) -> bool:
-        if activations() != self.activations or not self.snapshot.holds():
-            return False
-        w_uk, w_uv_t = self.attn._absorbed_matrices(torch.float32)
-        return w_uk is self.call.mla.w_uk and w_uv_t is self.call.mla.w_uv_t
-
-
-# Each block's plan, kept beside the module (not in it: nothing of it is saved, copied or moved with the model).
-_PLANS: weakref.WeakKeyDictionary[Block, _BlockPlan] = weakref.WeakKeyDictionary()
 
 
 CHECKPOINTING_MODES = ("none", "full", "attention")

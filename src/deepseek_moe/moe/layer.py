@@ -207,7 +207,9 @@ class MoE(nn.Module):
         rather than twice a decode step (nothing writes them in place)."""
         zeros = self._zeros
         if zeros is None or zeros[0].device != x.device:
-            zeros = self._zeros = (x.new_zeros((), dtype=torch.float32), x.new_zeros((), dtype=torch.int64))
+            with torch.inference_mode(False):  # made in a decode step, used outside one too
+                zeros = (torch.zeros((), device=x.device), torch.zeros((), dtype=torch.int64, device=x.device))
+            self._zeros = zeros
         return zeros
 
     def _one_token_call(self) -> Callable[..., Any] | None:

@@ -112,7 +112,8 @@ class QuantLinear(_KeepsScales):
 
     def plain_codes(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(codes, scales) where this layer is exactly x @ dequant(codes)^T: no bias, no hook, not a subclass (a
-        LoRA pair adds its own term); None otherwise. A fused caller (MLA's one-call decode) reads them."""
+        LoRA pair adds its own term); None otherwise. The fused calls read them: MLA's one-call decode, the MoE
+        call's shared experts and a dense block's FFN (FeedForward.quantised_codes)."""
         if type(self) is not QuantLinear or self.bias is not None or _hooked(self):
             return None
         return self.qweight, self.weight_scale
