@@ -59,27 +59,18 @@ class BlockStep(NamedTuple):
     n_assignments: int
 
 
-def block_one_token(x: torch.Tensor, attn_norm: tuple[torch.Tensor, float], mla: MLAOperands,
-                    ffn_norm: tuple[torch.Tensor, float], ffn: FFNOperands, cos: torch.Tensor, sin: torch.Tensor,
-                    kv_all: torch.Tensor, pe_all: torch.Tensor, mask: torch.Tensor | None) -> BlockStep | None:
-    """x (B, T, D) fp32, B * T <= MAX_TOKENS, through a block: ``attn_norm`` / ``ffn_norm`` (weight, eps), the MLA
-    layer ``mla`` over the cache views ``kv_all`` / ``pe_all`` (their last T slots written by the call, as
-    mla_one_token's), cos/sin and mask as there, then ``ffn``. None where the call does not apply (nothing
-    written): the caller runs the block's modules. :class:`BlockCall` keeps the part that does not change from one
-    step to the next."""
-    call = BlockCall.build(x.shape[-1], attn_norm, mla, ffn_norm, ffn)
-    return None if call is None else call(x, cos, sin, kv_all, pe_all, mask)
-
-
 class BlockCall:
-    """One block's arguments of ``dsm_block_one_token`` that do not change from step to step (the weights'
-    addresses and formats, the sizes, the selection rule), checked once: a step then checks and passes only its
-    own tensors. Valid while the weights it was built from are (model/call_plan.py tells)."""
+    """A block's one call: ``build`` checks and packs the arguments of ``dsm_block_one_token`` that do not change
+    from step to step (the weights' addresses and formats, the sizes, the selection rule) once; a step then checks
+    and passes only its own tensors (x (B, T, D) fp32, B * T <= MAX_TOKENS, the rotary tables, the cache views
+    whose last T slots the call writes, the mask). Valid while the weights it was built from are
+    (model/call_plan.py tells)."""
 
     def __init__(self, D: int, mla: MLAOperands, front: tuple[object, ...], mla_static: tuple[object, ...],
                  mla_tail: tuple[object, ...], ffn_static: tuple[object, ...], E: int, K: int,
                  keep: tuple[object, ...]) -> None:
         self.D, self.mla, self.E, self.K = D, mla, E, K
+        self.routed = ffn_static[2] is not None  # a router's weight: a MoE layer, not a dense FFN
         self._front, self._mla_static, self._mla_tail, self._ffn_static = front, mla_static, mla_tail, ffn_static
         self._keep = keep  # the tensors the addresses point into
 
@@ -112,8 +103,9 @@ class BlockCall:
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_all: torch.Tensor,
                  pe_all: torch.Tensor, mask: torch.Tensor | None) -> BlockStep | None:
-        """The block over x (B, T, D) with this step's rotary tables, cache views and mask (as block_one_token's);
-        None where the step does not take the call (nothing written)."""
+        """The block over x (B, T, D) with this step's rotary tables, cache views (their last T slots written by
+        the call) and mask, as mla_one_token takes them; None where the step does not take the call (nothing
+        written): the caller runs the block's modules."""
         B, T, D = x.shape
         lib = _kernel_for(x)
         if lib is None or not 0 < B * T <= MAX_TOKENS or D != self.D:
@@ -129,8 +121,7 @@ class BlockCall:
             int(self.mla.interleave), kv_all.data_ptr(), kv_all.stride(0), kv_all.stride(1), pe_all.data_ptr(),
             pe_all.stride(0), pe_all.stride(1), S - T, None if mask_bytes is None else mask_bytes.data_ptr(),
             *self._mla_tail, *self._ffn_static, counts.data_ptr(), y.data_ptr(), torch.get_num_threads())
-        routed = self._ffn_static[2] is not None
-        return BlockStep(y, bool(tied), counts if routed and not tied else None, B * T * self.K)
+        return BlockStep(y, bool(tied), counts if self.routed and not tied else None, B * T * self.K)
 
 
-__all__ = ["BlockCall", "BlockStep", "FFNOperands", "MLAOperands", "block_one_token"]
+__all__ = ["BlockCall", "BlockStep", "FFNOperands", "MLAOperands"]

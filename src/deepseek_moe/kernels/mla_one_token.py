@@ -18,7 +18,13 @@ import torch
 from deepseek_moe.kernels import cpu_build
 from deepseek_moe.kernels.mla_decode import MAX_NEW_TOKENS, mask_rows
 from deepseek_moe.kernels.quant_layout import INT4_SCALE_DTYPE, INT8_SCALE_DTYPE
-from deepseek_moe.kernels.quant_matmul import _kernel_for, _q8_steps_groups, activations, layout_key
+from deepseek_moe.kernels.quant_matmul import (
+    _kernel_for,
+    _q8_steps_groups,
+    activations,
+    layout_key,
+    remembered,
+)
 
 Codes = tuple[torch.Tensor, torch.Tensor]  # a quantised matrix: codes (N, K) int8 or (N, K/2) uint8, scales
 PROJECTIONS = ("wq_a", "wq_b", "wq", "wkv_a", "wo")
@@ -108,7 +114,6 @@ def step_tensors(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_all: 
 # all of these, gets the same descriptor, rightly), the layer's sizes and the activation format. Checking and
 # packing them took ~100 us of a ~250 us call on the default model; a lookup takes a few.
 _DESCRIPTORS: dict[tuple[object, ...], torch.Tensor | None] = {}
-_MAX_DESCRIPTORS = 1024  # layers (and MTP modules) of the models a process holds; cleared when full
 
 
 def projection_descriptors(D: int, projections: dict[str, Codes | None],
@@ -122,33 +127,36 @@ def projection_descriptors(D: int, projections: dict[str, Codes | None],
     key = (activations(), D, heads,
            *(None if (w := projections.get(n)) is None else (layout_key(w[0]), layout_key(w[1])) for n in PROJECTIONS),
            *(layout_key(t) for t in weights))
-    if key in _DESCRIPTORS:
-        return _DESCRIPTORS[key]
+    return remembered(_DESCRIPTORS, key, lambda: _checked_descriptors(D, projections, q_norm, kv_norm, heads, w_uk,
+                                                                      w_uv_t, weights))
+
+
+def _checked_descriptors(D: int, projections: dict[str, Codes | None], q_norm: tuple[torch.Tensor, float] | None,
+                         kv_norm: tuple[torch.Tensor, float], heads: tuple[int, int, int, int, int],
+                         w_uk: torch.Tensor, w_uv_t: torch.Tensor,
+                         weights: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """:func:`projection_descriptors` without the memo (``weights``: the fp32 operands besides the codes)."""
     H, N, R, C, V = heads
     codes = [w for w in projections.values() if w is not None]
-    desc_t: torch.Tensor | None = None
-    if not (any(c.dtype == torch.uint8 and (2 * c.shape[1] // s.shape[1]) % 32 for c, s in codes)  # int4 groups
+    if (any(c.dtype == torch.uint8 and (2 * c.shape[1] // s.shape[1]) % 32 for c, s in codes)  # int4 groups
             or any(not c.is_cpu or not s.is_cpu for c, s in codes)
             or any(t.dtype != torch.float32 or not t.is_cpu or t.stride(-1) != 1 for t in weights)):
-        if (w_uk.shape != (H, N, C) or w_uv_t.shape != (H, C, V) or not w_uk.is_contiguous()
-                or not w_uv_t.is_contiguous()):
-            raise ValueError(f"mla_one_token: w_uk {tuple(w_uk.shape)}, w_uv_t {tuple(w_uv_t.shape)} do not fit "
-                             f"heads (H, N, R, C, V) = {heads}")
-        direct = projections.get("wq") is not None
-        lora = all(projections.get(n) is not None for n in ("wq_a", "wq_b")) and q_norm is not None
-        if direct == lora or any(projections.get(n) is None for n in ("wkv_a", "wo")):
-            raise ValueError("mla_one_token: give wq alone, or wq_a and wq_b with q_norm; and wkv_a and wo")
-        L = 0 if q_norm is None else q_norm[0].shape[0]
-        desc = [*_descriptor(projections.get("wq_a"), D, L, "wq_a"),
-                *_descriptor(projections.get("wq_b"), L, H * (N + R), "wq_b"),
-                *_descriptor(projections.get("wq"), D, H * (N + R), "wq"),
-                *_descriptor(projections["wkv_a"], D, C + R, "wkv_a"),
-                *_descriptor(projections["wo"], H * V, D, "wo")]
-        desc_t = torch.tensor(desc, dtype=torch.int64)
-    if len(_DESCRIPTORS) >= _MAX_DESCRIPTORS:
-        _DESCRIPTORS.clear()
-    _DESCRIPTORS[key] = desc_t
-    return desc_t
+        return None
+    if (w_uk.shape != (H, N, C) or w_uv_t.shape != (H, C, V) or not w_uk.is_contiguous()
+            or not w_uv_t.is_contiguous()):
+        raise ValueError(f"mla_one_token: w_uk {tuple(w_uk.shape)}, w_uv_t {tuple(w_uv_t.shape)} do not fit "
+                         f"heads (H, N, R, C, V) = {heads}")
+    direct = projections.get("wq") is not None
+    lora = all(projections.get(n) is not None for n in ("wq_a", "wq_b")) and q_norm is not None
+    if direct == lora or any(projections.get(n) is None for n in ("wkv_a", "wo")):
+        raise ValueError("mla_one_token: give wq alone, or wq_a and wq_b with q_norm; and wkv_a and wo")
+    L = 0 if q_norm is None else q_norm[0].shape[0]
+    desc = [*_descriptor(projections.get("wq_a"), D, L, "wq_a"),
+            *_descriptor(projections.get("wq_b"), L, H * (N + R), "wq_b"),
+            *_descriptor(projections.get("wq"), D, H * (N + R), "wq"),
+            *_descriptor(projections["wkv_a"], D, C + R, "wkv_a"),
+            *_descriptor(projections["wo"], H * V, D, "wo")]
+    return torch.tensor(desc, dtype=torch.int64)
 
 
 @functools.cache

@@ -25,6 +25,7 @@ from deepseek_moe.kernels.quant_matmul import (
     _q8_steps_groups,
     activations,
     layout_key,
+    remembered,
 )
 
 # Tokens up to which the call runs: a decode step's one, a speculative verification's k + 1 (more: the dispatcher,
@@ -68,9 +69,10 @@ def moe_one_token(x_1D: torch.Tensor, router_weight: torch.Tensor, bias_E: torch
                   rule: SelectionRule, experts: Weights, group_size: int, shared: Weights | None = None,
                   shared_group_size: int = 0) -> OneTokenLayer | None:
     """x (T, D) fp32, T <= MAX_TOKENS (a decode step's token, a verification's few), through the MoE layer whose
-    router has ``router_weight`` (E, D) (its logits in fp32, as the Router computes them) and ``bias_E`` (the V3 selection bias, or None), routed experts ``experts`` (stacked
-    codes and scales, as :func:`quant_experts` takes them) and shared experts ``shared`` (one expert of their whole
-    width, its codes and scales (1, Fs, ...) or (Fs, ...), or None). None where the kernel does not serve it (no kernel, autograd, inside
+    router has ``router_weight`` (E, D) (its logits in fp32, as the Router computes them) and ``bias_E`` (the V3
+    selection bias, or None), routed experts ``experts`` (stacked codes and scales, as :func:`quant_experts` takes
+    them) and shared experts ``shared`` (one expert of their whole width, its codes and scales (1, Fs, ...) or
+    (Fs, ...), or None). None where the kernel does not serve it (no kernel, autograd, inside
     ``reference_paths()``, int4 groups the SIMD paths cannot step through, a bias not in fp32, an exact tie at the
     cut of the groups or the experts, which the Router breaks as torch.topk does): the caller runs the plain layer."""
     lib = _kernel_for(x_1D)
@@ -100,7 +102,6 @@ def moe_one_token(x_1D: torch.Tensor, router_weight: torch.Tensor, bias_E: torch
 # arguments, rightly), the selection rule, the group sizes and the activation format. Checking and packing them
 # took ~80 us of a decode step's MoE call on the default model; a lookup takes a few.
 _LAYERS: dict[tuple[object, ...], tuple[int, int, tuple[object, ...], tuple[object, ...]] | None] = {}
-_MAX_LAYERS = 1024  # MoE layers (and MTP modules) of the models a process holds; cleared when full
 
 
 def layer_arguments(D: int, router_weight: torch.Tensor | None, bias_E: torch.Tensor | None,
@@ -117,13 +118,8 @@ def layer_arguments(D: int, router_weight: torch.Tensor | None, bias_E: torch.Te
     key = (activations(), D, layout_key(router_weight), layout_key(bias_E), rule_fields, group_size, shared_group_size,
            *(() if experts is None else (layout_key(t) for n in ("w1", "w2", "w3") for t in experts[n])),
            *(() if shared is None else (layout_key(t) for n in ("w1", "w2", "w3") for t in shared[n])))
-    if key in _LAYERS:
-        return _LAYERS[key]
-    value = _check_layer(D, router_weight, bias_E, rule, experts, group_size, shared, shared_group_size)
-    if len(_LAYERS) >= _MAX_LAYERS:
-        _LAYERS.clear()
-    _LAYERS[key] = value
-    return value
+    return remembered(_LAYERS, key, lambda: _check_layer(D, router_weight, bias_E, rule, experts, group_size, shared,
+                                                          shared_group_size))
 
 
 def _check_layer(D: int, router_weight: torch.Tensor | None, bias_E: torch.Tensor | None,

@@ -253,6 +253,19 @@ def layout_key(t: torch.Tensor | None) -> tuple[object, ...] | None:
     return None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride(), t.is_cpu)
 
 
+def remembered(table: dict[Any, Any], key: Any, make: Callable[[], Any], limit: int = 1024) -> Any:
+    """``table[key]``, made by ``make()`` the first time (a fused call's checked arguments, by ``layout_key`` and
+    the like). ``limit``: the layers of the models a process holds; the table is cleared when full. Exceptions are
+    not remembered: bad weights are named every call."""
+    if key in table:
+        return table[key]
+    value = make()
+    if len(table) >= limit:
+        table.clear()
+    table[key] = value
+    return value
+
+
 def _group_size(q: torch.Tensor, scale: torch.Tensor) -> int:
     return 2 * q.shape[1] // scale.shape[1]  # the kernel's SIMD paths need a multiple of 32
 

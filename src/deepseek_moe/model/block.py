@@ -96,7 +96,8 @@ class Block(nn.Module):
         """The block as one C++ call (kernels/block_one_token.py) for a few unpadded new tokens, where its
         attention is an MLA layer taking its own one call, its FFN a MoE layer taking the experts' one call or a
         dense FFN of plain quantised products, its norms plain RMSNorms and nothing hooks them; None otherwise
-        (nothing done). The call's arguments are built once and kept while the block is as it was (_BlockPlan).
+        (nothing done). The call's arguments are built once and kept while the block is as it was
+        (model/call_plan.py BlockPlan).
         A tie at the router's cut leaves the MoE layer to its own forward."""
         # Tracing (an export) is asked first: a shape test before it would become a guard of the traced graph.
         if not fast_paths_enabled() or type(cache) is not LayerCache or cache.dtype not in (None, torch.float32):
